@@ -1,0 +1,35 @@
+"""Default gunicorn settings for a runnerkit runner (used by `make run` and the Dockerfile).
+
+gthread workers keep a worker's main loop (and gunicorn's liveness notification) running while
+request threads run jobs; runnerkit keeps RUNNERKIT_RESERVED_THREADS of each worker's threads
+free of jobs so /health answers while every worker is busy.
+"""
+
+import logging
+import os
+
+bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# Above the largest capability timeout (the example's is 60 s); checked in post_worker_init.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
+keepalive = 5
+
+
+def post_fork(server, worker):  # type: ignore[no-untyped-def]
+    """Tell the app how many request threads it has, before it is loaded in the worker."""
+    os.environ["RUNNERKIT_WORKER_THREADS"] = str(worker.cfg.threads)
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """Warn loudly when a capability may run longer than gunicorn lets a worker be silent."""
+    runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")
+    if runner is not None and runner.max_timeout_ms / 1000.0 >= worker.cfg.timeout:
+        logging.getLogger("runnerkit").error(
+            "gunicorn timeout %ss is not above the largest capability timeout %ss; "
+            "set GUNICORN_TIMEOUT higher",
+            worker.cfg.timeout,
+            runner.max_timeout_ms / 1000.0,
+        )

@@ -1,0 +1,349 @@
+"""Errors a capability raises, the ErrorEnvelope they become, and the retry decision.
+
+Capability authors raise one of the exception classes below; everything that leaves the runner
+as an error (an HTTP answer, a delivered result, a log line) is built by :func:`build_envelope`,
+so every failure has the same contract-valid shape whatever raised it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from marshmallow import ValidationError
+
+from runnerkit.contracts import CONTRACT_VERSION, utc_now
+from runnerkit.redaction import is_secret_key
+
+log = logging.getLogger("runnerkit.errors")
+
+#: HTTP status for each error category, used wherever an envelope becomes a response.
+STATUS_BY_CATEGORY: dict[str, int] = {
+    "VALIDATION_ERROR": 400,
+    "SCHEMA_MISMATCH": 500,
+    "RUNTIME_ERROR": 500,
+    "TIMEOUT": 504,
+    "NETWORK_ERROR": 502,
+    "AUTHENTICATION_ERROR": 401,
+    "AUTHORIZATION_ERROR": 403,
+    "RESOURCE_NOT_FOUND": 404,
+    "RESOURCE_CONFLICT": 409,
+    "RATE_LIMITED": 429,
+    "SERVICE_UNAVAILABLE": 503,
+    "RUNNER_ERROR": 500,
+    "TRUTHCORE_ERROR": 502,
+    "INTERNAL_ERROR": 500,
+}
+
+#: The longest excerpt of an offending value echoed back in ``details``.
+MAX_VALUE_EXCERPT = 64
+
+
+class RunnerError(Exception):
+    """Base of every error a capability may raise on purpose.
+
+    Subclasses fix ``category``, ``code``, ``severity`` and whether a retry may help; an
+    instance may override any of them, and add ``details`` and ``retry_after`` (seconds).
+    """
+
+    category = "RUNNER_ERROR"
+    code = "RUNNER_ERROR"
+    severity = "error"
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Sequence[Mapping[str, Any]] | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        severity: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+        if severity is not None:
+            self.severity = severity
+        self.details: list[dict[str, Any]] = [dict(d) for d in details or ()]
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        """The HTTP status this error is answered with."""
+        return STATUS_BY_CATEGORY[self.category]
+
+
+class ValidationFailed(RunnerError):
+    """The input is wrong; retrying the same input cannot help."""
+
+    category = "VALIDATION_ERROR"
+    code = "VALIDATION_FAILED"
+
+
+class UnsupportedMediaType(ValidationFailed):
+    """The body is not JSON at all (HTTP 415), as opposed to JSON that fails validation."""
+
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+    @property
+    def status(self) -> int:
+        return 415
+
+
+class PayloadTooLarge(ValidationFailed):
+    """The body is larger than the runner accepts (HTTP 413)."""
+
+    code = "PAYLOAD_TOO_LARGE"
+
+    @property
+    def status(self) -> int:
+        return 413
+
+
+class SchemaMismatch(RunnerError):
+    """A capability returned something its own ``Output`` schema rejects: its bug."""
+
+    category = "SCHEMA_MISMATCH"
+    code = "OUTPUT_SCHEMA_MISMATCH"
+
+
+class NotFound(RunnerError):
+    """Something the job refers to does not exist."""
+
+    category = "RESOURCE_NOT_FOUND"
+    code = "NOT_FOUND"
+
+
+class Conflict(RunnerError):
+    """The job clashes with the current state of a resource."""
+
+    category = "RESOURCE_CONFLICT"
+    code = "CONFLICT"
+
+
+class RateLimited(RunnerError):
+    """Too much work right now; retry after ``retry_after`` seconds."""
+
+    category = "RATE_LIMITED"
+    code = "RATE_LIMITED"
+    retryable = True
+
+
+class Unavailable(RunnerError):
+    """A dependency is down or the runner is not taking work; a retry later may succeed."""
+
+    category = "SERVICE_UNAVAILABLE"
+    code = "SERVICE_UNAVAILABLE"
+    retryable = True
+
+
+class Timeout(RunnerError):
+    """The job did not finish before its deadline."""
+
+    category = "TIMEOUT"
+    code = "TIMEOUT"
+    retryable = True
+
+
+class Unauthenticated(RunnerError):
+    """The caller could not be authenticated."""
+
+    category = "AUTHENTICATION_ERROR"
+    code = "UNAUTHENTICATED"
+
+
+def make_envelope(
+    category: str,
+    code: str,
+    message: str,
+    *,
+    service: str,
+    severity: str = "error",
+    details: Iterable[Mapping[str, Any]] = (),
+    retryable: bool = False,
+    retry_after: float | None = None,
+    operation: str | None = None,
+    correlation_id: str | None = None,
+) -> dict[str, Any]:
+    """Assemble one ErrorEnvelope dict; optional fields are left out rather than nulled."""
+    envelope: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "timestamp": utc_now(),
+        "category": category,
+        "severity": severity,
+        "code": code,
+        "message": message,
+        "service": service,
+        "details": [dict(d) for d in details],
+        "retryable": retryable,
+        "contractVersion": dict(CONTRACT_VERSION),
+    }
+    if operation:
+        envelope["operation"] = operation
+    if correlation_id:
+        envelope["correlationId"] = correlation_id
+    if retry_after is not None:
+        envelope["retryAfter"] = retry_after
+    return envelope
+
+
+def build_envelope(
+    exc: BaseException,
+    *,
+    service: str,
+    operation: str | None = None,
+    correlation_id: str | None = None,
+) -> dict[str, Any]:
+    """Turn any exception into a contract-valid ErrorEnvelope.
+
+    A :class:`RunnerError` keeps its category and fields. Anything else is an unexpected
+    failure: it becomes a retryable ``RUNTIME_ERROR`` whose message names only the exception
+    type, and the stack trace goes to the log, never to the caller.
+    """
+    if isinstance(exc, RunnerError):
+        return make_envelope(
+            exc.category,
+            exc.code,
+            exc.message,
+            service=service,
+            severity=exc.severity,
+            details=exc.details,
+            retryable=exc.retryable,
+            retry_after=exc.retry_after,
+            operation=operation,
+            correlation_id=correlation_id,
+        )
+    if isinstance(exc, ValidationError):
+        return make_envelope(
+            "VALIDATION_ERROR",
+            "VALIDATION_FAILED",
+            "The request is not valid",
+            service=service,
+            details=details_from_validation_error(exc),
+            operation=operation,
+            correlation_id=correlation_id,
+        )
+    log.error(
+        "unhandled %s in %s",
+        type(exc).__name__,
+        operation or "runner",
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return make_envelope(
+        "RUNTIME_ERROR",
+        "UNHANDLED_EXCEPTION",
+        f"The capability failed with an unexpected {type(exc).__name__}",
+        service=service,
+        retryable=True,
+        operation=operation,
+        correlation_id=correlation_id,
+    )
+
+
+def details_from_validation_error(
+    exc: ValidationError, prefix: Sequence[str] = (), data: Any = None
+) -> list[dict[str, Any]]:
+    """Flatten marshmallow's nested messages into ErrorDetails with string-list paths.
+
+    ``{"items": {3: {"name": ["Missing data"]}}}`` under prefix ``("payload",)`` becomes one
+    detail with ``path == ["payload", "items", "3", "name"]``. ``data`` (the input that failed)
+    lets each detail echo a short excerpt of the offending value.
+    """
+    messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+    source = data if data is not None else exc.data
+    return details_from_messages(messages, list(prefix), source)
+
+
+def details_from_messages(
+    messages: Any, path: list[str], data: Any = None
+) -> list[dict[str, Any]]:
+    """Recursive worker of :func:`details_from_validation_error`."""
+    details: list[dict[str, Any]] = []
+    if isinstance(messages, Mapping):
+        for key, sub in messages.items():
+            if key == "_schema":
+                details.extend(details_from_messages(sub, path, data))
+                continue
+            child = _child(data, key)
+            details.extend(details_from_messages(sub, [*path, str(key)], child))
+    elif isinstance(messages, list | tuple):
+        for message in messages:
+            if isinstance(message, Mapping | list | tuple):
+                details.extend(details_from_messages(message, path, data))
+            else:
+                detail: dict[str, Any] = {"message": str(message), "path": list(path)}
+                detail["code"] = _code_for(str(message))
+                excerpt = None if path and is_secret_key(path[-1]) else _excerpt(data)
+                if excerpt is not None:
+                    detail["value"] = excerpt
+                details.append(detail)
+    else:
+        details.append({"message": str(messages), "path": list(path)})
+    return details
+
+
+def _child(data: Any, key: Any) -> Any:
+    if isinstance(data, Mapping):
+        return data.get(key, data.get(str(key)))
+    if isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+        return data[key]
+    return None
+
+
+def _code_for(message: str) -> str:
+    lowered = message.lower()
+    if "missing data" in lowered or "required" in lowered:
+        return "required"
+    if "null" in lowered:
+        return "null"
+    if "unknown field" in lowered:
+        return "unknown_field"
+    return "invalid"
+
+
+def _excerpt(value: Any) -> Any:
+    """A short echo of a scalar offending value; containers and secrets are not echoed."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_VALUE_EXCERPT:
+            return value[: MAX_VALUE_EXCERPT - 1] + "…"
+        return value
+    return None
+
+
+def should_retry(envelope: Mapping[str, Any], policy: Mapping[str, Any]) -> bool:
+    """The contract's retry decision for one failed attempt.
+
+    Not if the envelope says it is not retryable; not if its category is listed as
+    non-retryable; yes if listed as retryable; otherwise yes unless the severity is fatal.
+    """
+    if not envelope.get("retryable", False):
+        return False
+    category = envelope.get("category")
+    if category in policy.get("nonRetryableCategories", ()):
+        return False
+    if category in policy.get("retryableCategories", ()):
+        return True
+    return envelope.get("severity") != "fatal"
+
+
+def retry_delay(attempt: int, policy: Mapping[str, Any]) -> float:
+    """Milliseconds to wait before retry number ``attempt`` (0-based), per the contract."""
+    backoff = float(policy.get("backoffMs", 1000))
+    multiplier = float(policy.get("backoffMultiplier", 2))
+    cap = float(policy.get("maxBackoffMs", 30000))
+    try:
+        delay = backoff * multiplier**attempt
+    except OverflowError:
+        return cap
+    return min(delay, cap)

@@ -1,0 +1,354 @@
+"""One job's path through the runner: parse → validate → admit → run → respond.
+
+Nothing here imports Flask: the blueprint hands in the raw body and headers and gets back an
+:class:`Answer` (status, JSON body, headers). That keeps the hard rules of the contract in one
+place that tests can drive without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from marshmallow import ValidationError
+
+from runnerkit.capability import Context
+from runnerkit.contracts import RunnerExecutionRequestSchema
+from runnerkit.contracts import is_uuid
+from runnerkit.errors import (
+    NotFound,
+    RunnerError,
+    Timeout,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+    build_envelope,
+    details_from_validation_error,
+)
+
+if TYPE_CHECKING:
+    from runnerkit.runner import Runner
+
+job_log = logging.getLogger("runnerkit.job")
+
+_REQUEST_SCHEMA = RunnerExecutionRequestSchema()
+
+
+@dataclass
+class Answer:
+    """What the HTTP layer sends back."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Rejection(Exception):
+    """Internal: stop the pipeline with this error and whatever is known of the job."""
+
+    def __init__(self, error: RunnerError, job_id: str | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.job_id = job_id
+
+
+def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """Decode a request body the way a Zod peer would see it.
+
+    Raises :class:`RunnerError` with status 415 for a non-JSON content type and 400 for bytes
+    that are not JSON or not an object. ``NaN``/``Infinity`` (which Python's json module would
+    let through) are rejected.
+    """
+    if not is_json_content_type(content_type):
+        raise UnsupportedMediaType(
+            "The request body must be JSON (Content-Type: application/json)",
+            details=[{"message": f"Content-Type is {content_type or 'missing'}", "path": []}],
+        )
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationFailed(
+            "The request body is not valid JSON",
+            code="INVALID_JSON",
+            details=[{"message": _json_error_message(exc), "path": []}],
+        ) from None
+    except RecursionError:
+        raise ValidationFailed(
+            "The request body is nested too deeply", code="INVALID_JSON"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValidationFailed(
+            "The request body must be a JSON object",
+            code="INVALID_BODY",
+            details=[{"message": f"Expected object, received {_json_type(value)}", "path": []}],
+        )
+    return value
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """``application/json`` or any ``application/*+json``, parameters allowed."""
+    if not content_type:
+        return False
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_error_message(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "The body is not UTF-8"
+    return str(exc)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+class _JobThread:
+    """Runs one capability call in its own thread so the request can answer at the deadline.
+
+    Python cannot kill a thread: when the deadline passes the request answers ``TIMEOUT`` and
+    the thread runs on until the code returns; ``on_done`` fires only then, which is what keeps
+    a concurrency slot honestly occupied.
+    """
+
+    def __init__(self, target: Callable[[], Any], on_done: Callable[[], None]) -> None:
+        self._target = target
+        self._on_done = on_done
+        self._finished = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="runnerkit-job", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._target()
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an envelope
+            self.error = exc
+        finally:
+            self._finished.set()
+            self._on_done()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._finished.wait(max(0.0, timeout_s))
+
+
+class Executor:
+    """The ``/execute`` pipeline of one runner, shared by every request of a worker."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs whose code is still running in this worker (including timed-out ones)."""
+        return self._in_flight
+
+    def execute(
+        self, raw: bytes, content_type: str | None, headers: Mapping[str, str]
+    ) -> Answer:
+        """Answer one ``POST /execute``."""
+        started = time.monotonic()
+        job_id: str | None = None
+        correlation_id = _correlation_from_headers(headers)
+        capability_id = ""
+        try:
+            body = parse_json_object(raw, content_type)
+            job_id = _known_job_id(body)
+            request = self._load_request(body, job_id)
+            job_id = request["jobId"]
+            capability_id = request["capabilityId"]
+            correlation_id = request["metadata"].get("correlationId") or correlation_id
+            answer = self._run(request, correlation_id, started)
+        except _Rejection as rejection:
+            job_id = rejection.job_id or job_id
+            answer = self._failure(rejection.error, job_id, correlation_id, started)
+        except RunnerError as error:
+            answer = self._failure(error, job_id, correlation_id, started)
+        answer.headers.setdefault("X-Correlation-Id", correlation_id)
+        self._log(answer, job_id, capability_id, correlation_id, started)
+        return answer
+
+    def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:
+        try:
+            request: dict[str, Any] = _REQUEST_SCHEMA.load(body)
+        except ValidationError as exc:
+            raise _Rejection(
+                ValidationFailed(
+                    "The execution request does not match RunnerExecutionRequest",
+                    details=details_from_validation_error(exc, data=body),
+                ),
+                job_id,
+            ) from None
+        return request
+
+    def _run(self, request: dict[str, Any], correlation_id: str, started: float) -> Answer:
+        job_id = request["jobId"]
+        capability = self.runner.capabilities.get(request["capabilityId"])
+        if capability is None:
+            known = ", ".join(sorted(self.runner.capabilities)) or "none"
+            raise _Rejection(
+                NotFound(
+                    f"Unknown capability {request['capabilityId']!r} (this runner has: {known})",
+                    code="CAPABILITY_NOT_FOUND",
+                    details=[{"message": "Unknown capability", "path": ["capabilityId"]}],
+                ),
+                job_id,
+            )
+        try:
+            payload = capability.load_input(request["payload"])
+        except ValidationError as exc:
+            raise _Rejection(
+                ValidationFailed(
+                    f"The payload does not match the input schema of {capability.id!r}",
+                    code="PAYLOAD_INVALID",
+                    details=details_from_validation_error(
+                        exc, prefix=("payload",), data=request["payload"]
+                    ),
+                ),
+                job_id,
+            ) from None
+        self._admit(job_id)
+        timeout_ms = min(float(request["timeoutMs"]), float(capability.timeout_ms))
+        ctx = Context(
+            job_id=job_id,
+            capability_id=capability.id,
+            correlation_id=correlation_id,
+            timeout_ms=timeout_ms,
+        )
+        job = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), self._done)
+        job.start()
+        if not job.wait(ctx.remaining_ms / 1000.0):
+            ctx.cancel()
+            raise _Rejection(
+                Timeout(
+                    f"{capability.id!r} did not finish within {timeout_ms:g} ms",
+                    code="DEADLINE_EXCEEDED",
+                ),
+                job_id,
+            )
+        if job.error is not None:
+            if isinstance(job.error, RunnerError):
+                raise _Rejection(job.error, job_id)
+            envelope = build_envelope(
+                job.error, service=self.runner.name, operation="execute",
+                correlation_id=correlation_id,
+            )
+            return self._answer(500, job_id, False, started, error=envelope)
+        return self._answer(200, job_id, True, started, data=job.result)
+
+    def _admit(self, job_id: str) -> None:
+        """Take a job thread in this worker, keeping the reserved request threads free."""
+        settings = self.runner.settings
+        limit = settings.worker_threads - settings.reserved_threads if settings.worker_threads else 0
+        with self._in_flight_lock:
+            if settings.worker_threads and self._in_flight >= max(1, limit):
+                raise _Rejection(
+                    Unavailable(
+                        "This worker is busy; its remaining threads are reserved for health checks",
+                        code="WORKER_BUSY",
+                        retry_after=settings.rate_limit_retry_after_s,
+                    ),
+                    job_id,
+                )
+            self._in_flight += 1
+
+    def _done(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+
+    def _failure(
+        self, error: RunnerError, job_id: str | None, correlation_id: str, started: float
+    ) -> Answer:
+        envelope = build_envelope(
+            error, service=self.runner.name, operation="execute", correlation_id=correlation_id
+        )
+        answer = self._answer(error.status, job_id, False, started, error=envelope)
+        if error.retry_after is not None:
+            answer.headers["Retry-After"] = str(max(1, round(error.retry_after)))
+        return answer
+
+    def _answer(
+        self,
+        status: int,
+        job_id: str | None,
+        success: bool,
+        started: float,
+        *,
+        data: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> Answer:
+        if job_id is None:
+            return Answer(status, {"success": False, "error": error})
+        body: dict[str, Any] = {
+            "jobId": job_id,
+            "success": success,
+            "executionTimeMs": round((time.monotonic() - started) * 1000.0, 3),
+            "runnerId": self.runner.runner_id,
+        }
+        if success:
+            body["data"] = data
+        else:
+            body["error"] = error
+        return Answer(status, body)
+
+    def _log(
+        self,
+        answer: Answer,
+        job_id: str | None,
+        capability_id: str,
+        correlation_id: str,
+        started: float,
+    ) -> None:
+        error = answer.body.get("error") or {}
+        outcome = "success" if answer.body.get("success") else error.get("category", "error")
+        job_log.info(
+            "job %s",
+            "completed" if outcome == "success" else "failed",
+            extra={
+                "jobId": job_id,
+                "capabilityId": capability_id,
+                "correlationId": correlation_id,
+                "outcome": outcome,
+                "status": answer.status,
+                "durationMs": round((time.monotonic() - started) * 1000.0, 3),
+                **({"error": {"code": error["code"], "category": error["category"]}} if error else {}),
+            },
+        )
+
+
+def _known_job_id(body: Mapping[str, Any]) -> str | None:
+    value = body.get("jobId")
+    return value if is_uuid(value) else None
+
+
+def _correlation_from_headers(headers: Mapping[str, str]) -> str:
+    value = headers.get("X-Correlation-Id", "")
+    return value if is_uuid(value) else str(uuid.uuid4())
+

@@ -1,0 +1,131 @@
+"""The Flask adapter: the runner's blueprint and the JSON error handlers.
+
+Thin on purpose: each route hands the request to the Runner/Executor and serialises what comes
+back. Every error the app can produce, from a 404 route to an unhandled exception, leaves as
+the contract's ErrorEnvelope, never as an HTML page.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from runnerkit.errors import PayloadTooLarge, make_envelope
+
+log = logging.getLogger("runnerkit.http")
+
+blueprint = Blueprint("runnerkit", __name__)
+
+#: The category and code each HTTP error becomes.
+_HTTP_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("VALIDATION_ERROR", "BAD_REQUEST"),
+    401: ("AUTHENTICATION_ERROR", "UNAUTHENTICATED"),
+    403: ("AUTHORIZATION_ERROR", "FORBIDDEN"),
+    404: ("RESOURCE_NOT_FOUND", "ROUTE_NOT_FOUND"),
+    405: ("VALIDATION_ERROR", "METHOD_NOT_ALLOWED"),
+    409: ("RESOURCE_CONFLICT", "CONFLICT"),
+    413: ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE"),
+    415: ("VALIDATION_ERROR", "UNSUPPORTED_MEDIA_TYPE"),
+    429: ("RATE_LIMITED", "RATE_LIMITED"),
+    503: ("SERVICE_UNAVAILABLE", "SERVICE_UNAVAILABLE"),
+}
+
+
+def _runner() -> Any:
+    return current_app.extensions["runnerkit"]
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+@blueprint.post("/execute")
+def execute() -> Response:
+    runner = _runner()
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        limit = runner.settings.max_body_bytes
+        error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
+        envelope = make_envelope(
+            error.category, error.code, error.message, service=runner.name, operation="execute"
+        )
+        return _json(413, {"success": False, "error": envelope}, {"Connection": "close"})
+    answer = runner.executor.execute(raw, request.headers.get("Content-Type"), request.headers)
+    return _json(answer.status, answer.body, answer.headers)
+
+
+@blueprint.get("/health")
+def health() -> Response:
+    status, body = _runner().health()
+    return _json(status, body)
+
+
+@blueprint.get("/health/live")
+def live() -> Response:
+    status, body = _runner().liveness()
+    return _json(status, body)
+
+
+@blueprint.get("/health/ready")
+def ready() -> Response:
+    status, body = _runner().readiness()
+    return _json(status, body)
+
+
+@blueprint.get("/capabilities")
+def capabilities() -> Response:
+    return _json(200, _runner().registration_document())
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Make every HTTP error and unhandled exception of ``app`` a JSON ErrorEnvelope."""
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unhandled)
+
+
+def _service() -> str:
+    runner = current_app.extensions.get("runnerkit")
+    return runner.name if runner is not None else current_app.name
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    category, code = _HTTP_ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
+    message = exc.description or exc.name
+    if status == 404:
+        message = f"No route {request.method} {request.path}"
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.path}"
+    envelope = make_envelope(
+        category,
+        code,
+        message,
+        service=_service(),
+        retryable=status in (429, 503),
+        operation=f"{request.method} {request.path}",
+    )
+    headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type",)}
+    return _json(status, {"success": False, "error": envelope}, headers)
+
+
+def _unhandled(exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return _http_error(exc)
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.path, exc_info=exc)
+    envelope = make_envelope(
+        "INTERNAL_ERROR",
+        "INTERNAL_ERROR",
+        "The server failed to handle the request",
+        service=_service(),
+        retryable=True,
+        operation=f"{request.method} {request.path}",
+    )
+    return _json(500, {"success": False, "error": envelope})

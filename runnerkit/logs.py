@@ -1,0 +1,77 @@
+"""Structured logs: one JSON object per line with the observability contract's field names."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from runnerkit.redaction import redact
+
+_LEVELS = {"WARNING": "warn", "CRITICAL": "fatal"}
+_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_HANDLER_MARK = "_runnerkit_handler"
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as the contract's log record: timestamp, level, message, service, ….
+
+    Fields passed with ``extra=`` (jobId, capabilityId, correlationId, outcome, durationMs …)
+    appear at the top level, with secret-like keys redacted.
+    """
+
+    def __init__(self, service: str, version: str) -> None:
+        super().__init__()
+        self.service = service
+        self.version = version
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S.%f"
+            )[:-3]
+            + "Z",
+            "level": _LEVELS.get(record.levelname, record.levelname.lower()),
+            "message": record.getMessage(),
+            "service": self.service,
+            "version": self.version,
+            "component": record.name,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(redact(entry), default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """A one-line human format for development, extras appended as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {
+            k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+        }
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in redact(extras).items())
+        return line
+
+
+def configure_logging(service: str, version: str, fmt: str = "json", level: str = "INFO") -> None:
+    """Give the ``runnerkit`` logger one stderr handler (once per process)."""
+    logger = logging.getLogger("runnerkit")
+    logger.setLevel(level.upper())
+    for handler in logger.handlers:
+        if getattr(handler, _HANDLER_MARK, False):
+            return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service, version) if fmt == "json" else TextFormatter())
+    setattr(handler, _HANDLER_MARK, True)
+    logger.addHandler(handler)
+    logger.propagate = False

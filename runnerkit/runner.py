@@ -1,0 +1,176 @@
+"""Runner: the capability registry, its settings, and the Flask extension that serves it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from flask import Flask
+
+from runnerkit.capability import Capability, CapabilityDefinitionError
+from runnerkit.config import Settings
+from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
+from runnerkit.health import CheckFunction, HealthChecks, overall_status
+from runnerkit.logs import configure_logging
+
+EXTENSION_KEY = "runnerkit"
+_RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
+
+F = TypeVar("F", bound=CheckFunction)
+
+
+class Runner:
+    """A runner: a name, a version and the capabilities it offers.
+
+    Follows Flask's extension contract: ``Runner(...).init_app(app)`` adds the blueprint and
+    error handlers to an existing app, ``create_app()`` makes a new one. Settings come from
+    ``app.config``/the environment with the ``RUNNERKIT_`` prefix (see :mod:`runnerkit.config`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: str = "0.1.0",
+        capabilities: Iterable[Capability | type[Capability]] = (),
+        tags: Iterable[str] = (),
+        app: Flask | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise CapabilityDefinitionError("Runner.name: is required (a non-empty string)")
+        if not isinstance(version, str) or not SEMVER_RE.fullmatch(version):
+            raise CapabilityDefinitionError(
+                f"Runner.version: {version!r} is not a semantic version like '1.0.0'"
+            )
+        self.name = name
+        self.version = version
+        self.tags = [str(t) for t in tags]
+        self.capabilities: dict[str, Capability] = {}
+        for item in capabilities:
+            self.add(item)
+        self.health_checks = HealthChecks()
+        self.settings: Settings = Settings.load()
+        self.started_at = time.time()
+        self._runner_id_override: str | None = None
+        self._readiness: list[Callable[[], dict[str, Any]]] = []
+        from runnerkit.execution import Executor
+
+        self.executor = Executor(self)
+        if app is not None:
+            self.init_app(app)
+
+    # -- the registry -------------------------------------------------------------------
+
+    def add(self, capability: Capability | type[Capability]) -> Capability:
+        """Register one capability (an instance, or a class to instantiate)."""
+        if isinstance(capability, type) and issubclass(capability, Capability):
+            capability = capability()
+        if not isinstance(capability, Capability) or capability.abstract:
+            raise CapabilityDefinitionError(
+                f"Runner({self.name!r}).capabilities: {capability!r} is not a Capability"
+            )
+        if capability.id in self.capabilities:
+            other = type(self.capabilities[capability.id]).__qualname__
+            raise CapabilityDefinitionError(
+                f"{type(capability).__qualname__}.id: {capability.id!r} is already used by "
+                f"{other} in Runner({self.name!r})"
+            )
+        self.capabilities[capability.id] = capability
+        return capability
+
+    def health_check(self, func: F | None = None, *, name: str | None = None) -> Any:
+        """Register a dependency check; use as ``@runner.health_check`` or with ``name=``."""
+
+        def register(f: F) -> F:
+            self.health_checks.add(name or f.__name__, f)
+            return f
+
+        return register(func) if func is not None else register
+
+    def add_readiness_check(self, check: Callable[[], dict[str, Any]]) -> None:
+        """A readiness condition (``/health/ready``): returns one HealthCheck item."""
+        self._readiness.append(check)
+
+    # -- documents ----------------------------------------------------------------------
+
+    @property
+    def max_timeout_ms(self) -> float:
+        """The largest capability timeout; gunicorn's worker timeout must exceed it."""
+        return max((c.timeout_ms for c in self.capabilities.values()), default=30_000)
+
+    @property
+    def runner_id(self) -> str:
+        """The id in execution responses: JobForge's once assigned, else a stable uuid."""
+        if self._runner_id_override:
+            return self._runner_id_override
+        key = f"{self.name}:{self.settings.host}:{self.settings.port}"
+        return str(uuid.uuid5(_RUNNER_ID_NAMESPACE, key))
+
+    @runner_id.setter
+    def runner_id(self, value: str | None) -> None:
+        self._runner_id_override = value
+
+    @property
+    def health_check_url(self) -> str:
+        s = self.settings
+        return s.health_check_url or f"http://{s.host}:{s.port}/health"
+
+    def registration_document(self) -> dict[str, Any]:
+        """The RunnerRegistrationRequest this runner sends to JobForge."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "contractVersion": dict(CONTRACT_VERSION),
+            "capabilities": [c.manifest() for c in self.capabilities.values()],
+            "healthCheckEndpoint": self.health_check_url,
+            "tags": list(self.tags),
+        }
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``GET /health``: the HealthCheck document and its HTTP status."""
+        checks = self.health_checks.run(self.settings.health_check_timeout_ms)
+        status = overall_status(checks)
+        return (503 if status == "unhealthy" else 200), self._health_document(status, checks)
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """``GET /health/ready``: can this instance take work now?"""
+        checks = [check() for check in self._readiness]
+        status = "unhealthy" if any(c["status"] == "unhealthy" for c in checks) else "healthy"
+        return (503 if status == "unhealthy" else 200), self._health_document(status, checks)
+
+    def liveness(self) -> tuple[int, dict[str, Any]]:
+        """``GET /health/live``: the process is up and serving."""
+        return 200, self._health_document("healthy", [])
+
+    def _health_document(self, status: str, checks: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "service": self.name,
+            "status": status,
+            "timestamp": utc_now(),
+            "version": self.version,
+            "uptime": round(time.time() - self.started_at, 3),
+            "checks": checks,
+        }
+
+    # -- Flask --------------------------------------------------------------------------
+
+    def init_app(self, app: Flask) -> None:
+        """Serve this runner from ``app``: routes, JSON errors, body limit, logging."""
+        from runnerkit.http import blueprint, register_error_handlers
+
+        self.settings = Settings.load(app.config)
+        app.extensions[EXTENSION_KEY] = self
+        app.config.setdefault("MAX_CONTENT_LENGTH", self.settings.max_body_bytes)
+        app.json.sort_keys = False  # type: ignore[attr-defined]
+        configure_logging(self.name, self.version, self.settings.log_format, self.settings.log_level)
+        register_error_handlers(app)
+        app.register_blueprint(blueprint)
+
+    def create_app(self, config: Mapping[str, Any] | None = None) -> Flask:
+        """A new Flask app serving this runner."""
+        app = Flask(self.name)
+        if config:
+            app.config.update(config)
+        self.init_app(app)
+        return app

@@ -17,7 +17,7 @@ from marshmallow import Schema, fields, validate
 from runnerkit import Capability, Context, Runner, ValidationFailed
 from runnerkit.contracts import fields as strict
 
-_WORD_RE = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
+_WORD_RE = re.compile(r"\w+(?:['\u2019]\w+)*", re.UNICODE)
 _SENTENCE_RE = re.compile(r"[.!?]+(?:\s|$)")
 
 

@@ -33,3 +33,10 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
             worker.cfg.timeout,
             runner.max_timeout_ms / 1000.0,
         )
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    """Deregister from JobForge before the master exits (in a container, its exit ends all)."""
+    from runnerkit.lifecycle import on_master_exit
+
+    on_master_exit()

@@ -1,5 +1,6 @@
 """runnerkit: write ControlPlane job runners on Flask, gunicorn and marshmallow."""
 
+from runnerkit._version import __version__
 from runnerkit.capability import Capability, CapabilityDefinitionError, Context
 from runnerkit.contracts import CONTRACT_VERSION
 from runnerkit.errors import (
@@ -16,8 +17,6 @@ from runnerkit.errors import (
     should_retry,
 )
 from runnerkit.runner import Runner
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CONTRACT_VERSION",

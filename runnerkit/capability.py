@@ -176,9 +176,12 @@ class Capability:
                 details=details,
             ) from exc
         except (TypeError, ValueError, AttributeError) as exc:
+            field = _unserialisable_field(self._output_schema, result)
+            path = ["data", field] if field else ["data"]
             raise SchemaMismatch(
-                f"{type(self).__name__}.run returned a value Output cannot serialise: {exc}",
-                details=[{"message": str(exc)[:200], "path": ["data"]}],
+                f"{type(self).__name__}.run returned a value Output cannot serialise: "
+                f"{field or 'data'}: {exc}",
+                details=[{"message": str(exc)[:200], "path": path}],
             ) from exc
         return data
 
@@ -198,6 +201,20 @@ class Capability:
             "timeoutMs": cls.timeout_ms,
             "resourceRequirements": resources,
         }
+
+
+def _unserialisable_field(schema: Schema, result: Any) -> str | None:
+    """The first Output field whose value cannot be serialised, so the error can name it.
+
+    ``Schema.dump`` raises the bare ``ValueError``/``TypeError`` of the failing field (e.g.
+    ``int("many")``) without saying which field it was.
+    """
+    for attr, field in schema.dump_fields.items():
+        try:
+            field.serialize(attr, result, accessor=schema.get_attribute)
+        except (TypeError, ValueError, AttributeError):
+            return field.data_key or attr
+    return None
 
 
 def _check_definition(cls: type[Capability]) -> None:

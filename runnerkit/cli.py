@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from runnerkit import __version__
+from runnerkit._version import __version__
 
 
 def load_runner(spec: str) -> Any:

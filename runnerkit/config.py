@@ -60,25 +60,116 @@ def _str(value: str) -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("JOBFORGE_URL", "", _str, "Base URL of JobForge; empty runs standalone (no registration).", ("JOBFORGE_URL",)),
-    Setting("TRUTHCORE_URL", "", _str, "Base URL of TruthCore; when set, finished jobs are recorded there as assertions.", ("TRUTHCORE_URL",)),
-    Setting("RUNNER_TOKEN", "", _str, "Bearer token sent on every call to JobForge and TruthCore.", ("RUNNER_TOKEN",)),
-    Setting("HOST", "127.0.0.1", _str, "Host this runner is reachable at, used to derive the advertised health URL."),
-    Setting("PORT", 3000, _positive_int, "Port this runner is served on (the environment's PORT is used when set).", ("PORT",)),
-    Setting("HEALTH_CHECK_URL", "", _str, "healthCheckEndpoint advertised at registration; default http://HOST:PORT/health."),
-    Setting("STATE_DIR", "", _str, "Directory for the instance's shared state (lock, identity, ledger); default a folder under the system temp dir named for the runner and port."),
-    Setting("MAX_BODY_BYTES", 1_048_576, _positive_int, "Largest request body accepted on /execute; larger bodies get 413."),
-    Setting("HEALTH_CHECK_TIMEOUT_MS", 2000, _positive_int, "How long one registered health check may take before it counts as unhealthy."),
-    Setting("RESERVED_THREADS", 2, _positive_int, "Request threads per gunicorn worker kept free of jobs, so /health answers while jobs run."),
-    Setting("WORKER_THREADS", 0, int, "Request threads per worker; set by deploy/gunicorn.conf.py, 0 when unknown (no per-worker job cap)."),
+    Setting(
+        "JOBFORGE_URL",
+        "",
+        _str,
+        "Base URL of JobForge; empty runs standalone (no registration).",
+        ("JOBFORGE_URL",),
+    ),
+    Setting(
+        "TRUTHCORE_URL",
+        "",
+        _str,
+        "Base URL of TruthCore; when set, finished jobs are recorded there as assertions.",
+        ("TRUTHCORE_URL",),
+    ),
+    Setting(
+        "RUNNER_TOKEN",
+        "",
+        _str,
+        "Bearer token sent on every call to JobForge and TruthCore.",
+        ("RUNNER_TOKEN",),
+    ),
+    Setting(
+        "HOST",
+        "127.0.0.1",
+        _str,
+        "Host this runner is reachable at, used to derive the advertised health URL.",
+    ),
+    Setting(
+        "PORT",
+        3000,
+        _positive_int,
+        "Port this runner is served on (the environment's PORT is used when set).",
+        ("PORT",),
+    ),
+    Setting(
+        "HEALTH_CHECK_URL",
+        "",
+        _str,
+        "healthCheckEndpoint advertised at registration; default http://HOST:PORT/health.",
+    ),
+    Setting(
+        "STATE_DIR",
+        "",
+        _str,
+        "Directory for the instance's shared state (lock, identity, ledger); "
+        "default a folder under the system temp dir named for the runner and port.",
+    ),
+    Setting(
+        "MAX_BODY_BYTES",
+        1_048_576,
+        _positive_int,
+        "Largest request body accepted on /execute; larger bodies get 413.",
+    ),
+    Setting(
+        "HEALTH_CHECK_TIMEOUT_MS",
+        2000,
+        _positive_int,
+        "How long one registered health check may take before it counts as unhealthy.",
+    ),
+    Setting(
+        "RESERVED_THREADS",
+        2,
+        _positive_int,
+        "Request threads per gunicorn worker kept free of jobs, so /health answers while jobs run.",
+    ),
+    Setting(
+        "WORKER_THREADS",
+        0,
+        int,
+        "Request threads per worker; set by deploy/gunicorn.conf.py, "
+        "0 when unknown (no per-worker job cap).",
+    ),
     Setting("LOG_FORMAT", "json", _str, "'json' for one JSON object per line, 'text' for people."),
     Setting("LOG_LEVEL", "INFO", _str, "Level of runnerkit's loggers."),
-    Setting("HEARTBEAT_INTERVAL_MS", 30_000, _positive_int, "Heartbeat interval until JobForge's registration answer sets one."),
-    Setting("REGISTRATION_BACKOFF_MAX_MS", 30_000, _positive_int, "Cap of the exponential backoff between registration attempts."),
-    Setting("HTTP_CONNECT_TIMEOUT_MS", 3000, _positive_int, "Connect timeout of calls to JobForge and TruthCore."),
-    Setting("HTTP_READ_TIMEOUT_MS", 10_000, _positive_int, "Read timeout of calls to JobForge and TruthCore."),
-    Setting("LEDGER_RETENTION_S", 86_400.0, _nonnegative_float, "How long finished jobs stay in the idempotency ledger."),
-    Setting("RATE_LIMIT_RETRY_AFTER_S", 1.0, _nonnegative_float, "retryAfter sent with 429 when a capability is at its maxConcurrency."),
+    Setting(
+        "HEARTBEAT_INTERVAL_MS",
+        30_000,
+        _positive_int,
+        "Heartbeat interval until JobForge's registration answer sets one.",
+    ),
+    Setting(
+        "REGISTRATION_BACKOFF_MAX_MS",
+        30_000,
+        _positive_int,
+        "Cap of the exponential backoff between registration attempts.",
+    ),
+    Setting(
+        "HTTP_CONNECT_TIMEOUT_MS",
+        3000,
+        _positive_int,
+        "Connect timeout of calls to JobForge and TruthCore.",
+    ),
+    Setting(
+        "HTTP_READ_TIMEOUT_MS",
+        10_000,
+        _positive_int,
+        "Read timeout of calls to JobForge and TruthCore.",
+    ),
+    Setting(
+        "LEDGER_RETENTION_S",
+        86_400.0,
+        _nonnegative_float,
+        "How long finished jobs stay in the idempotency ledger.",
+    ),
+    Setting(
+        "RATE_LIMIT_RETRY_AFTER_S",
+        1.0,
+        _nonnegative_float,
+        "retryAfter sent with 429 when a capability is at its maxConcurrency.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -261,9 +261,7 @@ def details_from_validation_error(
     return details_from_messages(messages, list(prefix), source)
 
 
-def details_from_messages(
-    messages: Any, path: list[str], data: Any = None
-) -> list[dict[str, Any]]:
+def details_from_messages(messages: Any, path: list[str], data: Any = None) -> list[dict[str, Any]]:
     """Recursive worker of :func:`details_from_validation_error`."""
     details: list[dict[str, Any]] = []
     if isinstance(messages, Mapping):

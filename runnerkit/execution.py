@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 from marshmallow import ValidationError
 
 from runnerkit.capability import Context
-from runnerkit.contracts import RunnerExecutionRequestSchema
-from runnerkit.contracts import is_uuid
+from runnerkit.contracts import RunnerExecutionRequestSchema, is_uuid
 from runnerkit.errors import (
+    Conflict,
     NotFound,
+    RateLimited,
     RunnerError,
     Timeout,
     Unavailable,
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from runnerkit.runner import Runner
 
 job_log = logging.getLogger("runnerkit.job")
+
+#: Header on an answer replayed from the idempotency ledger instead of a new execution.
+REPLAY_HEADER = "Idempotent-Replayed"
 
 _REQUEST_SCHEMA = RunnerExecutionRequestSchema()
 
@@ -96,7 +100,9 @@ def is_json_content_type(content_type: str | None) -> bool:
     if not content_type:
         return False
     mime = content_type.split(";", 1)[0].strip().lower()
-    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    return mime == "application/json" or (
+        mime.startswith("application/") and mime.endswith("+json")
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -129,14 +135,16 @@ class _JobThread:
     """Runs one capability call in its own thread so the request can answer at the deadline.
 
     Python cannot kill a thread: when the deadline passes the request answers ``TIMEOUT`` and
-    the thread runs on until the code returns; ``on_done`` fires only then, which is what keeps
-    a concurrency slot honestly occupied.
+    the thread runs on until the code returns. ``on_done`` fires only then, which is what keeps
+    a concurrency slot honestly occupied and the ledger entry ``running``.
     """
 
     def __init__(self, target: Callable[[], Any], on_done: Callable[[], None]) -> None:
         self._target = target
         self._on_done = on_done
         self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._after_abandoned: Callable[[], None] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="runnerkit-job", daemon=True)
@@ -150,11 +158,23 @@ class _JobThread:
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an envelope
             self.error = exc
         finally:
-            self._finished.set()
+            with self._lock:
+                self._finished.set()
+                after = self._after_abandoned
             self._on_done()
+            if after is not None:
+                after()
 
     def wait(self, timeout_s: float) -> bool:
         return self._finished.wait(max(0.0, timeout_s))
+
+    def abandon(self, after: Callable[[], None]) -> bool:
+        """Stop waiting: ``after`` runs when the code finally returns. False if it already has."""
+        with self._lock:
+            if self._finished.is_set():
+                return False
+            self._after_abandoned = after
+            return True
 
 
 class Executor:
@@ -170,9 +190,7 @@ class Executor:
         """Jobs whose code is still running in this worker (including timed-out ones)."""
         return self._in_flight
 
-    def execute(
-        self, raw: bytes, content_type: str | None, headers: Mapping[str, str]
-    ) -> Answer:
+    def execute(self, raw: bytes, content_type: str | None, headers: Mapping[str, str]) -> Answer:
         """Answer one ``POST /execute``."""
         started = time.monotonic()
         job_id: str | None = None
@@ -234,7 +252,48 @@ class Executor:
                 ),
                 job_id,
             ) from None
-        self._admit(job_id)
+        if self.runner.draining:
+            raise _Rejection(
+                Unavailable(
+                    "The runner is shutting down and takes no new jobs",
+                    code="SHUTTING_DOWN",
+                    retry_after=self.runner.settings.rate_limit_retry_after_s,
+                ),
+                job_id,
+            )
+        state = self.runner.state
+        claim = state.ledger.claim(job_id)
+        if claim.outcome == "replay":
+            assert claim.body is not None
+            return Answer(claim.status, claim.body, {REPLAY_HEADER: "true"})
+        if claim.outcome == "running":
+            raise _Rejection(
+                Conflict(
+                    f"Job {job_id} is already running on this runner",
+                    code="JOB_ALREADY_RUNNING",
+                    retryable=True,
+                    retry_after=self.runner.settings.rate_limit_retry_after_s,
+                ),
+                job_id,
+            )
+        slot = state.slots.acquire(capability.id)
+        if slot is None:
+            state.ledger.release(job_id)
+            raise _Rejection(
+                RateLimited(
+                    f"{capability.id!r} is running its maximum of "
+                    f"{capability.max_concurrency} concurrent jobs",
+                    code="CAPACITY_EXCEEDED",
+                    retry_after=self.runner.settings.rate_limit_retry_after_s,
+                ),
+                job_id,
+            )
+        try:
+            self._admit(job_id)
+        except _Rejection:
+            state.slots.release(slot)
+            state.ledger.release(job_id)
+            raise
         timeout_ms = min(float(request["timeoutMs"]), float(capability.timeout_ms))
         ctx = Context(
             job_id=job_id,
@@ -242,31 +301,42 @@ class Executor:
             correlation_id=correlation_id,
             timeout_ms=timeout_ms,
         )
-        job = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), self._done)
+
+        def finished() -> None:
+            state.slots.release(slot)
+            self._done()
+
+        job = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), finished)
         job.start()
         if not job.wait(ctx.remaining_ms / 1000.0):
             ctx.cancel()
-            raise _Rejection(
-                Timeout(
-                    f"{capability.id!r} did not finish within {timeout_ms:g} ms",
-                    code="DEADLINE_EXCEEDED",
-                ),
-                job_id,
+            timeout = Timeout(
+                f"{capability.id!r} did not finish within {timeout_ms:g} ms",
+                code="DEADLINE_EXCEEDED",
             )
-        if job.error is not None:
-            if isinstance(job.error, RunnerError):
-                raise _Rejection(job.error, job_id)
-            envelope = build_envelope(
-                job.error, service=self.runner.name, operation="execute",
-                correlation_id=correlation_id,
-            )
-            return self._answer(500, job_id, False, started, error=envelope)
-        return self._answer(200, job_id, True, started, data=job.result)
+            answer = self._failure(timeout, job_id, correlation_id, started)
+            if job.abandon(lambda: state.ledger.complete(job_id, answer.status, answer.body)):
+                return answer
+        answer = self._outcome(job, job_id, correlation_id, started)
+        state.ledger.complete(job_id, answer.status, answer.body)
+        return answer
+
+    def _outcome(self, job: _JobThread, job_id: str, correlation_id: str, started: float) -> Answer:
+        if job.error is None:
+            return self._answer(200, job_id, True, started, data=job.result)
+        if isinstance(job.error, RunnerError):
+            return self._failure(job.error, job_id, correlation_id, started)
+        envelope = build_envelope(
+            job.error, service=self.runner.name, operation="execute", correlation_id=correlation_id
+        )
+        return self._answer(500, job_id, False, started, error=envelope)
 
     def _admit(self, job_id: str) -> None:
         """Take a job thread in this worker, keeping the reserved request threads free."""
         settings = self.runner.settings
-        limit = settings.worker_threads - settings.reserved_threads if settings.worker_threads else 0
+        limit = (
+            settings.worker_threads - settings.reserved_threads if settings.worker_threads else 0
+        )
         with self._in_flight_lock:
             if settings.worker_threads and self._in_flight >= max(1, limit):
                 raise _Rejection(
@@ -338,7 +408,11 @@ class Executor:
                 "outcome": outcome,
                 "status": answer.status,
                 "durationMs": round((time.monotonic() - started) * 1000.0, 3),
-                **({"error": {"code": error["code"], "category": error["category"]}} if error else {}),
+                **(
+                    {"error": {"code": error["code"], "category": error["category"]}}
+                    if error
+                    else {}
+                ),
             },
         )
 
@@ -351,4 +425,3 @@ def _known_job_id(body: Mapping[str, Any]) -> str | None:
 def _correlation_from_headers(headers: Mapping[str, str]) -> str:
     value = headers.get("X-Correlation-Id", "")
     return value if is_uuid(value) else str(uuid.uuid4())
-

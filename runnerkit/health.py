@@ -81,7 +81,9 @@ class HealthChecks:
                 value = maybe_future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 elapsed = (time.monotonic() - started) * 1000.0
-                results.append(_item(name, "unhealthy", elapsed, f"timed out after {timeout_ms:g} ms"))
+                results.append(
+                    _item(name, "unhealthy", elapsed, f"timed out after {timeout_ms:g} ms")
+                )
                 continue
             except Exception as exc:  # noqa: BLE001 - a failing check is a status, not a crash
                 log.warning("health check %s failed: %s", name, type(exc).__name__)
@@ -127,4 +129,6 @@ def _interpret(name: str, value: CheckResult, elapsed_ms: float) -> dict[str, An
         and isinstance(value[1], str)
     ):
         return _item(name, value[0], elapsed_ms, value[1])
-    return _item(name, "unhealthy", elapsed_ms, f"check returned an unusable {type(value).__name__}")
+    return _item(
+        name, "unhealthy", elapsed_ms, f"check returned an unusable {type(value).__name__}"
+    )

@@ -119,7 +119,9 @@ def _http_error(exc: HTTPException) -> Response:
 def _unhandled(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return _http_error(exc)
-    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.path, exc_info=exc)
+    log.error(
+        "unhandled %s on %s %s", type(exc).__name__, request.method, request.path, exc_info=exc
+    )
     envelope = make_envelope(
         "INTERNAL_ERROR",
         "INTERNAL_ERROR",

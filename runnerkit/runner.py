@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 from flask import Flask
 
 from runnerkit.capability import Capability, CapabilityDefinitionError
-from runnerkit.config import Settings
+from runnerkit.config import Settings, default_state_dir
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
+from runnerkit.lifecycle import Lifecycle, install_drain_handler, under_gunicorn
 from runnerkit.logs import configure_logging
+from runnerkit.state import InstanceState
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
@@ -53,7 +55,11 @@ class Runner:
         self.settings: Settings = Settings.load()
         self.started_at = time.time()
         self._runner_id_override: str | None = None
-        self._readiness: list[Callable[[], dict[str, Any]]] = []
+        self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting]
+        self._state: InstanceState | None = None
+        self.lifecycle: Lifecycle | None = None
+        #: True once the instance is shutting down: ready turns 503, new jobs get 503.
+        self.draining = False
         from runnerkit.execution import Executor
 
         self.executor = Executor(self)
@@ -100,10 +106,30 @@ class Runner:
         return max((c.timeout_ms for c in self.capabilities.values()), default=30_000)
 
     @property
+    def state_dir(self) -> str:
+        return self.settings.state_dir or default_state_dir(self.name, self.settings.port)
+
+    @property
+    def state(self) -> InstanceState:
+        """The instance state shared by every worker (created on first use)."""
+        if self._state is None:
+            limits = {c.id: c.max_concurrency for c in self.capabilities.values()}
+            self._state = InstanceState(self.state_dir, limits, self.settings.ledger_retention_s)
+        return self._state
+
+    def queued_jobs(self) -> int:
+        """Jobs accepted but not started; only asynchronous work can queue."""
+        return 0
+
+    @property
     def runner_id(self) -> str:
         """The id in execution responses: JobForge's once assigned, else a stable uuid."""
         if self._runner_id_override:
             return self._runner_id_override
+        if self.lifecycle is not None:
+            identity = self.lifecycle.current_identity()
+            if identity is not None:
+                return str(identity["runnerId"])
         key = f"{self.name}:{self.settings.host}:{self.settings.port}"
         return str(uuid.uuid5(_RUNNER_ID_NAMESPACE, key))
 
@@ -139,6 +165,12 @@ class Runner:
         status = "unhealthy" if any(c["status"] == "unhealthy" for c in checks) else "healthy"
         return (503 if status == "unhealthy" else 200), self._health_document(status, checks)
 
+    def _accepting(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"name": "accepting", "status": "healthy", "responseTimeMs": 0}
+        if self.draining:
+            item.update(status="unhealthy", message="shutting down")
+        return item
+
     def liveness(self) -> tuple[int, dict[str, Any]]:
         """``GET /health/live``: the process is up and serving."""
         return 200, self._health_document("healthy", [])
@@ -163,9 +195,18 @@ class Runner:
         app.extensions[EXTENSION_KEY] = self
         app.config.setdefault("MAX_CONTENT_LENGTH", self.settings.max_body_bytes)
         app.json.sort_keys = False  # type: ignore[attr-defined]
-        configure_logging(self.name, self.version, self.settings.log_format, self.settings.log_level)
+        configure_logging(
+            self.name, self.version, self.settings.log_format, self.settings.log_level
+        )
         register_error_handlers(app)
         app.register_blueprint(blueprint)
+        self.state  # noqa: B018 - create the state directory now, not on the first job
+        if under_gunicorn():
+            install_drain_handler(self)
+        if self.settings.jobforge_url and self.lifecycle is None:
+            self.lifecycle = Lifecycle(self, self.state)
+            self.add_readiness_check(self.lifecycle.readiness_item)
+            self.lifecycle.start()
 
     def create_app(self, config: Mapping[str, Any] | None = None) -> Flask:
         """A new Flask app serving this runner."""

@@ -1,0 +1,59 @@
+"""The HTTP client a runner uses to talk to JobForge (and TruthCore)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import requests
+
+from runnerkit._version import __version__
+
+
+class JobForgeClient:
+    """Calls to the control plane over one ``requests.Session`` per process.
+
+    Sessions are not shared across ``fork``: a process that finds a session made by its
+    parent makes its own. Every call has connect and read timeouts and, when a token is set,
+    ``Authorization: Bearer <token>``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str = "",
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self._session: requests.Session | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def session(self) -> requests.Session:
+        with self._lock:
+            if self._session is None or self._pid != os.getpid():
+                session = requests.Session()
+                session.headers["User-Agent"] = f"runnerkit/{__version__}"
+                if self.token:
+                    session.headers["Authorization"] = f"Bearer {self.token}"
+                self._session, self._pid = session, os.getpid()
+            return self._session
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        return self.session.request(method, self.base_url + path, **kwargs)
+
+    def register(self, document: dict[str, Any]) -> requests.Response:
+        return self.request("POST", "/runners/register", json=document)
+
+    def heartbeat(self, heartbeat: dict[str, Any]) -> requests.Response:
+        return self.request("POST", "/runners/heartbeat", json=heartbeat)
+
+    def deregister(self, runner_id: str) -> requests.Response:
+        return self.request("DELETE", f"/runners/{runner_id}")

@@ -1,0 +1,483 @@
+"""Registration, heartbeats, draining and deregistration of one runner instance.
+
+Every gunicorn worker runs the same APScheduler job. Each tick a worker tries the instance's
+leader lock without blocking; only the holder registers and heartbeats, and the runnerId it
+gets is kept in the state directory, so when the holder dies the next worker to take the
+lock carries on as the same runner. Deregistration belongs to the instance, not to a worker:
+it happens once, after the gunicorn master has exited (a small sentinel process watches it),
+or in the master's ``on_exit`` hook when ``deploy/gunicorn.conf.py`` is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import requests
+from apscheduler.schedulers.background import BackgroundScheduler
+from marshmallow import ValidationError
+
+from runnerkit.contracts import (
+    CONTRACT_VERSION,
+    RunnerRegistrationResponseSchema,
+    format_version,
+    utc_now,
+)
+from runnerkit.jobforge import JobForgeClient
+from runnerkit.state import (
+    FileLock,
+    InstanceState,
+    process_start_time,
+    read_json,
+    write_json_atomic,
+)
+
+if TYPE_CHECKING:
+    from runnerkit.runner import Runner
+
+log = logging.getLogger("runnerkit.lifecycle")
+
+#: Slow retry for a registration JobForge refused (4xx): a human has to change something.
+REFUSED_RETRY_S = 60.0
+_REGISTRATION_SCHEMA = RunnerRegistrationResponseSchema()
+
+
+def under_gunicorn() -> bool:
+    """Whether this process is a gunicorn worker (gunicorn's master sets SERVER_SOFTWARE)."""
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")
+
+
+def instance_owner() -> tuple[int, float]:
+    """The process whose exit ends the instance: the gunicorn master, else this process."""
+    pid = os.getppid() if under_gunicorn() else os.getpid()
+    return pid, process_start_time(pid) or 0.0
+
+
+def instance_key(owner: tuple[int, float]) -> str:
+    return f"{owner[0]}@{owner[1]:.2f}"
+
+
+def masters_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "runnerkit", "masters")
+
+
+class Lifecycle:
+    """The per-worker half of the instance lifecycle (see the module docstring)."""
+
+    def __init__(self, runner: Runner, state: InstanceState) -> None:
+        settings = runner.settings
+        self.runner = runner
+        self.state = state
+        self.client = JobForgeClient(
+            settings.jobforge_url,
+            token=settings.runner_token,
+            connect_timeout_s=settings.http_connect_timeout_ms / 1000.0,
+            read_timeout_s=settings.http_read_timeout_ms / 1000.0,
+        )
+        self.owner = instance_owner()
+        self.key = instance_key(self.owner)
+        self.scheduler: BackgroundScheduler | None = None
+        self._tick_s = 0.0
+        self._attempt = 0
+        self._next_register_at = 0.0
+        self._condition = ""
+        self._processes: dict[int, psutil.Process] = {}
+        self._tick_lock = threading.Lock()
+
+    # -- start ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Publish the instance, make sure a sentinel watches it, start ticking."""
+        settings = self.runner.settings
+        write_json_atomic(
+            self.state.instance_path,
+            {
+                "instance": self.key,
+                "ownerPid": self.owner[0],
+                "jobforgeUrl": settings.jobforge_url,
+                "token": settings.runner_token,
+                "connectTimeoutS": settings.http_connect_timeout_ms / 1000.0,
+                "readTimeoutS": settings.http_read_timeout_ms / 1000.0,
+            },
+        )
+        os.chmod(self.state.instance_path, 0o600)
+        self._publish_master()
+        self._ensure_sentinel()
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        self.scheduler = BackgroundScheduler(
+            daemon=True,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._tick_s = self._tick_for(settings.heartbeat_interval_ms)
+        self.scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self._tick_s,
+            id="runnerkit-lifecycle",
+            next_run_time=datetime.now(UTC),
+        )
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.state.leader.release()
+
+    @staticmethod
+    def _tick_for(interval_ms: float) -> float:
+        """Ticks come often enough that a takeover happens well within one interval."""
+        return max(0.05, min(1.0, interval_ms / 1000.0 / 5.0))
+
+    def _publish_master(self) -> None:
+        """Tell the master's ``on_exit`` hook where this instance's state lives."""
+        if not under_gunicorn():
+            return
+        os.makedirs(masters_dir(), mode=0o700, exist_ok=True)
+        path = os.path.join(masters_dir(), f"{self.owner[0]}.json")
+        entry = read_json(path) or {}
+        dirs = entry.get("stateDirs", [])
+        if self.state.directory not in dirs:
+            write_json_atomic(
+                path, {"instance": self.key, "stateDirs": [*dirs, self.state.directory]}
+            )
+
+    def _ensure_sentinel(self) -> None:
+        probe = FileLock(os.path.join(self.state.directory, "sentinel.lock"))
+        if not probe.acquire():
+            return  # a sentinel holds it: this instance is watched
+        probe.release()
+        with contextlib.suppress(OSError):
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "runnerkit.sentinel",
+                    self.state.directory,
+                    self.key,
+                    str(self.owner[0]),
+                ],
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+            )
+
+    # -- the tick -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One scheduler tick: take or keep leadership; if leader, do what is due."""
+        if self.runner.draining:
+            return
+        if not self.state.leader.acquire():
+            return
+        with self._tick_lock:
+            try:
+                self._lead()
+            except Exception:
+                log.exception("lifecycle tick failed")
+
+    def _lead(self) -> None:
+        identity = self.current_identity()
+        now = time.time()
+        if identity is None:
+            if now >= self._next_register_at:
+                self.register()
+            return
+        self._retick(identity["heartbeatIntervalMs"])
+        if now >= identity.get("nextHeartbeatAt", 0.0):
+            self.heartbeat(identity)
+
+    def _retick(self, interval_ms: float) -> None:
+        tick = self._tick_for(interval_ms)
+        if self.scheduler is not None and abs(tick - self._tick_s) > 1e-6:
+            self._tick_s = tick
+            self.scheduler.reschedule_job("runnerkit-lifecycle", trigger="interval", seconds=tick)
+
+    def current_identity(self) -> dict[str, Any] | None:
+        """This instance's registration, ignoring one left behind by an earlier instance."""
+        identity = self.state.identity()
+        if identity and identity.get("instance") == self.key and identity.get("runnerId"):
+            return identity
+        return None
+
+    def _note(self, condition: str, level: int, message: str, *args: Any) -> None:
+        """Log once per change of condition, not once per retry."""
+        if condition != self._condition:
+            self._condition = condition
+            log.log(level, message, *args)
+
+    def register(self) -> None:
+        document = self.runner.registration_document()
+        try:
+            response = self.client.register(document)
+        except requests.RequestException as exc:
+            self._backoff()
+            self._note(
+                "unreachable",
+                logging.WARNING,
+                "JobForge unreachable at %s (%s); retrying registration with backoff",
+                self.client.base_url,
+                type(exc).__name__,
+            )
+            return
+        if response.status_code >= 500:
+            self._backoff()
+            self._note(
+                f"register-{response.status_code}",
+                logging.WARNING,
+                "JobForge answered %s to registration; retrying with backoff",
+                response.status_code,
+            )
+            return
+        if response.status_code >= 400:
+            self._refused(response)
+            return
+        try:
+            answer = _REGISTRATION_SCHEMA.load(response.json())
+        except (ValueError, ValidationError):
+            self._backoff()
+            self._note(
+                "bad-answer",
+                logging.ERROR,
+                "JobForge's registration answer is not a RunnerRegistrationResponse",
+            )
+            return
+        identity = {
+            "instance": self.key,
+            "runnerId": answer["runnerId"],
+            "registeredAt": answer["registeredAt"],
+            "heartbeatIntervalMs": answer["heartbeatIntervalMs"],
+            "nextHeartbeatAt": time.time() + answer["heartbeatIntervalMs"] / 1000.0,
+        }
+        self.state.save_identity(identity)
+        self._attempt = 0
+        self._next_register_at = 0.0
+        self._note(
+            "registered",
+            logging.INFO,
+            "registered with JobForge as runner %s (heartbeat every %s ms)",
+            answer["runnerId"],
+            answer["heartbeatIntervalMs"],
+        )
+
+    def _backoff(self) -> None:
+        cap = self.runner.settings.registration_backoff_max_ms / 1000.0
+        delay = min(cap, 0.5 * 2**self._attempt) * random.uniform(0.5, 1.0)
+        self._attempt = min(self._attempt + 1, 32)
+        self._next_register_at = time.time() + delay
+
+    def _refused(self, response: requests.Response) -> None:
+        try:
+            envelope = response.json().get("error", response.json())
+        except ValueError:
+            envelope = {}
+        theirs = envelope.get("contractVersion") if isinstance(envelope, dict) else None
+        self._next_register_at = time.time() + max(
+            REFUSED_RETRY_S, self.runner.settings.registration_backoff_max_ms / 1000.0
+        )
+        self._note(
+            f"refused-{response.status_code}",
+            logging.ERROR,
+            "JobForge refused the registration (%s %s: %s); runner contract version %s, "
+            "JobForge contract version %s; retrying every %.0f s",
+            response.status_code,
+            envelope.get("code", "") if isinstance(envelope, dict) else "",
+            envelope.get("message", response.text[:200]) if isinstance(envelope, dict) else "",
+            format_version(CONTRACT_VERSION),
+            format_version(theirs) if isinstance(theirs, dict) else "unknown",
+            REFUSED_RETRY_S,
+        )
+
+    def heartbeat(self, identity: dict[str, Any]) -> None:
+        body = self.heartbeat_body(identity["runnerId"])
+        try:
+            response = self.client.heartbeat(body)
+        except requests.RequestException as exc:
+            self._note(
+                "heartbeat-unreachable",
+                logging.WARNING,
+                "heartbeat to %s failed (%s)",
+                self.client.base_url,
+                type(exc).__name__,
+            )
+            self._save_heartbeat_time(identity)
+            return
+        if response.status_code == 404:
+            # JobForge forgot us (it restarted): register again at once.
+            self._note(
+                "forgotten",
+                logging.WARNING,
+                "JobForge does not know runner %s; registering again",
+                identity["runnerId"],
+            )
+            self.state.clear_identity()
+            self._next_register_at = 0.0
+            self.register()
+            return
+        if response.status_code >= 400:
+            self._note(
+                f"heartbeat-{response.status_code}",
+                logging.WARNING,
+                "JobForge answered %s to a heartbeat",
+                response.status_code,
+            )
+        else:
+            self._note(
+                "heartbeating", logging.INFO, "heartbeating as runner %s", identity["runnerId"]
+            )
+        self._save_heartbeat_time(identity)
+
+    def _save_heartbeat_time(self, identity: dict[str, Any]) -> None:
+        """Schedule the next heartbeat on the interval's grid, so ticks add no drift."""
+        interval = identity["heartbeatIntervalMs"] / 1000.0
+        now = time.time()
+        due = identity.get("nextHeartbeatAt", now) + interval
+        if due <= now:
+            due = now + interval
+        self.state.save_identity({**identity, "nextHeartbeatAt": due})
+
+    def heartbeat_body(self, runner_id: str) -> dict[str, Any]:
+        """The RunnerHeartbeat: status, jobs across all workers, instance metrics."""
+        _, health = self.runner.health()
+        status = health["status"] if health["status"] in ("healthy", "degraded") else "unhealthy"
+        return {
+            "runnerId": runner_id,
+            "timestamp": utc_now(),
+            "status": status,
+            "activeJobs": self.state.slots.total_in_use(),
+            "queuedJobs": self.runner.queued_jobs(),
+            "metrics": self.metrics(),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """CPU and memory of the instance's processes (%), and jobs completed per second."""
+        cpu = 0.0
+        rss = 0
+        try:
+            owner = psutil.Process(self.owner[0])
+            processes = [owner, *owner.children(recursive=True)]
+        except psutil.Error:
+            processes = [psutil.Process()]
+        live: dict[int, psutil.Process] = {}
+        for proc in processes:
+            cached = self._processes.get(proc.pid, proc)
+            try:
+                cpu += cached.cpu_percent(interval=None)
+                rss += cached.memory_info().rss
+            except psutil.Error:
+                continue
+            live[proc.pid] = cached
+        self._processes = live
+        total_memory = psutil.virtual_memory().total or 1
+        completed = self.state.ledger.completed_since(time.time() - 60.0)
+        return {
+            "cpuUsage": round(min(100.0, cpu / (psutil.cpu_count() or 1)), 2),
+            "memoryUsage": round(min(100.0, 100.0 * rss / total_memory), 3),
+            "jobThroughput": round(completed / 60.0, 4),
+        }
+
+    def readiness_item(self) -> dict[str, Any]:
+        registered = self.current_identity() is not None
+        item: dict[str, Any] = {
+            "name": "registration",
+            "status": "healthy" if registered else "unhealthy",
+            "responseTimeMs": 0,
+        }
+        if not registered:
+            item["message"] = "not registered with JobForge yet"
+        return item
+
+
+# -- shutdown -----------------------------------------------------------------------------
+
+
+def install_drain_handler(runner: Runner) -> None:
+    """On SIGTERM, turn ready off and refuse new jobs before gunicorn's own handler runs.
+
+    gunicorn then stops accepting, lets in-flight requests finish (up to its graceful
+    timeout) and exits; a request that still reaches the app meanwhile gets 503.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        runner.draining = True
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if getattr(previous, "__runnerkit_drain__", False):
+        return
+    on_term.__runnerkit_drain__ = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, on_term)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) -> bool:
+    """DELETE the instance's runner from JobForge, once, whoever calls first.
+
+    The leader lock makes the sentinel and the master hook mutually exclusive; the identity
+    is removed after a successful DELETE, so a second caller finds nothing to do.
+    """
+    instance = read_json(os.path.join(state_dir, "instance.json"))
+    if not instance or instance.get("instance") != key or not instance.get("jobforgeUrl"):
+        return False
+    state_lock = FileLock(os.path.join(state_dir, "leader.lock"))
+    if not state_lock.acquire(blocking=True, timeout=lock_timeout_s):
+        log.warning("could not take the leader lock to deregister; deregistering anyway")
+    try:
+        identity_path = os.path.join(state_dir, "identity.json")
+        identity = read_json(identity_path)
+        if not identity or identity.get("instance") != key or not identity.get("runnerId"):
+            return False
+        client = JobForgeClient(
+            instance["jobforgeUrl"],
+            token=instance.get("token", ""),
+            connect_timeout_s=float(instance.get("connectTimeoutS", 3.0)),
+            read_timeout_s=float(instance.get("readTimeoutS", 10.0)),
+        )
+        for attempt in range(3):
+            try:
+                response = client.deregister(identity["runnerId"])
+            except requests.RequestException as exc:
+                log.warning("deregistration failed (%s)", type(exc).__name__)
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if response.status_code < 300 or response.status_code == 404:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(identity_path)
+                log.info("deregistered runner %s", identity["runnerId"])
+                return True
+            log.warning("JobForge answered %s to deregistration", response.status_code)
+            return False
+        return False
+    finally:
+        state_lock.release()
+
+
+def on_master_exit(master_pid: int | None = None) -> None:
+    """gunicorn ``on_exit`` hook: deregister every runner instance this master served."""
+    pid = os.getpid() if master_pid is None else master_pid
+    path = os.path.join(masters_dir(), f"{pid}.json")
+    entry = read_json(path)
+    if not entry:
+        return
+    for state_dir in entry.get("stateDirs", []):
+        deregister_instance(state_dir, entry["instance"])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,387 @@
+"""Per-instance state shared by the gunicorn workers of one runner.
+
+gunicorn forks several workers that must act as ONE runner. They share a state directory:
+
+* ``leader.lock`` — an ``flock`` that exactly one worker holds; only it talks to JobForge.
+  The kernel drops the lock when its holder dies, so another worker takes over.
+* ``identity.json`` — the runnerId JobForge assigned, so a new leader heartbeats as the same
+  runner instead of registering again.
+* ``slots/<capability>.lock`` — one byte per concurrency slot, held with an open-file-
+  description lock (``F_OFD_SETLK``) for as long as a job's code runs. A SIGKILLed worker's
+  locks vanish with it, so a crash cannot leak capacity, and any process can count the held
+  bytes (``F_OFD_GETLK``) without taking them.
+* ``ledger.sqlite3`` — the idempotency ledger (SQLite, WAL): which jobIds were seen, which
+  are running where, and the stored answer of each finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import random
+import sqlite3
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("runnerkit.state")
+
+_FLOCK_STRUCT = "hhqqi"
+_FLOCK_PAD = b"\0" * 8
+
+
+def _ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False) -> int:
+    """One OFD byte-range lock call on byte ``offset``; returns the resulting ``l_type``."""
+    packed = struct.pack(_FLOCK_STRUCT, kind, os.SEEK_SET, offset, 1, 0) + _FLOCK_PAD
+    result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if query else fcntl.F_OFD_SETLK, packed)
+    return int(struct.unpack(_FLOCK_STRUCT, result[: struct.calcsize(_FLOCK_STRUCT)])[0])
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` so a reader never sees half a file."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def process_start_time(pid: int) -> float | None:
+    """When ``pid`` started, or None when no such process exists."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether the process recorded as ``(pid, started)`` is still that same process."""
+    now_started = process_start_time(pid)
+    if now_started is None:
+        return False
+    try:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return False
+    return started is None or abs(now_started - started) < 0.5
+
+
+class FileLock:
+    """A non-blocking ``flock`` held by this process until released or the process dies."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = 0
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None and self._pid == os.getpid()
+
+    def acquire(self, blocking: bool = False, timeout: float | None = None) -> bool:
+        if self.held:
+            return True
+        # A descriptor inherited across fork shares the parent's lock: never reuse it.
+        self._fd = None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    os.close(fd)
+                    return False
+                time.sleep(0.05)
+                continue
+            self._fd, self._pid = fd, os.getpid()
+            return True
+
+    def release(self) -> None:
+        if self.held and self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+        self._fd = None
+
+
+@dataclass
+class Slot:
+    """A held concurrency slot; give it back with :meth:`SlotTable.release`."""
+
+    capability_id: str
+    index: int
+
+
+class SlotTable:
+    """maxConcurrency per capability, enforced across every process of the instance."""
+
+    def __init__(self, directory: str, limits: dict[str, int]) -> None:
+        self.directory = directory
+        self.limits = dict(limits)
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._hold: dict[str, int] = {}
+        self._query: dict[str, int] = {}
+        self._held: dict[str, set[int]] = {}
+
+    def _fds(self, capability_id: str) -> tuple[int, int]:
+        if self._pid != os.getpid():
+            # After fork the descriptors (and the locks on them) belong to the parent.
+            self._hold, self._query, self._held = {}, {}, {}
+            self._pid = os.getpid()
+        if capability_id not in self._hold:
+            path = os.path.join(self.directory, f"{capability_id}.lock")
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._hold[capability_id] = os.open(path, flags, 0o600)
+            self._query[capability_id] = os.open(path, flags, 0o600)
+            self._held[capability_id] = set()
+        return self._hold[capability_id], self._query[capability_id]
+
+    def acquire(self, capability_id: str) -> Slot | None:
+        """Take a free slot, or None when every slot is held somewhere in the instance."""
+        limit = self.limits[capability_id]
+        with self._lock:
+            hold, _ = self._fds(capability_id)
+            mine = self._held[capability_id]
+            start = random.randrange(limit)
+            for step in range(limit):
+                index = (start + step) % limit
+                if index in mine:
+                    continue
+                try:
+                    _ofd_lock(hold, fcntl.F_WRLCK, index)
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.EACCES):
+                        continue
+                    raise
+                mine.add(index)
+                return Slot(capability_id, index)
+        return None
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            hold, _ = self._fds(slot.capability_id)
+            self._held[slot.capability_id].discard(slot.index)
+            _ofd_lock(hold, fcntl.F_UNLCK, slot.index)
+
+    def in_use(self, capability_id: str) -> int:
+        """How many of the capability's slots are held right now, by any process."""
+        with self._lock:
+            _, query = self._fds(capability_id)
+            return sum(
+                _ofd_lock(query, fcntl.F_WRLCK, i, query=True) != fcntl.F_UNLCK
+                for i in range(self.limits[capability_id])
+            )
+
+    def total_in_use(self) -> int:
+        return sum(self.in_use(cap) for cap in self.limits)
+
+
+@dataclass
+class Claim:
+    """The ledger's answer to "may this worker run jobId now?"."""
+
+    outcome: str  # "run" | "replay" | "running"
+    status: int = 0
+    body: dict[str, Any] | None = None
+    attempt: int = 1
+
+
+class Ledger:
+    """The idempotency ledger: one row per jobId, shared by every worker through SQLite.
+
+    A finished job's answer is replayed when it was a success or a failure that a retry
+    cannot change; after a retryable failure a new delivery is a new attempt and runs again.
+    A job whose owner process died mid-run is taken over by the next delivery.
+    """
+
+    def __init__(self, path: str, retention_s: float, max_entries: int = 100_000) -> None:
+        self.path = path
+        self.retention_s = retention_s
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._me = (0, 0.0)
+        self._since_prune = 0
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            conn = sqlite3.connect(
+                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS jobs ("
+                " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"
+                " owner_started REAL, attempt INTEGER NOT NULL DEFAULT 1, http_status INTEGER,"
+                " response TEXT, created REAL NOT NULL, finished REAL)"
+            )
+            conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
+            self._conn, self._pid = conn, os.getpid()
+            self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def claim(self, job_id: str) -> Claim:
+        """Atomically decide whether this process runs ``job_id``."""
+        now = time.time()
+        with self._transaction() as conn:
+            pid, started = self._me
+            row = conn.execute(
+                "SELECT state, owner_pid, owner_started, attempt, http_status, response"
+                " FROM jobs WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created)"
+                    " VALUES (?, 'running', ?, ?, ?)",
+                    (job_id, pid, started, now),
+                )
+                return Claim("run")
+            state, owner_pid, owner_started, attempt, http_status, response = row
+            if state == "running" and process_alive(owner_pid, owner_started):
+                return Claim("running", attempt=attempt)
+            if state == "done":
+                body = json.loads(response)
+                if body.get("success") or not (body.get("error") or {}).get("retryable"):
+                    return Claim("replay", http_status, body, attempt)
+            conn.execute(
+                "UPDATE jobs SET state = 'running', owner_pid = ?, owner_started = ?,"
+                " attempt = attempt + 1, http_status = NULL, response = NULL, finished = NULL"
+                " WHERE job_id = ?",
+                (pid, started, job_id),
+            )
+            return Claim("run", attempt=attempt + 1)
+
+    def release(self, job_id: str) -> None:
+        """Forget a claim that never ran (rejected before the capability started)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM jobs WHERE job_id = ? AND state = 'running' AND owner_pid = ?",
+                (job_id, self._me[0]),
+            )
+
+    def complete(self, job_id: str, http_status: int, body: dict[str, Any]) -> None:
+        """Store the answer of a finished job."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'done', http_status = ?, response = ?, finished = ?"
+                " WHERE job_id = ?",
+                (http_status, json.dumps(body), time.time(), job_id),
+            )
+        self._since_prune += 1
+        if self._since_prune >= 1000:
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop finished entries past retention, and the oldest beyond ``max_entries``."""
+        self._since_prune = 0
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM jobs WHERE state = 'done' AND finished < ?",
+                (time.time() - self.retention_s,),
+            )
+            removed = cur.rowcount
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            if count > self.max_entries:
+                cur = conn.execute(
+                    "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs"
+                    " WHERE state = 'done' ORDER BY finished LIMIT ?)",
+                    (count - self.max_entries,),
+                )
+                removed += cur.rowcount
+        return int(removed)
+
+    def completed_since(self, since: float) -> int:
+        """Jobs finished after the wall-clock time ``since`` (for jobThroughput)."""
+        with self._lock:
+            (count,) = (
+                self._db()
+                .execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?", (since,)
+                )
+                .fetchone()
+            )
+        return int(count)
+
+    def size(self) -> int:
+        with self._lock:
+            (count,) = self._db().execute("SELECT COUNT(*) FROM jobs").fetchone()
+        return int(count)
+
+
+class InstanceState:
+    """The state directory of one runner instance and everything kept in it."""
+
+    def __init__(self, directory: str, limits: dict[str, int], retention_s: float) -> None:
+        self.directory = directory
+        os.makedirs(os.path.join(directory, "slots"), mode=0o700, exist_ok=True)
+        self.leader = FileLock(os.path.join(directory, "leader.lock"))
+        self.slots = SlotTable(os.path.join(directory, "slots"), limits)
+        self.ledger = Ledger(os.path.join(directory, "ledger.sqlite3"), retention_s)
+        self.identity_path = os.path.join(directory, "identity.json")
+        self.instance_path = os.path.join(directory, "instance.json")
+        self._identity_cache: tuple[float, dict[str, Any] | None] = (-1.0, None)
+
+    def identity(self) -> dict[str, Any] | None:
+        """The registration JobForge gave this instance, if any (cached by file mtime)."""
+        try:
+            mtime = os.stat(self.identity_path).st_mtime
+        except FileNotFoundError:
+            self._identity_cache = (-1.0, None)
+            return None
+        if mtime != self._identity_cache[0]:
+            self._identity_cache = (mtime, read_json(self.identity_path))
+        return self._identity_cache[1]
+
+    def save_identity(self, identity: dict[str, Any]) -> None:
+        write_json_atomic(self.identity_path, identity)
+
+    def clear_identity(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.identity_path)

@@ -7,7 +7,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -52,6 +52,7 @@ class Context:
         timeout_ms: float,
         logger: logging.Logger | None = None,
         clock: Any = time.monotonic,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.capability_id = capability_id
@@ -65,6 +66,7 @@ class Context:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._progress: list[Progress] = []
+        self._on_progress = on_progress
         base = logger or logging.getLogger("runnerkit.job")
         #: A logger whose records carry this job's ids.
         self.logger = logging.LoggerAdapter(
@@ -99,8 +101,14 @@ class Context:
         if math.isnan(percent):
             raise ValueError("percent must be a number from 0 to 100")
         value = min(100.0, max(0.0, float(percent)))
+        update = Progress(value, str(message), time.time())
         with self._lock:
-            self._progress.append(Progress(value, str(message), time.time()))
+            self._progress.append(update)
+        if self._on_progress is not None:
+            try:
+                self._on_progress(update)
+            except Exception:
+                self.logger.warning("could not record progress", exc_info=True)
 
     def progress_updates(self) -> list[Progress]:
         """Every progress update recorded so far, oldest first."""

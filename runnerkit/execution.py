@@ -7,6 +7,7 @@ place that tests can drive without a server.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from marshmallow import ValidationError
 
-from runnerkit.capability import Context
-from runnerkit.contracts import RunnerExecutionRequestSchema, is_uuid
+from runnerkit.capability import Capability, Context, Progress
+from runnerkit.contracts import RunnerExecutionRequestSchema, is_uuid, utc_now
 from runnerkit.errors import (
     Conflict,
     NotFound,
@@ -32,16 +33,43 @@ from runnerkit.errors import (
     build_envelope,
     details_from_validation_error,
 )
+from runnerkit.state import Slot
 
 if TYPE_CHECKING:
     from runnerkit.runner import Runner
 
 job_log = logging.getLogger("runnerkit.job")
 
+#: Progress events are sent at most this often per job (the last one always).
+PROGRESS_MIN_INTERVAL_S = 1.0
+
 #: Header on an answer replayed from the idempotency ledger instead of a new execution.
 REPLAY_HEADER = "Idempotent-Replayed"
 
 _REQUEST_SCHEMA = RunnerExecutionRequestSchema()
+
+
+@dataclass
+class _Job:
+    """A validated job on its way through the pipeline."""
+
+    capability: Capability
+    payload: dict[str, Any]
+    job_id: str
+    correlation_id: str
+    timeout_ms: float
+    started: float
+
+    def remaining_ms(self) -> float:
+        return max(0.0, self.timeout_ms - (time.monotonic() - self.started) * 1000.0)
+
+
+def wants_async(headers: Mapping[str, str]) -> bool:
+    """Whether the caller sent ``Prefer: respond-async`` (RFC 7240)."""
+    prefer = headers.get("Prefer", "")
+    return any(
+        part.split(";", 1)[0].strip().lower() == "respond-async" for part in prefer.split(",")
+    )
 
 
 @dataclass
@@ -203,7 +231,7 @@ class Executor:
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
             correlation_id = request["metadata"].get("correlationId") or correlation_id
-            answer = self._run(request, correlation_id, started)
+            answer = self._run(request, correlation_id, started, headers)
         except _Rejection as rejection:
             job_id = rejection.job_id or job_id
             answer = self._failure(rejection.error, job_id, correlation_id, started)
@@ -226,7 +254,13 @@ class Executor:
             ) from None
         return request
 
-    def _run(self, request: dict[str, Any], correlation_id: str, started: float) -> Answer:
+    def _run(
+        self,
+        request: dict[str, Any],
+        correlation_id: str,
+        started: float,
+        headers: Mapping[str, str],
+    ) -> Answer:
         job_id = request["jobId"]
         capability = self.runner.capabilities.get(request["capabilityId"])
         if capability is None:
@@ -261,8 +295,11 @@ class Executor:
                 ),
                 job_id,
             )
+        timeout_ms = min(float(request["timeoutMs"]), float(capability.timeout_ms))
+        job = _Job(capability, payload, job_id, correlation_id, timeout_ms, started)
+        asynchronous = self.runner.outbox is not None and wants_async(headers)
         state = self.runner.state
-        claim = state.ledger.claim(job_id)
+        claim = state.ledger.claim(job_id, queued=asynchronous, correlation_id=correlation_id)
         if claim.outcome == "replay":
             assert claim.body is not None
             return Answer(claim.status, claim.body, {REPLAY_HEADER: "true"})
@@ -276,6 +313,8 @@ class Executor:
                 ),
                 job_id,
             )
+        if asynchronous:
+            return self._accept_async(job)
         slot = state.slots.acquire(capability.id)
         if slot is None:
             state.ledger.release(job_id)
@@ -294,42 +333,167 @@ class Executor:
             state.slots.release(slot)
             state.ledger.release(job_id)
             raise
-        timeout_ms = min(float(request["timeoutMs"]), float(capability.timeout_ms))
+        answer = self._execute(job, slot)
+        self._record_truth(job, answer, send_now=False)
+        return answer
+
+    def _execute(self, job: _Job, slot: Slot) -> Answer:
+        """Run a claimed job holding ``slot``; answer at its deadline at the latest.
+
+        The ledger entry is completed with the answer given; after a timeout that happens only
+        when the code really stops, so a redelivery meanwhile is told the job still runs.
+        """
+        state = self.runner.state
         ctx = Context(
-            job_id=job_id,
-            capability_id=capability.id,
-            correlation_id=correlation_id,
-            timeout_ms=timeout_ms,
+            job_id=job.job_id,
+            capability_id=job.capability.id,
+            correlation_id=job.correlation_id,
+            timeout_ms=job.remaining_ms(),
+            on_progress=self._progress_sender(job),
         )
 
         def finished() -> None:
             state.slots.release(slot)
             self._done()
 
-        job = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), finished)
-        job.start()
-        if not job.wait(ctx.remaining_ms / 1000.0):
+        capability, payload = job.capability, job.payload
+        thread = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), finished)
+        thread.start()
+        if not thread.wait(ctx.remaining_ms / 1000.0):
             ctx.cancel()
             timeout = Timeout(
-                f"{capability.id!r} did not finish within {timeout_ms:g} ms",
+                f"{capability.id!r} did not finish within {job.timeout_ms:g} ms",
                 code="DEADLINE_EXCEEDED",
             )
-            answer = self._failure(timeout, job_id, correlation_id, started)
-            if job.abandon(lambda: state.ledger.complete(job_id, answer.status, answer.body)):
+            answer = self._failure(timeout, job.job_id, job.correlation_id, job.started)
+            complete = functools.partial(
+                state.ledger.complete, job.job_id, answer.status, answer.body
+            )
+            if thread.abandon(complete):
                 return answer
-        answer = self._outcome(job, job_id, correlation_id, started)
-        state.ledger.complete(job_id, answer.status, answer.body)
+        answer = self._outcome(thread, job.job_id, job.correlation_id, job.started)
+        state.ledger.complete(job.job_id, answer.status, answer.body)
         return answer
 
-    def _outcome(self, job: _JobThread, job_id: str, correlation_id: str, started: float) -> Answer:
-        if job.error is None:
-            return self._answer(200, job_id, True, started, data=job.result)
-        if isinstance(job.error, RunnerError):
-            return self._failure(job.error, job_id, correlation_id, started)
+    def _outcome(
+        self, thread: _JobThread, job_id: str, correlation_id: str, started: float
+    ) -> Answer:
+        if thread.error is None:
+            return self._answer(200, job_id, True, started, data=thread.result)
+        if isinstance(thread.error, RunnerError):
+            return self._failure(thread.error, job_id, correlation_id, started)
         envelope = build_envelope(
-            job.error, service=self.runner.name, operation="execute", correlation_id=correlation_id
+            thread.error,
+            service=self.runner.name,
+            operation="execute",
+            correlation_id=correlation_id,
         )
         return self._answer(500, job_id, False, started, error=envelope)
+
+    # -- asynchronous jobs ------------------------------------------------------------
+
+    def _accept_async(self, job: _Job) -> Answer:
+        """Answer 202 now; run when a slot frees up; deliver the result through the outbox.
+
+        The thread is not a daemon: a worker that is told to stop waits for it (within
+        gunicorn's graceful timeout) instead of dropping an accepted job.
+        """
+        threading.Thread(
+            target=self._run_async, args=(job,), name=f"runnerkit-async-{job.job_id}"
+        ).start()
+        body = {"jobId": job.job_id, "accepted": True, "runnerId": self.runner.runner_id}
+        return Answer(202, body, {"Preference-Applied": "respond-async"})
+
+    def _run_async(self, job: _Job) -> None:
+        state = self.runner.state
+        slot = None
+        try:
+            while slot is None and job.remaining_ms() > 0:
+                slot = state.slots.acquire(job.capability.id)
+                if slot is None:
+                    time.sleep(0.05)
+            if slot is None:
+                error = Timeout(
+                    f"{job.capability.id!r} found no free slot within {job.timeout_ms:g} ms",
+                    code="DEADLINE_EXCEEDED",
+                )
+                answer = self._failure(error, job.job_id, job.correlation_id, job.started)
+                state.ledger.complete(job.job_id, answer.status, answer.body)
+            else:
+                state.ledger.start(job.job_id)
+                with self._in_flight_lock:
+                    self._in_flight += 1
+                answer = self._execute(job, slot)
+        except Exception as exc:  # noqa: BLE001 - an accepted job always gets an answer
+            envelope = build_envelope(
+                exc,
+                service=self.runner.name,
+                operation="execute",
+                correlation_id=job.correlation_id,
+            )
+            answer = self._answer(500, job.job_id, False, job.started, error=envelope)
+            state.ledger.complete(job.job_id, answer.status, answer.body)
+        self._log(answer, job.job_id, job.capability.id, job.correlation_id, job.started)
+        self.deliver_result(job.job_id, job.correlation_id, answer.body)
+        self._record_truth(job, answer, send_now=True)
+
+    def deliver_result(self, job_id: str, correlation_id: str, body: dict[str, Any]) -> None:
+        """Queue an asynchronous job's RunnerExecutionResponse for JobForge and try it now."""
+        outbox = self.runner.outbox
+        if outbox is None:
+            return
+        url = f"{self.runner.settings.jobforge_url}/jobs/{job_id}/result"
+        outbox.add("result", url, body, {"X-Correlation-Id": correlation_id}, send_now=True)
+
+    def _record_truth(self, job: _Job, answer: Answer, *, send_now: bool) -> None:
+        """Record a finished job in TruthCore (status and result) through the outbox."""
+        outbox = self.runner.outbox
+        base = self.runner.settings.truthcore_url
+        if outbox is None or not base:
+            return
+        success = bool(answer.body.get("success"))
+        result = answer.body.get("data") if success else answer.body.get("error")
+        headers = {"X-Correlation-Id": job.correlation_id}
+        for predicate, value in (
+            ("status", "completed" if success else "failed"),
+            ("result", result),
+        ):
+            assertion = {
+                "id": str(uuid.uuid4()),
+                "subject": job.job_id,
+                "predicate": predicate,
+                "object": value,
+                "source": self.runner.name,
+                "confidence": 1,
+                "timestamp": utc_now(),
+                "metadata": {"capabilityId": job.capability.id, "runnerId": self.runner.runner_id},
+            }
+            outbox.add("assertion", f"{base}/assert", assertion, headers, send_now=send_now)
+
+    def _progress_sender(self, job: _Job) -> Callable[[Progress], None] | None:
+        """Report ``ctx.progress`` to JobForge as job.progress events, at most one a second."""
+        outbox = self.runner.outbox
+        if outbox is None:
+            return None
+        url = f"{self.runner.settings.jobforge_url}/jobs/{job.job_id}/events"
+        last = [0.0]
+
+        def send(update: Progress) -> None:
+            now = time.monotonic()
+            if now - last[0] < PROGRESS_MIN_INTERVAL_S and update.percent < 100:
+                return
+            last[0] = now
+            event = {
+                "id": str(uuid.uuid4()),
+                "type": "job.progress",
+                "jobId": job.job_id,
+                "timestamp": utc_now(),
+                "data": {"percent": update.percent, "message": update.message},
+                "metadata": {"service": self.runner.name, "version": self.runner.version},
+            }
+            outbox.add("event", url, event, {"X-Correlation-Id": job.correlation_id})
+
+        return send
 
     def _admit(self, job_id: str) -> None:
         """Take a job thread in this worker, keeping the reserved request threads free."""
@@ -397,10 +561,15 @@ class Executor:
         started: float,
     ) -> None:
         error = answer.body.get("error") or {}
-        outcome = "success" if answer.body.get("success") else error.get("category", "error")
+        if answer.status == 202:
+            outcome = "accepted"
+        elif answer.body.get("success"):
+            outcome = "success"
+        else:
+            outcome = error.get("category", "error")
         job_log.info(
             "job %s",
-            "completed" if outcome == "success" else "failed",
+            {"success": "completed", "accepted": "accepted"}.get(outcome, "failed"),
             extra={
                 "jobId": job_id,
                 "capabilityId": capability_id,

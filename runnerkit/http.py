@@ -52,7 +52,8 @@ def execute() -> Response:
     try:
         raw = request.get_data(cache=False)
     except RequestEntityTooLarge:
-        limit = runner.settings.max_body_bytes
+        # Name the limit actually enforced: an app may set its own MAX_CONTENT_LENGTH.
+        limit = request.max_content_length or runner.settings.max_body_bytes
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
         envelope = make_envelope(
             error.category, error.code, error.message, service=runner.name, operation="execute"

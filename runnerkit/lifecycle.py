@@ -35,6 +35,7 @@ from runnerkit.contracts import (
     format_version,
     utc_now,
 )
+from runnerkit.errors import make_envelope
 from runnerkit.jobforge import JobForgeClient
 from runnerkit.state import (
     FileLock,
@@ -51,6 +52,10 @@ log = logging.getLogger("runnerkit.lifecycle")
 
 #: Slow retry for a registration JobForge refused (4xx): a human has to change something.
 REFUSED_RETRY_S = 60.0
+#: How often the leader delivers the outbox and recovers jobs of dead workers.
+HOUSEKEEPING_S = 0.5
+#: How often the leader prunes the ledger and the outbox.
+PRUNE_EVERY_S = 300.0
 _REGISTRATION_SCHEMA = RunnerRegistrationResponseSchema()
 
 
@@ -95,6 +100,7 @@ class Lifecycle:
         self._condition = ""
         self._processes: dict[int, psutil.Process] = {}
         self._tick_lock = threading.Lock()
+        self._pruned_at = time.monotonic()
 
     # -- start ----------------------------------------------------------------------
 
@@ -126,6 +132,13 @@ class Lifecycle:
             "interval",
             seconds=self._tick_s,
             id="runnerkit-lifecycle",
+            next_run_time=datetime.now(UTC),
+        )
+        self.scheduler.add_job(
+            self.housekeeping,
+            "interval",
+            seconds=HOUSEKEEPING_S,
+            id="runnerkit-housekeeping",
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
@@ -187,6 +200,50 @@ class Lifecycle:
                 self._lead()
             except Exception:
                 log.exception("lifecycle tick failed")
+
+    def housekeeping(self) -> None:
+        """Leader only: deliver due outbox rows, finish jobs orphaned by dead workers, prune.
+
+        A separate scheduler job from the heartbeat, so a slow delivery cannot delay one.
+        """
+        if not self.state.leader.held or self.runner.outbox is None:
+            return
+        try:
+            self._recover_orphans()
+            self.runner.outbox.deliver_due()
+            now = time.monotonic()
+            if now - self._pruned_at > PRUNE_EVERY_S:
+                self._pruned_at = now
+                self.state.ledger.prune()
+                self.runner.outbox.prune()
+        except Exception:
+            log.exception("lifecycle housekeeping failed")
+
+    def _recover_orphans(self) -> None:
+        """A worker died mid-job: tell JobForge the asynchronous ones failed (retryably)."""
+        for job_id, is_async, correlation_id in self.state.ledger.orphans():
+            if not is_async:
+                self.state.ledger.forget(job_id)
+                continue
+            error = make_envelope(
+                "RUNTIME_ERROR",
+                "WORKER_DIED",
+                "The worker running this job stopped before it finished",
+                service=self.runner.name,
+                retryable=True,
+                operation="execute",
+                correlation_id=correlation_id or None,
+            )
+            body = {
+                "jobId": job_id,
+                "success": False,
+                "error": error,
+                "executionTimeMs": 0,
+                "runnerId": self.runner.runner_id,
+            }
+            self.state.ledger.complete(job_id, 500, body)
+            self.runner.executor.deliver_result(job_id, correlation_id, body)
+            log.warning("job %s was orphaned by a dead worker; reported as failed", job_id)
 
     def _lead(self) -> None:
         identity = self.current_identity()

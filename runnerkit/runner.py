@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -15,6 +16,7 @@ from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.lifecycle import Lifecycle, install_drain_handler, under_gunicorn
 from runnerkit.logs import configure_logging
+from runnerkit.outbox import Outbox
 from runnerkit.state import InstanceState
 
 EXTENSION_KEY = "runnerkit"
@@ -58,6 +60,8 @@ class Runner:
         self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting]
         self._state: InstanceState | None = None
         self.lifecycle: Lifecycle | None = None
+        #: Durable delivery of async results, progress and assertions (with JobForge only).
+        self.outbox: Outbox | None = None
         #: True once the instance is shutting down: ready turns 503, new jobs get 503.
         self.draining = False
         from runnerkit.execution import Executor
@@ -119,7 +123,7 @@ class Runner:
 
     def queued_jobs(self) -> int:
         """Jobs accepted but not started; only asynchronous work can queue."""
-        return 0
+        return self.state.ledger.queued()
 
     @property
     def runner_id(self) -> str:
@@ -205,6 +209,9 @@ class Runner:
             install_drain_handler(self)
         if self.settings.jobforge_url and self.lifecycle is None:
             self.lifecycle = Lifecycle(self, self.state)
+            self.outbox = Outbox(
+                os.path.join(self.state.directory, "ledger.sqlite3"), self.lifecycle.client
+            )
             self.add_readiness_check(self.lifecycle.readiness_item)
             self.lifecycle.start()
 

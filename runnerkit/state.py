@@ -247,7 +247,8 @@ class Ledger:
                 "CREATE TABLE IF NOT EXISTS jobs ("
                 " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"
                 " owner_started REAL, attempt INTEGER NOT NULL DEFAULT 1, http_status INTEGER,"
-                " response TEXT, created REAL NOT NULL, finished REAL)"
+                " response TEXT, created REAL NOT NULL, finished REAL,"
+                " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT)"
             )
             conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
             self._conn, self._pid = conn, os.getpid()
@@ -266,9 +267,13 @@ class Ledger:
                 raise
             conn.execute("COMMIT")
 
-    def claim(self, job_id: str) -> Claim:
-        """Atomically decide whether this process runs ``job_id``."""
+    def claim(self, job_id: str, *, queued: bool = False, correlation_id: str = "") -> Claim:
+        """Atomically decide whether this process runs ``job_id``.
+
+        ``queued`` records an asynchronous job that waits for a slot before it runs.
+        """
         now = time.time()
+        state = "queued" if queued else "running"
         with self._transaction() as conn:
             pid, started = self._me
             row = conn.execute(
@@ -278,23 +283,23 @@ class Ledger:
             ).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created)"
-                    " VALUES (?, 'running', ?, ?, ?)",
-                    (job_id, pid, started, now),
+                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created, async,"
+                    " correlation_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, state, pid, started, now, int(queued), correlation_id),
                 )
                 return Claim("run")
-            state, owner_pid, owner_started, attempt, http_status, response = row
-            if state == "running" and process_alive(owner_pid, owner_started):
+            _, owner_pid, owner_started, attempt, http_status, response = row
+            if row[0] in ("running", "queued") and process_alive(owner_pid, owner_started):
                 return Claim("running", attempt=attempt)
-            if state == "done":
+            if row[0] == "done":
                 body = json.loads(response)
                 if body.get("success") or not (body.get("error") or {}).get("retryable"):
                     return Claim("replay", http_status, body, attempt)
             conn.execute(
-                "UPDATE jobs SET state = 'running', owner_pid = ?, owner_started = ?,"
-                " attempt = attempt + 1, http_status = NULL, response = NULL, finished = NULL"
-                " WHERE job_id = ?",
-                (pid, started, job_id),
+                "UPDATE jobs SET state = ?, owner_pid = ?, owner_started = ?, async = ?,"
+                " correlation_id = ?, attempt = attempt + 1, http_status = NULL,"
+                " response = NULL, finished = NULL WHERE job_id = ?",
+                (state, pid, started, int(queued), correlation_id, job_id),
             )
             return Claim("run", attempt=attempt + 1)
 
@@ -302,9 +307,40 @@ class Ledger:
         """Forget a claim that never ran (rejected before the capability started)."""
         with self._transaction() as conn:
             conn.execute(
-                "DELETE FROM jobs WHERE job_id = ? AND state = 'running' AND owner_pid = ?",
+                "DELETE FROM jobs WHERE job_id = ? AND state IN ('running', 'queued')"
+                " AND owner_pid = ?",
                 (job_id, self._me[0]),
             )
+
+    def start(self, job_id: str) -> None:
+        """A queued asynchronous job got its slot and runs now."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
+
+    def queued(self) -> int:
+        """Asynchronous jobs accepted but still waiting for a slot."""
+        with self._lock:
+            (count,) = (
+                self._db().execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+            )
+        return int(count)
+
+    def orphans(self) -> list[tuple[str, bool, str]]:
+        """Unfinished jobs whose owner process has died: ``(jobId, async, correlationId)``."""
+        with self._lock:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
+                    " WHERE state IN ('running', 'queued')"
+                )
+                .fetchall()
+            )
+        return [
+            (job_id, bool(is_async), correlation or "")
+            for job_id, is_async, pid, started, correlation in rows
+            if not process_alive(pid, started)
+        ]
 
     def complete(self, job_id: str, http_status: int, body: dict[str, Any]) -> None:
         """Store the answer of a finished job."""
@@ -317,6 +353,11 @@ class Ledger:
         self._since_prune += 1
         if self._since_prune >= 1000:
             self.prune()
+
+    def forget(self, job_id: str) -> None:
+        """Drop an orphaned synchronous claim: its caller saw the connection fail."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM jobs WHERE job_id = ? AND state != 'done'", (job_id,))
 
     def prune(self) -> int:
         """Drop finished entries past retention, and the oldest beyond ``max_entries``."""

@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
+FORGE_PORT ?= 3002
 
-.PHONY: venv run test lint format typecheck pytest docker clean
+.PHONY: venv run serve test lint format typecheck pytest docker clean
 
 venv: $(STAMP)
 
@@ -16,6 +17,9 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/runnerkit up app:app --runner-port $(PORT) --forge-port $(FORGE_PORT)
+
+serve: $(STAMP)
 	PORT=$(PORT) $(BIN)/gunicorn -c deploy/gunicorn.conf.py app:app
 
 lint: $(STAMP)

@@ -1,15 +1,23 @@
-"""The ``runnerkit`` command."""
+"""The ``runnerkit`` command: inspect a runner, run the reference control plane, submit jobs."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
+import time
+import uuid
 from typing import Any
 
 import click
+import requests
 
 from runnerkit._version import __version__
+from runnerkit.contracts import utc_now
+
+DEFAULT_FORGE_URL = "http://127.0.0.1:3002"
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
 def load_runner(spec: str) -> Any:
@@ -17,7 +25,8 @@ def load_runner(spec: str) -> Any:
     from runnerkit.runner import EXTENSION_KEY, Runner
 
     module_name, _, attr = spec.partition(":")
-    sys.path.insert(0, "")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
     module = importlib.import_module(module_name)
     target = getattr(module, attr or "app")
     if isinstance(target, Runner):
@@ -26,6 +35,32 @@ def load_runner(spec: str) -> Any:
     if runner is None:
         raise click.ClickException(f"{spec} is neither a Runner nor a Flask app serving one")
     return runner
+
+
+def forge_url(url: str | None) -> str:
+    return (
+        url
+        or os.environ.get("JOBFORGE_URL")
+        or os.environ.get("RUNNERKIT_JOBFORGE_URL")
+        or DEFAULT_FORGE_URL
+    ).rstrip("/")
+
+
+def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
+    kwargs.setdefault("timeout", (3, 30))
+    try:
+        return requests.request(method, url, **kwargs)
+    except requests.RequestException as exc:
+        raise click.ClickException(f"cannot reach {url}: {type(exc).__name__}") from None
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
 
 
 @click.group()
@@ -46,3 +81,211 @@ def manifest(app: str) -> None:
     except (ImportError, AttributeError) as exc:
         raise click.ClickException(f"cannot load {app}: {exc}") from None
     click.echo(json.dumps(runner.registration_document(), indent=2))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=3002, show_default=True, help="Port to bind.")
+@click.option("--workers", default=2, show_default=True, help="gunicorn workers.")
+@click.option("--db", "db_path", default=None, help="SQLite file (default ./var/forge.sqlite3).")
+def forge(host: str, port: int, workers: int, db_path: str | None) -> None:
+    """Run the reference control plane (JobForge + TruthCore) under gunicorn.
+
+    Example: runnerkit forge --port 3002 --db var/forge.sqlite3
+    """
+    if db_path:
+        os.environ["RUNNERKIT_FORGE_DB_PATH"] = db_path
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "runnerkit.forge:app",
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "16",
+        "--graceful-timeout",
+        "10",
+    ]
+    os.execv(sys.executable, argv)
+
+
+@main.command()
+@click.option("--type", "job_type", required=True, help="The job type, e.g. text.stats.")
+@click.option("--data", default="{}", show_default=True, help="payload.data as a JSON object.")
+@click.option("--priority", default=50, show_default=True, help="0-100, higher first.")
+@click.option("--timeout-ms", default=30_000, show_default=True, help="The job's timeoutMs.")
+@click.option("--wait", is_flag=True, help="Wait for the job to finish and print it.")
+@click.option("--wait-timeout", default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
+def submit(
+    job_type: str,
+    data: str,
+    priority: int,
+    timeout_ms: int,
+    wait: bool,
+    wait_timeout: float,
+    url: str | None,
+) -> None:
+    """Submit a job to JobForge and print the JobResponse.
+
+    Example: runnerkit submit --type text.stats --data '{"text": "Hello"}' --wait
+    """
+    try:
+        payload_data = json.loads(data)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
+    if not isinstance(payload_data, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--data")
+    job = job_request(job_type, payload_data, priority=priority, timeout_ms=timeout_ms)
+    base = forge_url(url)
+    response = _call("POST", f"{base}/jobs", json=job)
+    if response.status_code >= 300:
+        raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
+    result = response.json()
+    if wait:
+        result = wait_for_job(base, job["id"], wait_timeout)
+    click.echo(json.dumps(result, indent=2))
+    if wait and result.get("status") != "completed":
+        sys.exit(1)
+
+
+def job_request(
+    job_type: str,
+    data: dict[str, Any],
+    *,
+    priority: int = 50,
+    timeout_ms: int = 30_000,
+    source: str = "runnerkit-cli",
+) -> dict[str, Any]:
+    """A contract-valid JobRequest with a fresh id."""
+    return {
+        "id": str(uuid.uuid4()),
+        "type": job_type,
+        "priority": priority,
+        "payload": {"type": job_type, "version": "1.0.0", "data": data},
+        "metadata": {"source": source, "createdAt": utc_now(), "correlationId": str(uuid.uuid4())},
+        "timeoutMs": timeout_ms,
+    }
+
+
+def wait_for_job(base: str, job_id: str, timeout_s: float) -> dict[str, Any]:
+    """Poll ``GET /jobs/{id}`` until the job is finished or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = _call("GET", f"{base}/jobs/{job_id}")
+        if response.status_code != 200:
+            raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
+        job: dict[str, Any] = response.json()
+        if job.get("status") in TERMINAL_STATUSES or time.monotonic() >= deadline:
+            return job
+        time.sleep(0.2)
+
+
+@main.command()
+@click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def runners(url: str | None, as_json: bool) -> None:
+    """List the runners JobForge knows.
+
+    Example: runnerkit runners --json
+    """
+    response = _call("GET", f"{forge_url(url)}/runners")
+    items = response.json().get("items", [])
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    rows = [
+        [
+            r["id"],
+            r["name"],
+            r["version"],
+            r["status"],
+            r["lastHeartbeatAt"],
+            ",".join(c["id"] for c in r["capabilities"]),
+        ]
+        for r in items
+    ]
+    click.echo(_table(rows, ["ID", "NAME", "VERSION", "STATUS", "LAST HEARTBEAT", "CAPABILITIES"]))
+
+
+@main.command()
+@click.option("--status", default=None, help="Only jobs with this status.")
+@click.option("--type", "job_type", default=None, help="Only jobs of this type.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def jobs(
+    status: str | None, job_type: str | None, limit: int, url: str | None, as_json: bool
+) -> None:
+    """List jobs, newest first.
+
+    Example: runnerkit jobs --status failed
+    """
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    if job_type:
+        params["type"] = job_type
+    response = _call("GET", f"{forge_url(url)}/jobs", params=params)
+    if response.status_code != 200:
+        raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
+    items = response.json().get("items", [])
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    rows = []
+    for job in items:
+        result = job.get("result") or {}
+        meta = result.get("metadata") or {}
+        rows.append(
+            [
+                job["id"],
+                job["request"]["type"],
+                job["status"],
+                str(job["request"]["priority"]),
+                str(meta.get("attempts", "")),
+                str(meta.get("durationMs", "")),
+            ]
+        )
+    click.echo(_table(rows, ["ID", "TYPE", "STATUS", "PRIORITY", "ATTEMPTS", "DURATION MS"]))
+
+
+@main.command()
+@click.argument("app", default="app:app")
+@click.option(
+    "--samples",
+    default="deploy/sample-jobs.json",
+    show_default=True,
+    help="JSON list of sample jobs to submit once the runner is registered.",
+)
+@click.option("--forge-port", default=3002, show_default=True)
+@click.option("--runner-port", default=None, type=int, help="Default $PORT or 3000.")
+@click.option(
+    "--state",
+    "state_dir",
+    default="var",
+    show_default=True,
+    help="Folder for the forge database and the runner's state.",
+)
+@click.option("--exit-after-samples", is_flag=True, help="Stop both once the samples are done.")
+def up(
+    app: str,
+    samples: str,
+    forge_port: int,
+    runner_port: int | None,
+    state_dir: str,
+    exit_after_samples: bool,
+) -> None:
+    """Start the forge and the runner APP, submit sample jobs, show results; Ctrl-C stops both.
+
+    Example: runnerkit up app:app
+    """
+    from runnerkit.devstack import run_stack
+
+    port = runner_port or int(os.environ.get("PORT", "3000"))
+    sys.exit(run_stack(app, samples, forge_port, port, state_dir, exit_after_samples))

@@ -1,0 +1,221 @@
+"""`runnerkit up` (and `make run`): the forge and a runner side by side, with sample jobs.
+
+Both servers run under gunicorn in their own process groups, so a Ctrl-C reaches only this
+process, which then stops the runner first (it drains and deregisters from a forge that is
+still up) and the forge after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import requests
+
+from runnerkit.cli import job_request, wait_for_job
+
+
+class Server:
+    """One gunicorn process tree with its log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 70.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_http(url: str, server: Server, timeout: float, ok: tuple[int, ...] = (200,)) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            return False
+        try:
+            if requests.get(url, timeout=2).status_code in ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def summarize(sample: dict[str, Any], job: dict[str, Any]) -> str:
+    """One line per finished sample job."""
+    result = job.get("result") or {}
+    status = job.get("status", "?")
+    note = f" ({sample['note']})" if sample.get("note") else ""
+    meta = result.get("metadata") or {}
+    timing = f"{meta.get('durationMs', 0):.0f} ms, {meta.get('attempts', 1)} attempt(s)"
+    if status == "completed":
+        data = json.dumps(result.get("data"), ensure_ascii=False)
+        if len(data) > 110:
+            data = data[:107] + "..."
+        return f"  ok    {sample['type']:<14} {status:<9} {timing}{note}\n        {data}"
+    error = result.get("error") or job.get("error") or {}
+    detail = "; ".join(
+        f"{'.'.join(d.get('path', []))}: {d['message']}" for d in error.get("details", [])[:3]
+    )
+    return (
+        f"  FAIL  {sample['type']:<14} {status:<9} {timing}{note}\n"
+        f"        {error.get('category', '')} {error.get('code', '')}: "
+        f"{error.get('message', '')}{' — ' + detail if detail else ''}"
+    )
+
+
+def run_stack(
+    app: str,
+    samples_path: str,
+    forge_port: int,
+    runner_port: int,
+    state_dir: str,
+    exit_after_samples: bool = False,
+) -> int:
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    forge_url = f"http://127.0.0.1:{forge_port}"
+    runner_url = f"http://127.0.0.1:{runner_port}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("SERVER_SOFTWARE", None)
+
+    forge_env = dict(env, RUNNERKIT_FORGE_DB_PATH=str(state / "forge.sqlite3"))
+    forge = Server(
+        "forge",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "runnerkit.forge:app",
+            "--bind",
+            f"127.0.0.1:{forge_port}",
+            "--workers",
+            "2",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "16",
+            "--graceful-timeout",
+            "10",
+        ],
+        forge_env,
+        state / "forge.log",
+    )
+    servers = [forge]
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        print(f"forge    starting on {forge_url}  (log: {forge.log_path})", flush=True)
+        if not wait_http(f"{forge_url}/health", forge, 30):
+            print(f"the forge did not start:\n{forge.tail()}", file=sys.stderr)
+            return 1
+        conf = ["-c", "deploy/gunicorn.conf.py"] if Path("deploy/gunicorn.conf.py").exists() else []
+        runner_env = dict(
+            env,
+            PORT=str(runner_port),
+            RUNNERKIT_PORT=str(runner_port),
+            RUNNERKIT_JOBFORGE_URL=forge_url,
+            RUNNERKIT_TRUTHCORE_URL=forge_url,
+            RUNNERKIT_STATE_DIR=str(state / "runner"),
+            RUNNERKIT_HEARTBEAT_INTERVAL_MS=env.get("RUNNERKIT_HEARTBEAT_INTERVAL_MS", "30000"),
+        )
+        runner = Server(
+            "runner",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                *conf,
+                app,
+                "--bind",
+                f"127.0.0.1:{runner_port}",
+                "--workers",
+                "2",
+            ],
+            runner_env,
+            state / "runner.log",
+        )
+        servers.insert(0, runner)
+        print(f"runner   starting on {runner_url}  (log: {runner.log_path})", flush=True)
+        if not wait_http(f"{runner_url}/health/ready", runner, 60):
+            print(f"the runner did not register:\n{runner.tail()}", file=sys.stderr)
+            return 1
+        print("runner   registered with the forge\n", flush=True)
+        run_samples(forge_url, samples_path)
+        print(f"\ndashboard: {forge_url}/", flush=True)
+        if exit_after_samples:
+            return 0
+        print("Ctrl-C stops both (the runner deregisters first).", flush=True)
+        while not stop.wait(0.5):
+            for server in servers:
+                if not server.alive():
+                    print(f"the {server.name} exited:\n{server.tail()}", file=sys.stderr)
+                    return 1
+        return 0
+    finally:
+        for server in servers:
+            print(f"stopping the {server.name} ...", flush=True)
+            server.stop()
+        print("stopped.", flush=True)
+
+
+def run_samples(forge_url: str, samples_path: str) -> None:
+    """Submit each sample job, then print each result as it finishes."""
+    try:
+        samples: list[dict[str, Any]] = json.loads(Path(samples_path).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"no sample jobs ({samples_path}: {exc})")
+        return
+    submitted = []
+    for sample in samples:
+        job = job_request(
+            sample["type"],
+            sample.get("data", {}),
+            priority=sample.get("priority", 50),
+            timeout_ms=sample.get("timeoutMs", 30_000),
+            source="runnerkit-up",
+        )
+        response = requests.post(f"{forge_url}/jobs", json=job, timeout=10)
+        print(f"submitted {sample['type']:<14} -> {response.status_code} {job['id']}", flush=True)
+        submitted.append((sample, job["id"]))
+    print("\nresults:", flush=True)
+    for sample, job_id in submitted:
+        timeout = sample.get("timeoutMs", 30_000) / 1000.0 + 30
+        print(summarize(sample, wait_for_job(forge_url, job_id, timeout)), flush=True)

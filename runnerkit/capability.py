@@ -67,12 +67,17 @@ class Context:
         self._lock = threading.Lock()
         self._progress: list[Progress] = []
         self._on_progress = on_progress
-        base = logger or logging.getLogger("runnerkit.job")
+        base = logger or logging.getLogger(f"runnerkit.capability.{capability_id}")
         #: A logger whose records carry this job's ids.
         self.logger = logging.LoggerAdapter(
             base,
             {"jobId": job_id, "capabilityId": capability_id, "correlationId": correlation_id},
         )
+
+    @property
+    def deadline_monotonic(self) -> float:
+        """The deadline on the ``time.monotonic`` clock."""
+        return float(self._deadline_mono)
 
     @property
     def remaining_ms(self) -> float:

@@ -216,7 +216,9 @@ class Settings:
                 values[setting.name] = setting.default
                 continue
             try:
-                values[setting.name] = setting.parse(raw) if isinstance(raw, str) else raw
+                # Non-string app.config values are checked by the same parser as text.
+                text = raw if isinstance(raw, str) else str(raw)
+                values[setting.name] = setting.parse(text)
             except ValueError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
         if values["LOG_FORMAT"] not in {"json", "text"}:

@@ -8,6 +8,7 @@ so every failure has the same contract-valid shape whatever raised it.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -230,6 +231,22 @@ def build_envelope(
             operation=operation,
             correlation_id=correlation_id,
         )
+    return unexpected_envelope(
+        exc, service=service, operation=operation, correlation_id=correlation_id
+    )
+
+
+def unexpected_envelope(
+    exc: BaseException,
+    *,
+    service: str,
+    operation: str | None = None,
+    correlation_id: str | None = None,
+) -> dict[str, Any]:
+    """A retryable ``RUNTIME_ERROR`` for an exception nobody raised on purpose.
+
+    The message names only the exception type; the stack trace goes to the log.
+    """
     log.error(
         "unhandled %s in %s",
         type(exc).__name__,
@@ -307,8 +324,14 @@ def _code_for(message: str) -> str:
 
 
 def _excerpt(value: Any) -> Any:
-    """A short echo of a scalar offending value; containers and secrets are not echoed."""
+    """A short echo of a scalar offending value; containers and secrets are not echoed.
+
+    Non-finite floats are not echoed either: ``Infinity``/``NaN`` would make the answer itself
+    invalid JSON.
+    """
     if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, int | float):
         return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from runnerkit.errors import (
     ValidationFailed,
     build_envelope,
     details_from_validation_error,
+    unexpected_envelope,
 )
 from runnerkit.state import Slot
 
@@ -103,7 +105,9 @@ def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
             details=[{"message": f"Content-Type is {content_type or 'missing'}", "path": []}],
         )
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValidationFailed(
             "The request body is not valid JSON",
@@ -135,6 +139,14 @@ def is_json_content_type(content_type: str | None) -> bool:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number such as ``1e400`` overflows to inf in Python; JSON has no infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is out of range for a JSON number")
+    return value
 
 
 def _json_error_message(exc: Exception) -> str:
@@ -175,6 +187,7 @@ class _JobThread:
         self._after_abandoned: Callable[[], None] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
+        self.finished_at = 0.0
         self._thread = threading.Thread(target=self._run, name="runnerkit-job", daemon=True)
 
     def start(self) -> None:
@@ -186,6 +199,7 @@ class _JobThread:
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an envelope
             self.error = exc
         finally:
+            self.finished_at = time.monotonic()
             with self._lock:
                 self._finished.set()
                 after = self._after_abandoned
@@ -359,7 +373,10 @@ class Executor:
         capability, payload = job.capability, job.payload
         thread = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), finished)
         thread.start()
-        if not thread.wait(ctx.remaining_ms / 1000.0):
+        finished = thread.wait(ctx.remaining_ms / 1000.0)
+        if not finished or thread.finished_at >= ctx.deadline_monotonic:
+            # Past the deadline the caller is owed a TIMEOUT, also when the code returned just
+            # then because ctx.wait/ctx.cancelled cut it short: never its partial result.
             ctx.cancel()
             timeout = Timeout(
                 f"{capability.id!r} did not finish within {job.timeout_ms:g} ms",
@@ -369,8 +386,9 @@ class Executor:
             complete = functools.partial(
                 state.ledger.complete, job.job_id, answer.status, answer.body
             )
-            if thread.abandon(complete):
-                return answer
+            if not thread.abandon(complete):
+                complete()
+            return answer
         answer = self._outcome(thread, job.job_id, job.correlation_id, job.started)
         state.ledger.complete(job.job_id, answer.status, answer.body)
         return answer
@@ -382,7 +400,9 @@ class Executor:
             return self._answer(200, job_id, True, started, data=thread.result)
         if isinstance(thread.error, RunnerError):
             return self._failure(thread.error, job_id, correlation_id, started)
-        envelope = build_envelope(
+        # Anything else, a marshmallow ValidationError of the author's own included, is an
+        # unexpected failure of the capability, not a fault of the caller's input.
+        envelope = unexpected_envelope(
             thread.error,
             service=self.runner.name,
             operation="execute",
@@ -525,7 +545,7 @@ class Executor:
         )
         answer = self._answer(error.status, job_id, False, started, error=envelope)
         if error.retry_after is not None:
-            answer.headers["Retry-After"] = str(max(1, round(error.retry_after)))
+            answer.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
         return answer
 
     def _answer(

@@ -197,7 +197,9 @@ class Runner:
 
         self.settings = Settings.load(app.config)
         app.extensions[EXTENSION_KEY] = self
-        app.config.setdefault("MAX_CONTENT_LENGTH", self.settings.max_body_bytes)
+        # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
+        if app.config.get("MAX_CONTENT_LENGTH") is None:
+            app.config["MAX_CONTENT_LENGTH"] = self.settings.max_body_bytes
         app.json.sort_keys = False  # type: ignore[attr-defined]
         configure_logging(
             self.name, self.version, self.settings.log_format, self.settings.log_level

@@ -1,0 +1,406 @@
+"""The example runner served by real gunicorn (deploy/gunicorn.conf.py, 2 gthread workers).
+
+Everything goes over real HTTP on loopback, and every answer is checked against the wire
+contracts, so these tests say what a JobForge peer sees from a deployed runner.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+
+from runnerkit.contracts import (
+    ErrorEnvelopeSchema,
+    HealthCheckSchema,
+    RunnerExecutionResponseSchema,
+    RunnerRegistrationRequestSchema,
+    is_uuid,
+)
+from tests.support import GunicornProcess
+
+pytestmark = pytest.mark.integration
+
+#: (connect, read) timeout of every quick request.
+QUICK = (2.0, 10.0)
+
+
+def job_request(
+    capability_id: str,
+    payload: dict[str, Any],
+    *,
+    timeout_ms: float | None = None,
+    correlation_id: str | None = None,
+) -> dict[str, Any]:
+    """A RunnerExecutionRequest as JobForge would send it."""
+    body: dict[str, Any] = {
+        "jobId": str(uuid.uuid4()),
+        "moduleId": "example",
+        "capabilityId": capability_id,
+        "payload": payload,
+    }
+    if timeout_ms is not None:
+        body["timeoutMs"] = timeout_ms
+    if correlation_id is not None:
+        body["metadata"] = {"correlationId": correlation_id}
+    return body
+
+
+def execute(proc: GunicornProcess, body: dict[str, Any], **kwargs: Any) -> requests.Response:
+    kwargs.setdefault("timeout", QUICK)
+    return requests.post(proc.url + "/execute", json=body, **kwargs)
+
+
+def explain(response: requests.Response, proc: GunicornProcess) -> str:
+    """An assertion message: the answer, then the end of the server log."""
+    return (
+        f"{response.request.method} {response.request.path_url} -> {response.status_code} "
+        f"{response.headers.get('Content-Type')}\n{response.text[:2000]}\n{proc.log_tail()}"
+    )
+
+
+def execution_response(response: requests.Response, proc: GunicornProcess) -> dict[str, Any]:
+    """The body as a contract-valid RunnerExecutionResponse."""
+    body = response.json()
+    loaded: dict[str, Any] = RunnerExecutionResponseSchema().load(body)
+    assert is_uuid(loaded["runnerId"]), explain(response, proc)
+    return body
+
+
+def error_envelope(response: requests.Response, proc: GunicornProcess) -> dict[str, Any]:
+    """The contract-valid ErrorEnvelope of a JSON error answer."""
+    assert response.headers["Content-Type"].startswith("application/json"), explain(response, proc)
+    body = response.json()
+    assert body["success"] is False, explain(response, proc)
+    ErrorEnvelopeSchema().load(body["error"])
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+# -- jobs that succeed -------------------------------------------------------------------
+
+
+def test_text_stats_answers_with_the_statistics(example_runner: GunicornProcess) -> None:
+    text = "Hello world. Hello again!\nBye."
+    correlation_id = str(uuid.uuid4())
+    body = job_request("text-stats", {"text": text, "top": 2}, correlation_id=correlation_id)
+
+    response = execute(example_runner, body)
+
+    assert response.status_code == 200, explain(response, example_runner)
+    answer = execution_response(response, example_runner)
+    assert answer["jobId"] == body["jobId"]
+    assert answer["success"] is True
+    assert answer["data"] == {
+        "characters": len(text),
+        "words": 5,
+        "sentences": 3,
+        "lines": 2,
+        "top_words": [{"word": "hello", "count": 2}, {"word": "world", "count": 1}],
+    }
+    assert response.headers["X-Correlation-Id"] == correlation_id
+
+
+@pytest.mark.parametrize(
+    ("payload", "algorithm", "raw"),
+    [
+        ({"data": "runnerkit ✓"}, "sha256", "runnerkit ✓".encode()),
+        (
+            {
+                "data": base64.b64encode(b"\x00\x01binary\xff").decode(),
+                "encoding": "base64",
+                "algorithm": "sha512",
+            },
+            "sha512",
+            b"\x00\x01binary\xff",
+        ),
+    ],
+    ids=["utf8-sha256", "base64-sha512"],
+)
+def test_checksum_answers_with_the_digest(
+    example_runner: GunicornProcess, payload: dict[str, Any], algorithm: str, raw: bytes
+) -> None:
+    body = job_request("checksum", payload)
+
+    response = execute(example_runner, body)
+
+    assert response.status_code == 200, explain(response, example_runner)
+    answer = execution_response(response, example_runner)
+    assert answer["jobId"] == body["jobId"]
+    assert answer["success"] is True
+    assert answer["data"] == {
+        "algorithm": algorithm,
+        "digest": hashlib.new(algorithm, raw).hexdigest(),
+        "bytes": len(raw),
+    }
+
+
+# -- requests that are refused -----------------------------------------------------------
+
+
+def test_invalid_payload_is_400_with_paths_under_payload(example_runner: GunicornProcess) -> None:
+    body = job_request("text-stats", {"text": 5, "top": 101})
+
+    response = execute(example_runner, body)
+
+    assert response.status_code == 400, explain(response, example_runner)
+    answer = execution_response(response, example_runner)
+    assert answer["jobId"] == body["jobId"]
+    assert answer["success"] is False
+    error = answer["error"]
+    assert error["category"] == "VALIDATION_ERROR"
+    assert error["retryable"] is False
+    paths = [detail.get("path") for detail in error["details"]]
+    assert ["payload", "text"] in paths, explain(response, example_runner)
+    assert ["payload", "top"] in paths, explain(response, example_runner)
+    assert all(path and path[0] == "payload" for path in paths), explain(response, example_runner)
+
+
+def test_unknown_capability_is_404(example_runner: GunicornProcess) -> None:
+    body = job_request("no-such-capability", {})
+
+    response = execute(example_runner, body)
+
+    assert response.status_code == 404, explain(response, example_runner)
+    answer = execution_response(response, example_runner)
+    assert answer["jobId"] == body["jobId"]
+    assert answer["error"]["category"] == "RESOURCE_NOT_FOUND"
+    assert answer["error"]["retryable"] is False
+
+
+def test_a_body_that_is_not_json_is_refused(example_runner: GunicornProcess) -> None:
+    url = example_runner.url + "/execute"
+    as_text = requests.post(
+        url, data=b"hello", headers={"Content-Type": "text/plain"}, timeout=QUICK
+    )
+    broken = requests.post(
+        url, data=b'{"jobId": ', headers={"Content-Type": "application/json"}, timeout=QUICK
+    )
+
+    assert as_text.status_code == 415, explain(as_text, example_runner)
+    assert error_envelope(as_text, example_runner)["category"] == "VALIDATION_ERROR"
+    assert broken.status_code == 400, explain(broken, example_runner)
+    assert error_envelope(broken, example_runner)["category"] == "VALIDATION_ERROR"
+
+
+def test_unknown_route_and_wrong_method_are_json_envelopes(
+    example_runner: GunicornProcess,
+) -> None:
+    missing = requests.get(example_runner.url + "/no/such/route", timeout=QUICK)
+    wrong_method = requests.get(example_runner.url + "/execute", timeout=QUICK)
+
+    assert missing.status_code == 404, explain(missing, example_runner)
+    assert error_envelope(missing, example_runner)["category"] == "RESOURCE_NOT_FOUND"
+    assert "<html" not in missing.text.lower()
+    assert wrong_method.status_code == 405, explain(wrong_method, example_runner)
+    assert error_envelope(wrong_method, example_runner)["category"] == "VALIDATION_ERROR"
+
+
+# -- documents ---------------------------------------------------------------------------
+
+
+def test_health_is_a_valid_health_check(example_runner: GunicornProcess) -> None:
+    for path in ("/health", "/health/live", "/health/ready"):
+        response = requests.get(example_runner.url + path, timeout=QUICK)
+
+        assert response.status_code == 200, explain(response, example_runner)
+        health = HealthCheckSchema().load(response.json())
+        assert health["service"] == "example-runner"
+        assert health["status"] == "healthy"
+
+
+def test_capabilities_is_a_valid_registration_request(example_runner: GunicornProcess) -> None:
+    response = requests.get(example_runner.url + "/capabilities", timeout=QUICK)
+
+    assert response.status_code == 200, explain(response, example_runner)
+    document = RunnerRegistrationRequestSchema().load(response.json())
+    assert document["name"] == "example-runner"
+    assert sorted(c["id"] for c in document["capabilities"]) == [
+        "checksum",
+        "slow-count",
+        "text-stats",
+    ]
+
+
+# -- deadlines and busy workers ----------------------------------------------------------
+
+
+#: A slow-count job that would take 30 s (3 steps of 10 s), sent with a 0.5 s deadline.
+DEADLINE_PAYLOAD = {"steps": 3, "step_ms": 10_000}
+DEADLINE_MS = 500
+#: How many such jobs are sent: the answer at the deadline is a race in the runner (see below),
+#: so one job proves little. Two at a time stays within slow-count's maxConcurrency of 4.
+DEADLINE_TRIALS = 16
+
+
+@dataclass
+class Trial:
+    body: dict[str, Any]
+    response: requests.Response
+    elapsed: float
+
+
+@pytest.fixture(scope="module")
+def deadline_trials(example_runner: GunicornProcess) -> list[Trial]:
+    """Jobs past their deadline, sent two at a time; each answer with how long it took."""
+
+    def send(_: int) -> Trial:
+        body = job_request("slow-count", dict(DEADLINE_PAYLOAD), timeout_ms=DEADLINE_MS)
+        started = time.monotonic()
+        response = execute(example_runner, body, timeout=(2.0, 20.0))
+        return Trial(body, response, time.monotonic() - started)
+
+    trials: list[Trial] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(DEADLINE_TRIALS // 2):
+            trials += pool.map(send, range(2))
+    return trials
+
+
+def test_a_job_past_its_deadline_is_answered_at_the_deadline(
+    example_runner: GunicornProcess, deadline_trials: list[Trial]
+) -> None:
+    for trial in deadline_trials:
+        response = trial.response
+        assert response.status_code == 504, explain(response, example_runner)
+        assert trial.elapsed < 5.0, (
+            f"answered after {trial.elapsed:.2f}s\n{explain(response, example_runner)}"
+        )
+        answer = execution_response(response, example_runner)
+        assert answer["jobId"] == trial.body["jobId"]
+        assert answer["executionTimeMs"] >= DEADLINE_MS * 0.9, explain(response, example_runner)
+        assert answer["success"] is False
+
+
+def test_a_job_past_its_deadline_is_always_answered_504_timeout(
+    example_runner: GunicornProcess, deadline_trials: list[Trial]
+) -> None:
+    statuses = [t.response.status_code for t in deadline_trials]
+    odd = next((t.response for t in deadline_trials if t.response.status_code != 504), None)
+    assert odd is None, f"statuses {statuses}\n{explain(odd, example_runner)}"
+    for trial in deadline_trials:
+        error = execution_response(trial.response, example_runner)["error"]
+        assert error["category"] == "TIMEOUT"
+        assert error["retryable"] is True
+
+
+@dataclass
+class InFlight:
+    """One ``POST /execute`` running in its own thread on its own connection."""
+
+    body: dict[str, Any]
+    client_port: int
+    thread: threading.Thread
+    status: int | None = None
+    answer: Any = None
+    error: Exception | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+
+def send_in_background(proc: GunicornProcess, body: dict[str, Any], timeout: float) -> InFlight:
+    """Start a job request; http.client, so the client port (hence the worker) is known."""
+    conn = http.client.HTTPConnection(proc.host, proc.port, timeout=timeout)
+    conn.connect()
+
+    def run() -> None:
+        try:
+            conn.request("POST", "/execute", json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            job.status = response.status
+            job.answer = json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            job.error = exc
+        finally:
+            conn.close()
+            job.finished_at = time.monotonic()
+
+    job = InFlight(body, conn.sock.getsockname()[1], threading.Thread(target=run, daemon=True))
+    job.thread.start()
+    return job
+
+
+def test_health_answers_promptly_while_every_worker_is_busy(
+    start_gunicorn: Any,
+) -> None:
+    # 4 threads per worker, 2 kept for health (RUNNERKIT_RESERVED_THREADS): 2 jobs per worker.
+    proc: GunicornProcess = start_gunicorn(env={"GUNICORN_THREADS": "4"}, all_workers=True)
+    per_worker = 2
+    workers = proc.worker_pids()
+    assert len(workers) == 2, proc.log_tail()
+    steps, step_ms = 40, 250  # a 10 s job, long enough to outlast the checks below
+    running: dict[int, list[InFlight]] = {pid: [] for pid in workers}
+    refused: list[InFlight] = []
+    everything: list[InFlight] = []
+
+    try:
+        # Fill every worker's job threads; gunicorn decides which worker takes a connection,
+        # so send jobs one by one and see, from the worker's sockets, who holds each one.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for pid, jobs in running.items():
+                refused += [j for j in jobs if j.finished]
+                running[pid] = [j for j in jobs if not j.finished]
+            if all(len(jobs) >= per_worker for jobs in running.values()):
+                break
+            body = job_request("slow-count", {"steps": steps, "step_ms": step_ms})
+            job = send_in_background(proc, body, timeout=40)
+            everything.append(job)
+            job.thread.join(0.4)
+            if job.finished:
+                refused.append(job)
+                continue
+            holder = proc.worker_for_client_port(job.client_port)
+            assert holder in running, f"job held by {holder}, workers {workers}\n{proc.log_tail()}"
+            running[holder].append(job)
+        counts = {pid: len(jobs) for pid, jobs in running.items()}
+        assert all(n == per_worker for n in counts.values()), (
+            f"jobs per worker {counts}, refused {[(j.status, j.answer) for j in refused]}\n"
+            f"{proc.log_tail()}"
+        )
+        assert all(j.status in (503, 429) for j in refused), [(j.status, j.answer) for j in refused]
+
+        # Every worker is full: whichever worker takes one more job refuses it.
+        for _ in range(2):
+            extra = execute(proc, job_request("slow-count", {"steps": 1}), timeout=(2.0, 5.0))
+            assert extra.status_code in (503, 429), explain(extra, proc)
+            error = execution_response(extra, proc)["error"]
+            assert error["retryable"] is True
+            assert "Retry-After" in extra.headers, explain(extra, proc)
+            if extra.status_code == 503:
+                assert error["code"] == "WORKER_BUSY", explain(extra, proc)
+
+        timings = []
+        for _ in range(10):
+            started = time.monotonic()
+            health = requests.get(proc.url + "/health", timeout=(2.0, 2.0))
+            timings.append(round(time.monotonic() - started, 3))
+            assert health.status_code == 200, explain(health, proc)
+            HealthCheckSchema().load(health.json())
+        assert max(timings) < 2.0, f"/health took {timings} s\n{proc.log_tail()}"
+        still_running = [j for jobs in running.values() for j in jobs if not j.finished]
+        assert len(still_running) == per_worker * len(workers), (
+            f"jobs ended before the health checks did\n{proc.log_tail()}"
+        )
+
+        for job in still_running:
+            job.thread.join(timeout=30)
+            assert job.status == 200, f"{job.status} {job.answer} {job.error}\n{proc.log_tail()}"
+            assert job.answer["data"] == {"completed_steps": steps, "cancelled": False}
+    finally:
+        proc.stop(timeout=10)
+        for job in everything:
+            job.thread.join(timeout=5)

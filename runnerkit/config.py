@@ -132,6 +132,44 @@ SETTINGS: tuple[Setting, ...] = (
         "Request threads per worker; set by deploy/gunicorn.conf.py, "
         "0 when unknown (no per-worker job cap).",
     ),
+    Setting(
+        "SIGNING_SECRET",
+        "",
+        _str,
+        "Secret JobForge signs execution requests with; when set, unsigned requests get 401.",
+    ),
+    Setting(
+        "SIGNING_SECRET_PREVIOUS",
+        "",
+        _str,
+        "A second accepted secret, for rotating SIGNING_SECRET without downtime.",
+    ),
+    Setting(
+        "SIGNATURE_MAX_AGE_S",
+        300.0,
+        _nonnegative_float,
+        "Signed requests older than this are refused.",
+    ),
+    Setting(
+        "SIGNATURE_MAX_FUTURE_S",
+        60.0,
+        _nonnegative_float,
+        "Signed requests stamped further ahead than this are refused.",
+    ),
+    Setting(
+        "ENVIRONMENT",
+        "development",
+        _str,
+        "'production' refuses to start without SIGNING_SECRET (unless ALLOW_UNSIGNED).",
+    ),
+    Setting(
+        "ALLOW_UNSIGNED",
+        False,
+        _bool,
+        "Run without request signing even in production (insecure; say so explicitly).",
+    ),
+    Setting("MAX_JSON_DEPTH", 64, _positive_int, "Deepest JSON nesting accepted; deeper gets 400."),
+    Setting("MAX_JSON_KEYS", 10_000, _positive_int, "Most object keys in one body; more gets 400."),
     Setting("LOG_FORMAT", "json", _str, "'json' for one JSON object per line, 'text' for people."),
     Setting("LOG_LEVEL", "INFO", _str, "Level of runnerkit's loggers."),
     Setting(
@@ -221,6 +259,8 @@ class Settings:
                 values[setting.name] = setting.parse(text)
             except ValueError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
+        if values["ENVIRONMENT"] not in {"development", "production"}:
+            raise ConfigError(f"{PREFIX}ENVIRONMENT must be 'development' or 'production'")
         if values["LOG_FORMAT"] not in {"json", "text"}:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text'")
         for url_key in ("JOBFORGE_URL", "TRUTHCORE_URL"):

@@ -28,6 +28,7 @@ from runnerkit.errors import (
     RateLimited,
     RunnerError,
     Timeout,
+    Unauthenticated,
     Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
@@ -35,6 +36,8 @@ from runnerkit.errors import (
     details_from_validation_error,
     unexpected_envelope,
 )
+from runnerkit.logs import log_context
+from runnerkit.signing import SignatureError, verify
 from runnerkit.state import Slot
 
 if TYPE_CHECKING:
@@ -125,6 +128,32 @@ def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
             details=[{"message": f"Expected object, received {_json_type(value)}", "path": []}],
         )
     return value
+
+
+def check_json_limits(value: Any, max_depth: int, max_keys: int) -> None:
+    """Refuse bodies nested deeper than ``max_depth`` or with more than ``max_keys`` keys.
+
+    Both would cost every later step (validation, logging, storage) dearly; counting them is
+    one cheap walk, done without recursion so a deep body cannot exhaust the stack.
+    """
+    keys = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise ValidationFailed(
+                f"The request body is nested deeper than {max_depth} levels",
+                code="BODY_TOO_DEEP",
+            )
+        if isinstance(node, dict):
+            keys += len(node)
+            if keys > max_keys:
+                raise ValidationFailed(
+                    f"The request body has more than {max_keys} keys", code="BODY_TOO_MANY_KEYS"
+                )
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -239,7 +268,11 @@ class Executor:
         correlation_id = _correlation_from_headers(headers)
         capability_id = ""
         try:
+            self._verify(raw, headers)
             body = parse_json_object(raw, content_type)
+            check_json_limits(
+                body, self.runner.settings.max_json_depth, self.runner.settings.max_json_keys
+            )
             job_id = _known_job_id(body)
             request = self._load_request(body, job_id)
             job_id = request["jobId"]
@@ -254,6 +287,23 @@ class Executor:
         answer.headers.setdefault("X-Correlation-Id", correlation_id)
         self._log(answer, job_id, capability_id, correlation_id, started)
         return answer
+
+    def _verify(self, raw: bytes, headers: Mapping[str, str]) -> None:
+        """Check the signature before the body is parsed, looked up or run."""
+        settings = self.runner.settings
+        secrets = [settings.signing_secret, settings.signing_secret_previous]
+        if not settings.signing_secret:
+            return
+        try:
+            verify(
+                headers,
+                raw,
+                secrets,
+                max_age_s=settings.signature_max_age_s,
+                max_future_s=settings.signature_max_future_s,
+            )
+        except SignatureError as exc:
+            raise Unauthenticated("The request signature is not valid", code=exc.code) from None
 
     def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:
         try:
@@ -366,15 +416,20 @@ class Executor:
             on_progress=self._progress_sender(job),
         )
 
-        def finished() -> None:
+        def release() -> None:
             state.slots.release(slot)
             self._done()
 
         capability, payload = job.capability, job.payload
-        thread = _JobThread(lambda: capability.dump_output(capability.run(payload, ctx)), finished)
+
+        def call() -> Any:
+            with log_context(jobId=job.job_id, correlationId=job.correlation_id):
+                return capability.dump_output(capability.run(payload, ctx))
+
+        thread = _JobThread(call, release)
         thread.start()
-        finished = thread.wait(ctx.remaining_ms / 1000.0)
-        if not finished or thread.finished_at >= ctx.deadline_monotonic:
+        in_time = thread.wait(ctx.remaining_ms / 1000.0)
+        if not in_time or thread.finished_at >= ctx.deadline_monotonic:
             # Past the deadline the caller is owed a TIMEOUT, also when the code returned just
             # then because ctx.wait/ctx.cancelled cut it short: never its partial result.
             ctx.cancel()

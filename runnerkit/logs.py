@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +16,27 @@ from runnerkit.redaction import redact
 _LEVELS = {"WARNING": "warn", "CRITICAL": "fatal"}
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _HANDLER_MARK = "_runnerkit_handler"
+_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "runnerkit_log_context", default=None
+)
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` (jobId, correlationId …) to every log line written inside the block.
+
+    Lines from any logger count, a library's included, as long as they pass through a
+    runnerkit formatter.
+    """
+    token = _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in (_CONTEXT.get() or {}).items() if k not in record.__dict__}
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,6 +63,7 @@ class JsonFormatter(logging.Formatter):
             "version": self.version,
             "component": record.name,
         }
+        entry.update(_context_fields(record))
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
@@ -55,9 +80,12 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = {
-            k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
-        }
+        extras = _context_fields(record)
+        extras.update(
+            (k, v)
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and not k.startswith("_")
+        )
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in redact(extras).items())
         return line

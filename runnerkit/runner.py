@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 from flask import Flask
 
 from runnerkit.capability import Capability, CapabilityDefinitionError
-from runnerkit.config import Settings, default_state_dir
+from runnerkit.config import ConfigError, Settings, default_state_dir
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.lifecycle import Lifecycle, install_drain_handler, under_gunicorn
@@ -196,6 +197,7 @@ class Runner:
         from runnerkit.http import blueprint, register_error_handlers
 
         self.settings = Settings.load(app.config)
+        self._check_signing()
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
         if app.config.get("MAX_CONTENT_LENGTH") is None:
@@ -216,6 +218,22 @@ class Runner:
             )
             self.add_readiness_check(self.lifecycle.readiness_item)
             self.lifecycle.start()
+
+    def _check_signing(self) -> None:
+        """No secret: refuse to start in production (unless told), warn loudly otherwise."""
+        s = self.settings
+        if s.signing_secret:
+            return
+        if s.environment == "production" and not s.allow_unsigned:
+            raise ConfigError(
+                "RUNNERKIT_SIGNING_SECRET is not set: in production every execution request "
+                "must be signed. Set the secret JobForge signs with, or set "
+                "RUNNERKIT_ALLOW_UNSIGNED=true to run unsigned (insecure)."
+            )
+        logging.getLogger("runnerkit.signing").warning(
+            "REQUEST SIGNING IS OFF: anyone who can reach this port can run jobs. "
+            "Set RUNNERKIT_SIGNING_SECRET (required when RUNNERKIT_ENVIRONMENT=production)."
+        )
 
     def create_app(self, config: Mapping[str, Any] | None = None) -> Flask:
         """A new Flask app serving this runner."""

@@ -208,6 +208,23 @@ class SlotTable:
         return sum(self.in_use(cap) for cap in self.limits)
 
 
+LEDGER_COLUMNS = frozenset(
+    {
+        "job_id",
+        "state",
+        "owner_pid",
+        "owner_started",
+        "attempt",
+        "http_status",
+        "response",
+        "created",
+        "finished",
+        "async",
+        "correlation_id",
+    }
+)
+
+
 @dataclass
 class Claim:
     """The ledger's answer to "may this worker run jobId now?"."""
@@ -243,6 +260,10 @@ class Ledger:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if columns and not columns >= LEDGER_COLUMNS:
+                # A ledger from an older runnerkit: its rows only serve replays, start afresh.
+                conn.execute("DROP TABLE jobs")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS jobs ("
                 " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"

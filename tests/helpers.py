@@ -10,7 +10,7 @@ import io
 import json
 import threading
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from flask.testing import FlaskClient
@@ -56,6 +56,8 @@ class Echo(Capability):
     job_types = ["test.echo"]
     max_concurrency = 4
     timeout_ms = 5_000
+    #: How many times run() was entered, so tests can tell "answered" from "executed".
+    calls: ClassVar[int] = 0
 
     class Input(Schema):
         message = fields.String(required=True)
@@ -69,6 +71,7 @@ class Echo(Capability):
         note = fields.Raw()
 
     def run(self, payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        type(self).calls += 1
         if payload["delay_ms"]:
             ctx.wait(payload["delay_ms"] / 1000.0)
         # "internal" is not in Output: it must not reach the caller.

@@ -1,0 +1,224 @@
+"""Signed execution requests: verified before anything else, never able to block a real job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from runnerkit import Runner
+from runnerkit.config import ConfigError
+from runnerkit.signing import SignatureError, sign, verify
+from tests.helpers import TEST_CAPABILITIES, assert_failure, request_body
+
+SECRET = "s3cret-for-tests"
+OLD_SECRET = "the-previous-secret"
+
+
+@pytest.fixture
+def app_config() -> dict[str, Any]:
+    return {"RUNNERKIT_SIGNING_SECRET": SECRET}
+
+
+def post_signed(
+    client: FlaskClient, body: dict[str, Any] | bytes, secret: str = SECRET, **sign_args: Any
+) -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = sign(raw, secret, **sign_args)
+    return client.post("/execute", data=raw, headers=headers, content_type="application/json")
+
+
+def echo_count(client: FlaskClient) -> int:
+    """How many echo jobs really ran (the echo capability counts its calls)."""
+    from tests.helpers import Echo
+
+    return Echo.calls
+
+
+# --------------------------------------------------------------------------- the functions
+
+
+def test_sign_then_verify_round_trips_and_returns_the_event_id() -> None:
+    headers = sign(b'{"a":1}', SECRET, event_id="evt-1")
+    assert headers["x-webhook-signature"].startswith("v1=")
+    assert verify(headers, b'{"a":1}', [SECRET]) == "evt-1"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda h, b: ({**h, "x-webhook-signature": "v1=" + "0" * 64}, b), "SIGNATURE_INVALID"),
+        (lambda h, b: (h, b + b" "), "SIGNATURE_INVALID"),
+        (
+            lambda h, b: ({k: v for k, v in h.items() if k != "x-webhook-timestamp"}, b),
+            "TIMESTAMP_MISSING",
+        ),
+        (
+            lambda h, b: ({k: v for k, v in h.items() if k != "x-webhook-signature"}, b),
+            "SIGNATURE_MISSING",
+        ),
+        (lambda h, b: ({**h, "x-webhook-timestamp": "12abc"}, b), "TIMESTAMP_INVALID"),
+        (
+            lambda h, b: ({**h, "x-webhook-signature": h["x-webhook-signature"][3:]}, b),
+            "SIGNATURE_INVALID",
+        ),
+    ],
+)
+def test_verify_refuses_every_kind_of_bad_request(mutate: Any, code: str) -> None:
+    headers, body = mutate(sign(b"{}", SECRET), b"{}")
+    with pytest.raises(SignatureError) as info:
+        verify(headers, body, [SECRET])
+    assert info.value.code == code
+
+
+def test_verify_enforces_the_time_window() -> None:
+    now = int(time.time() * 1000)
+    stale = sign(b"{}", SECRET, timestamp_ms=now - 301_000)
+    future = sign(b"{}", SECRET, timestamp_ms=now + 61_000)
+    edge = sign(b"{}", SECRET, timestamp_ms=now - 299_000)
+    with pytest.raises(SignatureError, match="expired"):
+        verify(stale, b"{}", [SECRET], now_ms=now)
+    with pytest.raises(SignatureError, match="future"):
+        verify(future, b"{}", [SECRET], now_ms=now)
+    verify(edge, b"{}", [SECRET], now_ms=now)
+
+
+def test_either_of_two_secrets_verifies_during_a_rotation() -> None:
+    old = sign(b"{}", OLD_SECRET)
+    new = sign(b"{}", SECRET)
+    assert verify(old, b"{}", [SECRET, OLD_SECRET]) is not None
+    assert verify(new, b"{}", [SECRET, OLD_SECRET]) is not None
+    with pytest.raises(SignatureError):
+        verify(old, b"{}", [SECRET])
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def test_a_validly_signed_request_runs(client: FlaskClient) -> None:
+    response = post_signed(client, request_body(payload={"message": "hi"}))
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["data"]["message"] == "hi"
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        pytest.param(lambda c, b: post_signed(c, b, secret="wrong"), id="wrong-secret"),
+        pytest.param(
+            lambda c, b: c.post(
+                "/execute",
+                data=json.dumps(b).replace("hi", "ho").encode(),
+                headers=sign(json.dumps(b).encode(), SECRET),
+                content_type="application/json",
+            ),
+            id="tampered-body",
+        ),
+        pytest.param(lambda c, b: c.post("/execute", json=b), id="unsigned"),
+        pytest.param(
+            lambda c, b: post_signed(c, b, timestamp_ms=int(time.time() * 1000) - 400_000),
+            id="stale",
+        ),
+        pytest.param(
+            lambda c, b: post_signed(c, b, timestamp_ms=int(time.time() * 1000) + 120_000),
+            id="future",
+        ),
+    ],
+)
+def test_a_bad_signature_is_401_and_nothing_runs(client: FlaskClient, send: Any) -> None:
+    body = request_body(payload={"message": "hi"})
+    before = echo_count(client)
+    response = send(client, body)
+    envelope = assert_failure(response, 401, "AUTHENTICATION_ERROR", job_known=False)
+    assert envelope["message"] == "The request signature is not valid"
+    assert SECRET not in response.get_data(as_text=True)
+    assert echo_count(client) == before
+
+
+def test_a_missing_timestamp_is_refused_unlike_controlplanes_verifier(
+    client: FlaskClient,
+) -> None:
+    raw = json.dumps(request_body()).encode()
+    headers = sign(raw, SECRET)
+    del headers["x-webhook-timestamp"]
+    response = client.post("/execute", data=raw, headers=headers, content_type="application/json")
+    envelope = assert_failure(response, 401, "AUTHENTICATION_ERROR", job_known=False)
+    assert envelope["code"] == "TIMESTAMP_MISSING"
+
+
+def test_a_replayed_valid_request_is_answered_from_the_ledger_not_run_again(
+    client: FlaskClient,
+) -> None:
+    raw = json.dumps(request_body(payload={"message": "once"})).encode()
+    headers = sign(raw, SECRET)
+    first = client.post("/execute", data=raw, headers=headers, content_type="application/json")
+    runs = echo_count(client)
+    replay = client.post("/execute", data=raw, headers=headers, content_type="application/json")
+    assert first.status_code == replay.status_code == 200
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.get_json() == first.get_json()
+    assert echo_count(client) == runs
+
+
+def test_a_forged_request_with_a_real_job_id_does_not_block_the_genuine_one(
+    client: FlaskClient,
+) -> None:
+    genuine = request_body(payload={"message": "genuine"})
+    forged = {**genuine, "payload": {"message": "forged"}}
+    refused = post_signed(client, forged, secret="attacker-guess")
+    assert refused.status_code == 401
+    accepted = post_signed(client, genuine)
+    assert accepted.status_code == 200
+    assert accepted.get_json()["data"]["message"] == "genuine"
+    assert "Idempotent-Replayed" not in accepted.headers
+
+
+@pytest.mark.parametrize(
+    "app_config",
+    [{"RUNNERKIT_SIGNING_SECRET": SECRET, "RUNNERKIT_SIGNING_SECRET_PREVIOUS": OLD_SECRET}],
+)
+def test_the_runner_accepts_both_secrets_while_rotating(client: FlaskClient) -> None:
+    assert post_signed(client, request_body(), secret=OLD_SECRET).status_code == 200
+    assert post_signed(client, request_body(), secret=SECRET).status_code == 200
+    assert post_signed(client, request_body(), secret="neither").status_code == 401
+
+
+# --------------------------------------------------------------------------- startup
+
+
+def test_production_without_a_secret_refuses_to_start(tmp_path: Path) -> None:
+    runner = Runner("prod", capabilities=TEST_CAPABILITIES)
+    with pytest.raises(ConfigError, match="RUNNERKIT_SIGNING_SECRET"):
+        runner.create_app(
+            {"RUNNERKIT_ENVIRONMENT": "production", "RUNNERKIT_STATE_DIR": str(tmp_path)}
+        )
+
+
+def test_production_without_a_secret_starts_when_insecure_mode_is_explicit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = Runner("prod", capabilities=TEST_CAPABILITIES)
+    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
+        runner.create_app(
+            {
+                "RUNNERKIT_ENVIRONMENT": "production",
+                "RUNNERKIT_ALLOW_UNSIGNED": "true",
+                "RUNNERKIT_STATE_DIR": str(tmp_path),
+            }
+        )
+    assert [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
+
+
+def test_development_without_a_secret_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = Runner("dev", capabilities=TEST_CAPABILITIES)
+    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
+        runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+    warnings = [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
+    assert len(warnings) == 1

@@ -37,6 +37,7 @@ from runnerkit.errors import (
     unexpected_envelope,
 )
 from runnerkit.logs import log_context
+from runnerkit.metrics import metrics
 from runnerkit.signing import SignatureError, verify
 from runnerkit.state import Slot
 
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from runnerkit.runner import Runner
 
 job_log = logging.getLogger("runnerkit.job")
+
+#: The ``priority`` label of runner-side job metrics: JobForge does not send it to runners.
+NO_PRIORITY = "unknown"
 
 #: Progress events are sent at most this often per job (the last one always).
 PROGRESS_MIN_INTERVAL_S = 1.0
@@ -326,6 +330,7 @@ class Executor:
         headers: Mapping[str, str],
     ) -> Answer:
         job_id = request["jobId"]
+        metrics().jobs_received.labels(request["capabilityId"], NO_PRIORITY).inc()
         capability = self.runner.capabilities.get(request["capabilityId"])
         if capability is None:
             known = ", ".join(sorted(self.runner.capabilities)) or "none"
@@ -416,8 +421,12 @@ class Executor:
             on_progress=self._progress_sender(job),
         )
 
+        active = metrics().active_jobs.labels(job.capability.id)
+        active.inc()
+
         def release() -> None:
             state.slots.release(slot)
+            active.dec()
             self._done()
 
         capability, payload = job.capability, job.payload
@@ -627,6 +636,21 @@ class Executor:
             body["error"] = error
         return Answer(status, body)
 
+    @staticmethod
+    def _count(answer: Answer, capability_id: str, started: float) -> None:
+        """The job metrics of one answered job (a 202 is counted when its result is)."""
+        if answer.status == 202 or not capability_id:
+            return
+        current = metrics()
+        label = capability_id
+        if answer.body.get("success"):
+            current.jobs_completed.labels(label, "success").inc()
+        else:
+            code = (answer.body.get("error") or {}).get("code", "UNKNOWN")
+            current.jobs_completed.labels(label, "failed").inc()
+            current.jobs_failed.labels(label, code).inc()
+        current.job_duration.labels(label).observe(time.monotonic() - started)
+
     def _log(
         self,
         answer: Answer,
@@ -642,6 +666,7 @@ class Executor:
             outcome = "success"
         else:
             outcome = error.get("category", "error")
+        self._count(answer, capability_id, started)
         job_log.info(
             "job %s",
             {"success": "completed", "accepted": "accepted"}.get(outcome, "failed"),

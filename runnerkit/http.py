@@ -8,12 +8,14 @@ the contract's ErrorEnvelope, never as an HTML page.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from runnerkit.errors import PayloadTooLarge, make_envelope
+from runnerkit.metrics import exposition, metrics
 
 log = logging.getLogger("runnerkit.http")
 
@@ -81,9 +83,33 @@ def ready() -> Response:
     return _json(status, body)
 
 
+@blueprint.get("/metrics")
+def prometheus_metrics() -> Response:
+    body, content_type = exposition()
+    return Response(body, status=200, content_type=content_type)
+
+
 @blueprint.get("/capabilities")
 def capabilities() -> Response:
     return _json(200, _runner().registration_document())
+
+
+def register_request_metrics(app: Flask) -> None:
+    """Count every request by method, status and route template (not raw path: bounded)."""
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.runnerkit_started = time.perf_counter()
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        started = g.pop("runnerkit_started", None)
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        current = metrics()
+        current.http_requests.labels(request.method, str(response.status_code), rule).inc()
+        if started is not None:
+            current.http_duration.observe(time.perf_counter() - started)
+        return response
 
 
 def register_error_handlers(app: Flask) -> None:

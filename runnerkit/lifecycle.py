@@ -37,6 +37,7 @@ from runnerkit.contracts import (
 )
 from runnerkit.errors import make_envelope
 from runnerkit.jobforge import JobForgeClient
+from runnerkit.metrics import forget_dead_processes, metrics
 from runnerkit.state import (
     FileLock,
     InstanceState,
@@ -209,6 +210,7 @@ class Lifecycle:
         if not self.state.leader.held or self.runner.outbox is None:
             return
         try:
+            forget_dead_processes()
             self._recover_orphans()
             self.runner.outbox.deliver_due()
             now = time.monotonic()
@@ -391,6 +393,7 @@ class Lifecycle:
                 response.status_code,
             )
         else:
+            metrics().heartbeat_timestamp.labels(identity["runnerId"]).set(time.time())
             self._note(
                 "heartbeating", logging.INFO, "heartbeating as runner %s", identity["runnerId"]
             )

@@ -15,8 +15,9 @@ from runnerkit.capability import Capability, CapabilityDefinitionError
 from runnerkit.config import ConfigError, Settings, default_state_dir
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
-from runnerkit.lifecycle import Lifecycle, install_drain_handler, under_gunicorn
+from runnerkit.lifecycle import Lifecycle, install_drain_handler, instance_owner, under_gunicorn
 from runnerkit.logs import configure_logging
+from runnerkit.metrics import prepare_multiprocess_dir
 from runnerkit.outbox import Outbox
 from runnerkit.state import InstanceState
 
@@ -194,10 +195,11 @@ class Runner:
 
     def init_app(self, app: Flask) -> None:
         """Serve this runner from ``app``: routes, JSON errors, body limit, logging."""
-        from runnerkit.http import blueprint, register_error_handlers
+        from runnerkit.http import blueprint, register_error_handlers, register_request_metrics
 
         self.settings = Settings.load(app.config)
         self._check_signing()
+        prepare_multiprocess_dir(self.state_dir, instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
         if app.config.get("MAX_CONTENT_LENGTH") is None:
@@ -207,6 +209,7 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         register_error_handlers(app)
+        register_request_metrics(app)
         app.register_blueprint(blueprint)
         self.state  # noqa: B018 - create the state directory now, not on the first job
         if under_gunicorn():

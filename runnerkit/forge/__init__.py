@@ -1,0 +1,119 @@
+"""runnerkit.forge: the reference control plane (JobForge + TruthCore) on one SQLite file.
+
+Serve it with ``gunicorn runnerkit.forge:app`` (any number of workers: exactly one of them
+dispatches at a time) or build your own with :func:`create_app`. Importing this package has no
+side effects: ``app`` is created on first access.
+
+Modules: ``settings`` (every knob and its default), ``db`` (schema and queries), ``runners``
+(registration, heartbeats), ``jobs`` (the job state machine, retries, events), ``truth``
+(assertions and queries), ``dispatcher`` (matching jobs to runners, sending them), ``api``
+(the Flask routes and the dashboard).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from runnerkit.errors import RunnerError
+from runnerkit.http import register_error_handlers
+
+from . import api
+from .db import ForgeDB
+from .dispatcher import Dispatcher
+from .jobs import JobStore
+from .runners import RunnerRegistry
+from .settings import PREFIX, SETTINGS, ForgeSettings
+from .truth import TruthStore
+
+__all__ = [
+    "PREFIX",
+    "SETTINGS",
+    "Forge",
+    "ForgeSettings",
+    "create_app",
+    "get_forge",
+]
+
+#: Largest request body the forge reads (bigger ones get 413).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class Forge:
+    """One forge: its settings, database, registries, truth store and dispatcher."""
+
+    def __init__(self, settings: ForgeSettings) -> None:
+        self.settings = settings
+        self.instance_id = str(uuid.uuid4())
+        self.started = time.monotonic()
+        self.db = ForgeDB(str(settings.db_path))
+        self.jobs = JobStore(self.db, settings)
+        self.runners = RunnerRegistry(self.db, settings)
+        self.truth = TruthStore(self.db)
+        self.dispatcher = Dispatcher(self.jobs, settings, instance_id=self.instance_id)
+
+    def wake_dispatcher(self) -> None:
+        """New work or freed capacity: let this process's dispatcher look now."""
+        if self.dispatcher.running:
+            self.dispatcher.wake()
+
+    def health(self) -> dict[str, Any]:
+        """The HealthCheck document."""
+        return api.health_document(self)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the dispatcher and close this process's database connections."""
+        self.dispatcher.stop(timeout)
+        self.db.close()
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """A Flask app serving the forge; its dispatcher thread starts unless DISPATCHER is false.
+
+    ``config`` holds forge settings (``RUNNERKIT_FORGE_DB_PATH`` or just ``DB_PATH`` …, see
+    :mod:`runnerkit.forge.settings`); other keys go to ``app.config`` unchanged. The
+    :class:`Forge` is ``app.extensions["forge"]`` (or :func:`get_forge`).
+    """
+    config = dict(config or {})
+    settings = ForgeSettings.load(config)
+    app = Flask(str(settings.service_name), root_path=os.path.dirname(os.path.abspath(__file__)))
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    known = {PREFIX + s.name for s in SETTINGS} | {s.name for s in SETTINGS}
+    app.config.update({k: v for k, v in config.items() if k not in known})
+    forge = Forge(settings)
+    app.extensions["forge"] = forge
+    app.register_blueprint(api.blueprint)
+    register_error_handlers(app)
+    app.register_error_handler(RunnerError, api.handle_runner_error)
+    forge.db.ping()  # create the file and schema now, so a bad DB_PATH fails at startup
+    if settings.dispatcher:
+        forge.dispatcher.start()
+    return app
+
+
+def get_forge(app: Flask) -> Forge:
+    """The :class:`Forge` behind an app made by :func:`create_app`."""
+    forge: Forge = app.extensions["forge"]
+    return forge
+
+
+_app: Flask | None = None
+_app_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """``runnerkit.forge.app``: the app built from the environment, created on first use."""
+    global _app
+    if name == "app":
+        with _app_lock:
+            if _app is None:
+                _app = create_app()
+            return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

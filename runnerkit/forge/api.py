@@ -1,0 +1,411 @@
+"""The forge's HTTP API: JobForge's runner and job endpoints, TruthCore, health, a dashboard.
+
+Thin on purpose: each route parses and validates its input against the contract, calls the
+registry / job store / truth store, and serialises the answer. Every error leaves as
+``{"success": false, "error": <ErrorEnvelope>}`` with ``service`` set to SERVICE_NAME.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from marshmallow import Schema, ValidationError
+
+from runnerkit._version import __version__
+from runnerkit.contracts import (
+    JOB_STATUSES,
+    RUNNER_STATUSES,
+    JobEventSchema,
+    JobRequestSchema,
+    RunnerExecutionResponseSchema,
+    RunnerHeartbeatSchema,
+    RunnerRegistrationRequestSchema,
+    TruthAssertionSchema,
+    TruthQuerySchema,
+    http_status_for,
+    utc_now,
+)
+from runnerkit.errors import (
+    RunnerError,
+    Unauthenticated,
+    ValidationFailed,
+    details_from_validation_error,
+    make_envelope,
+)
+from runnerkit.execution import parse_json_object
+
+from . import db
+
+if TYPE_CHECKING:
+    from . import Forge
+
+blueprint = Blueprint("forge", __name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SCHEMAS: dict[str, Schema] = {
+    "JobRequest": JobRequestSchema(),
+    "RunnerRegistrationRequest": RunnerRegistrationRequestSchema(),
+    "RunnerHeartbeat": RunnerHeartbeatSchema(),
+    "RunnerExecutionResponse": RunnerExecutionResponseSchema(),
+    "JobEvent": JobEventSchema(),
+    "TruthAssertion": TruthAssertionSchema(),
+    "TruthQuery": TruthQuerySchema(),
+}
+
+
+def _forge() -> Forge:
+    forge: Forge = current_app.extensions["forge"]
+    return forge
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _body(contract: str) -> dict[str, Any]:
+    """The request body, parsed strictly and loaded with the contract's schema."""
+    raw = parse_json_object(request.get_data(cache=True), request.headers.get("Content-Type"))
+    try:
+        loaded: dict[str, Any] = _SCHEMAS[contract].load(raw)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            f"The request body does not match {contract}",
+            details=details_from_validation_error(exc, data=raw),
+        ) from None
+    return loaded
+
+
+def _int_arg(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValidationFailed(
+            f"Query parameter {name} must be an integer {bound}",
+            code="INVALID_QUERY",
+            details=[{"message": f"Expected an integer {bound}", "path": [name], "value": value}],
+        )
+    return number
+
+
+def _page() -> tuple[int, int]:
+    limit = _int_arg("limit", 50, minimum=1, maximum=int(_forge().settings.max_page_size))
+    return limit, _int_arg("offset", 0, minimum=0)
+
+
+def _enum_args(name: str, allowed: tuple[str, ...]) -> list[str]:
+    """``?status=a,b&status=c`` → ``[a, b, c]``, each checked against ``allowed``."""
+    values = [v.strip() for raw in request.args.getlist(name) for v in raw.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValidationFailed(
+            f"Unknown {name} {', '.join(bad)}",
+            code="INVALID_QUERY",
+            details=[
+                {"message": f"Expected one of {', '.join(allowed)}", "path": [name], "value": v}
+                for v in bad
+            ],
+        )
+    return values
+
+
+def runner_auth(view: F) -> F:
+    """Require ``Authorization: Bearer <TOKEN>`` when the forge has a TOKEN."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = str(_forge().settings.token)
+        if token:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()
+            ):
+                raise Unauthenticated(
+                    "A valid bearer token is required (Authorization: Bearer <token>)",
+                    code="INVALID_TOKEN" if given else "MISSING_TOKEN",
+                )
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def handle_runner_error(error: RunnerError) -> Response:
+    """Any RunnerError raised by a route → its status and an ErrorEnvelope body."""
+    envelope = make_envelope(
+        error.category,
+        error.code,
+        error.message,
+        service=str(_forge().settings.service_name),
+        severity=error.severity,
+        details=error.details,
+        retryable=error.retryable,
+        retry_after=error.retry_after,
+        operation=f"{request.method} {request.path}",
+    )
+    headers: dict[str, str] = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="jobforge"'
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return _json(error.status, {"success": False, "error": envelope}, headers)
+
+
+# --------------------------------------------------------------------------- runners
+
+
+@blueprint.post("/runners/register")
+@runner_auth
+def register_runner() -> Response:
+    answer = _forge().runners.register(_body("RunnerRegistrationRequest"))
+    return _json(201, answer)
+
+
+@blueprint.post("/runners/heartbeat")
+@runner_auth
+def heartbeat() -> Response:
+    answer = _forge().runners.heartbeat(_body("RunnerHeartbeat"))
+    return _json(200, answer)
+
+
+@blueprint.delete("/runners/<runner_id>")
+@runner_auth
+def deregister_runner(runner_id: str) -> Response:
+    _forge().runners.deregister(runner_id)
+    return Response(status=204)
+
+
+@blueprint.get("/runners")
+@runner_auth
+def list_runners() -> Response:
+    statuses = _enum_args("status", RUNNER_STATUSES)
+    if len(statuses) > 1:
+        raise ValidationFailed("Filter by one runner status at a time", code="INVALID_QUERY")
+    limit, offset = _page()
+    page = _forge().runners.list(
+        status=statuses[0] if statuses else None, limit=limit, offset=offset
+    )
+    return _json(200, page)
+
+
+@blueprint.get("/runners/<runner_id>")
+@runner_auth
+def get_runner(runner_id: str) -> Response:
+    return _json(200, _forge().runners.get(runner_id))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@blueprint.post("/jobs")
+def submit_job() -> Response:
+    forge = _forge()
+    status, job = forge.jobs.submit(_body("JobRequest"))
+    if status == 202:
+        forge.wake_dispatcher()
+    return _json(status, job, {"Location": f"/jobs/{job['id']}"})
+
+
+@blueprint.get("/jobs")
+def list_jobs() -> Response:
+    statuses = _enum_args("status", JOB_STATUSES)
+    job_type = request.args.get("type") or None
+    limit, offset = _page()
+    page = _forge().jobs.list(statuses=statuses, job_type=job_type, limit=limit, offset=offset)
+    return _json(200, page)
+
+
+@blueprint.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return _json(200, _forge().jobs.get(job_id))
+
+
+@blueprint.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    return _json(200, _forge().jobs.cancel(job_id))
+
+
+@blueprint.post("/jobs/<job_id>/result")
+@runner_auth
+def job_result(job_id: str) -> Response:
+    forge = _forge()
+    what, job = forge.jobs.deliver_result(job_id, _body("RunnerExecutionResponse"))
+    if what == "recorded":
+        forge.wake_dispatcher()
+    return _json(200, job, {"X-Result-Outcome": what})
+
+
+@blueprint.post("/jobs/<job_id>/events")
+@runner_auth
+def post_job_event(job_id: str) -> Response:
+    event = _body("JobEvent")
+    recorded = _forge().jobs.add_progress(job_id, event)
+    return _json(202, {"id": event["id"], "jobId": job_id, "recorded": recorded})
+
+
+@blueprint.get("/jobs/<job_id>/events")
+@runner_auth
+def list_job_events(job_id: str) -> Response:
+    limit, offset = _page()
+    return _json(200, _forge().jobs.events(job_id, limit=limit, offset=offset))
+
+
+# --------------------------------------------------------------------------- TruthCore
+
+
+@blueprint.post("/assert")
+def add_assertion() -> Response:
+    status, assertion = _forge().truth.add(_body("TruthAssertion"))
+    return _json(status, assertion)
+
+
+@blueprint.post("/query")
+def query_assertions() -> Response:
+    return _json(200, _forge().truth.query(_body("TruthQuery")))
+
+
+# --------------------------------------------------------------------------- health
+
+
+@blueprint.get("/health")
+def health() -> Response:
+    body = _forge().health()
+    return _json(http_status_for(body["status"]), body)
+
+
+# --------------------------------------------------------------------------- dashboard
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{service}</title>
+<meta http-equiv="refresh" content="5">
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
+table{{border-collapse:collapse;margin-bottom:2em;font-size:0.9em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+th{{background:#f3f3f3}} code{{font-size:0.85em}}
+</style></head><body>
+<h1>{service}</h1>
+<p>{status} &middot; {generated} &middot; jobs: {counts}</p>
+<h2>Runners</h2>
+<table><tr><th>id</th><th>name</th><th>version</th><th>status</th><th>job types</th>
+<th>last heartbeat</th></tr>{runners}</table>
+<h2>Latest jobs</h2>
+<table><tr><th>id</th><th>type</th><th>priority</th><th>status</th><th>attempts</th>
+<th>updated</th><th>result / error</th></tr>{jobs}</table>
+</body></html>
+"""
+
+
+def _cell(value: Any) -> str:
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+@blueprint.get("/")
+def dashboard() -> Response:
+    """A page for people: runners, the latest jobs and their results (refreshes itself)."""
+    forge = _forge()
+    runners = forge.runners.list(status=None, limit=200, offset=0)["items"]
+    jobs = forge.jobs.list(statuses=(), job_type=None, limit=50, offset=0)["items"]
+    runner_rows = "".join(
+        "<tr>"
+        + _cell(r["id"])
+        + _cell(r["name"])
+        + _cell(r["version"])
+        + _cell(r["status"])
+        + _cell(", ".join(t for c in r["capabilities"] for t in c["supportedJobTypes"]))
+        + _cell(r["lastHeartbeatAt"])
+        + "</tr>"
+        for r in runners
+    )
+    job_rows = []
+    for job in jobs:
+        result = job.get("result") or {}
+        outcome: Any = ""
+        if "error" in job:
+            outcome = f"{job['error']['category']}: {job['error']['message']}"
+        elif result.get("success"):
+            outcome = db.dumps(result.get("data"))[:200]
+        attempts = result.get("metadata", {}).get("attempts", "")
+        job_rows.append(
+            "<tr>"
+            + _cell(job["id"])
+            + _cell(job["request"]["type"])
+            + _cell(job["request"]["priority"])
+            + _cell(job["status"])
+            + _cell(attempts)
+            + _cell(job["updatedAt"])
+            + f"<td><code>{html.escape(str(outcome))}</code></td></tr>"
+        )
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(forge.jobs.counts().items())) or "none"
+    page = _PAGE.format(
+        service=html.escape(str(forge.settings.service_name)),
+        status=html.escape(forge.health()["status"]),
+        generated=html.escape(utc_now()),
+        counts=html.escape(counts),
+        runners=runner_rows,
+        jobs="".join(job_rows),
+    )
+    return Response(page, status=200, mimetype="text/html")
+
+
+def health_document(forge: Forge) -> dict[str, Any]:
+    """The HealthCheck contract: ``database`` (a query works) and ``dispatcher`` (the lock
+    holder ticked within DISPATCHER_STALE_MS)."""
+    checks: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    heartbeat: Any = None
+    try:
+        forge.db.ping()
+        with forge.db.connection() as conn:
+            heartbeat = db.get_meta(conn, "dispatcher")
+        checks.append(
+            {
+                "name": "database",
+                "status": "healthy",
+                "responseTimeMs": round((time.perf_counter() - started) * 1000.0, 3),
+            }
+        )
+    except Exception as exc:  # noqa: BLE001 - any database failure makes the check unhealthy
+        checks.append(
+            {
+                "name": "database",
+                "status": "unhealthy",
+                "responseTimeMs": round((time.perf_counter() - started) * 1000.0, 3),
+                "message": f"The database query failed ({type(exc).__name__})",
+            }
+        )
+    stale_s = float(forge.settings.dispatcher_stale_ms) / 1000.0
+    dispatcher: dict[str, Any] = {"name": "dispatcher", "responseTimeMs": 0}
+    if isinstance(heartbeat, dict) and isinstance(heartbeat.get("ts"), int | float):
+        age = max(0.0, time.time() - float(heartbeat["ts"]))
+        fresh = age <= stale_s
+        dispatcher["status"] = "healthy" if fresh else "unhealthy"
+        dispatcher["message"] = f"last tick {age:.1f} s ago (pid {heartbeat.get('pid')})"
+    else:
+        dispatcher["status"] = "unhealthy"
+        dispatcher["message"] = "no dispatcher has ticked yet"
+    checks.append(dispatcher)
+    status = "unhealthy" if any(c["status"] == "unhealthy" for c in checks) else "healthy"
+    return {
+        "service": str(forge.settings.service_name),
+        "status": status,
+        "timestamp": utc_now(),
+        "version": __version__,
+        "uptime": round(max(0.0, time.monotonic() - forge.started), 3),
+        "checks": checks,
+    }

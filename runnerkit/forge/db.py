@@ -1,0 +1,569 @@
+"""The forge's storage: one SQLite file (WAL) with its schema and every query the forge runs.
+
+Tables: ``runners`` (registrations and heartbeats), ``jobs`` (requests, status, attempts, the
+runner slot a job holds, results), ``deliveries`` (digests of async results already received),
+``events`` (JobEvents), ``assertions`` (TruthCore) and ``meta`` (the dispatcher's heartbeat).
+Wire values are stored as JSON text; instants the forge compares are stored twice, as the
+contract's ``...Z`` string and as epoch seconds.
+
+Connections come from a small per-process pool: sqlite3 objects must not cross ``fork``, so a
+process that finds a pool made by its parent drops it and opens its own. Writers use
+``BEGIN IMMEDIATE`` so concurrent transactions queue on SQLite's busy timeout instead of
+failing on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+Row = sqlite3.Row
+Conn = sqlite3.Connection
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runners (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    document TEXT NOT NULL,
+    health_url TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    last_heartbeat_at TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    status TEXT NOT NULL,
+    heartbeat_interval_ms REAL NOT NULL,
+    reported_active INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runners_health_url ON runners (health_url);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    submitted REAL NOT NULL,
+    updated_at TEXT NOT NULL,
+    not_before REAL,
+    expires REAL,
+    timeout_ms REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    runner_id TEXT,
+    runner_name TEXT,
+    runner_version TEXT,
+    capability_id TEXT,
+    first_started_at TEXT,
+    attempt_started_at TEXT,
+    slot_runner TEXT,
+    slot_capability TEXT,
+    lease_until REAL,
+    async INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_type ON jobs (type, seq);
+CREATE INDEX IF NOT EXISTS jobs_slot ON jobs (slot_runner, slot_capability);
+
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+
+CREATE TABLE IF NOT EXISTS assertions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    subject TEXT NOT NULL,
+    predicate TEXT NOT NULL,
+    object TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    source TEXT NOT NULL,
+    ts REAL NOT NULL,
+    expires REAL,
+    document TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS assertions_subject ON assertions (subject, predicate);
+CREATE INDEX IF NOT EXISTS assertions_predicate ON assertions (predicate);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (job_id, digest)
+);
+
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+#: Job columns a transition may set (``update_job`` refuses anything else).
+JOB_COLUMNS = frozenset(
+    {
+        "status",
+        "updated_at",
+        "not_before",
+        "attempts",
+        "runner_id",
+        "runner_name",
+        "runner_version",
+        "capability_id",
+        "first_started_at",
+        "attempt_started_at",
+        "slot_runner",
+        "slot_capability",
+        "lease_until",
+        "async",
+        "result",
+        "error",
+        "last_error",
+    }
+)
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces, integral floats written as ints."""
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+class ForgeDB:
+    """The forge's database file: schema on first use, pooled connections, transactions."""
+
+    def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._pool: list[Conn] = []
+        self._pid = 0
+        self._ready = False
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _connect(self) -> Conn:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        if not self._ready:
+            self._create_schema(conn)
+            self._ready = True
+        return conn
+
+    def _create_schema(self, conn: Conn) -> None:
+        # Every statement is idempotent (IF NOT EXISTS), so processes starting together on a
+        # new file cannot trip over each other; the busy timeout serialises them.
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _checkout(self) -> Conn:
+        with self._lock:
+            if self._pid != os.getpid():
+                # Connections opened by the parent before fork must not be used (or closed)
+                # here: abandon them and start a fresh pool.
+                self._pool, self._pid, self._ready = [], os.getpid(), False
+            if self._pool:
+                return self._pool.pop()
+        return self._connect()
+
+    def _checkin(self, conn: Conn) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and len(self._pool) < 16:
+                self._pool.append(conn)
+                return
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Conn]:
+        """A pooled connection in autocommit mode (each statement is its own transaction)."""
+        conn = self._checkout()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self._checkin(conn)
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Conn]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success."""
+        with self.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Conn]:
+        """A read transaction: every statement inside sees the same state."""
+        with self.connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the pooled connections of this process."""
+        with self._lock:
+            pool, self._pool = (self._pool, []) if self._pid == os.getpid() else ([], [])
+        for conn in pool:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def ping(self) -> None:
+        """Run a trivial query against every table (raises sqlite3.Error when it cannot)."""
+        with self.connection() as conn:
+            conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+            conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchone()
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def set_meta(conn: Conn, key: str, value: Any) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, dumps(value)),
+    )
+
+
+def get_meta(conn: Conn, key: str) -> Any:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else loads(row["value"])
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def insert_runner(conn: Conn, values: Mapping[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO runners (id, name, version, document, health_url, base_url, registered_at,"
+        " last_heartbeat_at, last_seen, status, heartbeat_interval_ms, reported_active)"
+        " VALUES (:id, :name, :version, :document, :health_url, :base_url, :registered_at,"
+        " :last_heartbeat_at, :last_seen, :status, :heartbeat_interval_ms, 0)",
+        dict(values),
+    )
+
+
+def get_runner(conn: Conn, runner_id: str) -> Row | None:
+    row: Row | None = conn.execute("SELECT * FROM runners WHERE id = ?", (runner_id,)).fetchone()
+    return row
+
+
+def list_runners(
+    conn: Conn, *, status: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[Row], int]:
+    where, args = ("WHERE status = ?", [status]) if status else ("", [])
+    total = conn.execute(f"SELECT COUNT(*) FROM runners {where}", args).fetchone()[0]
+    rows = conn.execute(
+        f"SELECT * FROM runners {where} ORDER BY registered_at, id LIMIT ? OFFSET ?",
+        [*args, limit, offset],
+    ).fetchall()
+    return rows, int(total)
+
+
+def runner_ids_with_health_url(conn: Conn, health_url: str) -> list[str]:
+    rows = conn.execute("SELECT id FROM runners WHERE health_url = ?", (health_url,)).fetchall()
+    return [r["id"] for r in rows]
+
+
+def delete_runner(conn: Conn, runner_id: str) -> bool:
+    return conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,)).rowcount > 0
+
+
+def record_heartbeat(
+    conn: Conn,
+    runner_id: str,
+    *,
+    status: str,
+    last_heartbeat_at: str,
+    last_seen: float,
+    reported_active: int,
+) -> bool:
+    cursor = conn.execute(
+        "UPDATE runners SET status = ?, last_heartbeat_at = ?, last_seen = ?, reported_active = ?"
+        " WHERE id = ?",
+        (status, last_heartbeat_at, last_seen, reported_active, runner_id),
+    )
+    return cursor.rowcount > 0
+
+
+def mark_runners_offline(conn: Conn, *, now: float, grace_from: float, missed: int) -> list[str]:
+    """Runners silent for ``missed`` intervals (counted from ``grace_from`` at the earliest)."""
+    condition = (
+        "status != 'offline' AND MAX(last_seen, :grace) + heartbeat_interval_ms * :missed "
+        "/ 1000.0 < :now"
+    )
+    args = {"grace": grace_from, "missed": missed, "now": now}
+    ids = [r["id"] for r in conn.execute(f"SELECT id FROM runners WHERE {condition}", args)]
+    if ids:
+        conn.execute(f"UPDATE runners SET status = 'offline' WHERE {condition}", args)
+    return ids
+
+
+def dispatchable_runners(conn: Conn) -> list[Row]:
+    """Runners the dispatcher may send work to: healthy or degraded, with an HTTP base URL."""
+    return conn.execute(
+        "SELECT * FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != ''"
+        " ORDER BY registered_at, id"
+    ).fetchall()
+
+
+def slot_counts(conn: Conn) -> dict[tuple[str, str], int]:
+    """Held runner slots, by (runner id, capability id)."""
+    rows = conn.execute(
+        "SELECT slot_runner, slot_capability, COUNT(*) AS n FROM jobs"
+        " WHERE slot_runner IS NOT NULL GROUP BY slot_runner, slot_capability"
+    ).fetchall()
+    return {(r["slot_runner"], r["slot_capability"]): int(r["n"]) for r in rows}
+
+
+def move_slots(conn: Conn, old_runner: str, new_runner: str) -> None:
+    """A runner re-registered under a new id: its held slots (and running jobs) follow it."""
+    conn.execute("UPDATE jobs SET slot_runner = ? WHERE slot_runner = ?", (new_runner, old_runner))
+    conn.execute(
+        "UPDATE jobs SET runner_id = ? WHERE runner_id = ? AND status = 'running'",
+        (new_runner, old_runner),
+    )
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def insert_job(conn: Conn, values: Mapping[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO jobs (id, type, priority, status, request, submitted, updated_at,"
+        " not_before, expires, timeout_ms)"
+        " VALUES (:id, :type, :priority, :status, :request, :submitted, :updated_at,"
+        " :not_before, :expires, :timeout_ms)",
+        dict(values),
+    )
+
+
+def get_job(conn: Conn, job_id: str) -> Row | None:
+    row: Row | None = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row
+
+
+def list_jobs(
+    conn: Conn,
+    *,
+    statuses: Sequence[str] = (),
+    job_type: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Row], int]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if statuses:
+        clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+        args.extend(statuses)
+    if job_type is not None:
+        clauses.append("type = ?")
+        args.append(job_type)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    total = conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+    rows = conn.execute(
+        f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+    ).fetchall()
+    return rows, int(total)
+
+
+def eligible_jobs(
+    conn: Conn, *, now: float, limit: int, types: Sequence[str] | None = None
+) -> list[Row]:
+    """Jobs waiting for a runner, in dispatch order: priority desc, then age.
+
+    ``types`` limits the answer to job types some runner can take right now.
+    """
+    sql = (
+        "SELECT * FROM jobs WHERE status IN ('queued', 'retrying')"
+        " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
+    )
+    args: list[Any] = [now, now]
+    if types is not None:
+        sql += f" AND type IN ({', '.join('?' * len(types))})"
+        args.extend(types)
+    sql += " ORDER BY priority DESC, seq ASC LIMIT ?"
+    args.append(limit)
+    return conn.execute(sql, args).fetchall()
+
+
+def expired_jobs(conn: Conn, *, now: float) -> list[Row]:
+    """Waiting jobs whose ``expiresAt`` has passed."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE status IN ('pending', 'queued', 'retrying')"
+        " AND expires IS NOT NULL AND expires <= ?",
+        (now,),
+    ).fetchall()
+
+
+def jobs_holding_slots(conn: Conn) -> list[Row]:
+    """Running jobs and jobs that still hold a runner slot, with their runner's status.
+
+    ``runner_status`` is NULL when the runner is no longer registered.
+    """
+    return conn.execute(
+        "SELECT jobs.*, runners.status AS runner_status FROM jobs"
+        " LEFT JOIN runners ON runners.id = COALESCE(jobs.slot_runner, jobs.runner_id)"
+        " WHERE jobs.status = 'running' OR jobs.slot_runner IS NOT NULL"
+    ).fetchall()
+
+
+def update_job(
+    conn: Conn,
+    job_id: str,
+    values: Mapping[str, Any],
+    *,
+    statuses: Iterable[str] | None = None,
+    attempts: int | None = None,
+) -> bool:
+    """Set ``values`` on a job, only while it is in one of ``statuses`` / at ``attempts``."""
+    unknown = set(values) - JOB_COLUMNS
+    if unknown:
+        raise ValueError(f"not job columns: {sorted(unknown)}")
+    assignments = ", ".join(f'"{k}" = ?' for k in values)
+    sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
+    args: list[Any] = [*values.values(), job_id]
+    if statuses is not None:
+        wanted = list(statuses)
+        sql += f" AND status IN ({', '.join('?' * len(wanted))})"
+        args.extend(wanted)
+    if attempts is not None:
+        sql += " AND attempts = ?"
+        args.append(attempts)
+    return conn.execute(sql, args).rowcount > 0
+
+
+def count_jobs_by_status(conn: Conn) -> dict[str, int]:
+    rows = conn.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
+def record_delivery(conn: Conn, job_id: str, digest: str, received: float) -> bool:
+    """Remember one delivered result; False when this exact delivery was seen before."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO deliveries (job_id, digest, received) VALUES (?, ?, ?)",
+        (job_id, digest, received),
+    )
+    return cursor.rowcount > 0
+
+
+# --------------------------------------------------------------------------- events
+
+
+def insert_event(conn: Conn, event: Mapping[str, Any]) -> bool:
+    """Store a JobEvent document; False when an event with its id is already stored."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO events (id, job_id, type, document) VALUES (?, ?, ?, ?)",
+        (event["id"], event["jobId"], event["type"], dumps(event)),
+    )
+    return cursor.rowcount > 0
+
+
+def list_events(conn: Conn, job_id: str, *, limit: int, offset: int) -> tuple[list[Row], int]:
+    total = conn.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+    rows = conn.execute(
+        "SELECT * FROM events WHERE job_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+        (job_id, limit, offset),
+    ).fetchall()
+    return rows, int(total)
+
+
+# --------------------------------------------------------------------------- assertions
+
+
+def insert_assertion(conn: Conn, values: Mapping[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO assertions (id, subject, predicate, object, confidence, source, ts,"
+        " expires, document) VALUES (:id, :subject, :predicate, :object, :confidence, :source,"
+        " :ts, :expires, :document)",
+        dict(values),
+    )
+
+
+def get_assertion(conn: Conn, assertion_id: str) -> Row | None:
+    row: Row | None = conn.execute(
+        "SELECT * FROM assertions WHERE id = ?", (assertion_id,)
+    ).fetchone()
+    return row
+
+
+def query_assertions(
+    conn: Conn,
+    *,
+    now: float,
+    subject: str | None = None,
+    predicate: str | None = None,
+    object_json: str | None = None,
+    min_confidence: float = 0.0,
+    sources: Sequence[str] | None = None,
+    before: float | None = None,
+    after: float | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[Row], int]:
+    """Unexpired assertions matching the pattern and filters, newest first."""
+    clauses = ["(expires IS NULL OR expires > ?)", "confidence >= ?"]
+    args: list[Any] = [now, min_confidence]
+    for column, value in (("subject", subject), ("predicate", predicate), ("object", object_json)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    if sources:
+        clauses.append(f"source IN ({', '.join('?' * len(sources))})")
+        args.extend(sources)
+    if before is not None:
+        clauses.append("ts < ?")
+        args.append(before)
+    if after is not None:
+        clauses.append("ts > ?")
+        args.append(after)
+    where = " AND ".join(clauses)
+    total = conn.execute(f"SELECT COUNT(*) FROM assertions WHERE {where}", args).fetchone()[0]
+    rows = conn.execute(
+        f"SELECT document FROM assertions WHERE {where} ORDER BY ts DESC, seq DESC"
+        " LIMIT ? OFFSET ?",
+        [*args, limit, offset],
+    ).fetchall()
+    return rows, int(total)

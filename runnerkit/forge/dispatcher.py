@@ -1,0 +1,438 @@
+"""The dispatcher: sends waiting jobs to runners and turns their answers into job outcomes.
+
+Every forge process runs one dispatcher thread, but only the holder of the ``flock`` on
+``<DB_PATH>.dispatcher.lock`` dispatches. Under gunicorn with several workers exactly one
+dispatches; when its process dies the kernel frees the lock and another worker's next tick
+takes over. The holder records a heartbeat in the database (``meta.dispatcher``), which
+``/health`` reads.
+
+One tick of the holder:
+
+1. housekeeping (:meth:`JobStore.sweep`): offline runners, requeues, overdue attempts,
+   expired jobs;
+2. matching: waiting jobs (queued, or retrying with their next-attempt time come) by priority
+   desc then age; each goes to a healthy or degraded runner with a capability listing the job
+   type in ``supportedJobTypes`` and a free slot under that capability's ``maxConcurrency``
+   (counted from the forge's own records), the runner with the fewest held slots first. A job
+   no runner can take stays queued;
+3. sending: ``POST <runner base>/execute`` with a RunnerExecutionRequest, in a thread pool of
+   DISPATCH_THREADS so slow jobs do not block others. Jobs with ``timeoutMs`` above
+   ASYNC_THRESHOLD_MS are sent with ``Prefer: respond-async``; a 202 means the result will
+   arrive on ``POST /jobs/<id>/result``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+from marshmallow import ValidationError
+
+from runnerkit._version import __version__
+from runnerkit.contracts import ErrorEnvelopeSchema
+from runnerkit.state import FileLock
+
+from . import db
+from .jobs import Claim, Clock, JobStore, Outcome
+from .settings import ForgeSettings
+
+log = logging.getLogger("runnerkit.forge.dispatcher")
+
+_ENVELOPE_SCHEMA = ErrorEnvelopeSchema()
+
+#: How often the lock holder records its heartbeat and runs housekeeping (at most).
+HEARTBEAT_EVERY_S = 1.0
+SWEEP_EVERY_S = 0.25
+#: A non-holder tries to take the lock this often (at least).
+FOLLOWER_POLL_S = 0.25
+
+
+def sign(secret: str, raw: bytes, *, now_ms: int | None = None) -> dict[str, str]:
+    """The ControlPlane webhook signature headers for a request body."""
+    timestamp = str(int(time.time() * 1000) if now_ms is None else now_ms)
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + raw, hashlib.sha256)
+    return {
+        "x-webhook-signature": f"v1={digest.hexdigest()}",
+        "x-webhook-timestamp": timestamp,
+        "x-webhook-event-id": str(uuid.uuid4()),
+    }
+
+
+def execution_request(claim: Claim) -> dict[str, Any]:
+    """The RunnerExecutionRequest of one attempt."""
+    request = claim.request
+    metadata: dict[str, Any] = {"correlationId": claim.correlation_id}
+    user_id = request["metadata"].get("userId")
+    if user_id is not None:
+        metadata["userId"] = user_id
+    return {
+        "jobId": claim.job_id,
+        "moduleId": claim.runner_name,
+        "capabilityId": claim.capability_id,
+        "payload": request["payload"]["data"],
+        "timeoutMs": request["timeoutMs"],
+        "metadata": metadata,
+    }
+
+
+def _retry_after_header(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Dispatcher:
+    """The background dispatcher of one forge app (see the module docstring)."""
+
+    def __init__(self, jobs: JobStore, settings: ForgeSettings, *, instance_id: str) -> None:
+        self.jobs = jobs
+        self.db = jobs.db
+        self.settings = settings
+        self.instance_id = instance_id
+        self.lock = FileLock(f"{settings.db_path}.dispatcher.lock")
+        self.dispatched = 0
+        self._leader_since: float | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        self._last_heartbeat = 0.0
+        self._last_sweep = 0.0
+        self._local = threading.local()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def leader(self) -> bool:
+        """Whether this dispatcher holds the dispatcher lock now."""
+        return self.lock.held
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        with self._in_flight_lock:
+            return dict(self._in_flight)
+
+    def start(self) -> None:
+        """Start the dispatcher thread (idempotent)."""
+        if self.running:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock.path)), exist_ok=True)
+        self._stop.clear()
+        self._pool = ThreadPoolExecutor(
+            max_workers=int(self.settings.dispatch_threads), thread_name_prefix="forge-dispatch"
+        )
+        self._thread = threading.Thread(target=self._run, name="forge-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop ticking, give the lock up, and stop taking new executions.
+
+        Executions already sent finish in the background (their HTTP timeouts bound them);
+        their outcomes are still recorded.
+        """
+        self._stop.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._resign()
+        else:  # a tick is stuck; the thread gives the lock up when it ends
+            log.warning("dispatcher thread did not stop within %.1f s", timeout)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self) -> None:
+        """Look for work now instead of at the next poll."""
+        self._wake.set()
+
+    def _resign(self) -> None:
+        if self.lock.held:
+            log.info("dispatcher %s gives up the dispatcher lock", self.instance_id)
+        self.lock.release()
+        self._leader_since = None
+
+    def _run(self) -> None:
+        poll = float(self.settings.poll_interval_ms) / 1000.0
+        while not self._stop.is_set():
+            try:
+                if self.lock.acquire():
+                    if self._leader_since is None:
+                        self._leader_since = time.time()
+                        log.info("dispatcher %s took the dispatcher lock", self.instance_id)
+                    self.tick()
+                else:
+                    self._leader_since = None
+            except Exception:
+                log.exception("dispatcher tick failed")
+            self._wake.wait(poll if self.lock.held else max(poll, FOLLOWER_POLL_S))
+            self._wake.clear()
+        self._resign()
+
+    # -- one tick ----------------------------------------------------------------------------
+
+    def tick(self) -> int:
+        """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent."""
+        now = Clock()
+        if now.ts - self._last_heartbeat >= HEARTBEAT_EVERY_S:
+            self._heartbeat(now)
+        if now.ts - self._last_sweep >= SWEEP_EVERY_S:
+            self._last_sweep = now.ts
+            grace = self._leader_since if self._leader_since is not None else now.ts
+            summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace, now=now)
+            if any(summary.values()):
+                log.info("housekeeping: %s", summary)
+        return self._match(now)
+
+    def _heartbeat(self, now: Clock) -> None:
+        self._last_heartbeat = now.ts
+        with self.db.tx() as conn:
+            db.set_meta(
+                conn,
+                "dispatcher",
+                {"instance": self.instance_id, "pid": os.getpid(), "ts": now.ts, "at": now.z},
+            )
+
+    def _match(self, now: Clock) -> int:
+        pool = self._pool
+        if pool is None:
+            return 0
+        with self._in_flight_lock:
+            free = int(self.settings.dispatch_threads) - len(self._in_flight)
+        if free <= 0:
+            return 0
+        with self.db.snapshot() as conn:
+            runners = db.dispatchable_runners(conn)
+            used = db.slot_counts(conn)
+            offers = _offers(runners, used)
+            types = sorted({t for offer in offers for t in offer.types if offer.free > 0})
+            rows = (
+                db.eligible_jobs(conn, now=now.ts, limit=free * 4 + 16, types=types)
+                if types
+                else []
+            )
+        runner_load: dict[str, int] = {}
+        for (runner_id, _capability), count in used.items():
+            runner_load[runner_id] = runner_load.get(runner_id, 0) + count
+        sent = 0
+        for row in rows:
+            if sent >= free:
+                break
+            choices = [o for o in offers if o.free > 0 and row["type"] in o.types]
+            if not choices:
+                continue
+            offer = min(choices, key=lambda o: (runner_load.get(o.runner["id"], 0), o.order))
+            claim = self.jobs.claim(row, offer.runner, offer.capability_id, now)
+            if claim is None:
+                continue
+            offer.free -= 1
+            runner_load[offer.runner["id"]] = runner_load.get(offer.runner["id"], 0) + 1
+            with self._in_flight_lock:
+                self._in_flight[claim.job_id] = claim.attempt
+            try:
+                pool.submit(self._send, claim)
+            except RuntimeError:  # the pool was shut down under us: the lease recovers it
+                with self._in_flight_lock:
+                    self._in_flight.pop(claim.job_id, None)
+                break
+            sent += 1
+            self.dispatched += 1
+        return sent
+
+    # -- one execution -----------------------------------------------------------------------
+
+    def _send(self, claim: Claim) -> None:
+        try:
+            outcome = self.execute(claim)
+            result = self.jobs.finish(claim.job_id, claim.attempt, outcome)
+            log.info(
+                "job %s attempt %d on %s: %s",
+                claim.job_id,
+                claim.attempt,
+                claim.runner_id,
+                "success" if outcome.success else ("accepted" if outcome.accepted else "failure"),
+                extra={"jobId": claim.job_id, "recorded": result},
+            )
+        except Exception:
+            log.exception("dispatch of job %s failed", claim.job_id)
+        finally:
+            with self._in_flight_lock:
+                if self._in_flight.get(claim.job_id) == claim.attempt:
+                    del self._in_flight[claim.job_id]
+            self._wake.set()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None or getattr(self._local, "pid", 0) != os.getpid():
+            session = requests.Session()
+            session.headers["User-Agent"] = f"runnerkit-forge/{__version__}"
+            self._local.session, self._local.pid = session, os.getpid()
+        return session
+
+    def execute(self, claim: Claim) -> Outcome:
+        """Send one attempt to its runner and read the answer (never raises)."""
+        raw = json.dumps(execution_request(claim), separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "X-Correlation-Id": claim.correlation_id,
+        }
+        if claim.asynchronous:
+            headers["Prefer"] = "respond-async"
+        if self.settings.runner_token:
+            headers["Authorization"] = f"Bearer {self.settings.runner_token}"
+        if self.settings.signing_secret:
+            headers.update(sign(self.settings.signing_secret, raw))
+        timeout_ms = float(claim.request["timeoutMs"]) + float(self.settings.dispatch_margin_ms)
+        timeout = (float(self.settings.connect_timeout_ms) / 1000.0, timeout_ms / 1000.0)
+        url = f"{claim.base_url}/execute"
+        try:
+            response = self._session().post(url, data=raw, headers=headers, timeout=timeout)
+        except requests.ConnectTimeout:
+            return self._network_failure(claim, f"Connecting to {url} timed out")
+        except requests.Timeout:
+            return Outcome(
+                success=False,
+                error=self.jobs.envelope(
+                    "TIMEOUT",
+                    "DISPATCH_TIMEOUT",
+                    f"Runner {claim.runner_id} did not answer within {timeout_ms:g} ms",
+                    retryable=True,
+                    correlation_id=claim.correlation_id,
+                ),
+            )
+        except requests.RequestException as exc:
+            return self._network_failure(claim, f"{type(exc).__name__} calling {url}")
+        return self.interpret(claim, response)
+
+    def _network_failure(self, claim: Claim, message: str) -> Outcome:
+        return Outcome(
+            success=False,
+            error=self.jobs.envelope(
+                "NETWORK_ERROR",
+                "RUNNER_UNREACHABLE",
+                message,
+                retryable=True,
+                correlation_id=claim.correlation_id,
+            ),
+        )
+
+    def interpret(self, claim: Claim, response: requests.Response) -> Outcome:
+        """Turn a runner's HTTP answer into an Outcome."""
+        status = response.status_code
+        try:
+            body = json.loads(response.content.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            body = None
+        if status == 202:
+            return Outcome(success=False, accepted=True)
+        if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is True:
+            execution = body.get("executionTimeMs")
+            return Outcome(
+                success=True,
+                data=body.get("data"),
+                has_data="data" in body,
+                execution_ms=float(execution) if isinstance(execution, int | float) else None,
+            )
+        envelope = _envelope_in(body)
+        retry_after = _retry_after_header(response)
+        if envelope is None:
+            envelope = self._envelope_for_status(claim, status, retry_after)
+        elif retry_after is not None and "retryAfter" not in envelope:
+            envelope = {**envelope, "retryAfter": retry_after}
+        return Outcome(success=False, error=envelope)
+
+    def _envelope_for_status(
+        self, claim: Claim, status: int, retry_after: float | None
+    ) -> dict[str, Any]:
+        name = f"Runner {claim.runner_id} answered HTTP {status}"
+        category, code, retryable = {
+            429: ("RATE_LIMITED", "RATE_LIMITED", True),
+            503: ("SERVICE_UNAVAILABLE", "SERVICE_UNAVAILABLE", True),
+            408: ("TIMEOUT", "RUNNER_TIMEOUT", True),
+            504: ("TIMEOUT", "RUNNER_TIMEOUT", True),
+            401: ("AUTHENTICATION_ERROR", "RUNNER_REFUSED_CREDENTIALS", False),
+            403: ("AUTHORIZATION_ERROR", "RUNNER_FORBIDDEN", False),
+            404: ("RESOURCE_NOT_FOUND", "RUNNER_HAS_NO_EXECUTE", False),
+        }.get(status, ("", "", False))
+        if not category:
+            if 200 <= status < 300:
+                category, code, retryable = "RUNNER_ERROR", "INVALID_RUNNER_RESPONSE", True
+                name = f"Runner {claim.runner_id} answered {status} without a valid result"
+            elif status < 500:
+                category, code, retryable = "VALIDATION_ERROR", "RUNNER_REJECTED", False
+            else:
+                category, code, retryable = "RUNNER_ERROR", "RUNNER_FAILED", True
+        return self.jobs.envelope(
+            category,
+            code,
+            name,
+            retryable=retryable,
+            retry_after=retry_after,
+            correlation_id=claim.correlation_id,
+        )
+
+
+def _envelope_in(body: Any) -> dict[str, Any] | None:
+    """The contract-valid ErrorEnvelope in a runner's answer (``body.error`` or the body)."""
+    if not isinstance(body, dict):
+        return None
+    for candidate in (body.get("error"), body):
+        if isinstance(candidate, dict):
+            try:
+                loaded: dict[str, Any] = _ENVELOPE_SCHEMA.load(candidate)
+            except ValidationError:
+                continue
+            return loaded
+    return None
+
+
+class _Offer:
+    """Free slots of one capability of one runner, during one matching round."""
+
+    __slots__ = ("capability_id", "free", "order", "runner", "types")
+
+    def __init__(
+        self, runner: db.Row, capability_id: str, types: frozenset[str], free: int, order: int
+    ) -> None:
+        self.runner = runner
+        self.capability_id = capability_id
+        self.types = types
+        self.free = free
+        self.order = order
+
+
+def _offers(runners: list[db.Row], used: dict[tuple[str, str], int]) -> list[_Offer]:
+    offers: list[_Offer] = []
+    for order, runner in enumerate(runners):
+        document = db.loads(runner["document"])
+        for capability in document.get("capabilities", []):
+            limit = int(capability.get("maxConcurrency", 1))
+            free = limit - used.get((runner["id"], capability["id"]), 0)
+            types = frozenset(capability.get("supportedJobTypes", []))
+            offers.append(_Offer(runner, capability["id"], types, free, order))
+    return offers

@@ -1,0 +1,673 @@
+"""Jobs: submission, status, cancellation, attempts and their outcomes, events.
+
+The state machine (every change is one transaction that also writes a JobEvent and a
+TruthCore assertion ``(jobId, "status", <status>)``)::
+
+    queued ──dispatch──▶ running ──success──▶ completed
+    running ──failure, policy says retry──▶ retrying ──next attempt time──▶ running
+    running ──failure, no retry / retries used up──▶ failed
+    running ──runner offline or gone──▶ retrying (counted as an attempt, eligible at once)
+    queued/retrying past metadata.expiresAt ──▶ failed (TIMEOUT / JOB_EXPIRED)
+    queued/retrying/running ──cancel──▶ cancelled
+
+A job that is sent to a runner holds one of that runner's capability slots (``slot_runner``)
+until the attempt's answer arrives, the runner goes offline, or the attempt's lease passes.
+A cancelled job keeps its slot while the runner is still working on it, so ``maxConcurrency``
+counts what runners really run. Outcomes are accepted only for the attempt they belong to:
+a late answer for a cancelled or requeued job changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from runnerkit._version import __version__
+from runnerkit.contracts import format_timestamp
+from runnerkit.errors import (
+    Conflict,
+    NotFound,
+    ValidationFailed,
+    make_envelope,
+    retry_delay,
+    should_retry,
+)
+
+from . import db, truth
+from .settings import ForgeSettings
+
+log = logging.getLogger("runnerkit.forge.jobs")
+
+#: Statuses a job can still leave.
+ACTIVE_STATUSES = ("pending", "queued", "retrying", "running")
+#: Statuses a job never leaves.
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+_SLOT_FREE: dict[str, Any] = {"slot_runner": None, "slot_capability": None, "lease_until": None}
+
+
+class Clock:
+    """One instant as both epoch seconds and a contract timestamp."""
+
+    __slots__ = ("ts", "z")
+
+    def __init__(self, ts: float | None = None) -> None:
+        self.ts = time.time() if ts is None else ts
+        self.z = format_timestamp(datetime.fromtimestamp(self.ts, UTC))
+
+
+@dataclass
+class Outcome:
+    """What one attempt produced, whichever way it arrived."""
+
+    success: bool
+    data: Any = None
+    has_data: bool = False
+    error: dict[str, Any] | None = None
+    execution_ms: float | None = None
+    #: The runner answered 202: the job runs on and its result will be POSTed later.
+    accepted: bool = False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One attempt the dispatcher has taken: everything needed to send it."""
+
+    job_id: str
+    attempt: int
+    request: dict[str, Any]
+    runner_id: str
+    runner_name: str
+    base_url: str
+    capability_id: str
+    asynchronous: bool
+    correlation_id: str
+
+
+def correlation_id_for(job_id: str, request: Mapping[str, Any]) -> str:
+    """The job's own correlationId, else a uuid derived from its id (stable across retries)."""
+    given = request.get("metadata", {}).get("correlationId")
+    return str(given) if given else str(uuid.uuid5(uuid.NAMESPACE_URL, f"jobforge:job:{job_id}"))
+
+
+def _error_summary(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "category": envelope.get("category"),
+        "code": envelope.get("code"),
+        "message": envelope.get("message"),
+    }
+
+
+class JobStore:
+    """Every job operation of the forge, shared by the HTTP API and the dispatcher."""
+
+    def __init__(self, database: db.ForgeDB, settings: ForgeSettings) -> None:
+        self.db = database
+        self.settings = settings
+        self.service: str = settings.service_name
+
+    # -- documents -------------------------------------------------------------------------
+
+    def response(self, row: db.Row) -> dict[str, Any]:
+        """The JobResponse of a job row."""
+        body: dict[str, Any] = {
+            "id": row["id"],
+            "status": row["status"],
+            "request": db.loads(row["request"]),
+            "updatedAt": row["updated_at"],
+        }
+        if row["result"] is not None:
+            body["result"] = db.loads(row["result"])
+        if row["error"] is not None:
+            body["error"] = db.loads(row["error"])
+        elif row["status"] == "retrying" and row["last_error"] is not None:
+            body["error"] = db.loads(row["last_error"])
+        return body
+
+    def _emit(
+        self, conn: db.Conn, job_id: str, type_: str, now: Clock, data: Mapping[str, Any]
+    ) -> None:
+        db.insert_event(
+            conn,
+            {
+                "id": str(uuid.uuid4()),
+                "type": type_,
+                "jobId": job_id,
+                "timestamp": now.z,
+                "data": dict(data),
+                "metadata": {"service": self.service, "version": __version__},
+            },
+        )
+
+    def _assert_status(
+        self, conn: db.Conn, job_id: str, status: str, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        truth.record(
+            conn,
+            subject=job_id,
+            predicate="status",
+            obj=status,
+            source=self.service,
+            metadata=metadata,
+        )
+
+    def _get(self, conn: db.Conn, job_id: str) -> db.Row:
+        row = db.get_job(conn, job_id)
+        if row is None:
+            raise NotFound(f"No job {job_id}", code="JOB_NOT_FOUND")
+        return row
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def submit(self, request: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Queue a loaded JobRequest: (202, JobResponse); the same request again → (200, ...).
+
+        The same id with a different request is a 409 RESOURCE_CONFLICT.
+        """
+        document = db.dumps(request)
+        job_id = request["id"]
+        metadata = request["metadata"]
+        now = Clock()
+        with self.db.tx() as conn:
+            existing = db.get_job(conn, job_id)
+            if existing is not None:
+                if existing["request"] != document:
+                    raise Conflict(
+                        f"Job {job_id} was already submitted with a different request",
+                        code="JOB_ID_CONFLICT",
+                        details=[{"message": "A different job has this id", "path": ["id"]}],
+                    )
+                return 200, self.response(existing)
+            scheduled = metadata.get("scheduledAt")
+            expires = metadata.get("expiresAt")
+            db.insert_job(
+                conn,
+                {
+                    "id": job_id,
+                    "type": request["type"],
+                    "priority": request["priority"],
+                    "status": "queued",
+                    "request": document,
+                    "submitted": now.ts,
+                    "updated_at": now.z,
+                    "not_before": truth.epoch(scheduled) if scheduled else None,
+                    "expires": truth.epoch(expires) if expires else None,
+                    "timeout_ms": float(request["timeoutMs"]),
+                },
+            )
+            created = {"type": request["type"], "priority": request["priority"]}
+            self._emit(conn, job_id, "job.created", now, created)
+            self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
+            self._assert_status(conn, job_id, "queued")
+            row = self._get(conn, job_id)
+        return 202, self.response(row)
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        with self.db.connection() as conn:
+            return self.response(self._get(conn, job_id))
+
+    def list(
+        self, *, statuses: Sequence[str] = (), job_type: str | None, limit: int, offset: int
+    ) -> dict[str, Any]:
+        """A PaginatedResponse of JobResponses, newest first."""
+        with self.db.snapshot() as conn:
+            rows, total = db.list_jobs(
+                conn, statuses=statuses, job_type=job_type, limit=limit, offset=offset
+            )
+        items = [self.response(r) for r in rows]
+        return {
+            "items": items,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "hasMore": offset + len(items) < total,
+        }
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """queued/retrying/running → cancelled; cancelling a cancelled job changes nothing.
+
+        A completed or failed job is a 409 RESOURCE_CONFLICT.
+        """
+        now = Clock()
+        with self.db.tx() as conn:
+            row = self._get(conn, job_id)
+            if row["status"] == "cancelled":
+                return self.response(row)
+            if row["status"] in FINAL_STATUSES:
+                raise Conflict(
+                    f"Job {job_id} is already {row['status']} and cannot be cancelled",
+                    code="JOB_FINISHED",
+                )
+            db.update_job(
+                conn,
+                job_id,
+                {"status": "cancelled", "updated_at": now.z, "not_before": None},
+                statuses=ACTIVE_STATUSES,
+            )
+            self._emit(conn, job_id, "job.cancelled", now, {"previousStatus": row["status"]})
+            self._assert_status(conn, job_id, "cancelled")
+            return self.response(self._get(conn, job_id))
+
+    def deliver_result(self, job_id: str, response: Mapping[str, Any]) -> tuple[str, dict]:
+        """Record a RunnerExecutionResponse POSTed by a runner (an async job's result).
+
+        Returns what happened (``recorded``, ``duplicate`` or ``ignored``) and the JobResponse.
+        The same delivery twice is recorded once; a result for a job that is no longer
+        running (cancelled, requeued, finished) or from a runner that is not running its
+        current attempt changes nothing.
+        """
+        if response["jobId"] != job_id:
+            raise ValidationFailed(
+                "jobId in the body does not match the URL",
+                code="JOB_ID_MISMATCH",
+                details=[{"message": f"Expected {job_id}", "path": ["jobId"]}],
+            )
+        digest = hashlib.sha256(db.dumps(response).encode()).hexdigest()
+        now = Clock()
+        with self.db.tx() as conn:
+            row = self._get(conn, job_id)
+            if not db.record_delivery(conn, job_id, digest, now.ts):
+                return "duplicate", self.response(row)
+            from_runner = response["runnerId"]
+            if row["status"] != "running" or row["runner_id"] != from_runner:
+                if row["slot_runner"] == from_runner and row["status"] != "running":
+                    db.update_job(conn, job_id, _SLOT_FREE, attempts=row["attempts"])
+                log.info(
+                    "ignored a result for job %s (status %s, from runner %s)",
+                    job_id,
+                    row["status"],
+                    from_runner,
+                )
+                return "ignored", self.response(row)
+            outcome = Outcome(
+                success=bool(response["success"]),
+                data=response.get("data"),
+                has_data="data" in response,
+                error=response.get("error"),
+                execution_ms=float(response["executionTimeMs"]),
+            )
+            if not outcome.success and outcome.error is None:
+                outcome.error = self.envelope(
+                    "RUNNER_ERROR",
+                    "MISSING_ERROR",
+                    "The runner reported a failure without an error envelope",
+                    retryable=True,
+                )
+            self._apply(conn, row, outcome, now)
+            return "recorded", self.response(self._get(conn, job_id))
+
+    def add_progress(self, job_id: str, event: Mapping[str, Any]) -> bool:
+        """Store a runner's ``job.progress`` JobEvent.
+
+        Runners report progress through an outbox, so an event may arrive after the job
+        finished; it is kept as long as the job was ever sent to a runner. False when the job
+        never started or the event (by id) is already stored.
+        """
+        problems = []
+        if event["jobId"] != job_id:
+            problems.append({"message": f"Expected {job_id}", "path": ["jobId"]})
+        if event["type"] != "job.progress":
+            problems.append(
+                {"message": "Runners may only post job.progress events", "path": ["type"]}
+            )
+        if problems:
+            raise ValidationFailed("The event cannot be recorded for this job", details=problems)
+        with self.db.tx() as conn:
+            row = self._get(conn, job_id)
+            if int(row["attempts"]) == 0:
+                return False
+            return db.insert_event(conn, dict(event))
+
+    def events(self, job_id: str, *, limit: int, offset: int) -> dict[str, Any]:
+        """A PaginatedResponse of the job's JobEvents, oldest first."""
+        with self.db.snapshot() as conn:
+            self._get(conn, job_id)
+            rows, total = db.list_events(conn, job_id, limit=limit, offset=offset)
+        items = [db.loads(r["document"]) for r in rows]
+        return {
+            "items": items,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "hasMore": offset + len(items) < total,
+        }
+
+    def counts(self) -> dict[str, int]:
+        with self.db.connection() as conn:
+            return db.count_jobs_by_status(conn)
+
+    # -- the dispatcher's side -------------------------------------------------------------
+
+    def envelope(
+        self,
+        category: str,
+        code: str,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        correlation_id: str | None = None,
+    ) -> dict[str, Any]:
+        """An ErrorEnvelope the forge makes itself (network errors, timeouts, expiry)."""
+        return make_envelope(
+            category,
+            code,
+            message,
+            service=self.service,
+            retryable=retryable,
+            retry_after=retry_after,
+            operation="dispatch",
+            correlation_id=correlation_id,
+        )
+
+    def claim(
+        self, row: db.Row, runner: db.Row, capability_id: str, now: Clock | None = None
+    ) -> Claim | None:
+        """Start the next attempt of a waiting job on ``runner``; None if the job moved on."""
+        now = now or Clock()
+        request = db.loads(row["request"])
+        timeout_ms = float(row["timeout_ms"])
+        asynchronous = timeout_ms > self.settings.async_threshold_ms
+        margin = float(self.settings.dispatch_margin_ms)
+        lease_ms = timeout_ms + margin * (2 if asynchronous else 1)
+        attempt = int(row["attempts"]) + 1
+        with self.db.tx() as conn:
+            taken = db.update_job(
+                conn,
+                row["id"],
+                {
+                    "status": "running",
+                    "updated_at": now.z,
+                    "attempts": attempt,
+                    "not_before": None,
+                    "runner_id": runner["id"],
+                    "runner_name": runner["name"],
+                    "runner_version": runner["version"],
+                    "capability_id": capability_id,
+                    "first_started_at": row["first_started_at"] or now.z,
+                    "attempt_started_at": now.z,
+                    "slot_runner": runner["id"],
+                    "slot_capability": capability_id,
+                    "lease_until": now.ts + lease_ms / 1000.0,
+                    "async": int(asynchronous),
+                },
+                statuses=("queued", "retrying"),
+                attempts=int(row["attempts"]),
+            )
+            if not taken:
+                return None
+            started = {
+                "attempt": attempt,
+                "runnerId": runner["id"],
+                "capabilityId": capability_id,
+                "async": asynchronous,
+            }
+            self._emit(conn, row["id"], "job.started", now, started)
+            self._assert_status(conn, row["id"], "running", {"attempt": attempt})
+        return Claim(
+            job_id=row["id"],
+            attempt=attempt,
+            request=request,
+            runner_id=runner["id"],
+            runner_name=runner["name"],
+            base_url=runner["base_url"],
+            capability_id=capability_id,
+            asynchronous=asynchronous,
+            correlation_id=correlation_id_for(row["id"], request),
+        )
+
+    def finish(self, job_id: str, attempt: int, outcome: Outcome) -> str:
+        """Record what attempt ``attempt`` of a job produced.
+
+        Returns ``recorded``, ``accepted`` (202: the result comes later) or ``ignored`` (the
+        job was cancelled or requeued meanwhile; only its runner slot is given back).
+        """
+        now = Clock()
+        with self.db.tx() as conn:
+            row = db.get_job(conn, job_id)
+            if row is None:
+                return "ignored"
+            if row["status"] != "running" or int(row["attempts"]) != attempt:
+                if row["slot_runner"] is not None and int(row["attempts"]) == attempt:
+                    db.update_job(conn, job_id, _SLOT_FREE, attempts=attempt)
+                return "ignored"
+            if outcome.accepted:
+                timeout_ms = float(row["timeout_ms"])
+                lease_ms = timeout_ms + 2 * float(self.settings.dispatch_margin_ms)
+                db.update_job(
+                    conn,
+                    job_id,
+                    {"async": 1, "lease_until": now.ts + lease_ms / 1000.0},
+                    attempts=attempt,
+                )
+                return "accepted"
+            self._apply(conn, row, outcome, now)
+            return "recorded"
+
+    def _apply(self, conn: db.Conn, row: db.Row, outcome: Outcome, now: Clock) -> None:
+        """Turn the current attempt's outcome into completed / retrying / failed."""
+        job_id = row["id"]
+        attempts = int(row["attempts"])
+        if outcome.success:
+            result: dict[str, Any] = {"success": True}
+            if outcome.has_data:
+                result["data"] = outcome.data
+            result["metadata"] = self._result_metadata(row, now, attempts)
+            db.update_job(
+                conn,
+                job_id,
+                {
+                    **_SLOT_FREE,
+                    "status": "completed",
+                    "updated_at": now.z,
+                    "result": db.dumps(result),
+                    "error": None,
+                    "last_error": None,
+                },
+                statuses=("running",),
+                attempts=attempts,
+            )
+            done = {
+                "attempts": attempts,
+                "runnerId": row["runner_id"],
+                "durationMs": result["metadata"]["durationMs"],
+            }
+            self._emit(conn, job_id, "job.completed", now, done)
+            self._assert_status(conn, job_id, "completed", {"attempts": attempts})
+            self._assert_result(conn, row, result)
+            return
+        envelope = outcome.error or self.envelope(
+            "RUNNER_ERROR", "UNKNOWN_FAILURE", "The attempt failed", retryable=True
+        )
+        self._retry_or_fail(conn, row, envelope, now, {**_SLOT_FREE})
+
+    def _retry_or_fail(
+        self,
+        conn: db.Conn,
+        row: db.Row,
+        envelope: Mapping[str, Any],
+        now: Clock,
+        values: Mapping[str, Any],
+        *,
+        immediate: bool = False,
+    ) -> str:
+        """Apply the job's RetryPolicy to a failed attempt: ``retrying`` or ``failed``."""
+        job_id = row["id"]
+        attempts = int(row["attempts"])
+        policy = db.loads(row["request"])["retryPolicy"]
+        if should_retry(envelope, policy) and attempts <= int(policy["maxRetries"]):
+            delay_ms = 0.0 if immediate else retry_delay(attempts - 1, policy)
+            retry_after = envelope.get("retryAfter")
+            if retry_after is not None and not immediate:
+                capped = min(float(retry_after), float(self.settings.retry_after_cap_s))
+                delay_ms = max(delay_ms, capped * 1000.0)
+            next_at = now.ts + delay_ms / 1000.0
+            db.update_job(
+                conn,
+                job_id,
+                {
+                    **values,
+                    "status": "retrying",
+                    "updated_at": now.z,
+                    "not_before": next_at,
+                    "last_error": db.dumps(envelope),
+                },
+                attempts=attempts,
+            )
+            retrying = {
+                "attempt": attempts,
+                "delayMs": delay_ms,
+                "nextAttemptAt": Clock(next_at).z,
+                "error": _error_summary(envelope),
+            }
+            self._emit(conn, job_id, "job.retrying", now, retrying)
+            self._assert_status(conn, job_id, "retrying", {"attempts": attempts})
+            return "retrying"
+        self._fail(conn, row, envelope, now, values)
+        return "failed"
+
+    def _fail(
+        self,
+        conn: db.Conn,
+        row: db.Row,
+        envelope: Mapping[str, Any],
+        now: Clock,
+        values: Mapping[str, Any],
+        *,
+        event: str = "job.failed",
+    ) -> None:
+        job_id = row["id"]
+        attempts = int(row["attempts"])
+        update: dict[str, Any] = {
+            **values,
+            "status": "failed",
+            "updated_at": now.z,
+            "not_before": None,
+            "error": db.dumps(envelope),
+        }
+        result: dict[str, Any] | None = None
+        if attempts > 0:  # JobResult.metadata.attempts must be positive
+            result = {
+                "success": False,
+                "error": dict(envelope),
+                "metadata": self._result_metadata(row, now, attempts),
+            }
+            update["result"] = db.dumps(result)
+        db.update_job(conn, job_id, update, attempts=attempts)
+        summary = {"attempts": attempts, "error": _error_summary(envelope)}
+        if event != "job.failed":
+            self._emit(conn, job_id, event, now, summary)
+        self._emit(conn, job_id, "job.failed", now, summary)
+        self._assert_status(conn, job_id, "failed", {"attempts": attempts})
+        if result is not None:
+            self._assert_result(conn, row, result)
+
+    def _result_metadata(self, row: db.Row, now: Clock, attempts: int) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"completedAt": now.z, "durationMs": 0.0}
+        started = row["first_started_at"]
+        if started:
+            metadata["startedAt"] = started
+            metadata["durationMs"] = round(max(0.0, now.ts - truth.epoch(started)) * 1000.0, 3)
+        metadata["attempts"] = max(1, attempts)
+        if row["runner_id"]:
+            metadata["runnerId"] = row["runner_id"]
+        if row["runner_version"]:
+            metadata["runnerVersion"] = row["runner_version"]
+        return metadata
+
+    def _assert_result(self, conn: db.Conn, row: db.Row, result: Mapping[str, Any]) -> None:
+        truth.record(
+            conn,
+            subject=row["id"],
+            predicate="result",
+            obj=dict(result),
+            source=row["runner_name"] or self.service,
+            metadata={"recordedBy": self.service, "jobType": row["type"]},
+        )
+
+    def sweep(
+        self, *, in_flight: Mapping[str, int], grace_from: float, now: Clock | None = None
+    ) -> dict[str, int]:
+        """The dispatcher's housekeeping, in one transaction.
+
+        - runners silent for OFFLINE_AFTER_MISSED heartbeat intervals become ``offline``
+          (counted from ``grace_from`` at the earliest, the moment this dispatcher took
+          over, so a restarted forge gives every runner a full window to heartbeat again);
+        - jobs running on an offline runner, or on a runner that is no longer registered
+          (unless this process is still waiting for that runner's answer), are requeued as
+          ``retrying``, counted as an attempt and eligible at once;
+        - an attempt whose lease has passed with nobody waiting for it (e.g. the forge
+          restarted while an execution was in flight) fails with a retryable TIMEOUT;
+        - waiting jobs past ``metadata.expiresAt`` fail as expired.
+
+        ``in_flight`` maps job id → attempt of the executions this process is waiting on.
+        """
+        now = now or Clock()
+        summary = {"offline": 0, "requeued": 0, "overdue": 0, "expired": 0}
+        with self.db.tx() as conn:
+            offline = db.mark_runners_offline(
+                conn,
+                now=now.ts,
+                grace_from=grace_from,
+                missed=int(self.settings.offline_after_missed),
+            )
+            summary["offline"] = len(offline)
+            for runner_id in offline:
+                log.warning("runner %s missed its heartbeats and is offline", runner_id)
+            for row in db.jobs_holding_slots(conn):
+                summary_key = self._sweep_job(conn, row, in_flight, now)
+                if summary_key:
+                    summary[summary_key] += 1
+            for row in db.expired_jobs(conn, now=now.ts):
+                expired_at = db.loads(row["request"])["metadata"]["expiresAt"]
+                envelope = self.envelope(
+                    "TIMEOUT",
+                    "JOB_EXPIRED",
+                    f"Job {row['id']} expired at {expired_at} before it could run",
+                    retryable=False,
+                )
+                self._fail(conn, row, envelope, now, {}, event="job.expired")
+                summary["expired"] += 1
+        return summary
+
+    def _sweep_job(
+        self, conn: db.Conn, row: db.Row, in_flight: Mapping[str, int], now: Clock
+    ) -> str | None:
+        attempt = int(row["attempts"])
+        waiting_here = in_flight.get(row["id"]) == attempt
+        runner_status = row["runner_status"]
+        running = row["status"] == "running"
+        if runner_status == "offline" or (runner_status is None and not waiting_here):
+            gone = "went offline" if runner_status == "offline" else "is no longer registered"
+            if not running:
+                db.update_job(conn, row["id"], _SLOT_FREE, attempts=attempt)
+                return None
+            envelope = self.envelope(
+                "NETWORK_ERROR",
+                "RUNNER_OFFLINE" if runner_status == "offline" else "RUNNER_GONE",
+                f"Runner {row['runner_id']} {gone} while running attempt {attempt}",
+                retryable=True,
+            )
+            self._retry_or_fail(conn, row, envelope, now, _SLOT_FREE, immediate=True)
+            return "requeued"
+        lease = row["lease_until"]
+        if lease is not None and lease < now.ts and not waiting_here:
+            if not running:
+                db.update_job(conn, row["id"], _SLOT_FREE, attempts=attempt)
+                return None
+            envelope = self.envelope(
+                "TIMEOUT",
+                "RESULT_OVERDUE",
+                f"No result for attempt {attempt} within {row['timeout_ms']:g} ms "
+                "(plus the dispatch margin)",
+                retryable=True,
+            )
+            self._retry_or_fail(conn, row, envelope, now, _SLOT_FREE)
+            return "overdue"
+        return None

@@ -1,0 +1,130 @@
+"""TruthCore: the assertion store (``POST /assert``, ``POST /query``).
+
+Assertions are kept as the loaded contract document; ``object`` is also kept as canonical JSON
+so a pattern's ``object`` matches by value (``1`` matches ``1.0``, key order does not matter).
+A query returns unexpired assertions matching the pattern and filters, newest first. An empty
+``sources`` list is treated like an absent one (no source filter).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from runnerkit.contracts import TruthAssertionSchema, parse_timestamp, utc_now
+from runnerkit.errors import Conflict
+
+from . import db
+
+_ASSERTION_SCHEMA = TruthAssertionSchema()
+
+#: Epoch seconds of 0000-01-01T00:00:00Z, which Zod accepts and Python's datetime cannot hold.
+_YEAR_ZERO = -62_167_219_200.0
+
+
+def epoch(timestamp: str) -> float:
+    """Epoch seconds of a contract timestamp (year 0000 maps to its real instant)."""
+    try:
+        return parse_timestamp(timestamp).timestamp()
+    except ValueError:
+        if timestamp.startswith("0000-"):
+            return _YEAR_ZERO + (
+                parse_timestamp("2000" + timestamp[4:]).timestamp()
+                - parse_timestamp("2000-01-01T00:00:00Z").timestamp()
+            )
+        raise
+
+
+def _row_values(assertion: Mapping[str, Any]) -> dict[str, Any]:
+    expires = assertion.get("expiresAt")
+    return {
+        "id": assertion["id"],
+        "subject": assertion["subject"],
+        "predicate": assertion["predicate"],
+        "object": db.dumps(assertion["object"]),
+        "confidence": float(assertion["confidence"]),
+        "source": assertion["source"],
+        "ts": epoch(assertion["timestamp"]),
+        "expires": None if expires is None else epoch(expires),
+        "document": db.dumps(assertion),
+    }
+
+
+def record(
+    conn: db.Conn,
+    *,
+    subject: str,
+    predicate: str,
+    obj: Any,
+    source: str,
+    metadata: Mapping[str, Any] | None = None,
+    confidence: float = 1,
+) -> dict[str, Any]:
+    """Store an assertion the forge makes itself (inside the caller's transaction)."""
+    assertion: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "subject": subject,
+        "predicate": predicate,
+        "object": obj,
+        "confidence": confidence,
+        "source": source,
+        "timestamp": utc_now(),
+        "metadata": dict(metadata or {}),
+    }
+    db.insert_assertion(conn, _row_values(assertion))
+    return assertion
+
+
+class TruthStore:
+    """``POST /assert`` and ``POST /query`` over the forge database."""
+
+    def __init__(self, database: db.ForgeDB) -> None:
+        self.db = database
+
+    def add(self, assertion: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Store a loaded TruthAssertion: 201 when new, 200 when the same one was stored.
+
+        The same id with a different document is a 409 RESOURCE_CONFLICT.
+        """
+        document = db.dumps(assertion)
+        with self.db.tx() as conn:
+            existing = db.get_assertion(conn, assertion["id"])
+            if existing is not None:
+                if existing["document"] != document:
+                    raise Conflict(
+                        f"Assertion {assertion['id']} exists with different content",
+                        code="ASSERTION_CONFLICT",
+                    )
+                return 200, db.loads(existing["document"])
+            db.insert_assertion(conn, _row_values(assertion))
+        return 201, db.loads(document)
+
+    def query(self, query: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer a loaded TruthQuery with a TruthQueryResult."""
+        started = time.perf_counter()
+        pattern = query["pattern"]
+        filters = query["filters"]
+        with self.db.snapshot() as conn:
+            rows, total = db.query_assertions(
+                conn,
+                now=time.time(),
+                subject=pattern.get("subject"),
+                predicate=pattern.get("predicate"),
+                object_json=db.dumps(pattern["object"]) if "object" in pattern else None,
+                min_confidence=float(filters["minConfidence"]),
+                sources=filters.get("sources") or None,
+                before=epoch(filters["before"]) if "before" in filters else None,
+                after=epoch(filters["after"]) if "after" in filters else None,
+                limit=query["limit"],
+                offset=query["offset"],
+            )
+        assertions = [db.loads(r["document"]) for r in rows]
+        return {
+            "queryId": query["id"],
+            "assertions": assertions,
+            "totalCount": total,
+            "hasMore": query["offset"] + len(assertions) < total,
+            "queryTimeMs": round((time.perf_counter() - started) * 1000.0, 3),
+        }

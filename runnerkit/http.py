@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from runnerkit.errors import PayloadTooLarge, make_envelope
 from runnerkit.metrics import exposition, metrics
+from runnerkit.openapi import openapi_document
 
 log = logging.getLogger("runnerkit.http")
 
@@ -81,6 +82,11 @@ def live() -> Response:
 def ready() -> Response:
     status, body = _runner().readiness()
     return _json(status, body)
+
+
+@blueprint.get("/openapi.json")
+def openapi() -> Response:
+    return _json(200, openapi_document(_runner()))
 
 
 @blueprint.get("/metrics")

@@ -26,6 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy runnerkit app.py
+	$(BIN)/hadolint deploy/Dockerfile
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -274,6 +274,16 @@ def default_state_dir(runner_name: str, port: int) -> str:
     return os.path.join(tempfile.gettempdir(), "runnerkit", f"{safe}-{port}")
 
 
+def settings_table(settings: tuple[Setting, ...], prefix: str) -> str:
+    """A Markdown table of ``settings`` (docs/configuration.md is checked against it)."""
+    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for item in settings:
+        names = " / ".join([f"`{prefix}{item.name}`", *(f"`{a}`" for a in item.aliases)])
+        default = "(empty)" if item.default == "" else f"`{item.default}`"
+        lines.append(f"| {names} | {default} | {item.help} |")
+    return "\n".join(lines)
+
+
 def setting(name: str) -> Setting:
     """The documented setting called ``name`` (without prefix)."""
     return _BY_NAME[name]

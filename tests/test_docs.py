@@ -1,0 +1,29 @@
+"""Documentation that must not drift from the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from runnerkit.config import SETTINGS, settings_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def section(text: str, name: str) -> str:
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, re.DOTALL)
+    assert match, f"docs/configuration.md has no {name} section"
+    return match.group(1)
+
+
+def test_configuration_doc_lists_every_runner_setting_with_its_default() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert section(doc, "runner-settings") == settings_table(SETTINGS, "RUNNERKIT_"), (
+        "docs/configuration.md is out of date: regenerate the table from runnerkit.config"
+    )
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    head = (ROOT / "README.md").read_text().splitlines()[:12]
+    assert any(line.startswith("make run") for line in head)
+    assert any(line.startswith("make test") for line in head)

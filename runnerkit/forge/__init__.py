@@ -1,13 +1,38 @@
 """runnerkit.forge: the reference control plane (JobForge + TruthCore) on one SQLite file.
 
 Serve it with ``gunicorn runnerkit.forge:app`` (any number of workers: exactly one of them
-dispatches at a time) or build your own with :func:`create_app`. Importing this package has no
-side effects: ``app`` is created on first access.
+dispatches at a time, see ``dispatcher``) or build an app with :func:`create_app`. Importing
+this package has no side effects: ``app`` is created, from the environment, on first access.
+
+Endpoints (every error is ``{"success": false, "error": <ErrorEnvelope>}``; bodies must be
+JSON objects: 415 otherwise, 400 for invalid JSON):
+
+- runners (Bearer TOKEN when set): ``POST /runners/register`` → 201
+  RunnerRegistrationResponse; ``POST /runners/heartbeat`` → 200, 404 for an unknown runner;
+  ``DELETE /runners/<id>`` → 204; ``GET /runners[?status=&limit=&offset=]`` →
+  PaginatedResponse of RunnerMetadata; ``GET /runners/<id>`` → RunnerMetadata;
+- jobs: ``POST /jobs`` → 202 JobResponse (same id and body again → 200, different body →
+  409); ``GET /jobs/<id>``; ``GET /jobs[?status=a,b&type=&limit=&offset=]`` →
+  PaginatedResponse of JobResponse, newest first; ``POST /jobs/<id>/cancel``;
+- from runners (Bearer TOKEN when set): ``POST /jobs/<id>/result`` (RunnerExecutionResponse of
+  an async job; header ``X-Result-Outcome: recorded|duplicate|ignored``),
+  ``POST /jobs/<id>/events`` (a ``job.progress`` JobEvent) → 202, and
+  ``GET /jobs/<id>/events`` → PaginatedResponse of JobEvent, oldest first;
+- TruthCore: ``POST /assert`` → 201 TruthAssertion (200 when already stored),
+  ``POST /query`` → TruthQueryResult;
+- ``GET /health`` → HealthCheck (checks ``database`` and ``dispatcher``; 200 or 503);
+  ``GET /`` → a dashboard page.
+
+Settings (``RUNNERKIT_FORGE_<NAME>``, defaults in :mod:`runnerkit.forge.settings`): DB_PATH,
+TOKEN, RUNNER_TOKEN, SIGNING_SECRET, HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED,
+ASYNC_THRESHOLD_MS, DISPATCH_MARGIN_MS, CONNECT_TIMEOUT_MS, DISPATCH_THREADS,
+POLL_INTERVAL_MS, DISPATCHER, DISPATCHER_STALE_MS, SERVICE_NAME, MAX_PAGE_SIZE,
+RETRY_AFTER_CAP_S.
 
 Modules: ``settings`` (every knob and its default), ``db`` (schema and queries), ``runners``
 (registration, heartbeats), ``jobs`` (the job state machine, retries, events), ``truth``
 (assertions and queries), ``dispatcher`` (matching jobs to runners, sending them), ``api``
-(the Flask routes and the dashboard).
+(the Flask routes, health and the dashboard).
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ def list_runners(
     where, args = ("WHERE status = ?", [status]) if status else ("", [])
     total = conn.execute(f"SELECT COUNT(*) FROM runners {where}", args).fetchone()[0]
     rows = conn.execute(
-        f"SELECT * FROM runners {where} ORDER BY registered_at, id LIMIT ? OFFSET ?",
+        f"SELECT * FROM runners {where} ORDER BY rowid LIMIT ? OFFSET ?",
         [*args, limit, offset],
     ).fetchall()
     return rows, int(total)
@@ -345,7 +345,7 @@ def dispatchable_runners(conn: Conn) -> list[Row]:
     """Runners the dispatcher may send work to: healthy or degraded, with an HTTP base URL."""
     return conn.execute(
         "SELECT * FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != ''"
-        " ORDER BY registered_at, id"
+        " ORDER BY rowid"
     ).fetchall()
 
 

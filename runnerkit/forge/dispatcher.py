@@ -16,22 +16,21 @@ One tick of the holder:
    (counted from the forge's own records), the runner with the fewest held slots first. A job
    no runner can take stays queued;
 3. sending: ``POST <runner base>/execute`` with a RunnerExecutionRequest, in a thread pool of
-   DISPATCH_THREADS so slow jobs do not block others. Jobs with ``timeoutMs`` above
+   DISPATCH_THREADS so slow jobs do not block others, with ``X-Correlation-Id``, the
+   RUNNER_TOKEN as a bearer token and, with SIGNING_SECRET, the ControlPlane webhook
+   signature (:mod:`runnerkit.signing`). Jobs with ``timeoutMs`` above
    ASYNC_THRESHOLD_MS are sent with ``Prefer: respond-async``; a 202 means the result will
    arrive on ``POST /jobs/<id>/result``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,6 +39,7 @@ from marshmallow import ValidationError
 
 from runnerkit._version import __version__
 from runnerkit.contracts import ErrorEnvelopeSchema
+from runnerkit.signing import sign
 from runnerkit.state import FileLock
 
 from . import db
@@ -50,22 +50,12 @@ log = logging.getLogger("runnerkit.forge.dispatcher")
 
 _ENVELOPE_SCHEMA = ErrorEnvelopeSchema()
 
-#: How often the lock holder records its heartbeat and runs housekeeping (at most).
+#: How often the lock holder records its heartbeat (at most; and at least 4 times per
+#: DISPATCHER_STALE_MS) and runs housekeeping.
 HEARTBEAT_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.25
 #: A non-holder tries to take the lock this often (at least).
 FOLLOWER_POLL_S = 0.25
-
-
-def sign(secret: str, raw: bytes, *, now_ms: int | None = None) -> dict[str, str]:
-    """The ControlPlane webhook signature headers for a request body."""
-    timestamp = str(int(time.time() * 1000) if now_ms is None else now_ms)
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + raw, hashlib.sha256)
-    return {
-        "x-webhook-signature": f"v1={digest.hexdigest()}",
-        "x-webhook-timestamp": timestamp,
-        "x-webhook-event-id": str(uuid.uuid4()),
-    }
 
 
 def execution_request(claim: Claim) -> dict[str, Any]:
@@ -114,6 +104,7 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: dict[str, int] = {}
+        self._busy = 0  # executions being sent (a requeued job may briefly have two)
         self._in_flight_lock = threading.Lock()
         self._last_heartbeat = 0.0
         self._last_sweep = 0.0
@@ -198,7 +189,8 @@ class Dispatcher:
     def tick(self) -> int:
         """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent."""
         now = Clock()
-        if now.ts - self._last_heartbeat >= HEARTBEAT_EVERY_S:
+        every = min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
+        if now.ts - self._last_heartbeat >= every:
             self._heartbeat(now)
         if now.ts - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = now.ts
@@ -222,19 +214,27 @@ class Dispatcher:
         if pool is None:
             return 0
         with self._in_flight_lock:
-            free = int(self.settings.dispatch_threads) - len(self._in_flight)
+            free = int(self.settings.dispatch_threads) - self._busy
         if free <= 0:
             return 0
         with self.db.snapshot() as conn:
             runners = db.dispatchable_runners(conn)
             used = db.slot_counts(conn)
             offers = _offers(runners, used)
-            types = sorted({t for offer in offers for t in offer.types if offer.free > 0})
-            rows = (
-                db.eligible_jobs(conn, now=now.ts, limit=free * 4 + 16, types=types)
-                if types
-                else []
-            )
+            capacity: dict[str, int] = {}
+            for offer in offers:
+                for job_type in offer.types if offer.free > 0 else ():
+                    capacity[job_type] = capacity.get(job_type, 0) + offer.free
+            # Per type, at most as many jobs as could start: a backlog of one saturated type
+            # must not hide the jobs of another type behind it.
+            rows = [
+                row
+                for job_type, slots in sorted(capacity.items())
+                for row in db.eligible_jobs(
+                    conn, now=now.ts, limit=min(slots, free), types=[job_type]
+                )
+            ]
+        rows.sort(key=lambda r: (-int(r["priority"]), int(r["seq"])))
         runner_load: dict[str, int] = {}
         for (runner_id, _capability), count in used.items():
             runner_load[runner_id] = runner_load.get(runner_id, 0) + count
@@ -253,11 +253,11 @@ class Dispatcher:
             runner_load[offer.runner["id"]] = runner_load.get(offer.runner["id"], 0) + 1
             with self._in_flight_lock:
                 self._in_flight[claim.job_id] = claim.attempt
+                self._busy += 1
             try:
                 pool.submit(self._send, claim)
             except RuntimeError:  # the pool was shut down under us: the lease recovers it
-                with self._in_flight_lock:
-                    self._in_flight.pop(claim.job_id, None)
+                self._done(claim)
                 break
             sent += 1
             self.dispatched += 1
@@ -280,10 +280,14 @@ class Dispatcher:
         except Exception:
             log.exception("dispatch of job %s failed", claim.job_id)
         finally:
-            with self._in_flight_lock:
-                if self._in_flight.get(claim.job_id) == claim.attempt:
-                    del self._in_flight[claim.job_id]
+            self._done(claim)
             self._wake.set()
+
+    def _done(self, claim: Claim) -> None:
+        with self._in_flight_lock:
+            self._busy -= 1
+            if self._in_flight.get(claim.job_id) == claim.attempt:
+                del self._in_flight[claim.job_id]
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
@@ -306,7 +310,7 @@ class Dispatcher:
         if self.settings.runner_token:
             headers["Authorization"] = f"Bearer {self.settings.runner_token}"
         if self.settings.signing_secret:
-            headers.update(sign(self.settings.signing_secret, raw))
+            headers.update(sign(raw, self.settings.signing_secret))
         timeout_ms = float(claim.request["timeoutMs"]) + float(self.settings.dispatch_margin_ms)
         timeout = (float(self.settings.connect_timeout_ms) / 1000.0, timeout_ms / 1000.0)
         url = f"{claim.base_url}/execute"

@@ -254,7 +254,9 @@ class JobStore:
             self._assert_status(conn, job_id, "cancelled")
             return self.response(self._get(conn, job_id))
 
-    def deliver_result(self, job_id: str, response: Mapping[str, Any]) -> tuple[str, dict]:
+    def deliver_result(
+        self, job_id: str, response: Mapping[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
         """Record a RunnerExecutionResponse POSTed by a runner (an async job's result).
 
         Returns what happened (``recorded``, ``duplicate`` or ``ignored``) and the JobResponse.

@@ -63,7 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _str,
         "Bearer token runners must send (Authorization: Bearer ...) on /runners*, "
-        "POST /jobs/<id>/result and /jobs/<id>/events; empty disables the check.",
+        "POST /jobs/{id}/result and /jobs/{id}/events; empty disables the check.",
     ),
     Setting(
         "RUNNER_TOKEN",
@@ -76,7 +76,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _str,
         "When set, every POST /execute is signed with the ControlPlane webhook scheme "
-        "(x-webhook-signature/-timestamp/-event-id, HMAC-SHA256).",
+        "(x-webhook-signature/-timestamp/-event-id, HMAC-SHA256; see runnerkit.signing).",
     ),
     Setting(
         "HEARTBEAT_INTERVAL_MS",

@@ -1,0 +1,5 @@
+"""``python -m runnerkit`` is the ``runnerkit`` command."""
+
+from runnerkit.cli import main
+
+main()

@@ -48,6 +48,9 @@ def forge_url(url: str | None) -> str:
 
 def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
     kwargs.setdefault("timeout", (3, 30))
+    token = os.environ.get("RUNNERKIT_FORGE_TOKEN") or os.environ.get("RUNNER_TOKEN")
+    if token:
+        kwargs.setdefault("headers", {})["Authorization"] = f"Bearer {token}"
     try:
         return requests.request(method, url, **kwargs)
     except requests.RequestException as exc:
@@ -190,11 +193,13 @@ def wait_for_job(base: str, job_id: str, timeout_s: float) -> dict[str, Any]:
 @click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def runners(url: str | None, as_json: bool) -> None:
-    """List the runners JobForge knows.
+    """List the runners JobForge knows (bearer token from $RUNNERKIT_FORGE_TOKEN if set).
 
     Example: runnerkit runners --json
     """
     response = _call("GET", f"{forge_url(url)}/runners")
+    if response.status_code != 200:
+        raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
     items = response.json().get("items", [])
     if as_json:
         click.echo(json.dumps(items, indent=2))

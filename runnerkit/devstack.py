@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -110,8 +111,14 @@ def run_stack(
     runner_url = f"http://127.0.0.1:{runner_port}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("SERVER_SOFTWARE", None)
+    # One secret for this stack: the forge signs every execution request, the runner checks.
+    secret = env.get("RUNNERKIT_SIGNING_SECRET") or secrets.token_urlsafe(32)
 
-    forge_env = dict(env, RUNNERKIT_FORGE_DB_PATH=str(state / "forge.sqlite3"))
+    forge_env = dict(
+        env,
+        RUNNERKIT_FORGE_DB_PATH=str(state / "forge.sqlite3"),
+        RUNNERKIT_FORGE_SIGNING_SECRET=secret,
+    )
     forge = Server(
         "forge",
         [
@@ -154,6 +161,7 @@ def run_stack(
             RUNNERKIT_JOBFORGE_URL=forge_url,
             RUNNERKIT_TRUTHCORE_URL=forge_url,
             RUNNERKIT_STATE_DIR=str(state / "runner"),
+            RUNNERKIT_SIGNING_SECRET=secret,
             RUNNERKIT_HEARTBEAT_INTERVAL_MS=env.get("RUNNERKIT_HEARTBEAT_INTERVAL_MS", "30000"),
         )
         runner = Server(

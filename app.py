@@ -19,6 +19,7 @@ from runnerkit.contracts import fields as strict
 
 _WORD_RE = re.compile(r"\w+(?:['\u2019]\w+)*", re.UNICODE)
 _SENTENCE_RE = re.compile(r"[.!?]+(?:\s|$)")
+ALGORITHMS = ("sha256", "sha512", "sha1", "md5", "blake2b")
 
 
 class TextStats(Capability):
@@ -29,6 +30,18 @@ class TextStats(Capability):
     job_types = ["text.stats"]
     max_concurrency = 8
     timeout_ms = 5_000
+    examples = [
+        {
+            "input": {"text": "Hello world. Hello!", "top": 1},
+            "output": {
+                "characters": 19,
+                "words": 3,
+                "sentences": 2,
+                "lines": 1,
+                "top_words": [{"word": "hello", "count": 2}],
+            },
+        }
+    ]
 
     class Input(Schema):
         text = strict.StrictString(required=True, validate=validate.Length(max=1_000_000))
@@ -68,7 +81,17 @@ class Checksum(Capability):
     max_concurrency = 8
     timeout_ms = 5_000
 
-    ALGORITHMS = ("sha256", "sha512", "sha1", "md5", "blake2b")
+    examples = [
+        {
+            "input": {"data": "abc"},
+            "output": {
+                "algorithm": "sha256",
+                "digest": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+                "bytes": 3,
+            },
+        },
+        {"input": {"data": "YWJj", "encoding": "base64", "algorithm": "md5"}},
+    ]
 
     class Input(Schema):
         data = strict.StrictString(required=True)
@@ -77,7 +100,7 @@ class Checksum(Capability):
         )
         algorithm = strict.StrictString(
             load_default="sha256",
-            validate=validate.OneOf(["sha256", "sha512", "sha1", "md5", "blake2b"]),
+            validate=validate.OneOf(ALGORITHMS),
         )
 
     class Output(Schema):

@@ -137,6 +137,8 @@ class Capability:
     max_concurrency: ClassVar[int] = 1
     timeout_ms: ClassVar[float] = 30_000
     resources: ClassVar[dict[str, Any]] = {}
+    #: ``[{"input": {...}, "output": {...}}]``: checked by ``runnerkit validate`` (output optional).
+    examples: ClassVar[list[dict[str, Any]]] = []
     Input: ClassVar[type[Schema]]
     Output: ClassVar[type[Schema]]
 

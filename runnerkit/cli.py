@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import click
@@ -84,6 +85,33 @@ def manifest(app: str) -> None:
     except (ImportError, AttributeError) as exc:
         raise click.ClickException(f"cannot load {app}: {exc}") from None
     click.echo(json.dumps(runner.registration_document(), indent=2))
+
+
+@main.command()
+@click.argument("app", default="app:app")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--junit", "junit_path", default=None, help="Also write a JUnit XML report here.")
+def validate(app: str, as_json: bool, junit_path: str | None) -> None:
+    """Check APP against the contracts: exit 0 valid, 1 invalid, 2 could not load.
+
+    Example: runnerkit validate app:app --junit reports/contract.xml
+    """
+    from runnerkit.capability import CapabilityDefinitionError
+    from runnerkit.validate import Check, Report, validate_runner
+
+    try:
+        report = validate_runner(load_runner(app))
+    except CapabilityDefinitionError as exc:
+        report = Report(app, [Check("capabilities are declared correctly", False, [str(exc)])])
+    except (ImportError, SyntaxError, AttributeError, click.ClickException) as exc:
+        message = exc.message if isinstance(exc, click.ClickException) else str(exc)
+        click.echo(f"error: cannot load {app}: {type(exc).__name__}: {message}", err=True)
+        sys.exit(2)
+    if junit_path:
+        Path(junit_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(junit_path).write_text(report.as_junit())
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.as_text())
+    sys.exit(0 if report.valid else 1)
 
 
 @main.command()

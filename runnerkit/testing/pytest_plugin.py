@@ -1,0 +1,77 @@
+"""pytest fixtures for runner authors (loaded automatically once runnerkit is installed).
+
+- ``runner_client``: a :class:`RunnerClient` for the app of your ``runner_app`` fixture;
+- ``contract_validator``: a :class:`ContractValidator`;
+- ``jobforge_stub``: a JobForge stand-in on a free loopback port that records every call;
+- ``forge_server``: the reference control plane on a free loopback port (its URL), with its
+  SQLite file in the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from runnerkit.testing.client import RunnerClient
+from runnerkit.testing.jobforge_stub import JobForgeStub
+from runnerkit.testing.validator import ContractValidator
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def runner_app() -> Flask:
+    """Override this fixture to return your runner's Flask app."""
+    raise pytest.UsageError(
+        "define a `runner_app` fixture returning your runner's Flask app, e.g. "
+        "`return runner.create_app({'RUNNERKIT_STATE_DIR': str(tmp_path)})`"
+    )
+
+
+@pytest.fixture
+def runner_client(runner_app: Flask) -> RunnerClient:
+    return RunnerClient(runner_app)
+
+
+@pytest.fixture
+def contract_validator() -> ContractValidator:
+    return ContractValidator()
+
+
+@pytest.fixture
+def jobforge_stub() -> Iterator[JobForgeStub]:
+    stub = JobForgeStub().start()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+@pytest.fixture
+def forge_server(tmp_path: Path) -> Iterator[str]:
+    from werkzeug.serving import make_server
+
+    from runnerkit.forge import create_app
+
+    app = create_app({"RUNNERKIT_FORGE_DB_PATH": str(tmp_path / "forge.sqlite3")})
+    server = make_server("127.0.0.1", _free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        forge = app.extensions.get("forge")
+        close = getattr(forge, "close", None)
+        if callable(close):
+            close()

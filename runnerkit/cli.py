@@ -88,6 +88,25 @@ def manifest(app: str) -> None:
 
 
 @main.command()
+@click.argument("name")
+@click.option("--dir", "directory", default=None, help="Where to create it (default ./NAME).")
+@click.option("--runnerkit-spec", default=None, help="The runnerkit requirement to depend on.")
+def new(name: str, directory: str | None, runnerkit_spec: str | None) -> None:
+    """Create a runner project NAME: app.py, tests, Makefile, Dockerfile, compose file.
+
+    Example: runnerkit new image-resizer && cd image-resizer && make test
+    """
+    from runnerkit.scaffold import create_project
+
+    target = Path(directory or name)
+    try:
+        files = create_project(name, target, runnerkit_spec)
+    except (ValueError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"created {target}/ ({len(files)} files). Next: cd {target} && make test")
+
+
+@main.command()
 @click.argument("app", default="app:app")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--junit", "junit_path", default=None, help="Also write a JUnit XML report here.")

@@ -1,0 +1,246 @@
+"""``runnerkit new``: a ready runner project whose own ``make test`` passes straight away."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from string import Template
+
+from runnerkit._version import __version__
+
+_SLUG_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+TEMPLATES: dict[str, str] = {
+    "setup.cfg": """\
+[metadata]
+name = $name
+version = 0.1.0
+description = A ControlPlane runner built with runnerkit
+
+[options]
+py_modules = app
+python_requires = >=3.11
+install_requires =
+    $runnerkit_spec
+
+[options.extras_require]
+dev =
+    pytest>=8,<10
+""",
+    "pyproject.toml": """\
+[build-system]
+requires = ["setuptools>=68", "wheel"]
+build-backend = "setuptools.build_meta"
+
+[tool.pytest.ini_options]
+testpaths = ["tests"]
+pythonpath = ["."]
+""",
+    "app.py": '''\
+"""$name: a ControlPlane runner. Serve it with `gunicorn app:app` (or `make run`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, fields, validate
+
+from runnerkit import Capability, Context, Runner
+from runnerkit.contracts import fields as strict
+
+
+class Greet(Capability):
+    """Greets someone, in one of a few languages."""
+
+    id = "greet"
+    version = "1.0.0"
+    job_types = ["$name.greet"]
+    max_concurrency = 4
+    timeout_ms = 5_000
+    examples = [{"input": {"name": "Ada"}, "output": {"greeting": "Hello, Ada!"}}]
+
+    GREETINGS = {"en": "Hello", "fr": "Bonjour", "de": "Hallo"}
+
+    class Input(Schema):
+        name = strict.StrictString(required=True, validate=validate.Length(min=1, max=200))
+        language = strict.StrictString(
+            load_default="en", validate=validate.OneOf(["en", "fr", "de"])
+        )
+
+    class Output(Schema):
+        greeting = fields.String(required=True)
+
+    def run(self, payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        ctx.progress(100, "greeted")
+        return {"greeting": f"{self.GREETINGS[payload['language']]}, {payload['name']}!"}
+
+
+runner = Runner("$name", version="0.1.0", capabilities=[Greet()])
+app = runner.create_app()
+''',
+    "tests/test_app.py": '''\
+"""Contract tests for $name, with runnerkit's test kit (its pytest fixtures load by themselves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from app import runner
+from runnerkit.testing import ContractValidator, RunnerClient
+
+
+@pytest.fixture
+def runner_app(tmp_path: Path) -> Flask:
+    return runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+
+
+def test_greets(runner_client: RunnerClient, contract_validator: ContractValidator) -> None:
+    response = runner_client.execute("greet", {"name": "Ada", "language": "fr"})
+    assert response.status_code == 200
+    assert response.get_json()["data"] == {"greeting": "Bonjour, Ada!"}
+    assert contract_validator.validate("RunnerExecutionResponse", response.get_json()).valid
+
+
+def test_bad_input_is_a_validation_error(runner_client: RunnerClient) -> None:
+    response = runner_client.execute("greet", {"name": 42})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["category"] == "VALIDATION_ERROR"
+    assert error["details"][0]["path"] == ["payload", "name"]
+
+
+def test_registration_document_is_valid(
+    runner_client: RunnerClient, contract_validator: ContractValidator
+) -> None:
+    document = runner_client.get("/capabilities").get_json()
+    assert contract_validator.validate("RunnerRegistrationRequest", document).valid
+''',
+    "Makefile": """\
+PYTHON ?= $$(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $$(VENV)/bin
+STAMP := $$(VENV)/.installed
+PORT ?= 3000
+
+.PHONY: run test docker
+
+$$(STAMP): setup.cfg pyproject.toml
+\ttest -x $$(BIN)/python || $$(PYTHON) -m venv $$(VENV)
+\t$$(BIN)/python -m pip install --quiet -e '.[dev]'
+\ttouch $$(STAMP)
+
+run: $$(STAMP)
+\t$$(BIN)/runnerkit up app:app --runner-port $$(PORT)
+
+test: $$(STAMP)
+\t$$(BIN)/runnerkit validate app:app
+\t$$(BIN)/pytest -q
+
+docker:
+\tdocker build -f deploy/Dockerfile -t $name .
+""",
+    "deploy/gunicorn.conf.py": '''\
+"""gunicorn settings: gthread workers, a timeout above the largest capability timeout."""
+
+import os
+
+bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
+
+
+def post_fork(server, worker):
+    os.environ["RUNNERKIT_WORKER_THREADS"] = str(worker.cfg.threads)
+
+
+def on_exit(server):
+    from runnerkit.lifecycle import on_master_exit
+
+    on_master_exit()
+''',
+    "deploy/Dockerfile": """\
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 BIND_HOST=0.0.0.0 PORT=3000 \\
+    RUNNERKIT_STATE_DIR=/var/lib/runnerkit
+RUN groupadd --system --gid 10001 runner \\
+    && useradd --system --uid 10001 --gid runner --home-dir /app runner \\
+    && mkdir -p /var/lib/runnerkit && chown runner:runner /var/lib/runnerkit
+WORKDIR /app
+COPY setup.cfg pyproject.toml app.py ./
+RUN pip install .
+COPY deploy/gunicorn.conf.py deploy/gunicorn.conf.py
+USER 10001:10001
+EXPOSE 3000
+HEALTHCHECK --interval=15s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/health/live', timeout=2)"]
+CMD ["gunicorn", "-c", "deploy/gunicorn.conf.py", "app:app"]
+""",
+    "deploy/docker-compose.yml": """\
+services:
+  forge:
+    image: $name
+    build: {context: .., dockerfile: deploy/Dockerfile}
+    command: ["gunicorn", "--bind", "0.0.0.0:3002", "runnerkit.forge:app"]
+    environment: {RUNNERKIT_FORGE_DB_PATH: /var/lib/runnerkit/forge.sqlite3}
+    env_file: runnerkit.env
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3002/health', timeout=2)"]
+      interval: 10s
+  runner:
+    image: $name
+    environment: {RUNNERKIT_JOBFORGE_URL: "http://forge:3002", RUNNERKIT_HOST: runner}
+    env_file: runnerkit.env
+    ports: ["3000:3000"]
+    depends_on: {forge: {condition: service_healthy}}
+""",
+    "deploy/runnerkit.env": "RUNNERKIT_SIGNING_SECRET=change-me-to-a-long-random-string\n",
+    ".gitignore": ".venv/\n__pycache__/\n*.egg-info/\nvar/\n",
+    "README.md": """\
+# $name
+
+A ControlPlane runner built with runnerkit $version.
+
+```sh
+make run     # the runner beside a local control plane, with sample jobs
+make test    # contract check (runnerkit validate) and the tests
+```
+
+Add capabilities in `app.py`: subclass `Capability`, declare `Input`/`Output` schemas, implement
+`run(payload, ctx)`, add it to the `Runner`. Ship with `make docker`.
+""",
+}
+
+
+def default_runnerkit_spec() -> str:
+    """Depend on this very runnerkit: its checkout when run from one, else the release."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "setup.cfg").exists() and (root / "runnerkit" / "__init__.py").exists():
+        return f"runnerkit @ {root.as_uri()}"
+    return f"runnerkit>={__version__}"
+
+
+def create_project(name: str, directory: Path, runnerkit_spec: str | None = None) -> list[Path]:
+    """Write the project; refuses an existing non-empty directory. Returns the files written."""
+    if not _SLUG_RE.match(name):
+        raise ValueError(
+            f"{name!r}: use lower-case letters, digits and '-', starting with a letter"
+        )
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty; choose another --dir")
+    values = {
+        "name": name,
+        "version": __version__,
+        "runnerkit_spec": runnerkit_spec or default_runnerkit_spec(),
+    }
+    written = []
+    for relative, template in TEMPLATES.items():
+        path = directory / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(Template(template).substitute(values))
+        written.append(path)
+    return written

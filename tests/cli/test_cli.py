@@ -1,0 +1,164 @@
+"""The `runnerkit` command: new, manifest, validate, submit, runners, jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runnerkit.cli import main
+from runnerkit.testing import ContractValidator
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS = "tests.cli.apps"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNERKIT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("RUNNERKIT_JOBFORGE_URL", raising=False)
+    monkeypatch.chdir(ROOT)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+# --------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize(
+    "command", ["new", "manifest", "validate", "forge", "submit", "runners", "jobs", "up"]
+)
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    code, out, _ = run(command, "--help")
+    assert code == 0
+    assert "Example: runnerkit" in out
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_manifest_prints_a_valid_registration_document() -> None:
+    code, out, _ = run("manifest", f"{APPS}.good:app")
+    assert code == 0
+    document = json.loads(out)
+    assert ContractValidator().validate("RunnerRegistrationRequest", document).valid
+    assert [c["id"] for c in document["capabilities"]] == ["upper"]
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def test_validate_a_good_app_exits_0() -> None:
+    code, out, _ = run("validate", f"{APPS}.good:app")
+    assert code == 0, out
+    assert "good-runner: valid" in out
+    assert "upper: example 1 runs and matches Output" in out
+
+
+@pytest.mark.parametrize(
+    ("target", "named"),
+    [
+        ("defects:duplicate_job_types", "'shared.type' is handled by both 'one' and 'two'"),
+        ("defects:bad_example_input", "input does not pass Input"),
+        ("defects:wrong_example_output", "differs from the expected"),
+        ("defects:broken_schema", "inputSchema:"),
+        ("defects:bad_health_url", "healthCheckEndpoint"),
+        ("bad_semver:runner", "Broken.version: 'one' is not a semantic version"),
+    ],
+)
+def test_validate_names_each_kind_of_defect_and_exits_1(target: str, named: str) -> None:
+    code, out, _ = run("validate", f"{APPS}.{target}")
+    assert code == 1, out
+    assert named in out
+    assert "INVALID" in out
+
+
+def test_validate_exits_2_when_the_app_cannot_be_loaded() -> None:
+    code, _, err = run("validate", f"{APPS}.import_error:app")
+    assert code == 2
+    assert err.startswith("error: cannot load") and "a_module_that_does_not_exist" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_validate_json_and_junit_outputs_parse(tmp_path: Path) -> None:
+    junit = tmp_path / "reports" / "contract.xml"
+    code, out, _ = run(
+        "validate", f"{APPS}.defects:duplicate_job_types", "--json", "--junit", str(junit)
+    )
+    assert code == 1
+    report = json.loads(out)
+    assert report["valid"] is False
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert len(failed) == 1 and "shared.type" in failed[0]["problems"][0]
+    suite = ET.parse(junit).getroot()
+    assert suite.tag == "testsuite"
+    assert int(suite.get("tests", "0")) == len(report["checks"])
+    assert int(suite.get("failures", "0")) == 1
+    assert len(suite.findall("testcase/failure")) == 1
+
+
+# --------------------------------------------------------------------------- new
+
+
+def test_new_refuses_a_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    code, _, err = run("new", "my-runner", "--dir", str(tmp_path / "taken"))
+    assert code == 1
+    assert "is not empty" in err
+
+
+def test_new_refuses_a_bad_name(tmp_path: Path) -> None:
+    code, _, err = run("new", "My Runner!", "--dir", str(tmp_path / "x"))
+    assert code == 1
+    assert "lower-case" in err
+
+
+@pytest.mark.integration
+def test_a_new_project_passes_its_own_make_test(tmp_path: Path) -> None:
+    project = tmp_path / "hello-runner"
+    code, out, _ = run("new", "hello-runner", "--dir", str(project))
+    assert code == 0, out
+    for expected in (
+        "setup.cfg",
+        "app.py",
+        "tests/test_app.py",
+        "deploy/Dockerfile",
+        "deploy/docker-compose.yml",
+        "Makefile",
+        "README.md",
+    ):
+        assert (project / expected).is_file(), expected
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    lint = subprocess.run(
+        [hadolint, str(project / "deploy" / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNERKIT_", "PYTEST"))}
+    env["PYTHON"] = sys.executable
+    result = subprocess.run(
+        ["make", "test", f"PYTHON={sys.executable}"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "hello-runner: valid" in result.stdout
+    assert "3 passed" in result.stdout

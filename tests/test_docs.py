@@ -27,3 +27,15 @@ def test_readme_starts_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text().splitlines()[:12]
     assert any(line.startswith("make run") for line in head)
     assert any(line.startswith("make test") for line in head)
+
+
+def test_readme_curl_example_is_a_valid_job_request() -> None:
+    import json
+
+    from runnerkit.testing import ContractValidator
+
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"curl -s -X POST localhost:3002/jobs .*? -d '(\{.*?\})'", readme, re.DOTALL)
+    assert match, "the README's corrected curl example is missing"
+    result = ContractValidator().validate("JobRequest", json.loads(match.group(1)))
+    assert result.valid, result.errors

@@ -639,7 +639,7 @@ class Executor:
     @staticmethod
     def _count(answer: Answer, capability_id: str, started: float) -> None:
         """The job metrics of one answered job (a 202 is counted when its result is)."""
-        if answer.status == 202 or not capability_id:
+        if answer.status == 202 or not capability_id or REPLAY_HEADER in answer.headers:
             return
         current = metrics()
         label = capability_id
@@ -662,6 +662,8 @@ class Executor:
         error = answer.body.get("error") or {}
         if answer.status == 202:
             outcome = "accepted"
+        elif REPLAY_HEADER in answer.headers:
+            outcome = "replayed"
         elif answer.body.get("success"):
             outcome = "success"
         else:
@@ -669,7 +671,9 @@ class Executor:
         self._count(answer, capability_id, started)
         job_log.info(
             "job %s",
-            {"success": "completed", "accepted": "accepted"}.get(outcome, "failed"),
+            {"success": "completed", "accepted": "accepted", "replayed": "replayed"}.get(
+                outcome, "failed"
+            ),
             extra={
                 "jobId": job_id,
                 "capabilityId": capability_id,

@@ -191,9 +191,19 @@ class Lifecycle:
     # -- the tick -------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One scheduler tick: take or keep leadership; if leader, do what is due."""
+        """One scheduler tick: take or keep leadership; if leader, do what is due.
+
+        A draining worker gives leadership up at once: it may take a whole graceful timeout
+        to finish its jobs, and the instance must keep heartbeating meanwhile.
+        """
         if self.runner.draining:
+            self.state.leader.release()
             return
+        identity = self.current_identity()
+        if identity is not None:
+            # Every worker ticks at the registered interval's pace, not only the leader, so
+            # a takeover happens well within one interval.
+            self._retick(identity["heartbeatIntervalMs"])
         if not self.state.leader.acquire():
             return
         with self._tick_lock:
@@ -254,7 +264,6 @@ class Lifecycle:
             if now >= self._next_register_at:
                 self.register()
             return
-        self._retick(identity["heartbeatIntervalMs"])
         if now >= identity.get("nextHeartbeatAt", 0.0):
             self.heartbeat(identity)
 

@@ -21,7 +21,7 @@ JSON objects: 415 otherwise, 400 for invalid JSON):
 - TruthCore: ``POST /assert`` → 201 TruthAssertion (200 when already stored),
   ``POST /query`` → TruthQueryResult;
 - ``GET /health`` → HealthCheck (checks ``database`` and ``dispatcher``; 200 or 503);
-  ``GET /`` → a dashboard page.
+  ``GET /metrics`` → Prometheus metrics (see ``metrics``); ``GET /`` → a dashboard page.
 
 Settings (``RUNNERKIT_FORGE_<NAME>``, defaults in :mod:`runnerkit.forge.settings`): DB_PATH,
 TOKEN, RUNNER_TOKEN, SIGNING_SECRET, HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED,
@@ -32,7 +32,7 @@ RETRY_AFTER_CAP_S.
 Modules: ``settings`` (every knob and its default), ``db`` (schema and queries), ``runners``
 (registration, heartbeats), ``jobs`` (the job state machine, retries, events), ``truth``
 (assertions and queries), ``dispatcher`` (matching jobs to runners, sending them), ``api``
-(the Flask routes, health and the dashboard).
+(the Flask routes, health and the dashboard), ``metrics`` (``/metrics``, across workers).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from flask import Flask
 from runnerkit.errors import RunnerError
 from runnerkit.http import register_error_handlers
 
-from . import api
+from . import api, metrics
 from .db import ForgeDB
 from .dispatcher import Dispatcher
 from .jobs import JobStore
@@ -117,6 +117,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.blueprint)
     register_error_handlers(app)
     app.register_error_handler(RunnerError, api.handle_runner_error)
+    metrics.init_app(app, forge)  # GET /metrics, request counts, dispatch latency
     forge.db.ping()  # create the file and schema now, so a bad DB_PATH fails at startup
     if settings.dispatcher:
         forge.dispatcher.start()

@@ -8,7 +8,6 @@ registry / job store / truth store, and serialises the answer. Every error leave
 from __future__ import annotations
 
 import hmac
-import html
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -40,7 +39,7 @@ from runnerkit.errors import (
 )
 from runnerkit.execution import parse_json_object
 
-from . import db
+from . import dashboard, db
 
 if TYPE_CHECKING:
     from . import Forge
@@ -290,77 +289,8 @@ def health() -> Response:
 
 # --------------------------------------------------------------------------- dashboard
 
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>{service}</title>
-<meta http-equiv="refresh" content="5">
-<style>
-body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
-table{{border-collapse:collapse;margin-bottom:2em;font-size:0.9em}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
-th{{background:#f3f3f3}} code{{font-size:0.85em}}
-</style></head><body>
-<h1>{service}</h1>
-<p>{status} &middot; {generated} &middot; jobs: {counts}</p>
-<h2>Runners</h2>
-<table><tr><th>id</th><th>name</th><th>version</th><th>status</th><th>job types</th>
-<th>last heartbeat</th></tr>{runners}</table>
-<h2>Latest jobs</h2>
-<table><tr><th>id</th><th>type</th><th>priority</th><th>status</th><th>attempts</th>
-<th>updated</th><th>result / error</th></tr>{jobs}</table>
-</body></html>
-"""
-
-
-def _cell(value: Any) -> str:
-    return f"<td>{html.escape(str(value))}</td>"
-
-
-@blueprint.get("/")
-def dashboard() -> Response:
-    """A page for people: runners, the latest jobs and their results (refreshes itself)."""
-    forge = _forge()
-    runners = forge.runners.list(status=None, limit=200, offset=0)["items"]
-    jobs = forge.jobs.list(statuses=(), job_type=None, limit=50, offset=0)["items"]
-    runner_rows = "".join(
-        "<tr>"
-        + _cell(r["id"])
-        + _cell(r["name"])
-        + _cell(r["version"])
-        + _cell(r["status"])
-        + _cell(", ".join(t for c in r["capabilities"] for t in c["supportedJobTypes"]))
-        + _cell(r["lastHeartbeatAt"])
-        + "</tr>"
-        for r in runners
-    )
-    job_rows = []
-    for job in jobs:
-        result = job.get("result") or {}
-        outcome: Any = ""
-        if "error" in job:
-            outcome = f"{job['error']['category']}: {job['error']['message']}"
-        elif result.get("success"):
-            outcome = db.dumps(result.get("data"))[:200]
-        attempts = result.get("metadata", {}).get("attempts", "")
-        job_rows.append(
-            "<tr>"
-            + _cell(job["id"])
-            + _cell(job["request"]["type"])
-            + _cell(job["request"]["priority"])
-            + _cell(job["status"])
-            + _cell(attempts)
-            + _cell(job["updatedAt"])
-            + f"<td><code>{html.escape(str(outcome))}</code></td></tr>"
-        )
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(forge.jobs.counts().items())) or "none"
-    page = _PAGE.format(
-        service=html.escape(str(forge.settings.service_name)),
-        status=html.escape(forge.health()["status"]),
-        generated=html.escape(utc_now()),
-        counts=html.escape(counts),
-        runners=runner_rows,
-        jobs="".join(job_rows),
-    )
-    return Response(page, status=200, mimetype="text/html")
+# The pages for people (``GET /``, ``GET /jobs/<id>/view``) live in :mod:`.dashboard`.
+blueprint.register_blueprint(dashboard.blueprint)
 
 
 def health_document(forge: Forge) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""The forge's Prometheus metrics: ``GET /metrics``, summed across gunicorn workers.
+
+What a scrape shows:
+
+- ``http_requests_total{method,status,path}`` and ``http_request_duration_seconds`` (the
+  observability contract's names; ``path`` is the route template, e.g. ``/jobs/<job_id>``);
+- ``forge_jobs{status}``: jobs in each JobStatus (``queued`` + ``retrying`` is the queue),
+  and ``forge_runners{status}``: registered runners in each RunnerMetadata status, both read
+  from the database at scrape time, so every worker answers the same and a restart loses
+  nothing;
+- ``forge_dispatch_latency_seconds{job_type}``: how long a job waited from the moment it
+  could run (submitted, or its retry time came) until the dispatcher took it for a runner
+  (the ``job.started`` moment, right before ``POST /execute`` is handed to the send pool),
+  and ``forge_jobs_dispatched_total{job_type}``.
+
+Multiprocess mode works as in :mod:`runnerkit.metrics`: prometheus-client keeps each worker's
+values in files of one directory, which must be chosen before prometheus-client is imported.
+The forge has no instance state directory, so it uses ``<DB_PATH>.metrics/<pid>-<start>`` of
+the instance owner (the gunicorn master, else this process); directories of dead owners are
+removed. An already set ``PROMETHEUS_MULTIPROC_DIR`` is used as it is.
+
+The HTTP metrics are the process-global objects of :func:`runnerkit.metrics.metrics`, so a
+forge and a runner in one process share them without a duplicate registration (and a scrape
+of either then counts the requests of both: they are the same process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response
+
+from runnerkit.contracts import JOB_STATUSES, RUNNER_STATUSES
+from runnerkit.http import register_request_metrics
+from runnerkit.lifecycle import instance_owner
+from runnerkit.metrics import metrics as runner_metrics
+from runnerkit.state import process_alive
+
+from . import db
+
+if TYPE_CHECKING:
+    from . import Forge
+
+log = logging.getLogger("runnerkit.forge.metrics")
+
+#: Queue waits range from milliseconds (an idle forge) to hours (a backlog, long retries).
+DISPATCH_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    float("inf"),
+)
+
+
+def prepare_multiprocess_dir(db_path: str, instance: tuple[int, float]) -> str | None:
+    """Point prometheus-client at ``<db_path>.metrics/<pid>-<start>``; None if it is too late.
+
+    Same rules as :func:`runnerkit.metrics.prepare_multiprocess_dir`: an existing
+    ``PROMETHEUS_MULTIPROC_DIR`` wins; once prometheus-client is imported in single-process
+    mode nothing changes; directories of owners that are gone are removed, so a restarted
+    forge counts from zero.
+    """
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if current:
+        os.makedirs(current, exist_ok=True)
+        return current
+    if "prometheus_client" in sys.modules:
+        return None
+    root = f"{os.path.abspath(db_path)}.metrics"
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for entry in os.listdir(root):
+        pid, _, started = entry.partition("-")
+        if pid.isdigit() and not process_alive(int(pid), _float(started)):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    path = os.path.join(root, f"{instance[0]}-{instance[1]:.2f}")
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+@dataclass
+class ForgeMetrics:
+    """The forge's own metric objects (one set per process)."""
+
+    dispatch_latency: Any
+    dispatched: Any
+    registry: Any
+    multiprocess: bool
+
+
+_METRICS: ForgeMetrics | None = None
+_METRICS_LOCK = threading.Lock()
+
+
+def forge_metrics() -> ForgeMetrics:
+    """The process's forge metrics, created on first use (after the multiprocess dir is set)."""
+    global _METRICS
+    with _METRICS_LOCK:
+        if _METRICS is None:
+            from prometheus_client import CollectorRegistry, Counter, Histogram
+
+            multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+            # Multiprocess values live in files and are collected from there: registering
+            # the objects anywhere would only risk a duplicate-name error.
+            registry = None if multiprocess else CollectorRegistry()
+            _METRICS = ForgeMetrics(
+                dispatch_latency=Histogram(
+                    "forge_dispatch_latency_seconds",
+                    "Seconds a job waited from eligible (submitted, or retry time come) until "
+                    "the dispatcher took it for a runner",
+                    ["job_type"],
+                    buckets=DISPATCH_LATENCY_BUCKETS,
+                    registry=registry,
+                ),
+                dispatched=Counter(
+                    "forge_jobs_dispatched",
+                    "Job attempts the dispatcher sent to a runner",
+                    ["job_type"],
+                    registry=registry,
+                ),
+                registry=registry,
+                multiprocess=multiprocess,
+            )
+        return _METRICS
+
+
+class ForgeStateCollector:
+    """``forge_jobs{status}`` and ``forge_runners{status}``, counted in the database per scrape.
+
+    Every status is always present (0 when none), so a series never disappears.
+    """
+
+    def __init__(self, forge: Forge) -> None:
+        self.forge = forge
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            with self.forge.db.snapshot() as conn:
+                jobs = db.count_jobs_by_status(conn)
+                rows = conn.execute(
+                    "SELECT status, COUNT(*) AS n FROM runners GROUP BY status"
+                ).fetchall()
+        except sqlite3.Error as exc:
+            # The scrape still answers (with the HTTP metrics); /health reports the database.
+            log.warning("metrics: the database query failed (%s)", type(exc).__name__)
+            return
+        runners = {r["status"]: int(r["n"]) for r in rows}
+        job_family = GaugeMetricFamily(
+            "forge_jobs", "Jobs by status (queued + retrying waiting)", labels=["status"]
+        )
+        for status in _with_extra(JOB_STATUSES, jobs):
+            job_family.add_metric([status], jobs.get(status, 0))
+        yield job_family
+        runner_family = GaugeMetricFamily(
+            "forge_runners", "Registered runners by status", labels=["status"]
+        )
+        for status in _with_extra(RUNNER_STATUSES, runners):
+            runner_family.add_metric([status], runners.get(status, 0))
+        yield runner_family
+
+
+def _with_extra(known: Iterable[str], counted: dict[str, int]) -> list[str]:
+    """The known statuses, then any other status the database holds (never dropped)."""
+    ordered = list(known)
+    return ordered + sorted(s for s in counted if s not in ordered)
+
+
+class _Chain:
+    """One collector yielding the metrics of several registries (single-process mode)."""
+
+    def __init__(self, *sources: Any) -> None:
+        self.sources = [s for s in sources if s is not None]
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        for source in self.sources:
+            yield from source.collect()
+
+
+def exposition(forge: Forge) -> tuple[bytes, str]:
+    """The forge's scrape body and content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    shared = runner_metrics()
+    own = forge_metrics()
+    registry = CollectorRegistry()
+    if shared.multiprocess:
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Chain(shared.registry, own.registry))
+    registry.register(ForgeStateCollector(forge))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def eligible_since(row: db.Row) -> float:
+    """Epoch seconds since which a waiting job could have been dispatched."""
+    since = float(row["submitted"])
+    not_before = row["not_before"]
+    if not_before is not None:
+        since = max(since, float(not_before))
+    return since
+
+
+def instrument_dispatcher(forge: Forge) -> None:
+    """Observe the dispatch latency of every claimed job, without changing the dispatcher.
+
+    The dispatcher takes a job with ``forge.jobs.claim(row, ...)`` right before it hands the
+    execution to its send pool; that call is wrapped on the instance (idempotently).
+    """
+    jobs = forge.jobs
+    original: Callable[..., Any] = jobs.claim
+    if getattr(original, "_forge_metrics", False):
+        return
+    current = forge_metrics()
+
+    def claim(row: db.Row, runner: db.Row, capability_id: str, now: Any = None) -> Any:
+        taken = original(row, runner, capability_id, now)
+        if taken is not None:
+            try:
+                at = now.ts if now is not None else time.time()
+                job_type = str(row["type"])
+                current.dispatch_latency.labels(job_type).observe(
+                    max(0.0, at - eligible_since(row))
+                )
+                current.dispatched.labels(job_type).inc()
+            except Exception:  # a metric must never break dispatching
+                log.warning("could not record the dispatch latency", exc_info=True)
+        return taken
+
+    claim._forge_metrics = True  # type: ignore[attr-defined]
+    setattr(jobs, "claim", claim)  # noqa: B010 - an instance attribute shadows the method
+
+
+def init_app(app: Flask, forge: Forge) -> None:
+    """Serve ``GET /metrics`` from ``app`` and count its requests; instrument the dispatcher.
+
+    Call before the dispatcher starts and before anything creates a metric.
+    """
+    prepare_multiprocess_dir(str(forge.settings.db_path), instance_owner())
+    runner_metrics()  # create the shared HTTP metrics now, in the mode just chosen
+    forge_metrics()
+    register_request_metrics(app)
+    instrument_dispatcher(forge)
+
+    def prometheus_metrics() -> Response:
+        body, content_type = exposition(forge)
+        return Response(body, status=200, content_type=content_type)
+
+    app.add_url_rule("/metrics", "forge_metrics", prometheus_metrics, methods=["GET"])

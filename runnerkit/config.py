@@ -32,7 +32,7 @@ class Setting:
     aliases: tuple[str, ...] = ()
 
 
-def _bool(value: str) -> bool:
+def parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
@@ -41,88 +41,102 @@ def _bool(value: str) -> bool:
     raise ValueError(f"{value!r} is not a boolean (use true or false)")
 
 
-def _positive_int(value: str) -> int:
+def parse_positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
         raise ValueError(f"{value!r} must be a positive integer")
     return number
 
 
-def _nonnegative_float(value: str) -> float:
+def parse_nonnegative_float(value: str) -> float:
     number = float(value)
     if not number >= 0:
         raise ValueError(f"{value!r} must be a non-negative number")
     return number
 
 
-def _str(value: str) -> str:
+def parse_str(value: str) -> str:
     return value
+
+
+def parse_nonnegative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value!r} must be a non-negative integer")
+    return number
+
+
+def parse_positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{value!r} must be a positive number")
+    return number
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "JOBFORGE_URL",
         "",
-        _str,
+        parse_str,
         "Base URL of JobForge; empty runs standalone (no registration).",
         ("JOBFORGE_URL",),
     ),
     Setting(
         "TRUTHCORE_URL",
         "",
-        _str,
+        parse_str,
         "Base URL of TruthCore; when set, finished jobs are recorded there as assertions.",
         ("TRUTHCORE_URL",),
     ),
     Setting(
         "RUNNER_TOKEN",
         "",
-        _str,
+        parse_str,
         "Bearer token sent on every call to JobForge and TruthCore.",
         ("RUNNER_TOKEN",),
     ),
     Setting(
         "HOST",
         "127.0.0.1",
-        _str,
+        parse_str,
         "Host this runner is reachable at, used to derive the advertised health URL.",
     ),
     Setting(
         "PORT",
         3000,
-        _positive_int,
+        parse_positive_int,
         "Port this runner is served on (the environment's PORT is used when set).",
         ("PORT",),
     ),
     Setting(
         "HEALTH_CHECK_URL",
         "",
-        _str,
+        parse_str,
         "healthCheckEndpoint advertised at registration; default http://HOST:PORT/health.",
     ),
     Setting(
         "STATE_DIR",
         "",
-        _str,
+        parse_str,
         "Directory for the instance's shared state (lock, identity, ledger); "
         "default a folder under the system temp dir named for the runner and port.",
     ),
     Setting(
         "MAX_BODY_BYTES",
         1_048_576,
-        _positive_int,
+        parse_positive_int,
         "Largest request body accepted on /execute; larger bodies get 413.",
     ),
     Setting(
         "HEALTH_CHECK_TIMEOUT_MS",
         2000,
-        _positive_int,
+        parse_positive_int,
         "How long one registered health check may take before it counts as unhealthy.",
     ),
     Setting(
         "RESERVED_THREADS",
         2,
-        _positive_int,
+        parse_positive_int,
         "Request threads per gunicorn worker kept free of jobs, so /health answers while jobs run.",
     ),
     Setting(
@@ -135,77 +149,83 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SIGNING_SECRET",
         "",
-        _str,
+        parse_str,
         "Secret JobForge signs execution requests with; when set, unsigned requests get 401.",
     ),
     Setting(
         "SIGNING_SECRET_PREVIOUS",
         "",
-        _str,
+        parse_str,
         "A second accepted secret, for rotating SIGNING_SECRET without downtime.",
     ),
     Setting(
         "SIGNATURE_MAX_AGE_S",
         300.0,
-        _nonnegative_float,
+        parse_nonnegative_float,
         "Signed requests older than this are refused.",
     ),
     Setting(
         "SIGNATURE_MAX_FUTURE_S",
         60.0,
-        _nonnegative_float,
+        parse_nonnegative_float,
         "Signed requests stamped further ahead than this are refused.",
     ),
     Setting(
         "ENVIRONMENT",
         "development",
-        _str,
+        parse_str,
         "'production' refuses to start without SIGNING_SECRET (unless ALLOW_UNSIGNED).",
     ),
     Setting(
         "ALLOW_UNSIGNED",
         False,
-        _bool,
+        parse_bool,
         "Run without request signing even in production (insecure; say so explicitly).",
     ),
-    Setting("MAX_JSON_DEPTH", 64, _positive_int, "Deepest JSON nesting accepted; deeper gets 400."),
-    Setting("MAX_JSON_KEYS", 10_000, _positive_int, "Most object keys in one body; more gets 400."),
-    Setting("LOG_FORMAT", "json", _str, "'json' for one JSON object per line, 'text' for people."),
-    Setting("LOG_LEVEL", "INFO", _str, "Level of runnerkit's loggers."),
+    Setting(
+        "MAX_JSON_DEPTH", 64, parse_positive_int, "Deepest JSON nesting accepted; deeper gets 400."
+    ),
+    Setting(
+        "MAX_JSON_KEYS", 10_000, parse_positive_int, "Most object keys in one body; more gets 400."
+    ),
+    Setting(
+        "LOG_FORMAT", "json", parse_str, "'json' for one JSON object per line, 'text' for people."
+    ),
+    Setting("LOG_LEVEL", "INFO", parse_str, "Level of runnerkit's loggers."),
     Setting(
         "HEARTBEAT_INTERVAL_MS",
         30_000,
-        _positive_int,
+        parse_positive_int,
         "Heartbeat interval until JobForge's registration answer sets one.",
     ),
     Setting(
         "REGISTRATION_BACKOFF_MAX_MS",
         30_000,
-        _positive_int,
+        parse_positive_int,
         "Cap of the exponential backoff between registration attempts.",
     ),
     Setting(
         "HTTP_CONNECT_TIMEOUT_MS",
         3000,
-        _positive_int,
+        parse_positive_int,
         "Connect timeout of calls to JobForge and TruthCore.",
     ),
     Setting(
         "HTTP_READ_TIMEOUT_MS",
         10_000,
-        _positive_int,
+        parse_positive_int,
         "Read timeout of calls to JobForge and TruthCore.",
     ),
     Setting(
         "LEDGER_RETENTION_S",
         86_400.0,
-        _nonnegative_float,
+        parse_nonnegative_float,
         "How long finished jobs stay in the idempotency ledger.",
     ),
     Setting(
         "RATE_LIMIT_RETRY_AFTER_S",
         1.0,
-        _nonnegative_float,
+        parse_nonnegative_float,
         "retryAfter sent with 429 when a capability is at its maxConcurrency.",
     ),
 )
@@ -213,8 +233,10 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-class Settings:
-    """Resolved settings of one app: attribute access by setting name, lower-cased."""
+class ResolvedSettings:
+    """Resolved settings: attribute access by setting name, lower-cased."""
+
+    prefix = PREFIX
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         self._values = dict(values)
@@ -226,39 +248,55 @@ class Settings:
             raise AttributeError(item) from None
 
     def as_dict(self) -> dict[str, Any]:
-        """Every setting by its full ``RUNNERKIT_`` name."""
-        return {PREFIX + k: v for k, v in self._values.items()}
+        """Every setting by its full prefixed name."""
+        return {self.prefix + k: v for k, v in self._values.items()}
+
+
+def resolve(
+    settings: tuple[Setting, ...],
+    prefix: str,
+    config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    bare_keys: bool = False,
+) -> dict[str, Any]:
+    """Each setting's value: from ``config``, then the environment, then its default.
+
+    ``config`` holds prefixed keys (and, with ``bare_keys``, unprefixed ones too); the
+    environment holds prefixed names and a setting's aliases. Every value, text or not, goes
+    through the setting's parser, so a bad one fails here with its source named.
+    """
+    config = config or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for item in settings:
+        key = prefix + item.name
+        candidates = [(config, key, f"config[{key!r}]")]
+        if bare_keys:
+            candidates.append((config, item.name, f"config[{item.name!r}]"))
+        candidates.append((environ, key, key))
+        candidates.extend((environ, alias, alias) for alias in item.aliases)
+        found = next(((src[k], label) for src, k, label in candidates if k in src), None)
+        if found is None or found[0] is None:
+            values[item.name] = item.default
+            continue
+        raw, label = found
+        try:
+            values[item.name] = item.parse(raw if isinstance(raw, str) else str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    return values
+
+
+class Settings(ResolvedSettings):
+    """Resolved settings of one runner app."""
 
     @classmethod
     def load(
         cls, config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> Settings:
         """Resolve every setting from app config, then environment, then default."""
-        config = config or {}
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            key = PREFIX + setting.name
-            raw: Any = None
-            source = ""
-            if key in config:
-                raw, source = config[key], f"app.config[{key!r}]"
-            elif key in environ:
-                raw, source = environ[key], key
-            else:
-                for alias in setting.aliases:
-                    if alias in environ:
-                        raw, source = environ[alias], alias
-                        break
-            if raw is None:
-                values[setting.name] = setting.default
-                continue
-            try:
-                # Non-string app.config values are checked by the same parser as text.
-                text = raw if isinstance(raw, str) else str(raw)
-                values[setting.name] = setting.parse(text)
-            except ValueError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+        values = resolve(SETTINGS, PREFIX, config, environ)
         if values["ENVIRONMENT"] not in {"development", "production"}:
             raise ConfigError(f"{PREFIX}ENVIRONMENT must be 'development' or 'production'")
         if values["LOG_FORMAT"] not in {"json", "text"}:

@@ -9,21 +9,18 @@ nothing. A row is leased while it is being sent, so two processes never send it 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import random
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 
 from runnerkit.jobforge import JobForgeClient
+from runnerkit.state import SQLiteFile
 
 log = logging.getLogger("runnerkit.outbox")
 
@@ -43,47 +40,24 @@ class Message:
     attempts: int
 
 
-class Outbox:
+class Outbox(SQLiteFile):
     """Rows of pending calls in the instance's SQLite file, and their delivery."""
 
     def __init__(self, path: str, client: JobForgeClient, dead_retention_s: float = 86_400) -> None:
-        self.path = path
+        super().__init__(path)
         self.client = client
         self.dead_retention_s = dead_retention_s
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
         self._failing = False
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(
-                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS outbox ("
-                " id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, url TEXT NOT NULL,"
-                " body TEXT NOT NULL, headers TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
-                " next_attempt_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0,"
-                " dead INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, last_error TEXT)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS outbox_due ON outbox(dead, next_attempt_at)")
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._db()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS outbox ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, url TEXT NOT NULL,"
+            " body TEXT NOT NULL, headers TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_attempt_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0,"
+            " dead INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, last_error TEXT)"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS outbox_due ON outbox(dead, next_attempt_at)")
 
     def add(
         self,
@@ -136,8 +110,8 @@ class Outbox:
         return delivered
 
     def pending(self) -> int:
-        with self._lock:
-            (count,) = self._db().execute("SELECT COUNT(*) FROM outbox WHERE dead = 0").fetchone()
+        with self._reading() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM outbox WHERE dead = 0").fetchone()
         return int(count)
 
     def prune(self) -> None:
@@ -148,15 +122,11 @@ class Outbox:
             )
 
     def _load(self, row_id: int) -> Message | None:
-        with self._lock:
-            row = (
-                self._db()
-                .execute(
-                    "SELECT id, kind, url, body, headers, attempts FROM outbox WHERE id = ?",
-                    (row_id,),
-                )
-                .fetchone()
-            )
+        with self._reading() as conn:
+            row = conn.execute(
+                "SELECT id, kind, url, body, headers, attempts FROM outbox WHERE id = ?",
+                (row_id,),
+            ).fetchone()
         if row is None:
             return None
         return Message(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5])

@@ -235,23 +235,22 @@ class Claim:
     attempt: int = 1
 
 
-class Ledger:
-    """The idempotency ledger: one row per jobId, shared by every worker through SQLite.
+class SQLiteFile:
+    """One SQLite file shared by the instance's processes: a connection per process, WAL.
 
-    A finished job's answer is replayed when it was a success or a failure that a retry
-    cannot change; after a retryable failure a new delivery is a new attempt and runs again.
-    A job whose owner process died mid-run is taken over by the next delivery.
+    A connection must not cross ``fork``, so a process that finds one made by its parent opens
+    its own. Writes go through :meth:`_transaction` (``BEGIN IMMEDIATE``), which serialises
+    writers across processes without deadlocks.
     """
 
-    def __init__(self, path: str, retention_s: float, max_entries: int = 100_000) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.retention_s = retention_s
-        self.max_entries = max_entries
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
-        self._me = (0, 0.0)
-        self._since_prune = 0
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        """Create the tables this store needs (called once per process)."""
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
@@ -260,20 +259,8 @@ class Ledger:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-            if columns and not columns >= LEDGER_COLUMNS:
-                # A ledger from an older runnerkit: its rows only serve replays, start afresh.
-                conn.execute("DROP TABLE jobs")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS jobs ("
-                " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"
-                " owner_started REAL, attempt INTEGER NOT NULL DEFAULT 1, http_status INTEGER,"
-                " response TEXT, created REAL NOT NULL, finished REAL,"
-                " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
+            self._setup(conn)
             self._conn, self._pid = conn, os.getpid()
-            self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
         return self._conn
 
     @contextlib.contextmanager
@@ -287,6 +274,42 @@ class Ledger:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db()
+
+
+class Ledger(SQLiteFile):
+    """The idempotency ledger: one row per jobId, shared by every worker through SQLite.
+
+    A finished job's answer is replayed when it was a success or a failure that a retry
+    cannot change; after a retryable failure a new delivery is a new attempt and runs again.
+    A job whose owner process died mid-run is taken over by the next delivery.
+    """
+
+    def __init__(self, path: str, retention_s: float, max_entries: int = 100_000) -> None:
+        super().__init__(path)
+        self.retention_s = retention_s
+        self.max_entries = max_entries
+        self._me = (0, 0.0)
+        self._since_prune = 0
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if columns and not columns >= LEDGER_COLUMNS:
+            # A ledger from an older runnerkit: its rows only serve replays, start afresh.
+            conn.execute("DROP TABLE jobs")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS jobs ("
+            " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"
+            " owner_started REAL, attempt INTEGER NOT NULL DEFAULT 1, http_status INTEGER,"
+            " response TEXT, created REAL NOT NULL, finished REAL,"
+            " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT)"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
+        self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
 
     def claim(self, job_id: str, *, queued: bool = False, correlation_id: str = "") -> Claim:
         """Atomically decide whether this process runs ``job_id``.
@@ -340,23 +363,17 @@ class Ledger:
 
     def queued(self) -> int:
         """Asynchronous jobs accepted but still waiting for a slot."""
-        with self._lock:
-            (count,) = (
-                self._db().execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
-            )
+        with self._reading() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
         return int(count)
 
     def orphans(self) -> list[tuple[str, bool, str]]:
         """Unfinished jobs whose owner process has died: ``(jobId, async, correlationId)``."""
-        with self._lock:
-            rows = (
-                self._db()
-                .execute(
-                    "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
-                    " WHERE state IN ('running', 'queued')"
-                )
-                .fetchall()
-            )
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
+                " WHERE state IN ('running', 'queued')"
+            ).fetchall()
         return [
             (job_id, bool(is_async), correlation or "")
             for job_id, is_async, pid, started, correlation in rows
@@ -401,19 +418,15 @@ class Ledger:
 
     def completed_since(self, since: float) -> int:
         """Jobs finished after the wall-clock time ``since`` (for jobThroughput)."""
-        with self._lock:
-            (count,) = (
-                self._db()
-                .execute(
-                    "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?", (since,)
-                )
-                .fetchone()
-            )
+        with self._reading() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?", (since,)
+            ).fetchone()
         return int(count)
 
     def size(self) -> int:
-        with self._lock:
-            (count,) = self._db().execute("SELECT COUNT(*) FROM jobs").fetchone()
+        with self._reading() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
         return int(count)
 
 

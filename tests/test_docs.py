@@ -23,6 +23,14 @@ def test_configuration_doc_lists_every_runner_setting_with_its_default() -> None
     )
 
 
+def test_configuration_doc_lists_every_forge_setting_with_its_default() -> None:
+    from runnerkit.forge.settings import PREFIX
+    from runnerkit.forge.settings import SETTINGS as FORGE_SETTINGS
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert section(doc, "forge-settings") == settings_table(FORGE_SETTINGS, PREFIX)
+
+
 def test_readme_starts_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text().splitlines()[:12]
     assert any(line.startswith("make run") for line in head)

@@ -328,6 +328,15 @@ def record_heartbeat(
     return cursor.rowcount > 0
 
 
+def mark_runner_unreachable(conn: Conn, runner_id: str) -> None:
+    """Take a runner out of dispatch until its next heartbeat reports its status again."""
+    conn.execute(
+        "UPDATE runners SET status = 'unhealthy'"
+        " WHERE id = ? AND status IN ('healthy', 'degraded')",
+        (runner_id,),
+    )
+
+
 def mark_runners_offline(conn: Conn, *, now: float, grace_from: float, missed: int) -> list[str]:
     """Runners silent for ``missed`` intervals (counted from ``grace_from`` at the earliest)."""
     condition = (

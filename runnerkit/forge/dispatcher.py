@@ -317,6 +317,7 @@ class Dispatcher:
         try:
             response = self._session().post(url, data=raw, headers=headers, timeout=timeout)
         except requests.ConnectTimeout:
+            self._suspect(claim.runner_id)
             return self._network_failure(claim, f"Connecting to {url} timed out")
         except requests.Timeout:
             return Outcome(
@@ -330,8 +331,20 @@ class Dispatcher:
                 ),
             )
         except requests.RequestException as exc:
+            if isinstance(exc, requests.ConnectionError):
+                self._suspect(claim.runner_id)
             return self._network_failure(claim, f"{type(exc).__name__} calling {url}")
         return self.interpret(claim, response)
+
+    def _suspect(self, runner_id: str) -> None:
+        """A runner that cannot be reached gets no more work until it heartbeats again.
+
+        Otherwise the retry of its job would go straight back to it (it still counts as
+        healthy until it misses OFFLINE_AFTER_MISSED heartbeats), while a live runner idles.
+        """
+        with self.db.tx() as conn:
+            db.mark_runner_unreachable(conn, runner_id)
+        log.warning("runner %s is unreachable; no work for it until its next heartbeat", runner_id)
 
     def _network_failure(self, claim: Claim, message: str) -> Outcome:
         return Outcome(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -301,19 +302,27 @@ def test_rate_limited_answers_honour_retry_after(
     assert retrying[0]["data"]["delayMs"] == 1000
 
 
-def test_unreachable_runner_is_a_retryable_network_error(
+def test_unreachable_runner_is_a_retryable_network_error_and_gets_no_more_work(
     make_forge: MakeForge, make_runner: MakeRunner
 ) -> None:
     forge = make_forge()
     runner = make_runner("gone", [capability("cap", ["type.a"])])
     runner.register(forge.url)
     runner.stop()  # registered, but nothing listens on its port any more
-    job = forge.submit(req(retry_policy={"maxRetries": 1, "backoffMs": 10}))
-    failed = forge.wait_status(job["id"], "failed")
-    assert failed["error"]["category"] == "NETWORK_ERROR"
-    assert failed["error"]["code"] == "RUNNER_UNREACHABLE"
-    assert failed["error"]["retryable"] is True
-    assert failed["result"]["metadata"]["attempts"] == 2
+    job = forge.submit(req(retry_policy={"maxRetries": 3, "backoffMs": 10}))
+    wait_for(
+        lambda: [e for e in forge.events(job["id"]) if e["type"] == "job.retrying"] or None,
+        10,
+        what="a job.retrying event",
+    )
+    retried = [e for e in forge.events(job["id"]) if e["type"] == "job.retrying"]
+    assert "RUNNER_UNREACHABLE" in json.dumps(retried[0])
+    status = forge.get(f"/runners/{runner.runner_id}").json()["status"]
+    assert status == "unhealthy"  # out of dispatch until it heartbeats again
+    time.sleep(0.5)  # several dispatcher ticks: the retry must not go back to the dead runner
+    started = [e for e in forge.events(job["id"]) if e["type"] == "job.started"]
+    assert len(started) == 1
+    assert forge.job(job["id"])["status"] in ("retrying", "queued")
 
 
 def test_a_runner_slower_than_the_timeout_is_a_timeout(

@@ -42,3 +42,18 @@ docker:
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (bench/, never part of `make test`): prints the table and writes
+# bench/results/latest.{md,json,png}. `make bench BENCH_QUICK=1` is a short smoke run.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+.PHONY: bench
+bench: $(BENCH_STAMP)
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; } \
+		|| echo "bench: wrk is not installed; part 1 uses the Python load generator"
+	$(BIN)/python -m bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,) $(BENCH_ARGS)

@@ -35,6 +35,17 @@ class Progress:
         self.timestamp = timestamp
 
 
+class _JobLogger(logging.LoggerAdapter[logging.Logger]):
+    """Adds the job's ids to every record, keeping the caller's own ``extra=`` fields.
+
+    (A plain LoggerAdapter replaces them before Python 3.13.)
+    """
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
 class Context:
     """What a running job may know and do: its identity, its deadline, cancellation, progress.
 
@@ -69,7 +80,7 @@ class Context:
         self._on_progress = on_progress
         base = logger or logging.getLogger(f"runnerkit.capability.{capability_id}")
         #: A logger whose records carry this job's ids.
-        self.logger = logging.LoggerAdapter(
+        self.logger = _JobLogger(
             base,
             {"jobId": job_id, "capabilityId": capability_id, "correlationId": correlation_id},
         )

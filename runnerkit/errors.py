@@ -295,7 +295,8 @@ def details_from_messages(messages: Any, path: list[str], data: Any = None) -> l
             else:
                 detail: dict[str, Any] = {"message": str(message), "path": list(path)}
                 detail["code"] = _code_for(str(message))
-                excerpt = None if path and is_secret_key(path[-1]) else _excerpt(data)
+                secret = any(is_secret_key(part) for part in path)
+                excerpt = None if secret else _excerpt(data)
                 if excerpt is not None:
                     detail["value"] = excerpt
                 details.append(detail)

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -48,6 +49,9 @@ job_log = logging.getLogger("runnerkit.job")
 
 #: The ``priority`` label of runner-side job metrics: JobForge does not send it to runners.
 NO_PRIORITY = "unknown"
+
+#: The ``job_type`` label of jobs naming a capability this runner does not have.
+UNKNOWN_CAPABILITY = "unknown"
 
 #: Progress events are sent at most this often per job (the last one always).
 PROGRESS_MIN_INTERVAL_S = 1.0
@@ -149,15 +153,32 @@ def check_json_limits(value: Any, max_depth: int, max_keys: int) -> None:
                 f"The request body is nested deeper than {max_depth} levels",
                 code="BODY_TOO_DEEP",
             )
+        if isinstance(node, str):
+            _check_text(node)
+            continue
         if isinstance(node, dict):
             keys += len(node)
             if keys > max_keys:
                 raise ValidationFailed(
                     f"The request body has more than {max_keys} keys", code="BODY_TOO_MANY_KEYS"
                 )
+            for key in node:
+                _check_text(key)
             stack.extend((child, depth + 1) for child in node.values())
         elif isinstance(node, list):
             stack.extend((child, depth + 1) for child in node)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(text: str) -> None:
+    """JSON may spell a lone surrogate (``"\\ud800"``); it is no Unicode text: refuse it."""
+    if _LONE_SURROGATE.search(text):
+        raise ValidationFailed(
+            "The request body contains a lone UTF-16 surrogate, which is not text",
+            code="INVALID_JSON",
+        )
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -292,6 +313,15 @@ class Executor:
         self._log(answer, job_id, capability_id, correlation_id, started)
         return answer
 
+    def reject(self, error: RunnerError, headers: Mapping[str, str]) -> Answer:
+        """Answer a request refused before its body could be read (e.g. too large)."""
+        started = time.monotonic()
+        correlation_id = _correlation_from_headers(headers)
+        answer = self._failure(error, None, correlation_id, started)
+        answer.headers.setdefault("X-Correlation-Id", correlation_id)
+        self._log(answer, None, "", correlation_id, started)
+        return answer
+
     def _verify(self, raw: bytes, headers: Mapping[str, str]) -> None:
         """Check the signature before the body is parsed, looked up or run."""
         settings = self.runner.settings
@@ -330,8 +360,11 @@ class Executor:
         headers: Mapping[str, str],
     ) -> Answer:
         job_id = request["jobId"]
-        metrics().jobs_received.labels(request["capabilityId"], NO_PRIORITY).inc()
         capability = self.runner.capabilities.get(request["capabilityId"])
+        # Label values come from the runner's own capabilities only: a caller inventing ids
+        # must not be able to grow /metrics without bound.
+        label = capability.id if capability is not None else UNKNOWN_CAPABILITY
+        metrics().jobs_received.labels(label, NO_PRIORITY).inc()
         if capability is None:
             known = ", ".join(sorted(self.runner.capabilities)) or "none"
             raise _Rejection(
@@ -636,11 +669,12 @@ class Executor:
             body["error"] = error
         return Answer(status, body)
 
-    @staticmethod
-    def _count(answer: Answer, capability_id: str, started: float) -> None:
+    def _count(self, answer: Answer, capability_id: str, started: float) -> None:
         """The job metrics of one answered job (a 202 is counted when its result is)."""
         if answer.status == 202 or not capability_id or REPLAY_HEADER in answer.headers:
             return
+        if capability_id not in self.runner.capabilities:
+            capability_id = UNKNOWN_CAPABILITY
         current = metrics()
         label = capability_id
         if answer.body.get("success"):

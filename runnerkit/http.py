@@ -49,19 +49,34 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return response
 
 
+def read_body() -> bytes:
+    """The request body, or RequestEntityTooLarge when it exceeds MAX_CONTENT_LENGTH.
+
+    With a Content-Length werkzeug refuses an oversized body up front. A chunked body has
+    none, and werkzeug's limited stream then stops quietly at the limit: so read it from the
+    server's own (already terminated) stream, one byte past the limit, and refuse it if that
+    byte exists.
+    """
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None:
+        return request.get_data(cache=False)
+    raw: bytes = request.environ["wsgi.input"].read(limit + 1)
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
 @blueprint.post("/execute")
 def execute() -> Response:
     runner = _runner()
     try:
-        raw = request.get_data(cache=False)
+        raw = read_body()
     except RequestEntityTooLarge:
-        # Name the limit actually enforced: an app may set its own MAX_CONTENT_LENGTH.
         limit = request.max_content_length or runner.settings.max_body_bytes
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
-        envelope = make_envelope(
-            error.category, error.code, error.message, service=runner.name, operation="execute"
-        )
-        return _json(413, {"success": False, "error": envelope}, {"Connection": "close"})
+        answer = runner.executor.reject(error, request.headers)
+        answer.headers["Connection"] = "close"
+        return _json(answer.status, answer.body, answer.headers)
     answer = runner.executor.execute(raw, request.headers.get("Content-Type"), request.headers)
     return _json(answer.status, answer.body, answer.headers)
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +72,18 @@ class Metrics:
 
 
 _METRICS: Metrics | None = None
+_METRICS_LOCK = threading.Lock()
 
 
 def metrics() -> Metrics:
     """The process's metrics, created on first use (after the multiprocess dir is set)."""
+    if _METRICS is None:
+        with _METRICS_LOCK:
+            return _create()
+    return _METRICS
+
+
+def _create() -> Metrics:
     global _METRICS
     if _METRICS is None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram

@@ -198,6 +198,9 @@ class Runner:
         from runnerkit.http import blueprint, register_error_handlers, register_request_metrics
 
         self.settings = Settings.load(app.config)
+        configure_logging(
+            self.name, self.version, self.settings.log_format, self.settings.log_level
+        )
         self._check_signing()
         prepare_multiprocess_dir(self.state_dir, instance_owner())
         app.extensions[EXTENSION_KEY] = self

@@ -252,14 +252,26 @@ class SQLiteFile:
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the tables this store needs (called once per process)."""
 
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the tables. Switching to WAL takes a lock the busy timeout does not
+        wait for, so several workers opening a new file at once retry here a moment."""
+        for attempt in range(100):
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                self._setup(conn)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.02)
+
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             conn = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._setup(conn)
+            self._initialise(conn)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 

@@ -38,6 +38,7 @@ from runnerkit.errors import (
     make_envelope,
 )
 from runnerkit.execution import parse_json_object
+from runnerkit.http import read_body
 
 from . import dashboard, db
 
@@ -74,7 +75,7 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 
 def _body(contract: str) -> dict[str, Any]:
     """The request body, parsed strictly and loaded with the contract's schema."""
-    raw = parse_json_object(request.get_data(cache=True), request.headers.get("Content-Type"))
+    raw = parse_json_object(read_body(), request.headers.get("Content-Type"))
     try:
         loaded: dict[str, Any] = _SCHEMAS[contract].load(raw)
     except ValidationError as exc:

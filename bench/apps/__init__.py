@@ -1,0 +1,1 @@
+"""The apps the benchmarks serve under gunicorn (deploy/gunicorn.conf.py)."""

@@ -1,0 +1,41 @@
+"""A runner with one trivial capability, ``echo``: the payload's text back, nothing else.
+
+Everything else is runnerkit's defaults. ``BENCH_ECHO_MAX_CONCURRENCY`` sets the capability's
+``max_concurrency`` (default 64, so concurrency slots never limit the HTTP benchmark; the
+forge benchmark sets 6, one worker's job allowance: 8 threads less 2 reserved).
+
+Serve with ``gunicorn -c deploy/gunicorn.conf.py bench.apps.runner_app:app``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from marshmallow import Schema, fields
+
+from runnerkit import Capability, Context, Runner
+from runnerkit.contracts import fields as strict
+
+
+class Echo(Capability):
+    """Returns the payload's text unchanged."""
+
+    id = "echo"
+    version = "1.0.0"
+    job_types = ["bench.echo"]
+    max_concurrency = int(os.environ.get("BENCH_ECHO_MAX_CONCURRENCY", "64"))
+    timeout_ms = 5_000
+
+    class Input(Schema):
+        text = strict.StrictString(required=True)
+
+    class Output(Schema):
+        text = fields.String(required=True)
+
+    def run(self, payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        return {"text": payload["text"]}
+
+
+runner = Runner("bench-runner", version="1.0.0", capabilities=[Echo()], tags=["bench"])
+app = runner.create_app()

@@ -1,0 +1,281 @@
+"""Part 1b: what each step of the ``/execute`` path costs, measured by taking it away.
+
+In one process, with Flask's test client (no gunicorn, no sockets, one thread), N requests
+go through the runner's ``/execute`` with everything on ("baseline"), then with one step
+replaced by a no-op, for each step; and through the bare Flask echo (``bench.apps.flask_app``)
+as the floor. Every variant run follows its own baseline run; the saving of a step is the
+median over rounds of ``baseline - variant`` within those pairs, in CPU microseconds per
+request (all threads of the process; wall time is kept too).
+
+The no-op stand-ins exist only in this benchmark process (runnerkit is not changed); they
+size costs, they are not proposals to drop the step (see the report's suggestions).
+
+Run: ``python -m bench.inprocess --requests 2000 --rounds 5`` → ``BENCH_JSON {...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# Before runnerkit creates its metrics: multiprocess mode, as under gunicorn.
+_STATE = tempfile.mkdtemp(prefix="bench-inprocess-")
+os.environ["RUNNERKIT_STATE_DIR"] = _STATE
+os.environ.pop("RUNNERKIT_JOBFORGE_URL", None)
+os.environ.pop("JOBFORGE_URL", None)
+os.environ["RUNNERKIT_WORKER_THREADS"] = "8"
+
+from bench.apps import flask_app, runner_app  # noqa: E402
+from runnerkit import execution, http, state  # noqa: E402
+
+RUNNER = runner_app.runner
+
+
+def _body() -> bytes:
+    return (
+        b'{"jobId":"' + str(uuid.uuid4()).encode() + b'","moduleId":"bench",'
+        b'"capabilityId":"echo","payload":{"text":"hello"},"timeoutMs":5000}'
+    )
+
+
+@contextlib.contextmanager
+def patched(target: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, old)
+
+
+class _NoMetric:
+    def labels(self, *args: Any) -> _NoMetric:
+        return self
+
+    def inc(self, *args: Any) -> None:
+        pass
+
+    def dec(self, *args: Any) -> None:
+        pass
+
+    def observe(self, *args: Any) -> None:
+        pass
+
+    def set(self, *args: Any) -> None:
+        pass
+
+
+class _NoMetrics:
+    def __getattr__(self, name: str) -> _NoMetric:
+        return _NoMetric()
+
+
+@contextlib.contextmanager
+def no_ledger() -> Iterator[None]:
+    with (
+        patched(state.Ledger, "claim", lambda self, job_id, **kw: state.Claim("run")),
+        patched(state.Ledger, "complete", lambda self, *a, **kw: None),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def no_job_thread() -> Iterator[None]:
+    with patched(execution._JobThread, "start", lambda self: self._run()):
+        yield
+
+
+@contextlib.contextmanager
+def no_job_log() -> Iterator[None]:
+    logger = logging.getLogger("runnerkit.job")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def no_metrics() -> Iterator[None]:
+    none = _NoMetrics()
+    with patched(execution, "metrics", lambda: none), patched(http, "metrics", lambda: none):
+        yield
+
+
+@contextlib.contextmanager
+def no_slots() -> Iterator[None]:
+    with (
+        patched(state.SlotTable, "acquire", lambda self, cap: state.Slot(cap, 0)),
+        patched(state.SlotTable, "release", lambda self, slot: None),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def no_marshmallow() -> Iterator[None]:
+    def load_request(body: dict[str, Any]) -> dict[str, Any]:
+        return {"timeoutMs": 30000, **body, "metadata": body.get("metadata", {})}
+
+    schema = execution._REQUEST_SCHEMA
+    capability = RUNNER.capabilities["echo"]
+    with (
+        patched(schema, "load", load_request),
+        patched(capability, "load_input", lambda payload: dict(payload)),
+        patched(capability, "dump_output", lambda result: dict(result)),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def no_output_reload() -> Iterator[None]:
+    """dump_output dumps through Output and then loads the dump again to check it."""
+    capability = RUNNER.capabilities["echo"]
+    out = capability._output_schema
+    with patched(capability, "dump_output", lambda result: out.dump(result)):
+        yield
+
+
+@contextlib.contextmanager
+def cached_runner_id() -> Iterator[None]:
+    """Runner.runner_id is recomputed (uuid5, or an identity file stat) for every answer."""
+    value = RUNNER.runner_id
+    with patched(type(RUNNER), "runner_id", property(lambda self: value)):
+        yield
+
+
+@contextlib.contextmanager
+def everything_off() -> Iterator[None]:
+    with (
+        no_ledger(),
+        no_job_thread(),
+        no_job_log(),
+        no_metrics(),
+        no_slots(),
+        no_marshmallow(),
+        cached_runner_id(),
+    ):
+        yield
+
+
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "baseline": contextlib.nullcontext,
+    "no idempotency ledger": no_ledger,
+    "no job thread (run inline)": no_job_thread,
+    "no job log line": no_job_log,
+    "no metrics": no_metrics,
+    "no concurrency slot locks": no_slots,
+    "no marshmallow at all": no_marshmallow,
+    "no output re-load (dump only)": no_output_reload,
+    "runner_id computed once": cached_runner_id,
+    "all of the above off": everything_off,
+}
+
+
+def timed(client: Any, requests: int) -> tuple[float, float]:
+    """(CPU, wall) microseconds per request over ``requests`` POST /execute.
+
+    CPU is the whole process's (every thread, the job threads included): what the steps
+    cost, hardly moved by other load on the machine. Wall adds the waits for the scheduler.
+    """
+    bodies = [_body() for _ in range(requests)]
+    headers = {"Content-Type": "application/json"}
+    cpu, wall = time.process_time(), time.perf_counter()
+    for body in bodies:
+        response = client.post("/execute", data=body, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"/execute answered {response.status_code}: {response.data[:300]!r}")
+    return (
+        (time.process_time() - cpu) / requests * 1e6,
+        (time.perf_counter() - wall) / requests * 1e6,
+    )
+
+
+def label_probe(client: Any, requests: int = 200) -> dict[str, int]:
+    """Bytes of ``GET /metrics`` before and after ``requests`` jobs for unknown capabilities.
+
+    The capabilityId of a request becomes a metric label before it is checked against the
+    registered capabilities, so every distinct unknown id adds series.
+    """
+    before = len(client.get("/metrics").data)
+    for _ in range(requests):
+        body = {
+            "jobId": str(uuid.uuid4()),
+            "moduleId": "bench",
+            "capabilityId": f"no-such-capability-{uuid.uuid4()}",
+            "payload": {},
+        }
+        client.post("/execute", json=body)
+    return {"requests": requests, "before": before, "after": len(client.get("/metrics").data)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.inprocess")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    # The job log goes to /dev/null: written, as under gunicorn, but not to the terminal.
+    for handler in logging.getLogger("runnerkit").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
+    runner_client = runner_app.app.test_client()
+    flask_client = flask_app.app.test_client()
+    names = [name for name in VARIANTS if name != "baseline"] + ["bare Flask echo"]
+    timed(runner_client, 300)
+    timed(flask_client, 300)
+    # Each variant runs right after a baseline run (pairs, the variants' order rotating per
+    # round): a saving is the median over rounds of (baseline - variant) within a pair, which
+    # drift on a shared machine hardly touches.
+    cpu: dict[str, list[float]] = {name: [] for name in ["baseline", *names]}
+    wall: dict[str, list[float]] = {name: [] for name in ["baseline", *names]}
+    pairs: dict[str, list[float]] = {name: [] for name in names}
+    wall_pairs: dict[str, list[float]] = {name: [] for name in names}
+    others = [name for name in names if name != "baseline"]
+    for index in range(args.rounds):
+        order = others[index % len(others) :] + others[: index % len(others)]
+        for name in order:
+            base_cpu, base_wall = timed(runner_client, args.requests)
+            if name == "bare Flask echo":
+                used, took = timed(flask_client, args.requests)
+            else:
+                with VARIANTS[name]():
+                    used, took = timed(runner_client, args.requests)
+            cpu["baseline"].append(base_cpu)
+            wall["baseline"].append(base_wall)
+            cpu[name].append(used)
+            wall[name].append(took)
+            pairs[name].append(base_cpu - used)
+            wall_pairs[name].append(base_wall - took)
+    from bench.common import median
+
+    result = {
+        "requests_per_round": args.requests,
+        "rounds": args.rounds,
+        "us_per_request": {name: median(values) for name, values in cpu.items() if values},
+        "wall_us_per_request": {name: median(values) for name, values in wall.items() if values},
+        "samples": cpu,
+        "wall_samples": wall,
+        "saving_us": {name: median(values) for name, values in pairs.items() if values},
+        "saving_range_us": {
+            name: [min(values), max(values)] for name, values in pairs.items() if values
+        },
+        "wall_saving_us": {name: median(values) for name, values in wall_pairs.items() if values},
+    }
+    result["metrics_label_probe"] = label_probe(runner_client)
+    shutil.rmtree(_STATE, ignore_errors=True)
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

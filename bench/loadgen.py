@@ -1,0 +1,439 @@
+"""Load generators that run in their own processes: ``python -m bench.loadgen MODE ...``.
+
+``execute``: closed-loop load on ``POST /execute`` (the Python alternative to wrk): P processes
+x T threads, one keep-alive ``http.client`` connection each, a fresh uuid4 jobId per request,
+for a duration or a total count. Prints ``BENCH_JSON {...}`` with the same keys as
+bench/wrk_execute.lua. On 2 cores this generator needs a large share of the CPU itself.
+
+``forge``: jobs through the forge (``POST /jobs``), then waits for all of them to finish and
+reads their JobResponses (``GET /jobs`` pages) to compute, per job, submit → ``startedAt`` →
+``completedAt`` (from the forge's JobResult metadata; millisecond timestamps). Patterns:
+``burst`` (N jobs as fast as T threads can submit), ``paced`` (open loop at a fixed rate for a
+duration) and ``serial`` (one job at a time, the next submitted once the last finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench.common import percentile
+
+FINAL = ("completed", "failed", "cancelled")
+ACTIVE = "pending,queued,running,retrying"
+
+
+def _connection(url: str, timeout: float = 30.0) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+
+
+def _call(
+    conn: http.client.HTTPConnection, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    raw = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if raw is not None else {}
+    conn.request(method, path, body=raw, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    try:
+        parsed = json.loads(data) if data else None
+    except ValueError:
+        parsed = None
+    return response.status, parsed
+
+
+# --------------------------------------------------------------------------- /execute
+
+
+def execute_body() -> bytes:
+    return (
+        b'{"jobId":"' + str(uuid.uuid4()).encode() + b'","moduleId":"bench",'
+        b'"capabilityId":"echo","payload":{"text":"hello"},"timeoutMs":5000}'
+    )
+
+
+def _execute_worker(
+    url: str, threads: int, duration: float, count: int, start_at: float, out: Any
+) -> None:
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = [0]
+    lock = threading.Lock()
+    remaining = [count]
+
+    def take() -> bool:
+        if count <= 0:
+            return time.monotonic() < stop_at
+        with lock:
+            if remaining[0] <= 0:
+                return False
+            remaining[0] -= 1
+            return True
+
+    def loop() -> None:
+        conn = _connection(url)
+        mine: list[float] = []
+        while take():
+            began = time.perf_counter()
+            try:
+                conn.request(
+                    "POST",
+                    "/execute",
+                    body=execute_body(),
+                    headers={"Content-Type": "application/json"},
+                )
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                with lock:
+                    errors[0] += 1
+                conn.close()
+                conn = _connection(url)
+                continue
+            mine.append(time.perf_counter() - began)
+            if response.status != 200:
+                with lock:
+                    key = str(response.status)
+                    statuses[key] = statuses.get(key, 0) + 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    while time.monotonic() < start_at:
+        time.sleep(0.001)
+    began = time.monotonic()
+    stop_at = began + duration
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    out.put(
+        {
+            "latencies": latencies,
+            "statuses": statuses,
+            "errors": errors[0],
+            "elapsed": time.monotonic() - began,
+        }
+    )
+
+
+def run_execute(args: argparse.Namespace) -> dict[str, Any]:
+    processes = max(1, min(args.processes, args.concurrency))
+    queue: Any = multiprocessing.get_context("fork").Queue()
+    start_at = time.monotonic() + 0.2
+    procs = []
+    for index in range(processes):
+        threads = args.concurrency // processes + (1 if index < args.concurrency % processes else 0)
+        share = 0
+        if args.count:
+            share = args.count // processes + (1 if index < args.count % processes else 0)
+        proc = multiprocessing.get_context("fork").Process(
+            target=_execute_worker,
+            args=(args.url, threads, args.duration, share, start_at, queue),
+        )
+        proc.start()
+        procs.append(proc)
+    parts = [queue.get(timeout=args.duration + 600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    latencies = sorted(v for p in parts for v in p["latencies"])
+    statuses: dict[str, int] = {}
+    for part in parts:
+        for key, value in part["statuses"].items():
+            statuses[key] = statuses.get(key, 0) + value
+    elapsed = max(p["elapsed"] for p in parts)
+    us = [v * 1e6 for v in latencies]
+    return {
+        "requests": len(latencies),
+        "duration_us": int(elapsed * 1e6),
+        "non200": statuses,
+        "socket_errors": sum(p["errors"] for p in parts),
+        "timeouts": 0,
+        "p50_us": percentile(us, 50),
+        "p90_us": percentile(us, 90),
+        "p99_us": percentile(us, 99),
+        "max_us": us[-1] if us else float("nan"),
+        "mean_us": sum(us) / len(us) if us else float("nan"),
+    }
+
+
+# --------------------------------------------------------------------------- the forge
+
+
+def job_request(job_id: str) -> dict[str, Any]:
+    """A JobRequest for the echo capability (as runnerkit.cli.job_request makes them)."""
+    return {
+        "id": job_id,
+        "type": "bench.echo",
+        "priority": 50,
+        "payload": {"type": "bench.echo", "version": "1.0.0", "data": {"text": "hello"}},
+        "metadata": {"source": "bench", "createdAt": _now_z(), "correlationId": str(uuid.uuid4())},
+        "timeoutMs": 5000,
+    }
+
+
+def _now_z() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float], int]:
+    submitted: dict[str, float] = {}
+    failures = [0]
+    lock = threading.Lock()
+    remaining = [total]
+
+    def loop() -> None:
+        conn = _connection(url)
+        while True:
+            with lock:
+                if remaining[0] <= 0:
+                    break
+                remaining[0] -= 1
+            job_id = str(uuid.uuid4())
+            body = job_request(job_id)
+            at = time.time()
+            try:
+                status, _ = _call(conn, "POST", "/jobs", body)
+            except (OSError, http.client.HTTPException):
+                status = 0
+                conn.close()
+                conn = _connection(url)
+            with lock:
+                if status == 202:
+                    submitted[job_id] = at
+                else:
+                    failures[0] += 1
+        conn.close()
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return submitted, failures[0]
+
+
+def _submit_paced(
+    url: str, rate: float, duration: float, threads: int
+) -> tuple[dict[str, float], int, int]:
+    """Open loop: job i is due at start + i/rate; a thread sends the next due job."""
+    submitted: dict[str, float] = {}
+    failures = [0]
+    late = [0]
+    lock = threading.Lock()
+    total = max(1, int(rate * duration))
+    next_index = [0]
+    start = time.time() + 0.05
+
+    def loop() -> None:
+        conn = _connection(url)
+        while True:
+            with lock:
+                index = next_index[0]
+                if index >= total:
+                    break
+                next_index[0] += 1
+            due = start + index / rate
+            wait = due - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            elif wait < -0.005:
+                with lock:
+                    late[0] += 1
+            job_id = str(uuid.uuid4())
+            body = job_request(job_id)
+            at = time.time()
+            try:
+                status, _ = _call(conn, "POST", "/jobs", body)
+            except (OSError, http.client.HTTPException):
+                status = 0
+                conn.close()
+                conn = _connection(url)
+            with lock:
+                if status == 202:
+                    submitted[job_id] = at
+                else:
+                    failures[0] += 1
+        conn.close()
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return submitted, failures[0], late[0]
+
+
+def _submit_serial(url: str, total: int, poll_s: float) -> tuple[dict[str, float], int]:
+    """One job at a time, each submitted on a new connection (so on either forge worker)."""
+    submitted: dict[str, float] = {}
+    failures = 0
+    poller = _connection(url)
+    for _ in range(total):
+        job_id = str(uuid.uuid4())
+        conn = _connection(url)
+        at = time.time()
+        try:
+            status, _ = _call(conn, "POST", "/jobs", job_request(job_id))
+        finally:
+            conn.close()
+        if status != 202:
+            failures += 1
+            continue
+        submitted[job_id] = at
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _, job = _call(poller, "GET", f"/jobs/{job_id}")
+            if isinstance(job, dict) and job.get("status") in FINAL:
+                break
+            time.sleep(poll_s)
+    poller.close()
+    return submitted, failures
+
+
+def _wait_idle(url: str, timeout: float) -> bool:
+    conn = _connection(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            _, page = _call(conn, "GET", f"/jobs?status={ACTIVE}&limit=1")
+            if isinstance(page, dict) and page.get("total") == 0:
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        conn.close()
+
+
+def _collect(url: str, ids: set[str]) -> dict[str, dict[str, Any]]:
+    """The JobResponses of ``ids`` (the newest jobs), read page by page, newest first."""
+    found: dict[str, dict[str, Any]] = {}
+    conn = _connection(url)
+    offset = 0
+    try:
+        while len(found) < len(ids):
+            _, page = _call(conn, "GET", f"/jobs?limit=500&offset={offset}")
+            items = page.get("items", []) if isinstance(page, dict) else []
+            if not items:
+                break
+            for job in items:
+                if job["id"] in ids:
+                    found[job["id"]] = job
+            offset += len(items)
+    finally:
+        conn.close()
+    return found
+
+
+def run_forge(args: argparse.Namespace) -> dict[str, Any]:
+    began = time.time()
+    late = 0
+    if args.pattern == "burst":
+        submitted, failures = _submit_burst(args.url, args.count, args.threads)
+    elif args.pattern == "paced":
+        submitted, failures, late = _submit_paced(args.url, args.rate, args.duration, args.threads)
+    else:
+        submitted, failures = _submit_serial(args.url, args.count, args.poll_ms / 1000.0)
+    submit_s = time.time() - began
+    idle = _wait_idle(args.url, args.wait)
+    # Tells the caller to read CPU counters now: reading the results back costs the forge too.
+    print("BENCH_MARK finished", flush=True)
+    jobs = _collect(args.url, set(submitted))
+    latencies: list[float] = []
+    queue_waits: list[float] = []
+    runs: list[float] = []
+    statuses: dict[str, int] = {}
+    attempts_over_1 = 0
+    last_done = began
+    for job_id, at in submitted.items():
+        job = jobs.get(job_id)
+        status = job["status"] if job else "missing"
+        statuses[status] = statuses.get(status, 0) + 1
+        meta = ((job or {}).get("result") or {}).get("metadata") or {}
+        if status != "completed" or "completedAt" not in meta:
+            continue
+        done = _epoch(meta["completedAt"])
+        last_done = max(last_done, done)
+        latencies.append((done - at) * 1000.0)
+        if meta.get("startedAt"):
+            started = _epoch(meta["startedAt"])
+            queue_waits.append((started - at) * 1000.0)
+            runs.append((done - started) * 1000.0)
+        if int(meta.get("attempts", 1)) > 1:
+            attempts_over_1 += 1
+    completed = len(latencies)
+    span = max(1e-9, last_done - min(submitted.values(), default=began))
+    return {
+        "pattern": args.pattern,
+        "submitted": len(submitted),
+        "submit_failures": failures,
+        "submit_s": submit_s,
+        "submit_rate": len(submitted) / submit_s if submit_s else 0.0,
+        "late_submits": late,
+        "all_finished": idle,
+        "statuses": statuses,
+        "completed": completed,
+        "retried": attempts_over_1,
+        "span_s": span,
+        "jobs_per_s": completed / span,
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+        "queue_p50_ms": percentile(queue_waits, 50),
+        "queue_p90_ms": percentile(queue_waits, 90),
+        "queue_p99_ms": percentile(queue_waits, 99),
+        "queued_over_50ms": (
+            sum(1 for q in queue_waits if q >= 50.0) / len(queue_waits) if queue_waits else 0.0
+        ),
+        "run_p50_ms": percentile(runs, 50),
+        "run_p99_ms": percentile(runs, 99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    ex = sub.add_parser("execute", help="closed-loop POST /execute")
+    ex.add_argument("--url", required=True)
+    ex.add_argument("--concurrency", type=int, default=16)
+    ex.add_argument("--duration", type=float, default=5.0)
+    ex.add_argument("--count", type=int, default=0, help="total requests (instead of duration)")
+    ex.add_argument("--processes", type=int, default=2)
+    fg = sub.add_parser("forge", help="jobs through the forge")
+    fg.add_argument("--url", required=True)
+    fg.add_argument("--pattern", choices=["burst", "paced", "serial"], default="burst")
+    fg.add_argument("--count", type=int, default=1000)
+    fg.add_argument("--threads", type=int, default=8)
+    fg.add_argument("--rate", type=float, default=100.0)
+    fg.add_argument("--duration", type=float, default=5.0)
+    fg.add_argument("--poll-ms", type=float, default=5.0)
+    fg.add_argument("--wait", type=float, default=120.0, help="seconds to wait for completion")
+    args = parser.parse_args(argv)
+    if args.mode == "execute":
+        if args.count:
+            args.duration = 0.0
+        result = run_execute(args)
+    else:
+        result = run_forge(args)
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""The results as Markdown (bench/results/latest.md) and a chart (latest.png)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+#: Target: runnerkit's /execute throughput as a share of the bare Flask echo's.
+THROUGHPUT_TARGET = 0.85
+#: Targets of the end-to-end forge path.
+JOBS_PER_S_TARGET = 500.0
+HALF_LOAD_P50_TARGET_MS = 10.0
+
+#: What to do about each measured cost (ablation variant → suggestion).
+SUGGESTIONS: dict[str, tuple[str, str]] = {
+    "no job thread (run inline)": (
+        "a thread per job",
+        "Stop starting a new thread per job. `_JobThread` calls `threading.Thread.start()` "
+        "for every request, which waits until the new thread is scheduled, and the request "
+        "thread then blocks on an Event for the hand-back: two context switches and a GIL "
+        "hand-off per job, worse under load on 2 cores. Keep a small per-worker pool of job "
+        "threads (a `ThreadPoolExecutor` sized to `WORKER_THREADS - RESERVED_THREADS`, "
+        "`Future.result(timeout)` for the deadline; a timed-out job keeps its pool thread, "
+        "which the in-flight count already accounts for), or let a capability declare itself "
+        "quick (a class flag) and run it inline in the request thread.",
+    ),
+    "no idempotency ledger": (
+        "the idempotency ledger's two SQLite write transactions",
+        "Make the ledger cheaper: today every job is two `BEGIN IMMEDIATE` write "
+        "transactions (claim: SELECT + INSERT; complete: UPDATE with the JSON-encoded "
+        "answer) on a WAL file shared by all workers, serialised by one lock per process. "
+        "Options: one `INSERT ... ON CONFLICT DO NOTHING RETURNING` for the common new-job "
+        "case instead of SELECT-then-INSERT; store the answer only for retry-relevant "
+        "outcomes or cap its size; `PRAGMA synchronous=OFF` is defensible for a replay cache "
+        "whose loss only costs a re-run; batch `complete` writes from a background thread.",
+    ),
+    "no output re-load (dump only)": (
+        "validating the output twice",
+        "`Capability.dump_output` dumps the result through `Output` and then *loads* the dump "
+        "again to validate it: a second full marshmallow pass per job. Validate with `load` "
+        "only when the capability is not trusted (a setting), or only in tests/`runnerkit "
+        "validate`, or validate just the types that `dump` does not check.",
+    ),
+    "no marshmallow at all": (
+        "marshmallow",
+        "Marshmallow costs three schema passes per job (RunnerExecutionRequest load, Input "
+        "load, Output dump+load). Beyond dropping the Output re-load: a hand-written fast path "
+        "for the fixed RunnerExecutionRequest envelope (6 keys) before falling back to the "
+        "schema for error details.",
+    ),
+    "no job log line": (
+        "the per-job JSON log line",
+        "The per-job log line (`runnerkit.job` at INFO, JSON-formatted, every key run through "
+        "`redact`) costs a `json.dumps` and a redaction walk per job; cache `is_secret_key` "
+        "results per key (`functools.lru_cache`) and skip redaction for runnerkit's own fixed "
+        "keys.",
+    ),
+    "no metrics": (
+        "metrics",
+        "Metrics (prometheus multiprocess mode: jobs_received, jobs_completed, job_duration, "
+        "active_jobs inc+dec, http_requests, http_duration, each a mmap'd file write under a "
+        "lock, plus `.labels()` lookups) could cache the labelled children per capability "
+        "instead of calling `.labels(...)` on every job.",
+    ),
+    "runner_id computed once": (
+        "runner_id recomputed per answer",
+        "`Runner.runner_id` is a property recomputed for every answer: `uuid.uuid5(...)` of "
+        "name:host:port when standalone, `Lifecycle.current_identity()` (an `os.stat` of "
+        "identity.json) with JobForge. Compute it once and refresh it when the identity "
+        "changes (the lifecycle already knows when it saves one).",
+    ),
+    "no concurrency slot locks": (
+        "the concurrency slot's OFD locks",
+        "The concurrency slot is an `F_OFD_SETLK` on a random byte, plus a release; cheap "
+        "syscalls, but `acquire` starts at a random index and probes until it finds a free "
+        "byte; with a per-process free-list hint it would usually hit on the first try.",
+    ),
+}
+
+
+def _f(value: Any, digits: int = 0, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _ok(passed: bool | None) -> str:
+    return "n/a" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def _error(part: dict[str, Any] | None) -> str | None:
+    if not part:
+        return "not run"
+    return part.get("error")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _summary(results: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    http = results.get("http") or {}
+    if not _error(http):
+        for level, data in http["levels"].items():
+            ratio = data["ratio"]
+            lines.append(
+                f"| /execute throughput ≥ {THROUGHPUT_TARGET}x bare Flask, {level} connections "
+                f"| {_f(ratio, 2)}x | {_ok(ratio >= THROUGHPUT_TARGET)} |"
+            )
+    forge = results.get("forge") or {}
+    if not _error(forge):
+        best = max(forge["burst"].items(), key=lambda kv: kv[1]["jobs_per_s"])
+        lines.append(
+            f"| forge ≥ {JOBS_PER_S_TARGET:.0f} jobs/s end to end | {_f(best[1]['jobs_per_s'])} "
+            f"jobs/s ({best[0]}) | {_ok(best[1]['jobs_per_s'] >= JOBS_PER_S_TARGET)} |"
+        )
+        for name, data in forge["paced"].items():
+            lines.append(
+                f"| p50 < {HALF_LOAD_P50_TARGET_MS:.0f} ms at half of peak ({name}, "
+                f"{_f(data['rate'])} jobs/s offered) | {_f(data['p50_ms'], 1)} ms | "
+                f"{_ok(data['p50_ms'] < HALF_LOAD_P50_TARGET_MS)} |"
+            )
+    memory = results.get("memory") or {}
+    if not _error(memory):
+        lines.append(
+            f"| worker RSS growth over {memory['jobs']:,} jobs (no target) | "
+            f"{_f(memory['growth_mb'], 1, ' MB')} per worker | info |"
+        )
+    control = results.get("control") or {}
+    if not _error(control):
+        beats = {round(r["heartbeats_per_min"] / 10.0) for r in control["rows"]}
+        regs = {r["registrations_total"] for r in control["rows"]}
+        same = len(beats) == 1 and regs == {1}
+        lines.append(
+            "| control traffic identical for 1/2/4/8 workers | "
+            + ", ".join(
+                f"{r['workers']}w: {r['registrations_total']} reg, "
+                f"{_f(r['heartbeats_per_min'])} hb/min"
+                for r in control["rows"]
+            )
+            + f" | {_ok(same)} |"
+        )
+    return [*lines, ""]
+
+
+def _http(http: dict[str, Any]) -> list[str]:
+    lines = ["## 1. `POST /execute`: runnerkit vs bare Flask", ""]
+    if _error(http):
+        return [*lines, f"Not measured: {_error(http)}", ""]
+    lines += [
+        f"Trivial `echo` capability vs a bare Flask route doing the same JSON echo, both under "
+        f"deploy/gunicorn.conf.py (gthread, 2 workers, 8 threads) at the same time, load from "
+        f"`{http['load_tool']}` in its own process, {http['duration_s']:g} s per round, "
+        f"contenders alternating (A B, B A …). Medians over rounds; the ratio is the median of "
+        f"per-round ratios of successful (200) req/s. CPU µs/req is the server processes' "
+        f"user+system CPU per request (psutil), the least noise-sensitive figure here.",
+        "",
+        "| conns | runnerkit ok req/s | Flask req/s | ratio | runnerkit p50 / p99 ms "
+        "| Flask p50 / p99 ms | runnerkit non-200 | CPU µs/req runnerkit / Flask |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for level, data in http["levels"].items():
+        r, f = data["runnerkit"], data["flask"]
+        lines.append(
+            f"| {level} | {_f(r['ok_rps'])} | {_f(f['ok_rps'])} | {_f(data['ratio'], 2)}x "
+            f"| {_f(r['p50_ms'], 1)} / {_f(r['p99_ms'], 1)} "
+            f"| {_f(f['p50_ms'], 1)} / {_f(f['p99_ms'], 1)} "
+            f"| {r['non200_total']:,} of {r['requests_total']:,} "
+            f"| {_f(r['cpu_us_per_req'])} / {_f(f['cpu_us_per_req'])} |"
+        )
+    lines += [
+        "",
+        "Non-200 answers of runnerkit are 503 `WORKER_BUSY`: a worker takes at most "
+        "`WORKER_THREADS - RESERVED_THREADS` = 6 jobs at once and keeps 2 of its 8 threads "
+        "for health checks, so at ≥ 16 connections some requests are refused by design "
+        "(they are excluded from 'ok req/s').",
+        "",
+    ]
+    profile = http.get("profile") or {}
+    lines += ["### Where a request's CPU goes (py-spy, under gunicorn)", ""]
+    if profile.get("error"):
+        return [*lines, f"Not profiled: {profile['error']}", ""]
+    total = max(1, profile["samples"])
+    per_req = profile.get("cpu_us_per_req") or float("nan")
+    lines += [
+        f"`py-spy record --gil --subprocesses` on the runner's master at "
+        f"{profile['concurrency']} connections: {profile['samples']:,} samples, each in the "
+        f"first bucket with a matching frame. µs/req = share x the {_f(per_req)} µs of CPU "
+        f"per request measured above at 16 connections. Raw stacks: `{profile['raw']}`.",
+        "",
+        "| bucket | share of CPU | ≈ µs per request |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, count in profile["buckets"].items():
+        lines.append(
+            f"| {name} | {_f(100.0 * count / total, 1)} % | {_f(count / total * per_req)} |"
+        )
+    lines += ["", "Hottest leaf functions:", ""]
+    for name, count in profile["top_leaf_functions"][:10]:
+        lines.append(f"- `{name}`: {_f(100.0 * count / total, 1)} %")
+    return [*lines, ""]
+
+
+def _inprocess(data: dict[str, Any]) -> list[str]:
+    lines = ["### What each step costs, measured by removing it (in-process)", ""]
+    if _error(data):
+        return [*lines, f"Not measured: {_error(data)}", ""]
+    per = data["us_per_request"]
+    base = per["baseline"]
+    savings = data["saving_us"]
+    ranges = data.get("saving_range_us", {})
+    wall = data.get("wall_us_per_request", {})
+    wall_savings = data.get("wall_saving_us", {})
+    lines += [
+        f"Flask test client, one thread, {data['requests_per_round']:,} requests per run, "
+        f"{data['rounds']} rounds; every variant run right after its own baseline run, the "
+        f"step replaced by a no-op in the benchmark process only. Saving = median over rounds "
+        f"of (baseline - variant) within those pairs, with the range over rounds: a range "
+        f"that spans 0 is noise. CPU µs counts every thread of the process (job threads "
+        f"included) and is what the ranking uses; wall µs adds scheduler waits (thread start, "
+        f"hand-back), which grow with the machine's load.",
+        "",
+        "| variant | CPU µs / request | saving (range) | share of baseline "
+        "| wall µs / request | wall saving |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| baseline (everything on) | {_f(base)} | - | - | {_f(wall.get('baseline'))} | - |",
+    ]
+    for name, value in per.items():
+        if name == "baseline":
+            continue
+        low, high = ranges.get(name, [float("nan"), float("nan")])
+        lines.append(
+            f"| {name} | {_f(value)} | {_f(savings.get(name))} ({_f(low)} to {_f(high)}) "
+            f"| {_f(100.0 * savings.get(name, float('nan')) / base, 0, ' %')} "
+            f"| {_f(wall.get(name))} | {_f(wall_savings.get(name))} |"
+        )
+    return [*lines, ""]
+
+
+def _suggestions(results: dict[str, Any]) -> list[str]:
+    lines = ["### Suggestions, ranked by measured cost", ""]
+    data = results.get("inprocess") or {}
+    if _error(data):
+        return [*lines, "No ranking: the in-process measurement did not run.", ""]
+    savings = data["saving_us"]
+    ranked = sorted((name for name in SUGGESTIONS if name in savings), key=lambda n: -savings[n])
+    base = data["us_per_request"]["baseline"]
+    ranges = data.get("saving_range_us", {})
+    for index, name in enumerate(ranked, 1):
+        low = ranges.get(name, [float("nan")])[0]
+        noise = " (within noise: a round saw no saving)" if not low > 0 else ""
+        lines.append(
+            f"{index}. **{SUGGESTIONS[name][0]}**: ≈ {_f(savings[name])} CPU µs/request "
+            f"({_f(100.0 * savings[name] / base, 0)} % of the in-process path){noise}. "
+            f"{SUGGESTIONS[name][1]}"
+        )
+    singles = sum(
+        savings[n] for n in SUGGESTIONS if n in savings and n != "no output re-load (dump only)"
+    )
+    together = savings.get("all of the above off", float("nan"))
+    floor = data["us_per_request"].get("bare Flask echo", float("nan"))
+    rest = data["us_per_request"].get("all of the above off", float("nan"))
+    lines += [
+        "",
+        f"The single removals add up to ≈ {_f(singles)} µs; removing all of them together "
+        f"saves {_f(together)} µs. What is left ({_f(rest)} µs against the bare Flask echo's "
+        f"{_f(floor)} µs) is the rest of the pipeline: `Context` (a wall-clock deadline, a "
+        f"`LoggerAdapter`), the correlation uuid, the body walk of `check_json_limits`, the "
+        f"request-metrics hooks and the larger response document.",
+        "",
+    ]
+    return lines
+
+
+def _forge(forge: dict[str, Any]) -> list[str]:
+    lines = ["## 2. End to end through the forge", ""]
+    if _error(forge):
+        return [*lines, f"Not measured: {_error(forge)}", ""]
+    lines += [
+        "Submit → completed, from the submitter's clock before `POST /jobs` to the forge's "
+        "`result.metadata.completedAt` (ms resolution); queue = submit → `startedAt`, run = "
+        "`startedAt` → `completedAt`. Forge: gthread, 2 workers, 16 threads, default settings "
+        "(POLL_INTERVAL_MS 100, DISPATCH_THREADS 32). Runners: deploy/gunicorn.conf.py, `echo` "
+        "with maxConcurrency 6. Burst: N jobs as fast as 8 connections submit; paced: open "
+        "loop at half of that stack's burst jobs/s; serial: one job at a time.",
+        "",
+        "| stack | load | jobs/s | submit/s | p50 ms | p99 ms | queue p50 / p90 ms "
+        "| queued ≥ 50 ms | run p50 ms | CPU ms/job forge / runners / loadgen | retried "
+        "| not completed |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for kind in ("burst", "paced", "serial"):
+        for name, data in forge.get(kind, {}).items():
+            cpu = data.get("cpu_ms_per_job", {})
+            label = kind if kind != "paced" else f"paced {_f(data['rate'])}/s"
+            lines.append(
+                f"| {name} | {label} | {_f(data['jobs_per_s'])} | {_f(data['submit_rate'])} "
+                f"| {_f(data['p50_ms'], 1)} | {_f(data['p99_ms'], 1)} "
+                f"| {_f(data['queue_p50_ms'], 1)} / {_f(data.get('queue_p90_ms'), 1)} "
+                f"| {_f(100.0 * data.get('queued_over_50ms', float('nan')), 0, ' %')} "
+                f"| {_f(data['run_p50_ms'], 1)} "
+                f"| {_f(cpu.get('forge'), 1)} / {_f(cpu.get('runners'), 1)} / "
+                f"{_f(cpu.get('load generator'), 1)} "
+                f"| {data['retried']} | {data['not_completed']} |"
+            )
+    lines += ["", f"2 runners / 1 runner burst jobs/s: {_f(forge.get('ratio_2_to_1'), 2)}x.", ""]
+    for name, data in forge.get("burst", {}).items():
+        cpu = data.get("cpu_ms_per_job") or {}
+        total = sum(cpu.values())
+        servers = total - cpu.get("load generator", 0.0)
+        if total and servers:
+            lines.append(
+                f"- {name}: every completed job cost {_f(total, 1)} ms of CPU in all "
+                f"(forge {_f(cpu.get('forge'), 1)}, runners {_f(cpu.get('runners'), 1)}, load "
+                f"generator {_f(cpu.get('load generator'), 1)}), so 2 CPUs cannot complete more "
+                f"than ≈ {_f(2000.0 / total)} jobs/s, {_f(2000.0 / servers)} "
+                f"without the load generator on the same machine."
+            )
+    lines.append("")
+    serial = forge.get("serial", {})
+    default, solo = serial.get("1 runner"), serial.get("1 runner, 1 forge worker")
+    if default and solo:
+        lines += [
+            f"Serial latency: with the default 2 forge workers "
+            f"{_f(100.0 * default.get('queued_over_50ms', float('nan')), 0)} % of jobs waited "
+            f"≥ 50 ms before being dispatched (queue p50 / p90 "
+            f"{_f(default['queue_p50_ms'], 1)} / {_f(default.get('queue_p90_ms'), 1)} ms, "
+            f"submit → completed p50 {_f(default['p50_ms'], 1)} ms); with 1 forge worker "
+            f"{_f(100.0 * solo.get('queued_over_50ms', float('nan')), 0)} % did (queue p50 / "
+            f"p90 {_f(solo['queue_p50_ms'], 1)} / {_f(solo.get('queue_p90_ms'), 1)} ms, p50 "
+            f"{_f(solo['p50_ms'], 1)} ms). `POST /jobs` wakes only the dispatcher of "
+            f"the worker that took the request (`Forge.wake_dispatcher`); when that worker "
+            f"does not hold the dispatcher lock the job waits for the leader's next poll "
+            f"(POLL_INTERVAL_MS = 100 ms), and the leader's wait restarts after every tick.",
+            "",
+        ]
+    paced = forge.get("paced", {})
+    default, solo = paced.get("1 runner"), paced.get("1 runner, 1 forge worker")
+    if default and solo:
+        lines += [
+            f"At half of peak: queue p50 / p90 {_f(default['queue_p50_ms'], 1)} / "
+            f"{_f(default.get('queue_p90_ms'), 1)} ms and p50 {_f(default['p50_ms'], 1)} ms "
+            f"with 2 forge workers; {_f(solo['queue_p50_ms'], 1)} / "
+            f"{_f(solo.get('queue_p90_ms'), 1)} ms and p50 {_f(solo['p50_ms'], 1)} ms with 1.",
+            "",
+        ]
+    profile = forge.get("profile") or {}
+    if profile and not profile.get("error"):
+        total = max(1, profile["samples"])
+        lines += [
+            "Where the forge's CPU goes during a burst (py-spy `--gil` on both forge "
+            f"workers, {profile['samples']:,} samples; raw: `{profile['raw']}`):",
+            "",
+            "| bucket | share |",
+            "| --- | ---: |",
+        ]
+        for name, count in profile["buckets"].items():
+            lines.append(f"| {name} | {_f(100.0 * count / total, 1)} % |")
+        lines.append("")
+    elif profile.get("error"):
+        lines += [f"Forge not profiled: {profile['error']}", ""]
+    return lines
+
+
+def _memory(memory: dict[str, Any]) -> list[str]:
+    lines = ["## 3. Memory of a runner worker", ""]
+    if _error(memory):
+        return [*lines, f"Not measured: {_error(memory)}", ""]
+    lines += [
+        "RSS of each of the 2 workers (psutil) of a fresh runner, idle and after N jobs via "
+        "`POST /execute` (4 connections).",
+        "",
+        "| jobs | RSS per worker MB | mean MB | ledger (db + wal) MB |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for point in memory["checkpoints"]:
+        each = ", ".join(_f(v, 1) for v in point["rss_mb"].values())
+        lines.append(
+            f"| {point['jobs']:,} | {each} | {_f(point['mean_rss_mb'], 1)} "
+            f"| {_f(point['ledger_mb'], 2)} |"
+        )
+    lines += [
+        "",
+        f"Growth: {_f(memory['growth_mb'], 1)} MB per worker over {memory['jobs']:,} jobs "
+        f"(idle {_f(memory['idle_mean_rss_mb'], 1)} MB → {_f(memory['final_mean_rss_mb'], 1)} "
+        f"MB); over the last checkpoint interval "
+        f"{_f(memory.get('late_slope_mb_per_1k'), 2)} MB per 1,000 jobs. "
+        f"Failed requests: {memory['failed_requests']}.",
+        "",
+    ]
+    if memory.get("note"):
+        lines += [f"Note: {memory['note']}", ""]
+    return lines
+
+
+def _control(control: dict[str, Any]) -> list[str]:
+    lines = ["## 4. Control traffic per instance", ""]
+    if _error(control):
+        return [*lines, f"Not measured: {_error(control)}", ""]
+    lines += [
+        f"JobForgeStub handing out heartbeatIntervalMs {control['interval_ms']}; counted over a "
+        f"window after every worker serves, scaled to a minute (expected "
+        f"{_f(control['expected_heartbeats_per_min'])} heartbeats/min).",
+        "",
+        "| workers | registrations (lifetime) | registrations/min (window) | heartbeats/min "
+        "| runnerIds heartbeating | deregistrations at stop |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in control["rows"]:
+        lines.append(
+            f"| {row['workers']} | {row['registrations_total']} | "
+            f"{_f(row['registrations_per_min'], 1)} | {_f(row['heartbeats_per_min'], 1)} "
+            f"| {row['runner_ids']} | {row['deregistrations_at_stop']} |"
+        )
+    return [*lines, ""]
+
+
+def _findings(results: dict[str, Any]) -> list[str]:
+    lines = ["## Possible bugs seen during the run", ""]
+    found = False
+    probe = (results.get("inprocess") or {}).get("metrics_label_probe")
+    if probe and probe["after"] > 2 * probe["before"]:
+        found = True
+        lines.append(
+            f"- Metric labels from request input: {probe['requests']} `/execute` calls with "
+            f"unknown `capabilityId`s (404) grew `GET /metrics` from {probe['before']:,} to "
+            f"{probe['after']:,} bytes. `Executor._run` labels `jobs_received` with the "
+            f"request's capabilityId before checking it exists, and `_count` labels "
+            f"`jobs_completed`/`jobs_failed`/`job_duration` with it too: unbounded series (and "
+            f"multiprocess files) from whoever can reach `/execute`. Label unknown ones as one "
+            f"value (e.g. `unknown`)."
+        )
+    for error in results.get("server_errors") or []:
+        found = True
+        lines.append(
+            f'- `{error["server"]}` logged {error["count"]}x "{error["message"]}"'
+            + (f": `{error['exception']}`" if error["exception"] else "")
+        )
+    if not found:
+        lines.append("None detected automatically.")
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        "# runnerkit benchmarks",
+        "",
+        f"{'Quick smoke run' if meta['quick'] else 'Full run'} started {meta['started']}, "
+        f"{_f(meta.get('seconds'))} s; Python {meta['python']}, {meta['cpus']} CPUs, "
+        f"load average {', '.join(f'{v:.1f}' for v in meta['load_average_at_start'])} at "
+        f"start and {', '.join(f'{v:.1f}' for v in meta.get('load_average_at_end', ()))} at "
+        f"the end. Servers and load generators share these CPUs: absolute figures are "
+        f"noisy; ratios are measured in the same run, contenders alternating.",
+        "",
+        *_summary(results),
+        *_http(results.get("http") or {}),
+        *_inprocess(results.get("inprocess") or {}),
+        *_suggestions(results),
+        *_forge(results.get("forge") or {}),
+        *_memory(results.get("memory") or {}),
+        *_control(results.get("control") or {}),
+        *_findings(results),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """A PNG of the main figures; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    fig.suptitle("runnerkit benchmarks" + (" (quick run)" if results["meta"]["quick"] else ""))
+    http = results.get("http") or {}
+    if not _error(http):
+        levels = list(http["levels"])
+        x = range(len(levels))
+        r = [http["levels"][lv]["runnerkit"]["ok_rps"] for lv in levels]
+        f = [http["levels"][lv]["flask"]["ok_rps"] for lv in levels]
+        ax = axes[0][0]
+        ax.bar([i - 0.2 for i in x], r, 0.4, label="runnerkit /execute (200s)")
+        ax.bar([i + 0.2 for i in x], f, 0.4, label="bare Flask echo")
+        ax.set_xticks(list(x), [f"{lv} conns\n{http['levels'][lv]['ratio']:.2f}x" for lv in levels])
+        ax.set_ylabel("requests/s (median)")
+        ax.set_title("/execute throughput")
+        ax.legend()
+        ax = axes[0][1]
+        for name in ("runnerkit", "flask"):
+            ax.plot(
+                levels,
+                [http["levels"][lv][name]["p50_ms"] for lv in levels],
+                "o-",
+                label=f"{name} p50",
+            )
+            ax.plot(
+                levels,
+                [http["levels"][lv][name]["p99_ms"] for lv in levels],
+                "s--",
+                label=f"{name} p99",
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("connections")
+        ax.set_ylabel("latency ms (median of rounds)")
+        ax.set_title("/execute latency")
+        ax.legend()
+    inprocess = results.get("inprocess") or {}
+    if not _error(inprocess):
+        ax = axes[0][2]
+        savings = {k: v for k, v in inprocess["saving_us"].items() if k != "bare Flask echo"}
+        names = sorted(savings, key=lambda k: savings[k])
+        ax.barh(names, [savings[n] for n in names])
+        ax.set_xlabel("µs/request saved by removing (in-process)")
+        ax.set_title(
+            f"cost of each step (baseline {inprocess['us_per_request']['baseline']:.0f} µs)"
+        )
+    forge = results.get("forge") or {}
+    if not _error(forge):
+        ax = axes[1][0]
+        names = list(forge["burst"])
+        ax.bar(
+            [n.replace(", ", ",\n") for n in names],
+            [forge["burst"][n]["jobs_per_s"] for n in names],
+        )
+        ax.axhline(JOBS_PER_S_TARGET, color="red", linestyle="--", label="target 500 jobs/s")
+        ax.set_ylabel("jobs/s (burst, median)")
+        ax.set_title("forge end to end")
+        ax.legend()
+        ax = axes[1][1]
+        rows = [(f"{k} {n}", forge[k][n]) for k in ("paced", "serial") for n in forge[k]]
+        ax.barh([r[0] for r in rows], [r[1]["p50_ms"] for r in rows], label="p50")
+        ax.barh(
+            [r[0] for r in rows], [r[1]["queue_p50_ms"] for r in rows], label="queue p50", alpha=0.6
+        )
+        ax.axvline(HALF_LOAD_P50_TARGET_MS, color="red", linestyle="--", label="10 ms")
+        ax.set_xscale("log")
+        ax.set_xlabel("submit → completed ms")
+        ax.set_title("forge latency")
+        ax.legend()
+    memory = results.get("memory") or {}
+    if not _error(memory):
+        ax = axes[1][2]
+        jobs = [p["jobs"] for p in memory["checkpoints"]]
+        pids = list(memory["checkpoints"][0]["rss_mb"])
+        for pid in pids:
+            ax.plot(
+                jobs,
+                [p["rss_mb"].get(pid) for p in memory["checkpoints"]],
+                "o-",
+                label=f"worker {pid}",
+            )
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("jobs")
+        ax.set_ylabel("RSS MB")
+        ax.set_title("runner worker memory")
+        ax.legend()
+    for row in axes:
+        for ax in row:
+            if not ax.has_data():
+                ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest.json")
+    data = json.loads(source.read_text())
+    source.with_suffix(".md").write_text(markdown(data))
+    chart(data, source.with_suffix(".png"))
+    print(f"rewrote {source.with_suffix('.md')} and {source.with_suffix('.png')} from {source}")

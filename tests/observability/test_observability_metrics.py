@@ -1,0 +1,248 @@
+"""Prometheus metrics summed across gunicorn workers: the runner's and the forge's ``/metrics``.
+
+One stack for the module: a forge (2 gthread workers; its dispatcher runs in one of them) and
+the example runner ``app:app`` with 3 workers, registered with the forge. Jobs go to the
+runner directly, each over its own connection, spread over several workers; then through the
+forge. Every worker's scrape must show the same totals (prometheus-client multiprocess mode),
+equal to what was sent. Counters are compared as differences, so the tests do not depend on
+each other's order.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.forge.helpers import job_request
+from tests.security.stack import (
+    QUICK,
+    Stack,
+    get_from_each_worker,
+    samples,
+    value,
+    wait_until,
+)
+from tests.support import GunicornProcess
+
+pytestmark = pytest.mark.integration
+
+Scrape = dict[Any, float]
+
+
+class Plane:
+    stacks: list[Stack]
+
+    def __init__(self, stack: Stack, forge: GunicornProcess, runner: GunicornProcess) -> None:
+        self.stacks = [stack]
+        self.forge = forge
+        self.runner = runner
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    stack = Stack(tmp_path_factory.mktemp("metrics"))
+    try:
+        forge = stack.forge(Path(stack.base_dir) / "forge.sqlite3", workers=2, all_workers=True)
+        runner = stack.runner(
+            workers=3,
+            jobforge_url=forge.url,
+            env={"RUNNERKIT_HEARTBEAT_INTERVAL_MS": "1000"},
+            all_workers=True,
+        )
+        wait_until(
+            lambda: requests.get(runner.url + "/health/ready", timeout=QUICK).status_code == 200,
+            20,
+            "the runner to register with the forge",
+        )
+        yield Plane(stack, forge, runner)
+    finally:
+        stack.stop()
+
+
+def scrape_every_worker(proc: GunicornProcess) -> list[Scrape]:
+    """One parsed ``/metrics`` from each worker of ``proc``."""
+    return [samples(text) for text in get_from_each_worker(proc, "/metrics").values()]
+
+
+def same_everywhere(scrapes: list[Scrape], name: str, **labels: str) -> float:
+    """The sample's value, which every worker must report alike."""
+    values = {value(s, name, **labels) for s in scrapes}
+    assert len(values) == 1, f"workers disagree on {name}{labels}: {values}"
+    return values.pop()
+
+
+def execute_on_own_connection(runner: GunicornProcess, text: str) -> tuple[int, int]:
+    """POST one job on a new connection; (HTTP status, pid of the worker that answered)."""
+    body = json.dumps(
+        {
+            "jobId": str(uuid.uuid4()),
+            "moduleId": "example",
+            "capabilityId": "text-stats",
+            "payload": {"text": text},
+        }
+    )
+    conn = http.client.HTTPConnection(runner.host, runner.port, timeout=10)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        client_port = conn.sock.getsockname()[1]
+        conn.request("POST", "/execute", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        pid = runner.worker_for_client_port(client_port) or 0
+        return response.status, pid
+    finally:
+        conn.close()
+
+
+JOB = {"job_type": "text-stats"}
+RECEIVED = {"job_type": "text-stats", "priority": "unknown"}
+COMPLETED = {"job_type": "text-stats", "status": "success"}
+EXECUTE_200 = {"method": "POST", "path": "/execute", "status": "200"}
+
+
+def test_runner_metrics_are_summed_across_three_workers(plane: Plane) -> None:
+    runner = plane.runner
+    before = scrape_every_worker(runner)
+    jobs = 30
+    barrier = threading.Barrier(6)
+
+    def send(index: int) -> tuple[int, int]:
+        if index < 6:
+            barrier.wait(5)  # a first burst at once, so more than one worker is busy
+        return execute_on_own_connection(runner, f"job number {index}")
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, range(jobs)))
+    assert [status for status, _ in results] == [200] * jobs
+    workers = {pid for _, pid in results if pid}
+    assert len(workers) >= 2, f"all {jobs} jobs went to one worker: {results}"
+
+    after = scrape_every_worker(runner)
+    assert len(after) == 3
+
+    def delta(name: str, **labels: str) -> float:
+        return same_everywhere(after, name, **labels) - same_everywhere(before, name, **labels)
+
+    assert delta("jobs_received_total", **RECEIVED) == jobs
+    assert delta("jobs_completed_total", **COMPLETED) == jobs
+    assert delta("job_duration_seconds_count", **JOB) == jobs
+    assert delta("http_requests_total", **EXECUTE_200) == jobs
+    assert same_everywhere(after, "active_jobs", **JOB) == 0
+    # A gauge set only in the lifecycle leader's worker, reported by every worker (its value
+    # moves with each heartbeat, so only the series is compared).
+    beats = [
+        {labels for name, labels in scrape if name == "runner_heartbeat_timestamp"}
+        for scrape in after
+    ]
+    assert len(beats[0]) == 1 and all(b == beats[0] for b in beats), beats
+
+
+def test_active_jobs_counts_running_jobs_then_returns_to_zero(plane: Plane) -> None:
+    runner = plane.runner
+    body = {
+        "moduleId": "example",
+        "capabilityId": "slow-count",
+        "payload": {"steps": 20, "step_ms": 100},
+    }
+    with ThreadPoolExecutor(3) as pool:
+        futures = [
+            pool.submit(
+                requests.post,
+                runner.url + "/execute",
+                json={**body, "jobId": str(uuid.uuid4())},
+                timeout=QUICK,
+            )
+            for _ in range(3)
+        ]
+
+        def three_running() -> bool:
+            scrape = samples(requests.get(runner.url + "/metrics", timeout=QUICK).text)
+            return value(scrape, "active_jobs", job_type="slow-count") == 3
+
+        wait_until(three_running, 5, "active_jobs{slow-count} == 3")
+        assert [f.result().status_code for f in futures] == [200] * 3
+    after = scrape_every_worker(runner)
+    assert same_everywhere(after, "active_jobs", job_type="slow-count") == 0
+
+
+def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: Plane) -> None:
+    forge, runner = plane.forge, plane.runner
+    before = scrape_every_worker(forge)
+    runner_before = scrape_every_worker(runner)
+    count = 6
+    with requests.Session() as session:
+        ids = []
+        for index in range(count):
+            response = session.post(
+                forge.url + "/jobs",
+                json=job_request("text.stats", data={"text": f"forge job {index}"}),
+                timeout=QUICK,
+            )
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+
+        def all_completed() -> bool:
+            states = [
+                session.get(f"{forge.url}/jobs/{job_id}", timeout=QUICK).json()["status"]
+                for job_id in ids
+            ]
+            return all(s == "completed" for s in states)
+
+        wait_until(all_completed, 20, "the forge's jobs to complete")
+    after = scrape_every_worker(forge)
+    assert len(after) == 2
+
+    def delta(name: str, **labels: str) -> float:
+        return same_everywhere(after, name, **labels) - same_everywhere(before, name, **labels)
+
+    assert delta("http_requests_total", method="POST", path="/jobs", status="202") == count
+    assert delta("forge_dispatch_latency_seconds_count", job_type="text.stats") == count
+    assert delta("forge_jobs_dispatched_total", job_type="text.stats") == count
+    assert same_everywhere(after, "forge_jobs", status="queued") == 0
+    assert same_everywhere(after, "forge_jobs", status="running") == 0
+    assert delta("forge_jobs", status="completed") == count
+    assert same_everywhere(after, "forge_runners", status="healthy") == 1
+    assert same_everywhere(after, "forge_runners", status="offline") == 0
+    # The runner heartbeats every second and registered once, with a 201.
+    register = {"method": "POST", "path": "/runners/register", "status": "201"}
+    assert same_everywhere(after, "http_requests_total", **register) == 1
+    beats = {"method": "POST", "path": "/runners/heartbeat", "status": "200"}
+    # (One may land between two workers' scrapes: the counts may differ by that.)
+    assert min(value(s, "http_requests_total", **beats) for s in after) >= 1
+    latency = same_everywhere(after, "forge_dispatch_latency_seconds_sum", job_type="text.stats")
+    assert 0 <= latency < count * 5
+    # Route templates, not raw paths: one series for every job id.
+    paths = {dict(labels).get("path") for (_, labels) in after[0]}
+    assert "/jobs/<job_id>" in paths and not any(ids[0] in str(p) for p in paths)
+
+    # The runner counted the forge's jobs too.
+    runner_after = scrape_every_worker(runner)
+    received = same_everywhere(runner_after, "jobs_received_total", **RECEIVED)
+    assert received - same_everywhere(runner_before, "jobs_received_total", **RECEIVED) == count
+
+
+def test_forge_metrics_are_prometheus_text(plane: Plane) -> None:
+    response = requests.get(plane.forge.url + "/metrics", timeout=QUICK)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = response.text
+    for family in (
+        "http_requests_total",
+        "http_request_duration_seconds",
+        "forge_jobs",
+        "forge_runners",
+    ):
+        assert f"# TYPE {family} " in text or f"# TYPE {family.removesuffix('_total')} " in text
+    scrape = samples(text)
+    for status in ("pending", "queued", "running", "completed", "failed", "cancelled", "retrying"):
+        assert ("forge_jobs", (("status", status),)) in scrape

@@ -11,6 +11,8 @@ import functools
 import json
 import logging
 import math
+import os
+import queue
 import re
 import threading
 import time
@@ -225,8 +227,53 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
+class JobThreads:
+    """Reusable daemon threads for capability code (a new thread per job costs more than a
+    small job itself).
+
+    Daemon threads, unlike ``concurrent.futures``' workers, never hold a process's exit
+    hostage to a capability that ignores its deadline; gunicorn's graceful timeout bounds the
+    drain. Each submitted call either reuses an idle thread or starts a new one.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            reuse = self._idle > 0
+            if reuse:
+                self._idle -= 1
+        if not reuse:
+            threading.Thread(target=self._work, name="runnerkit-job", daemon=True).start()
+        self._calls.put(call)
+
+    def _work(self) -> None:
+        while True:
+            self._calls.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_POOL: JobThreads | None = None
+_POOL_PID = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _job_pool() -> JobThreads:
+    """The process's job threads, made anew after fork (threads do not survive it)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or os.getpid() != _POOL_PID:
+        with _POOL_LOCK:
+            if _POOL is None or os.getpid() != _POOL_PID:
+                _POOL, _POOL_PID = JobThreads(), os.getpid()
+    return _POOL
+
+
 class _JobThread:
-    """Runs one capability call in its own thread so the request can answer at the deadline.
+    """Runs one capability call on a job thread so the request can answer at the deadline.
 
     Python cannot kill a thread: when the deadline passes the request answers ``TIMEOUT`` and
     the thread runs on until the code returns. ``on_done`` fires only then, which is what keeps
@@ -242,10 +289,9 @@ class _JobThread:
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished_at = 0.0
-        self._thread = threading.Thread(target=self._run, name="runnerkit-job", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        _job_pool().submit(self._run)
 
     def _run(self) -> None:
         try:

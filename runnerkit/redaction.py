@@ -7,6 +7,7 @@ process.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,13 @@ REDACTED = "[REDACTED]"
 
 def is_secret_key(key: object) -> bool:
     """Whether a mapping key names a secret-like value."""
-    return isinstance(key, str) and SECRET_KEY_RE.search(key) is not None
+    return isinstance(key, str) and _is_secret_name(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_name(key: str) -> bool:
+    # The same few key names come by again and again: remember the regex's verdict.
+    return SECRET_KEY_RE.search(key) is not None
 
 
 def redact(value: Any, _depth: int = 0) -> Any:

@@ -59,6 +59,7 @@ class Runner:
         self.settings: Settings = Settings.load()
         self.started_at = time.time()
         self._runner_id_override: str | None = None
+        self._fallback_id: tuple[str, str] | None = None
         self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting]
         self._state: InstanceState | None = None
         self.lifecycle: Lifecycle | None = None
@@ -137,7 +138,9 @@ class Runner:
             if identity is not None:
                 return str(identity["runnerId"])
         key = f"{self.name}:{self.settings.host}:{self.settings.port}"
-        return str(uuid.uuid5(_RUNNER_ID_NAMESPACE, key))
+        if self._fallback_id is None or self._fallback_id[0] != key:
+            self._fallback_id = (key, str(uuid.uuid5(_RUNNER_ID_NAMESPACE, key)))
+        return self._fallback_id[1]
 
     @runner_id.setter
     def runner_id(self, value: str | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -138,12 +139,21 @@ def test_runner_metrics_are_summed_across_three_workers(plane: Plane) -> None:
     assert delta("job_duration_seconds_count", **JOB) == jobs
     assert delta("http_requests_total", **EXECUTE_200) == jobs
     assert same_everywhere(after, "active_jobs", **JOB) == 0
+
     # A gauge set only in the lifecycle leader's worker, reported by every worker (its value
     # moves with each heartbeat, so only the series is compared).
-    beats = [
-        {labels for name, labels in scrape if name == "runner_heartbeat_timestamp"}
-        for scrape in after
-    ]
+    def heartbeat_series() -> list[set[Any]]:
+        return [
+            {labels for name, labels in scrape if name == "runner_heartbeat_timestamp"}
+            for scrape in scrape_every_worker(runner)
+        ]
+
+    # The first heartbeat may land between two workers' scrapes: wait until it has happened.
+    deadline = time.monotonic() + 10
+    beats = heartbeat_series()
+    while not all(beats) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        beats = heartbeat_series()
     assert len(beats[0]) == 1 and all(b == beats[0] for b in beats), beats
 
 

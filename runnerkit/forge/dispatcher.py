@@ -88,6 +88,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: How often the dispatching process looks for a wake-up from another forge process.
+WAKE_CHECK_S = 0.003
+
+
 class Dispatcher:
     """The background dispatcher of one forge app (see the module docstring)."""
 
@@ -101,6 +105,10 @@ class Dispatcher:
         self._leader_since: float | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Any forge process may take a new job; the dispatching one may be another. It learns
+        # of new work from this file's modification time, which costs one stat() a few ms.
+        self._wake_path = f"{settings.db_path}.wake"
+        self._wake_seen = 0
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: dict[str, int] = {}
@@ -158,8 +166,33 @@ class Dispatcher:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
-        """Look for work now instead of at the next poll."""
+        """Look for work now instead of at the next poll, in whichever process dispatches."""
         self._wake.set()
+        try:
+            with open(self._wake_path, "a"):
+                os.utime(self._wake_path)
+        except OSError:
+            pass  # the poll still finds the work
+
+    def _woken_elsewhere(self) -> bool:
+        try:
+            stamp = os.stat(self._wake_path).st_mtime_ns
+        except OSError:
+            return False
+        if stamp != self._wake_seen:
+            self._wake_seen = stamp
+            return True
+        return False
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until woken here, woken by another process, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._wake.wait(min(WAKE_CHECK_S, remaining)):
+                return
+            if self._woken_elsewhere():
+                return
 
     def _resign(self) -> None:
         if self.lock.held:
@@ -180,7 +213,10 @@ class Dispatcher:
                     self._leader_since = None
             except Exception:
                 log.exception("dispatcher tick failed")
-            self._wake.wait(poll if self.lock.held else max(poll, FOLLOWER_POLL_S))
+            if self.lock.held:
+                self._wait(poll)
+            else:
+                self._wake.wait(max(poll, FOLLOWER_POLL_S))
             self._wake.clear()
         self._resign()
 

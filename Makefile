@@ -57,3 +57,9 @@ bench: $(BENCH_STAMP)
 		&& apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; } \
 		|| echo "bench: wrk is not installed; part 1 uses the Python load generator"
 	$(BIN)/python -m bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,) $(BENCH_ARGS)
+
+# Fault-injection suite (tests/faults), scenarios marked faults_long included (`make test`
+# runs the rest). Prints one summary line per scenario.
+.PHONY: faults
+faults: $(STAMP)
+	RUNNERKIT_FAULTS_LONG=1 $(BIN)/pytest tests/faults $(PYTEST_ARGS)

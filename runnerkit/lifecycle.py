@@ -233,9 +233,9 @@ class Lifecycle:
 
     def _recover_orphans(self) -> None:
         """A worker died mid-job: tell JobForge the asynchronous ones failed (retryably)."""
-        for job_id, is_async, correlation_id in self.state.ledger.orphans():
+        for job_id, is_async, correlation_id, owner in self.state.ledger.orphans():
             if not is_async:
-                self.state.ledger.forget(job_id)
+                self.state.ledger.forget(job_id, owner)
                 continue
             error = make_envelope(
                 "RUNTIME_ERROR",
@@ -253,7 +253,8 @@ class Lifecycle:
                 "executionTimeMs": 0,
                 "runnerId": self.runner.runner_id,
             }
-            self.state.ledger.complete(job_id, 500, body)
+            if not self.state.ledger.fail_orphan(job_id, owner, 500, body):
+                continue  # redelivered and claimed by a live worker meanwhile
             self.runner.executor.deliver_result(job_id, correlation_id, body)
             log.warning("job %s was orphaned by a dead worker; reported as failed", job_id)
 

@@ -379,15 +379,15 @@ class Ledger(SQLiteFile):
             (count,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
         return int(count)
 
-    def orphans(self) -> list[tuple[str, bool, str]]:
-        """Unfinished jobs whose owner process has died: ``(jobId, async, correlationId)``."""
+    def orphans(self) -> list[tuple[str, bool, str, int]]:
+        """Unfinished jobs whose owner has died: ``(jobId, async, correlationId, ownerPid)``."""
         with self._reading() as conn:
             rows = conn.execute(
                 "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
                 " WHERE state IN ('running', 'queued')"
             ).fetchall()
         return [
-            (job_id, bool(is_async), correlation or "")
+            (job_id, bool(is_async), correlation or "", pid)
             for job_id, is_async, pid, started, correlation in rows
             if not process_alive(pid, started)
         ]
@@ -404,10 +404,28 @@ class Ledger(SQLiteFile):
         if self._since_prune >= 1000:
             self.prune()
 
-    def forget(self, job_id: str) -> None:
-        """Drop an orphaned synchronous claim: its caller saw the connection fail."""
+    def forget(self, job_id: str, owner_pid: int) -> None:
+        """Drop an orphaned synchronous claim: its caller saw the connection fail.
+
+        Only while the dead owner still holds it: a redelivery may have claimed it meanwhile.
+        """
         with self._transaction() as conn:
-            conn.execute("DELETE FROM jobs WHERE job_id = ? AND state != 'done'", (job_id,))
+            conn.execute(
+                "DELETE FROM jobs WHERE job_id = ? AND state != 'done' AND owner_pid = ?",
+                (job_id, owner_pid),
+            )
+
+    def fail_orphan(
+        self, job_id: str, owner_pid: int, http_status: int, body: dict[str, Any]
+    ) -> bool:
+        """Store a failure for a job whose owner died, unless someone else took it since."""
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'done', http_status = ?, response = ?, finished = ?"
+                " WHERE job_id = ? AND state != 'done' AND owner_pid = ?",
+                (http_status, json.dumps(body), time.time(), job_id, owner_pid),
+            )
+        return cur.rowcount > 0
 
     def prune(self) -> int:
         """Drop finished entries past retention, and the oldest beyond ``max_entries``."""

@@ -88,6 +88,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: A gap this long between two ticks means the process was frozen, not merely slow.
+STALL_S = 5.0
+
 #: How often the dispatching process looks for a wake-up from another forge process.
 WAKE_CHECK_S = 0.003
 
@@ -103,6 +106,7 @@ class Dispatcher:
         self.lock = FileLock(f"{settings.db_path}.dispatcher.lock")
         self.dispatched = 0
         self._leader_since: float | None = None
+        self._last_tick: float | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         # Any forge process may take a new job; the dispatching one may be another. It learns
@@ -225,6 +229,16 @@ class Dispatcher:
     def tick(self) -> int:
         """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent."""
         now = Clock()
+        mono = time.monotonic()
+        if self._last_tick is not None and mono - self._last_tick > STALL_S:
+            # This process was frozen (SIGSTOP, a paused VM): runners could not reach it, so
+            # give them a full heartbeat window again before calling any of them offline.
+            log.warning(
+                "dispatcher stalled for %.1f s; runners get a fresh grace period",
+                mono - self._last_tick,
+            )
+            self._leader_since = now.ts
+        self._last_tick = mono
         every = min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
         if now.ts - self._last_heartbeat >= every:
             self._heartbeat(now)

@@ -24,8 +24,8 @@ from runnerkit.state import process_alive
 _PID_FILE_RE = re.compile(r"_(\d+)\.db$")
 
 
-def prepare_multiprocess_dir(state_dir: str, instance: tuple[int, float]) -> str | None:
-    """Point prometheus-client at this instance's metrics directory; None if it is too late.
+def prepare_multiprocess_dir(root: str, instance: tuple[int, float]) -> str | None:
+    """Point prometheus-client at a fresh ``root/<pid>-<start>``; None if it is too late.
 
     Directories left by earlier instances (whose owner process is gone) are removed, so a
     restart starts counting from zero instead of adding to a dead instance's totals.
@@ -36,7 +36,6 @@ def prepare_multiprocess_dir(state_dir: str, instance: tuple[int, float]) -> str
         return current
     if "prometheus_client" in sys.modules:
         return None  # imported in single-process mode already; keep it consistent
-    root = os.path.join(state_dir, "metrics")
     os.makedirs(root, mode=0o700, exist_ok=True)
     for entry in os.listdir(root):
         pid, _, started = entry.partition("-")

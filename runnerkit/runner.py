@@ -205,7 +205,7 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         self._check_signing()
-        prepare_multiprocess_dir(self.state_dir, instance_owner())
+        prepare_multiprocess_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
         if app.config.get("MAX_CONTENT_LENGTH") is None:

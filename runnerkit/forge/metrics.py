@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,7 +41,7 @@ from runnerkit.contracts import JOB_STATUSES, RUNNER_STATUSES
 from runnerkit.http import register_request_metrics
 from runnerkit.lifecycle import instance_owner
 from runnerkit.metrics import metrics as runner_metrics
-from runnerkit.state import process_alive
+from runnerkit.metrics import prepare_multiprocess_dir
 
 from . import db
 
@@ -72,39 +70,6 @@ DISPATCH_LATENCY_BUCKETS = (
     3600.0,
     float("inf"),
 )
-
-
-def prepare_multiprocess_dir(db_path: str, instance: tuple[int, float]) -> str | None:
-    """Point prometheus-client at ``<db_path>.metrics/<pid>-<start>``; None if it is too late.
-
-    Same rules as :func:`runnerkit.metrics.prepare_multiprocess_dir`: an existing
-    ``PROMETHEUS_MULTIPROC_DIR`` wins; once prometheus-client is imported in single-process
-    mode nothing changes; directories of owners that are gone are removed, so a restarted
-    forge counts from zero.
-    """
-    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if current:
-        os.makedirs(current, exist_ok=True)
-        return current
-    if "prometheus_client" in sys.modules:
-        return None
-    root = f"{os.path.abspath(db_path)}.metrics"
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    for entry in os.listdir(root):
-        pid, _, started = entry.partition("-")
-        if pid.isdigit() and not process_alive(int(pid), _float(started)):
-            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-    path = os.path.join(root, f"{instance[0]}-{instance[1]:.2f}")
-    os.makedirs(path, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
-
-
-def _float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -273,7 +238,9 @@ def init_app(app: Flask, forge: Forge) -> None:
 
     Call before the dispatcher starts and before anything creates a metric.
     """
-    prepare_multiprocess_dir(str(forge.settings.db_path), instance_owner())
+    # One directory per forge instance, next to its database: <DB_PATH>.metrics/<pid>-<start>.
+    root = f"{os.path.abspath(str(forge.settings.db_path))}.metrics"
+    prepare_multiprocess_dir(root, instance_owner())
     runner_metrics()  # create the shared HTTP metrics now, in the mode just chosen
     forge_metrics()
     register_request_metrics(app)

@@ -41,6 +41,7 @@ from runnerkit.execution import parse_json_object
 from runnerkit.http import read_body
 
 from . import dashboard, db
+from .openapi import openapi_document
 
 if TYPE_CHECKING:
     from . import Forge
@@ -280,6 +281,11 @@ def query_assertions() -> Response:
 
 
 # --------------------------------------------------------------------------- health
+
+
+@blueprint.get("/openapi.json")
+def openapi() -> Response:
+    return _json(200, openapi_document(_forge().settings.service_name))
 
 
 @blueprint.get("/health")

@@ -112,3 +112,24 @@ def test_the_documented_routes_are_the_runners_routes(example_app: Flask) -> Non
         assert route in paths, sorted(paths)
     error = paths["/execute"]["post"]["responses"]["400"]
     assert "ErrorEnvelope" in str(error)
+
+
+def test_the_forge_publishes_a_valid_openapi_document(tmp_path: Path) -> None:
+    from runnerkit.forge import create_app
+
+    forge = create_app(
+        {"RUNNERKIT_FORGE_DB_PATH": str(tmp_path / "forge.sqlite3"), "DISPATCHER": "false"}
+    )
+    try:
+        spec = document(forge)
+    finally:
+        forge.extensions["forge"].close()
+    from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+
+    validate(spec, cls=OpenAPIV31SpecValidator)
+    assert spec["openapi"].startswith("3.1")
+    for path in ("/jobs", "/jobs/{job_id}", "/runners/register", "/assert", "/query"):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/JobRequest"}
+    assert "metadata" in spec["components"]["schemas"]["JobRequest"]["required"]

@@ -21,7 +21,8 @@ JSON objects: 415 otherwise, 400 for invalid JSON):
 - TruthCore: ``POST /assert`` → 201 TruthAssertion (200 when already stored),
   ``POST /query`` → TruthQueryResult;
 - ``GET /health`` → HealthCheck (checks ``database`` and ``dispatcher``; 200 or 503);
-  ``GET /metrics`` → Prometheus metrics (see ``metrics``); ``GET /`` → a dashboard page.
+  ``GET /metrics`` → Prometheus metrics (see ``metrics``); ``GET /openapi.json`` → OpenAPI
+  3.1 of these routes; ``GET /`` → the dashboard, ``GET /jobs/<id>/view`` → a job's page.
 
 Settings (``RUNNERKIT_FORGE_<NAME>``, defaults in :mod:`runnerkit.forge.settings`): DB_PATH,
 TOKEN, RUNNER_TOKEN, SIGNING_SECRET, HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED,

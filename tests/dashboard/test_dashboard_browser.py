@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ import requests
 
 from runnerkit.cli import job_request
 from tests.support import REPO_ROOT, GunicornProcess
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, ViewportSize
@@ -60,17 +61,6 @@ def _clean_env(**values: str) -> dict[str, str | None]:
     env.update({"RUNNER_TOKEN": None, "WEB_CONCURRENCY": None, "SERVER_SOFTWARE": None})
     env.update(values)
     return env
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"after {timeout}s: {what()}")
-        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- the browser

@@ -18,7 +18,6 @@ import fcntl
 import functools
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from runnerkit.contracts import (
     utc_now,
 )
 from tests.support import GunicornProcess, free_port
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -76,24 +76,6 @@ _SCHEMAS: dict[type[Schema], Schema] = {}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    timeout: float,
-    message: str | Callable[[], str] = "condition not met",
-    interval: float = 0.05,
-) -> T:
-    """Poll ``predicate()`` until truthy; AssertionError with ``message`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"after {timeout}s: {text}")
-        time.sleep(interval)
 
 
 def check(schema: type[Schema], body: Any, what: str = "") -> dict[str, Any]:

@@ -37,8 +37,8 @@ from tests.e2e.conftest import (
     error_envelope,
     job_request,
     overlap,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -35,8 +35,9 @@ import psutil
 import requests
 
 from runnerkit.contracts import ErrorEnvelopeSchema, JobResponseSchema, parse_timestamp
-from tests.e2e.conftest import FINAL, QUICK, RunnerInstance, Stack, check, job_request, wait_until
+from tests.e2e.conftest import FINAL, QUICK, RunnerInstance, Stack, check, job_request
 from tests.support import GunicornProcess
+from tests.support.waiting import wait_until
 
 #: The runner app with many sleeping slots and a capability that overruns its deadline.
 FAULT_RUNNER_APP = "tests.faults.apps.fault_runner:app"

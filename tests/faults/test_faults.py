@@ -27,7 +27,7 @@ import psutil
 import pytest
 import requests
 
-from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance, wait_until
+from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance
 from tests.faults.harness import (
     ASYNC_MS,
     FAULT_RUNNER_APP,
@@ -42,6 +42,7 @@ from tests.faults.harness import (
     sigkill,
     start_proxied_runner,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -24,6 +24,7 @@ from werkzeug.serving import make_server
 from runnerkit.contracts import CONTRACT_VERSION, utc_now, validate
 from runnerkit.errors import make_envelope
 from runnerkit.forge import Forge, create_app, get_forge
+from tests.support.waiting import wait_until
 
 # --------------------------------------------------------------------------- documents
 
@@ -136,15 +137,8 @@ def error_of(response: Any, status: int, category: str) -> dict[str, Any]:
 def wait_for(
     predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(interval)
+    """:func:`tests.support.waiting.wait_until` with the forge tests' keyword style."""
+    return wait_until(predicate, timeout, f"waiting for {what or predicate}", interval)
 
 
 # --------------------------------------------------------------------------- the forge

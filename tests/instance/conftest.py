@@ -23,9 +23,9 @@ from tests.instance.instance_support import (
     launch_instance,
     stop_instance,
     stop_instances,
-    wait_until,
 )
 from tests.support import JobForgeStub, free_port
+from tests.support.waiting import wait_until
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -27,6 +27,7 @@ import pytest
 
 from runnerkit.contracts import parse_timestamp
 from tests.support import GunicornProcess, JobForgeStub, Recorded
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -50,24 +51,6 @@ CLEAN_ENV: dict[str, str | None] = {
 
 
 # -- waiting ------------------------------------------------------------------------------
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    timeout: float,
-    message: str | Callable[[], str] = "condition not met",
-    interval: float = 0.05,
-) -> T:
-    """Poll ``predicate()`` until truthy; AssertionError with ``message`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"after {timeout}s: {text}")
-        time.sleep(interval)
 
 
 def wall_time(recorded: Recorded) -> float:

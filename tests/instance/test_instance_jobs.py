@@ -30,9 +30,9 @@ from tests.instance.instance_support import (
     call,
     job_request,
     pin_connections,
-    wait_until,
     wall_time,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ from tests.instance.instance_support import (
     exited,
     job_request,
     pin_to,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -33,9 +33,9 @@ from tests.instance.instance_support import (
     launch_instance,
     pin_connections,
     stop_instances,
-    wait_until,
 )
 from tests.support import JobForgeStub, Recorded, free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

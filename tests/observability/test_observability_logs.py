@@ -24,8 +24,9 @@ import pytest
 import requests
 
 from runnerkit.contracts import is_uuid
-from tests.security.stack import QUICK, Stack, failure_envelope, wait_until
+from tests.security.stack import QUICK, Stack, failure_envelope
 from tests.support import GunicornProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -30,9 +30,9 @@ from tests.security.stack import (
     get_from_each_worker,
     samples,
     value,
-    wait_until,
 )
 from tests.support import GunicornProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

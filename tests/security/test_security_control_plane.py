@@ -28,8 +28,9 @@ import requests
 from runnerkit.errors import should_retry
 from runnerkit.signing import sign
 from tests.forge.helpers import job_request, valid
-from tests.security.stack import QUICK, Stack, failure_envelope, wait_until
+from tests.security.stack import QUICK, Stack, failure_envelope
 from tests.support import GunicornProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 

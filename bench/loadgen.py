@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +61,29 @@ def execute_body() -> bytes:
         b'{"jobId":"' + str(uuid.uuid4()).encode() + b'","moduleId":"bench",'
         b'"capabilityId":"echo","payload":{"text":"hello"},"timeoutMs":5000}'
     )
+
+
+def _submit_one(
+    conn: http.client.HTTPConnection, url: str
+) -> tuple[http.client.HTTPConnection, str, float, int]:
+    """POST one fresh job; a broken connection is replaced (status 0 then)."""
+    job_id = str(uuid.uuid4())
+    at = time.time()
+    try:
+        status, _ = _call(conn, "POST", "/jobs", job_request(job_id))
+    except (OSError, http.client.HTTPException):
+        status = 0
+        conn.close()
+        conn = _connection(url)
+    return conn, job_id, at, status
+
+
+def _run_threads(target: Callable[[], None], threads: int) -> None:
+    workers = [threading.Thread(target=target) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
 
 
 def _execute_worker(
@@ -205,15 +229,7 @@ def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float],
                 if remaining[0] <= 0:
                     break
                 remaining[0] -= 1
-            job_id = str(uuid.uuid4())
-            body = job_request(job_id)
-            at = time.time()
-            try:
-                status, _ = _call(conn, "POST", "/jobs", body)
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn.close()
-                conn = _connection(url)
+            conn, job_id, at, status = _submit_one(conn, url)
             with lock:
                 if status == 202:
                     submitted[job_id] = at
@@ -221,11 +237,7 @@ def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float],
                     failures[0] += 1
         conn.close()
 
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
+    _run_threads(loop, threads)
     return submitted, failures[0]
 
 
@@ -256,15 +268,7 @@ def _submit_paced(
             elif wait < -0.005:
                 with lock:
                     late[0] += 1
-            job_id = str(uuid.uuid4())
-            body = job_request(job_id)
-            at = time.time()
-            try:
-                status, _ = _call(conn, "POST", "/jobs", body)
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn.close()
-                conn = _connection(url)
+            conn, job_id, at, status = _submit_one(conn, url)
             with lock:
                 if status == 202:
                     submitted[job_id] = at
@@ -272,11 +276,7 @@ def _submit_paced(
                     failures[0] += 1
         conn.close()
 
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
+    _run_threads(loop, threads)
     return submitted, failures[0], late[0]
 
 

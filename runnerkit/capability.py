@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -72,17 +73,31 @@ class Context:
         self._clock = clock
         self._started = clock()
         self._deadline_mono = self._started + timeout_ms / 1000.0
-        #: Wall-clock deadline (UTC), for messages and for passing on to other services.
-        self.deadline: datetime = datetime.now(UTC) + timedelta(milliseconds=timeout_ms)
+        self._created_wall = time.time()
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._progress: list[Progress] = []
         self._on_progress = on_progress
-        base = logger or logging.getLogger(f"runnerkit.capability.{capability_id}")
-        #: A logger whose records carry this job's ids.
-        self.logger = _JobLogger(
+        self._base_logger = logger
+
+    @functools.cached_property
+    def deadline(self) -> datetime:
+        """The wall-clock deadline (UTC), for messages and for passing on to other services."""
+        return datetime.fromtimestamp(self._created_wall, UTC) + timedelta(
+            milliseconds=self.timeout_ms
+        )
+
+    @functools.cached_property
+    def logger(self) -> _JobLogger:
+        """A logger whose records carry this job's ids (made when a job first logs)."""
+        base = self._base_logger or logging.getLogger(f"runnerkit.capability.{self.capability_id}")
+        return _JobLogger(
             base,
-            {"jobId": job_id, "capabilityId": capability_id, "correlationId": correlation_id},
+            {
+                "jobId": self.job_id,
+                "capabilityId": self.capability_id,
+                "correlationId": self.correlation_id,
+            },
         )
 
     @property

@@ -240,6 +240,8 @@ class ResolvedSettings:
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         self._values = dict(values)
+        # Plain attributes: settings are read on every request, and __getattr__ is slow.
+        self.__dict__.update((name.lower(), value) for name, value in self._values.items())
 
     def __getattr__(self, item: str) -> Any:
         try:

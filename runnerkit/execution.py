@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from marshmallow import ValidationError
 
 from runnerkit.capability import Capability, Context, Progress
-from runnerkit.contracts import RunnerExecutionRequestSchema, is_uuid, utc_now
+from runnerkit.contracts import is_uuid, load_execution_request, utc_now
 from runnerkit.errors import (
     Conflict,
     NotFound,
@@ -39,8 +39,8 @@ from runnerkit.errors import (
     details_from_validation_error,
     unexpected_envelope,
 )
-from runnerkit.logs import log_context
-from runnerkit.metrics import metrics
+from runnerkit.logs import emit, log_context
+from runnerkit.metrics import labelled, metrics
 from runnerkit.signing import SignatureError, verify
 from runnerkit.state import Slot
 
@@ -60,8 +60,6 @@ PROGRESS_MIN_INTERVAL_S = 1.0
 
 #: Header on an answer replayed from the idempotency ledger instead of a new execution.
 REPLAY_HEADER = "Idempotent-Replayed"
-
-_REQUEST_SCHEMA = RunnerExecutionRequestSchema()
 
 
 @dataclass
@@ -140,12 +138,16 @@ def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
     return value
 
 
-def check_json_limits(value: Any, max_depth: int, max_keys: int) -> None:
+def check_json_limits(value: Any, max_depth: int, max_keys: int, raw: bytes | None = None) -> None:
     """Refuse bodies nested deeper than ``max_depth`` or with more than ``max_keys`` keys.
 
     Both would cost every later step (validation, logging, storage) dearly; counting them is
-    one cheap walk, done without recursion so a deep body cannot exhaust the stack.
+    one cheap walk, done without recursion so a deep body cannot exhaust the stack. Given the
+    ``raw`` JSON text the walk is skipped when byte counts already prove the body within the
+    limits, as for almost every real request.
     """
+    if raw is not None and _within_limits(raw, max_depth, max_keys):
+        return
     keys = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -172,6 +174,21 @@ def check_json_limits(value: Any, max_depth: int, max_keys: int) -> None:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _within_limits(raw: bytes, max_depth: int, max_keys: int) -> bool:
+    """True when the JSON text ``raw`` cannot break the limits, judged from its bytes alone.
+
+    Every key is followed by a ``:``, every level of nesting opens with ``{`` or ``[``, and a
+    lone surrogate can only come from a ``\\uD8xx``-``\\uDFxx`` escape (UTF-8 itself cannot
+    carry one). Those bytes inside strings only make the bounds more cautious.
+    """
+    return (
+        raw.count(b":") <= max_keys
+        and raw.count(b"{") + raw.count(b"[") + 1 <= max_depth
+        and _SURROGATE_ESCAPE.search(raw) is None
+    )
 
 
 def _check_text(text: str) -> None:
@@ -283,7 +300,11 @@ class _JobThread:
     def __init__(self, target: Callable[[], Any], on_done: Callable[[], None]) -> None:
         self._target = target
         self._on_done = on_done
-        self._finished = threading.Event()
+        # Held until the code returns: the request thread waits by acquiring it, one C-level
+        # call (an Event would add a Condition and its own lock per job).
+        self._running = threading.Lock()
+        self._running.acquire()
+        self._finished = False
         self._lock = threading.Lock()
         self._after_abandoned: Callable[[], None] | None = None
         self.result: Any = None
@@ -300,20 +321,26 @@ class _JobThread:
             self.error = exc
         finally:
             self.finished_at = time.monotonic()
-            with self._lock:
-                self._finished.set()
-                after = self._after_abandoned
+            # The slot is free before the request answers, so a caller that sends its next
+            # job on the answer never finds this one's slot still taken.
             self._on_done()
+            with self._lock:
+                self._finished = True
+                after = self._after_abandoned
+            self._running.release()
             if after is not None:
                 after()
 
     def wait(self, timeout_s: float) -> bool:
-        return self._finished.wait(max(0.0, timeout_s))
+        if self._running.acquire(timeout=max(0.0, timeout_s)):
+            self._running.release()
+            return True
+        return False
 
     def abandon(self, after: Callable[[], None]) -> bool:
         """Stop waiting: ``after`` runs when the code finally returns. False if it already has."""
         with self._lock:
-            if self._finished.is_set():
+            if self._finished:
                 return False
             self._after_abandoned = after
             return True
@@ -336,24 +363,33 @@ class Executor:
         """Answer one ``POST /execute``."""
         started = time.monotonic()
         job_id: str | None = None
-        correlation_id = _correlation_from_headers(headers)
+        given = headers.get("X-Correlation-Id", "")
+        # A new id is made only when neither the body nor the header brings one.
+        correlation_id = given if is_uuid(given) else ""
         capability_id = ""
         try:
             self._verify(raw, headers)
             body = parse_json_object(raw, content_type)
             check_json_limits(
-                body, self.runner.settings.max_json_depth, self.runner.settings.max_json_keys
+                body,
+                self.runner.settings.max_json_depth,
+                self.runner.settings.max_json_keys,
+                raw,
             )
             job_id = _known_job_id(body)
             request = self._load_request(body, job_id)
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
-            correlation_id = request["metadata"].get("correlationId") or correlation_id
+            correlation_id = (
+                request["metadata"].get("correlationId") or correlation_id or str(uuid.uuid4())
+            )
             answer = self._run(request, correlation_id, started, headers)
         except _Rejection as rejection:
             job_id = rejection.job_id or job_id
+            correlation_id = correlation_id or str(uuid.uuid4())
             answer = self._failure(rejection.error, job_id, correlation_id, started)
         except RunnerError as error:
+            correlation_id = correlation_id or str(uuid.uuid4())
             answer = self._failure(error, job_id, correlation_id, started)
         answer.headers.setdefault("X-Correlation-Id", correlation_id)
         self._log(answer, job_id, capability_id, correlation_id, started)
@@ -387,7 +423,7 @@ class Executor:
 
     def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:
         try:
-            request: dict[str, Any] = _REQUEST_SCHEMA.load(body)
+            request = load_execution_request(body)
         except ValidationError as exc:
             raise _Rejection(
                 ValidationFailed(
@@ -410,7 +446,7 @@ class Executor:
         # Label values come from the runner's own capabilities only: a caller inventing ids
         # must not be able to grow /metrics without bound.
         label = capability.id if capability is not None else UNKNOWN_CAPABILITY
-        metrics().jobs_received.labels(label, NO_PRIORITY).inc()
+        labelled(metrics().jobs_received, label, NO_PRIORITY).inc()
         if capability is None:
             known = ", ".join(sorted(self.runner.capabilities)) or "none"
             raise _Rejection(
@@ -500,7 +536,7 @@ class Executor:
             on_progress=self._progress_sender(job),
         )
 
-        active = metrics().active_jobs.labels(job.capability.id)
+        active = labelled(metrics().active_jobs, job.capability.id)
         active.inc()
 
         def release() -> None:
@@ -724,12 +760,12 @@ class Executor:
         current = metrics()
         label = capability_id
         if answer.body.get("success"):
-            current.jobs_completed.labels(label, "success").inc()
+            labelled(current.jobs_completed, label, "success").inc()
         else:
             code = (answer.body.get("error") or {}).get("code", "UNKNOWN")
-            current.jobs_completed.labels(label, "failed").inc()
-            current.jobs_failed.labels(label, code).inc()
-        current.job_duration.labels(label).observe(time.monotonic() - started)
+            labelled(current.jobs_completed, label, "failed").inc()
+            labelled(current.jobs_failed, label, code).inc()
+        labelled(current.job_duration, label).observe(time.monotonic() - started)
 
     def _log(
         self,
@@ -749,12 +785,11 @@ class Executor:
         else:
             outcome = error.get("category", "error")
         self._count(answer, capability_id, started)
-        job_log.info(
-            "job %s",
-            {"success": "completed", "accepted": "accepted", "replayed": "replayed"}.get(
-                outcome, "failed"
-            ),
-            extra={
+        emit(
+            job_log,
+            logging.INFO,
+            _JOB_MESSAGES.get(outcome, "job failed"),
+            {
                 "jobId": job_id,
                 "capabilityId": capability_id,
                 "correlationId": correlation_id,
@@ -768,6 +803,13 @@ class Executor:
                 ),
             },
         )
+
+
+_JOB_MESSAGES = {
+    "success": "job completed",
+    "accepted": "job accepted",
+    "replayed": "job replayed",
+}
 
 
 def _known_job_id(body: Mapping[str, Any]) -> str | None:

@@ -15,7 +15,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from runnerkit.errors import PayloadTooLarge, make_envelope
-from runnerkit.metrics import exposition, metrics
+from runnerkit.metrics import exposition, labelled, metrics
 from runnerkit.openapi import openapi_document
 
 log = logging.getLogger("runnerkit.http")
@@ -127,7 +127,7 @@ def register_request_metrics(app: Flask) -> None:
         started = g.pop("runnerkit_started", None)
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         current = metrics()
-        current.http_requests.labels(request.method, str(response.status_code), rule).inc()
+        labelled(current.http_requests, request.method, str(response.status_code), rule).inc()
         if started is not None:
             current.http_duration.observe(time.perf_counter() - started)
         return response

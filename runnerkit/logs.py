@@ -7,8 +7,8 @@ import contextvars
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from runnerkit.redaction import redact
@@ -35,6 +35,31 @@ def log_context(**fields: Any) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+_SECOND: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float) -> str:
+    """``created`` as ``YYYY-MM-DDTHH:MM:SS.mmmZ``; the part up to the second is reused."""
+    global _SECOND
+    second = int(created)
+    cached = _SECOND
+    if cached[0] != second:
+        cached = _SECOND = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    millis = min(999, round((created - second) * 1_000_000) // 1000)
+    return f"{cached[1]}.{millis:03d}Z"
+
+
+def emit(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
+    """Log one of runnerkit's own lines with ``fields``, skipping ``logging``'s caller lookup.
+
+    ``Logger.info`` walks the stack to find the calling file and line, which costs more than
+    the rest of a per-job line; runnerkit's lines are found by their component, not by line.
+    """
+    if logger.isEnabledFor(level):
+        logger.handle(logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields))
+
+
 def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in (_CONTEXT.get() or {}).items() if k not in record.__dict__}
 
@@ -53,10 +78,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).strftime(
-                "%Y-%m-%dT%H:%M:%S.%f"
-            )[:-3]
-            + "Z",
+            "timestamp": _timestamp(record.created),
             "level": _LEVELS.get(record.levelname, record.levelname.lower()),
             "message": record.getMessage(),
             "service": self.service,
@@ -69,7 +91,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(redact(entry), default=str, ensure_ascii=False)
+        return _ENCODER.encode(redact(entry))
 
 
 class TextFormatter(logging.Formatter):

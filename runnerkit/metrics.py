@@ -10,6 +10,7 @@ state directory — and imports prometheus-client only then. When the variable i
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import re
@@ -113,6 +114,16 @@ def _create() -> Metrics:
             multiprocess=multiprocess,
         )
     return _METRICS
+
+
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, remembered: the lookup costs more than the increment.
+
+    The label values come from bounded sets (capability ids, statuses, error codes, route
+    templates), so the cache holds every child there is.
+    """
+    return metric.labels(*values)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -110,7 +110,7 @@ class Outbox(SQLiteFile):
         return delivered
 
     def pending(self) -> int:
-        with self._reading() as conn:
+        with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM outbox WHERE dead = 0").fetchone()
         return int(count)
 
@@ -122,7 +122,7 @@ class Outbox(SQLiteFile):
             )
 
     def _load(self, row_id: int) -> Message | None:
-        with self._reading() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT id, kind, url, body, headers, attempts FROM outbox WHERE id = ?",
                 (row_id,),

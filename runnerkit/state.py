@@ -288,7 +288,8 @@ class SQLiteFile:
             conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """The process's connection, for reads and single (autocommitted) statements."""
         with self._lock:
             yield self._db()
 
@@ -330,8 +331,19 @@ class Ledger(SQLiteFile):
         """
         now = time.time()
         state = "queued" if queued else "running"
-        with self._transaction() as conn:
+        with self._lock:
+            # The common case, a jobId never seen, is one autocommitted statement; only a
+            # known jobId needs the read-decide-write transaction below.
+            conn = self._db()
             pid, started = self._me
+            cur = conn.execute(
+                "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created, async,"
+                " correlation_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
+                (job_id, state, pid, started, now, int(queued), correlation_id),
+            )
+            if cur.rowcount == 1:
+                return Claim("run")
+        with self._transaction() as conn:
             row = conn.execute(
                 "SELECT state, owner_pid, owner_started, attempt, http_status, response"
                 " FROM jobs WHERE job_id = ?",
@@ -375,13 +387,13 @@ class Ledger(SQLiteFile):
 
     def queued(self) -> int:
         """Asynchronous jobs accepted but still waiting for a slot."""
-        with self._reading() as conn:
+        with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
         return int(count)
 
     def orphans(self) -> list[tuple[str, bool, str, int]]:
         """Unfinished jobs whose owner has died: ``(jobId, async, correlationId, ownerPid)``."""
-        with self._reading() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
                 " WHERE state IN ('running', 'queued')"
@@ -393,8 +405,8 @@ class Ledger(SQLiteFile):
         ]
 
     def complete(self, job_id: str, http_status: int, body: dict[str, Any]) -> None:
-        """Store the answer of a finished job."""
-        with self._transaction() as conn:
+        """Store the answer of a finished job (one statement: atomic on its own)."""
+        with self._connection() as conn:
             conn.execute(
                 "UPDATE jobs SET state = 'done', http_status = ?, response = ?, finished = ?"
                 " WHERE job_id = ?",
@@ -448,14 +460,14 @@ class Ledger(SQLiteFile):
 
     def completed_since(self, since: float) -> int:
         """Jobs finished after the wall-clock time ``since`` (for jobThroughput)."""
-        with self._reading() as conn:
+        with self._connection() as conn:
             (count,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?", (since,)
             ).fetchone()
         return int(count)
 
     def size(self) -> int:
-        with self._reading() as conn:
+        with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
         return int(count)
 

@@ -80,6 +80,7 @@ from .runners import (
     RunnerMetadataSchema,
     RunnerRegistrationRequestSchema,
     RunnerRegistrationResponseSchema,
+    load_execution_request,
 )
 from .truth import (
     TruthAssertionSchema,
@@ -202,6 +203,7 @@ __all__ = [
     "is_uuid",
     "is_zdatetime",
     "job_default_retry_policy",
+    "load_execution_request",
     "one_of",
     "paginated_schema",
     "parse_timestamp",

@@ -385,5 +385,16 @@ class Object(fields.Nested):
 
 
 def _empty_loader(schema: type[Schema]) -> Callable[[], Any]:
-    """A fresh ``schema().load({})`` per call, so defaults are never shared mutable dicts."""
-    return lambda: schema().load({})
+    """A fresh ``load({})`` per call, so defaults are never shared mutable dicts.
+
+    The schema instance is made once, on first use: building one per absent key would cost
+    more than the load itself.
+    """
+    instance: list[Schema] = []
+
+    def load() -> Any:
+        if not instance:
+            instance.append(schema())
+        return instance[0].load({})
+
+    return load

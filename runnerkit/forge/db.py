@@ -23,7 +23,33 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 Row = sqlite3.Row
-Conn = sqlite3.Connection
+
+
+class Conn(sqlite3.Connection):
+    """A connection that also holds the events and assertions a transaction will write.
+
+    Job transitions queue their JobEvents and TruthCore assertions here (:func:`queue_event`,
+    :func:`queue_assertion`); :meth:`ForgeDB.tx` writes them with one ``executemany`` per
+    table just before it commits, in the order they were queued.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queued_events: list[tuple[str, str, str, str]] = []
+        self.queued_assertions: list[dict[str, Any]] = []
+
+    def write_queued(self) -> None:
+        """Insert the queued events and assertions (inside the caller's transaction)."""
+        events, self.queued_events = self.queued_events, []
+        assertions, self.queued_assertions = self.queued_assertions, []
+        if events:
+            self.executemany(_INSERT_EVENT, events)
+        if assertions:
+            self.executemany(_INSERT_ASSERTION, assertions)
+
+    def drop_queued(self) -> None:
+        self.queued_events, self.queued_assertions = [], []
+
 
 SCHEMA_VERSION = 1
 
@@ -71,7 +97,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     last_error TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, seq);
+DROP INDEX IF EXISTS jobs_queue;
+CREATE INDEX IF NOT EXISTS jobs_wait ON jobs (status, type, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_type ON jobs (type, seq);
 CREATE INDEX IF NOT EXISTS jobs_slot ON jobs (slot_runner, slot_capability);
 
@@ -136,18 +163,33 @@ JOB_COLUMNS = frozenset(
 )
 
 
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+
+
 def dumps(value: Any) -> str:
     """Canonical JSON: sorted keys, no spaces, integral floats written as ints."""
-    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _encode(_canonical(value))
 
 
 def loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+_PLAIN = (str, int, bool, type(None))
+
+
 def _canonical(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict:
+        # The common case, string keys and plain values, is returned as it is (no copy).
+        for key, item in value.items():
+            if type(key) is not str or type(item) not in _PLAIN:
+                return {str(k): _canonical(v) for k, v in value.items()}
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
     if isinstance(value, Mapping):
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -172,8 +214,14 @@ class ForgeDB:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            self.path,
+            timeout=self.busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+            factory=Conn,
+            cached_statements=256,
         )
+        assert isinstance(conn, Conn)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -217,6 +265,7 @@ class ForgeDB:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            conn.drop_queued()
             self._checkin(conn)
 
     @contextlib.contextmanager
@@ -226,7 +275,9 @@ class ForgeDB:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.write_queued()
             except BaseException:
+                conn.drop_queued()
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
@@ -379,14 +430,16 @@ def move_slots(conn: Conn, old_runner: str, new_runner: str) -> None:
 # --------------------------------------------------------------------------- jobs
 
 
-def insert_job(conn: Conn, values: Mapping[str, Any]) -> None:
-    conn.execute(
+def insert_job(conn: Conn, values: Mapping[str, Any]) -> bool:
+    """Insert a job; False (and nothing written) when a job with its id exists."""
+    cursor = conn.execute(
         "INSERT INTO jobs (id, type, priority, status, request, submitted, updated_at,"
         " not_before, expires, timeout_ms)"
         " VALUES (:id, :type, :priority, :status, :request, :submitted, :updated_at,"
-        " :not_before, :expires, :timeout_ms)",
-        dict(values),
+        " :not_before, :expires, :timeout_ms) ON CONFLICT (id) DO NOTHING",
+        values,
     )
+    return cursor.rowcount > 0
 
 
 def get_job(conn: Conn, job_id: str) -> Row | None:
@@ -423,19 +476,34 @@ def eligible_jobs(
 ) -> list[Row]:
     """Jobs waiting for a runner, in dispatch order: priority desc, then age.
 
-    ``types`` limits the answer to job types some runner can take right now.
+    ``types`` limits the answer to job types some runner can take right now. With types,
+    each (status, type) is one ordered walk of the ``jobs_wait`` index that stops after
+    ``limit`` rows, however long the history of the type.
     """
-    sql = (
-        "SELECT * FROM jobs WHERE status IN ('queued', 'retrying')"
-        " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
-    )
-    args: list[Any] = [now, now]
-    if types is not None:
-        sql += f" AND type IN ({', '.join('?' * len(types))})"
-        args.extend(types)
-    sql += " ORDER BY priority DESC, seq ASC LIMIT ?"
-    args.append(limit)
-    return conn.execute(sql, args).fetchall()
+    if types is None:
+        sql = (
+            "SELECT * FROM jobs WHERE status IN ('queued', 'retrying')"
+            " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
+            " ORDER BY priority DESC, seq ASC LIMIT ?"
+        )
+        return conn.execute(sql, (now, now, limit)).fetchall()
+    rows: list[Row] = []
+    for job_type in types:
+        for status in ("queued", "retrying"):
+            rows.extend(conn.execute(_WAITING, (status, job_type, now, now, limit)))
+    rows.sort(key=_dispatch_order)
+    return rows[:limit]
+
+
+_WAITING = (
+    "SELECT * FROM jobs WHERE status = ? AND type = ?"
+    " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
+    " ORDER BY priority DESC, seq ASC LIMIT ?"
+)
+
+
+def _dispatch_order(row: Row) -> tuple[int, int]:
+    return -int(row["priority"]), int(row["seq"])
 
 
 def expired_jobs(conn: Conn, *, now: float) -> list[Row]:
@@ -501,6 +569,14 @@ def record_delivery(conn: Conn, job_id: str, digest: str, received: float) -> bo
 # --------------------------------------------------------------------------- events
 
 
+_INSERT_EVENT = "INSERT OR IGNORE INTO events (id, job_id, type, document) VALUES (?, ?, ?, ?)"
+
+
+def queue_event(conn: Conn, event: Mapping[str, Any]) -> None:
+    """Write a JobEvent document when the transaction commits (see :class:`Conn`)."""
+    conn.queued_events.append((event["id"], event["jobId"], event["type"], dumps(event)))
+
+
 def insert_event(conn: Conn, event: Mapping[str, Any]) -> bool:
     """Store a JobEvent document; False when an event with its id is already stored."""
     cursor = conn.execute(
@@ -522,13 +598,20 @@ def list_events(conn: Conn, job_id: str, *, limit: int, offset: int) -> tuple[li
 # --------------------------------------------------------------------------- assertions
 
 
+_INSERT_ASSERTION = (
+    "INSERT INTO assertions (id, subject, predicate, object, confidence, source, ts,"
+    " expires, document) VALUES (:id, :subject, :predicate, :object, :confidence, :source,"
+    " :ts, :expires, :document)"
+)
+
+
 def insert_assertion(conn: Conn, values: Mapping[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO assertions (id, subject, predicate, object, confidence, source, ts,"
-        " expires, document) VALUES (:id, :subject, :predicate, :object, :confidence, :source,"
-        " :ts, :expires, :document)",
-        dict(values),
-    )
+    conn.execute(_INSERT_ASSERTION, dict(values))
+
+
+def queue_assertion(conn: Conn, values: dict[str, Any]) -> None:
+    """Write an assertion row when the transaction commits (see :class:`Conn`)."""
+    conn.queued_assertions.append(values)
 
 
 def get_assertion(conn: Conn, assertion_id: str) -> Row | None:

@@ -55,11 +55,14 @@ _SLOT_FREE: dict[str, Any] = {"slot_runner": None, "slot_capability": None, "lea
 class Clock:
     """One instant as both epoch seconds and a contract timestamp."""
 
-    __slots__ = ("ts", "z")
+    __slots__ = ("ms", "ts", "z")
 
     def __init__(self, ts: float | None = None) -> None:
         self.ts = time.time() if ts is None else ts
-        self.z = format_timestamp(datetime.fromtimestamp(self.ts, UTC))
+        moment = datetime.fromtimestamp(self.ts, UTC)
+        self.z = format_timestamp(moment)
+        #: ``z`` read back as epoch seconds (whole milliseconds, as ``truth.epoch(z)``).
+        self.ms = moment.replace(microsecond=moment.microsecond // 1000 * 1000).timestamp()
 
 
 @dataclass
@@ -75,6 +78,10 @@ class Outcome:
     accepted: bool = False
 
 
+#: What the dispatcher picked for one job: (job row, runner row, capability id).
+Pick = tuple[db.Row, db.Row, str]
+
+
 @dataclass(frozen=True)
 class Claim:
     """One attempt the dispatcher has taken: everything needed to send it."""
@@ -88,6 +95,9 @@ class Claim:
     capability_id: str
     asynchronous: bool
     correlation_id: str
+
+
+Claims = list[Claim]
 
 
 def correlation_id_for(job_id: str, request: Mapping[str, Any]) -> str:
@@ -133,7 +143,7 @@ class JobStore:
     def _emit(
         self, conn: db.Conn, job_id: str, type_: str, now: Clock, data: Mapping[str, Any]
     ) -> None:
-        db.insert_event(
+        db.queue_event(
             conn,
             {
                 "id": str(uuid.uuid4()),
@@ -146,15 +156,24 @@ class JobStore:
         )
 
     def _assert_status(
-        self, conn: db.Conn, job_id: str, status: str, metadata: Mapping[str, Any] | None = None
+        self,
+        conn: db.Conn,
+        job_id: str,
+        status: str,
+        now: Clock,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        truth.record(
+        db.queue_assertion(
             conn,
-            subject=job_id,
-            predicate="status",
-            obj=status,
-            source=self.service,
-            metadata=metadata,
+            truth.forge_assertion(
+                subject=job_id,
+                predicate="status",
+                obj=status,
+                source=self.service,
+                timestamp=now.z,
+                ts=now.ms,
+                metadata=metadata,
+            ),
         )
 
     def _get(self, conn: db.Conn, job_id: str) -> db.Row:
@@ -174,19 +193,10 @@ class JobStore:
         job_id = request["id"]
         metadata = request["metadata"]
         now = Clock()
+        scheduled = metadata.get("scheduledAt")
+        expires = metadata.get("expiresAt")
         with self.db.tx() as conn:
-            existing = db.get_job(conn, job_id)
-            if existing is not None:
-                if existing["request"] != document:
-                    raise Conflict(
-                        f"Job {job_id} was already submitted with a different request",
-                        code="JOB_ID_CONFLICT",
-                        details=[{"message": "A different job has this id", "path": ["id"]}],
-                    )
-                return 200, self.response(existing)
-            scheduled = metadata.get("scheduledAt")
-            expires = metadata.get("expiresAt")
-            db.insert_job(
+            inserted = db.insert_job(
                 conn,
                 {
                     "id": job_id,
@@ -201,12 +211,26 @@ class JobStore:
                     "timeout_ms": float(request["timeoutMs"]),
                 },
             )
+            if not inserted:
+                existing = self._get(conn, job_id)
+                if existing["request"] != document:
+                    raise Conflict(
+                        f"Job {job_id} was already submitted with a different request",
+                        code="JOB_ID_CONFLICT",
+                        details=[{"message": "A different job has this id", "path": ["id"]}],
+                    )
+                return 200, self.response(existing)
             created = {"type": request["type"], "priority": request["priority"]}
             self._emit(conn, job_id, "job.created", now, created)
             self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
-            self._assert_status(conn, job_id, "queued")
-            row = self._get(conn, job_id)
-        return 202, self.response(row)
+            self._assert_status(conn, job_id, "queued", now)
+        # What GET /jobs/<id> answers for the row just written (the request as stored).
+        return 202, {
+            "id": job_id,
+            "status": "queued",
+            "request": db.loads(document),
+            "updatedAt": now.z,
+        }
 
     def get(self, job_id: str) -> dict[str, Any]:
         with self.db.connection() as conn:
@@ -251,7 +275,7 @@ class JobStore:
                 statuses=ACTIVE_STATUSES,
             )
             self._emit(conn, job_id, "job.cancelled", now, {"previousStatus": row["status"]})
-            self._assert_status(conn, job_id, "cancelled")
+            self._assert_status(conn, job_id, "cancelled", now)
             return self.response(self._get(conn, job_id))
 
     def deliver_result(
@@ -373,13 +397,24 @@ class JobStore:
     ) -> Claim | None:
         """Start the next attempt of a waiting job on ``runner``; None if the job moved on."""
         now = now or Clock()
-        request = db.loads(row["request"])
-        timeout_ms = float(row["timeout_ms"])
-        asynchronous = timeout_ms > self.settings.async_threshold_ms
-        margin = float(self.settings.dispatch_margin_ms)
-        lease_ms = timeout_ms + margin * (2 if asynchronous else 1)
-        attempt = int(row["attempts"]) + 1
         with self.db.tx() as conn:
+            claims = self.claim_all(conn, [(row, runner, capability_id)], now)
+        return claims[0] if claims else None
+
+    def claim_all(self, conn: db.Conn, picks: Sequence[Pick], now: Clock) -> Claims:
+        """Start the next attempt of every picked job, inside the caller's transaction.
+
+        ``picks`` are (job row, runner row, capability id); a job no longer waiting at the
+        attempt its row shows is skipped. The Claims of the jobs taken, in ``picks`` order.
+        """
+        margin = float(self.settings.dispatch_margin_ms)
+        threshold = self.settings.async_threshold_ms
+        claims: Claims = []
+        for row, runner, capability_id in picks:
+            timeout_ms = float(row["timeout_ms"])
+            asynchronous = timeout_ms > threshold
+            lease_ms = timeout_ms + margin * (2 if asynchronous else 1)
+            attempt = int(row["attempts"]) + 1
             taken = db.update_job(
                 conn,
                 row["id"],
@@ -403,7 +438,7 @@ class JobStore:
                 attempts=int(row["attempts"]),
             )
             if not taken:
-                return None
+                continue
             started = {
                 "attempt": attempt,
                 "runnerId": runner["id"],
@@ -411,18 +446,22 @@ class JobStore:
                 "async": asynchronous,
             }
             self._emit(conn, row["id"], "job.started", now, started)
-            self._assert_status(conn, row["id"], "running", {"attempt": attempt})
-        return Claim(
-            job_id=row["id"],
-            attempt=attempt,
-            request=request,
-            runner_id=runner["id"],
-            runner_name=runner["name"],
-            base_url=runner["base_url"],
-            capability_id=capability_id,
-            asynchronous=asynchronous,
-            correlation_id=correlation_id_for(row["id"], request),
-        )
+            self._assert_status(conn, row["id"], "running", now, {"attempt": attempt})
+            request = db.loads(row["request"])
+            claims.append(
+                Claim(
+                    job_id=row["id"],
+                    attempt=attempt,
+                    request=request,
+                    runner_id=runner["id"],
+                    runner_name=runner["name"],
+                    base_url=runner["base_url"],
+                    capability_id=capability_id,
+                    asynchronous=asynchronous,
+                    correlation_id=correlation_id_for(row["id"], request),
+                )
+            )
+        return claims
 
     def finish(self, job_id: str, attempt: int, outcome: Outcome) -> str:
         """Record what attempt ``attempt`` of a job produced.
@@ -432,25 +471,31 @@ class JobStore:
         """
         now = Clock()
         with self.db.tx() as conn:
-            row = db.get_job(conn, job_id)
-            if row is None:
-                return "ignored"
-            if row["status"] != "running" or int(row["attempts"]) != attempt:
-                if row["slot_runner"] is not None and int(row["attempts"]) == attempt:
-                    db.update_job(conn, job_id, _SLOT_FREE, attempts=attempt)
-                return "ignored"
-            if outcome.accepted:
-                timeout_ms = float(row["timeout_ms"])
-                lease_ms = timeout_ms + 2 * float(self.settings.dispatch_margin_ms)
-                db.update_job(
-                    conn,
-                    job_id,
-                    {"async": 1, "lease_until": now.ts + lease_ms / 1000.0},
-                    attempts=attempt,
-                )
-                return "accepted"
-            self._apply(conn, row, outcome, now)
-            return "recorded"
+            return self.finish_in(conn, job_id, attempt, outcome, now)
+
+    def finish_in(
+        self, conn: db.Conn, job_id: str, attempt: int, outcome: Outcome, now: Clock
+    ) -> str:
+        """:meth:`finish` inside the caller's transaction."""
+        row = db.get_job(conn, job_id)
+        if row is None:
+            return "ignored"
+        if row["status"] != "running" or int(row["attempts"]) != attempt:
+            if row["slot_runner"] is not None and int(row["attempts"]) == attempt:
+                db.update_job(conn, job_id, _SLOT_FREE, attempts=attempt)
+            return "ignored"
+        if outcome.accepted:
+            timeout_ms = float(row["timeout_ms"])
+            lease_ms = timeout_ms + 2 * float(self.settings.dispatch_margin_ms)
+            db.update_job(
+                conn,
+                job_id,
+                {"async": 1, "lease_until": now.ts + lease_ms / 1000.0},
+                attempts=attempt,
+            )
+            return "accepted"
+        self._apply(conn, row, outcome, now)
+        return "recorded"
 
     def _apply(self, conn: db.Conn, row: db.Row, outcome: Outcome, now: Clock) -> None:
         """Turn the current attempt's outcome into completed / retrying / failed."""
@@ -481,8 +526,8 @@ class JobStore:
                 "durationMs": result["metadata"]["durationMs"],
             }
             self._emit(conn, job_id, "job.completed", now, done)
-            self._assert_status(conn, job_id, "completed", {"attempts": attempts})
-            self._assert_result(conn, row, result)
+            self._assert_status(conn, job_id, "completed", now, {"attempts": attempts})
+            self._assert_result(conn, row, result, now)
             return
         envelope = outcome.error or self.envelope(
             "RUNNER_ERROR", "UNKNOWN_FAILURE", "The attempt failed", retryable=True
@@ -529,7 +574,7 @@ class JobStore:
                 "error": _error_summary(envelope),
             }
             self._emit(conn, job_id, "job.retrying", now, retrying)
-            self._assert_status(conn, job_id, "retrying", {"attempts": attempts})
+            self._assert_status(conn, job_id, "retrying", now, {"attempts": attempts})
             return "retrying"
         self._fail(conn, row, envelope, now, values)
         return "failed"
@@ -566,9 +611,9 @@ class JobStore:
         if event != "job.failed":
             self._emit(conn, job_id, event, now, summary)
         self._emit(conn, job_id, "job.failed", now, summary)
-        self._assert_status(conn, job_id, "failed", {"attempts": attempts})
+        self._assert_status(conn, job_id, "failed", now, {"attempts": attempts})
         if result is not None:
-            self._assert_result(conn, row, result)
+            self._assert_result(conn, row, result, now)
 
     def _result_metadata(self, row: db.Row, now: Clock, attempts: int) -> dict[str, Any]:
         metadata: dict[str, Any] = {"completedAt": now.z, "durationMs": 0.0}
@@ -583,14 +628,20 @@ class JobStore:
             metadata["runnerVersion"] = row["runner_version"]
         return metadata
 
-    def _assert_result(self, conn: db.Conn, row: db.Row, result: Mapping[str, Any]) -> None:
-        truth.record(
+    def _assert_result(
+        self, conn: db.Conn, row: db.Row, result: Mapping[str, Any], now: Clock
+    ) -> None:
+        db.queue_assertion(
             conn,
-            subject=row["id"],
-            predicate="result",
-            obj=dict(result),
-            source=row["runner_name"] or self.service,
-            metadata={"recordedBy": self.service, "jobType": row["type"]},
+            truth.forge_assertion(
+                subject=row["id"],
+                predicate="result",
+                obj=dict(result),
+                source=row["runner_name"] or self.service,
+                timestamp=now.z,
+                ts=now.ms,
+                metadata={"recordedBy": self.service, "jobType": row["type"]},
+            ),
         )
 
     def sweep(

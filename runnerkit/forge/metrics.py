@@ -30,7 +30,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -206,31 +205,34 @@ def eligible_since(row: db.Row) -> float:
 def instrument_dispatcher(forge: Forge) -> None:
     """Observe the dispatch latency of every claimed job, without changing the dispatcher.
 
-    The dispatcher takes a job with ``forge.jobs.claim(row, ...)`` right before it hands the
-    execution to its send pool; that call is wrapped on the instance (idempotently).
+    The dispatcher takes jobs with ``forge.jobs.claim_all(conn, picks, now)`` (``claim``
+    goes through it too) right before it hands the executions to its send pool; that call
+    is wrapped on the instance (idempotently).
     """
     jobs = forge.jobs
-    original: Callable[..., Any] = jobs.claim
+    original: Callable[..., Any] = jobs.claim_all
     if getattr(original, "_forge_metrics", False):
         return
     current = forge_metrics()
 
-    def claim(row: db.Row, runner: db.Row, capability_id: str, now: Any = None) -> Any:
-        taken = original(row, runner, capability_id, now)
-        if taken is not None:
+    def claim_all(conn: Any, picks: Any, now: Any) -> Any:
+        claims = original(conn, picks, now)
+        if claims:
             try:
-                at = now.ts if now is not None else time.time()
-                job_type = str(row["type"])
-                current.dispatch_latency.labels(job_type).observe(
-                    max(0.0, at - eligible_since(row))
-                )
-                current.dispatched.labels(job_type).inc()
+                rows = {row["id"]: row for row, _runner, _capability in picks}
+                for claim in claims:
+                    row = rows[claim.job_id]
+                    job_type = str(row["type"])
+                    current.dispatch_latency.labels(job_type).observe(
+                        max(0.0, now.ts - eligible_since(row))
+                    )
+                    current.dispatched.labels(job_type).inc()
             except Exception:  # a metric must never break dispatching
                 log.warning("could not record the dispatch latency", exc_info=True)
-        return taken
+        return claims
 
-    claim._forge_metrics = True  # type: ignore[attr-defined]
-    setattr(jobs, "claim", claim)  # noqa: B010 - an instance attribute shadows the method
+    claim_all._forge_metrics = True  # type: ignore[attr-defined]
+    setattr(jobs, "claim_all", claim_all)  # noqa: B010 - an instance attribute shadows the method
 
 
 def init_app(app: Flask, forge: Forge) -> None:

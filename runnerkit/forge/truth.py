@@ -77,6 +77,44 @@ def record(
     return assertion
 
 
+def forge_assertion(
+    *,
+    subject: str,
+    predicate: str,
+    obj: Any,
+    source: str,
+    timestamp: str,
+    ts: float,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The row of an assertion the forge makes itself at ``timestamp`` (epoch ``ts``).
+
+    The caller gives both forms of the instant, so nothing is parsed back;
+    ``db.queue_assertion`` writes the row with its transaction.
+    """
+    assertion: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "subject": subject,
+        "predicate": predicate,
+        "object": obj,
+        "confidence": 1,
+        "source": source,
+        "timestamp": timestamp,
+        "metadata": dict(metadata or {}),
+    }
+    return {
+        "id": assertion["id"],
+        "subject": subject,
+        "predicate": predicate,
+        "object": db.dumps(obj),
+        "confidence": 1.0,
+        "source": source,
+        "ts": ts,
+        "expires": None,
+        "document": db.dumps(assertion),
+    }
+
+
 class TruthStore:
     """``POST /assert`` and ``POST /query`` over the forge database."""
 

@@ -30,6 +30,7 @@ from runnerkit.errors import (
     NotFound,
     RateLimited,
     RunnerError,
+    SchemaMismatch,
     Timeout,
     Unauthenticated,
     Unavailable,
@@ -92,6 +93,22 @@ class Answer:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    _json: str | None = field(default=None, repr=False, compare=False)
+
+    def json(self) -> str:
+        """The body as JSON text, encoded once for both the ledger and the response.
+
+        Raises TypeError/ValueError for a body JSON cannot carry (an object a capability's
+        ``Raw`` field let through, NaN).
+        """
+        if self._json is None:
+            self._json = _ENCODER.encode(self.body)
+        return self._json
+
+
+#: Compact, ASCII-safe (a lone surrogate in a result cannot break the encoding) and strict:
+#: NaN and Infinity are not JSON.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 class _Rejection(Exception):
@@ -563,13 +580,28 @@ class Executor:
             )
             answer = self._failure(timeout, job.job_id, job.correlation_id, job.started)
             complete = functools.partial(
-                state.ledger.complete, job.job_id, answer.status, answer.body
+                state.ledger.complete, job.job_id, answer.status, answer.json()
             )
             if not thread.abandon(complete):
                 complete()
             return answer
-        answer = self._outcome(thread, job.job_id, job.correlation_id, job.started)
-        state.ledger.complete(job.job_id, answer.status, answer.body)
+        answer = self._encodable(
+            self._outcome(thread, job.job_id, job.correlation_id, job.started), job
+        )
+        state.ledger.complete(job.job_id, answer.status, answer.json())
+        return answer
+
+    def _encodable(self, answer: Answer, job: _Job) -> Answer:
+        """``answer``, or SCHEMA_MISMATCH when its data cannot be sent as JSON."""
+        try:
+            answer.json()
+        except (TypeError, ValueError) as exc:
+            error = SchemaMismatch(
+                f"{type(job.capability).__name__}.run returned a value JSON cannot carry: "
+                f"{str(exc)[:200]}",
+                details=[{"message": str(exc)[:200], "path": ["data"]}],
+            )
+            return self._failure(error, job.job_id, job.correlation_id, job.started)
         return answer
 
     def _outcome(
@@ -617,7 +649,7 @@ class Executor:
                     code="DEADLINE_EXCEEDED",
                 )
                 answer = self._failure(error, job.job_id, job.correlation_id, job.started)
-                state.ledger.complete(job.job_id, answer.status, answer.body)
+                state.ledger.complete(job.job_id, answer.status, answer.json())
             else:
                 state.ledger.start(job.job_id)
                 with self._in_flight_lock:
@@ -631,7 +663,7 @@ class Executor:
                 correlation_id=job.correlation_id,
             )
             answer = self._answer(500, job.job_id, False, job.started, error=envelope)
-            state.ledger.complete(job.job_id, answer.status, answer.body)
+            state.ledger.complete(job.job_id, answer.status, answer.json())
         self._log(answer, job.job_id, job.capability.id, job.correlation_id, job.started)
         self.deliver_result(job.job_id, job.correlation_id, answer.body)
         self._record_truth(job, answer, send_now=True)

@@ -76,9 +76,12 @@ def execute() -> Response:
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
         answer = runner.executor.reject(error, request.headers)
         answer.headers["Connection"] = "close"
-        return _json(answer.status, answer.body, answer.headers)
-    answer = runner.executor.execute(raw, request.headers.get("Content-Type"), request.headers)
-    return _json(answer.status, answer.body, answer.headers)
+    else:
+        answer = runner.executor.execute(raw, request.headers.get("Content-Type"), request.headers)
+    # The executor has the body's JSON text already (the ledger stores the same text).
+    return Response(
+        answer.json(), status=answer.status, headers=answer.headers, mimetype="application/json"
+    )
 
 
 @blueprint.get("/health")

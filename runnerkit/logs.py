@@ -85,13 +85,16 @@ class JsonFormatter(logging.Formatter):
             "version": self.version,
             "component": record.name,
         }
-        entry.update(_context_fields(record))
+        # Only the added fields can hold a secret-like key: the fixed ones above never do.
+        extras = _context_fields(record)
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                extras[key] = value
+        if extras:
+            entry.update(redact(extras))
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = self.formatException(record.exc_info)
-        return _ENCODER.encode(redact(entry))
+        return _ENCODER.encode(entry)
 
 
 class TextFormatter(logging.Formatter):

@@ -10,8 +10,10 @@ gunicorn forks several workers that must act as ONE runner. They share a state d
   description lock (``F_OFD_SETLK``) for as long as a job's code runs. A SIGKILLed worker's
   locks vanish with it, so a crash cannot leak capacity, and any process can count the held
   bytes (``F_OFD_GETLK``) without taking them.
-* ``ledger.sqlite3`` — the idempotency ledger (SQLite, WAL): which jobIds were seen, which
-  are running where, and the stored answer of each finished one.
+* ``ledger.running.lock`` — one OFD lock per running job, at an offset hashed from its
+  jobId: a duplicate delivery to any worker finds it held; a dead worker's locks vanish.
+* ``ledger.sqlite3`` — the idempotency ledger (SQLite, WAL): the stored answer of each
+  finished job, and the asynchronous jobs accepted, queued or running, and where.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -208,6 +211,59 @@ class SlotTable:
         return sum(self.in_use(cap) for cap in self.limits)
 
 
+class JobLocks:
+    """Which jobIds run right now anywhere in the instance: one OFD lock per running job.
+
+    Each jobId maps to one byte of ``path`` at an offset hashed from it (56 bits: the file
+    stays empty, locks beyond its end are fine). Taking the lock is how a process claims a
+    job; a duplicate delivery to any worker finds it held. The kernel drops the locks of a
+    process that dies, so a crashed job is free to run again, as before, without any write.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._pid = 0
+        self._mine: dict[int, str] = {}
+
+    @staticmethod
+    def offset(job_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=7).digest(), "big")
+
+    def _descriptor(self) -> int:
+        if self._pid != os.getpid():
+            # After fork the descriptor (and the locks on it) belong to the parent.
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid, self._mine = os.getpid(), {}
+        return self._fd
+
+    def acquire(self, job_id: str) -> bool:
+        """Claim ``job_id`` for this process; False when it runs already (here or elsewhere)."""
+        offset = self.offset(job_id)
+        with self._lock:
+            fd = self._descriptor()
+            if offset in self._mine:
+                # This process holds it: the same job (or, at odds of 2^-56, a namesake).
+                return False
+            try:
+                _ofd_lock(fd, fcntl.F_WRLCK, offset)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+            self._mine[offset] = job_id
+            return True
+
+    def release(self, job_id: str) -> None:
+        offset = self.offset(job_id)
+        with self._lock:
+            if self._pid != os.getpid() or self._mine.get(offset) != job_id:
+                return
+            del self._mine[offset]
+            _ofd_lock(self._fd, fcntl.F_UNLCK, offset)
+
+
 LEDGER_COLUMNS = frozenset(
     {
         "job_id",
@@ -304,6 +360,7 @@ class Ledger(SQLiteFile):
 
     def __init__(self, path: str, retention_s: float, max_entries: int = 100_000) -> None:
         super().__init__(path)
+        self.running = JobLocks(os.path.splitext(path)[0] + ".running.lock")
         self.retention_s = retention_s
         self.max_entries = max_entries
         self._me = (0, 0.0)
@@ -325,25 +382,35 @@ class Ledger(SQLiteFile):
         self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
 
     def claim(self, job_id: str, *, queued: bool = False, correlation_id: str = "") -> Claim:
-        """Atomically decide whether this process runs ``job_id``.
+        """Decide whether this process runs ``job_id``; a "run" claim holds its job lock
+        until :meth:`complete` or :meth:`release`.
 
-        ``queued`` records an asynchronous job that waits for a slot before it runs.
+        The job lock (:class:`JobLocks`) settles who runs it; the rows settle what happened
+        before. A synchronous job never seen before, the common case, costs one read here
+        and one write at :meth:`complete`. ``queued`` records an asynchronous job that waits
+        for a slot before it runs: its row exists from now on, for recovery and counting.
         """
+        if not self.running.acquire(job_id):
+            return Claim("running")
+        try:
+            claim = self._claim_locked(job_id, queued, correlation_id)
+        except BaseException:
+            self.running.release(job_id)
+            raise
+        if claim.outcome != "run":
+            self.running.release(job_id)
+        return claim
+
+    def _claim_locked(self, job_id: str, queued: bool, correlation_id: str) -> Claim:
+        if not queued:
+            with self._connection() as conn:
+                known = conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if known is None:
+                return Claim("run")
         now = time.time()
         state = "queued" if queued else "running"
-        with self._lock:
-            # The common case, a jobId never seen, is one autocommitted statement; only a
-            # known jobId needs the read-decide-write transaction below.
-            conn = self._db()
-            pid, started = self._me
-            cur = conn.execute(
-                "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created, async,"
-                " correlation_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO NOTHING",
-                (job_id, state, pid, started, now, int(queued), correlation_id),
-            )
-            if cur.rowcount == 1:
-                return Claim("run")
         with self._transaction() as conn:
+            pid, started = self._me
             row = conn.execute(
                 "SELECT state, owner_pid, owner_started, attempt, http_status, response"
                 " FROM jobs WHERE job_id = ?",
@@ -373,12 +440,15 @@ class Ledger(SQLiteFile):
 
     def release(self, job_id: str) -> None:
         """Forget a claim that never ran (rejected before the capability started)."""
-        with self._transaction() as conn:
-            conn.execute(
-                "DELETE FROM jobs WHERE job_id = ? AND state IN ('running', 'queued')"
-                " AND owner_pid = ?",
-                (job_id, self._me[0]),
-            )
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "DELETE FROM jobs WHERE job_id = ? AND state IN ('running', 'queued')"
+                    " AND owner_pid = ?",
+                    (job_id, self._me[0]),
+                )
+        finally:
+            self.running.release(job_id)
 
     def start(self, job_id: str) -> None:
         """A queued asynchronous job got its slot and runs now."""
@@ -404,14 +474,25 @@ class Ledger(SQLiteFile):
             if not process_alive(pid, started)
         ]
 
-    def complete(self, job_id: str, http_status: int, body: dict[str, Any]) -> None:
-        """Store the answer of a finished job (one statement: atomic on its own)."""
-        with self._connection() as conn:
-            conn.execute(
-                "UPDATE jobs SET state = 'done', http_status = ?, response = ?, finished = ?"
-                " WHERE job_id = ?",
-                (http_status, json.dumps(body), time.time(), job_id),
-            )
+    def complete(self, job_id: str, http_status: int, body_json: str) -> None:
+        """Store the answer of a finished job, as the JSON text sent, then free its job lock.
+
+        In that order: a redelivery that gets the lock next is sure to find the answer.
+        """
+        now = time.time()
+        try:
+            with self._connection() as conn:
+                pid, started = self._me
+                conn.execute(
+                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
+                    " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
+                    " http_status = excluded.http_status, response = excluded.response,"
+                    " finished = excluded.finished",
+                    (job_id, pid, started, http_status, body_json, now, now),
+                )
+        finally:
+            self.running.release(job_id)
         self._since_prune += 1
         if self._since_prune >= 1000:
             self.prune()

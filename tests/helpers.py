@@ -152,9 +152,12 @@ class BadOutput(Capability):
     class Output(Schema):
         count = fields.Integer(required=True)
         name = fields.String(required=True)
+        extra = fields.Raw()
 
     def run(self, payload: dict[str, Any], ctx: Context) -> Any:
         return {
+            "not_json": {"count": 1, "name": "x", "extra": object()},
+            "nan": {"count": 1, "name": "x", "extra": float("nan")},
             "wrong_type": {"count": "many", "name": "x"},
             "missing": {"count": 1},
             "null": {"count": None, "name": "x"},

@@ -252,6 +252,22 @@ def test_output_that_is_not_an_object_is_schema_mismatch(client: FlaskClient) ->
     assert "list" in envelope["message"]
 
 
+@pytest.mark.parametrize("kind", ["not_json", "nan"])
+def test_output_json_cannot_carry_is_schema_mismatch_and_replayed(
+    client: FlaskClient, kind: str
+) -> None:
+    job_id = new_uuid()
+    response = post_execute(client, "bad-output", {"kind": kind}, jobId=job_id)
+
+    envelope = assert_failure(response, 500, "SCHEMA_MISMATCH")
+    assert envelope["retryable"] is False
+    assert ["data"] in [d.get("path") for d in envelope["details"]]
+    again = post_execute(client, "bad-output", {"kind": kind}, jobId=job_id)
+    assert again.status_code == 500
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.get_json()["error"]["category"] == "SCHEMA_MISMATCH"
+
+
 # --------------------------------------------------------------------------- deadlines
 
 

@@ -1,0 +1,125 @@
+"""The idempotency ledger's job locks: one claim per jobId across processes, freed by death.
+
+Real processes (``fork``) and a real lock file: the property that matters, that a dead
+worker's claim vanishes without anyone cleaning up, only shows across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import uuid
+from pathlib import Path
+
+from runnerkit.state import JobLocks, Ledger
+
+_FORK = multiprocessing.get_context("fork")
+
+
+def _hold(path: str, job_id: str, ready: multiprocessing.synchronize.Event) -> None:
+    locks = JobLocks(path)
+    assert locks.acquire(job_id)
+    ready.set()
+    signal.pause()
+
+
+def _holder(path: Path, job_id: str) -> multiprocessing.process.BaseProcess:
+    ready = _FORK.Event()
+    proc = _FORK.Process(target=_hold, args=(str(path), job_id, ready), daemon=True)
+    proc.start()
+    assert ready.wait(10), "the holder did not take its lock"
+    return proc
+
+
+def test_a_job_held_by_another_process_cannot_be_claimed_until_it_dies(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.lock"
+    job_id = str(uuid.uuid4())
+    holder = _holder(path, job_id)
+    locks = JobLocks(str(path))
+    try:
+        assert not locks.acquire(job_id)
+        assert locks.acquire(str(uuid.uuid4())), "another jobId is not blocked"
+    finally:
+        os.kill(holder.pid or 0, signal.SIGKILL)
+        holder.join(10)
+    assert locks.acquire(job_id), "a dead process's claim must vanish with it"
+
+
+def test_the_same_process_cannot_claim_a_running_job_twice(tmp_path: Path) -> None:
+    locks = JobLocks(str(tmp_path / "jobs.lock"))
+    job_id = str(uuid.uuid4())
+
+    assert locks.acquire(job_id)
+    assert not locks.acquire(job_id)
+    locks.release(job_id)
+    assert locks.acquire(job_id)
+
+
+def test_releasing_a_job_not_held_changes_nothing(tmp_path: Path) -> None:
+    locks = JobLocks(str(tmp_path / "jobs.lock"))
+    held = str(uuid.uuid4())
+    assert locks.acquire(held)
+
+    locks.release(str(uuid.uuid4()))
+
+    assert not locks.acquire(held)
+
+
+def _ledger(tmp_path: Path) -> Ledger:
+    return Ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600)
+
+
+def test_a_synchronous_claim_is_one_lock_and_its_answer_one_row(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    job_id = str(uuid.uuid4())
+
+    assert ledger.claim(job_id).outcome == "run"
+    assert ledger.size() == 0, "a running synchronous job needs no row"
+    assert ledger.claim(job_id).outcome == "running"
+
+    body = {"jobId": job_id, "success": True}
+    ledger.complete(job_id, 200, json.dumps(body))
+
+    replay = ledger.claim(job_id)
+    assert (replay.outcome, replay.status, replay.body) == ("replay", 200, body)
+    assert ledger.size() == 1
+
+
+def test_a_retryable_failure_runs_again_as_a_new_attempt(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    job_id = str(uuid.uuid4())
+    assert ledger.claim(job_id).outcome == "run"
+    failure = {"jobId": job_id, "success": False, "error": {"retryable": True}}
+    ledger.complete(job_id, 503, json.dumps(failure))
+
+    again = ledger.claim(job_id)
+
+    assert (again.outcome, again.attempt) == ("run", 2)
+    ledger.complete(job_id, 200, json.dumps({"jobId": job_id, "success": True}))
+    assert ledger.claim(job_id).outcome == "replay"
+
+
+def test_a_claim_given_back_unrun_leaves_nothing_behind(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    job_id = str(uuid.uuid4())
+    assert ledger.claim(job_id).outcome == "run"
+
+    ledger.release(job_id)
+
+    assert ledger.size() == 0
+    assert ledger.claim(job_id).outcome == "run"
+
+
+def test_an_asynchronous_claim_is_recorded_as_queued_while_it_waits(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    job_id = str(uuid.uuid4())
+
+    assert ledger.claim(job_id, queued=True).outcome == "run"
+
+    assert ledger.queued() == 1
+    ledger.start(job_id)
+    assert ledger.queued() == 0
+    ledger.complete(job_id, 200, json.dumps({"jobId": job_id, "success": True}))
+    assert ledger.claim(job_id).outcome == "replay"

@@ -109,7 +109,12 @@ def no_job_log() -> Iterator[None]:
 @contextlib.contextmanager
 def no_metrics() -> Iterator[None]:
     none = _NoMetrics()
-    with patched(execution, "metrics", lambda: none), patched(http, "metrics", lambda: none):
+    with (
+        patched(execution, "metrics", lambda: none),
+        patched(http, "metrics", lambda: none),
+        patched(execution, "labelled", lambda metric, *values: metric),
+        patched(http, "labelled", lambda metric, *values: metric),
+    ):
         yield
 
 
@@ -127,10 +132,9 @@ def no_marshmallow() -> Iterator[None]:
     def load_request(body: dict[str, Any]) -> dict[str, Any]:
         return {"timeoutMs": 30000, **body, "metadata": body.get("metadata", {})}
 
-    schema = execution._REQUEST_SCHEMA
     capability = RUNNER.capabilities["echo"]
     with (
-        patched(schema, "load", load_request),
+        patched(execution, "load_execution_request", load_request),
         patched(capability, "load_input", lambda payload: dict(payload)),
         patched(capability, "dump_output", lambda result: dict(result)),
     ):

@@ -133,9 +133,7 @@ def parse_json_object(raw: bytes, content_type: str | None) -> dict[str, Any]:
             details=[{"message": f"Content-Type is {content_type or 'missing'}", "path": []}],
         )
     try:
-        value = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-        )
+        value = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValidationFailed(
             "The request body is not valid JSON",
@@ -237,6 +235,10 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text[:32]} is out of range for a JSON number")
     return value
+
+
+#: One decoder for every body (``json.loads`` with hooks builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _json_error_message(exc: Exception) -> str:

@@ -19,6 +19,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -161,6 +162,18 @@ JOB_COLUMNS = frozenset(
         "last_error",
     }
 )
+
+
+def time_ordered_id() -> str:
+    """A version 7 uuid (RFC 9562: Unix milliseconds, then random bits), as a string.
+
+    The forge names its own events and assertions with these: consecutive ids sort together,
+    so their unique indexes grow at one end instead of touching a random page per row.
+    """
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    value = value & ~(0xF << 76) & ~(0x3 << 62) | (0x7 << 76) | (0x2 << 62)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
@@ -572,9 +585,9 @@ def record_delivery(conn: Conn, job_id: str, digest: str, received: float) -> bo
 _INSERT_EVENT = "INSERT OR IGNORE INTO events (id, job_id, type, document) VALUES (?, ?, ?, ?)"
 
 
-def queue_event(conn: Conn, event: Mapping[str, Any]) -> None:
-    """Write a JobEvent document when the transaction commits (see :class:`Conn`)."""
-    conn.queued_events.append((event["id"], event["jobId"], event["type"], dumps(event)))
+def queue_event(conn: Conn, event_id: str, job_id: str, type_: str, document: str) -> None:
+    """Write a JobEvent (its ``dumps`` document) when the transaction commits."""
+    conn.queued_events.append((event_id, job_id, type_, document))
 
 
 def insert_event(conn: Conn, event: Mapping[str, Any]) -> bool:

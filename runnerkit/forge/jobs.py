@@ -20,7 +20,9 @@ a late answer for a cancelled or requeued job changes nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -48,6 +50,8 @@ log = logging.getLogger("runnerkit.forge.jobs")
 ACTIVE_STATUSES = ("pending", "queued", "retrying", "running")
 #: Statuses a job never leaves.
 FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+_string = json.JSONEncoder().encode  # a str as db.dumps writes it
 
 _SLOT_FREE: dict[str, Any] = {"slot_runner": None, "slot_capability": None, "lease_until": None}
 
@@ -100,6 +104,20 @@ class Claim:
 Claims = list[Claim]
 
 
+class _Submission:
+    """One ``POST /jobs`` waiting for its group commit."""
+
+    __slots__ = ("answer", "done", "error", "lead", "now", "values")
+
+    def __init__(self, values: dict[str, Any], now: Clock) -> None:
+        self.values = values
+        self.now = now
+        self.done = threading.Event()
+        self.lead = False  # set with ``done``: write the waiting group instead
+        self.answer: tuple[int, dict[str, Any]] | None = None
+        self.error: Exception | None = None
+
+
 def correlation_id_for(job_id: str, request: Mapping[str, Any]) -> str:
     """The job's own correlationId, else a uuid derived from its id (stable across retries)."""
     given = request.get("metadata", {}).get("correlationId")
@@ -121,6 +139,10 @@ class JobStore:
         self.db = database
         self.settings = settings
         self.service: str = settings.service_name
+        self._event_metadata = db.dumps({"service": self.service, "version": __version__})
+        self._group: list[_Submission] = []  # submissions waiting for a group commit
+        self._group_writing = False
+        self._group_lock = threading.Lock()
 
     # -- documents -------------------------------------------------------------------------
 
@@ -143,17 +165,13 @@ class JobStore:
     def _emit(
         self, conn: db.Conn, job_id: str, type_: str, now: Clock, data: Mapping[str, Any]
     ) -> None:
-        db.queue_event(
-            conn,
-            {
-                "id": str(uuid.uuid4()),
-                "type": type_,
-                "jobId": job_id,
-                "timestamp": now.z,
-                "data": dict(data),
-                "metadata": {"service": self.service, "version": __version__},
-            },
+        # db.dumps of the JobEvent, assembled around its data (keys in sorted order).
+        event_id = db.time_ordered_id()
+        document = (
+            f'{{"data":{db.dumps(data)},"id":"{event_id}","jobId":{_string(job_id)},'
+            f'"metadata":{self._event_metadata},"timestamp":"{now.z}","type":{_string(type_)}}}'
         )
+        db.queue_event(conn, event_id, job_id, type_, document)
 
     def _assert_status(
         self,
@@ -187,50 +205,115 @@ class JobStore:
     def submit(self, request: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """Queue a loaded JobRequest: (202, JobResponse); the same request again → (200, ...).
 
-        The same id with a different request is a 409 RESOURCE_CONFLICT.
+        The same id with a different request is a 409 RESOURCE_CONFLICT. Submissions arriving
+        together in this process share one transaction (see :meth:`_commit_submissions`).
         """
-        document = db.dumps(request)
-        job_id = request["id"]
         metadata = request["metadata"]
         now = Clock()
         scheduled = metadata.get("scheduledAt")
         expires = metadata.get("expiresAt")
-        with self.db.tx() as conn:
-            inserted = db.insert_job(
-                conn,
-                {
-                    "id": job_id,
-                    "type": request["type"],
-                    "priority": request["priority"],
-                    "status": "queued",
-                    "request": document,
-                    "submitted": now.ts,
-                    "updated_at": now.z,
-                    "not_before": truth.epoch(scheduled) if scheduled else None,
-                    "expires": truth.epoch(expires) if expires else None,
-                    "timeout_ms": float(request["timeoutMs"]),
-                },
-            )
-            if not inserted:
-                existing = self._get(conn, job_id)
-                if existing["request"] != document:
-                    raise Conflict(
-                        f"Job {job_id} was already submitted with a different request",
-                        code="JOB_ID_CONFLICT",
-                        details=[{"message": "A different job has this id", "path": ["id"]}],
-                    )
-                return 200, self.response(existing)
-            created = {"type": request["type"], "priority": request["priority"]}
-            self._emit(conn, job_id, "job.created", now, created)
-            self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
-            self._assert_status(conn, job_id, "queued", now)
+        document = db.dumps(request)
+        item = _Submission(
+            {
+                "id": request["id"],
+                "type": request["type"],
+                "priority": request["priority"],
+                "status": "queued",
+                "request": document,
+                "submitted": now.ts,
+                "updated_at": now.z,
+                "not_before": truth.epoch(scheduled) if scheduled else None,
+                "expires": truth.epoch(expires) if expires else None,
+                "timeout_ms": float(request["timeoutMs"]),
+            },
+            now,
+        )
+        self._commit_submissions(item)
+        if item.error is not None:
+            raise item.error
+        assert item.answer is not None
+        return item.answer
+
+    def _commit_submissions(self, item: _Submission) -> None:
+        """Group commit: the first waiting thread writes every queued submission at once.
+
+        Under load several request threads submit at the same moment; rather than queue on
+        the database lock one transaction each, they queue here and one of them (the leader)
+        writes them all in one transaction. A leader writes one group, then hands the lead
+        to the oldest submission still waiting, so no request waits for more than the group
+        ahead of it. Alone, a submission is its own leader and waits for nothing.
+        """
+        with self._group_lock:
+            self._group.append(item)
+            lead = not self._group_writing
+            self._group_writing = True
+        if not lead:
+            item.done.wait()
+            if not item.lead:
+                return
+        with self._group_lock:
+            group, self._group = self._group, []
+        try:
+            self._write_submissions(group)
+        finally:
+            for waiting in group:
+                if waiting.answer is None and waiting.error is None:
+                    waiting.error = RuntimeError("the submission was not written")
+                waiting.done.set()
+            with self._group_lock:
+                if self._group:
+                    successor = self._group[0]
+                    successor.lead = True
+                    successor.done.set()
+                else:
+                    self._group_writing = False
+
+    def _write_submissions(self, group: list[_Submission]) -> None:
+        """One transaction for ``group``; if it fails, one transaction per submission."""
+        answers: list[tuple[_Submission, tuple[int, dict[str, Any]] | None, Exception | None]]
+        answers = []
+        try:
+            with self.db.tx() as conn:
+                for item in group:
+                    try:
+                        answers.append((item, self._insert(conn, item), None))
+                    except Conflict as exc:  # nothing was written for it
+                        answers.append((item, None, exc))
+        except Exception as exc:  # noqa: BLE001 - each request gets its own error
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            log.warning("writing %d submissions together failed; one at a time", len(group))
+            for item in group:
+                self._write_submissions([item])
+            return
+        for item, answer, error in answers:
+            item.answer, item.error = answer, error
+
+    def _insert(self, conn: db.Conn, item: _Submission) -> tuple[int, dict[str, Any]]:
+        values, now = item.values, item.now
+        job_id = values["id"]
+        if not db.insert_job(conn, values):
+            existing = self._get(conn, job_id)
+            if existing["request"] != values["request"]:
+                raise Conflict(
+                    f"Job {job_id} was already submitted with a different request",
+                    code="JOB_ID_CONFLICT",
+                    details=[{"message": "A different job has this id", "path": ["id"]}],
+                )
+            return 200, self.response(existing)
+        created = {"type": values["type"], "priority": values["priority"]}
+        self._emit(conn, job_id, "job.created", now, created)
+        self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
+        self._assert_status(conn, job_id, "queued", now)
         # What GET /jobs/<id> answers for the row just written (the request as stored).
-        return 202, {
+        answer = {
             "id": job_id,
             "status": "queued",
-            "request": db.loads(document),
+            "request": db.loads(values["request"]),
             "updatedAt": now.z,
         }
+        return 202, answer
 
     def get(self, job_id: str) -> dict[str, Any]:
         with self.db.connection() as conn:
@@ -506,6 +589,7 @@ class JobStore:
             if outcome.has_data:
                 result["data"] = outcome.data
             result["metadata"] = self._result_metadata(row, now, attempts)
+            result_json = db.dumps(result)
             db.update_job(
                 conn,
                 job_id,
@@ -513,7 +597,7 @@ class JobStore:
                     **_SLOT_FREE,
                     "status": "completed",
                     "updated_at": now.z,
-                    "result": db.dumps(result),
+                    "result": result_json,
                     "error": None,
                     "last_error": None,
                 },
@@ -527,7 +611,7 @@ class JobStore:
             }
             self._emit(conn, job_id, "job.completed", now, done)
             self._assert_status(conn, job_id, "completed", now, {"attempts": attempts})
-            self._assert_result(conn, row, result, now)
+            self._assert_result(conn, row, result, now, result_json)
             return
         envelope = outcome.error or self.envelope(
             "RUNNER_ERROR", "UNKNOWN_FAILURE", "The attempt failed", retryable=True
@@ -599,13 +683,14 @@ class JobStore:
             "error": db.dumps(envelope),
         }
         result: dict[str, Any] | None = None
+        result_json = ""
         if attempts > 0:  # JobResult.metadata.attempts must be positive
             result = {
                 "success": False,
                 "error": dict(envelope),
                 "metadata": self._result_metadata(row, now, attempts),
             }
-            update["result"] = db.dumps(result)
+            update["result"] = result_json = db.dumps(result)
         db.update_job(conn, job_id, update, attempts=attempts)
         summary = {"attempts": attempts, "error": _error_summary(envelope)}
         if event != "job.failed":
@@ -613,7 +698,7 @@ class JobStore:
         self._emit(conn, job_id, "job.failed", now, summary)
         self._assert_status(conn, job_id, "failed", now, {"attempts": attempts})
         if result is not None:
-            self._assert_result(conn, row, result, now)
+            self._assert_result(conn, row, result, now, result_json)
 
     def _result_metadata(self, row: db.Row, now: Clock, attempts: int) -> dict[str, Any]:
         metadata: dict[str, Any] = {"completedAt": now.z, "durationMs": 0.0}
@@ -629,7 +714,7 @@ class JobStore:
         return metadata
 
     def _assert_result(
-        self, conn: db.Conn, row: db.Row, result: Mapping[str, Any], now: Clock
+        self, conn: db.Conn, row: db.Row, result: Mapping[str, Any], now: Clock, result_json: str
     ) -> None:
         db.queue_assertion(
             conn,
@@ -641,6 +726,7 @@ class JobStore:
                 timestamp=now.z,
                 ts=now.ms,
                 metadata={"recordedBy": self.service, "jobType": row["type"]},
+                object_json=result_json,
             ),
         )
 

@@ -8,9 +8,13 @@ A query returns unexpired assertions matching the pattern and filters, newest fi
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from runnerkit.contracts import TruthAssertionSchema, parse_timestamp, utc_now
@@ -24,8 +28,18 @@ _ASSERTION_SCHEMA = TruthAssertionSchema()
 _YEAR_ZERO = -62_167_219_200.0
 
 
+#: The form the forge writes (``format_timestamp``): read without the general parser.
+_MILLIS_Z = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{3})Z")
+
+
 def epoch(timestamp: str) -> float:
     """Epoch seconds of a contract timestamp (year 0000 maps to its real instant)."""
+    match = _MILLIS_Z.fullmatch(timestamp)
+    if match is not None:
+        year, month, day, hour, minute, second, millis = map(int, match.groups())
+        with contextlib.suppress(ValueError):  # out of range: the general path says why
+            moment = datetime(year, month, day, hour, minute, second, millis * 1000, tzinfo=UTC)
+            return moment.timestamp()
     try:
         return parse_timestamp(timestamp).timestamp()
     except ValueError:
@@ -86,33 +100,37 @@ def forge_assertion(
     timestamp: str,
     ts: float,
     metadata: Mapping[str, Any] | None = None,
+    object_json: str | None = None,
 ) -> dict[str, Any]:
     """The row of an assertion the forge makes itself at ``timestamp`` (epoch ``ts``).
 
-    The caller gives both forms of the instant, so nothing is parsed back;
-    ``db.queue_assertion`` writes the row with its transaction.
+    The caller gives both forms of the instant, so nothing is parsed back, and may give
+    ``object_json`` (``db.dumps(obj)``) when it has it already; ``db.queue_assertion`` writes
+    the row with its transaction. The document is what ``db.dumps`` makes of the
+    TruthAssertion, assembled around the canonical object instead of encoding it again.
     """
-    assertion: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
-        "subject": subject,
-        "predicate": predicate,
-        "object": obj,
-        "confidence": 1,
-        "source": source,
-        "timestamp": timestamp,
-        "metadata": dict(metadata or {}),
-    }
+    assertion_id = db.time_ordered_id()
+    if object_json is None:
+        object_json = db.dumps(obj)
+    document = (
+        f'{{"confidence":1,"id":"{assertion_id}","metadata":{db.dumps(metadata or {})},'
+        f'"object":{object_json},"predicate":{_string(predicate)},"source":{_string(source)},'
+        f'"subject":{_string(subject)},"timestamp":{_string(timestamp)}}}'
+    )
     return {
-        "id": assertion["id"],
+        "id": assertion_id,
         "subject": subject,
         "predicate": predicate,
-        "object": db.dumps(obj),
+        "object": object_json,
         "confidence": 1.0,
         "source": source,
         "ts": ts,
         "expires": None,
-        "document": db.dumps(assertion),
+        "document": document,
     }
+
+
+_string = json.JSONEncoder().encode  # a str as db.dumps writes it
 
 
 class TruthStore:

@@ -85,9 +85,12 @@ class Forge:
         self.dispatcher = Dispatcher(self.jobs, settings, instance_id=self.instance_id)
 
     def wake_dispatcher(self) -> None:
-        """New work or freed capacity: let this process's dispatcher look now."""
-        if self.dispatcher.running:
-            self.dispatcher.wake()
+        """New work or freed capacity: let the dispatching process look now.
+
+        That may be another process (another gunicorn worker, or this one is an API-only
+        forge): it notices ``<DB_PATH>.wake`` change within a few milliseconds.
+        """
+        self.dispatcher.wake()
 
     def health(self) -> dict[str, Any]:
         """The HealthCheck document."""

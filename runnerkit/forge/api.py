@@ -216,10 +216,16 @@ def get_runner(runner_id: str) -> Response:
 @blueprint.post("/jobs")
 def submit_job() -> Response:
     forge = _forge()
-    status, job = forge.jobs.submit(_body("JobRequest"))
+    request_body = _body("JobRequest")
+    status, job = forge.jobs.submit(request_body)  # the JobResponse as JSON text
     if status == 202:
         forge.wake_dispatcher()
-    return _json(status, job, {"Location": f"/jobs/{job['id']}"})
+    return Response(
+        job + "\n",
+        status=status,
+        mimetype="application/json",
+        headers={"Location": f"/jobs/{request_body['id']}"},
+    )
 
 
 @blueprint.get("/jobs")

@@ -201,6 +201,8 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for work now instead of at the next poll, in whichever process dispatches."""
         self._wake.set()
+        if self.leader and self.running:
+            return  # this process dispatches: the event is enough
         try:
             with open(self._wake_path, "a"):
                 os.utime(self._wake_path)

@@ -114,7 +114,7 @@ class _Submission:
         self.now = now
         self.done = threading.Event()
         self.lead = False  # set with ``done``: write the waiting group instead
-        self.answer: tuple[int, dict[str, Any]] | None = None
+        self.answer: tuple[int, str] | None = None
         self.error: Exception | None = None
 
 
@@ -202,8 +202,11 @@ class JobStore:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def submit(self, request: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    def submit(self, request: Mapping[str, Any]) -> tuple[int, str]:
         """Queue a loaded JobRequest: (202, JobResponse); the same request again → (200, ...).
+
+        The JobResponse comes as JSON text: a new job's is written around the request
+        document just stored, without encoding the request again.
 
         The same id with a different request is a 409 RESOURCE_CONFLICT. Submissions arriving
         together in this process share one transaction (see :meth:`_commit_submissions`).
@@ -270,7 +273,7 @@ class JobStore:
 
     def _write_submissions(self, group: list[_Submission]) -> None:
         """One transaction for ``group``; if it fails, one transaction per submission."""
-        answers: list[tuple[_Submission, tuple[int, dict[str, Any]] | None, Exception | None]]
+        answers: list[tuple[_Submission, tuple[int, str] | None, Exception | None]]
         answers = []
         try:
             with self.db.tx() as conn:
@@ -290,7 +293,7 @@ class JobStore:
         for item, answer, error in answers:
             item.answer, item.error = answer, error
 
-    def _insert(self, conn: db.Conn, item: _Submission) -> tuple[int, dict[str, Any]]:
+    def _insert(self, conn: db.Conn, item: _Submission) -> tuple[int, str]:
         values, now = item.values, item.now
         job_id = values["id"]
         if not db.insert_job(conn, values):
@@ -301,18 +304,16 @@ class JobStore:
                     code="JOB_ID_CONFLICT",
                     details=[{"message": "A different job has this id", "path": ["id"]}],
                 )
-            return 200, self.response(existing)
+            return 200, json.dumps(self.response(existing), separators=(",", ":"))
         created = {"type": values["type"], "priority": values["priority"]}
         self._emit(conn, job_id, "job.created", now, created)
         self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
         self._assert_status(conn, job_id, "queued", now)
         # What GET /jobs/<id> answers for the row just written (the request as stored).
-        answer = {
-            "id": job_id,
-            "status": "queued",
-            "request": db.loads(values["request"]),
-            "updatedAt": now.z,
-        }
+        answer = (
+            f'{{"id":{_string(job_id)},"status":"queued","request":{values["request"]},'
+            f'"updatedAt":"{now.z}"}}'
+        )
         return 202, answer
 
     def get(self, job_id: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Part 1b: what each step of the ``/execute`` path costs, measured by taking it away.
 
-In one process, with Flask's test client (no gunicorn, no sockets, one thread), N requests
+In one process, calling each app as WSGI (no gunicorn, no sockets, one thread), N requests
 go through the runner's ``/execute`` with everything on ("baseline"), then with one step
 replaced by a no-op, for each step; and through the bare Flask echo (``bench.apps.flask_app``)
 as the floor. Every variant run follows its own baseline run; the saving of a step is the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -186,19 +187,51 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
 }
 
 
-def timed(client: Any, requests: int) -> tuple[float, float]:
+def _environ(body: bytes) -> dict[str, Any]:
+    """What a WSGI server hands the app for ``POST /execute`` (built before the clock runs)."""
+    return {
+        "REQUEST_METHOD": "POST",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/execute",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(body)),
+        "HTTP_HOST": "127.0.0.1:8000",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+
+
+def timed(app: Any, requests: int) -> tuple[float, float]:
     """(CPU, wall) microseconds per request over ``requests`` POST /execute.
 
-    CPU is the whole process's (every thread, the job threads included): what the steps
-    cost, hardly moved by other load on the machine. Wall adds the waits for the scheduler.
+    The app is called as a WSGI server would call it, so the figures hold the app's own
+    work and no test-client machinery. CPU is the whole process's (every thread, the job
+    threads included): what the steps cost, hardly moved by other load on the machine. Wall
+    adds the waits for the scheduler.
     """
-    bodies = [_body() for _ in range(requests)]
-    headers = {"Content-Type": "application/json"}
+    environs = [_environ(_body()) for _ in range(requests)]
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        statuses.append(status)
+        return None
+
     cpu, wall = time.process_time(), time.perf_counter()
-    for body in bodies:
-        response = client.post("/execute", data=body, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(f"/execute answered {response.status_code}: {response.data[:300]!r}")
+    for environ in environs:
+        chunks = app(environ, start_response)
+        body = b"".join(chunks)
+        if not statuses[-1].startswith("200"):
+            raise RuntimeError(f"/execute answered {statuses[-1]}: {body[:300]!r}")
     return (
         (time.process_time() - cpu) / requests * 1e6,
         (time.perf_counter() - wall) / requests * 1e6,
@@ -233,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
     runner_client = runner_app.app.test_client()
-    flask_client = flask_app.app.test_client()
+    runner_wsgi, flask_wsgi = runner_app.app, flask_app.app
     names = [name for name in VARIANTS if name != "baseline"] + ["bare Flask echo"]
-    timed(runner_client, 300)
-    timed(flask_client, 300)
+    timed(runner_wsgi, 300)
+    timed(flask_wsgi, 300)
     # Each variant runs right after a baseline run (pairs, the variants' order rotating per
     # round): a saving is the median over rounds of (baseline - variant) within a pair, which
     # drift on a shared machine hardly touches.
@@ -248,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.rounds):
         order = others[index % len(others) :] + others[: index % len(others)]
         for name in order:
-            base_cpu, base_wall = timed(runner_client, args.requests)
+            base_cpu, base_wall = timed(runner_wsgi, args.requests)
             if name == "bare Flask echo":
-                used, took = timed(flask_client, args.requests)
+                used, took = timed(flask_wsgi, args.requests)
             else:
                 with VARIANTS[name]():
-                    used, took = timed(runner_client, args.requests)
+                    used, took = timed(runner_wsgi, args.requests)
             cpu["baseline"].append(base_cpu)
             wall["baseline"].append(base_wall)
             cpu[name].append(used)

@@ -202,7 +202,8 @@ def _inprocess(data: dict[str, Any]) -> list[str]:
     wall = data.get("wall_us_per_request", {})
     wall_savings = data.get("wall_saving_us", {})
     lines += [
-        f"Flask test client, one thread, {data['requests_per_round']:,} requests per run, "
+        f"Each app called as WSGI (no server, no sockets), one thread, "
+        f"{data['requests_per_round']:,} requests per run, "
         f"{data['rounds']} rounds; every variant run right after its own baseline run, the "
         f"step replaced by a no-op in the benchmark process only. Saving = median over rounds "
         f"of (baseline - variant) within those pairs, with the range over rounds: a range "

@@ -40,6 +40,7 @@ CLEAN_ENV: dict[str, str | None] = {
     "PROMETHEUS_MULTIPROC_DIR": None,
     "WEB_CONCURRENCY": None,
     "GUNICORN_THREADS": None,
+    "GUNICORN_PIN_WORKERS": None,
 }
 
 __all__ = [

@@ -37,6 +37,7 @@ from bench.common import (
     say,
     server,
 )
+from runnerkit.affinity import PIN_WORKERS_ENV
 
 WRK_SCRIPT = str(Path(__file__).resolve().parent / "wrk_execute.lua")
 
@@ -167,46 +168,72 @@ drive(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
 """
 
 
-def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
-    tool = load_tool()
+def compare(tool: str, contenders: dict[str, GunicornProcess], cfg: Any) -> dict[str, Any]:
+    """Every concurrency level, the contenders taking turns: per-level rounds and medians."""
+    levels: dict[str, Any] = {}
+    for concurrency in cfg.concurrencies:
+        say(f"/execute at {concurrency} connections, {cfg.rounds} rounds per contender")
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+        for index in range(cfg.rounds):
+            order = list(contenders) if index % 2 == 0 else list(reversed(contenders))
+            for name in order:
+                rounds[name].append(measure(tool, contenders[name], concurrency, cfg.http_duration))
+        ratios = [
+            r["ok_rps"] / f["ok_rps"] if f["ok_rps"] else float("nan")
+            for r, f in zip(rounds["runnerkit"], rounds["flask"], strict=True)
+        ]
+        cpu_ratios = [
+            f["cpu_us_per_req"] / r["cpu_us_per_req"] if r["cpu_us_per_req"] else float("nan")
+            for r, f in zip(rounds["runnerkit"], rounds["flask"], strict=True)
+        ]
+        levels[str(concurrency)] = {
+            "rounds": rounds,
+            "runnerkit": summarize(rounds["runnerkit"]),
+            "flask": summarize(rounds["flask"]),
+            "ratios": ratios,
+            "ratio": median(ratios),
+            "cpu_ratio": median(cpu_ratios),
+        }
+    return levels
+
+
+def _servers(log_dir: Path, suffix: str, env: dict[str, str]) -> dict[str, GunicornProcess]:
     state_dir = tempfile.mkdtemp(prefix="bench-http-state-")
-    runner = server(RUNNER_APP, log_dir, name="runner", env={"RUNNERKIT_STATE_DIR": state_dir})
-    flask = server(FLASK_APP, log_dir, name="flask")
-    contenders = {"runnerkit": runner, "flask": flask}
+    runner_env = {"RUNNERKIT_STATE_DIR": state_dir, **env}
+    return {
+        "runnerkit": server(RUNNER_APP, log_dir, name=f"runner{suffix}", env=runner_env),
+        "flask": server(FLASK_APP, log_dir, name=f"flask{suffix}", env=dict(env)),
+    }
+
+
+def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
+    """The default settings, then both contenders again with GUNICORN_PIN_WORKERS=1."""
+    tool = load_tool()
     result: dict[str, Any] = {"load_tool": tool, "duration_s": cfg.http_duration, "levels": {}}
-    with running(runner, flask):
-        for proc in (runner, flask):
+    contenders = _servers(log_dir, "", {})
+    runner = contenders["runnerkit"]
+    with running(*contenders.values()):
+        for proc in contenders.values():
             measure(tool, proc, 16, cfg.warmup)
-        for concurrency in cfg.concurrencies:
-            say(f"/execute at {concurrency} connections, {cfg.rounds} rounds per contender")
-            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
-            for index in range(cfg.rounds):
-                order = list(contenders) if index % 2 == 0 else list(reversed(contenders))
-                for name in order:
-                    rounds[name].append(
-                        measure(tool, contenders[name], concurrency, cfg.http_duration)
-                    )
-            ratios = [
-                r["ok_rps"] / f["ok_rps"] if f["ok_rps"] else float("nan")
-                for r, f in zip(rounds["runnerkit"], rounds["flask"], strict=True)
-            ]
-            cpu_ratios = [
-                f["cpu_us_per_req"] / r["cpu_us_per_req"] if r["cpu_us_per_req"] else float("nan")
-                for r, f in zip(rounds["runnerkit"], rounds["flask"], strict=True)
-            ]
-            result["levels"][str(concurrency)] = {
-                "rounds": rounds,
-                "runnerkit": summarize(rounds["runnerkit"]),
-                "flask": summarize(rounds["flask"]),
-                "ratios": ratios,
-                "ratio": median(ratios),
-                "cpu_ratio": median(cpu_ratios),
-            }
+        result["levels"] = compare(tool, contenders, cfg)
         say("profiling the runner's /execute path with py-spy")
         result["profile"] = profile(tool, runner, 16, cfg.profile_duration, cfg.out_dir)
         result["profile"]["concurrency"] = 16
         level16 = result["levels"].get("16") or next(iter(result["levels"].values()))
         result["profile"]["cpu_us_per_req"] = level16["runnerkit"]["cpu_us_per_req"]
         result["profile"]["requests_per_s"] = level16["runnerkit"]["rps"]
-    shutil.rmtree(state_dir, ignore_errors=True)
+    _remove_state(runner)
+    say("the same with GUNICORN_PIN_WORKERS=1 (each worker on one CPU) for both")
+    pinned = _servers(log_dir, "-pinned", {PIN_WORKERS_ENV: "1"})
+    with running(*pinned.values()):
+        for proc in pinned.values():
+            measure(tool, proc, 16, cfg.warmup)
+        result["pinned"] = {"env": f"{PIN_WORKERS_ENV}=1", "levels": compare(tool, pinned, cfg)}
+    _remove_state(pinned["runnerkit"])
     return result
+
+
+def _remove_state(proc: GunicornProcess) -> None:
+    state_dir = proc.env_overrides.get("RUNNERKIT_STATE_DIR")
+    if state_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)

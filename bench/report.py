@@ -97,6 +97,12 @@ def _summary(results: dict[str, Any]) -> list[str]:
                 f"| /execute throughput ≥ {THROUGHPUT_TARGET}x bare Flask, {level} connections "
                 f"| {_f(ratio, 2)}x | {_ok(ratio >= THROUGHPUT_TARGET)} |"
             )
+        pinned = (http.get("pinned") or {}).get("levels") or {}
+        for level, data in pinned.items():
+            lines.append(
+                f"| the same with {http['pinned']['env']} for both (not the default), {level} "
+                f"connections | {_f(data['ratio'], 2)}x | info |"
+            )
     forge = results.get("forge") or {}
     if not _error(forge):
         best = max(forge["burst"].items(), key=lambda kv: kv[1]["jobs_per_s"])
@@ -133,6 +139,20 @@ def _summary(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _level_rows(levels: dict[str, Any]) -> list[str]:
+    rows = []
+    for level, data in levels.items():
+        r, f = data["runnerkit"], data["flask"]
+        rows.append(
+            f"| {level} | {_f(r['ok_rps'])} | {_f(f['ok_rps'])} | {_f(data['ratio'], 2)}x "
+            f"| {_f(r['p50_ms'], 1)} / {_f(r['p99_ms'], 1)} "
+            f"| {_f(f['p50_ms'], 1)} / {_f(f['p99_ms'], 1)} "
+            f"| {r['non200_total']:,} of {r['requests_total']:,} "
+            f"| {_f(r['cpu_us_per_req'])} / {_f(f['cpu_us_per_req'])} |"
+        )
+    return rows
+
+
 def _http(http: dict[str, Any]) -> list[str]:
     lines = ["## 1. `POST /execute`: runnerkit vs bare Flask", ""]
     if _error(http):
@@ -149,15 +169,7 @@ def _http(http: dict[str, Any]) -> list[str]:
         "| Flask p50 / p99 ms | runnerkit non-200 | CPU µs/req runnerkit / Flask |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for level, data in http["levels"].items():
-        r, f = data["runnerkit"], data["flask"]
-        lines.append(
-            f"| {level} | {_f(r['ok_rps'])} | {_f(f['ok_rps'])} | {_f(data['ratio'], 2)}x "
-            f"| {_f(r['p50_ms'], 1)} / {_f(r['p99_ms'], 1)} "
-            f"| {_f(f['p50_ms'], 1)} / {_f(f['p99_ms'], 1)} "
-            f"| {r['non200_total']:,} of {r['requests_total']:,} "
-            f"| {_f(r['cpu_us_per_req'])} / {_f(f['cpu_us_per_req'])} |"
-        )
+    lines += _level_rows(http["levels"])
     lines += [
         "",
         "Non-200 answers of runnerkit are 503 `WORKER_BUSY`: a worker takes at most "
@@ -166,6 +178,19 @@ def _http(http: dict[str, Any]) -> list[str]:
         "(they are excluded from 'ok req/s').",
         "",
     ]
+    pinned = http.get("pinned") or {}
+    if pinned.get("levels"):
+        lines += [
+            f"**With `{pinned['env']}`** (each gunicorn worker pinned to one CPU, for both "
+            "contenders; off by default, see `runnerkit/affinity.py`): a worker's request and "
+            "job threads then hand the GIL to each other on one CPU instead of across CPUs.",
+            "",
+            "| conns | runnerkit ok req/s | Flask req/s | ratio | runnerkit p50 / p99 ms "
+            "| Flask p50 / p99 ms | runnerkit non-200 | CPU µs/req runnerkit / Flask |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *_level_rows(pinned["levels"]),
+            "",
+        ]
     profile = http.get("profile") or {}
     lines += ["### Where a request's CPU goes (py-spy, under gunicorn)", ""]
     if profile.get("error"):

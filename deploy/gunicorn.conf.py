@@ -2,7 +2,8 @@
 
 gthread workers keep a worker's main loop (and gunicorn's liveness notification) running while
 request threads run jobs; runnerkit keeps RUNNERKIT_RESERVED_THREADS of each worker's threads
-free of jobs so /health answers while every worker is busy.
+free of jobs so /health answers while every worker is busy. GUNICORN_PIN_WORKERS=1 pins each
+worker to one CPU (see runnerkit/affinity.py for when that pays).
 """
 
 import logging
@@ -21,6 +22,9 @@ keepalive = 5
 def post_fork(server, worker):  # type: ignore[no-untyped-def]
     """Tell the app how many request threads it has, before it is loaded in the worker."""
     os.environ["RUNNERKIT_WORKER_THREADS"] = str(worker.cfg.threads)
+    from runnerkit.affinity import pin_worker
+
+    pin_worker(worker.age)
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
@@ -404,3 +405,29 @@ def test_health_answers_promptly_while_every_worker_is_busy(
         proc.stop(timeout=10)
         for job in everything:
             job.thread.join(timeout=5)
+
+
+def test_gunicorn_pin_workers_puts_each_worker_on_its_own_cpu(start_gunicorn: Any) -> None:
+    allowed = set(psutil.Process().cpu_affinity() or [])
+    proc: GunicornProcess = start_gunicorn(env={"GUNICORN_PIN_WORKERS": "1"}, all_workers=True)
+
+    pinned = [psutil.Process(pid).cpu_affinity() for pid in proc.worker_pids()]
+
+    assert len(pinned) == 2, proc.log_tail()
+    assert all(len(cpus) == 1 and set(cpus) <= allowed for cpus in pinned), pinned
+    if len(allowed) >= 2:
+        assert pinned[0] != pinned[1], pinned
+    assert psutil.Process(proc.master_pid).cpu_affinity() == sorted(allowed)
+    response = requests.post(
+        f"{proc.url}/execute",
+        json=job_request("text-stats", {"text": "pinned"}),
+        timeout=QUICK,
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_workers_keep_every_cpu_by_default(example_runner: GunicornProcess) -> None:
+    allowed = sorted(psutil.Process().cpu_affinity() or [])
+
+    for pid in example_runner.worker_pids():
+        assert psutil.Process(pid).cpu_affinity() == allowed

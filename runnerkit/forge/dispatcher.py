@@ -25,28 +25,21 @@ One tick of the holder:
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
 import os
+import select
+import ssl
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
-import urllib3
 from marshmallow import ValidationError
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    ProxyError,
-    SSLError,
-)
-from urllib3.exceptions import (
-    TimeoutError as TransportTimeout,
-)
 
 from runnerkit._version import __version__
 from runnerkit.contracts import ErrorEnvelopeSchema
@@ -59,6 +52,9 @@ from .jobs import Claim, Clock, JobStore, Outcome
 from .settings import ForgeSettings
 
 log = logging.getLogger("runnerkit.forge.dispatcher")
+
+#: A runner's response headers (``get`` ignores case).
+Headers = http.client.HTTPMessage | Mapping[str, str]
 
 _ENVELOPE_SCHEMA = ErrorEnvelopeSchema()
 
@@ -87,8 +83,8 @@ def execution_request(claim: Claim) -> dict[str, Any]:
     }
 
 
-def _retry_after_header(response: urllib3.BaseHTTPResponse) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
+def _retry_after_header(headers: Headers) -> float | None:
+    value = (headers.get("Retry-After") or "").strip()
     try:
         seconds = float(value)
     except ValueError:
@@ -96,13 +92,48 @@ def _retry_after_header(response: urllib3.BaseHTTPResponse) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def _error_name(exc: BaseException) -> str:
-    """How a transport failure is named in an envelope (the requests names it used to be)."""
-    if isinstance(exc, NewConnectionError | ProtocolError | ProxyError):
-        return "ConnectionError"
-    if isinstance(exc, SSLError):
-        return "SSLError"
-    return type(exc).__name__
+class _ConnectFailed(Exception):
+    """No connection to the runner could be made (the cause says why)."""
+
+
+def _connection(base_url: str, timeout: float) -> http.client.HTTPConnection:
+    parts = urlsplit(base_url)
+    host, port = parts.hostname or "", parts.port
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls())
+    return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def _path(base_url: str) -> str:
+    return urlsplit(base_url).path.rstrip("/")
+
+
+_TLS: ssl.SSLContext | None = None
+
+
+def _tls() -> ssl.SSLContext:
+    global _TLS
+    if _TLS is None:
+        try:
+            import certifi  # what requests verified with
+
+            _TLS = ssl.create_default_context(cafile=certifi.where())
+        except ImportError:
+            _TLS = ssl.create_default_context()
+    return _TLS
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle keep-alive connection was closed (or sent something unasked)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _reject_constant(name: str) -> Any:
@@ -146,8 +177,7 @@ class Dispatcher:
         self._capabilities: dict[str, tuple[str, list[tuple[str, int, frozenset[str]]]]] = {}
         self._last_heartbeat = 0.0
         self._last_sweep = 0.0
-        self._http: urllib3.PoolManager | None = None
-        self._http_pid = 0
+        self._http = threading.local()  # each send thread's connections, by runner
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -440,27 +470,6 @@ class Dispatcher:
             self.record_answers()
         self._wake.set()
 
-    def _client(self) -> urllib3.PoolManager:
-        """The process's HTTP client for ``POST /execute``: one urllib3 pool per runner.
-
-        urllib3 directly rather than a ``requests.Session``: requests adds, per call, request
-        preparation, hooks and a look at the environment's proxy and netrc settings, which
-        cost the dispatcher more CPU than the rest of sending. What is kept: keep-alive
-        connections (up to DISPATCH_THREADS per runner), no retries (an attempt is retried by
-        the job's RetryPolicy, never silently), redirects not followed, and proxies from the
-        environment not used (runners are called directly).
-        """
-        client = self._http
-        if client is None or self._http_pid != os.getpid():
-            client = urllib3.PoolManager(
-                num_pools=64,
-                maxsize=int(self.settings.dispatch_threads),
-                block=False,
-                retries=False,
-            )
-            self._http, self._http_pid = client, os.getpid()
-        return client
-
     def execute(self, claim: Claim) -> Outcome:
         """Send one attempt to its runner and read the answer (never raises)."""
         raw = json.dumps(execution_request(claim), separators=(",", ":")).encode()
@@ -477,21 +486,16 @@ class Dispatcher:
         if self.settings.signing_secret:
             headers.update(sign(raw, self.settings.signing_secret))
         timeout_ms = float(claim.request["timeoutMs"]) + float(self.settings.dispatch_margin_ms)
-        timeout = urllib3.Timeout(
-            connect=float(self.settings.connect_timeout_ms) / 1000.0, read=timeout_ms / 1000.0
-        )
+        connect_timeout = float(self.settings.connect_timeout_ms) / 1000.0
         url = f"{claim.base_url}/execute"
         try:
-            response = self._client().request(
-                "POST", url, body=raw, headers=headers, timeout=timeout, redirect=False
-            )
-        except NewConnectionError as exc:  # refused, unreachable, unknown host
+            answer = self._post(claim.base_url, raw, headers, connect_timeout, timeout_ms / 1000.0)
+        except _ConnectFailed as exc:
             self._suspect(claim.runner_id)
-            return self._network_failure(claim, f"{_error_name(exc)} calling {url}")
-        except ConnectTimeoutError:
-            self._suspect(claim.runner_id)
-            return self._network_failure(claim, f"Connecting to {url} timed out")
-        except TransportTimeout:
+            if isinstance(exc.__cause__, TimeoutError):
+                return self._network_failure(claim, f"Connecting to {url} timed out")
+            return self._network_failure(claim, f"ConnectionError calling {url}")
+        except TimeoutError:
             return Outcome(
                 success=False,
                 error=self.jobs.envelope(
@@ -502,12 +506,58 @@ class Dispatcher:
                     correlation_id=claim.correlation_id,
                 ),
             )
-        except (ProtocolError, SSLError, ProxyError) as exc:  # the connection broke
+        except (OSError, http.client.HTTPException) as exc:  # the connection broke
             self._suspect(claim.runner_id)
-            return self._network_failure(claim, f"{_error_name(exc)} calling {url}")
-        except (HTTPError, OSError, ValueError) as exc:
-            return self._network_failure(claim, f"{_error_name(exc)} calling {url}")
-        return self.interpret(claim, response)
+            name = "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
+            return self._network_failure(claim, f"{name} calling {url}")
+        return self.interpret(claim, *answer)
+
+    def _post(
+        self, base_url: str, body: bytes, headers: dict[str, str], connect_s: float, read_s: float
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """``POST <base_url>/execute`` on this thread's keep-alive connection to that runner.
+
+        http.client directly (neither requests nor urllib3): the forge sends every job this
+        way and their layers above http.client (request preparation, hooks, the proxy and
+        netrc look-ups, pool keys, retry objects) cost more CPU than the request itself.
+        What those gave that is kept: keep-alive connections (one per send thread and runner),
+        a connection the runner closed while idle is not reused, separate connect and read
+        timeouts, certificates checked for https (certifi's bundle when it is installed).
+        Nothing is retried here (an attempt is retried by the job's RetryPolicy), redirects are
+        not followed and proxies from the environment are not used.
+
+        Raises :class:`_ConnectFailed` when no connection could be made, ``TimeoutError`` when
+        the runner did not answer in ``read_s``, ``OSError`` or ``HTTPException`` when the
+        connection broke.
+        """
+        connections: dict[str, http.client.HTTPConnection] = self._http.__dict__.setdefault(
+            "connections", {}
+        )
+        conn = connections.pop(base_url, None)
+        if conn is not None and _dropped(conn):
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = _connection(base_url, connect_s)
+            try:
+                conn.connect()
+            except OSError as exc:
+                conn.close()
+                raise _ConnectFailed() from exc
+        try:
+            assert conn.sock is not None
+            conn.sock.settimeout(read_s)
+            conn.request("POST", _path(base_url) + "/execute", body, headers)
+            response = conn.getresponse()
+            data = response.read()
+        except BaseException:
+            conn.close()
+            raise
+        if response.will_close:
+            conn.close()
+        else:
+            connections[base_url] = conn
+        return response.status, response.headers, data
 
     def _suspect(self, runner_id: str) -> None:
         """A runner that cannot be reached gets no more work until it heartbeats again.
@@ -531,11 +581,10 @@ class Dispatcher:
             ),
         )
 
-    def interpret(self, claim: Claim, response: urllib3.BaseHTTPResponse) -> Outcome:
-        """Turn a runner's HTTP answer into an Outcome."""
-        status = response.status
+    def interpret(self, claim: Claim, status: int, headers: Headers, content: bytes) -> Outcome:
+        """Turn a runner's HTTP answer (status, headers, body) into an Outcome."""
         try:
-            body = json.loads(response.data.decode("utf-8"), parse_constant=_reject_constant)
+            body = json.loads(content.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError, RecursionError):
             body = None
         if status == 202:
@@ -549,7 +598,7 @@ class Dispatcher:
                 execution_ms=float(execution) if isinstance(execution, int | float) else None,
             )
         envelope = _envelope_in(body)
-        retry_after = _retry_after_header(response)
+        retry_after = _retry_after_header(headers)
         if envelope is None:
             envelope = self._envelope_for_status(claim, status, retry_after)
         elif retry_after is not None and "retryAfter" not in envelope:

@@ -159,13 +159,16 @@ def load(stack: Stack, pattern: str, **options: Any) -> dict[str, Any]:
 
 #: Cost buckets of the forge profile, first match wins.
 FORGE_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
-    ("POST /jobs: submit transaction (job, 2 events, assertion)", ("JobStore.submit",)),
+    (
+        "POST /jobs: submit transaction (group commit: job, 2 events, assertion)",
+        ("JobStore.submit",),
+    ),
     ("POST /jobs: body parse + JobRequest marshmallow load", ("_body (runnerkit/forge/api.py",)),
-    ("dispatcher: claim transaction (update, event, assertion)", ("JobStore.claim",)),
-    ("dispatcher: finish transaction (update, event, 2 assertions)", ("JobStore.finish",)),
+    ("dispatcher: claims (update, event, assertion per job)", ("JobStore.claim",)),
+    ("dispatcher: answers recorded (update, event, 2 assertions per job)", ("JobStore.finish",)),
     ("dispatcher: housekeeping sweep", ("JobStore.sweep",)),
-    ("dispatcher: HTTP to the runner (requests)", ("Dispatcher.execute",)),
-    ("dispatcher: matching queries, heartbeat", ("Dispatcher.",)),
+    ("dispatcher: HTTP to the runner (http.client)", ("Dispatcher.execute",)),
+    ("dispatcher: matching queries, tick transaction, heartbeat", ("Dispatcher.",)),
     ("benchmark's polling (GET /jobs?status=... count)", ("JobStore.list",)),
     ("Flask / Werkzeug request handling", ("flask/", "werkzeug/")),
     ("gunicorn (HTTP parsing, socket I/O, thread pool)", ("gunicorn/",)),

@@ -9,7 +9,11 @@ contract's ``...Z`` string and as epoch seconds.
 Connections come from a small per-process pool: sqlite3 objects must not cross ``fork``, so a
 process that finds a pool made by its parent drops it and opens its own. Writers use
 ``BEGIN IMMEDIATE`` so concurrent transactions queue on SQLite's busy timeout instead of
-failing on a lock upgrade.
+failing on a lock upgrade. A transaction's JobEvents and forge-made assertions are queued on
+its connection and inserted with one ``executemany`` per table at commit (:class:`Conn`);
+the forge names them with time-ordered (version 7) uuids so their unique indexes grow at one
+end. Waiting jobs are found along ``jobs_wait (status, type, priority DESC, seq)``, one
+ordered walk per status and job type.
 """
 
 from __future__ import annotations

@@ -10,17 +10,24 @@ One tick of the holder:
 
 1. housekeeping (:meth:`JobStore.sweep`): offline runners, requeues, overdue attempts,
    expired jobs;
-2. matching: waiting jobs (queued, or retrying with their next-attempt time come) by priority
-   desc then age; each goes to a healthy or degraded runner with a capability listing the job
-   type in ``supportedJobTypes`` and a free slot under that capability's ``maxConcurrency``
-   (counted from the forge's own records), the runner with the fewest held slots first. A job
-   no runner can take stays queued;
-3. sending: ``POST <runner base>/execute`` with a RunnerExecutionRequest, in a thread pool of
-   DISPATCH_THREADS so slow jobs do not block others, with ``X-Correlation-Id``, the
-   RUNNER_TOKEN as a bearer token and, with SIGNING_SECRET, the ControlPlane webhook
-   signature (:mod:`runnerkit.signing`). Jobs with ``timeoutMs`` above
+2. one write transaction for everything else: first the runners' answers that arrived
+   since the last tick (:meth:`JobStore.finish_in` for each: completed, retrying, failed),
+   then matching: waiting jobs (queued, or retrying with their next-attempt time come) by
+   priority desc then age; each goes to a healthy or degraded runner with a capability
+   listing the job type in ``supportedJobTypes`` and a free slot under that capability's
+   ``maxConcurrency`` (counted from the forge's own records, in the same transaction, so the
+   slots just freed count), the runner with the fewest held slots first. Every job taken is
+   claimed in that transaction (:meth:`JobStore.claim_all`). A job no runner can take stays
+   queued;
+3. sending, after the commit: ``POST <runner base>/execute`` with a RunnerExecutionRequest,
+   in a thread pool of DISPATCH_THREADS so slow jobs do not block others, with
+   ``X-Correlation-Id``, the RUNNER_TOKEN as a bearer token and, with SIGNING_SECRET, the
+   ControlPlane webhook signature (:mod:`runnerkit.signing`). Jobs with ``timeoutMs`` above
    ASYNC_THRESHOLD_MS are sent with ``Prefer: respond-async``; a 202 means the result will
-   arrive on ``POST /jobs/<id>/result``.
+   arrive on ``POST /jobs/<id>/result``. A send thread only talks HTTP: it queues the answer
+   and wakes the dispatcher, whose next tick records it. An answer stays "in flight" (the
+   sweep leaves its job alone) until it is recorded; answers arriving after :meth:`stop`
+   are recorded by their own send thread.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Jobs: submission, status, cancellation, attempts and their outcomes, events.
 
-The state machine (every change is one transaction that also writes a JobEvent and a
-TruthCore assertion ``(jobId, "status", <status>)``)::
+The state machine (every change happens in one transaction that also writes a JobEvent and
+a TruthCore assertion ``(jobId, "status", <status>)``; the dispatcher records answers and
+claims jobs many to a transaction, and ``POST /jobs`` requests arriving together share one)::
 
     queued ──dispatch──▶ running ──success──▶ completed
     running ──failure, policy says retry──▶ retrying ──next attempt time──▶ running

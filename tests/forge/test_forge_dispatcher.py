@@ -149,6 +149,26 @@ def test_priority_then_age(make_forge: MakeForge, make_runner: MakeRunner) -> No
     assert order == [ids["high1"], ids["high2"], ids["mid"], ids["low"]]
 
 
+def test_one_tick_takes_the_highest_priorities_up_to_max_concurrency(
+    make_forge: MakeForge, make_runner: MakeRunner
+) -> None:
+    """Jobs waiting when a runner appears are claimed together, best first, never too many."""
+    forge = make_forge()
+    hold = threading.Event()
+    runner = make_runner("batch", [capability("cap", ["type.a"], 3)], lambda f, c: Reply(hold=hold))
+    ids = {p: forge.submit(req(priority=p))["id"] for p in (10, 95, 40, 80, 60, 90, 20)}
+    runner.register(forge.url)
+    wait_for(lambda: len(runner.calls) >= 3, what="the first three executions")
+    time.sleep(0.2)  # ticks go on while the three are held: none may start a fourth
+    assert {c.body["jobId"] for c in runner.calls} == {ids[95], ids[90], ids[80]}
+    hold.set()
+    for job_id in ids.values():
+        forge.wait_status(job_id, "completed")
+    assert runner.max_running == {"cap": 3}
+    assert len(runner.calls) == len(ids)  # each job ran once
+    assert {c.body["jobId"] for c in runner.calls[3:6]} == {ids[60], ids[40], ids[20]}
+
+
 def test_a_backlog_of_one_type_does_not_block_another(
     make_forge: MakeForge, make_runner: MakeRunner
 ) -> None:

@@ -7,15 +7,18 @@ runner process; the dispatcher itself is covered over real HTTP in test_forge_di
 from __future__ import annotations
 
 import json
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from flask.testing import FlaskClient
 
-from runnerkit.contracts import utc_now
-from runnerkit.forge import Forge, create_app, get_forge
+from runnerkit.contracts import JobRequestSchema, utc_now
+from runnerkit.errors import Conflict
+from runnerkit.forge import Forge, create_app, get_forge, truth
 from runnerkit.forge import db as forge_db
-from runnerkit.forge.jobs import Claim
+from runnerkit.forge.jobs import Claim, Clock
 from tests.forge.helpers import (
     capability,
     envelope,
@@ -416,3 +419,89 @@ def test_dashboard(client: FlaskClient, forge: Forge) -> None:
     text = page.get_data(as_text=True)
     assert job["id"] in text and "fake" in text
     assert "<script>" not in text
+
+
+# --------------------------------------------------------------------------- batched writes
+
+
+def test_submissions_written_together_keep_their_own_answers(forge: Forge) -> None:
+    """Concurrent submissions share transactions; each still gets 202, 200 or 409."""
+    schema = JobRequestSchema()
+    requests = [schema.load(job_request("t")) for _ in range(16)]
+    twice = schema.load(job_request("t"))
+    clash = dict(twice, priority=1)
+    work: list[dict[str, Any]] = [*requests, twice, twice, clash]
+    start = threading.Barrier(len(work))
+    answers: dict[int, Any] = {}
+
+    def send(index: int) -> None:
+        start.wait()
+        try:
+            answers[index] = forge.jobs.submit(work[index])[0]
+        except Conflict:
+            answers[index] = 409
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [answers[i] for i in range(16)] == [202] * 16
+    # Three submissions of one id: whichever is written first decides the others' answers.
+    outcomes = sorted(answers[i] for i in (16, 17, 18))
+    assert outcomes in ([200, 202, 409], [202, 409, 409])
+    for request in requests:
+        assert forge.jobs.get(request["id"])["status"] == "queued"
+        events = forge.jobs.events(request["id"], limit=10, offset=0)["items"]
+        assert [e["type"] for e in events] == ["job.created", "job.queued"]
+
+
+def test_one_transaction_claims_several_jobs_and_skips_those_that_moved_on(
+    client: FlaskClient, forge: Forge
+) -> None:
+    runner_id = register(client)
+    ids = [submit(client, job_request("t", priority=p))["id"] for p in (10, 90, 50)]
+    assert client.post(f"/jobs/{ids[2]}/cancel").status_code == 200
+    with forge.db.connection() as conn:
+        runner = forge_db.get_runner(conn, runner_id)
+        rows = [forge_db.get_job(conn, job_id) for job_id in ids]
+    assert runner is not None
+    picks = [(row, runner, "cap") for row in rows if row is not None]
+    with forge.db.tx() as conn:
+        claims = forge.jobs.claim_all(conn, picks, Clock())
+    assert [c.job_id for c in claims] == ids[:2]
+    assert [c.attempt for c in claims] == [1, 1]
+    assert forge.jobs.get(ids[2])["status"] == "cancelled"
+    assert event_types(client, ids[2]) == ["job.created", "job.queued", "job.cancelled"]
+    for job_id in ids[:2]:
+        assert forge.jobs.get(job_id)["status"] == "running"
+        assert event_types(client, job_id)[-1] == "job.started"
+
+
+def test_the_forges_own_documents_are_canonical_json(client: FlaskClient, forge: Forge) -> None:
+    """Events and assertions written in batches read back as db.dumps wrote them."""
+    runner_id = register(client)
+    job_id = submit(client, job_request("t"))["id"]
+    start(forge, job_id, runner_id)
+    result = execution_response(job_id, runner_id, data={"b": 2.0, "a": ["é", 1.5]})
+    assert client.post(f"/jobs/{job_id}/result", json=result).status_code == 200
+    with forge.db.connection() as conn:
+        events = conn.execute("SELECT * FROM events WHERE job_id = ?", (job_id,)).fetchall()
+        assertions = conn.execute(
+            "SELECT * FROM assertions WHERE subject = ? ORDER BY seq", (job_id,)
+        ).fetchall()
+    expected = ["job.created", "job.queued", "job.started", "job.completed"]
+    assert [e["type"] for e in events] == expected
+    assert [json.loads(a["object"]) for a in assertions][:3] == ["queued", "running", "completed"]
+    for row in [*events, *assertions]:
+        assert forge_db.dumps(json.loads(row["document"])) == row["document"]
+        assert json.loads(row["document"])["id"] == row["id"]
+        assert uuid.UUID(row["id"]).version == 7
+    for row in events:
+        valid("JobEvent", json.loads(row["document"]))
+    for row in assertions:
+        document = json.loads(row["document"])
+        valid("TruthAssertion", document)
+        assert row["ts"] == truth.epoch(document["timestamp"])
+        assert forge_db.dumps(document["object"]) == row["object"]
+    assert json.loads(assertions[-1]["object"])["data"] == {"a": ["é", 1.5], "b": 2}

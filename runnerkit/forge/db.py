@@ -224,6 +224,8 @@ class ForgeDB:
         self._pool: list[Conn] = []
         self._pid = 0
         self._ready = False
+        self._writer = threading.RLock()
+        self._writer_pid = os.getpid()
 
     # -- connections ------------------------------------------------------------------------
 
@@ -285,10 +287,21 @@ class ForgeDB:
             conn.drop_queued()
             self._checkin(conn)
 
+    def _write_lock(self) -> threading.RLock:
+        with self._lock:
+            if self._writer_pid != os.getpid():  # never a lock a parent's thread may hold
+                self._writer, self._writer_pid = threading.RLock(), os.getpid()
+            return self._writer
+
     @contextlib.contextmanager
     def tx(self) -> Iterator[Conn]:
-        """A write transaction (``BEGIN IMMEDIATE``), committed on success."""
-        with self.connection() as conn:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success.
+
+        Writers of one process take turns on a lock first: waiting there ends the moment
+        the other transaction commits, while SQLite's busy handler, which only other
+        processes' writers still meet, sleeps in steps of milliseconds.
+        """
+        with self._write_lock(), self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

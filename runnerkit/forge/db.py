@@ -550,10 +550,12 @@ def jobs_holding_slots(conn: Conn) -> list[Row]:
 
     ``runner_status`` is NULL when the runner is no longer registered.
     """
+    # Two index searches, not a scan of every job ever submitted (this runs every sweep).
     return conn.execute(
         "SELECT jobs.*, runners.status AS runner_status FROM jobs"
         " LEFT JOIN runners ON runners.id = COALESCE(jobs.slot_runner, jobs.runner_id)"
-        " WHERE jobs.status = 'running' OR jobs.slot_runner IS NOT NULL"
+        " WHERE jobs.seq IN (SELECT seq FROM jobs WHERE status = 'running'"
+        " UNION SELECT seq FROM jobs WHERE slot_runner IS NOT NULL)"
     ).fetchall()
 
 

@@ -73,6 +73,27 @@ class Metrics:
 
 _METRICS: Metrics | None = None
 _METRICS_LOCK = threading.Lock()
+_IMPORT_LOCK = threading.Lock()
+_IMPORTED = False
+
+
+def import_prometheus() -> None:
+    """Import prometheus-client's modules once, one thread at a time.
+
+    It is imported late (after the multiprocess directory is set), and then from whichever
+    thread gets there first: a request thread, the lifecycle's housekeeping, a scrape. Two
+    threads importing its modules at once can meet a half-initialised module ("cannot import
+    name 'Counter'"), so every late import in runnerkit goes through here first.
+    """
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    with _IMPORT_LOCK:
+        if not _IMPORTED:
+            import prometheus_client.core
+            import prometheus_client.multiprocess  # noqa: F401
+
+            _IMPORTED = True
 
 
 def metrics() -> Metrics:
@@ -86,6 +107,7 @@ def metrics() -> Metrics:
 def _create() -> Metrics:
     global _METRICS
     if _METRICS is None:
+        import_prometheus()
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
@@ -128,6 +150,7 @@ def labelled(metric: Any, *values: str) -> Any:
 
 def exposition() -> tuple[bytes, str]:
     """The scrape body and its content type, summed over every worker in multiprocess mode."""
+    import_prometheus()
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -145,6 +168,7 @@ def forget_dead_processes() -> None:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return
+    import_prometheus()
     from prometheus_client.multiprocess import mark_process_dead
 
     pids = set()

@@ -39,8 +39,8 @@ from flask import Flask, Response
 from runnerkit.contracts import JOB_STATUSES, RUNNER_STATUSES
 from runnerkit.http import register_request_metrics
 from runnerkit.lifecycle import instance_owner
+from runnerkit.metrics import import_prometheus, prepare_multiprocess_dir
 from runnerkit.metrics import metrics as runner_metrics
-from runnerkit.metrics import prepare_multiprocess_dir
 
 from . import db
 
@@ -90,6 +90,7 @@ def forge_metrics() -> ForgeMetrics:
     global _METRICS
     with _METRICS_LOCK:
         if _METRICS is None:
+            import_prometheus()
             from prometheus_client import CollectorRegistry, Counter, Histogram
 
             multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
@@ -130,6 +131,7 @@ class ForgeStateCollector:
         return []
 
     def collect(self) -> Iterator[Any]:
+        import_prometheus()
         from prometheus_client.core import GaugeMetricFamily
 
         try:
@@ -179,6 +181,7 @@ class _Chain:
 
 def exposition(forge: Forge) -> tuple[bytes, str]:
     """The forge's scrape body and content type."""
+    import_prometheus()
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 

@@ -344,9 +344,9 @@ def _forge(forge: dict[str, Any]) -> list[str]:
             f"submit → completed p50 {_f(default['p50_ms'], 1)} ms); with 1 forge worker "
             f"{_f(100.0 * solo.get('queued_over_50ms', float('nan')), 0)} % did (queue p50 / "
             f"p90 {_f(solo['queue_p50_ms'], 1)} / {_f(solo.get('queue_p90_ms'), 1)} ms, p50 "
-            f"{_f(solo['p50_ms'], 1)} ms). `POST /jobs` wakes the dispatcher at once when "
-            f"the worker that took it dispatches (`Forge.wake_dispatcher`); otherwise it "
-            f"touches `<DB_PATH>.wake`, which the dispatching worker checks every 3 ms.",
+            f"{_f(solo['p50_ms'], 1)} ms). `POST /jobs` wakes the dispatcher at once, in "
+            f"whichever worker it runs, with a datagram on the forge's wake-up socket "
+            f"(`runnerkit/forge/wakeup.py`).",
             "",
         ]
     paced = forge.get("paced", {})

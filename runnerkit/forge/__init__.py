@@ -88,7 +88,7 @@ class Forge:
         """New work or freed capacity: let the dispatching process look now.
 
         That may be another process (another gunicorn worker, or this one is an API-only
-        forge): it notices ``<DB_PATH>.wake`` change within a few milliseconds.
+        forge): a datagram on the database's wake-up socket (:mod:`.wakeup`) wakes it.
         """
         self.dispatcher.wake()
 

@@ -57,6 +57,7 @@ from . import db
 from . import jobs as jobs_module
 from .jobs import Claim, Clock, JobStore, Outcome
 from .settings import ForgeSettings
+from .wakeup import Wakeup
 
 log = logging.getLogger("runnerkit.forge.dispatcher")
 
@@ -150,8 +151,8 @@ def _reject_constant(name: str) -> Any:
 #: A gap this long between two ticks means the process was frozen, not merely slow.
 STALL_S = 5.0
 
-#: How often the dispatching process looks for a wake-up from another forge process.
-WAKE_CHECK_S = 0.003
+#: While the previous dispatcher still holds the wake-up channel, poll this often.
+WAKE_RETRY_S = 0.01
 
 
 class Dispatcher:
@@ -168,10 +169,8 @@ class Dispatcher:
         self._last_tick: float | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        # Any forge process may take a new job; the dispatching one may be another. It learns
-        # of new work from this file's modification time, which costs one stat() a few ms.
-        self._wake_path = f"{settings.db_path}.wake"
-        self._wake_seen = 0
+        # Any forge process may take a new job; the dispatching one may be another.
+        self._wakeup = Wakeup(settings.db_path)
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         #: job id → attempt of every execution sent whose answer is not recorded yet.
@@ -221,7 +220,7 @@ class Dispatcher:
         their outcomes are still recorded.
         """
         self._stop.set()
-        self._wake.set()
+        self.wake()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -238,37 +237,23 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for work now instead of at the next poll, in whichever process dispatches."""
         self._wake.set()
-        if self.leader and self.running:
-            return  # this process dispatches: the event is enough
-        try:
-            with open(self._wake_path, "a"):
-                os.utime(self._wake_path)
-        except OSError:
-            pass  # the poll still finds the work
-
-    def _woken_elsewhere(self) -> bool:
-        try:
-            stamp = os.stat(self._wake_path).st_mtime_ns
-        except OSError:
-            return False
-        if stamp != self._wake_seen:
-            self._wake_seen = stamp
-            return True
-        return False
+        self._wakeup.send()
 
     def _wait(self, timeout: float) -> None:
-        """Sleep until woken here, woken by another process, or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        while not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._wake.wait(min(WAKE_CHECK_S, remaining)):
-                return
-            if self._woken_elsewhere():
-                return
+        """Sleep until woken (from this process or another) or ``timeout`` passes."""
+        if self._wake.is_set() or self._stop.is_set():
+            return
+        if self._wakeup.listen():
+            # Wakes in this process send a datagram too, so one select serves both.
+            self._wakeup.wait(timeout)
+        else:
+            # The previous dispatcher has not closed the channel yet: poll briefly.
+            self._wake.wait(min(timeout, WAKE_RETRY_S))
 
     def _resign(self) -> None:
         if self.lock.held:
             log.info("dispatcher %s gives up the dispatcher lock", self.instance_id)
+        self._wakeup.close()
         self.lock.release()
         self._leader_since = None
 
@@ -475,7 +460,7 @@ class Dispatcher:
             self._busy -= 1
         if self._stop.is_set():
             self.record_answers()
-        self._wake.set()
+        self.wake()
 
     def execute(self, claim: Claim) -> Outcome:
         """Send one attempt to its runner and read the answer (never raises)."""

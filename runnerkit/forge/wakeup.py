@@ -1,0 +1,92 @@
+"""Waking the dispatching forge process from any other: a unix datagram socket.
+
+Every forge process may take ``POST /jobs`` or a result, but only the holder of the
+dispatcher lock dispatches. It binds a datagram socket in Linux's abstract namespace, named
+for the database file (no file to clean up, no path-length limit; it vanishes with the
+process); any process that has news sends it one byte. The dispatcher sleeps in ``select``
+on it, so it wakes at once and costs nothing while idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+import socket
+import threading
+
+
+class Wakeup:
+    """The wake-up channel of one forge database, seen from one process."""
+
+    def __init__(self, db_path: str) -> None:
+        digest = hashlib.sha256(os.path.realpath(db_path).encode()).hexdigest()[:32]
+        self.address = f"\0runnerkit-forge-wake-{digest}"
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._sender: socket.socket | None = None
+        self._pid = 0
+
+    def _own(self) -> None:
+        """Sockets do not cross fork: a child makes its own."""
+        if self._pid != os.getpid():
+            self._listener = self._sender = None
+            self._pid = os.getpid()
+
+    def listen(self) -> bool:
+        """Bind the channel (the dispatching process only); False while another still has it."""
+        with self._lock:
+            self._own()
+            if self._listener is not None:
+                return True
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            listener.setblocking(False)
+            try:
+                listener.bind(self.address)
+            except OSError:
+                listener.close()
+                return False
+            self._listener = listener
+            return True
+
+    def close(self) -> None:
+        """Stop listening (the dispatcher lock is being given up)."""
+        with self._lock:
+            self._own()
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+    def send(self) -> None:
+        """Wake whichever process listens; nothing happens when none does (its poll will)."""
+        with self._lock:
+            self._own()
+            if self._sender is None:
+                self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sender.setblocking(False)
+            sender = self._sender
+        # Nobody listening, or a full queue (it is awake already), is no error.
+        with contextlib.suppress(OSError):
+            sender.sendto(b"!", self.address)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a wake-up arrives or ``timeout`` passes; True when woken.
+
+        Every wake-up queued meanwhile is consumed: one tick serves them all.
+        """
+        listener = self._listener
+        if listener is None:
+            return False
+        try:
+            readable, _, _ = select.select([listener], [], [], max(0.0, timeout))
+        except (OSError, ValueError):  # closed under us by close()
+            return False
+        if not readable:
+            return False
+        try:
+            while listener.recv(64):
+                pass
+        except OSError:  # BlockingIOError once drained
+            pass
+        return True

@@ -51,7 +51,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("job log line (logging, JSON, redaction)", ("Executor._log", "runnerkit/logs.py")),
     ("marshmallow (request, payload, output dump+load)", ("marshmallow/",)),
-    ("Context (deadline, logger adapter)", ("Context.",)),
+    ("Context (deadline, cancellation, logger)", ("(runnerkit/capability.py",)),
     (
         "job thread (spawn, hand-off, wait)",
         ("_JobThread.", "Executor._execute", "Thread.start"),

@@ -123,3 +123,33 @@ def test_an_asynchronous_claim_is_recorded_as_queued_while_it_waits(tmp_path: Pa
     assert ledger.queued() == 0
     ledger.complete(job_id, 200, json.dumps({"jobId": job_id, "success": True}))
     assert ledger.claim(job_id).outcome == "replay"
+
+
+def test_housekeepings_look_for_unfinished_jobs_does_not_scan_every_answer(
+    tmp_path: Path,
+) -> None:
+    ledger = _ledger(tmp_path)
+    for _ in range(50):
+        job_id = str(uuid.uuid4())
+        assert ledger.claim(job_id).outcome == "run"
+        ledger.complete(job_id, 200, json.dumps({"jobId": job_id, "success": True}))
+    assert ledger.claim(str(uuid.uuid4()), queued=True).outcome == "run"
+    statements: list[str] = []
+    with ledger._connection() as conn:
+        conn.set_trace_callback(statements.append)
+    try:
+        assert ledger.queued() == 1
+        assert ledger.orphans() == []  # its owner, this process, is alive
+    finally:
+        with ledger._connection() as conn:
+            conn.set_trace_callback(None)
+            plans = [
+                " ".join(
+                    str(part) for row in conn.execute("EXPLAIN QUERY PLAN " + sql) for part in row
+                )
+                for sql in statements
+                if sql.lstrip().upper().startswith("SELECT")
+            ]
+
+    assert len(plans) == 2, statements
+    assert all("jobs_unfinished" in plan for plan in plans), plans

@@ -118,6 +118,11 @@ def capabilities() -> Response:
     return _json(200, _runner().registration_document())
 
 
+#: Method label values; any other method a client invents is counted as "other", so callers
+#: cannot grow /metrics without bound.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def register_request_metrics(app: Flask) -> None:
     """Count every request by method, status and route template (not raw path: bounded)."""
 
@@ -130,7 +135,8 @@ def register_request_metrics(app: Flask) -> None:
         started = g.pop("runnerkit_started", None)
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         current = metrics()
-        labelled(current.http_requests, request.method, str(response.status_code), rule).inc()
+        method = request.method if request.method in _METHODS else "other"
+        labelled(current.http_requests, method, str(response.status_code), rule).inc()
         if started is not None:
             current.http_duration.observe(time.perf_counter() - started)
         return response

@@ -252,3 +252,16 @@ def test_every_error_body_of_execute_is_a_valid_envelope(client: FlaskClient) ->
         body = response.get_json()
         assert body["success"] is False
         assert_envelope(body["error"])
+
+
+def test_invented_http_methods_do_not_grow_metrics_labels(client: FlaskClient) -> None:
+    invented = [f"BREW{index}" for index in range(5)]
+    for method in invented:
+        response = client.open("/execute", method=method)
+        assert response.status_code == 405
+        assert_envelope(response.get_json()["error"])
+
+    text = client.get("/metrics").get_data(as_text=True)
+
+    assert 'method="other"' in text
+    assert not any(f'method="{method}"' in text for method in invented)

@@ -382,9 +382,8 @@ class Executor:
         """Answer one ``POST /execute``."""
         started = time.monotonic()
         job_id: str | None = None
-        given = headers.get("X-Correlation-Id", "")
         # A new id is made only when neither the body nor the header brings one.
-        correlation_id = given if is_uuid(given) else ""
+        correlation_id = _given_correlation(headers)
         capability_id = ""
         try:
             self._verify(raw, headers)
@@ -399,16 +398,14 @@ class Executor:
             request = self._load_request(body, job_id)
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
-            correlation_id = (
-                request["metadata"].get("correlationId") or correlation_id or str(uuid.uuid4())
-            )
+            correlation_id = _or_new(request["metadata"].get("correlationId") or correlation_id)
             answer = self._run(request, correlation_id, started, headers)
         except _Rejection as rejection:
             job_id = rejection.job_id or job_id
-            correlation_id = correlation_id or str(uuid.uuid4())
+            correlation_id = _or_new(correlation_id)
             answer = self._failure(rejection.error, job_id, correlation_id, started)
         except RunnerError as error:
-            correlation_id = correlation_id or str(uuid.uuid4())
+            correlation_id = _or_new(correlation_id)
             answer = self._failure(error, job_id, correlation_id, started)
         answer.headers.setdefault("X-Correlation-Id", correlation_id)
         self._log(answer, job_id, capability_id, correlation_id, started)
@@ -417,7 +414,7 @@ class Executor:
     def reject(self, error: RunnerError, headers: Mapping[str, str]) -> Answer:
         """Answer a request refused before its body could be read (e.g. too large)."""
         started = time.monotonic()
-        correlation_id = _correlation_from_headers(headers)
+        correlation_id = _or_new(_given_correlation(headers))
         answer = self._failure(error, None, correlation_id, started)
         answer.headers.setdefault("X-Correlation-Id", correlation_id)
         self._log(answer, None, "", correlation_id, started)
@@ -851,6 +848,12 @@ def _known_job_id(body: Mapping[str, Any]) -> str | None:
     return value if is_uuid(value) else None
 
 
-def _correlation_from_headers(headers: Mapping[str, str]) -> str:
+def _given_correlation(headers: Mapping[str, str]) -> str:
+    """The caller's ``X-Correlation-Id`` when it is a uuid, else ``""``."""
     value = headers.get("X-Correlation-Id", "")
-    return value if is_uuid(value) else str(uuid.uuid4())
+    return value if is_uuid(value) else ""
+
+
+def _or_new(correlation_id: str | None) -> str:
+    """``correlation_id``, or a new one when there is none."""
+    return correlation_id or str(uuid.uuid4())

@@ -11,6 +11,7 @@ JSON type.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -390,11 +391,5 @@ def _empty_loader(schema: type[Schema]) -> Callable[[], Any]:
     The schema instance is made once, on first use: building one per absent key would cost
     more than the load itself.
     """
-    instance: list[Schema] = []
-
-    def load() -> Any:
-        if not instance:
-            instance.append(schema())
-        return instance[0].load({})
-
-    return load
+    instance = functools.cache(schema)
+    return lambda: instance().load({})

@@ -20,15 +20,20 @@ keepalive = 5
 
 
 def post_fork(server, worker):  # type: ignore[no-untyped-def]
-    """Tell the app how many request threads it has, before it is loaded in the worker."""
-    os.environ["RUNNERKIT_WORKER_THREADS"] = str(worker.cfg.threads)
-    from runnerkit.affinity import pin_worker
+    """Tell the app how many request threads it has, before it is loaded in the worker.
 
-    pin_worker(worker.age)
+    Keep this instant: it runs before the worker installs its own signal handlers, so a
+    SIGTERM arriving meanwhile is lost and the worker would live on until killed.
+    """
+    os.environ["RUNNERKIT_WORKER_THREADS"] = str(worker.cfg.threads)
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Warn loudly when a capability may run longer than gunicorn lets a worker be silent."""
+    """Pin the worker to a CPU when asked; warn loudly when a capability may run longer than
+    gunicorn lets a worker be silent."""
+    from runnerkit.affinity import pin_worker
+
+    pin_worker(worker.age)
     runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")
     if runner is not None and runner.max_timeout_ms / 1000.0 >= worker.cfg.timeout:
         logging.getLogger("runnerkit").error(

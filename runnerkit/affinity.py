@@ -6,7 +6,8 @@ with the whole worker on one CPU the same hand-over costs a fraction of that, an
 ``make bench`` measures the difference at 16 and 64 connections. The price: a capability
 whose work runs outside the GIL (numpy, compression, image code) gets one CPU per worker
 instead of several, and on a shared host a pinned worker cannot move off a busy CPU. So it
-is off unless asked for; ``deploy/gunicorn.conf.py`` calls :func:`pin_worker` after fork.
+is off unless asked for; ``deploy/gunicorn.conf.py`` calls :func:`pin_worker` once the
+worker is up (``post_worker_init``).
 """
 
 from __future__ import annotations

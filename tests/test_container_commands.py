@@ -93,3 +93,29 @@ def test_cmd_serves_and_healthcheck_reports_it(tmp_path: Path) -> None:
     assert server.returncode == 0, "gunicorn did not stop cleanly on SIGTERM"
     down = subprocess.run(check, env=env, timeout=20, capture_output=True)
     assert down.returncode != 0
+
+
+_POST_FORK_PROBE = """
+import runpy, sys, types
+conf = runpy.run_path("deploy/gunicorn.conf.py")
+before = set(sys.modules)
+worker = types.SimpleNamespace(cfg=types.SimpleNamespace(threads=8), age=1)
+conf["post_fork"](None, worker)
+print(sorted(m for m in set(sys.modules) - before))
+"""
+
+
+def test_post_fork_imports_nothing_so_no_early_sigterm_is_lost() -> None:
+    # post_fork runs in the new worker before gunicorn installs the worker's signal
+    # handlers: a SIGTERM arriving during slow work there is lost, and the worker outlives
+    # the shutdown (seen when imports ran there).
+    done = subprocess.run(
+        [sys.executable, "-c", _POST_FORK_PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GUNICORN_PIN_WORKERS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -14,6 +14,10 @@ gunicorn forks several workers that must act as ONE runner. They share a state d
   jobId: a duplicate delivery to any worker finds it held; a dead worker's locks vanish.
 * ``ledger.sqlite3`` — the idempotency ledger (SQLite, WAL): the stored answer of each
   finished job, and the asynchronous jobs accepted, queued or running, and where.
+  The result outbox keeps its table in the same file.
+* ``ledger.writer.lock`` — the writers' turn of that file (:class:`WriterTurns`): a worker
+  about to write waits on it in the kernel rather than in SQLite's busy handler, which
+  sleeps milliseconds at a time.
 """
 
 from __future__ import annotations
@@ -43,10 +47,14 @@ _FLOCK_STRUCT = "hhqqi"
 _FLOCK_PAD = b"\0" * 8
 
 
-def _ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False) -> int:
-    """One OFD byte-range lock call on byte ``offset``; returns the resulting ``l_type``."""
+def _ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False, wait: bool = False) -> int:
+    """One OFD byte-range lock call on byte ``offset``; returns the resulting ``l_type``.
+
+    ``wait`` blocks until the lock is granted (the GIL is released meanwhile).
+    """
     packed = struct.pack(_FLOCK_STRUCT, kind, os.SEEK_SET, offset, 1, 0) + _FLOCK_PAD
-    result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if query else fcntl.F_OFD_SETLK, packed)
+    command = fcntl.F_OFD_GETLK if query else fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    result = fcntl.fcntl(fd, command, packed)
     return int(struct.unpack(_FLOCK_STRUCT, result[: struct.calcsize(_FLOCK_STRUCT)])[0])
 
 
@@ -134,6 +142,54 @@ class FileLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
         self._fd = None
+
+
+class WriterTurns:
+    """Turns for the writers of one SQLite file, across processes: a blocking OFD lock.
+
+    A writer that finds the file locked by another process is put to sleep by SQLite's busy
+    handler (1, 2, 5, 10, 15, 20, 25 ms … between tries), however soon the lock frees up.
+    Under a steady stream of writes from several workers those sleeps, not the writes, set
+    the pace. Writers queue here first instead: a blocked ``F_OFD_SETLKW`` wakes the moment
+    the holder lets go, and the kernel drops the lock of a holder that dies.
+
+    Threads of one process take turns on a re-entrant lock before that (an OFD lock belongs
+    to the descriptor, which every thread of the process shares); a nested turn is the outer
+    one. Both are made anew after fork: a parent's thread may have held them.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._guard = threading.Lock()
+        self._pid = 0
+        self._fd = -1
+        self._turn = threading.RLock()
+        self._depth = 0
+
+    def _current(self) -> tuple[threading.RLock, int]:
+        with self._guard:
+            if self._pid != os.getpid():
+                self._turn, self._depth = threading.RLock(), 0
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._pid = os.getpid()
+            return self._turn, self._fd
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Wait for this process's, then the file's, turn; hold both inside the block."""
+        turn, fd = self._current()
+        with turn:
+            outer = self._depth == 0
+            if outer:
+                _ofd_lock(fd, fcntl.F_WRLCK, 0, wait=True)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if outer:
+                    _ofd_lock(fd, fcntl.F_UNLCK, 0)
 
 
 @dataclass
@@ -300,8 +356,9 @@ class SQLiteFile:
     """One SQLite file shared by the instance's processes: a connection per process, WAL.
 
     A connection must not cross ``fork``, so a process that finds one made by its parent opens
-    its own. Writes go through :meth:`_transaction` (``BEGIN IMMEDIATE``), which serialises
-    writers across processes without deadlocks.
+    its own. Writes go through :meth:`_transaction` (``BEGIN IMMEDIATE``) or :meth:`_write`
+    (one statement), both in the writers' turn (:class:`WriterTurns`, ``<name>.writer.lock``)
+    so a writer of one worker waits for another's exactly as long as it writes.
     """
 
     def __init__(self, path: str) -> None:
@@ -309,6 +366,7 @@ class SQLiteFile:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the tables this store needs (called once per process)."""
@@ -338,7 +396,7 @@ class SQLiteFile:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._writers.hold():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -350,8 +408,14 @@ class SQLiteFile:
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        """The process's connection, for reads and single (autocommitted) statements."""
+        """The process's connection, for reads."""
         with self._lock:
+            yield self._db()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """The process's connection for one autocommitted write, in the writers' turn."""
+        with self._lock, self._writers.hold():
             yield self._db()
 
 
@@ -493,7 +557,7 @@ class Ledger(SQLiteFile):
         """
         now = time.time()
         try:
-            with self._connection() as conn:
+            with self._write() as conn:
                 pid, started = self._me
                 conn.execute(
                     "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"

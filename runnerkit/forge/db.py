@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from runnerkit.state import WriterTurns
+
 Row = sqlite3.Row
 
 
@@ -224,8 +226,8 @@ class ForgeDB:
         self._pool: list[Conn] = []
         self._pid = 0
         self._ready = False
-        self._writer = threading.RLock()
-        self._writer_pid = os.getpid()
+        # Writers of every forge process take turns here before SQLite's own lock.
+        self._writers = WriterTurns(f"{path}.writer.lock")
 
     # -- connections ------------------------------------------------------------------------
 
@@ -287,21 +289,15 @@ class ForgeDB:
             conn.drop_queued()
             self._checkin(conn)
 
-    def _write_lock(self) -> threading.RLock:
-        with self._lock:
-            if self._writer_pid != os.getpid():  # never a lock a parent's thread may hold
-                self._writer, self._writer_pid = threading.RLock(), os.getpid()
-            return self._writer
-
     @contextlib.contextmanager
     def tx(self) -> Iterator[Conn]:
         """A write transaction (``BEGIN IMMEDIATE``), committed on success.
 
-        Writers of one process take turns on a lock first: waiting there ends the moment
-        the other transaction commits, while SQLite's busy handler, which only other
-        processes' writers still meet, sleeps in steps of milliseconds.
+        Writers take turns first (:class:`~runnerkit.state.WriterTurns`, every process of
+        the forge): waiting there ends the moment the other transaction commits, while
+        SQLite's busy handler sleeps in steps of milliseconds.
         """
-        with self._write_lock(), self.connection() as conn:
+        with self._writers.hold(), self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

@@ -144,7 +144,11 @@ def load(stack: Stack, pattern: str, **options: Any) -> dict[str, Any]:
                 used = {
                     "forge": cpu_seconds(stack.forge) - forge_cpu,
                     "runners": sum(cpu_seconds(r) for r in stack.runners) - runner_cpu,
-                    "load generator": times.user + times.system,
+                    # wrk, when it submitted the burst, is a child the generator waited for.
+                    "load generator": times.user
+                    + times.system
+                    + times.children_user
+                    + times.children_system,
                 }
             elif line.startswith("BENCH_JSON "):
                 result = json.loads(line[len("BENCH_JSON ") :])

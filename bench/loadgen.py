@@ -8,8 +8,12 @@ bench/wrk_execute.lua. On 2 cores this generator needs a large share of the CPU 
 ``forge``: jobs through the forge (``POST /jobs``), then waits for all of them to finish and
 reads their JobResponses (``GET /jobs`` pages) to compute, per job, submit → ``startedAt`` →
 ``completedAt`` (from the forge's JobResult metadata; millisecond timestamps). Patterns:
-``burst`` (N jobs as fast as T threads can submit), ``paced`` (open loop at a fixed rate for a
-duration) and ``serial`` (one job at a time, the next submitted once the last finished).
+``burst`` (N jobs as fast as T connections can submit), ``paced`` (open loop at a fixed rate
+for a duration) and ``serial`` (one job at a time, the next submitted once the last finished).
+A burst is submitted by wrk (bench/wrk_submit.lua) when it is installed, unless
+``--tool python``: on 2 shared cores the Python submitter's own CPU would come out of the
+forge's and the runners' share. The submit time of a wrk job is the ``metadata.createdAt``
+wrk stamped it with (milliseconds).
 """
 
 from __future__ import annotations
@@ -18,16 +22,23 @@ import argparse
 import http.client
 import json
 import multiprocessing
+import random
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bench.common import percentile
+
+WRK_SUBMIT = str(Path(__file__).resolve().parent / "wrk_submit.lua")
 
 FINAL = ("completed", "failed", "cancelled")
 ACTIVE = "pending,queued,running,retrying"
@@ -241,6 +252,32 @@ def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float],
     return submitted, failures[0]
 
 
+def _submit_burst_wrk(url: str, total: int, connections: int) -> tuple[str, int]:
+    """Submit ``total`` jobs (or a few more) with wrk; (the run's job id prefix, failures)."""
+    nonce = random.getrandbits(32)
+    threads = 2 if connections > 1 else 1
+    share = max(1, -(-total // threads))
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", "-d600s", "--timeout", "30s"]
+    argv += ["-s", WRK_SUBMIT, url, "--", str(nonce), str(share)]
+    wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wrk.stdout is not None
+    finished = 0
+    result = None
+    for line in wrk.stdout:
+        if line.startswith("BENCH_THREAD_DONE"):
+            finished += 1
+            if finished == threads:  # wrk would otherwise wait out its -d
+                wrk.send_signal(signal.SIGINT)
+        elif line.startswith("BENCH_JSON "):
+            result = json.loads(line[len("BENCH_JSON ") :])
+    wrk.wait(timeout=30)
+    if result is None:
+        raise RuntimeError(
+            f"wrk exited {wrk.returncode}: {wrk.stderr.read()[-1000:] if wrk.stderr else ''}"
+        )
+    return f"{nonce:08x}", sum(result["non202"].values()) + result["socket_errors"]
+
+
 def _submit_paced(
     url: str, rate: float, duration: float, threads: int
 ) -> tuple[dict[str, float], int, int]:
@@ -341,10 +378,39 @@ def _collect(url: str, ids: set[str]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _collect_prefix(url: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """The JobResponses whose id starts with ``prefix`` (one run's jobs: the newest ones)."""
+    found: dict[str, dict[str, Any]] = {}
+    conn = _connection(url)
+    offset = 0
+    try:
+        while True:
+            _, page = _call(conn, "GET", f"/jobs?limit=500&offset={offset}")
+            items = page.get("items", []) if isinstance(page, dict) else []
+            mine = [job for job in items if job["id"].startswith(prefix)]
+            for job in mine:
+                found[job["id"]] = job
+            if not items or (found and not mine):
+                return found
+            offset += len(items)
+    finally:
+        conn.close()
+
+
+def use_wrk(tool: str) -> bool:
+    return tool == "wrk" or (tool == "auto" and shutil.which("wrk") is not None)
+
+
 def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     began = time.time()
     late = 0
-    if args.pattern == "burst":
+    prefix = ""
+    tool = "python"
+    if args.pattern == "burst" and use_wrk(args.tool):
+        tool = "wrk"
+        prefix, failures = _submit_burst_wrk(args.url, args.count, args.threads)
+        submitted: dict[str, float] = {}
+    elif args.pattern == "burst":
         submitted, failures = _submit_burst(args.url, args.count, args.threads)
     elif args.pattern == "paced":
         submitted, failures, late = _submit_paced(args.url, args.rate, args.duration, args.threads)
@@ -354,7 +420,13 @@ def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     idle = _wait_idle(args.url, args.wait)
     # Tells the caller to read CPU counters now: reading the results back costs the forge too.
     print("BENCH_MARK finished", flush=True)
-    jobs = _collect(args.url, set(submitted))
+    if prefix:
+        jobs = _collect_prefix(args.url, prefix)
+        submitted = {
+            job_id: _epoch(job["request"]["metadata"]["createdAt"]) for job_id, job in jobs.items()
+        }
+    else:
+        jobs = _collect(args.url, set(submitted))
     latencies: list[float] = []
     queue_waits: list[float] = []
     runs: list[float] = []
@@ -381,6 +453,7 @@ def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     span = max(1e-9, last_done - min(submitted.values(), default=began))
     return {
         "pattern": args.pattern,
+        "submitter": tool,
         "submitted": len(submitted),
         "submit_failures": failures,
         "submit_s": submit_s,
@@ -419,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     fg.add_argument("--url", required=True)
     fg.add_argument("--pattern", choices=["burst", "paced", "serial"], default="burst")
     fg.add_argument("--count", type=int, default=1000)
-    fg.add_argument("--threads", type=int, default=8)
+    fg.add_argument("--threads", type=int, default=8, help="connections (burst, paced)")
+    fg.add_argument(
+        "--tool", choices=["auto", "wrk", "python"], default="auto", help="burst submitter"
+    )
     fg.add_argument("--rate", type=float, default=100.0)
     fg.add_argument("--duration", type=float, default=5.0)
     fg.add_argument("--poll-ms", type=float, default=5.0)

@@ -127,11 +127,11 @@ def test_a_forked_child_does_not_inherit_the_parents_turn(tmp_path: Path) -> Non
         child = CTX.Process(target=_child_takes_turn, args=(path, turns, got))
         child.start()
         child.join(0.3)
-        assert child.is_alive() and got.value == 0.0  # type: ignore[attr-defined]
+        assert child.is_alive() and got.value == 0.0
         released = time.monotonic()
     child.join(30)
     assert child.exitcode == 0
-    assert got.value >= released  # type: ignore[attr-defined]
+    assert got.value >= released
 
 
 @pytest.mark.parametrize("store", ["ledger", "forge"])

@@ -9,7 +9,9 @@ worker's job allowance, so the forge never sends a runner more than it can run).
 Load comes from ``bench.loadgen forge`` in its own process, stacks taking turns:
 
 - burst: N jobs submitted as fast as 8 connections can → jobs/s (completed jobs over first
-  submit → last completedAt) and submit → completed p50/p99;
+  submit → last completedAt) and submit → completed p50/p99. wrk submits them when it is
+  installed (bench/wrk_submit.lua): the Python submitter would take 0.3 to 1.3 ms of CPU per
+  job from the 2 cores the forge and runners share, wrk about a tenth of that;
 - paced: an open-loop rate of half of that stack's burst jobs/s → p50/p99 at half of peak;
 - serial: one job at a time, each submitted on a new connection (so it lands on either
   forge worker) → the latency floor, and where it goes.

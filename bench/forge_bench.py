@@ -1,7 +1,8 @@
 """Part 2: jobs end to end through the forge: submit → dispatched → completed.
 
 Two stacks run side by side, each a forge (``runnerkit.forge:app`` under gunicorn as
-``runnerkit forge`` starts it: gthread, 2 workers, 16 threads, default settings) on its own
+``runnerkit forge`` starts it, ``runnerkit.forge.serving``: gthread, 3 workers, 16 threads,
+default settings) on its own
 SQLite file, with one runner instance (stack "1 runner") or two (stack "2 runners") of
 ``bench.apps.runner_app`` (deploy/gunicorn.conf.py; ``echo`` with max_concurrency 6, one
 worker's job allowance, so the forge never sends a runner more than it can run).
@@ -51,6 +52,7 @@ from bench.common import (
     say,
     server,
 )
+from runnerkit.forge import serving
 
 
 @dataclass
@@ -89,7 +91,11 @@ class Stack:
 
 
 def make_stack(
-    name: str, runners: int, log_dir: Path, forge_workers: int = 2, max_concurrency: int = 6
+    name: str,
+    runners: int,
+    log_dir: Path,
+    forge_workers: int = serving.WORKERS,
+    max_concurrency: int = 6,
 ) -> Stack:
     root = Path(tempfile.mkdtemp(prefix="bench-forge-"))
     slug = name.replace(" ", "-").replace(",", "")
@@ -100,7 +106,7 @@ def make_stack(
         config=None,
         workers=forge_workers,
         env={"RUNNERKIT_FORGE_DB_PATH": str(root / "forge.sqlite3")},
-        extra_args=["--worker-class", "gthread", "--threads", "16", "--graceful-timeout", "10"],
+        extra_args=list(serving.OPTIONS),
     )
     procs, dirs = [], []
     for index in range(runners):
@@ -238,7 +244,12 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
     two = make_stack("2 runners", 2, log_dir)
     solo = make_stack("1 runner, 1 forge worker", 1, log_dir, forge_workers=1)
     stacks = [one, two, solo]
-    result: dict[str, Any] = {"burst": {}, "paced": {}, "serial": {}}
+    result: dict[str, Any] = {
+        "burst": {},
+        "paced": {},
+        "serial": {},
+        "forge_workers": serving.WORKERS,
+    }
     try:
         for stack in (one, two, solo):
             stack.start()

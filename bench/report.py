@@ -296,7 +296,8 @@ def _forge(forge: dict[str, Any]) -> list[str]:
     lines += [
         "Submit → completed, from the submitter's clock before `POST /jobs` to the forge's "
         "`result.metadata.completedAt` (ms resolution); queue = submit → `startedAt`, run = "
-        "`startedAt` → `completedAt`. Forge: gthread, 2 workers, 16 threads, default settings "
+        f"`startedAt` → `completedAt`. Forge: gthread, {forge.get('forge_workers', 2)} workers, "
+        "16 threads, default settings "
         "(POLL_INTERVAL_MS 100, DISPATCH_THREADS 32). Runners: deploy/gunicorn.conf.py, `echo` "
         "with maxConcurrency 6. Burst: N jobs as fast as 8 connections submit (wrk with "
         "bench/wrk_submit.lua when installed: its submit time is the `metadata.createdAt` it "
@@ -340,7 +341,7 @@ def _forge(forge: dict[str, Any]) -> list[str]:
     default, solo = serial.get("1 runner"), serial.get("1 runner, 1 forge worker")
     if default and solo:
         lines += [
-            f"Serial latency: with the default 2 forge workers "
+            f"Serial latency: with the default {forge.get('forge_workers', 2)} forge workers "
             f"{_f(100.0 * default.get('queued_over_50ms', float('nan')), 0)} % of jobs waited "
             f"≥ 50 ms before being dispatched (queue p50 / p90 "
             f"{_f(default['queue_p50_ms'], 1)} / {_f(default.get('queue_p90_ms'), 1)} ms, "
@@ -358,7 +359,7 @@ def _forge(forge: dict[str, Any]) -> list[str]:
         lines += [
             f"At half of peak: queue p50 / p90 {_f(default['queue_p50_ms'], 1)} / "
             f"{_f(default.get('queue_p90_ms'), 1)} ms and p50 {_f(default['p50_ms'], 1)} ms "
-            f"with 2 forge workers; {_f(solo['queue_p50_ms'], 1)} / "
+            f"with {forge.get('forge_workers', 2)} forge workers; {_f(solo['queue_p50_ms'], 1)} / "
             f"{_f(solo.get('queue_p90_ms'), 1)} ms and p50 {_f(solo['p50_ms'], 1)} ms with 1.",
             "",
         ]

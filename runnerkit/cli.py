@@ -16,6 +16,7 @@ import requests
 
 from runnerkit._version import __version__
 from runnerkit.contracts import utc_now
+from runnerkit.forge.serving import WORKERS, gunicorn_argv
 
 DEFAULT_FORGE_URL = "http://127.0.0.1:3002"
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -136,7 +137,7 @@ def validate(app: str, as_json: bool, junit_path: str | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=3002, show_default=True, help="Port to bind.")
-@click.option("--workers", default=2, show_default=True, help="gunicorn workers.")
+@click.option("--workers", default=WORKERS, show_default=True, help="gunicorn workers.")
 @click.option("--db", "db_path", default=None, help="SQLite file (default ./var/forge.sqlite3).")
 def forge(host: str, port: int, workers: int, db_path: str | None) -> None:
     """Run the reference control plane (JobForge + TruthCore) under gunicorn.
@@ -145,22 +146,7 @@ def forge(host: str, port: int, workers: int, db_path: str | None) -> None:
     """
     if db_path:
         os.environ["RUNNERKIT_FORGE_DB_PATH"] = db_path
-    argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "runnerkit.forge:app",
-        "--bind",
-        f"{host}:{port}",
-        "--workers",
-        str(workers),
-        "--worker-class",
-        "gthread",
-        "--threads",
-        "16",
-        "--graceful-timeout",
-        "10",
-    ]
+    argv = gunicorn_argv(f"{host}:{port}", workers)
     os.execv(sys.executable, argv)
 
 

@@ -22,6 +22,7 @@ from typing import IO, Any
 import requests
 
 from runnerkit.cli import job_request, wait_for_job
+from runnerkit.forge.serving import gunicorn_argv
 
 
 class Server:
@@ -121,22 +122,7 @@ def run_stack(
     )
     forge = Server(
         "forge",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "runnerkit.forge:app",
-            "--bind",
-            f"127.0.0.1:{forge_port}",
-            "--workers",
-            "2",
-            "--worker-class",
-            "gthread",
-            "--threads",
-            "16",
-            "--graceful-timeout",
-            "10",
-        ],
+        gunicorn_argv(f"127.0.0.1:{forge_port}"),
         forge_env,
         state / "forge.log",
     )

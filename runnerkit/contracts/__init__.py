@@ -64,6 +64,7 @@ from .jobs import (
     JobResultMetadataSchema,
     JobResultSchema,
     PaginatedResponseSchema,
+    load_job_request,
     paginated_schema,
 )
 from .runners import (
@@ -204,6 +205,7 @@ __all__ = [
     "is_zdatetime",
     "job_default_retry_policy",
     "load_execution_request",
+    "load_job_request",
     "one_of",
     "paginated_schema",
     "parse_timestamp",

@@ -28,6 +28,7 @@ from runnerkit.contracts import (
     TruthAssertionSchema,
     TruthQuerySchema,
     http_status_for,
+    load_job_request,
     utc_now,
 )
 from runnerkit.errors import (
@@ -78,7 +79,9 @@ def _body(contract: str) -> dict[str, Any]:
     """The request body, parsed strictly and loaded with the contract's schema."""
     raw = parse_json_object(read_body(), request.headers.get("Content-Type"))
     try:
-        loaded: dict[str, Any] = _SCHEMAS[contract].load(raw)
+        loaded: dict[str, Any] = (
+            load_job_request(raw) if contract == "JobRequest" else _SCHEMAS[contract].load(raw)
+        )
     except ValidationError as exc:
         raise ValidationFailed(
             f"The request body does not match {contract}",

@@ -40,17 +40,17 @@ class Config:
     inprocess_rounds: int = 6
     # part 2
     forge_rounds: int = 3
-    forge_jobs: int = 1200
+    forge_jobs: int = 3000
     forge_warmup: int = 200
     forge_paced_s: float = 6.0
     forge_serial_jobs: int = 50
-    forge_profile_jobs: int = 1000
+    forge_profile_jobs: int = 3000
     # part 3
     memory_checkpoints: list[int] = field(default_factory=lambda: [1000, 5000, 10000])
     # part 4
     control_workers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     control_interval_ms: int = 500
-    control_s: float = 6.0
+    control_s: float = 10.0
 
     @classmethod
     def quick_mode(cls) -> Config:

@@ -105,11 +105,16 @@ def _summary(results: dict[str, Any]) -> list[str]:
             )
     forge = results.get("forge") or {}
     if not _error(forge):
+        default_workers = forge.get("forge_workers", 2)
         for name, data in forge["burst"].items():
             rate = data["jobs_per_s"]
+            # The target is for the forge as served (its default workers) with one and with
+            # two runner instances; the single-worker stack is there for comparison.
+            diagnostic = "forge worker" in name and default_workers != 1
+            verdict = "info" if diagnostic else _ok(rate >= JOBS_PER_S_TARGET)
             lines.append(
-                f"| forge ≥ {JOBS_PER_S_TARGET:.0f} jobs/s end to end ({name}) "
-                f"| {_f(rate)} jobs/s | {_ok(rate >= JOBS_PER_S_TARGET)} |"
+                f"| forge ≥ {JOBS_PER_S_TARGET:.0f} jobs/s end to end ({name}"
+                f"{', not the default' if diagnostic else ''}) | {_f(rate)} jobs/s | {verdict} |"
             )
         for name, data in forge["paced"].items():
             lines.append(
@@ -125,14 +130,15 @@ def _summary(results: dict[str, Any]) -> list[str]:
         )
     control = results.get("control") or {}
     if not _error(control):
-        beats = {round(r["heartbeats_per_min"] / 10.0) for r in control["rows"]}
+        rates = [_heartbeat_rate(r) for r in control["rows"]]
         regs = {r["registrations_total"] for r in control["rows"]}
-        same = len(beats) == 1 and regs == {1}
+        ids = {r["runner_ids"] for r in control["rows"]}
+        # The same rate within 5 % (scheduler jitter), one registration and one runnerId.
+        same = bool(rates) and max(rates) <= 1.05 * min(rates) and regs == {1} and ids == {1}
         lines.append(
             "| control traffic identical for 1/2/4/8 workers | "
             + ", ".join(
-                f"{r['workers']}w: {r['registrations_total']} reg, "
-                f"{_f(r['heartbeats_per_min'])} hb/min"
+                f"{r['workers']}w: {r['registrations_total']} reg, {_f(_heartbeat_rate(r))} hb/min"
                 for r in control["rows"]
             )
             + f" | {_ok(same)} |"
@@ -412,6 +418,11 @@ def _memory(memory: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _heartbeat_rate(row: dict[str, Any]) -> float:
+    """Heartbeats per minute from first to last beat (older results: the window count)."""
+    return float(row.get("heartbeat_rate_per_min") or row["heartbeats_per_min"])
+
+
 def _control(control: dict[str, Any]) -> list[str]:
     lines = ["## 4. Control traffic per instance", ""]
     if _error(control):
@@ -419,16 +430,20 @@ def _control(control: dict[str, Any]) -> list[str]:
     lines += [
         f"JobForgeStub handing out heartbeatIntervalMs {control['interval_ms']}; counted over a "
         f"window after every worker serves, scaled to a minute (expected "
-        f"{_f(control['expected_heartbeats_per_min'])} heartbeats/min).",
+        f"{_f(control['expected_heartbeats_per_min'])} heartbeats/min). The verdict compares "
+        "the rate from the first to the last heartbeat in the window (within 5 %): the "
+        "window's count alone is off by one whenever a beat falls just outside it.",
         "",
-        "| workers | registrations (lifetime) | registrations/min (window) | heartbeats/min "
+        "| workers | registrations (lifetime) | registrations/min (window) | heartbeats in "
+        "window | heartbeats/min (window) | heartbeats/min (first to last) "
         "| runnerIds heartbeating | deregistrations at stop |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in control["rows"]:
         lines.append(
             f"| {row['workers']} | {row['registrations_total']} | "
-            f"{_f(row['registrations_per_min'], 1)} | {_f(row['heartbeats_per_min'], 1)} "
+            f"{_f(row['registrations_per_min'], 1)} | {row['heartbeats']} "
+            f"| {_f(row['heartbeats_per_min'], 1)} | {_f(_heartbeat_rate(row), 1)} "
             f"| {row['runner_ids']} | {row['deregistrations_at_stop']} |"
         )
     return [*lines, ""]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from marshmallow import fields
@@ -137,5 +136,12 @@ class RetryPolicySchema(ContractSchema):
 
 
 def job_default_retry_policy() -> dict[str, Any]:
-    """A fresh copy of ``JOB_DEFAULT_RETRY_POLICY`` (used as JobRequest's load_default)."""
-    return copy.deepcopy(JOB_DEFAULT_RETRY_POLICY)
+    """A fresh copy of ``JOB_DEFAULT_RETRY_POLICY`` (used as JobRequest's load_default).
+
+    Its values are numbers and lists of strings: copying the lists is a deep copy, at a
+    fraction of ``copy.deepcopy``'s cost (every ``POST /jobs`` without a policy makes one).
+    """
+    return {
+        key: list(value) if isinstance(value, list) else value
+        for key, value in JOB_DEFAULT_RETRY_POLICY.items()
+    }

@@ -74,17 +74,20 @@ class Config:
 
 
 def run_inprocess(cfg: Config, log_dir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = run_json(
-        [
-            sys.executable,
-            "-m",
-            "bench.inprocess",
-            "--requests",
-            str(cfg.inprocess_requests),
-            "--rounds",
-            str(cfg.inprocess_rounds),
-        ],
-        timeout=900,
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.inprocess",
+        "--requests",
+        str(cfg.inprocess_requests),
+        "--rounds",
+        str(cfg.inprocess_rounds),
+    ]
+    result: dict[str, Any] = run_json(argv, timeout=900)
+    # The job thread's cost again with the process on one CPU: how much of it is the hand-off
+    # itself and how much the job running on the other core.
+    result["one_cpu"] = run_json(
+        [*argv, "--pin-cpu", "--variants", "no job thread (run inline)"], timeout=900
     )
     return result
 

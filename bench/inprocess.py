@@ -260,7 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inprocess")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--variants", default="", help="comma list of variants to measure (default: all)"
+    )
+    parser.add_argument(
+        "--pin-cpu",
+        action="store_true",
+        help="run the whole process (every thread it starts) on one CPU",
+    )
     args = parser.parse_args(argv)
+    if args.pin_cpu:
+        # Before any thread exists: threads inherit the mask of the thread that starts them.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     # The job log goes to /dev/null: written, as under gunicorn, but not to the terminal.
     for handler in logging.getLogger("runnerkit").handlers:
         if isinstance(handler, logging.StreamHandler):
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     runner_client = runner_app.app.test_client()
     runner_wsgi, flask_wsgi = runner_app.app, flask_app.app
     names = [name for name in VARIANTS if name != "baseline"] + ["bare Flask echo"]
+    if args.variants:
+        names = [name for name in names if name in args.variants.split(",")]
     timed(runner_wsgi, 300)
     timed(flask_wsgi, 300)
     # Each variant runs right after a baseline run (pairs, the variants' order rotating per
@@ -308,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_saving_us": {name: median(values) for name, values in wall_pairs.items() if values},
     }
+    result["pinned"] = bool(args.pin_cpu)
     result["metrics_label_probe"] = label_probe(runner_client)
     shutil.rmtree(_STATE, ignore_errors=True)
     print("BENCH_JSON " + json.dumps(result), flush=True)

@@ -18,10 +18,12 @@ SUGGESTIONS: dict[str, tuple[str, str]] = {
         "the job thread",
         "The price of answering at the deadline: the capability runs on a pooled job thread "
         "so the request thread can answer `TIMEOUT` when the code overruns. Each job is two "
-        "cross-thread wake-ups (about 40 µs of CPU on 2 cores in a bare Python round trip) "
-        "and GIL hand-offs that grow with concurrency. Done: reused daemon threads, a held "
-        "lock instead of an Event. Left: an opt-in for capabilities that never block, run "
-        "inline, giving up the at-deadline answer for them.",
+        "cross-thread wake-ups (about 40 µs of CPU in a bare Python round trip), and the "
+        "rest is the job running on the other core (see the one-CPU pass above). Done: "
+        "reused daemon threads, a held lock instead of an Event, `GUNICORN_PIN_WORKERS=1` "
+        "(opt-in). Left: pinning only a job thread to its request thread's CPU (threads a "
+        "capability starts would inherit the pin); an opt-in for capabilities that never "
+        "block, run inline, giving up the at-deadline answer for them.",
     ),
     "no idempotency ledger": (
         "the idempotency ledger",
@@ -257,6 +259,19 @@ def _inprocess(data: dict[str, Any]) -> list[str]:
             f"| {_f(100.0 * savings.get(name, float('nan')) / base, 0, ' %')} "
             f"| {_f(wall.get(name))} | {_f(wall_savings.get(name))} |"
         )
+    one_cpu = data.get("one_cpu") or {}
+    inline = "no job thread (run inline)"
+    if not _error(one_cpu) and inline in one_cpu.get("saving_us", {}):
+        lines += [
+            "",
+            f"The same process on one CPU (every thread pinned to it): baseline "
+            f"{_f(one_cpu['us_per_request']['baseline'])} µs, and running the job inline saves "
+            f"{_f(one_cpu['saving_us'][inline])} µs instead of {_f(savings.get(inline))}. "
+            f"The hand-off itself is cheap; what costs is the job thread waking on the other "
+            f"core (cross-core wake-ups, cold caches for the job's objects). "
+            f"`GUNICORN_PIN_WORKERS=1` gets this back for a whole worker (table above), at the "
+            f"price of the parallelism of code that runs outside the GIL.",
+        ]
     return [*lines, ""]
 
 

@@ -9,12 +9,9 @@
 -- done() prints "BENCH_JSON {...}": requests, duration, socket errors, every non-200 status
 -- with its count, and latency percentiles in microseconds.
 
-local threads = {}
-
-function setup(thread)
-   thread:set("tid", #threads)
-   table.insert(threads, thread)
-end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local common = dofile(here .. "wrk_common.lua")
+setup = common.setup
 
 function init(args)
    nonce = tonumber(args[1]) or 0
@@ -35,30 +32,16 @@ function request()
 end
 
 function response(status, headers, body)
-   if status ~= 200 then
-      local key = tostring(status)
-      statuses[key] = (statuses[key] or 0) + 1
-   end
+   common.count(statuses, status, 200)
 end
 
 function done(summary, latency, requests)
-   local other = {}
-   for _, thread in ipairs(threads) do
-      local counts = thread:get("statuses")
-      for status, count in pairs(counts) do
-         other[status] = (other[status] or 0) + count
-      end
-   end
-   local parts = {}
-   for status, count in pairs(other) do
-      table.insert(parts, string.format('"%s":%d', status, count))
-   end
    local e = summary.errors
    io.write(string.format(
       'BENCH_JSON {"requests":%d,"duration_us":%d,"non200":{%s},'
          .. '"socket_errors":%d,"timeouts":%d,'
          .. '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
-      summary.requests, summary.duration, table.concat(parts, ","),
+      summary.requests, summary.duration, common.statuses_json(),
       e.connect + e.read + e.write, e.timeout,
       latency:percentile(50), latency:percentile(90), latency:percentile(99),
       latency.max, latency.mean

@@ -25,12 +25,9 @@ int gettimeofday(bench_timeval *tv, void *tz);
 ]]
 local tv = ffi.new("bench_timeval")
 
-local threads = {}
-
-function setup(thread)
-   thread:set("tid", #threads)
-   table.insert(threads, thread)
-end
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+local common = dofile(here .. "wrk_common.lua")
+setup = common.setup
 
 function init(args)
    nonce = tonumber(args[1]) or 0
@@ -68,10 +65,7 @@ end
 
 function response(status, headers, body)
    answered = answered + 1
-   if status ~= 202 then
-      local key = tostring(status)
-      statuses[key] = (statuses[key] or 0) + 1
-   end
+   common.count(statuses, status, 202)
    if answered == share then
       -- wrk itself runs for its whole -d; the caller interrupts it (SIGINT) once every
       -- thread has said this, and wrk then reports as usual.
@@ -82,21 +76,10 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-   local other = {}
-   for _, thread in ipairs(threads) do
-      local counts = thread:get("statuses")
-      for status, count in pairs(counts) do
-         other[status] = (other[status] or 0) + count
-      end
-   end
-   local parts = {}
-   for status, count in pairs(other) do
-      table.insert(parts, string.format('"%s":%d', status, count))
-   end
    local e = summary.errors
    io.write(string.format(
       'BENCH_JSON {"requests":%d,"duration_us":%d,"non202":{%s},"socket_errors":%d}\n',
-      summary.requests, summary.duration, table.concat(parts, ","),
+      summary.requests, summary.duration, common.statuses_json(),
       e.connect + e.read + e.write + e.timeout
    ))
 end

@@ -19,23 +19,10 @@ from runnerkit.contracts import RunnerExecutionRequestSchema, load_execution_req
 from runnerkit.contracts.runners import _load_execution_request_fast
 from runnerkit.errors import ValidationFailed
 from runnerkit.execution import check_json_limits
+from tests.json_strategies import anything, json_scalars, schema_result, uuids
 
 SCHEMA = RunnerExecutionRequestSchema()
 
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8),
-)
-uuids = st.one_of(
-    st.uuids().map(str),
-    st.uuids().map(lambda u: str(u).upper()),
-    st.uuids().map(lambda u: u.hex),
-    st.just("00000000-0000-0000-0000-000000000000"),
-)
-anything = st.one_of(json_scalars, uuids, st.lists(json_scalars, max_size=2))
 objects = st.dictionaries(st.text(max_size=4), json_scalars, max_size=3)
 metadata = st.one_of(
     anything,
@@ -66,19 +53,11 @@ bodies = st.fixed_dictionaries(
 )
 
 
-def _schema_result(body: Any) -> dict[str, Any] | None:
-    try:
-        loaded: dict[str, Any] = SCHEMA.load(body)
-    except ValidationError:
-        return None
-    return loaded
-
-
 @settings(max_examples=600)
 @given(bodies)
 def test_the_shortcut_returns_what_the_schema_returns_or_defers(body: dict[str, Any]) -> None:
     fast = _load_execution_request_fast(body)
-    expected = _schema_result(body)
+    expected = schema_result(SCHEMA, body)
     if fast is not None:
         assert fast == expected
         assert type(fast["timeoutMs"]) is type(expected["timeoutMs"])  # type: ignore[index]

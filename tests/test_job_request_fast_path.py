@@ -1,8 +1,8 @@
 """The hand-written JobRequest loader agrees with the schema, value for value.
 
 ``load_job_request`` (every ``POST /jobs`` of the forge) takes a shortcut for plainly valid
-bodies; these tests hold the shortcut to the schema's exact result, key order of nothing but
-values included, and make sure errors still come from the schema.
+bodies; these tests hold the shortcut to the schema's exact result (and the JSON document the
+forge stores from it), and make sure errors still come from the schema.
 """
 
 from __future__ import annotations
@@ -18,21 +18,10 @@ from marshmallow import ValidationError
 from runnerkit.contracts import JobRequestSchema, load_job_request
 from runnerkit.contracts.jobs import _load_job_request_fast
 from runnerkit.forge import db
+from tests.json_strategies import anything, schema_result, uuids
 
 SCHEMA = JobRequestSchema()
 
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8),
-)
-uuids = st.one_of(
-    st.uuids().map(str),
-    st.uuids().map(lambda u: str(u).upper()),
-    st.uuids().map(lambda u: u.hex),
-)
 times = st.one_of(
     st.sampled_from(
         [
@@ -47,7 +36,7 @@ times = st.one_of(
     ),
     st.text(max_size=6),
 )
-anything = st.one_of(json_scalars, uuids, st.lists(json_scalars, max_size=2))
+
 # Values of a parsed JSON body: the forge's parser refuses NaN and Infinity before loading.
 finite_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False)
@@ -111,19 +100,11 @@ bodies = st.fixed_dictionaries(
 )
 
 
-def _schema_result(body: Any) -> dict[str, Any] | None:
-    try:
-        loaded: dict[str, Any] = SCHEMA.load(body)
-    except ValidationError:
-        return None
-    return loaded
-
-
 @settings(max_examples=800)
 @given(bodies)
 def test_the_shortcut_returns_what_the_schema_returns_or_defers(body: dict[str, Any]) -> None:
     fast = _load_job_request_fast(body)
-    expected = _schema_result(body)
+    expected = schema_result(SCHEMA, body)
     event("shortcut" if fast is not None else "schema")
     if fast is not None:
         assert fast == expected

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,25 +49,36 @@ def _taken_elsewhere(path: str) -> bool:
         os.close(fd)
 
 
+def _waits_for_the_holder(path: str, action: Callable[[], None], refusal: str) -> None:
+    """``action`` run while another process holds the turn on ``path``: it must not finish
+    before that process lets go, and must finish after."""
+    child, release, released_at, _ = _holder(path)
+    finished: list[float] = []
+
+    def run() -> None:
+        action()
+        finished.append(time.monotonic())
+
+    waiter = threading.Thread(target=run)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive(), refusal
+    release.set()  # type: ignore[attr-defined]
+    waiter.join(30)
+    child.join(30)
+    assert finished and finished[0] >= released_at.value > 0  # type: ignore[attr-defined]
+
+
 def test_a_writer_waits_for_another_process_and_gets_the_turn_when_it_ends(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "db.writer.lock")
-    child, release, released_at, _ = _holder(path)
-    got_at: list[float] = []
 
     def take() -> None:
         with WriterTurns(path).hold():
-            got_at.append(time.monotonic())
+            pass
 
-    waiter = threading.Thread(target=take)
-    waiter.start()
-    waiter.join(0.3)
-    assert waiter.is_alive(), "the turn was given while another process held it"
-    release.set()  # type: ignore[attr-defined]
-    waiter.join(30)
-    child.join(30)
-    assert got_at and got_at[0] >= released_at.value > 0  # type: ignore[attr-defined]
+    _waits_for_the_holder(path, take, "the turn was given while another process held it")
 
 
 def test_a_killed_holder_frees_the_turn(tmp_path: Path) -> None:
@@ -155,18 +167,4 @@ def test_database_writes_wait_for_the_writers_turn(tmp_path: Path, store: str) -
             with forge_db.tx() as conn:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('t', '1')")
 
-    child, release, released_at, _ = _holder(lock_path)
-    finished: list[float] = []
-
-    def run() -> None:
-        write()
-        finished.append(time.monotonic())
-
-    writer = threading.Thread(target=run)
-    writer.start()
-    writer.join(0.3)
-    assert writer.is_alive(), "the write did not wait for the writers' turn"
-    release.set()  # type: ignore[attr-defined]
-    writer.join(30)
-    child.join(30)
-    assert finished and finished[0] >= released_at.value > 0  # type: ignore[attr-defined]
+    _waits_for_the_holder(lock_path, write, "the write did not wait for the writers' turn")

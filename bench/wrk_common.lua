@@ -9,6 +9,15 @@ function common.setup(thread)
    table.insert(common.threads, thread)
 end
 
+-- A uuid (version-4 layout) unique to the run (``nonce``), the thread (``tid``) and the
+-- thread's ``counter``: the jobs of one run never repeat an id, nor meet an earlier run's.
+function common.uuid(nonce, tid, counter)
+   return string.format(
+      "%08x-%04x-4%03x-%04x-%012x",
+      nonce, tid, math.random(0, 4095), 32768 + math.random(0, 16383), counter
+   )
+end
+
 -- Count ``status`` in the thread's ``statuses`` table unless it is the ``expected`` one.
 function common.count(statuses, status, expected)
    if status ~= expected then

@@ -22,10 +22,7 @@ end
 
 function request()
    counter = counter + 1
-   local id = string.format(
-      "%08x-%04x-4%03x-%04x-%012x",
-      nonce, tid, math.random(0, 4095), 32768 + math.random(0, 16383), counter
-   )
+   local id = common.uuid(nonce, tid, counter)
    local body = '{"jobId":"' .. id .. '","moduleId":"bench","capabilityId":"echo",'
       .. '"payload":{"text":"hello"},"timeoutMs":5000}'
    return wrk.format("POST", "/execute", {["Content-Type"] = "application/json"}, body)

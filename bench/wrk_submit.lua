@@ -48,14 +48,8 @@ end
 
 function request()
    counter = counter + 1
-   local id = string.format(
-      "%08x-%04x-4%03x-%04x-%012x",
-      nonce, tid, math.random(0, 4095), 32768 + math.random(0, 16383), counter
-   )
-   local correlation = string.format(
-      "%08x-%04x-4%03x-%04x-%012x",
-      nonce, tid + 32768, math.random(0, 4095), 32768 + math.random(0, 16383), counter
-   )
+   local id = common.uuid(nonce, tid, counter)
+   local correlation = common.uuid(nonce, tid + 32768, counter)
    local body = '{"id":"' .. id .. '","type":"bench.echo","priority":50,'
       .. '"payload":{"type":"bench.echo","version":"1.0.0","data":{"text":"hello"}},'
       .. '"metadata":{"source":"bench","createdAt":"' .. now_z() .. '",'

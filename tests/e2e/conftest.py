@@ -124,14 +124,19 @@ def overlap(intervals: Iterable[tuple[float, float]]) -> int:
     return peak
 
 
-def _reap_sentinels(state_dir: Path, timeout: float = 8.0) -> None:
-    """Wait for the runner's sentinel (its own session) to exit; SIGKILL it if it lingers."""
+def _sentinels(state_dir: Path) -> list[psutil.Process]:
+    """The sentinel processes watching the runner instance of ``state_dir``."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
         if "runnerkit.sentinel" in cmdline and str(state_dir) in cmdline:
             found.append(proc)
-    _, alive = psutil.wait_procs(found, timeout=timeout)
+    return found
+
+
+def _reap_sentinels(state_dir: Path, timeout: float = 8.0) -> None:
+    """Wait for the runner's sentinel (its own session) to exit; SIGKILL it if it lingers."""
+    _, alive = psutil.wait_procs(_sentinels(state_dir), timeout=timeout)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()  # psutil checks the pid still names the same process
@@ -320,8 +325,16 @@ class Stack:
         return str(runner_id)
 
     def kill_runner(self, label: str) -> None:
-        """SIGKILL the runner's whole gunicorn tree (master, workers, sentinel) at once."""
-        self.runners[label].proc.kill()
+        """SIGKILL the runner's whole gunicorn tree (master, workers, sentinel) at once.
+
+        The sentinel runs in its own session and outlives the worker that started it, so it
+        is not always below the master: it is found by its command line and killed first.
+        """
+        instance = self.runners[label]
+        for sentinel in _sentinels(instance.state_dir):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sentinel.kill()  # not waited for: its parent, a worker, reaps it (or dies)
+        instance.proc.kill()
 
     def stop(self) -> None:
         """Stop the runners first (they deregister from a forge still up), then the forge."""

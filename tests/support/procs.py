@@ -282,9 +282,14 @@ class GunicornProcess:
             self._seen.setdefault(proc.pid, proc)
 
     def _kill(self, procs: list[psutil.Process]) -> None:
+        # Freeze them all first: killed one by one, a process still running could react to
+        # another's death in between (a runner's sentinel deregisters once the master is gone).
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()  # psutil checks the pid still names the same process
+                proc.suspend()  # SIGSTOP; psutil checks the pid still names the same process
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         if self.process is not None:
             # The master is our child: Popen reaps it and keeps its exit status.
             with contextlib.suppress(subprocess.TimeoutExpired):

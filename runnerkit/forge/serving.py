@@ -10,7 +10,8 @@ import sys
 
 #: gunicorn workers. The worker that holds the dispatcher lock also takes its share of the API
 #: requests, and both compete for that process's GIL; with three workers its share is a
-#: third. ``make bench`` measured about 500 jobs/s with two and 565 with three on 2 cores.
+#: third. Paired bursts of 4,000 jobs (one runner, 2 cores) completed about 500 jobs/s with
+#: two workers and 565 with three; four were no better than three.
 WORKERS = 3
 
 #: Options after ``--bind`` and ``--workers``: gthread, so ``/health`` and the dashboard answer

@@ -3,7 +3,8 @@
 - ``runner_client``: a :class:`RunnerClient` for the app of your ``runner_app`` fixture;
 - ``contract_validator``: a :class:`ContractValidator`;
 - ``jobforge_stub``: a JobForge stand-in on a free loopback port that records every call;
-- ``forge_server``: the reference control plane on a free loopback port (its URL), with its
+- ``forge_server``: the reference control plane on a free loopback port (its URL, once
+  ``/health`` answers 200), with its
   SQLite file in the test's temporary directory.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,8 +68,10 @@ def forge_server(tmp_path: Path) -> Iterator[str]:
     server = make_server("127.0.0.1", _free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        _wait_healthy(url)
+        yield url
     finally:
         server.shutdown()
         thread.join(10)
@@ -75,3 +79,23 @@ def forge_server(tmp_path: Path) -> Iterator[str]:
         close = getattr(forge, "close", None)
         if callable(close):
             close()
+
+
+def _wait_healthy(url: str, timeout_s: float = 15.0) -> None:
+    """Return once ``GET /health`` answers 200: the forge's dispatcher reports healthy only
+    after its first tick has recorded a heartbeat, a moment after the server starts."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            answer = requests.get(f"{url}/health", timeout=2)
+        except requests.RequestException as exc:
+            last = repr(exc)
+        else:
+            if answer.status_code == 200:
+                return
+            last = f"{answer.status_code} {answer.text[:500]}"
+        time.sleep(0.02)
+    raise RuntimeError(f"the forge at {url} did not become healthy in {timeout_s:g} s: {last}")

@@ -4,8 +4,7 @@
 - ``contract_validator``: a :class:`ContractValidator`;
 - ``jobforge_stub``: a JobForge stand-in on a free loopback port that records every call;
 - ``forge_server``: the reference control plane on a free loopback port (its URL, once
-  ``/health`` answers 200), with its
-  SQLite file in the test's temporary directory.
+  ``/health`` answers 200), with its SQLite file in the test's temporary directory.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,30 @@ class WriterTurns:
                 self._depth -= 1
                 if outer:
                     _ofd_lock(fd, fcntl.F_UNLCK, 0)
+
+
+def prepare_wal(
+    conn: sqlite3.Connection,
+    writers: WriterTurns,
+    setup: Callable[[sqlite3.Connection], None],
+) -> None:
+    """Put a new connection's file in WAL mode, then run ``setup`` (tables, pragmas).
+
+    In the writers' turn, so processes opening a new file together do it one at a time.
+    Switching to WAL also needs every reader gone, a lock SQLite's busy timeout does not wait
+    for: a worker that meets another's read retries here a moment.
+    """
+    with writers.hold():
+        for attempt in range(100):
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                setup(conn)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.02)
 
 
 @dataclass
@@ -372,18 +396,8 @@ class SQLiteFile:
         """Create the tables this store needs (called once per process)."""
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
-        """WAL mode and the tables. Switching to WAL takes a lock the busy timeout does not
-        wait for, so several workers opening a new file at once retry here a moment."""
-        for attempt in range(100):
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                self._setup(conn)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == 99:
-                    raise
-                time.sleep(0.02)
+        """WAL mode and the tables (:func:`prepare_wal`)."""
+        prepare_wal(conn, self._writers, self._setup)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():

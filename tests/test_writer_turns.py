@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,3 +169,42 @@ def test_database_writes_wait_for_the_writers_turn(tmp_path: Path, store: str) -
                 conn.execute("INSERT INTO meta (key, value) VALUES ('t', '1')")
 
     _waits_for_the_holder(lock_path, write, "the write did not wait for the writers' turn")
+
+
+def _open_and_write(kind: str, path: str, start: object, errors: object) -> None:
+    start.wait(30)  # type: ignore[attr-defined]
+    try:
+        if kind == "forge":
+            forge_db = ForgeDB(path)
+            for _ in range(20):  # reads, as a starting forge's health checks make, and writes
+                forge_db.ping()
+                with forge_db.tx() as conn:
+                    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('k', '1')")
+        else:
+            ledger = Ledger(path, retention_s=60)
+            job_id = str(uuid.uuid4())
+            assert ledger.claim(job_id).outcome == "run"
+            ledger.complete(job_id, 200, "{}")
+    except Exception as exc:
+        with errors.get_lock():  # type: ignore[attr-defined]
+            errors.value += 1  # type: ignore[attr-defined]
+        raise exc
+
+
+@pytest.mark.parametrize("kind", ["ledger", "forge"])
+def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path, kind: str) -> None:
+    """Workers starting at once on a file that does not exist yet: switching it to WAL needs
+    a lock SQLite's busy timeout does not wait for, so it is done in the writers' turn."""
+    for round_ in range(5):
+        path = str(tmp_path / f"{round_}" / f"{kind}.sqlite3")
+        os.makedirs(os.path.dirname(path))
+        start, errors = CTX.Event(), CTX.Value("i", 0)
+        children = [
+            CTX.Process(target=_open_and_write, args=(kind, path, start, errors)) for _ in range(6)
+        ]
+        for child in children:
+            child.start()
+        start.set()
+        for child in children:
+            child.join(60)
+        assert errors.value == 0 and [c.exitcode for c in children] == [0] * 6

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from runnerkit.state import WriterTurns
+from runnerkit.state import WriterTurns, prepare_wal
 
 Row = sqlite3.Row
 
@@ -244,19 +244,17 @@ class ForgeDB:
         )
         assert isinstance(conn, Conn)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        if not self._ready:
-            self._create_schema(conn)
-            self._ready = True
+        prepare_wal(conn, self._writers, self._setup)
+        self._ready = True
         return conn
 
-    def _create_schema(self, conn: Conn) -> None:
-        # Every statement is idempotent (IF NOT EXISTS), so processes starting together on a
-        # new file cannot trip over each other; the busy timeout serialises them.
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA foreign_keys=OFF")
+        if not self._ready:
+            # Every statement is idempotent (IF NOT EXISTS), and processes starting together
+            # on a new file run them in turn (prepare_wal holds the writers' turn).
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _checkout(self) -> Conn:
         with self._lock:

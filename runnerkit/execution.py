@@ -517,7 +517,7 @@ class Executor:
             return self._accept_async(job)
         slot = state.slots.acquire(capability.id)
         if slot is None:
-            state.ledger.release(job_id)
+            state.ledger.release(job_id, recorded=claim.recorded)
             raise _Rejection(
                 RateLimited(
                     f"{capability.id!r} is running its maximum of "
@@ -531,7 +531,7 @@ class Executor:
             self._admit(job_id)
         except _Rejection:
             state.slots.release(slot)
-            state.ledger.release(job_id)
+            state.ledger.release(job_id, recorded=claim.recorded)
             raise
         answer = self._execute(job, slot)
         self._record_truth(job, answer, send_now=False)

@@ -374,6 +374,9 @@ class Claim:
     status: int = 0
     body: dict[str, Any] | None = None
     attempt: int = 1
+    #: A "run" claim that wrote a row (asynchronous, or a new attempt); a first synchronous
+    #: claim writes nothing, so giving it back (:meth:`Ledger.release`) writes nothing either.
+    recorded: bool = False
 
 
 class SQLiteFile:
@@ -510,7 +513,7 @@ class Ledger(SQLiteFile):
                     " correlation_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job_id, state, pid, started, now, int(queued), correlation_id),
                 )
-                return Claim("run")
+                return Claim("run", recorded=True)
             _, owner_pid, owner_started, attempt, http_status, response = row
             if row[0] in ("running", "queued") and process_alive(owner_pid, owner_started):
                 return Claim("running", attempt=attempt)
@@ -524,10 +527,18 @@ class Ledger(SQLiteFile):
                 " response = NULL, finished = NULL WHERE job_id = ?",
                 (state, pid, started, int(queued), correlation_id, job_id),
             )
-            return Claim("run", attempt=attempt + 1)
+            return Claim("run", attempt=attempt + 1, recorded=True)
 
-    def release(self, job_id: str) -> None:
-        """Forget a claim that never ran (rejected before the capability started)."""
+    def release(self, job_id: str, *, recorded: bool = True) -> None:
+        """Forget a claim that never ran (rejected before the capability started).
+
+        ``recorded=False`` (``Claim.recorded``) frees only the job lock: a first synchronous
+        claim wrote no row, and a runner refusing jobs at capacity (429) should not queue in
+        the writers' turn to delete nothing.
+        """
+        if not recorded:
+            self.running.release(job_id)
+            return
         try:
             with self._transaction() as conn:
                 conn.execute(

@@ -112,6 +112,37 @@ def test_a_claim_given_back_unrun_leaves_nothing_behind(tmp_path: Path) -> None:
     assert ledger.claim(job_id).outcome == "run"
 
 
+def test_giving_back_a_first_synchronous_claim_writes_nothing(tmp_path: Path) -> None:
+    """The 429 path (no free slot) must not queue in the writers' turn to delete nothing."""
+    ledger = _ledger(tmp_path)
+    job_id = str(uuid.uuid4())
+    claim = ledger.claim(job_id)
+    assert (claim.outcome, claim.recorded) == ("run", False)
+
+    def no_write(*args: object) -> None:
+        raise AssertionError("release of an unrecorded claim took the writers' turn")
+
+    ledger._writers.hold = no_write  # type: ignore[method-assign]
+    ledger.release(job_id, recorded=claim.recorded)
+
+    assert ledger.claim(job_id).outcome == "run", "the job lock was not given back"
+
+
+def test_giving_back_a_new_attempt_removes_its_row(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    job_id = str(uuid.uuid4())
+    assert ledger.claim(job_id).outcome == "run"
+    failure = {"jobId": job_id, "success": False, "error": {"retryable": True}}
+    ledger.complete(job_id, 503, json.dumps(failure))
+    again = ledger.claim(job_id)
+    assert (again.outcome, again.recorded) == ("run", True)
+
+    ledger.release(job_id, recorded=again.recorded)
+
+    assert ledger.size() == 0
+    assert ledger.claim(job_id).outcome == "run"
+
+
 def test_an_asynchronous_claim_is_recorded_as_queued_while_it_waits(tmp_path: Path) -> None:
     ledger = _ledger(tmp_path)
     job_id = str(uuid.uuid4())

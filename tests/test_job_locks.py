@@ -13,6 +13,8 @@ import signal
 import uuid
 from pathlib import Path
 
+import pytest
+
 from runnerkit.state import JobLocks, Ledger
 
 _FORK = multiprocessing.get_context("fork")
@@ -112,7 +114,9 @@ def test_a_claim_given_back_unrun_leaves_nothing_behind(tmp_path: Path) -> None:
     assert ledger.claim(job_id).outcome == "run"
 
 
-def test_giving_back_a_first_synchronous_claim_writes_nothing(tmp_path: Path) -> None:
+def test_giving_back_a_first_synchronous_claim_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The 429 path (no free slot) must not queue in the writers' turn to delete nothing."""
     ledger = _ledger(tmp_path)
     job_id = str(uuid.uuid4())
@@ -122,7 +126,7 @@ def test_giving_back_a_first_synchronous_claim_writes_nothing(tmp_path: Path) ->
     def no_write(*args: object) -> None:
         raise AssertionError("release of an unrecorded claim took the writers' turn")
 
-    ledger._writers.hold = no_write  # type: ignore[method-assign]
+    monkeypatch.setattr(ledger._writers, "hold", no_write)
     ledger.release(job_id, recorded=claim.recorded)
 
     assert ledger.claim(job_id).outcome == "run", "the job lock was not given back"

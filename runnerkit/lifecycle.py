@@ -79,6 +79,24 @@ def masters_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "runnerkit", "masters")
 
 
+def spawn_detached(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session, and reap it when it exits.
+
+    Workers starting together may each start a sentinel; all but one find the instance
+    watched and exit at once. Without a wait, each would stay a zombie child of its worker
+    for the worker's whole life. The waiting thread costs nothing while the child runs.
+    """
+    proc = subprocess.Popen(
+        argv,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        close_fds=True,
+    )
+    threading.Thread(target=proc.wait, name="runnerkit-reaper", daemon=True).start()
+    return proc
+
+
 class Lifecycle:
     """The per-worker half of the instance lifecycle (see the module docstring)."""
 
@@ -173,7 +191,7 @@ class Lifecycle:
             return  # a sentinel holds it: this instance is watched
         probe.release()
         with contextlib.suppress(OSError):
-            subprocess.Popen(
+            spawn_detached(
                 [
                     sys.executable,
                     "-m",
@@ -181,11 +199,7 @@ class Lifecycle:
                     self.state.directory,
                     self.key,
                     str(self.owner[0]),
-                ],
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                close_fds=True,
+                ]
             )
 
     # -- the tick -------------------------------------------------------------------

@@ -130,6 +130,15 @@ class TestOneRunnerPerInstance:
             f"heartbeats too close together: {gaps(everything)}"
         )
         assert_heartbeats_valid(instance, everything, runner_id)
+        # Workers starting together may each start a sentinel; the ones that find the
+        # instance watched exit, and must not stay behind as zombies of their worker.
+        zombies = [
+            child.pid
+            for pid in instance.proc.worker_pids()
+            for child in psutil.Process(pid).children()
+            if child.status() == psutil.STATUS_ZOMBIE
+        ]
+        assert not zombies, instance.explain(f"zombie children of workers: {zombies}")
 
 
 # -- 2. the leader dies, another worker carries on as the same runner -----------------------

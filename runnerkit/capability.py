@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -16,6 +17,7 @@ from marshmallow import Schema, ValidationError
 
 from runnerkit.contracts import SEMVER_RE
 from runnerkit.errors import SchemaMismatch, details_from_validation_error
+from runnerkit.isolation import MODES
 from runnerkit.schema_export import json_schema
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -141,6 +143,19 @@ class Context:
             except Exception:
                 self.logger.warning("could not record progress", exc_info=True)
 
+    def for_child(self, on_progress: Callable[[Progress], None]) -> Context:
+        """This context in a forked child (process isolation): same job and deadline, fresh
+        locks (another thread may have held these at the fork), progress to ``on_progress``.
+        """
+        child = copy.copy(self)
+        child._lock = threading.Lock()
+        child._cancel = threading.Event()
+        if self._cancel.is_set():
+            child._cancel.set()
+        child._progress = []
+        child._on_progress = on_progress
+        return child
+
     def progress_updates(self) -> list[Progress]:
         """Every progress update recorded so far, oldest first."""
         with self._lock:
@@ -163,6 +178,10 @@ class Capability:
     max_concurrency: ClassVar[int] = 1
     timeout_ms: ClassVar[float] = 30_000
     resources: ClassVar[dict[str, Any]] = {}
+    #: ``"thread"`` (default): ``run`` runs on a job thread of the worker, and keeps its slot
+    #: after the deadline until it returns. ``"process"``: each job runs in a child process
+    #: forked from the worker, killed at the deadline (:mod:`runnerkit.isolation`).
+    isolation: ClassVar[str] = "thread"
     #: ``[{"input": {...}, "output": {...}}]``: checked by ``runnerkit validate`` (output optional).
     examples: ClassVar[list[dict[str, Any]]] = []
     Input: ClassVar[type[Schema]]
@@ -288,6 +307,8 @@ def _check_definition(cls: type[Capability]) -> None:
     tm = cls.timeout_ms
     if isinstance(tm, bool) or not isinstance(tm, int | float) or not math.isfinite(tm) or tm <= 0:
         raise fail("timeout_ms", f"{tm!r} must be a positive number of milliseconds")
+    if cls.isolation not in MODES:
+        raise fail("isolation", f"{cls.isolation!r} must be one of {', '.join(MODES)}")
     res = cls.resources
     if not isinstance(res, Mapping):
         raise fail("resources", "must be a dict with optional 'cpu', 'memory' and 'gpu'")

@@ -40,6 +40,7 @@ from runnerkit.errors import (
     details_from_validation_error,
     unexpected_envelope,
 )
+from runnerkit.isolation import run_isolated
 from runnerkit.logs import emit, log_context
 from runnerkit.metrics import labelled, metrics
 from runnerkit.signing import SignatureError, verify
@@ -58,6 +59,10 @@ UNKNOWN_CAPABILITY = "unknown"
 
 #: Progress events are sent at most this often per job (the last one always).
 PROGRESS_MIN_INTERVAL_S = 1.0
+
+#: How long past its deadline a process-isolated job's answer waits for the kill of its
+#: process (SIGKILL and reaping take milliseconds; this only bounds a pathological case).
+ISOLATED_KILL_WAIT_S = 2.0
 
 #: Header on an answer replayed from the idempotency ledger instead of a new execution.
 REPLAY_HEADER = "Idempotent-Replayed"
@@ -564,11 +569,17 @@ class Executor:
 
         def call() -> Any:
             with log_context(jobId=job.job_id, correlationId=job.correlation_id):
+                if capability.isolation == "process":
+                    return run_isolated(capability, payload, ctx)
                 return capability.dump_output(capability.run(payload, ctx))
 
         thread = _JobThread(call, release)
         thread.start()
         in_time = thread.wait(ctx.remaining_ms / 1000.0)
+        if not in_time and capability.isolation == "process":
+            # Its process is being killed right now: answer once that is done, so the slot
+            # is free when the caller hears TIMEOUT and may send the next job.
+            thread.wait(ISOLATED_KILL_WAIT_S)
         if not in_time or thread.finished_at >= ctx.deadline_monotonic:
             # Past the deadline the caller is owed a TIMEOUT, also when the code returned just
             # then because ctx.wait/ctx.cancelled cut it short: never its partial result.

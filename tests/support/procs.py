@@ -34,6 +34,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, waiting for its parent to reap it) does not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @functools.cache
 def _has_control_socket_setting() -> bool:
     """gunicorn >= 25.1 opens a control socket at one fixed per-user path unless told not to."""

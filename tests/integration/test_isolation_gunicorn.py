@@ -1,0 +1,70 @@
+"""Process isolation under the product's gunicorn settings: forks from gthread workers.
+
+Real ``gunicorn tests.integration.isolated_app:app`` with two workers on a loopback port.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.helpers import new_uuid
+from tests.integration.isolated_app import stubborn_pids
+from tests.support import GunicornProcess, running
+from tests.support.waiting import wait_until
+
+APP = "tests.integration.isolated_app:app"
+
+
+def _execute(proc: GunicornProcess, capability: str, payload: dict[str, Any]) -> Any:
+    body = {
+        "jobId": new_uuid(),
+        "moduleId": "isolation-test",
+        "capabilityId": capability,
+        "payload": payload,
+    }
+    return requests.post(f"{proc.url}/execute", json=body, timeout=30)
+
+
+def test_jobs_run_in_children_of_the_workers(start_gunicorn: Any) -> None:
+    proc = start_gunicorn(app_spec=APP, all_workers=True)
+    workers = set(proc.worker_pids())
+
+    answers = [_execute(proc, "where", {}) for _ in range(6)]
+
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["data"]
+        assert data["parentPid"] in workers, (data, workers, proc.log_text()[-2000:])
+        assert data["pid"] not in workers
+
+
+def test_a_stubborn_job_is_killed_at_its_deadline_and_frees_its_slot(
+    start_gunicorn: Any, tmp_path: Path
+) -> None:
+    proc = start_gunicorn(app_spec=APP, all_workers=True)
+    first_pids = tmp_path / "first"
+
+    started = time.monotonic()
+    first = _execute(proc, "stubborn", {"pidFile": str(first_pids)})
+    elapsed = time.monotonic() - started
+
+    assert first.status_code == 504, first.text
+    assert first.json()["error"]["category"] == "TIMEOUT"
+    assert elapsed < 5.0, f"answered after {elapsed:.1f} s; the deadline is 0.4 s"
+    pids = stubborn_pids(first_pids)
+    wait_until(
+        lambda: not any(running(pid) for pid in pids),
+        timeout=5.0,
+        message=lambda: f"outlived the deadline: {[p for p in pids if running(p)]}",
+    )
+    # maxConcurrency 1 for the instance: the next job runs (and is killed in turn) instead of
+    # meeting 429 CAPACITY_EXCEEDED, whichever worker it reaches.
+    second = _execute(proc, "stubborn", {"pidFile": str(tmp_path / "second")})
+    assert second.status_code == 504, second.text
+    assert (tmp_path / "second").exists()
+    health = requests.get(f"{proc.url}/health", timeout=5)
+    assert health.status_code == 200, health.text

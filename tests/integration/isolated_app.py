@@ -40,7 +40,7 @@ class Where(Capability):
     isolation = "process"
 
     class Input(Schema):
-        pass
+        note = strict.StrictString()
 
     class Output(Schema):
         pid = fields.Integer(required=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import requests
 
+from runnerkit.testing import documents
 from tests.helpers import new_uuid
 from tests.integration.isolated_app import stubborn_pids
 from tests.support import GunicornProcess, running
@@ -68,3 +69,60 @@ def test_a_stubborn_job_is_killed_at_its_deadline_and_frees_its_slot(
     assert (tmp_path / "second").exists()
     health = requests.get(f"{proc.url}/health", timeout=5)
     assert health.status_code == 200, health.text
+
+
+def _wait_for_job(forge: str, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The JobResponse of ``job_id`` once it has ended (completed, failed or cancelled)."""
+
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = requests.get(f"{forge}/jobs/{job_id}", timeout=5).json()
+        return job if job["status"] in ("completed", "failed", "cancelled") else None
+
+    job = wait_until(ended, timeout=timeout, message=f"job {job_id} did not end")
+    assert job is not None
+    return job
+
+
+def test_through_the_forge_progress_and_results_cross_from_the_child(
+    forge_server: str, start_gunicorn: Any
+) -> None:
+    """Asynchronous jobs (timeoutMs above the forge's async threshold): the child's progress
+    and answer go worker → outbox → forge; a killed job is recorded as a TIMEOUT failure."""
+    proc = start_gunicorn(
+        app_spec=APP,
+        standalone=False,
+        env={"RUNNERKIT_JOBFORGE_URL": forge_server},
+        ready_path="/health/ready",
+        all_workers=True,
+    )
+    wait_until(
+        lambda: requests.get(f"{forge_server}/runners", timeout=5).json()["total"] == 1,
+        timeout=20.0,
+        message="the runner did not register",
+    )
+    where = documents.job_request("isolated.where", {"note": "async"}, timeoutMs=20_000)
+    stubborn = documents.job_request(
+        "isolated.stubborn",
+        {"pidFile": "/dev/null"},
+        timeoutMs=20_000,
+        retryPolicy={"maxRetries": 0},
+    )
+    for job in (where, stubborn):
+        accepted = requests.post(f"{forge_server}/jobs", json=job, timeout=5)
+        assert accepted.status_code == 202, accepted.text
+
+    done = _wait_for_job(forge_server, where["id"])
+    assert done["status"] == "completed", done
+    assert done["result"]["data"]["parentPid"] in proc.worker_pids()
+
+    def progress() -> list[dict[str, Any]]:
+        events = requests.get(f"{forge_server}/jobs/{where['id']}/events", timeout=5).json()
+        return [e["data"] for e in events["items"] if e["type"] == "job.progress"]
+
+    # Progress travels through the outbox: it may arrive after the result.
+    reported = wait_until(progress, timeout=15.0, message="no job.progress event arrived")
+    assert reported == [{"percent": 50, "message": "halfway"}]
+
+    killed = _wait_for_job(forge_server, stubborn["id"])
+    assert killed["status"] == "failed", killed
+    assert killed["error"]["category"] == "TIMEOUT", killed

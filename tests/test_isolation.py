@@ -7,7 +7,9 @@ would from a thread.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -163,3 +165,24 @@ def test_a_thread_capability_still_runs_in_the_worker(client: FlaskClient) -> No
 
     assert response.status_code == 200
     assert Echo.calls == before + 1
+
+
+def _run_stubborn(pid_file: str) -> None:
+    ctx = _context(Stubborn(), 60_000, [])
+    run_isolated(Stubborn(), {"pidFile": pid_file}, ctx)
+
+
+def test_a_job_process_dies_with_its_worker(tmp_path: Path) -> None:
+    """A SIGKILLed worker cannot kill its jobs: the kernel does (PR_SET_PDEATHSIG)."""
+    pid_file = tmp_path / "pids"
+    worker = multiprocessing.get_context("fork").Process(
+        target=_run_stubborn, args=(str(pid_file),), daemon=True
+    )
+    worker.start()
+    child, _sleeper = stubborn_pids(pid_file)
+    assert running(child)
+
+    os.kill(worker.pid or 0, signal.SIGKILL)
+    worker.join(10)
+
+    wait_until(lambda: not running(child), timeout=5.0, message=f"job process {child} lives on")

@@ -15,8 +15,10 @@ the exception raised, both pickled; an exception that does not survive pickling 
 as a ``RuntimeError`` naming it. The child also dies with its worker
 (``PR_SET_PDEATHSIG``), so a killed worker leaves no job running behind it.
 
-The price: a ``fork`` per job (a few milliseconds for a typical worker) and a result that
-must pickle. Only the forking thread exists in the child: a lock that another thread of
+The price: a ``fork`` per job and a result that must pickle. For a worker of about 50 MB a
+trivial job took 7.6 ms instead of 0.6 ms, 4 ms of it the worker's own CPU (the fork, and
+copying the pages the worker writes while the child lives): worth it for jobs that run for
+seconds, not for a trivial one. Only the forking thread exists in the child: a lock that another thread of
 the worker held at that moment stays held there, so code that shares state with the worker's
 other threads (a connection pool used by other jobs, say) should open its own in ``run``;
 if it does not, it hangs until the deadline kills it, which is at least bounded.

@@ -1,8 +1,10 @@
 """Part 1: ``POST /execute`` of a trivial capability against a bare Flask route, then a profile.
 
 Both apps run under the product's gunicorn settings (deploy/gunicorn.conf.py: gthread, 2
-workers, 8 threads) at the same time; the load comes from another process (wrk, else
-bench.loadgen) and the contenders take turns, round by round (A B, B A, A B …). Each round
+workers, 8 threads) at the same time, and in the default pass a third contender: the runner
+with its capability declaring ``isolation = "inline"`` (opt-in). The load comes from another
+process (wrk, else bench.loadgen) and the contenders take turns, round by round (A B C,
+C B A, …). Each round
 also records the CPU the server's processes used per request (psutil), which is less
 disturbed by other load on the machine than req/s.
 
@@ -40,6 +42,10 @@ from bench.common import (
 from runnerkit.affinity import PIN_WORKERS_ENV
 
 WRK_SCRIPT = str(Path(__file__).resolve().parent / "wrk_execute.lua")
+
+#: The third contender of the default pass: the same runner, its capability declaring
+#: ``isolation = "inline"`` (opt-in: no job thread, no answer before the code returns).
+INLINE = "runnerkit inline"
 
 #: Cost buckets of the profile, first match wins; each is (name, frame substrings).
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
@@ -194,23 +200,41 @@ def compare(tool: str, contenders: dict[str, GunicornProcess], cfg: Any) -> dict
             "ratio": median(ratios),
             "cpu_ratio": median(cpu_ratios),
         }
+        if INLINE in rounds:
+            inline_ratios = [
+                r["ok_rps"] / f["ok_rps"] if f["ok_rps"] else float("nan")
+                for r, f in zip(rounds[INLINE], rounds["flask"], strict=True)
+            ]
+            levels[str(concurrency)][INLINE] = summarize(rounds[INLINE])
+            levels[str(concurrency)]["inline_ratio"] = median(inline_ratios)
     return levels
 
 
-def _servers(log_dir: Path, suffix: str, env: dict[str, str]) -> dict[str, GunicornProcess]:
+def _servers(
+    log_dir: Path, suffix: str, env: dict[str, str], *, inline: bool = False
+) -> dict[str, GunicornProcess]:
+    """runnerkit and bare Flask; with ``inline``, also runnerkit with ``isolation="inline"``."""
     state_dir = tempfile.mkdtemp(prefix="bench-http-state-")
     runner_env = {"RUNNERKIT_STATE_DIR": state_dir, **env}
-    return {
+    servers = {
         "runnerkit": server(RUNNER_APP, log_dir, name=f"runner{suffix}", env=runner_env),
         "flask": server(FLASK_APP, log_dir, name=f"flask{suffix}", env=dict(env)),
     }
+    if inline:
+        inline_env = {
+            **env,
+            "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
+            "BENCH_ECHO_ISOLATION": "inline",
+        }
+        servers[INLINE] = server(RUNNER_APP, log_dir, name=f"runner-inline{suffix}", env=inline_env)
+    return servers
 
 
 def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
     """The default settings, then both contenders again with GUNICORN_PIN_WORKERS=1."""
     tool = load_tool()
     result: dict[str, Any] = {"load_tool": tool, "duration_s": cfg.http_duration, "levels": {}}
-    contenders = _servers(log_dir, "", {})
+    contenders = _servers(log_dir, "", {}, inline=True)
     runner = contenders["runnerkit"]
     with running(*contenders.values()):
         for proc in contenders.values():
@@ -223,6 +247,7 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
         result["profile"]["cpu_us_per_req"] = level16["runnerkit"]["cpu_us_per_req"]
         result["profile"]["requests_per_s"] = level16["runnerkit"]["rps"]
     _remove_state(runner)
+    _remove_state(contenders[INLINE])
     say("the same with GUNICORN_PIN_WORKERS=1 (each worker on one CPU) for both")
     pinned = _servers(log_dir, "-pinned", {PIN_WORKERS_ENV: "1"})
     with running(*pinned.values()):

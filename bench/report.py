@@ -21,9 +21,10 @@ SUGGESTIONS: dict[str, tuple[str, str]] = {
         "cross-thread wake-ups (about 40 µs of CPU in a bare Python round trip), and the "
         "rest is the job running on the other core (see the one-CPU pass above). Done: "
         "reused daemon threads, a held lock instead of an Event, `GUNICORN_PIN_WORKERS=1` "
-        "(opt-in). Left: pinning only a job thread to its request thread's CPU (threads a "
-        "capability starts would inherit the pin); an opt-in for capabilities that never "
-        "block, run inline, giving up the at-deadline answer for them.",
+        '(opt-in), `isolation = "inline"` (opt-in per capability, for code that never '
+        "blocks: no job thread, no answer before the code returns; measured in section 1). "
+        "Left: pinning only a job thread to its request thread's CPU (threads a capability "
+        "starts would inherit the pin).",
     ),
     "no idempotency ledger": (
         "the idempotency ledger",
@@ -99,6 +100,13 @@ def _summary(results: dict[str, Any]) -> list[str]:
                 f"| /execute throughput ≥ {THROUGHPUT_TARGET}x bare Flask, {level} connections "
                 f"| {_f(ratio, 2)}x | {_ok(ratio >= THROUGHPUT_TARGET)} |"
             )
+        for level, data in http["levels"].items():
+            if "inline_ratio" in data:
+                lines.append(
+                    f'| the same with the capability\'s `isolation = "inline"` (opt-in, no '
+                    f"at-deadline answer), {level} connections | "
+                    f"{_f(data['inline_ratio'], 2)}x | info |"
+                )
         pinned = (http.get("pinned") or {}).get("levels") or {}
         for level, data in pinned.items():
             lines.append(
@@ -170,7 +178,7 @@ def _http(http: dict[str, Any]) -> list[str]:
         f"Trivial `echo` capability vs a bare Flask route doing the same JSON echo, both under "
         f"deploy/gunicorn.conf.py (gthread, 2 workers, 8 threads) at the same time, load from "
         f"`{http['load_tool']}` in its own process, {http['duration_s']:g} s per round, "
-        f"contenders alternating (A B, B A …). Medians over rounds; the ratio is the median of "
+        f"contenders alternating (A B C, C B A …). Medians over rounds; the ratio is the median of "
         f"per-round ratios of successful (200) req/s. CPU µs/req is the server processes' "
         f"user+system CPU per request (psutil), the least noise-sensitive figure here.",
         "",
@@ -187,6 +195,27 @@ def _http(http: dict[str, Any]) -> list[str]:
         "(they are excluded from 'ok req/s').",
         "",
     ]
+    inline = [(level, data) for level, data in http["levels"].items() if "inline_ratio" in data]
+    if inline:
+        lines += [
+            '**With `isolation = "inline"`** (opt-in, a third contender in the same rounds): '
+            "the echo capability runs on the request's thread, with no job thread to hand it "
+            "to, and the caller is answered when the code returns (a late answer is still "
+            "`TIMEOUT`).",
+            "",
+            "| conns | inline ok req/s | Flask req/s | ratio | inline p50 / p99 ms "
+            "| CPU µs/req inline / default / Flask |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for level, data in inline:
+            i, r, f = data["runnerkit inline"], data["runnerkit"], data["flask"]
+            lines.append(
+                f"| {level} | {_f(i['ok_rps'])} | {_f(f['ok_rps'])} "
+                f"| {_f(data['inline_ratio'], 2)}x | {_f(i['p50_ms'], 1)} / {_f(i['p99_ms'], 1)} "
+                f"| {_f(i['cpu_us_per_req'])} / {_f(r['cpu_us_per_req'])} "
+                f"/ {_f(f['cpu_us_per_req'])} |"
+            )
+        lines.append("")
     pinned = http.get("pinned") or {}
     if pinned.get("levels"):
         lines += [

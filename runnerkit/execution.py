@@ -338,6 +338,11 @@ class _JobThread:
     def start(self) -> None:
         _job_pool().submit(self._run)
 
+    def run_here(self) -> None:
+        """Run on the calling thread (``isolation = "inline"``): no hand-off, and no answer
+        before the code returns; an answer that comes late is still a ``TIMEOUT``."""
+        self._run()
+
     def _run(self) -> None:
         try:
             self.result = self._target()
@@ -574,7 +579,10 @@ class Executor:
                 return capability.dump_output(capability.run(payload, ctx))
 
         thread = _JobThread(call, release)
-        thread.start()
+        if capability.isolation == "inline":
+            thread.run_here()
+        else:
+            thread.start()
         in_time = thread.wait(ctx.remaining_ms / 1000.0)
         if not in_time and capability.isolation == "process":
             # Its process is being killed right now: answer once that is done, so the slot

@@ -18,10 +18,12 @@ as a ``RuntimeError`` naming it. The child also dies with its worker
 The price: a ``fork`` per job and a result that must pickle. For a worker of about 50 MB a
 trivial job took 7.6 ms instead of 0.6 ms, 4 ms of it the worker's own CPU (the fork, and
 copying the pages the worker writes while the child lives): worth it for jobs that run for
-seconds, not for a trivial one. Only the forking thread exists in the child: a lock that another thread of
-the worker held at that moment stays held there, so code that shares state with the worker's
-other threads (a connection pool used by other jobs, say) should open its own in ``run``;
-if it does not, it hangs until the deadline kills it, which is at least bounded.
+seconds, not for a trivial one.
+
+Only the forking thread exists in the child: a lock that another thread of the worker held
+at that moment stays held there, so code that shares state with the worker's other threads
+(a connection pool used by other jobs, say) should open its own in ``run``; if it does not,
+it hangs until the deadline kills it, which is at least bounded.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from runnerkit.errors import Timeout
 if TYPE_CHECKING:
     from runnerkit.capability import Capability, Context, Progress
 
-#: The ``isolation`` values a Capability may declare.
-MODES = ("thread", "process")
+#: The ``isolation`` values a Capability may declare (see ``Capability.isolation``).
+MODES = ("thread", "process", "inline")
 
 _HEADER = struct.Struct("!I")
 #: Signals whose handlers the child inherits from the worker (gunicorn's) and must not run.

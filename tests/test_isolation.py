@@ -10,12 +10,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 from flask.testing import FlaskClient
+from marshmallow import Schema, fields
 
 from runnerkit import Capability, Context, Runner
 from runnerkit.capability import CapabilityDefinitionError, Progress
@@ -145,7 +148,7 @@ def test_a_child_that_dies_is_answered_500_retryable(isolated: FlaskClient) -> N
     assert envelope["retryable"] is True
 
 
-def test_isolation_must_be_thread_or_process() -> None:
+def test_isolation_must_be_one_of_the_modes() -> None:
     with pytest.raises(CapabilityDefinitionError, match=r"Bad\.isolation"):
 
         class Bad(Where):
@@ -186,3 +189,56 @@ def test_a_job_process_dies_with_its_worker(tmp_path: Path) -> None:
     worker.join(10)
 
     wait_until(lambda: not running(child), timeout=5.0, message=f"job process {child} lives on")
+
+
+# -- isolation = "inline": on the request's own thread ---------------------------------------
+
+
+class Inline(Capability):
+    """Answers the thread it ran on; sleeps ``ms`` first."""
+
+    id = "inline"
+    job_types = ["isolated.inline"]
+    max_concurrency = 1
+    timeout_ms = 300
+    isolation = "inline"
+
+    class Input(Schema):
+        ms = fields.Integer(required=True)
+
+    class Output(Schema):
+        thread = fields.Integer(required=True)
+
+    def run(self, payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        time.sleep(payload["ms"] / 1000.0)
+        return {"thread": threading.get_ident()}
+
+
+@pytest.fixture
+def inline(tmp_path: Path) -> FlaskClient:
+    runner = Runner("inline-runner", version="1.0.0", capabilities=[Inline()])
+    app = runner.create_app(
+        {"RUNNERKIT_JOBFORGE_URL": "", "RUNNERKIT_STATE_DIR": str(tmp_path / "state")}
+    )
+    return app.test_client()
+
+
+def test_an_inline_job_runs_on_the_request_thread(inline: FlaskClient) -> None:
+    response = post_execute(inline, "inline", {"ms": 0})
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert strict_json(response)["data"]["thread"] == threading.get_ident()
+
+
+def test_an_inline_job_that_overruns_is_answered_timeout_when_it_returns(
+    inline: FlaskClient,
+) -> None:
+    started = time.monotonic()
+    late = post_execute(inline, "inline", {"ms": 600})
+    elapsed = time.monotonic() - started
+
+    envelope = assert_failure(late, 504, "TIMEOUT")
+    assert envelope["code"] == "DEADLINE_EXCEEDED"
+    assert elapsed >= 0.6, "inline code cannot be answered for before it returns"
+    # Its slot (maxConcurrency 1) was given back with the answer.
+    assert post_execute(inline, "inline", {"ms": 0}).status_code == 200

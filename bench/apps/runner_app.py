@@ -2,7 +2,8 @@
 
 Everything else is runnerkit's defaults. ``BENCH_ECHO_MAX_CONCURRENCY`` sets the capability's
 ``max_concurrency`` (default 64, so concurrency slots never limit the HTTP benchmark; the
-forge benchmark sets 6, one worker's job allowance: 8 threads less 2 reserved).
+forge benchmark sets 6, one worker's job allowance: 8 threads less 2 reserved);
+``BENCH_ECHO_ISOLATION`` its ``isolation`` (default ``thread``, runnerkit's default).
 
 Serve with ``gunicorn -c deploy/gunicorn.conf.py bench.apps.runner_app:app``.
 """
@@ -26,6 +27,7 @@ class Echo(Capability):
     job_types = ["bench.echo"]
     max_concurrency = int(os.environ.get("BENCH_ECHO_MAX_CONCURRENCY", "64"))
     timeout_ms = 5_000
+    isolation = os.environ.get("BENCH_ECHO_ISOLATION", "thread")
 
     class Input(Schema):
         text = strict.StrictString(required=True)

@@ -564,8 +564,14 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         r = [http["levels"][lv]["runnerkit"]["ok_rps"] for lv in levels]
         f = [http["levels"][lv]["flask"]["ok_rps"] for lv in levels]
         ax = axes[0][0]
-        ax.bar([i - 0.2 for i in x], r, 0.4, label="runnerkit /execute (200s)")
-        ax.bar([i + 0.2 for i in x], f, 0.4, label="bare Flask echo")
+        inline = [http["levels"][lv].get("runnerkit inline", {}).get("ok_rps") for lv in levels]
+        if all(v is not None for v in inline):
+            ax.bar([i - 0.27 for i in x], r, 0.27, label="runnerkit /execute (200s)")
+            ax.bar(list(x), inline, 0.27, label='the same, isolation="inline"')
+            ax.bar([i + 0.27 for i in x], f, 0.27, label="bare Flask echo")
+        else:
+            ax.bar([i - 0.2 for i in x], r, 0.4, label="runnerkit /execute (200s)")
+            ax.bar([i + 0.2 for i in x], f, 0.4, label="bare Flask echo")
         ax.set_xticks(list(x), [f"{lv} conns\n{http['levels'][lv]['ratio']:.2f}x" for lv in levels])
         ax.set_ylabel("requests/s (median)")
         ax.set_title("/execute throughput")

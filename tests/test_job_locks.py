@@ -89,12 +89,18 @@ def test_a_synchronous_claim_is_one_lock_and_its_answer_one_row(tmp_path: Path) 
     assert ledger.size() == 1
 
 
-def test_a_retryable_failure_runs_again_as_a_new_attempt(tmp_path: Path) -> None:
-    ledger = _ledger(tmp_path)
+def _failed_retryably(ledger: Ledger) -> str:
+    """A jobId whose first attempt ran and failed with a retryable error."""
     job_id = str(uuid.uuid4())
     assert ledger.claim(job_id).outcome == "run"
     failure = {"jobId": job_id, "success": False, "error": {"retryable": True}}
     ledger.complete(job_id, 503, json.dumps(failure))
+    return job_id
+
+
+def test_a_retryable_failure_runs_again_as_a_new_attempt(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    job_id = _failed_retryably(ledger)
 
     again = ledger.claim(job_id)
 
@@ -134,10 +140,7 @@ def test_giving_back_a_first_synchronous_claim_writes_nothing(
 
 def test_giving_back_a_new_attempt_removes_its_row(tmp_path: Path) -> None:
     ledger = _ledger(tmp_path)
-    job_id = str(uuid.uuid4())
-    assert ledger.claim(job_id).outcome == "run"
-    failure = {"jobId": job_id, "success": False, "error": {"retryable": True}}
-    ledger.complete(job_id, 503, json.dumps(failure))
+    job_id = _failed_retryably(ledger)
     again = ledger.claim(job_id)
     assert (again.outcome, again.recorded) == ("run", True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -242,3 +243,36 @@ def test_an_inline_job_that_overruns_is_answered_timeout_when_it_returns(
     assert elapsed >= 0.6, "inline code cannot be answered for before it returns"
     # Its slot (maxConcurrency 1) was given back with the answer.
     assert post_execute(inline, "inline", {"ms": 0}).status_code == 200
+
+
+def test_a_job_process_holds_no_copy_of_the_workers_connections(tmp_path: Path) -> None:
+    """A connection the worker closes is closed for its client at once, job running or not.
+
+    Otherwise the child's copy would keep it open: a client reusing it from a keep-alive
+    pool would send a request nobody reads, and wait for its timeout.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        served, _ = listener.accept()  # the worker's end of a client's connection
+    pid_file = tmp_path / "pids"
+    errors: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            run_isolated(Stubborn(), {"pidFile": str(pid_file)}, _context(Stubborn(), 60_000, []))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    child, _sleeper = stubborn_pids(pid_file)
+    try:
+        served.close()  # the worker is done with this connection
+
+        client.settimeout(3.0)
+        assert client.recv(1) == b"", "the client did not see the connection close"
+    finally:
+        client.close()
+        os.kill(child, signal.SIGKILL)
+        worker.join(10)
+    assert errors and "was killed by SIGKILL" in str(errors[0])

@@ -9,7 +9,8 @@ takes over. The holder records a heartbeat in the database (``meta.dispatcher``)
 One tick of the holder:
 
 1. housekeeping (:meth:`JobStore.sweep`): offline runners, requeues, overdue attempts,
-   expired jobs;
+   expired jobs; once a minute, finished jobs past HISTORY_RETENTION_HOURS are deleted
+   (:meth:`JobStore.prune`);
 2. one write transaction for everything else: first the runners' answers that arrived
    since the last tick (:meth:`JobStore.finish_in` for each: completed, retrying, failed),
    then matching: waiting jobs (queued, or retrying with their next-attempt time come) by
@@ -70,6 +71,8 @@ _ENVELOPE_SCHEMA = ErrorEnvelopeSchema()
 #: DISPATCHER_STALE_MS) and runs housekeeping.
 HEARTBEAT_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.25
+#: How often the holder deletes finished jobs past HISTORY_RETENTION_HOURS (a batch a time).
+PRUNE_EVERY_S = 60.0
 #: A non-holder tries to take the lock this often (at least).
 FOLLOWER_POLL_S = 0.25
 
@@ -183,6 +186,7 @@ class Dispatcher:
         self._capabilities: dict[str, tuple[str, list[tuple[str, int, frozenset[str]]]]] = {}
         self._last_heartbeat = 0.0
         self._last_sweep = 0.0
+        self._last_prune = 0.0
         self._http = threading.local()  # each send thread's connections, by runner
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -301,6 +305,11 @@ class Dispatcher:
             summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace, now=now)
             if any(summary.values()):
                 log.info("housekeeping: %s", summary)
+        if now.ts - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now.ts
+            pruned = self.jobs.prune(now)
+            if pruned:
+                log.info("housekeeping: deleted %d finished jobs past their retention", pruned)
         return self._match(now)
 
     def _heartbeat(self, now: Clock) -> None:

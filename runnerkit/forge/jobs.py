@@ -52,6 +52,9 @@ ACTIVE_STATUSES = ("pending", "queued", "retrying", "running")
 #: Statuses a job never leaves.
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
+#: The most finished jobs one housekeeping pass deletes (a pass is one transaction).
+PRUNE_BATCH = 1000
+
 _string = json.JSONEncoder().encode  # a str as db.dumps writes it
 
 _SLOT_FREE: dict[str, Any] = {"slot_runner": None, "slot_capability": None, "lease_until": None}
@@ -731,6 +734,18 @@ class JobStore:
                 object_json=result_json,
             ),
         )
+
+    def prune(self, now: Clock | None = None, limit: int = PRUNE_BATCH) -> int:
+        """Delete finished jobs older than HISTORY_RETENTION_HOURS (at most ``limit``), with
+        their events; how many. A forge that runs for months keeps its size, and its lists
+        and counts their speed. TruthCore assertions are a record of their own and stay.
+        """
+        hours = float(self.settings.history_retention_hours)
+        if hours <= 0:
+            return 0
+        before = Clock((now or Clock()).ts - hours * 3600.0)
+        with self.db.tx() as conn:
+            return db.prune_finished_jobs(conn, before=before.z, limit=limit)
 
     def sweep(
         self, *, in_flight: Mapping[str, int], grace_from: float, now: Clock | None = None

@@ -15,6 +15,7 @@ from runnerkit.config import (
     ResolvedSettings,
     Setting,
     parse_bool,
+    parse_nonnegative_float,
     parse_nonnegative_int,
     parse_positive_float,
     parse_positive_int,
@@ -121,6 +122,14 @@ SETTINGS: tuple[Setting, ...] = (
         500,
         parse_positive_int,
         "Largest 'limit' accepted by the list endpoints.",
+    ),
+    Setting(
+        "HISTORY_RETENTION_HOURS",
+        168.0,
+        parse_nonnegative_float,
+        "Finished jobs (completed, failed, cancelled) last updated longer ago than this are "
+        "deleted, with their events, by the dispatcher's housekeeping (at most 1000 a minute); "
+        "0 keeps them all. TruthCore assertions are kept.",
     ),
     Setting(
         "RETRY_AFTER_CAP_S",

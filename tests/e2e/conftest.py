@@ -328,13 +328,13 @@ class Stack:
         """SIGKILL the runner's whole gunicorn tree (master, workers, sentinel) at once.
 
         The sentinel runs in its own session and outlives the worker that started it, so it
-        is not always below the master: it is found by its command line and killed first.
+        is not always below the master: it is found by its command line, once the tree is
+        frozen (a worker still starting could otherwise start one after the search), and
+        killed with the tree.
         """
         instance = self.runners[label]
-        for sentinel in _sentinels(instance.state_dir):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                sentinel.kill()  # not waited for: its parent, a worker, reaps it (or dies)
-        instance.proc.kill()
+        # Listed once the tree is frozen: a worker still starting cannot spawn another.
+        instance.proc.kill(also=lambda: _sentinels(instance.state_dir))
 
     def stop(self) -> None:
         """Stop the runners first (they deregister from a forge still up), then the forge."""

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -272,10 +272,15 @@ class GunicornProcess:
                 self._log_file = None
         return self.process.returncode
 
-    def kill(self) -> None:
-        """SIGKILL the master and every descendant at once."""
+    def kill(self, also: Callable[[], Iterable[psutil.Process]] | None = None) -> None:
+        """SIGKILL the master and every descendant at once.
+
+        ``also()`` lists processes outside the tree to kill with it (a runner's sentinel runs
+        in a session of its own); it is called once the tree is frozen, so a worker still
+        starting cannot start another one after the list was made.
+        """
         if self.process is not None:
-            self._kill(self._tree())
+            self._kill(self._tree(), also)
 
     def _tree(self) -> list[psutil.Process]:
         try:
@@ -289,12 +294,23 @@ class GunicornProcess:
         for proc in procs:
             self._seen.setdefault(proc.pid, proc)
 
-    def _kill(self, procs: list[psutil.Process]) -> None:
+    def _kill(
+        self,
+        procs: list[psutil.Process],
+        also: Callable[[], Iterable[psutil.Process]] | None = None,
+    ) -> None:
         # Freeze them all first: killed one by one, a process still running could react to
         # another's death in between (a runner's sentinel deregisters once the master is gone).
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.suspend()  # SIGSTOP; psutil checks the pid still names the same process
+        # Children started while the list was made, then what lives outside the tree.
+        late = [p for p in self._tree() if p.pid not in {q.pid for q in procs}]
+        late += list(also()) if also is not None else []
+        for proc in late:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.suspend()
+        procs = [*procs, *late]
         for proc in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()

@@ -112,7 +112,7 @@ def _collect(read_fd: int, child: _Child, ctx: Context) -> tuple[str, Any]:
     """Read the child's frames until its answer, its death or the deadline."""
     poller = select.poll()  # not select(): a worker's descriptors may number over 1024
     poller.register(read_fd, select.POLLIN)
-    buffer = b""
+    buffer = bytearray()  # appended to in place: a large result must not be copied per read
     answer: tuple[str, Any] | None = None
     while answer is None:
         remaining = ctx.deadline_monotonic - time.monotonic()
@@ -134,7 +134,7 @@ def _collect(read_fd: int, child: _Child, ctx: Context) -> tuple[str, Any]:
             if len(buffer) < _HEADER.size + size:
                 break
             frame = pickle.loads(buffer[_HEADER.size : _HEADER.size + size])
-            buffer = buffer[_HEADER.size + size :]
+            del buffer[: _HEADER.size + size]
             if frame[0] == "progress":
                 ctx.progress(frame[1], frame[2])
             else:

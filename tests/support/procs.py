@@ -305,7 +305,8 @@ class GunicornProcess:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.suspend()  # SIGSTOP; psutil checks the pid still names the same process
         # Children started while the list was made, then what lives outside the tree.
-        late = [p for p in self._tree() if p.pid not in {q.pid for q in procs}]
+        listed = {p.pid for p in procs}
+        late = [p for p in self._tree() if p.pid not in listed]
         late += list(also()) if also is not None else []
         for proc in late:
             with contextlib.suppress(psutil.NoSuchProcess):

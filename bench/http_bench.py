@@ -1,12 +1,12 @@
 """Part 1: ``POST /execute`` of a trivial capability against a bare Flask route, then a profile.
 
 Both apps run under the product's gunicorn settings (deploy/gunicorn.conf.py: gthread, 2
-workers, 8 threads) at the same time, and in the default pass a third contender: the runner
-with its capability declaring ``isolation = "inline"`` (opt-in). The load comes from another
-process (wrk, else bench.loadgen) and the contenders take turns, round by round (A B C,
-C B A, …). Each round
-also records the CPU the server's processes used per request (psutil), which is less
-disturbed by other load on the machine than req/s.
+workers, 8 threads) at the same time, and in the default pass two more contenders: the runner
+with its capability declaring ``isolation = "inline"`` (opt-in), and the runner with every
+removable step taken away (``bench.ablations``; a measuring stick, not a setting). The load
+comes from another process (wrk, else bench.loadgen) and the contenders take turns, round by
+round (A B C D, D C B A, …). Each round also records the CPU the server's processes used per
+request (psutil), which is less disturbed by other load on the machine than req/s.
 
 The profile: py-spy samples both runner workers (``--gil``: only the thread holding the GIL,
 so samples are CPU time) under load, and each sample is put in one cost bucket (the first
@@ -46,6 +46,17 @@ WRK_SCRIPT = str(Path(__file__).resolve().parent / "wrk_execute.lua")
 #: The third contender of the default pass: the same runner, its capability declaring
 #: ``isolation = "inline"`` (opt-in: no job thread, no answer before the code returns).
 INLINE = "runnerkit inline"
+
+#: The fourth: the same runner with every step ``bench.ablations`` can remove taken away
+#: (ledger, job thread, job log, metrics, slots, marshmallow). It answers how close to bare
+#: Flask the rest of the pipeline (routing, envelope, context, limits, admission) can get.
+STRIPPED = "runnerkit stripped"
+
+#: Each extra contender: its key for the ratio in a level's result, and the app's environment.
+EXTRAS: dict[str, tuple[str, dict[str, str]]] = {
+    INLINE: ("inline_ratio", {"BENCH_ECHO_ISOLATION": "inline"}),
+    STRIPPED: ("stripped_ratio", {"BENCH_ECHO_STRIPPED": "1"}),
+}
 
 #: Cost buckets of the profile, first match wins; each is (name, frame substrings).
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
@@ -200,33 +211,36 @@ def compare(tool: str, contenders: dict[str, GunicornProcess], cfg: Any) -> dict
             "ratio": median(ratios),
             "cpu_ratio": median(cpu_ratios),
         }
-        if INLINE in rounds:
-            inline_ratios = [
-                r["ok_rps"] / f["ok_rps"] if f["ok_rps"] else float("nan")
-                for r, f in zip(rounds[INLINE], rounds["flask"], strict=True)
-            ]
-            levels[str(concurrency)][INLINE] = summarize(rounds[INLINE])
-            levels[str(concurrency)]["inline_ratio"] = median(inline_ratios)
+        for name, (key, _) in EXTRAS.items():
+            if name in rounds:
+                extra_ratios = [
+                    r["ok_rps"] / f["ok_rps"] if f["ok_rps"] else float("nan")
+                    for r, f in zip(rounds[name], rounds["flask"], strict=True)
+                ]
+                levels[str(concurrency)][name] = summarize(rounds[name])
+                levels[str(concurrency)][key] = median(extra_ratios)
     return levels
 
 
 def _servers(
-    log_dir: Path, suffix: str, env: dict[str, str], *, inline: bool = False
+    log_dir: Path, suffix: str, env: dict[str, str], *, extras: bool = False
 ) -> dict[str, GunicornProcess]:
-    """runnerkit and bare Flask; with ``inline``, also runnerkit with ``isolation="inline"``."""
+    """runnerkit and bare Flask; with ``extras``, also the runners of ``EXTRAS``."""
     state_dir = tempfile.mkdtemp(prefix="bench-http-state-")
     runner_env = {"RUNNERKIT_STATE_DIR": state_dir, **env}
     servers = {
         "runnerkit": server(RUNNER_APP, log_dir, name=f"runner{suffix}", env=runner_env),
         "flask": server(FLASK_APP, log_dir, name=f"flask{suffix}", env=dict(env)),
     }
-    if inline:
-        inline_env = {
-            **env,
-            "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
-            "BENCH_ECHO_ISOLATION": "inline",
-        }
-        servers[INLINE] = server(RUNNER_APP, log_dir, name=f"runner-inline{suffix}", env=inline_env)
+    if extras:
+        for name, (_, extra_env) in EXTRAS.items():
+            proc_env = {
+                **env,
+                "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
+                **extra_env,
+            }
+            label = f"runner-{name.split()[-1]}{suffix}"
+            servers[name] = server(RUNNER_APP, log_dir, name=label, env=proc_env)
     return servers
 
 
@@ -234,7 +248,7 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
     """The default settings, then both contenders again with GUNICORN_PIN_WORKERS=1."""
     tool = load_tool()
     result: dict[str, Any] = {"load_tool": tool, "duration_s": cfg.http_duration, "levels": {}}
-    contenders = _servers(log_dir, "", {}, inline=True)
+    contenders = _servers(log_dir, "", {}, extras=True)
     runner = contenders["runnerkit"]
     with running(*contenders.values()):
         for proc in contenders.values():
@@ -246,8 +260,8 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
         level16 = result["levels"].get("16") or next(iter(result["levels"].values()))
         result["profile"]["cpu_us_per_req"] = level16["runnerkit"]["cpu_us_per_req"]
         result["profile"]["requests_per_s"] = level16["runnerkit"]["rps"]
-    _remove_state(runner)
-    _remove_state(contenders[INLINE])
+    for name in ("runnerkit", *EXTRAS):
+        _remove_state(contenders[name])
     say("the same with GUNICORN_PIN_WORKERS=1 (each worker on one CPU) for both")
     pinned = _servers(log_dir, "-pinned", {PIN_WORKERS_ENV: "1"})
     with running(*pinned.values()):

@@ -16,7 +16,6 @@ Run: ``python -m bench.inprocess --requests 2000 --rounds 5`` → ``BENCH_JSON {
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -26,7 +25,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 # Before runnerkit creates its metrics: multiprocess mode, as under gunicorn.
@@ -36,8 +34,8 @@ os.environ.pop("RUNNERKIT_JOBFORGE_URL", None)
 os.environ.pop("JOBFORGE_URL", None)
 os.environ["RUNNERKIT_WORKER_THREADS"] = "8"
 
+from bench import ablations  # noqa: E402
 from bench.apps import flask_app, runner_app  # noqa: E402
-from runnerkit import execution, http, state  # noqa: E402
 
 RUNNER = runner_app.runner
 
@@ -49,142 +47,7 @@ def _body() -> bytes:
     )
 
 
-@contextlib.contextmanager
-def patched(target: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(target, name)
-    setattr(target, name, value)
-    try:
-        yield
-    finally:
-        setattr(target, name, old)
-
-
-class _NoMetric:
-    def labels(self, *args: Any) -> _NoMetric:
-        return self
-
-    def inc(self, *args: Any) -> None:
-        pass
-
-    def dec(self, *args: Any) -> None:
-        pass
-
-    def observe(self, *args: Any) -> None:
-        pass
-
-    def set(self, *args: Any) -> None:
-        pass
-
-
-class _NoMetrics:
-    def __getattr__(self, name: str) -> _NoMetric:
-        return _NoMetric()
-
-
-@contextlib.contextmanager
-def no_ledger() -> Iterator[None]:
-    with (
-        patched(state.Ledger, "claim", lambda self, job_id, **kw: state.Claim("run")),
-        patched(state.Ledger, "complete", lambda self, *a, **kw: None),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def no_job_thread() -> Iterator[None]:
-    with patched(execution._JobThread, "start", lambda self: self._run()):
-        yield
-
-
-@contextlib.contextmanager
-def no_job_log() -> Iterator[None]:
-    logger = logging.getLogger("runnerkit.job")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def no_metrics() -> Iterator[None]:
-    none = _NoMetrics()
-    with (
-        patched(execution, "metrics", lambda: none),
-        patched(http, "metrics", lambda: none),
-        patched(execution, "labelled", lambda metric, *values: metric),
-        patched(http, "labelled", lambda metric, *values: metric),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def no_slots() -> Iterator[None]:
-    with (
-        patched(state.SlotTable, "acquire", lambda self, cap: state.Slot(cap, 0)),
-        patched(state.SlotTable, "release", lambda self, slot: None),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def no_marshmallow() -> Iterator[None]:
-    def load_request(body: dict[str, Any]) -> dict[str, Any]:
-        return {"timeoutMs": 30000, **body, "metadata": body.get("metadata", {})}
-
-    capability = RUNNER.capabilities["echo"]
-    with (
-        patched(execution, "load_execution_request", load_request),
-        patched(capability, "load_input", lambda payload: dict(payload)),
-        patched(capability, "dump_output", lambda result: dict(result)),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def no_output_reload() -> Iterator[None]:
-    """dump_output dumps through Output and then loads the dump again to check it."""
-    capability = RUNNER.capabilities["echo"]
-    out = capability._output_schema
-    with patched(capability, "dump_output", lambda result: out.dump(result)):
-        yield
-
-
-@contextlib.contextmanager
-def cached_runner_id() -> Iterator[None]:
-    """Runner.runner_id is recomputed (uuid5, or an identity file stat) for every answer."""
-    value = RUNNER.runner_id
-    with patched(type(RUNNER), "runner_id", property(lambda self: value)):
-        yield
-
-
-@contextlib.contextmanager
-def everything_off() -> Iterator[None]:
-    with (
-        no_ledger(),
-        no_job_thread(),
-        no_job_log(),
-        no_metrics(),
-        no_slots(),
-        no_marshmallow(),
-        cached_runner_id(),
-    ):
-        yield
-
-
-VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "baseline": contextlib.nullcontext,
-    "no idempotency ledger": no_ledger,
-    "no job thread (run inline)": no_job_thread,
-    "no job log line": no_job_log,
-    "no metrics": no_metrics,
-    "no concurrency slot locks": no_slots,
-    "no marshmallow at all": no_marshmallow,
-    "no output re-load (dump only)": no_output_reload,
-    "runner_id computed once": cached_runner_id,
-    "all of the above off": everything_off,
-}
+VARIANTS = ablations.variants(RUNNER)
 
 
 def _environ(body: bytes) -> dict[str, Any]:

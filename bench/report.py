@@ -107,6 +107,13 @@ def _summary(results: dict[str, Any]) -> list[str]:
                     f"at-deadline answer), {level} connections | "
                     f"{_f(data['inline_ratio'], 2)}x | info |"
                 )
+        for level, data in http["levels"].items():
+            if "stripped_ratio" in data:
+                lines.append(
+                    "| the ceiling: runnerkit with ledger, job thread, job log, metrics, slots "
+                    f"and marshmallow all taken away (bench only), {level} connections | "
+                    f"{_f(data['stripped_ratio'], 2)}x | info |"
+                )
         pinned = (http.get("pinned") or {}).get("levels") or {}
         for level, data in pinned.items():
             lines.append(
@@ -214,6 +221,30 @@ def _http(http: dict[str, Any]) -> list[str]:
                 f"| {_f(data['inline_ratio'], 2)}x | {_f(i['p50_ms'], 1)} / {_f(i['p99_ms'], 1)} "
                 f"| {_f(i['cpu_us_per_req'])} / {_f(r['cpu_us_per_req'])} "
                 f"/ {_f(f['cpu_us_per_req'])} |"
+            )
+        lines.append("")
+    stripped = [(level, data) for level, data in http["levels"].items() if "stripped_ratio" in data]
+    if stripped:
+        lines += [
+            "**The ceiling** (a fourth contender in the same rounds, `BENCH_ECHO_STRIPPED=1`, "
+            "not a runnerkit setting): the same runner with every step `bench/ablations.py` "
+            "can take away replaced by a no-op in its workers: no idempotency ledger, no job "
+            "thread, no job log line, no metrics, no concurrency slots, no marshmallow. What "
+            "is left is the rest of the pipeline (routing, signature and body-limit checks, "
+            "admission, `Context`, the response envelope). Its ratio bounds what removing "
+            "costs from those steps could ever give.",
+            "",
+            "| conns | stripped ok req/s | Flask req/s | ratio | stripped p50 / p99 ms "
+            "| CPU µs/req stripped / default / Flask |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for level, data in stripped:
+            c, r, f = data["runnerkit stripped"], data["runnerkit"], data["flask"]
+            lines.append(
+                f"| {level} | {_f(c['ok_rps'])} | {_f(f['ok_rps'])} "
+                f"| {_f(data['stripped_ratio'], 2)}x | {_f(c['p50_ms'], 1)} / "
+                f"{_f(c['p99_ms'], 1)} | {_f(c['cpu_us_per_req'])} / "
+                f"{_f(r['cpu_us_per_req'])} / {_f(f['cpu_us_per_req'])} |"
             )
         lines.append("")
     pinned = http.get("pinned") or {}
@@ -564,14 +595,19 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         r = [http["levels"][lv]["runnerkit"]["ok_rps"] for lv in levels]
         f = [http["levels"][lv]["flask"]["ok_rps"] for lv in levels]
         ax = axes[0][0]
-        inline = [http["levels"][lv].get("runnerkit inline", {}).get("ok_rps") for lv in levels]
-        if all(v is not None for v in inline):
-            ax.bar([i - 0.27 for i in x], r, 0.27, label="runnerkit /execute (200s)")
-            ax.bar(list(x), inline, 0.27, label='the same, isolation="inline"')
-            ax.bar([i + 0.27 for i in x], f, 0.27, label="bare Flask echo")
-        else:
-            ax.bar([i - 0.2 for i in x], r, 0.4, label="runnerkit /execute (200s)")
-            ax.bar([i + 0.2 for i in x], f, 0.4, label="bare Flask echo")
+        series = [("runnerkit /execute (200s)", r)]
+        for name, label in (
+            ("runnerkit inline", 'the same, isolation="inline"'),
+            ("runnerkit stripped", "the same, every removable step off"),
+        ):
+            values = [http["levels"][lv].get(name, {}).get("ok_rps") for lv in levels]
+            if all(v is not None for v in values):
+                series.append((label, values))
+        series.append(("bare Flask echo", f))
+        width = 0.8 / len(series)
+        for index, (label, values) in enumerate(series):
+            offset = (index - (len(series) - 1) / 2) * width
+            ax.bar([i + offset for i in x], values, width, label=label)
         ax.set_xticks(list(x), [f"{lv} conns\n{http['levels'][lv]['ratio']:.2f}x" for lv in levels])
         ax.set_ylabel("requests/s (median)")
         ax.set_title("/execute throughput")

@@ -4,12 +4,16 @@ Everything else is runnerkit's defaults. ``BENCH_ECHO_MAX_CONCURRENCY`` sets the
 ``max_concurrency`` (default 64, so concurrency slots never limit the HTTP benchmark; the
 forge benchmark sets 6, one worker's job allowance: 8 threads less 2 reserved);
 ``BENCH_ECHO_ISOLATION`` its ``isolation`` (default ``thread``, runnerkit's default).
+``BENCH_ECHO_STRIPPED=1`` takes away every step ``bench.ablations`` can remove (ledger, job
+thread, job log, metrics, slots, marshmallow): not a runnerkit setting, a measuring stick for
+how close to bare Flask runnerkit's remaining pipeline could ever get.
 
 Serve with ``gunicorn -c deploy/gunicorn.conf.py bench.apps.runner_app:app``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -41,3 +45,10 @@ class Echo(Capability):
 
 runner = Runner("bench-runner", version="1.0.0", capabilities=[Echo()], tags=["bench"])
 app = runner.create_app()
+
+if os.environ.get("BENCH_ECHO_STRIPPED") == "1":
+    from bench.ablations import everything_off
+
+    # Entered for the life of the process: the stand-ins replace the steps in every worker.
+    _STRIPPED = contextlib.ExitStack()
+    _STRIPPED.enter_context(everything_off(runner))

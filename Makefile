@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 3000
 FORGE_PORT ?= 3002
 
-.PHONY: venv run serve test lint format typecheck pytest docker clean
+.PHONY: venv run serve test lint format typecheck pytest docker clean docs
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint pytest
+
+docs: $(STAMP)
+	$(BIN)/python -c "from runnerkit.config import write_settings_doc as w; w('docs/configuration.md')"
 
 docker:
 	docker build -f deploy/Dockerfile -t runnerkit-example .

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runnerkit.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
+
 PREFIX = "RUNNERKIT_"
 
 
@@ -183,10 +185,16 @@ SETTINGS: tuple[Setting, ...] = (
         "Run without request signing even in production (insecure; say so explicitly).",
     ),
     Setting(
-        "MAX_JSON_DEPTH", 64, parse_positive_int, "Deepest JSON nesting accepted; deeper gets 400."
+        "MAX_JSON_DEPTH",
+        DEFAULT_MAX_DEPTH,
+        parse_positive_int,
+        "Deepest JSON nesting accepted; deeper gets 400.",
     ),
     Setting(
-        "MAX_JSON_KEYS", 10_000, parse_positive_int, "Most object keys in one body; more gets 400."
+        "MAX_JSON_KEYS",
+        DEFAULT_MAX_KEYS,
+        parse_positive_int,
+        "Most object keys in one body; more gets 400.",
     ),
     Setting(
         "LOG_FORMAT", "json", parse_str, "'json' for one JSON object per line, 'text' for people."
@@ -322,6 +330,34 @@ def settings_table(settings: tuple[Setting, ...], prefix: str) -> str:
         default = "(empty)" if item.default == "" else f"`{item.default}`"
         lines.append(f"| {names} | {default} | {item.help} |")
     return "\n".join(lines)
+
+
+def write_settings_doc(path: str) -> bool:
+    """Rewrite the runner and forge settings tables of docs/configuration.md (``make docs``).
+
+    The tables sit between ``<!-- runner-settings:start/end -->`` and ``<!-- forge-settings:
+    start/end -->`` markers; a test checks them against the code. True when the file changed.
+    """
+    from runnerkit.forge.settings import PREFIX as FORGE_PREFIX
+    from runnerkit.forge.settings import SETTINGS as FORGE_SETTINGS
+
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    updated = text
+    for name, table in (
+        ("runner-settings", settings_table(SETTINGS, PREFIX)),
+        ("forge-settings", settings_table(FORGE_SETTINGS, FORGE_PREFIX)),
+    ):
+        start, end = f"<!-- {name}:start -->\n", f"\n<!-- {name}:end -->"
+        head, found, rest = updated.partition(start)
+        _, closed, tail = rest.partition(end)
+        if not (found and closed):
+            raise ValueError(f"{path} has no {name} section")
+        updated = head + start + table + end + tail
+    if updated != text:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(updated)
+    return updated != text
 
 
 def setting(name: str) -> Setting:

@@ -19,7 +19,7 @@ def section(text: str, name: str) -> str:
 def test_configuration_doc_lists_every_runner_setting_with_its_default() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert section(doc, "runner-settings") == settings_table(SETTINGS, "RUNNERKIT_"), (
-        "docs/configuration.md is out of date: regenerate the table from runnerkit.config"
+        "docs/configuration.md is out of date: run `make docs`"
     )
 
 
@@ -28,7 +28,9 @@ def test_configuration_doc_lists_every_forge_setting_with_its_default() -> None:
     from runnerkit.forge.settings import SETTINGS as FORGE_SETTINGS
 
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert section(doc, "forge-settings") == settings_table(FORGE_SETTINGS, PREFIX)
+    assert section(doc, "forge-settings") == settings_table(FORGE_SETTINGS, PREFIX), (
+        "docs/configuration.md is out of date: run `make docs`"
+    )
 
 
 def test_readme_starts_with_the_two_commands() -> None:

@@ -81,7 +81,7 @@ class Forge:
         self.db = ForgeDB(str(settings.db_path))
         self.jobs = JobStore(self.db, settings)
         self.runners = RunnerRegistry(self.db, settings)
-        self.truth = TruthStore(self.db)
+        self.truth = TruthStore(self.db, max_limit=int(self.settings.max_page_size))
         self.dispatcher = Dispatcher(self.jobs, settings, instance_id=self.instance_id)
 
     def wake_dispatcher(self) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import MethodNotAllowed
 
 from runnerkit._version import __version__
 from runnerkit.contracts import (
@@ -37,8 +38,8 @@ from runnerkit.errors import (
     details_from_validation_error,
     make_envelope,
 )
-from runnerkit.execution import parse_json_object
 from runnerkit.http import read_body
+from runnerkit.jsonbody import check_json_limits, parse_json_object
 
 from . import dashboard, db
 from .openapi import openapi_document
@@ -78,7 +79,10 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 
 def _body(contract: str) -> dict[str, Any]:
     """The request body, parsed strictly and loaded with the contract's schema."""
-    raw = parse_json_object(read_body(), request.headers.get("Content-Type"))
+    body = read_body()
+    raw = parse_json_object(body, request.headers.get("Content-Type"))
+    settings = _forge().settings
+    check_json_limits(raw, settings.max_json_depth, settings.max_json_keys, body)
     try:
         loaded: dict[str, Any] = _LOADERS[contract](raw)
     except ValidationError as exc:
@@ -109,7 +113,7 @@ def _int_arg(name: str, default: int, *, minimum: int, maximum: int | None = Non
 
 def _page() -> tuple[int, int]:
     limit = _int_arg("limit", 50, minimum=1, maximum=int(_forge().settings.max_page_size))
-    return limit, _int_arg("offset", 0, minimum=0)
+    return limit, _int_arg("offset", 0, minimum=0, maximum=db.MAX_INTEGER)
 
 
 def _enum_args(name: str, allowed: tuple[str, ...]) -> list[str]:
@@ -186,9 +190,20 @@ def heartbeat() -> Response:
     return _json(200, answer)
 
 
+#: Paths under /runners/ that are routes of their own (POST only), not runner ids.
+_RUNNER_ACTIONS = ("register", "heartbeat")
+
+
+def _not_an_action(runner_id: str) -> None:
+    """``GET``/``DELETE /runners/register`` is a 405 for that route, not an unknown runner."""
+    if runner_id in _RUNNER_ACTIONS:
+        raise MethodNotAllowed(valid_methods=["POST"])
+
+
 @blueprint.delete("/runners/<runner_id>")
 @runner_auth
 def deregister_runner(runner_id: str) -> Response:
+    _not_an_action(runner_id)
     _forge().runners.deregister(runner_id)
     return Response(status=204)
 
@@ -209,6 +224,7 @@ def list_runners() -> Response:
 @blueprint.get("/runners/<runner_id>")
 @runner_auth
 def get_runner(runner_id: str) -> Response:
+    _not_an_action(runner_id)
     return _json(200, _forge().runners.get(runner_id))
 
 

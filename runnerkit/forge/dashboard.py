@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,14 +81,21 @@ class BadQuery(ValueError):
 # --------------------------------------------------------------------------- formatting
 
 
+#: A UTF-16 surrogate in a Python str is always a lone one (JSON's "\\ud800"): no UTF-8 page
+#: can carry it, so the dashboard shows U+FFFD in its place.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def pretty_json(value: Any) -> str:
     """Indented JSON of an already redacted value, for a ``<pre>`` block."""
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def compact_json(value: Any, limit: int | None = None) -> str:
     """One-line JSON, cut to ``limit`` characters with an ellipsis."""
     text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+    text = _LONE_SURROGATE.sub("\ufffd", text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     return text

@@ -31,6 +31,9 @@ from runnerkit.state import WriterTurns, prepare_wal
 
 Row = sqlite3.Row
 
+#: The largest INTEGER SQLite stores; client numbers past it are cut to it or refused.
+MAX_INTEGER = 2**63 - 1
+
 
 class Conn(sqlite3.Connection):
     """A connection that also holds the events and assertions a transaction will write.
@@ -56,6 +59,25 @@ class Conn(sqlite3.Connection):
 
     def drop_queued(self) -> None:
         self.queued_events, self.queued_assertions = [], []
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the transaction that an exception undoes alone (writes and queued rows).
+
+        Housekeeping and answer recording handle many jobs in one transaction; with each job
+        in its own savepoint, one job that cannot be handled does not roll back the others.
+        """
+        events, assertions = len(self.queued_events), len(self.queued_assertions)
+        self.execute("SAVEPOINT job")
+        try:
+            yield
+        except BaseException:
+            self.execute("ROLLBACK TO job")
+            self.execute("RELEASE job")
+            del self.queued_events[events:]
+            del self.queued_assertions[assertions:]
+            raise
+        self.execute("RELEASE job")
 
 
 SCHEMA_VERSION = 1

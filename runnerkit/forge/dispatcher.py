@@ -33,6 +33,7 @@ One tick of the holder:
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import logging
@@ -51,6 +52,8 @@ from marshmallow import ValidationError
 
 from runnerkit._version import __version__
 from runnerkit.contracts import ErrorEnvelopeSchema
+from runnerkit.errors import ValidationFailed
+from runnerkit.jsonbody import check_json_limits
 from runnerkit.signing import sign
 from runnerkit.state import FileLock
 
@@ -421,8 +424,15 @@ class Dispatcher:
 
     def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]], now: Clock) -> None:
         for claim, outcome in answers:
-            result = self.jobs.finish_in(conn, claim.job_id, claim.attempt, outcome, now)
-            _log_answer(claim, outcome, result)
+            result = self.jobs.apart(
+                conn,
+                claim.job_id,
+                now,
+                functools.partial(
+                    self.jobs.finish_in, conn, claim.job_id, claim.attempt, outcome, now
+                ),
+            )
+            _log_answer(claim, outcome, result or "failed (the forge could not record it)")
 
     def _record_each(self, answers: list[tuple[Claim, Outcome]]) -> None:
         """Record answers one transaction each (the fallback, and after the dispatcher stopped)."""
@@ -456,12 +466,20 @@ class Dispatcher:
         try:
             outcome = self.execute(claim)
         except Exception:
+            # A fault of the forge's own: the attempt fails with the reason (its RetryPolicy
+            # decides on another), rather than waiting out its lease with nobody listening.
             log.exception("dispatch of job %s failed", claim.job_id)
-            with self._in_flight_lock:
-                self._busy -= 1
-                if self._in_flight.get(claim.job_id) == claim.attempt:
-                    del self._in_flight[claim.job_id]
-            return
+            outcome = Outcome(
+                success=False,
+                error=self.jobs.envelope(
+                    "INTERNAL_ERROR",
+                    "DISPATCH_FAILED",
+                    f"The forge failed to send attempt {claim.attempt} of job {claim.job_id} "
+                    "(see the forge's log)",
+                    retryable=True,
+                    correlation_id=claim.correlation_id,
+                ),
+            )
         # The dispatcher thread records the answer in its next transaction, with the claims
         # that take the slot it frees; after stop() nobody ticks, so record it here.
         with self._in_flight_lock:
@@ -486,7 +504,10 @@ class Dispatcher:
             headers["Authorization"] = f"Bearer {self.settings.runner_token}"
         if self.settings.signing_secret:
             headers.update(sign(raw, self.settings.signing_secret))
-        timeout_ms = float(claim.request["timeoutMs"]) + float(self.settings.dispatch_margin_ms)
+        timeout_ms = min(
+            float(claim.request["timeoutMs"]) + float(self.settings.dispatch_margin_ms),
+            jobs_module.MAX_WAIT_MS,
+        )
         connect_timeout = float(self.settings.connect_timeout_ms) / 1000.0
         url = f"{claim.base_url}/execute"
         try:
@@ -586,7 +607,10 @@ class Dispatcher:
         """Turn a runner's HTTP answer (status, headers, body) into an Outcome."""
         try:
             body = json.loads(content.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            if isinstance(body, dict):
+                settings = self.settings
+                check_json_limits(body, settings.max_json_depth, settings.max_json_keys, content)
+        except (UnicodeDecodeError, ValueError, RecursionError, ValidationFailed):
             body = None
         if status == 202:
             return Outcome(success=False, accepted=True)

@@ -20,16 +20,18 @@ a late answer for a cancelled or requeued job changes nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from runnerkit._version import __version__
 from runnerkit.contracts import format_timestamp
@@ -47,6 +49,8 @@ from .settings import ForgeSettings
 
 log = logging.getLogger("runnerkit.forge.jobs")
 
+T = TypeVar("T")
+
 #: Statuses a job can still leave.
 ACTIVE_STATUSES = ("pending", "queued", "retrying", "running")
 #: Statuses a job never leaves.
@@ -54,6 +58,11 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 #: The most finished jobs one housekeeping pass deletes (a pass is one transaction).
 PRUNE_BATCH = 1000
+
+#: The longest wait the forge schedules (100 years): a retry delay, a lease, a read timeout.
+#: The contract bounds none of timeoutMs, backoffMs or maxBackoffMs; longer values are cut to
+#: this, which every clock, timestamp and socket timeout here can still represent.
+MAX_WAIT_MS = 100 * 365.25 * 24 * 3600 * 1000.0
 
 _string = json.JSONEncoder().encode  # a str as db.dumps writes it
 
@@ -374,7 +383,7 @@ class JobStore:
         Returns what happened (``recorded``, ``duplicate`` or ``ignored``) and the JobResponse.
         The same delivery twice is recorded once; a result for a job that is no longer
         running (cancelled, requeued, finished) or from a runner that is not running its
-        current attempt changes nothing.
+        current attempt changes nothing; one for a job running synchronously is a 409.
         """
         if response["jobId"] != job_id:
             raise ValidationFailed(
@@ -399,6 +408,17 @@ class JobStore:
                     from_runner,
                 )
                 return "ignored", self.response(row)
+            if not row["async"]:
+                # Its result is the runner's answer to POST /execute, which the dispatcher
+                # awaits. Retryable: a runner that answered 202 unasked may deliver before the
+                # dispatcher has recorded that 202.
+                raise Conflict(
+                    f"Job {job_id} was sent to its runner synchronously: its result is the "
+                    "answer to POST /execute",
+                    code="JOB_NOT_ASYNC",
+                    retryable=True,
+                    retry_after=1,
+                )
             outcome = Outcome(
                 success=bool(response["success"]),
                 data=response.get("data"),
@@ -501,7 +521,7 @@ class JobStore:
         for row, runner, capability_id in picks:
             timeout_ms = float(row["timeout_ms"])
             asynchronous = timeout_ms > threshold
-            lease_ms = timeout_ms + margin * (2 if asynchronous else 1)
+            lease_ms = min(timeout_ms + margin * (2 if asynchronous else 1), MAX_WAIT_MS)
             attempt = int(row["attempts"]) + 1
             taken = db.update_job(
                 conn,
@@ -574,7 +594,7 @@ class JobStore:
             return "ignored"
         if outcome.accepted:
             timeout_ms = float(row["timeout_ms"])
-            lease_ms = timeout_ms + 2 * float(self.settings.dispatch_margin_ms)
+            lease_ms = min(timeout_ms + 2 * float(self.settings.dispatch_margin_ms), MAX_WAIT_MS)
             db.update_job(
                 conn,
                 job_id,
@@ -643,6 +663,7 @@ class JobStore:
             if retry_after is not None and not immediate:
                 capped = min(float(retry_after), float(self.settings.retry_after_cap_s))
                 delay_ms = max(delay_ms, capped * 1000.0)
+            delay_ms = min(delay_ms, MAX_WAIT_MS)
             next_at = now.ts + delay_ms / 1000.0
             db.update_job(
                 conn,
@@ -743,9 +764,43 @@ class JobStore:
         hours = float(self.settings.history_retention_hours)
         if hours <= 0:
             return 0
-        before = Clock((now or Clock()).ts - hours * 3600.0)
+        cutoff = (now or Clock()).ts - hours * 3600.0
+        if cutoff <= 0:  # nothing can be that old
+            return 0
+        before = Clock(cutoff)
         with self.db.tx() as conn:
             return db.prune_finished_jobs(conn, before=before.z, limit=limit)
+
+    def apart(self, conn: db.Conn, job_id: str, now: Clock, step: Callable[[], T]) -> T | None:
+        """Run ``step``, one job's part of a transaction shared with other jobs, in a savepoint.
+
+        Should it raise (anything but a database error, which is the whole transaction's),
+        its writes are undone, the error is logged and the job, if it can still move, fails
+        with INTERNAL_ERROR: a job the forge cannot handle must neither stop the work for the
+        others (housekeeping would fail on it at every tick) nor be left stuck.
+        """
+        try:
+            with conn.savepoint():
+                return step()
+        except sqlite3.Error:
+            raise
+        except Exception:
+            log.exception("the forge could not handle job %s; it fails", job_id)
+        with conn.savepoint():
+            row = db.get_job(conn, job_id)
+            if row is None:
+                return None
+            if row["status"] in ACTIVE_STATUSES:
+                envelope = self.envelope(
+                    "INTERNAL_ERROR",
+                    "FORGE_INTERNAL_ERROR",
+                    f"The forge could not handle job {job_id} (see the forge's log)",
+                    retryable=False,
+                )
+                self._fail(conn, row, envelope, now, _SLOT_FREE)
+            elif row["slot_runner"] is not None:
+                db.update_job(conn, job_id, _SLOT_FREE, attempts=int(row["attempts"]))
+        return None
 
     def sweep(
         self, *, in_flight: Mapping[str, int], grace_from: float, now: Clock | None = None
@@ -777,20 +832,31 @@ class JobStore:
             for runner_id in offline:
                 log.warning("runner %s missed its heartbeats and is offline", runner_id)
             for row in db.jobs_holding_slots(conn):
-                summary_key = self._sweep_job(conn, row, in_flight, now)
+                summary_key = self.apart(
+                    conn,
+                    row["id"],
+                    now,
+                    functools.partial(self._sweep_job, conn, row, in_flight, now),
+                )
                 if summary_key:
                     summary[summary_key] += 1
             for row in db.expired_jobs(conn, now=now.ts):
-                expired_at = db.loads(row["request"])["metadata"]["expiresAt"]
-                envelope = self.envelope(
-                    "TIMEOUT",
-                    "JOB_EXPIRED",
-                    f"Job {row['id']} expired at {expired_at} before it could run",
-                    retryable=False,
-                )
-                self._fail(conn, row, envelope, now, {}, event="job.expired")
-                summary["expired"] += 1
+                if self.apart(
+                    conn, row["id"], now, functools.partial(self._expire, conn, row, now)
+                ):
+                    summary["expired"] += 1
         return summary
+
+    def _expire(self, conn: db.Conn, row: db.Row, now: Clock) -> bool:
+        expired_at = db.loads(row["request"])["metadata"]["expiresAt"]
+        envelope = self.envelope(
+            "TIMEOUT",
+            "JOB_EXPIRED",
+            f"Job {row['id']} expired at {expired_at} before it could run",
+            retryable=False,
+        )
+        self._fail(conn, row, envelope, now, {}, event="job.expired")
+        return True
 
     def _sweep_job(
         self, conn: db.Conn, row: db.Row, in_flight: Mapping[str, int], now: Clock

@@ -139,7 +139,7 @@ class RunnerRegistry:
                 status=heartbeat["status"],
                 last_heartbeat_at=now.z,
                 last_seen=now.ts,
-                reported_active=int(heartbeat["activeJobs"]),
+                reported_active=min(int(heartbeat["activeJobs"]), db.MAX_INTEGER),
             )
         if not known or row is None:
             raise NotFound(

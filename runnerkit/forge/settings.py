@@ -22,6 +22,7 @@ from runnerkit.config import (
     parse_str,
     resolve,
 )
+from runnerkit.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
 
 PREFIX = "RUNNERKIT_FORGE_"
 
@@ -121,7 +122,20 @@ SETTINGS: tuple[Setting, ...] = (
         "MAX_PAGE_SIZE",
         500,
         parse_positive_int,
-        "Largest 'limit' accepted by the list endpoints.",
+        "Largest 'limit' accepted by the list endpoints (larger is a 400); a TruthQuery's "
+        "larger limit is cut to it (its hasMore says so).",
+    ),
+    Setting(
+        "MAX_JSON_DEPTH",
+        DEFAULT_MAX_DEPTH,
+        parse_positive_int,
+        "Deepest JSON nesting accepted in a request body or a runner's answer; deeper gets 400.",
+    ),
+    Setting(
+        "MAX_JSON_KEYS",
+        DEFAULT_MAX_KEYS,
+        parse_positive_int,
+        "Most object keys in one request body or runner answer; more gets 400.",
     ),
     Setting(
         "HISTORY_RETENTION_HOURS",

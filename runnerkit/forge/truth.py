@@ -136,8 +136,10 @@ _string = json.JSONEncoder().encode  # a str as db.dumps writes it
 class TruthStore:
     """``POST /assert`` and ``POST /query`` over the forge database."""
 
-    def __init__(self, database: db.ForgeDB) -> None:
+    def __init__(self, database: db.ForgeDB, max_limit: int = 500) -> None:
         self.db = database
+        #: A query's ``limit`` above this is cut to it (``hasMore`` says there is more).
+        self.max_limit = max_limit
 
     def add(self, assertion: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """Store a loaded TruthAssertion: 201 when new, 200 when the same one was stored.
@@ -173,8 +175,8 @@ class TruthStore:
                 sources=filters.get("sources") or None,
                 before=epoch(filters["before"]) if "before" in filters else None,
                 after=epoch(filters["after"]) if "after" in filters else None,
-                limit=query["limit"],
-                offset=query["offset"],
+                limit=min(int(query["limit"]), self.max_limit),
+                offset=min(int(query["offset"]), db.MAX_INTEGER),
             )
         assertions = [db.loads(r["document"]) for r in rows]
         return {

@@ -17,6 +17,9 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
+# gunicorn 25.1+ opens a control socket at one path per user (~/.gunicorn/gunicorn.ctl), which
+# every gunicorn of that user takes over; runnerkit does not use it (older gunicorns ignore this).
+control_socket_disable = True
 
 
 def post_fork(server, worker):  # type: ignore[no-untyped-def]

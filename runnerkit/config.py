@@ -107,7 +107,8 @@ SETTINGS: tuple[Setting, ...] = (
         "PORT",
         3000,
         parse_positive_int,
-        "Port this runner is served on (the environment's PORT is used when set).",
+        "Port this runner is served on (the environment's PORT is used when set; when neither "
+        "is set, under gunicorn, the port it listens on).",
         ("PORT",),
     ),
     Setting(
@@ -313,7 +314,35 @@ class Settings(ResolvedSettings):
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text'")
         for url_key in ("JOBFORGE_URL", "TRUTHCORE_URL"):
             values[url_key] = str(values[url_key]).rstrip("/")
+        environ = os.environ if environ is None else environ
+        port_given = (
+            PREFIX + "PORT" in (config or {}) or PREFIX + "PORT" in environ or "PORT" in environ
+        )
+        if not port_given:
+            served = gunicorn_port(environ)
+            if served is not None:
+                values["PORT"] = served
         return cls(values)
+
+
+def gunicorn_port(environ: Mapping[str, str]) -> int | None:
+    """The one TCP port this gunicorn process listens on; None outside gunicorn or if unsure.
+
+    ``gunicorn app:app`` binds 8000 unless told otherwise, and a ``--bind`` elsewhere does not
+    reach the app: without this the runner would advertise PORT's default (3000) to JobForge
+    and never be reached. A worker inherits its master's listening sockets, so it can see
+    the port itself.
+    """
+    if not str(environ.get("SERVER_SOFTWARE", "")).startswith("gunicorn/"):
+        return None
+    import psutil
+
+    try:
+        connections = psutil.Process().net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    ports = {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN and c.laddr}
+    return ports.pop() if len(ports) == 1 else None
 
 
 def default_state_dir(runner_name: str, port: int) -> str:

@@ -22,7 +22,7 @@ from typing import IO, Any
 import requests
 
 from runnerkit.cli import job_request, wait_for_job
-from runnerkit.forge.serving import gunicorn_argv
+from runnerkit.forge.serving import gunicorn_argv, no_control_socket
 
 
 class Server:
@@ -162,6 +162,7 @@ def run_stack(
                 f"127.0.0.1:{runner_port}",
                 "--workers",
                 "2",
+                *no_control_socket(),
             ],
             runner_env,
             state / "runner.log",

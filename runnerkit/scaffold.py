@@ -153,6 +153,8 @@ worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
+# No control socket at ~/.gunicorn/gunicorn.ctl (gunicorn 25.1+; older ones ignore this).
+control_socket_disable = True
 
 
 def post_fork(server, worker):
@@ -185,7 +187,7 @@ services:
   forge:
     image: $name
     build: {context: .., dockerfile: deploy/Dockerfile}
-    command: ["gunicorn", "--bind", "0.0.0.0:3002", "runnerkit.forge:app"]
+    command: ["runnerkit", "forge", "--host", "0.0.0.0", "--port", "3002"]
     environment: {RUNNERKIT_FORGE_DB_PATH: /var/lib/runnerkit/forge.sqlite3}
     env_file: runnerkit.env
     healthcheck:

@@ -20,6 +20,20 @@ WORKERS = 3
 OPTIONS = ("--worker-class", "gthread", "--threads", "16", "--graceful-timeout", "10")
 
 
+def no_control_socket() -> list[str]:
+    """``--no-control-socket`` where gunicorn has one (25.1 and later), else nothing.
+
+    gunicorn's control socket sits at one path per user (``~/.gunicorn/gunicorn.ctl``): every
+    gunicorn the user starts takes it over from the last, and a read-only home logs an error.
+    runnerkit does not use it.
+    """
+    from gunicorn.config import KNOWN_SETTINGS
+
+    if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
+        return ["--no-control-socket"]
+    return []
+
+
 def gunicorn_argv(bind: str, workers: int = WORKERS) -> list[str]:
     """``python -m gunicorn runnerkit.forge:app`` bound to ``bind`` (``host:port``)."""
     return [
@@ -32,4 +46,5 @@ def gunicorn_argv(bind: str, workers: int = WORKERS) -> list[str]:
         "--workers",
         str(workers),
         *OPTIONS,
+        *no_control_socket(),
     ]

@@ -53,7 +53,9 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         parse_str,
         "When set, every POST /execute is signed with the ControlPlane webhook scheme "
-        "(x-webhook-signature/-timestamp/-event-id, HMAC-SHA256; see runnerkit.signing).",
+        "(x-webhook-signature/-timestamp/-event-id, HMAC-SHA256; see runnerkit.signing). "
+        "The runner's RUNNERKIT_SIGNING_SECRET is read too, so one env file serves both.",
+        ("RUNNERKIT_SIGNING_SECRET",),
     ),
     Setting(
         "HEARTBEAT_INTERVAL_MS",

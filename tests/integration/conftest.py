@@ -59,6 +59,7 @@ def _launch(
     ready_timeout: float = 20.0,
     all_workers: bool = False,
     port: int | None = None,
+    control_socket: bool = False,
 ) -> GunicornProcess:
     merged: dict[str, str | None] = dict(STANDALONE_ENV) if standalone else {}
     merged.setdefault("RUNNERKIT_STATE_DIR", str(log_dir / "state"))
@@ -72,6 +73,7 @@ def _launch(
         config=config,
         env=merged,
         extra_args=extra_args,
+        control_socket=control_socket,
     )
     proc.start()
     try:
@@ -93,8 +95,9 @@ def start_gunicorn(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[G
     (``None`` for none), ``env`` (overrides; ``None`` removes a variable), ``extra_args``,
     ``standalone=True`` (JobForge/TruthCore variables removed), ``wait=True``,
     ``ready_path="/health/live"``, ``ready_timeout=20``, ``all_workers=False`` (also wait until
-    every worker has answered), ``port`` (default: a free one). ``RUNNERKIT_STATE_DIR`` defaults
-    to a folder under ``tmp_path``; the graceful timeout is 5 s. Stopped at teardown.
+    every worker has answered), ``port`` (default: a free one), ``control_socket=False``
+    (True: the harness does not add ``--no-control-socket``). ``RUNNERKIT_STATE_DIR``
+    defaults to a folder under ``tmp_path``; the graceful timeout is 5 s. Stopped at teardown.
     """
     started: list[GunicornProcess] = []
     request.node.gunicorn_processes = started

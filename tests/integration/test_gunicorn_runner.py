@@ -15,6 +15,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -431,3 +432,45 @@ def test_workers_keep_every_cpu_by_default(example_runner: GunicornProcess) -> N
 
     for pid in example_runner.worker_pids():
         assert psutil.Process(pid).cpu_affinity() == allowed
+
+
+def test_plain_gunicorn_advertises_the_port_it_listens_on(start_gunicorn: Any) -> None:
+    # `gunicorn app:app --bind ...` without PORT: the app learns its port from the listener.
+    proc: GunicornProcess = start_gunicorn(config=None, env={"PORT": None, "RUNNERKIT_PORT": None})
+    response = requests.get(proc.url + "/capabilities", timeout=QUICK)
+
+    assert response.status_code == 200, explain(response, proc)
+    assert response.json()["healthCheckEndpoint"] == f"http://127.0.0.1:{proc.port}/health"
+
+
+def test_an_explicit_port_wins_over_the_listener(start_gunicorn: Any) -> None:
+    proc: GunicornProcess = start_gunicorn(
+        config=None, env={"PORT": None, "RUNNERKIT_PORT": "4321"}
+    )
+    response = requests.get(proc.url + "/capabilities", timeout=QUICK)
+
+    assert response.status_code == 200, explain(response, proc)
+    assert response.json()["healthCheckEndpoint"] == "http://127.0.0.1:4321/health"
+
+
+def test_the_product_gunicorn_config_opens_no_control_socket(
+    start_gunicorn: Any, tmp_path: Path
+) -> None:
+    # gunicorn 25.1+ would open ~/.gunicorn/gunicorn.ctl, shared by every gunicorn of a user.
+    home = tmp_path / "home"
+    home.mkdir()
+    proc: GunicornProcess = start_gunicorn(env={"HOME": str(home)}, control_socket=True)
+    assert "--no-control-socket" not in proc.command()
+    response = requests.get(proc.url + "/health/live", timeout=QUICK)
+    assert response.status_code == 200
+    assert list(home.rglob("*")) == []
+    assert "control socket" not in proc.log_text().lower()
+
+
+def test_the_forge_command_opens_no_control_socket() -> None:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    from runnerkit.forge.serving import gunicorn_argv
+
+    has_socket = any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS)
+    assert ("--no-control-socket" in gunicorn_argv("127.0.0.1:1")) is has_socket

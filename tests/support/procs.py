@@ -23,6 +23,8 @@ from typing import IO, Any
 import psutil
 import requests
 
+from runnerkit.forge.serving import no_control_socket
+
 #: The repository root: gunicorn runs here so ``app:app`` and ``deploy/...`` resolve.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,15 +45,6 @@ def running(pid: int) -> bool:
 
 
 @functools.cache
-def _has_control_socket_setting() -> bool:
-    """gunicorn >= 25.1 opens a control socket at one fixed per-user path unless told not to."""
-    try:
-        from gunicorn.config import KNOWN_SETTINGS
-    except ImportError:  # pragma: no cover - gunicorn is a dependency of the project
-        return False
-    return any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS)
-
-
 def _tcp_connections(proc: psutil.Process) -> list[Any]:
     method = getattr(proc, "net_connections", None) or proc.connections
     return list(method(kind="tcp"))
@@ -122,8 +115,8 @@ class GunicornProcess:
         if self.config is not None:
             cmd += ["-c", self.config]
         cmd += ["--bind", f"{self.host}:{self.port}", "--workers", str(self.workers)]
-        if not self.control_socket and _has_control_socket_setting():
-            cmd.append("--no-control-socket")
+        if not self.control_socket:
+            cmd += no_control_socket()
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

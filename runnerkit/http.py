@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from runnerkit.errors import PayloadTooLarge, make_envelope
+from runnerkit.errors import PayloadTooLarge, ValidationFailed, make_envelope
 from runnerkit.metrics import exposition, labelled, metrics
 from runnerkit.openapi import openapi_document
 
@@ -58,10 +58,28 @@ def read_body() -> bytes:
     byte exists.
     """
     limit = request.max_content_length
-    if request.content_length is not None or limit is None:
-        return request.get_data(cache=False)
-    raw: bytes = request.environ["wsgi.input"].read(limit + 1)
-    if len(raw) > limit:
+    length = request.content_length
+    try:
+        if length is not None or limit is None:
+            raw: bytes = request.get_data(cache=False)
+        else:
+            raw = request.environ["wsgi.input"].read(limit + 1)
+    except RequestEntityTooLarge:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the server's own parse errors (bad chunks, EOF)
+        raise ValidationFailed(
+            "The request body could not be read (malformed chunked encoding or a closed "
+            "connection)",
+            code="BODY_UNREADABLE",
+            details=[{"message": f"{type(exc).__name__}: {exc}"[:200], "path": []}],
+        ) from None
+    if length is not None and len(raw) < length:
+        # The client closed its side early; gunicorn hands over what arrived.
+        raise ValidationFailed(
+            f"The request body is {len(raw)} bytes, shorter than its Content-Length {length}",
+            code="BODY_TRUNCATED",
+        )
+    if length is None and limit is not None and len(raw) > limit:
         raise RequestEntityTooLarge()
     return raw
 
@@ -75,6 +93,9 @@ def execute() -> Response:
         limit = request.max_content_length or runner.settings.max_body_bytes
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
         answer = runner.executor.reject(error, request.headers)
+        answer.headers["Connection"] = "close"
+    except ValidationFailed as unreadable:
+        answer = runner.executor.reject(unreadable, request.headers)
         answer.headers["Connection"] = "close"
     else:
         answer = runner.executor.execute(raw, request.headers.get("Content-Type"), request.headers)

@@ -138,7 +138,21 @@ def _finite_float(text: str) -> float:
 
 
 #: One decoder for every body (``json.loads`` with hooks builds a new one per call).
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+def _finite_int(text: str) -> int:
+    """An integer too large for a double (``1`` and 400 zeros) is no JSON number a Zod peer
+    can hold either; refused like ``1e400`` instead of failing later in a ``float()``."""
+    value = int(text)
+    if len(text) > 300:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"{text[:32]}… is out of range for a JSON number") from None
+    return value
+
+
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_finite_int
+)
 
 
 def _json_error_message(exc: Exception) -> str:

@@ -246,7 +246,7 @@ class Runner:
 
     def create_app(self, config: Mapping[str, Any] | None = None) -> Flask:
         """A new Flask app serving this runner."""
-        app = Flask(self.name)
+        app = Flask(self.name, static_folder=None)  # no /static route serving the cwd
         if config:
             app.config.update(config)
         self.init_app(app)

@@ -98,7 +98,8 @@ def verify(
     if -age_ms > max_future_s * 1000:
         raise SignatureError("TIMESTAMP_IN_FUTURE", "the signature timestamp is in the future")
     scheme, _, given = signature.partition("=")
-    if scheme != SCHEME or not given:
+    # compare_digest refuses non-ASCII text (TypeError): such a signature is simply wrong.
+    if scheme != SCHEME or not given or not given.isascii():
         raise SignatureError("SIGNATURE_INVALID", "the signature is not valid")
     valid = False
     for key in keys:

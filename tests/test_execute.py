@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -448,3 +449,24 @@ def test_example_slow_count_stopped_by_its_deadline_is_a_timeout(
     )
 
     assert_failure(response, 504, "TIMEOUT")
+
+
+def test_an_integer_beyond_any_double_is_a_400_not_a_500(client: FlaskClient) -> None:
+    huge = "1" + "0" * 400
+    body = json.dumps(request_body(timeoutMs=1000)).replace(
+        '"timeoutMs": 1000', f'"timeoutMs": {huge}'
+    )
+    assert "0" * 400 in body
+    response = client.post("/execute", data=body, content_type="application/json")
+    error = assert_failure(response, 400, "VALIDATION_ERROR", job_known=False)
+    assert error["code"] == "INVALID_JSON"
+
+
+def test_there_is_no_static_route(client: FlaskClient) -> None:
+    # Flask's default /static/<path> would serve a "static" folder of the working directory.
+    response = client.get("/static/app.py")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "ROUTE_NOT_FOUND"
+    assert not any(
+        rule.rule.startswith("/static") for rule in client.application.url_map.iter_rules()
+    )

@@ -121,6 +121,15 @@ def test_a_validly_signed_request_runs(client: FlaskClient) -> None:
         ),
         pytest.param(lambda c, b: c.post("/execute", json=b), id="unsigned"),
         pytest.param(
+            lambda c, b: c.post(
+                "/execute",
+                data=json.dumps(b).encode(),
+                headers={**sign(json.dumps(b).encode(), SECRET), "x-webhook-signature": "v1=é"},
+                content_type="application/json",
+            ),
+            id="non-ascii-signature",
+        ),
+        pytest.param(
             lambda c, b: post_signed(c, b, timestamp_ms=int(time.time() * 1000) - 400_000),
             id="stale",
         ),

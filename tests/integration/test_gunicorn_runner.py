@@ -474,3 +474,51 @@ def test_the_forge_command_opens_no_control_socket() -> None:
 
     has_socket = any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS)
     assert ("--no-control-socket" in gunicorn_argv("127.0.0.1:1")) is has_socket
+
+
+def _raw_exchange(proc: GunicornProcess, head: bytes, body: bytes, *, half_close: bool) -> bytes:
+    """Send ``head`` + ``body`` on a fresh connection; the whole answer (until close)."""
+    import socket
+
+    with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and not half_close:
+                break
+        return b"".join(chunks)
+
+
+def _status_and_json(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body.decode()) if body.strip() else {}
+
+
+def test_a_malformed_chunked_body_is_a_400_envelope(example_runner: GunicornProcess) -> None:
+    head = (
+        b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    answer = _raw_exchange(example_runner, head, b"zz\r\nabc\r\n0\r\n\r\n", half_close=False)
+    status, body = _status_and_json(answer)
+    assert status == 400, answer[:500]
+    assert body["error"]["category"] == "VALIDATION_ERROR"
+    assert body["error"]["code"] == "BODY_UNREADABLE"
+
+
+def test_a_body_shorter_than_its_content_length_is_refused_not_run(
+    example_runner: GunicornProcess,
+) -> None:
+    raw = json.dumps(job_request("text-stats", {"text": "cut short"})).encode()
+    head = (
+        b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(raw) + 50}\r\nConnection: close\r\n\r\n".encode()
+    )
+    answer = _raw_exchange(example_runner, head, raw, half_close=True)
+    status, body = _status_and_json(answer)
+    assert status == 400, answer[:500]
+    assert body["error"]["code"] == "BODY_TRUNCATED"

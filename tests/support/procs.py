@@ -7,7 +7,6 @@ SIGKILL if SIGTERM was not enough), so a broken server fails a test instead of h
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
 import os
 import signal as signals
@@ -44,7 +43,6 @@ def running(pid: int) -> bool:
         return False
 
 
-@functools.cache
 def _tcp_connections(proc: psutil.Process) -> list[Any]:
     method = getattr(proc, "net_connections", None) or proc.connections
     return list(method(kind="tcp"))

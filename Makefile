@@ -32,7 +32,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The dashboard's browser test drives Debian's Chromium (never a downloaded browser): installed
+# here when missing and this is root on a Debian-like system, else the test says what to do.
 pytest: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM_PATH" ] \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& echo "installing Debian's chromium for the dashboard's browser test" \
+		&& apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| echo "make: chromium is not installed; the dashboard's browser test will fail"
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint pytest

@@ -39,18 +39,29 @@ def load_runner(spec: str) -> Any:
     return runner
 
 
+URL_HELP = "JobForge URL (default $RUNNERKIT_JOBFORGE_URL, else $JOBFORGE_URL, else :3002)."
+
+
 def forge_url(url: str | None) -> str:
     return (
         url
-        or os.environ.get("JOBFORGE_URL")
         or os.environ.get("RUNNERKIT_JOBFORGE_URL")
+        or os.environ.get("JOBFORGE_URL")
         or DEFAULT_FORGE_URL
     ).rstrip("/")
 
 
 def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
     kwargs.setdefault("timeout", (3, 30))
-    token = os.environ.get("RUNNERKIT_FORGE_TOKEN") or os.environ.get("RUNNER_TOKEN")
+    # The forge's own token, else the runner's (the same value when both are set up).
+    token = next(
+        (
+            os.environ[name]
+            for name in ("RUNNERKIT_FORGE_TOKEN", "RUNNERKIT_RUNNER_TOKEN", "RUNNER_TOKEN")
+            if os.environ.get(name)
+        ),
+        "",
+    )
     if token:
         kwargs.setdefault("headers", {})["Authorization"] = f"Bearer {token}"
     try:
@@ -83,8 +94,10 @@ def manifest(app: str) -> None:
     """
     try:
         runner = load_runner(app)
-    except (ImportError, AttributeError) as exc:
-        raise click.ClickException(f"cannot load {app}: {exc}") from None
+    except click.ClickException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the app raised while importing
+        raise click.ClickException(f"cannot load {app}: {type(exc).__name__}: {exc}") from None
     click.echo(json.dumps(runner.registration_document(), indent=2))
 
 
@@ -120,13 +133,15 @@ def validate(app: str, as_json: bool, junit_path: str | None) -> None:
     from runnerkit.validate import Check, Report, validate_runner
 
     try:
-        report = validate_runner(load_runner(app))
+        runner = load_runner(app)
     except CapabilityDefinitionError as exc:
         report = Report(app, [Check("capabilities are declared correctly", False, [str(exc)])])
-    except (ImportError, SyntaxError, AttributeError, click.ClickException) as exc:
+    except Exception as exc:  # noqa: BLE001 - anything the app raised while importing
         message = exc.message if isinstance(exc, click.ClickException) else str(exc)
         click.echo(f"error: cannot load {app}: {type(exc).__name__}: {message}", err=True)
         sys.exit(2)
+    else:
+        report = validate_runner(runner)
     if junit_path:
         Path(junit_path).parent.mkdir(parents=True, exist_ok=True)
         Path(junit_path).write_text(report.as_junit())
@@ -157,7 +172,7 @@ def forge(host: str, port: int, workers: int, db_path: str | None) -> None:
 @click.option("--timeout-ms", default=30_000, show_default=True, help="The job's timeoutMs.")
 @click.option("--wait", is_flag=True, help="Wait for the job to finish and print it.")
 @click.option("--wait-timeout", default=120.0, show_default=True, help="Seconds to wait.")
-@click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
+@click.option("--url", default=None, help=URL_HELP)
 def submit(
     job_type: str,
     data: str,
@@ -223,10 +238,11 @@ def wait_for_job(base: str, job_id: str, timeout_s: float) -> dict[str, Any]:
 
 
 @main.command()
-@click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
+@click.option("--url", default=None, help=URL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def runners(url: str | None, as_json: bool) -> None:
-    """List the runners JobForge knows (bearer token from $RUNNERKIT_FORGE_TOKEN if set).
+    """List the runners JobForge knows (bearer token: $RUNNERKIT_FORGE_TOKEN, else
+    $RUNNERKIT_RUNNER_TOKEN, when set).
 
     Example: runnerkit runners --json
     """
@@ -255,7 +271,7 @@ def runners(url: str | None, as_json: bool) -> None:
 @click.option("--status", default=None, help="Only jobs with this status.")
 @click.option("--type", "job_type", default=None, help="Only jobs of this type.")
 @click.option("--limit", default=50, show_default=True)
-@click.option("--url", default=None, help="JobForge URL (default $JOBFORGE_URL or :3002).")
+@click.option("--url", default=None, help=URL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def jobs(
     status: str | None, job_type: str | None, limit: int, url: str | None, as_json: bool

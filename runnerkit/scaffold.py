@@ -200,8 +200,14 @@ services:
     ports: ["3000:3000"]
     depends_on: {forge: {condition: service_healthy}}
 """,
-    "deploy/runnerkit.env": "RUNNERKIT_SIGNING_SECRET=change-me-to-a-long-random-string\n",
-    ".gitignore": ".venv/\n__pycache__/\n*.egg-info/\nvar/\n",
+    "deploy/runnerkit.env.example": "RUNNERKIT_SIGNING_SECRET=change-me-to-a-long-random-string\n",
+    "deploy/sample-jobs.json": """\
+[
+  {"type": "$name.greet", "data": {"name": "Ada", "language": "fr"}},
+  {"type": "$name.greet", "data": {"name": 42}, "note": "fails validation: name must be a string"}
+]
+""",
+    ".gitignore": ".venv/\n__pycache__/\n*.egg-info/\nvar/\ndeploy/runnerkit.env\n",
     "README.md": """\
 # $name
 
@@ -213,7 +219,9 @@ make test    # contract check (runnerkit validate) and the tests
 ```
 
 Add capabilities in `app.py`: subclass `Capability`, declare `Input`/`Output` schemas, implement
-`run(payload, ctx)`, add it to the `Runner`. Ship with `make docker`.
+`run(payload, ctx)`, add it to the `Runner`; `make run` submits `deploy/sample-jobs.json`. Ship
+with `make docker`; for `docker compose -f deploy/docker-compose.yml up`, first copy
+`deploy/runnerkit.env.example` to `deploy/runnerkit.env` and set a real secret.
 """,
 }
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from runnerkit.cli import main
 from runnerkit.testing import ContractValidator
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = "tests.cli.apps"
@@ -92,6 +93,22 @@ def test_validate_exits_2_when_the_app_cannot_be_loaded() -> None:
     assert len(err.strip().splitlines()) == 1
 
 
+def test_validate_exits_2_without_a_traceback_when_the_app_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The example app in production without a signing secret raises ConfigError at import.
+    monkeypatch.setenv("RUNNERKIT_ENVIRONMENT", "production")
+    monkeypatch.delenv("RUNNERKIT_SIGNING_SECRET", raising=False)
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+    code, _, err = run("validate", "app:app")
+    assert code == 2
+    assert err.startswith("error: cannot load app:app: ConfigError")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+    code, _, err = run("manifest", "app:app")
+    assert code == 1 and "cannot load app:app: ConfigError" in err and "Traceback" not in err
+
+
 def test_validate_json_and_junit_outputs_parse(tmp_path: Path) -> None:
     junit = tmp_path / "reports" / "contract.xml"
     code, out, _ = run(
@@ -162,3 +179,46 @@ def test_a_new_project_passes_its_own_make_test(tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "hello-runner: valid" in result.stdout
     assert "3 passed" in result.stdout
+    # The project's README: `make run` (runnerkit up) submits its sample jobs.
+    assert not (project / "deploy" / "runnerkit.env").exists()  # a secret is never generated
+    up = subprocess.run(
+        [
+            str(project / ".venv" / "bin" / "runnerkit"),
+            "up",
+            "app:app",
+            "--forge-port",
+            str(free_port()),
+            "--runner-port",
+            str(free_port()),
+            "--exit-after-samples",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
+    assert '"greeting": "Bonjour, Ada!"' in up.stdout
+    assert "fails validation" in up.stdout and "VALIDATION_ERROR" in up.stdout
+
+
+def test_the_documented_url_and_token_variables_reach_the_forge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runnerkit import cli
+
+    monkeypatch.setenv("JOBFORGE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("RUNNERKIT_JOBFORGE_URL", "http://127.0.0.1:2/")
+    assert cli.forge_url(None) == "http://127.0.0.1:2"  # the prefixed name wins
+    seen: dict[str, object] = {}
+
+    def fake_request(method: str, url: str, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return object()
+
+    monkeypatch.setattr(cli.requests, "request", fake_request)
+    monkeypatch.delenv("RUNNERKIT_FORGE_TOKEN", raising=False)
+    monkeypatch.setenv("RUNNERKIT_RUNNER_TOKEN", "sekrit")
+    cli._call("GET", "http://127.0.0.1:2/runners")
+    assert seen["headers"] == {"Authorization": "Bearer sekrit"}

@@ -16,7 +16,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from runnerkit.contracts import CONTRACT_VERSION, utc_now
-from runnerkit.redaction import is_secret_key
+from runnerkit.redaction import REDACTED, is_secret_key, redact
 
 log = logging.getLogger("runnerkit.errors")
 
@@ -215,7 +215,7 @@ def build_envelope(
             exc.message,
             service=service,
             severity=exc.severity,
-            details=exc.details,
+            details=[redact_detail(detail) for detail in exc.details],
             retryable=exc.retryable,
             retry_after=exc.retry_after,
             operation=operation,
@@ -234,6 +234,18 @@ def build_envelope(
     return unexpected_envelope(
         exc, service=service, operation=operation, correlation_id=correlation_id
     )
+
+
+def redact_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """An ErrorDetail as it may leave the process: its ``value`` is redacted when its path
+    names a secret, and secret-looking keys inside the value are (details a capability
+    raises come here unfiltered, and error envelopes reach JobForge, TruthCore and logs)."""
+    out = dict(detail)
+    if "value" in out:
+        path = out.get("path") or ()
+        secret = any(is_secret_key(part) for part in path)
+        out["value"] = REDACTED if secret else redact(out["value"])
+    return out
 
 
 def unexpected_envelope(

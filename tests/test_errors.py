@@ -294,3 +294,21 @@ def test_validation_error_for_a_non_object_has_an_empty_path() -> None:
 
     assert_envelope(envelope)
     assert [d["path"] for d in envelope["details"]] == [[]]
+
+
+def test_details_a_capability_raises_are_redacted_before_they_leave() -> None:
+    error = ValidationFailed(
+        "bad credentials",
+        details=[
+            {"message": "wrong", "path": ["payload", "login"], "value": {"password": "hunter2"}},
+            {"message": "expired", "path": ["payload", "api_key"], "value": "sk-live-123"},
+            {"message": "fine", "path": ["payload", "name"], "value": "Ada"},
+        ],
+    )
+    envelope = build_envelope(error, service="t")
+    assert_envelope(envelope)
+    values = [d["value"] for d in envelope["details"]]
+    assert values == [{"password": "[REDACTED]"}, "[REDACTED]", "Ada"]
+    assert "hunter2" not in json.dumps(envelope) and "sk-live" not in json.dumps(envelope)
+    # The error keeps its own details: only what leaves is redacted.
+    assert error.details[0]["value"] == {"password": "hunter2"}

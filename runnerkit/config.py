@@ -232,6 +232,13 @@ SETTINGS: tuple[Setting, ...] = (
         "How long finished jobs stay in the idempotency ledger.",
     ),
     Setting(
+        "MAX_QUEUED_JOBS",
+        100,
+        parse_positive_int,
+        "Asynchronous jobs accepted but not yet started, across the instance; beyond it, "
+        "'Prefer: respond-async' gets 429 (each waiting job holds a thread).",
+    ),
+    Setting(
         "RATE_LIMIT_RETRY_AFTER_S",
         1.0,
         parse_nonnegative_float,

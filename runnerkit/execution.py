@@ -380,6 +380,17 @@ class Executor:
                 job_id,
             )
         if asynchronous:
+            limit = self.runner.settings.max_queued_jobs
+            if state.ledger.queued() > limit:  # this job included
+                state.ledger.release(job_id, recorded=claim.recorded)
+                raise _Rejection(
+                    RateLimited(
+                        f"This runner already holds {limit} asynchronous jobs waiting to start",
+                        code="QUEUE_FULL",
+                        retry_after=self.runner.settings.rate_limit_retry_after_s,
+                    ),
+                    job_id,
+                )
             return self._accept_async(job)
         slot = state.slots.acquire(capability.id)
         if slot is None:

@@ -228,6 +228,15 @@ class Runner:
             self.add_readiness_check(self.lifecycle.readiness_item)
             self.lifecycle.start()
 
+    def close(self) -> None:
+        """Stop this process's registration and heartbeat schedule (no deregistration).
+
+        For a test or script that made an app with a JobForge URL and is done with it; a
+        gunicorn worker never needs it (the instance deregisters when the master exits).
+        """
+        if self.lifecycle is not None:
+            self.lifecycle.stop()
+
     def _check_signing(self) -> None:
         """No secret: refuse to start in production (unless told), warn loudly otherwise."""
         s = self.settings

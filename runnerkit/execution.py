@@ -252,7 +252,7 @@ class Executor:
         correlation_id = _given_correlation(headers)
         capability_id = ""
         try:
-            self._verify(raw, headers)
+            event_id = self._verify(raw, headers)
             body = parse_json_object(raw, content_type)
             check_json_limits(
                 body,
@@ -265,7 +265,7 @@ class Executor:
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
             correlation_id = _or_new(request["metadata"].get("correlationId") or correlation_id)
-            answer = self._run(request, correlation_id, started, headers)
+            answer = self._run(request, correlation_id, started, headers, event_id)
         except _Rejection as rejection:
             job_id = rejection.job_id or job_id
             correlation_id = _or_new(correlation_id)
@@ -286,14 +286,15 @@ class Executor:
         self._log(answer, None, "", correlation_id, started)
         return answer
 
-    def _verify(self, raw: bytes, headers: Mapping[str, str]) -> None:
-        """Check the signature before the body is parsed, looked up or run."""
+    def _verify(self, raw: bytes, headers: Mapping[str, str]) -> str:
+        """Check the signature before the body is parsed, looked up or run; the event id of a
+        signed request ("" when signing is off)."""
         settings = self.runner.settings
         secrets = [settings.signing_secret, settings.signing_secret_previous]
         if not settings.signing_secret:
-            return
+            return ""
         try:
-            verify(
+            return verify(
                 headers,
                 raw,
                 secrets,
@@ -322,6 +323,7 @@ class Executor:
         correlation_id: str,
         started: float,
         headers: Mapping[str, str],
+        event_id: str = "",
     ) -> Answer:
         job_id = request["jobId"]
         capability = self.runner.capabilities.get(request["capabilityId"])
@@ -376,6 +378,19 @@ class Executor:
                     code="JOB_ALREADY_RUNNING",
                     retryable=True,
                     retry_after=self.runner.settings.rate_limit_retry_after_s,
+                ),
+                job_id,
+            )
+        if event_id and not state.ledger.first_sight(event_id):
+            # The ControlPlane scheme's duplicate-event record, kept after the signature check
+            # (so a forgery cannot block the real request) and only where the job would run
+            # again: a redelivery is still answered from the ledger or with 409 above.
+            state.ledger.release(job_id, recorded=claim.recorded)
+            raise _Rejection(
+                Unauthenticated(
+                    "This signed request was delivered before (x-webhook-event-id); "
+                    "a new attempt is signed anew",
+                    code="EVENT_REPLAYED",
                 ),
                 job_id,
             )

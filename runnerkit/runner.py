@@ -122,6 +122,8 @@ class Runner:
         if self._state is None:
             limits = {c.id: c.max_concurrency for c in self.capabilities.values()}
             self._state = InstanceState(self.state_dir, limits, self.settings.ledger_retention_s)
+            window = self.settings.signature_max_age_s + self.settings.signature_max_future_s
+            self._state.ledger.event_memory_s = max(self._state.ledger.event_memory_s, 2 * window)
         return self._state
 
     def queued_jobs(self) -> int:

@@ -231,3 +231,51 @@ def test_development_without_a_secret_warns_once(
         runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
     warnings = [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
     assert len(warnings) == 1
+
+
+# --------------------------------------------------------------------------- replays
+
+
+def _send_same(client: FlaskClient, raw: bytes, headers: dict[str, str]) -> Any:
+    return client.post("/execute", data=raw, headers=headers, content_type="application/json")
+
+
+def test_a_captured_request_replayed_after_a_retryable_failure_does_not_run_again(
+    client: FlaskClient,
+) -> None:
+    body = request_body("raiser", {"kind": "unavailable"})
+    raw = json.dumps(body).encode()
+    headers = sign(raw, SECRET)
+    first = _send_same(client, raw, headers)
+    assert_failure(first, 503, "SERVICE_UNAVAILABLE")
+    # A retryable failure is forgotten by the ledger (a new attempt runs again), so only the
+    # event id tells a replay of these very bytes from JobForge's next, newly signed attempt.
+    replayed = _send_same(client, raw, headers)
+    error = assert_failure(replayed, 401, "AUTHENTICATION_ERROR")
+    assert error["code"] == "EVENT_REPLAYED"
+    retried = post_signed(client, body)
+    assert_failure(retried, 503, "SERVICE_UNAVAILABLE")  # a new signature runs again
+
+
+def test_a_redelivered_finished_job_is_still_answered_from_the_ledger(
+    client: FlaskClient,
+) -> None:
+    body = request_body(payload={"message": "once"})
+    raw = json.dumps(body).encode()
+    headers = sign(raw, SECRET)
+    before = echo_count(client)
+    first = _send_same(client, raw, headers)
+    again = _send_same(client, raw, headers)
+    assert first.status_code == again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json() == first.get_json()
+    assert echo_count(client) == before + 1
+
+
+def test_a_forged_request_cannot_spend_a_real_requests_event_id(client: FlaskClient) -> None:
+    body = request_body(payload={"message": "real"})
+    raw = json.dumps(body).encode()
+    real = sign(raw, SECRET, event_id="evt-shared")
+    forged = sign(raw, "not-the-secret", event_id="evt-shared")
+    assert _send_same(client, raw, forged).status_code == 401
+    assert _send_same(client, raw, real).status_code == 200

@@ -232,6 +232,13 @@ SETTINGS: tuple[Setting, ...] = (
         "How long finished jobs stay in the idempotency ledger.",
     ),
     Setting(
+        "BODY_IDLE_TIMEOUT_S",
+        10.0,
+        parse_positive_float,
+        "Under gunicorn, a request body read gives up after this many seconds without a byte "
+        "(400), so a stalled client does not hold a thread.",
+    ),
+    Setting(
         "MAX_QUEUED_JOBS",
         100,
         parse_positive_int,

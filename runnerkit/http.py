@@ -7,6 +7,7 @@ the contract's ErrorEnvelope, never as an HTML page.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -49,7 +50,11 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return response
 
 
-def read_body() -> bytes:
+#: Seconds of silence after which reading a request body gives up (400 BODY_UNREADABLE).
+BODY_IDLE_TIMEOUT_S = 10.0
+
+
+def read_body(idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> bytes:
     """The request body, or RequestEntityTooLarge when it exceeds MAX_CONTENT_LENGTH.
 
     With a Content-Length werkzeug refuses an oversized body up front. A chunked body has
@@ -59,6 +64,12 @@ def read_body() -> bytes:
     """
     limit = request.max_content_length
     length = request.content_length
+    # A client that stops sending mid-body must not hold this thread for ever: under
+    # gunicorn, reads from its socket give up after ``idle_timeout_s`` of silence.
+    sock = request.environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    if sock is not None:
+        sock.settimeout(idle_timeout_s)
     try:
         if length is not None or limit is None:
             raw: bytes = request.get_data(cache=False)
@@ -68,11 +79,15 @@ def read_body() -> bytes:
         raise
     except Exception as exc:  # noqa: BLE001 - the server's own parse errors (bad chunks, EOF)
         raise ValidationFailed(
-            "The request body could not be read (malformed chunked encoding or a closed "
-            "connection)",
+            "The request body could not be read (malformed chunked encoding, a closed "
+            f"connection, or {idle_timeout_s:g} s without a byte)",
             code="BODY_UNREADABLE",
             details=[{"message": f"{type(exc).__name__}: {exc}"[:200], "path": []}],
         ) from None
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
     if length is not None and len(raw) < length:
         # The client closed its side early; gunicorn hands over what arrived.
         raise ValidationFailed(
@@ -88,7 +103,7 @@ def read_body() -> bytes:
 def execute() -> Response:
     runner = _runner()
     try:
-        raw = read_body()
+        raw = read_body(runner.settings.body_idle_timeout_s)
     except RequestEntityTooLarge:
         limit = request.max_content_length or runner.settings.max_body_bytes
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")

@@ -492,6 +492,31 @@ def _raw_exchange(proc: GunicornProcess, head: bytes, body: bytes, *, half_close
         return b"".join(chunks)
 
 
+def _read_answer(sock: Any) -> bytes:
+    """One whole HTTP answer (headers, then Content-Length bytes) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def _status_and_json(answer: bytes) -> tuple[int, dict[str, Any]]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -522,3 +547,34 @@ def test_a_body_shorter_than_its_content_length_is_refused_not_run(
     status, body = _status_and_json(answer)
     assert status == 400, answer[:500]
     assert body["error"]["code"] == "BODY_TRUNCATED"
+
+
+def test_a_client_that_stalls_mid_body_is_answered_and_frees_its_thread(
+    start_gunicorn: Any,
+) -> None:
+    import socket
+
+    proc: GunicornProcess = start_gunicorn(
+        env={"RUNNERKIT_BODY_IDLE_TIMEOUT_S": "0.5", "GUNICORN_THREADS": "3"}, workers=1
+    )
+    head = (
+        b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    stalled = []
+    for _ in range(3):  # as many as the worker has threads
+        sock = socket.create_connection((proc.host, proc.port), timeout=10)
+        sock.sendall(head)
+        stalled.append(sock)
+    try:
+        for sock in stalled:
+            answer = _read_answer(sock)
+            status, body = _status_and_json(answer)
+            assert status == 400, answer[:300]
+            assert body["error"]["code"] == "BODY_UNREADABLE"
+        # Every thread is free again.
+        response = requests.get(proc.url + "/health/live", timeout=QUICK)
+        assert response.status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()

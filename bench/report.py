@@ -90,6 +90,31 @@ def _error(part: dict[str, Any] | None) -> str | None:
 # --------------------------------------------------------------------------- sections
 
 
+def _extra_contender(
+    http: dict[str, Any], name: str, ratio_key: str, label: str, intro: str
+) -> list[str]:
+    """The table of one extra /execute contender against Flask and the default runner."""
+    levels = [(level, data) for level, data in http["levels"].items() if ratio_key in data]
+    if not levels:
+        return []
+    lines = [
+        intro,
+        "",
+        f"| conns | {label} ok req/s | Flask req/s | ratio | {label} p50 / p99 ms "
+        f"| CPU µs/req {label} / default / Flask |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for level, data in levels:
+        c, r, f = data[name], data["runnerkit"], data["flask"]
+        lines.append(
+            f"| {level} | {_f(c['ok_rps'])} | {_f(f['ok_rps'])} "
+            f"| {_f(data[ratio_key], 2)}x | {_f(c['p50_ms'], 1)} / {_f(c['p99_ms'], 1)} "
+            f"| {_f(c['cpu_us_per_req'])} / {_f(r['cpu_us_per_req'])} "
+            f"/ {_f(f['cpu_us_per_req'])} |"
+        )
+    return [*lines, ""]
+
+
 def _summary(results: dict[str, Any]) -> list[str]:
     lines = ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
     http = results.get("http") or {}
@@ -202,51 +227,29 @@ def _http(http: dict[str, Any]) -> list[str]:
         "(they are excluded from 'ok req/s').",
         "",
     ]
-    inline = [(level, data) for level, data in http["levels"].items() if "inline_ratio" in data]
-    if inline:
-        lines += [
-            '**With `isolation = "inline"`** (opt-in, a third contender in the same rounds): '
-            "the echo capability runs on the request's thread, with no job thread to hand it "
-            "to, and the caller is answered when the code returns (a late answer is still "
-            "`TIMEOUT`).",
-            "",
-            "| conns | inline ok req/s | Flask req/s | ratio | inline p50 / p99 ms "
-            "| CPU µs/req inline / default / Flask |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for level, data in inline:
-            i, r, f = data["runnerkit inline"], data["runnerkit"], data["flask"]
-            lines.append(
-                f"| {level} | {_f(i['ok_rps'])} | {_f(f['ok_rps'])} "
-                f"| {_f(data['inline_ratio'], 2)}x | {_f(i['p50_ms'], 1)} / {_f(i['p99_ms'], 1)} "
-                f"| {_f(i['cpu_us_per_req'])} / {_f(r['cpu_us_per_req'])} "
-                f"/ {_f(f['cpu_us_per_req'])} |"
-            )
-        lines.append("")
-    stripped = [(level, data) for level, data in http["levels"].items() if "stripped_ratio" in data]
-    if stripped:
-        lines += [
-            "**The ceiling** (a fourth contender in the same rounds, `BENCH_ECHO_STRIPPED=1`, "
-            "not a runnerkit setting): the same runner with every step `bench/ablations.py` "
-            "can take away replaced by a no-op in its workers: no idempotency ledger, no job "
-            "thread, no job log line, no metrics, no concurrency slots, no marshmallow. What "
-            "is left is the rest of the pipeline (routing, signature and body-limit checks, "
-            "admission, `Context`, the response envelope). Its ratio bounds what removing "
-            "costs from those steps could ever give.",
-            "",
-            "| conns | stripped ok req/s | Flask req/s | ratio | stripped p50 / p99 ms "
-            "| CPU µs/req stripped / default / Flask |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for level, data in stripped:
-            c, r, f = data["runnerkit stripped"], data["runnerkit"], data["flask"]
-            lines.append(
-                f"| {level} | {_f(c['ok_rps'])} | {_f(f['ok_rps'])} "
-                f"| {_f(data['stripped_ratio'], 2)}x | {_f(c['p50_ms'], 1)} / "
-                f"{_f(c['p99_ms'], 1)} | {_f(c['cpu_us_per_req'])} / "
-                f"{_f(r['cpu_us_per_req'])} / {_f(f['cpu_us_per_req'])} |"
-            )
-        lines.append("")
+    lines += _extra_contender(
+        http,
+        "runnerkit inline",
+        "inline_ratio",
+        "inline",
+        '**With `isolation = "inline"`** (opt-in, a third contender in the same rounds): '
+        "the echo capability runs on the request's thread, with no job thread to hand it "
+        "to, and the caller is answered when the code returns (a late answer is still "
+        "`TIMEOUT`).",
+    )
+    lines += _extra_contender(
+        http,
+        "runnerkit stripped",
+        "stripped_ratio",
+        "stripped",
+        "**The ceiling** (a fourth contender in the same rounds, `BENCH_ECHO_STRIPPED=1`, "
+        "not a runnerkit setting): the same runner with every step `bench/ablations.py` "
+        "can take away replaced by a no-op in its workers: no idempotency ledger, no job "
+        "thread, no job log line, no metrics, no concurrency slots, no marshmallow. What "
+        "is left is the rest of the pipeline (routing, signature and body-limit checks, "
+        "admission, `Context`, the response envelope). Its ratio bounds what removing "
+        "costs from those steps could ever give.",
+    )
     pinned = http.get("pinned") or {}
     if pinned.get("levels"):
         lines += [

@@ -59,6 +59,12 @@ def job_request(
     return body
 
 
+def sync_request(job_type: str = "type.a", **kwargs: Any) -> dict[str, Any]:
+    """A job the dispatcher sends synchronously (timeoutMs below ASYNC_THRESHOLD_MS)."""
+    kwargs.setdefault("timeout_ms", 5_000)
+    return job_request(job_type, **kwargs)
+
+
 def capability(
     cap_id: str, job_types: list[str], max_concurrency: int = 1, timeout_ms: float = 30000
 ) -> dict[str, Any]:
@@ -436,3 +442,8 @@ class FakeRunner:
         self._thread.join(5)
         for thread in self.threads:
             thread.join(5)
+
+
+#: The ``make_forge`` and ``make_runner`` fixtures' types.
+MakeForge = Callable[..., ForgeServer]
+MakeRunner = Callable[..., FakeRunner]

@@ -29,27 +29,23 @@ from tests.forge.helpers import (
     Call,
     FakeRunner,
     ForgeServer,
+    MakeForge,
+    MakeRunner,
     Reply,
     capability,
     envelope,
-    job_request,
     new_id,
+    sync_request,
     valid,
     valid_page,
     wait_for,
 )
 
-MakeForge = Callable[..., ForgeServer]
-MakeRunner = Callable[..., FakeRunner]
-
 #: Timer granularity allowed below a lower bound.
 SLACK_S = 0.005
 
 
-def req(job_type: str = "type.a", **kwargs: Any) -> dict[str, Any]:
-    """A job sent synchronously (timeoutMs below the default ASYNC_THRESHOLD_MS)."""
-    kwargs.setdefault("timeout_ms", 5_000)
-    return job_request(job_type, **kwargs)
+req = sync_request
 
 
 def fail_with(status: int, category: str, code: str, *, retryable: bool, **extra: Any):

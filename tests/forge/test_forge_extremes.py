@@ -6,7 +6,6 @@ dispatcher.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +21,8 @@ from tests.forge.helpers import (
     Call,
     FakeRunner,
     ForgeServer,
+    MakeForge,
+    MakeRunner,
     Reply,
     capability,
     envelope,
@@ -30,16 +31,10 @@ from tests.forge.helpers import (
     job_request,
     new_id,
     registration,
+    sync_request,
     valid,
+    wait_for,
 )
-
-MakeForge = Callable[..., ForgeServer]
-MakeRunner = Callable[..., FakeRunner]
-
-
-def sync_request(job_type: str = "type.a", **kwargs: Any) -> dict[str, Any]:
-    kwargs.setdefault("timeout_ms", 5_000)
-    return job_request(job_type, **kwargs)
 
 
 def expired_job(forge: ForgeServer) -> dict[str, Any]:
@@ -169,7 +164,7 @@ def test_a_result_posted_for_a_job_running_synchronously_is_refused(
     runner.register(forge.url)
     job = forge.submit(sync_request())
     forge.wait_status(job["id"], "running")
-    call = runner.calls[0]
+    call = wait_for(lambda: runner.calls and runner.calls[0], 5, what="the runner's call")
     forged = runner.failure(call, envelope("RUNTIME_ERROR", "INJECTED", retryable=False))
 
     refused = runner.post_result(forged)

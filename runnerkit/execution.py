@@ -43,7 +43,7 @@ from runnerkit.jsonbody import check_json_limits, parse_json_object
 from runnerkit.logs import emit, log_context
 from runnerkit.metrics import labelled, metrics
 from runnerkit.signing import SignatureError, verify
-from runnerkit.state import Slot
+from runnerkit.state import Claim, Slot
 
 if TYPE_CHECKING:
     from runnerkit.runner import Runner
@@ -381,19 +381,6 @@ class Executor:
                 ),
                 job_id,
             )
-        if event_id and not state.ledger.first_sight(event_id):
-            # The ControlPlane scheme's duplicate-event record, kept after the signature check
-            # (so a forgery cannot block the real request) and only where the job would run
-            # again: a redelivery is still answered from the ledger or with 409 above.
-            state.ledger.release(job_id, recorded=claim.recorded)
-            raise _Rejection(
-                Unauthenticated(
-                    "This signed request was delivered before (x-webhook-event-id); "
-                    "a new attempt is signed anew",
-                    code="EVENT_REPLAYED",
-                ),
-                job_id,
-            )
         if asynchronous:
             limit = self.runner.settings.max_queued_jobs
             if state.ledger.queued() > limit:  # this job included
@@ -406,6 +393,7 @@ class Executor:
                     ),
                     job_id,
                 )
+            self._first_delivery(event_id, job_id, claim)
             return self._accept_async(job)
         slot = state.slots.acquire(capability.id)
         if slot is None:
@@ -424,6 +412,12 @@ class Executor:
         except _Rejection:
             state.slots.release(slot)
             state.ledger.release(job_id, recorded=claim.recorded)
+            raise
+        try:
+            self._first_delivery(event_id, job_id, claim)
+        except _Rejection:
+            state.slots.release(slot)
+            self._done()
             raise
         answer = self._execute(job, slot)
         self._record_truth(job, answer, send_now=False)
@@ -625,6 +619,26 @@ class Executor:
             outbox.add("event", url, event, {"X-Correlation-Id": job.correlation_id})
 
         return send
+
+    def _first_delivery(self, event_id: str, job_id: str, claim: Claim) -> None:
+        """Refuse a signed request whose event id already reached a run (401 EVENT_REPLAYED).
+
+        The ControlPlane scheme's duplicate-event record, kept after the signature check (so a
+        forgery cannot spend a real request's id) and only once the job would really run: a
+        redelivery is still answered from the ledger or with 409, and a request refused at
+        capacity (429/503) may be sent again as it was.
+        """
+        if not event_id or self.runner.state.ledger.first_sight(event_id):
+            return
+        self.runner.state.ledger.release(job_id, recorded=claim.recorded)
+        raise _Rejection(
+            Unauthenticated(
+                "This signed request was delivered before (x-webhook-event-id); "
+                "a new attempt is signed anew",
+                code="EVENT_REPLAYED",
+            ),
+            job_id,
+        )
 
     def _admit(self, job_id: str) -> None:
         """Take a job thread in this worker, keeping the reserved request threads free."""

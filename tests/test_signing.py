@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from runnerkit import Runner
 from runnerkit.config import ConfigError
 from runnerkit.signing import SignatureError, sign, verify
 from tests.helpers import TEST_CAPABILITIES, assert_failure, request_body
+from tests.support.waiting import wait_until
 
 SECRET = "s3cret-for-tests"
 OLD_SECRET = "the-previous-secret"
@@ -279,3 +281,25 @@ def test_a_forged_request_cannot_spend_a_real_requests_event_id(client: FlaskCli
     forged = sign(raw, "not-the-secret", event_id="evt-shared")
     assert _send_same(client, raw, forged).status_code == 401
     assert _send_same(client, raw, real).status_code == 200
+
+
+def test_a_request_refused_at_capacity_may_be_sent_again_as_it_was(
+    client: FlaskClient, runner: Runner, release: threading.Event
+) -> None:
+    # The sleeper (maxConcurrency 1) is busy: the request is refused with 429 before it runs,
+    # so its event id is not spent and the very same bytes run once there is room.
+    raw_busy = json.dumps(request_body("sleeper", {"seconds": 5})).encode()
+    holder = threading.Thread(target=_send_same, args=(client, raw_busy, sign(raw_busy, SECRET)))
+    holder.start()
+    try:
+        wait_until(lambda: runner.state.slots.in_use("sleeper") == 1, 5, "the sleeper busy")
+        raw = json.dumps(request_body("sleeper", {"seconds": 0})).encode()
+        headers = sign(raw, SECRET)
+        assert _send_same(client, raw, headers).status_code == 429
+        release.set()
+        holder.join(10)
+        again = _send_same(client, raw, headers)
+        assert again.status_code == 200, again.get_json()
+    finally:
+        release.set()
+        holder.join(10)

@@ -832,6 +832,8 @@ class JobStore:
             for runner_id in offline:
                 log.warning("runner %s missed its heartbeats and is offline", runner_id)
             for row in db.jobs_holding_slots(conn):
+                if not _sweep_due(row, in_flight, now):
+                    continue  # the common case: no write, so no savepoint either
                 summary_key = self.apart(
                     conn,
                     row["id"],
@@ -861,6 +863,7 @@ class JobStore:
     def _sweep_job(
         self, conn: db.Conn, row: db.Row, in_flight: Mapping[str, int], now: Clock
     ) -> str | None:
+        """Requeue, fail or free the slot of a job :func:`_sweep_due` picked."""
         attempt = int(row["attempts"])
         waiting_here = in_flight.get(row["id"]) == attempt
         runner_status = row["runner_status"]
@@ -893,3 +896,12 @@ class JobStore:
             self._retry_or_fail(conn, row, envelope, now, _SLOT_FREE)
             return "overdue"
         return None
+
+
+def _sweep_due(row: db.Row, in_flight: Mapping[str, int], now: Clock) -> bool:
+    """Whether housekeeping has anything to do for this job holding a slot (see ``sweep``)."""
+    if in_flight.get(row["id"]) == int(row["attempts"]):
+        # This process still waits for the runner's answer; only "offline" overrides that.
+        return bool(row["runner_status"] == "offline")
+    lease = row["lease_until"]
+    return row["runner_status"] in ("offline", None) or (lease is not None and lease < now.ts)

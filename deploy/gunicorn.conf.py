@@ -11,7 +11,8 @@ import os
 
 bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
+# gthread, with gunicorn's own error pages (414, 431, malformed requests) as ErrorEnvelopes.
+worker_class = "runnerkit.gunicorn_worker.ThreadWorker"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Above the largest capability timeout (the example's is 60 s); checked in post_worker_init.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))

@@ -17,7 +17,14 @@ WORKERS = 3
 #: Options after ``--bind`` and ``--workers``: gthread, so ``/health`` and the dashboard answer
 #: while requests wait on the database, and a short graceful timeout (the dispatcher's sends
 #: are bounded by their own HTTP timeouts).
-OPTIONS = ("--worker-class", "gthread", "--threads", "16", "--graceful-timeout", "10")
+OPTIONS = (
+    "--worker-class",
+    "runnerkit.gunicorn_worker.ThreadWorker",  # gthread; its own errors as ErrorEnvelopes
+    "--threads",
+    "16",
+    "--graceful-timeout",
+    "10",
+)
 
 
 def no_control_socket() -> list[str]:

@@ -578,3 +578,59 @@ def test_a_client_that_stalls_mid_body_is_answered_and_frees_its_thread(
     finally:
         for sock in stalled:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URI_TOO_LONG"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400, "BAD_REQUEST"),
+        (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400, "BAD_REQUEST"),
+        (
+            b"GET /health HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+            + b"\r\n",
+            431,
+            "HEADERS_TOO_LARGE",
+        ),
+    ],
+    ids=["uri-too-long", "bad-header-name", "bad-version", "too-many-headers"],
+)
+def test_requests_gunicorn_refuses_itself_get_an_envelope_not_a_page(
+    example_runner: GunicornProcess, request_bytes: bytes, status: int, code: str
+) -> None:
+    import socket
+
+    with socket.create_connection((example_runner.host, example_runner.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = _read_answer(sock)
+    got, body = _status_and_json(answer)
+    assert got == status, answer[:300]
+    assert b"content-type: application/json" in answer.lower()
+    error = ErrorEnvelopeSchema().load(body["error"])
+    assert error["code"] == code and error["service"] == "example-runner"
+    assert error["timestamp"].endswith("Z") and body["success"] is False
+
+
+def test_the_forge_served_as_runnerkit_forge_serves_it_answers_envelopes_too(
+    start_gunicorn: Any, tmp_path: Path
+) -> None:
+    import socket
+
+    from runnerkit.forge.serving import OPTIONS
+
+    forge: GunicornProcess = start_gunicorn(
+        app_spec="runnerkit.forge:app",
+        config=None,
+        workers=1,
+        extra_args=list(OPTIONS),
+        env={"RUNNERKIT_FORGE_DB_PATH": str(tmp_path / "forge.sqlite3")},
+        ready_path="/health",
+    )
+    with socket.create_connection((forge.host, forge.port), timeout=10) as sock:
+        sock.sendall(b"GET /" + b"j" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _read_answer(sock)
+    status, body = _status_and_json(answer)
+    assert status == 414, answer[:300]
+    error = ErrorEnvelopeSchema().load(body["error"])
+    assert error["code"] == "URI_TOO_LONG" and error["service"] == "jobforge"

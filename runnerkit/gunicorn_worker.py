@@ -1,0 +1,86 @@
+"""gunicorn's gthread worker, answering the requests gunicorn refuses itself with an envelope.
+
+Some requests never reach the app: a malformed request line or header, a URL or headers
+over gunicorn's limits (414, 431), an unsupported transfer coding (501). gunicorn answers
+those with a small HTML page; every other error of a runner or the forge is a contract
+ErrorEnvelope. :class:`ThreadWorker` lets gunicorn decide the status as always and rewrites
+only the page it writes: the same status line, a JSON ``{"success": false, "error": ...}``
+body. ``deploy/gunicorn.conf.py`` and the forge's command use it (``worker_class``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any
+
+from gunicorn.workers import gthread
+
+from runnerkit.errors import make_envelope
+
+#: Category and code of the statuses gunicorn answers itself.
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("VALIDATION_ERROR", "BAD_REQUEST"),
+    403: ("AUTHORIZATION_ERROR", "FORBIDDEN"),
+    414: ("VALIDATION_ERROR", "URI_TOO_LONG"),
+    417: ("VALIDATION_ERROR", "EXPECTATION_FAILED"),
+    431: ("VALIDATION_ERROR", "HEADERS_TOO_LARGE"),
+    501: ("VALIDATION_ERROR", "NOT_IMPLEMENTED"),
+}
+
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
+#: gunicorn's page: <html>…<h1><p>reason</p></h1> message </body></html>.
+_MESSAGE = re.compile(r"</h1>(.*?)</body>", re.DOTALL)
+
+
+class _EnvelopeSocket:
+    """The client socket as gunicorn's error writer sees it: its HTML page becomes JSON."""
+
+    def __init__(self, sock: Any, service: str) -> None:
+        self._sock = sock
+        self._service = service
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(envelope_response(data, self._service))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def envelope_response(page: bytes, service: str) -> bytes:
+    """gunicorn's HTML error response ``page`` as the same status with an ErrorEnvelope."""
+    match = _STATUS_LINE.match(page)
+    if match is None:  # not an error page of gunicorn's: leave it alone
+        return page
+    status, reason = int(match.group(1)), match.group(2).decode("latin-1")
+    _, _, body = page.partition(b"\r\n\r\n")
+    found = _MESSAGE.search(body.decode("latin-1"))
+    detail = " ".join(html.unescape(found.group(1)).split()) if found else ""
+    category, code = _ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
+    message = f"{reason}: {detail}" if detail and detail != reason else reason
+    envelope = make_envelope(category, code, message, service=service, retryable=status >= 500)
+    payload = json.dumps({"success": False, "error": envelope}, separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + payload
+
+
+class ThreadWorker(gthread.ThreadWorker):
+    """gthread, with gunicorn's own error pages written as contract ErrorEnvelopes."""
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        super().handle_error(req, _EnvelopeSocket(client, self._service()), addr, exc)
+
+    def _service(self) -> str:
+        """The ``service`` of the envelope: the runner's name or the forge's service name."""
+        extensions = getattr(getattr(self, "wsgi", None), "extensions", {}) or {}
+        runner = extensions.get("runnerkit")
+        if runner is not None:
+            return str(runner.name)
+        forge = extensions.get("forge")
+        if forge is not None:
+            return str(forge.settings.service_name)
+        return "runnerkit"

@@ -232,11 +232,12 @@ SETTINGS: tuple[Setting, ...] = (
         "How long finished jobs stay in the idempotency ledger.",
     ),
     Setting(
-        "BODY_IDLE_TIMEOUT_S",
+        "CLIENT_IDLE_TIMEOUT_S",
         10.0,
         parse_positive_float,
-        "Under gunicorn, a request body read gives up after this many seconds without a byte "
-        "(400), so a stalled client does not hold a thread.",
+        "Under gunicorn, reading a request (headers or body) or writing its answer gives up "
+        "after this many seconds without progress (a body: 400), so a stalled client does "
+        "not hold a thread (the headers need the runnerkit.gunicorn_worker worker class).",
     ),
     Setting(
         "MAX_QUEUED_JOBS",

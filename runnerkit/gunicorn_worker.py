@@ -1,11 +1,18 @@
-"""gunicorn's gthread worker, answering the requests gunicorn refuses itself with an envelope.
+"""gunicorn's gthread worker, with two things a runner needs that gthread lacks.
 
-Some requests never reach the app: a malformed request line or header, a URL or headers
-over gunicorn's limits (414, 431), an unsupported transfer coding (501). gunicorn answers
-those with a small HTML page; every other error of a runner or the forge is a contract
-ErrorEnvelope. :class:`ThreadWorker` lets gunicorn decide the status as always and rewrites
-only the page it writes: the same status line, a JSON ``{"success": false, "error": ...}``
-body. ``deploy/gunicorn.conf.py`` and the forge's command use it (``worker_class``).
+- **Its own errors as envelopes.** Some requests never reach the app: a malformed request
+  line or header, a URL or headers over gunicorn's limits (414, 431), an unsupported
+  transfer coding (501). gunicorn answers those with a small HTML page; every other error of
+  a runner or the forge is a contract ErrorEnvelope. :class:`ThreadWorker` lets gunicorn
+  decide the status as always and rewrites only the page: the same status line, a JSON
+  ``{"success": false, "error": ...}`` body.
+- **Clients that stall.** gthread reads a request on a blocking socket with no timeout, so a
+  client that sends half its headers and waits holds a thread for ever; a few dozen of them
+  take every thread, ``/health`` included. Here the socket's blocking mode has a timeout
+  (``RUNNERKIT_CLIENT_IDLE_TIMEOUT_S``): a read or write without progress for that long
+  ends the connection (a body read in the app answers 400 instead).
+
+``deploy/gunicorn.conf.py`` and the forge's command use it (``worker_class``).
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import json
 import re
 from typing import Any
 
+from gunicorn import util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
+from runnerkit.http import CLIENT_IDLE_TIMEOUT_S
 
 #: Category and code of the statuses gunicorn answers itself.
 _ERRORS: dict[int, tuple[str, str]] = {
@@ -68,11 +77,60 @@ def envelope_response(page: bytes, service: str) -> bytes:
     return head.encode("latin-1") + payload
 
 
+class _TimedSocket:
+    """A client socket whose blocking mode has a timeout (gthread switches a connection
+    between non-blocking, for its poller, and blocking, for the thread serving it)."""
+
+    def __init__(self, sock: Any, timeout: float) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self.timed_out = False
+
+    def recv(self, *args: Any) -> bytes:
+        try:
+            data: bytes = self._sock.recv(*args)
+        except TimeoutError:
+            self.timed_out = True
+            raise
+        return data
+
+    def setblocking(self, flag: bool) -> None:
+        if flag:
+            self._sock.settimeout(self._timeout)
+        else:
+            self._sock.setblocking(False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class ThreadWorker(gthread.ThreadWorker):
-    """gthread, with gunicorn's own error pages written as contract ErrorEnvelopes."""
+    """gthread, with its own error pages as ErrorEnvelopes and a timeout for stalled clients."""
+
+    def enqueue_req(self, conn: Any) -> None:
+        if not isinstance(conn.sock, _TimedSocket) and not self.cfg.is_ssl:
+            conn.sock = _TimedSocket(conn.sock, self._client_timeout())
+        super().enqueue_req(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         super().handle_error(req, _EnvelopeSocket(client, self._service()), addr, exc)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        sock = conn.sock
+        if isinstance(sock, _TimedSocket) and sock.timed_out:
+            # gthread would close "gracefully", waiting up to 2 s on its main loop for the
+            # client to close first: a client that stopped talking would stall the worker.
+            self.nr_conns -= 1
+            util.close(sock)
+            return
+        super().finish_request(conn, fs)
+
+    def _client_timeout(self) -> float:
+        extensions = getattr(getattr(self, "wsgi", None), "extensions", {}) or {}
+        runner = extensions.get("runnerkit")
+        if runner is not None:
+            return float(runner.settings.client_idle_timeout_s)
+        return CLIENT_IDLE_TIMEOUT_S
 
     def _service(self) -> str:
         """The ``service`` of the envelope: the runner's name or the forge's service name."""

@@ -51,10 +51,10 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 
 
 #: Seconds of silence after which reading a request body gives up (400 BODY_UNREADABLE).
-BODY_IDLE_TIMEOUT_S = 10.0
+CLIENT_IDLE_TIMEOUT_S = 10.0
 
 
-def read_body(idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> bytes:
+def read_body(idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S) -> bytes:
     """The request body, or RequestEntityTooLarge when it exceeds MAX_CONTENT_LENGTH.
 
     With a Content-Length werkzeug refuses an oversized body up front. A chunked body has
@@ -103,7 +103,7 @@ def read_body(idle_timeout_s: float = BODY_IDLE_TIMEOUT_S) -> bytes:
 def execute() -> Response:
     runner = _runner()
     try:
-        raw = read_body(runner.settings.body_idle_timeout_s)
+        raw = read_body(runner.settings.client_idle_timeout_s)
     except RequestEntityTooLarge:
         limit = request.max_content_length or runner.settings.max_body_bytes
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")

@@ -484,12 +484,7 @@ def _raw_exchange(proc: GunicornProcess, head: bytes, body: bytes, *, half_close
         sock.sendall(head + body)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and not half_close:
-                break
-        return b"".join(chunks)
+        return _read_answer(sock)
 
 
 def _read_answer(sock: Any) -> bytes:
@@ -555,7 +550,7 @@ def test_a_client_that_stalls_mid_body_is_answered_and_frees_its_thread(
     import socket
 
     proc: GunicornProcess = start_gunicorn(
-        env={"RUNNERKIT_BODY_IDLE_TIMEOUT_S": "0.5", "GUNICORN_THREADS": "3"}, workers=1
+        env={"RUNNERKIT_CLIENT_IDLE_TIMEOUT_S": "0.5", "GUNICORN_THREADS": "3"}, workers=1
     )
     head = (
         b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -634,3 +629,26 @@ def test_the_forge_served_as_runnerkit_forge_serves_it_answers_envelopes_too(
     assert status == 414, answer[:300]
     error = ErrorEnvelopeSchema().load(body["error"])
     assert error["code"] == "URI_TOO_LONG" and error["service"] == "jobforge"
+
+
+def test_clients_that_stall_mid_headers_are_dropped_and_health_answers(
+    start_gunicorn: Any,
+) -> None:
+    import socket
+
+    proc: GunicornProcess = start_gunicorn(
+        env={"RUNNERKIT_CLIENT_IDLE_TIMEOUT_S": "0.5", "GUNICORN_THREADS": "3"}, workers=1
+    )
+    stalled = []
+    for _ in range(6):  # twice as many as the worker has threads
+        sock = socket.create_connection((proc.host, proc.port), timeout=10)
+        sock.sendall(b"POST /execute HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        stalled.append(sock)
+    try:
+        for sock in stalled:
+            assert sock.recv(65536) == b""  # closed by the worker, not by this 10 s timeout
+        response = requests.get(proc.url + "/health/live", timeout=QUICK)
+        assert response.status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()

@@ -20,7 +20,8 @@ from __future__ import annotations
 import html
 import json
 import re
-from typing import Any
+import socket
+from typing import Any, ClassVar
 
 from gunicorn import util
 from gunicorn.workers import gthread
@@ -77,39 +78,43 @@ def envelope_response(page: bytes, service: str) -> bytes:
     return head.encode("latin-1") + payload
 
 
-class _TimedSocket:
+class _TimedSocket(socket.socket):
     """A client socket whose blocking mode has a timeout (gthread switches a connection
-    between non-blocking, for its poller, and blocking, for the thread serving it)."""
+    between non-blocking, for its poller, and blocking, for the thread serving it).
 
-    def __init__(self, sock: Any, timeout: float) -> None:
-        self._sock = sock
-        self._timeout = timeout
-        self.timed_out = False
+    Accepted sockets become this class in place (``__class__``), so everything but these two
+    methods stays the C socket's own; a read that timed out is remembered by ``id`` until the
+    worker closes the connection.
+    """
 
-    def recv(self, *args: Any) -> bytes:
-        try:
-            data: bytes = self._sock.recv(*args)
-        except TimeoutError:
-            self.timed_out = True
-            raise
-        return data
+    __slots__ = ()
+    timeout_s = CLIENT_IDLE_TIMEOUT_S  # the worker sets its own
+    timed_out: ClassVar[set[int]] = set()
 
     def setblocking(self, flag: bool) -> None:
         if flag:
-            self._sock.settimeout(self._timeout)
+            self.settimeout(self.timeout_s)
         else:
-            self._sock.setblocking(False)
+            super().setblocking(False)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+    def recv(self, *args: Any) -> bytes:
+        try:
+            return super().recv(*args)
+        except TimeoutError:
+            _TimedSocket.timed_out.add(id(self))
+            raise
 
 
 class ThreadWorker(gthread.ThreadWorker):
     """gthread, with its own error pages as ErrorEnvelopes and a timeout for stalled clients."""
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        _TimedSocket.timeout_s = self._client_timeout()  # the app's setting, once it is loaded
+
     def enqueue_req(self, conn: Any) -> None:
-        if not isinstance(conn.sock, _TimedSocket) and not self.cfg.is_ssl:
-            conn.sock = _TimedSocket(conn.sock, self._client_timeout())
+        if type(conn.sock) is socket.socket and not self.cfg.is_ssl:
+            conn.sock.__class__ = _TimedSocket
         super().enqueue_req(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
@@ -117,9 +122,10 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def finish_request(self, conn: Any, fs: Any) -> None:
         sock = conn.sock
-        if isinstance(sock, _TimedSocket) and sock.timed_out:
+        if id(sock) in _TimedSocket.timed_out:
             # gthread would close "gracefully", waiting up to 2 s on its main loop for the
             # client to close first: a client that stopped talking would stall the worker.
+            _TimedSocket.timed_out.discard(id(sock))
             self.nr_conns -= 1
             util.close(sock)
             return

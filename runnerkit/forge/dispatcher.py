@@ -344,7 +344,7 @@ class Dispatcher:
                 if not answers:
                     raise
                 # Record the answers one transaction each; a broken one cannot hold the others
-                # back (its job's lease recovers it).
+                # back (it fails its own job).
                 log.exception("recording %d answers with the next claims failed", len(answers))
                 self._record_each(answers)
                 return 0
@@ -424,22 +424,24 @@ class Dispatcher:
 
     def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]], now: Clock) -> None:
         for claim, outcome in answers:
-            result = self.jobs.apart(
-                conn,
-                claim.job_id,
-                now,
-                functools.partial(
-                    self.jobs.finish_in, conn, claim.job_id, claim.attempt, outcome, now
-                ),
-            )
-            _log_answer(claim, outcome, result or "failed (the forge could not record it)")
+            result = self.jobs.finish_in(conn, claim.job_id, claim.attempt, outcome, now)
+            _log_answer(claim, outcome, result)
 
     def _record_each(self, answers: list[tuple[Claim, Outcome]]) -> None:
-        """Record answers one transaction each (the fallback, and after the dispatcher stopped)."""
+        """Record answers one transaction each (the fallback, and after the dispatcher stopped).
+
+        Each in :meth:`JobStore.apart`: an answer the forge cannot record fails its job with
+        INTERNAL_ERROR instead of leaving it running until its lease passes.
+        """
         for claim, outcome in answers:
             try:
-                result = self.jobs.finish(claim.job_id, claim.attempt, outcome)
-                _log_answer(claim, outcome, result)
+                now = Clock()
+                with self.db.tx() as conn:
+                    record = functools.partial(
+                        self.jobs.finish_in, conn, claim.job_id, claim.attempt, outcome, now
+                    )
+                    result = self.jobs.apart(conn, claim.job_id, now, record)
+                _log_answer(claim, outcome, result or "failed (the forge could not record it)")
             except Exception:
                 log.exception("recording the answer for job %s failed", claim.job_id)
         self._recorded(answers)

@@ -79,6 +79,20 @@ def masters_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "runnerkit", "masters")
 
 
+def _forget_dead_masters() -> None:
+    """Remove the entries of masters that are gone.
+
+    A master served with ``deploy/gunicorn.conf.py`` removes its own entry in ``on_exit``;
+    one started without it (plain ``gunicorn app:app``) cannot, and its entry would stay.
+    """
+    with contextlib.suppress(OSError):
+        for name in os.listdir(masters_dir()):
+            stem, _, ext = name.partition(".")
+            if ext == "json" and stem.isdigit() and not psutil.pid_exists(int(stem)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(masters_dir(), name))
+
+
 def spawn_detached(argv: list[str]) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session, and reap it when it exits.
 
@@ -177,6 +191,7 @@ class Lifecycle:
         if not under_gunicorn():
             return
         os.makedirs(masters_dir(), mode=0o700, exist_ok=True)
+        _forget_dead_masters()
         path = os.path.join(masters_dir(), f"{self.owner[0]}.json")
         entry = read_json(path) or {}
         dirs = entry.get("stateDirs", [])

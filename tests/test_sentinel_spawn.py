@@ -7,9 +7,12 @@ instance watched and exits at once. A real child process shows whether it is rea
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import psutil
+import pytest
 
 from runnerkit.lifecycle import spawn_detached
 from tests.support.waiting import wait_until
@@ -39,3 +42,23 @@ def test_a_detached_child_runs_in_its_own_session() -> None:
         assert os.getsid(proc.pid) != os.getsid(0)
     finally:
         proc.kill()
+
+
+def test_entries_of_masters_that_are_gone_are_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A master without the product's on_exit hook (plain `gunicorn app:app`) leaves its entry.
+    from runnerkit import lifecycle
+
+    monkeypatch.setattr(lifecycle, "masters_dir", lambda: str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / f"{gone.pid}.json").write_text("{}")
+    (tmp_path / f"{os.getpid()}.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("not an entry")
+
+    lifecycle._forget_dead_masters()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{os.getpid()}.json", "notes.txt"]
+    )

@@ -27,17 +27,7 @@ from gunicorn import util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
-from runnerkit.http import CLIENT_IDLE_TIMEOUT_S
-
-#: Category and code of the statuses gunicorn answers itself.
-_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("VALIDATION_ERROR", "BAD_REQUEST"),
-    403: ("AUTHORIZATION_ERROR", "FORBIDDEN"),
-    414: ("VALIDATION_ERROR", "URI_TOO_LONG"),
-    417: ("VALIDATION_ERROR", "EXPECTATION_FAILED"),
-    431: ("VALIDATION_ERROR", "HEADERS_TOO_LARGE"),
-    501: ("VALIDATION_ERROR", "NOT_IMPLEMENTED"),
-}
+from runnerkit.http import CLIENT_IDLE_TIMEOUT_S, HTTP_ERRORS
 
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
 #: gunicorn's page: <html>…<h1><p>reason</p></h1> message </body></html>.
@@ -67,7 +57,7 @@ def envelope_response(page: bytes, service: str) -> bytes:
     _, _, body = page.partition(b"\r\n\r\n")
     found = _MESSAGE.search(body.decode("latin-1"))
     detail = " ".join(html.unescape(found.group(1)).split()) if found else ""
-    category, code = _ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
+    category, code = HTTP_ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
     message = f"{reason}: {detail}" if detail and detail != reason else reason
     envelope = make_envelope(category, code, message, service=service, retryable=status >= 500)
     payload = json.dumps({"success": False, "error": envelope}, separators=(",", ":")).encode()

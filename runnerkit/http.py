@@ -23,8 +23,8 @@ log = logging.getLogger("runnerkit.http")
 
 blueprint = Blueprint("runnerkit", __name__)
 
-#: The category and code each HTTP error becomes.
-_HTTP_ERRORS: dict[int, tuple[str, str]] = {
+#: The category and code each HTTP error becomes (Flask's and gunicorn's own alike).
+HTTP_ERRORS: dict[int, tuple[str, str]] = {
     400: ("VALIDATION_ERROR", "BAD_REQUEST"),
     401: ("AUTHENTICATION_ERROR", "UNAUTHENTICATED"),
     403: ("AUTHORIZATION_ERROR", "FORBIDDEN"),
@@ -32,8 +32,12 @@ _HTTP_ERRORS: dict[int, tuple[str, str]] = {
     405: ("VALIDATION_ERROR", "METHOD_NOT_ALLOWED"),
     409: ("RESOURCE_CONFLICT", "CONFLICT"),
     413: ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE"),
+    414: ("VALIDATION_ERROR", "URI_TOO_LONG"),
     415: ("VALIDATION_ERROR", "UNSUPPORTED_MEDIA_TYPE"),
+    417: ("VALIDATION_ERROR", "EXPECTATION_FAILED"),
     429: ("RATE_LIMITED", "RATE_LIMITED"),
+    431: ("VALIDATION_ERROR", "HEADERS_TOO_LARGE"),
+    501: ("VALIDATION_ERROR", "NOT_IMPLEMENTED"),
     503: ("SERVICE_UNAVAILABLE", "SERVICE_UNAVAILABLE"),
 }
 
@@ -191,7 +195,7 @@ def _service() -> str:
 
 def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
-    category, code = _HTTP_ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
+    category, code = HTTP_ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
     message = exc.description or exc.name
     if status == 404:
         message = f"No route {request.method} {request.path}"

@@ -54,7 +54,8 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return response
 
 
-#: Seconds of silence after which reading a request body gives up (400 BODY_UNREADABLE).
+#: Default seconds without progress after which a client's request is given up
+#: (``RUNNERKIT_CLIENT_IDLE_TIMEOUT_S``; a body read answers 400 BODY_UNREADABLE).
 CLIENT_IDLE_TIMEOUT_S = 10.0
 
 
@@ -69,9 +70,12 @@ def read_body(idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S) -> bytes:
     limit = request.max_content_length
     length = request.content_length
     # A client that stops sending mid-body must not hold this thread for ever: under
-    # gunicorn, reads from its socket give up after ``idle_timeout_s`` of silence.
+    # gunicorn, reads from its socket give up after ``idle_timeout_s`` of silence. The
+    # runnerkit worker class sets that timeout for the whole connection already.
     sock = request.environ.get("gunicorn.socket")
     previous = sock.gettimeout() if sock is not None else None
+    if previous == idle_timeout_s:
+        sock = None
     if sock is not None:
         sock.settimeout(idle_timeout_s)
     try:

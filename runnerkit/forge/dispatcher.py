@@ -33,7 +33,6 @@ One tick of the holder:
 
 from __future__ import annotations
 
-import functools
 import http.client
 import json
 import logging
@@ -430,18 +429,13 @@ class Dispatcher:
     def _record_each(self, answers: list[tuple[Claim, Outcome]]) -> None:
         """Record answers one transaction each (the fallback, and after the dispatcher stopped).
 
-        Each in :meth:`JobStore.apart`: an answer the forge cannot record fails its job with
-        INTERNAL_ERROR instead of leaving it running until its lease passes.
+        An answer the forge cannot record fails its job (:meth:`JobStore.finish`) instead of
+        leaving it running until its lease passes.
         """
         for claim, outcome in answers:
             try:
-                now = Clock()
-                with self.db.tx() as conn:
-                    record = functools.partial(
-                        self.jobs.finish_in, conn, claim.job_id, claim.attempt, outcome, now
-                    )
-                    result = self.jobs.apart(conn, claim.job_id, now, record)
-                _log_answer(claim, outcome, result or "failed (the forge could not record it)")
+                result = self.jobs.finish(claim.job_id, claim.attempt, outcome)
+                _log_answer(claim, outcome, result)
             except Exception:
                 log.exception("recording the answer for job %s failed", claim.job_id)
         self._recorded(answers)

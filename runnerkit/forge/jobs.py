@@ -572,14 +572,16 @@ class JobStore:
         return claims
 
     def finish(self, job_id: str, attempt: int, outcome: Outcome) -> str:
-        """Record what attempt ``attempt`` of a job produced.
+        """Record what attempt ``attempt`` of a job produced, in a transaction of its own.
 
-        Returns ``recorded``, ``accepted`` (202: the result comes later) or ``ignored`` (the
-        job was cancelled or requeued meanwhile; only its runner slot is given back).
+        Returns ``recorded``, ``accepted`` (202: the result comes later), ``ignored`` (the
+        job was cancelled or requeued meanwhile; only its runner slot is given back) or
+        ``failed`` (the forge could not record it, so the job failed: :meth:`apart`).
         """
         now = Clock()
         with self.db.tx() as conn:
-            return self.finish_in(conn, job_id, attempt, outcome, now)
+            record = functools.partial(self.finish_in, conn, job_id, attempt, outcome, now)
+            return self.apart(conn, job_id, now, record) or "failed"
 
     def finish_in(
         self, conn: db.Conn, job_id: str, attempt: int, outcome: Outcome, now: Clock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import math
 import re
@@ -326,3 +327,36 @@ def _check_definition(cls: type[Capability]) -> None:
             raise fail(field, "must be a nested marshmallow Schema class")
     if cls.run is Capability.run:
         raise fail("run", "must be implemented: def run(self, payload, ctx)")
+    _check_run(cls.run, fail)
+
+
+def _check_run(run: Any, fail: Callable[[str, str], CapabilityDefinitionError]) -> None:
+    """``run`` is called as ``run(payload, ctx)`` on a job thread and must return the result.
+
+    A coroutine or generator function would "return" an un-run coroutine or generator, and a
+    signature that cannot take ``(payload, ctx)`` would fail every job with a TypeError: both
+    are caught here, when the class is defined, not on the first job.
+    """
+    if inspect.iscoroutinefunction(run) or inspect.isasyncgenfunction(run):
+        raise fail(
+            "run",
+            "is 'async def': runnerkit runs capabilities on threads and does not await them; "
+            "write a plain 'def run(self, payload, ctx)' (call asyncio.run inside if needed)",
+        )
+    if inspect.isgeneratorfunction(run):
+        raise fail(
+            "run",
+            "is a generator (it uses 'yield'): it must return its result, "
+            "not yield it; report progress with ctx.progress(percent, message)",
+        )
+    try:
+        signature = inspect.signature(run)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    try:
+        signature.bind(object(), {}, object())
+    except TypeError:
+        raise fail(
+            "run",
+            f"has the signature {signature}; expected def run(self, payload, ctx)",
+        ) from None

@@ -339,3 +339,55 @@ def test_context_logger_carries_the_job_ids() -> None:
     assert ctx.logger.extra == {"jobId": "job-1", "capabilityId": "cap", "correlationId": "corr"}
     # Not "runnerkit.job": that logger carries exactly one summary line per job.
     assert ctx.logger.logger.name == "runnerkit.capability.cap"
+
+
+def _run_takes_payload_only(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def _run_takes_keyword_ctx(self: Any, payload: dict[str, Any], *, ctx: Context) -> dict[str, Any]:
+    return {}
+
+
+async def _run_async(self: Any, payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    return {}
+
+
+def _run_generator(self: Any, payload: dict[str, Any], ctx: Context) -> Any:
+    yield {}
+
+
+async def _run_async_generator(self: Any, payload: dict[str, Any], ctx: Context) -> Any:
+    yield {}
+
+
+@pytest.mark.parametrize(
+    ("run", "says"),
+    [
+        (_run_takes_payload_only, "expected def run(self, payload, ctx)"),
+        (_run_takes_keyword_ctx, "expected def run(self, payload, ctx)"),
+        (_run_async, "async def"),
+        (_run_generator, "generator"),
+        (_run_async_generator, "async def"),
+    ],
+)
+def test_a_run_that_cannot_be_called_as_run_payload_ctx_fails_at_definition(
+    run: Any, says: str
+) -> None:
+    with pytest.raises(CapabilityDefinitionError) as info:
+        define("WrongRun", run=run)
+
+    message = str(info.value)
+    assert "WrongRun.run:" in message
+    assert says in message
+
+
+def test_run_signatures_that_accept_payload_and_ctx_pass() -> None:
+    def with_defaults(self: Any, payload: dict[str, Any], ctx: Any = None, extra: int = 1) -> Any:
+        return {}
+
+    def with_star_args(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return {}
+
+    for run in (with_defaults, with_star_args):
+        assert define("GoodRun", run=run).run is run

@@ -150,6 +150,16 @@ def test_default_does_not_apply_to_null() -> None:
         assert key in info.value.messages
 
 
+def test_truth_query_filters_default_to_min_confidence_zero() -> None:
+    schema = SCHEMAS["TruthQuery"]()
+    query = {"id": "5f0c6f4e-3c39-4a57-9d0e-7c1f1a2b3c4d", "pattern": {}}
+
+    assert schema.load(query)["filters"] == {"minConfidence": 0}
+    with pytest.raises(ValidationError) as info:
+        schema.load({**query, "filters": None})
+    assert "filters" in info.value.messages
+
+
 def test_present_value_wins_over_default() -> None:
     loaded = RunnerExecutionRequestSchema().load(execution_request(timeoutMs=5))
     assert loaded["timeoutMs"] == 5

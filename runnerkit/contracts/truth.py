@@ -67,7 +67,7 @@ class TruthQuerySchema(ContractSchema):
 
     id = UUIDString(required=True)
     pattern = Object(TruthPatternSchema, required=True)
-    filters = Object(TruthFiltersSchema, required=True)
+    filters = Object(TruthFiltersSchema, default_empty=True)
     limit = StrictInteger(load_default=100, validate=POSITIVE)
     offset = StrictInteger(load_default=0, validate=NONNEGATIVE)
 

@@ -67,6 +67,15 @@ def test_assert_rejects_invalid(client: FlaskClient) -> None:
     assert client.post("/assert", json=assertion("s", "p", None)).status_code == 201
 
 
+def test_a_query_without_filters_uses_the_contract_default(client: FlaskClient) -> None:
+    stored = client.post("/assert", json=assertion("s-nofilter", "status", "ok", confidence=0.1))
+    assert stored.status_code == 201, stored.get_json()
+    response = client.post("/query", json={"id": new_id(), "pattern": {"subject": "s-nofilter"}})
+
+    assert response.status_code == 200, response.get_json()
+    assert [a["subject"] for a in response.get_json()["assertions"]] == ["s-nofilter"]
+
+
 def test_query_pattern_filters_and_paging(client: FlaskClient) -> None:
     posts = [
         assertion("job-1", "status", "queued", timestamp="2026-01-01T00:00:01Z"),

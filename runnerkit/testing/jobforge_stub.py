@@ -60,6 +60,16 @@ class Recorded:
     status: int = 0
     response: Any = None
 
+    def __getitem__(self, key: str) -> Any:
+        """A field of the JSON body: ``stub.registrations()[0]["name"]``."""
+        if not isinstance(self.body, Mapping):
+            raise KeyError(key)
+        return self.body[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field of the JSON body, or ``default`` (also when the body is not an object)."""
+        return self.body.get(key, default) if isinstance(self.body, Mapping) else default
+
 
 class _Server(ThreadingHTTPServer):
     allow_reuse_address = True

@@ -114,8 +114,12 @@ def test_the_pytest_plugin_gives_authors_their_fixtures(tmp_path: Path) -> None:
                 assert contract_validator.validate("RunnerExecutionResponse", answer).valid
 
             def test_stub_records(jobforge_stub):
-                requests.post(jobforge_stub.url + "/runners/register", json={}, timeout=5)
+                requests.post(
+                    jobforge_stub.url + "/runners/register", json={"name": "doc"}, timeout=5
+                )
                 assert len(jobforge_stub.registrations()) == 1
+                assert jobforge_stub.registrations()[0]["name"] == "doc"
+                assert jobforge_stub.registrations()[0].get("tags") is None
 
             def test_forge(forge_server):
                 health = requests.get(forge_server + "/health", timeout=5)

@@ -165,9 +165,38 @@ def forge(host: str, port: int, workers: int, db_path: str | None) -> None:
     os.execv(sys.executable, argv)
 
 
+def _json_object_arg(value: str, option: str) -> dict[str, Any]:
+    """An option's JSON object: inline, ``@FILE`` or ``-`` for standard input (like curl).
+
+    A payload too big for the shell's argument list still fits in a file or a pipe.
+    """
+    if value == "-":
+        text = sys.stdin.read()
+    elif value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {value[1:]}: {exc}", param_hint=option) from None
+    else:
+        text = value
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=option) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return parsed
+
+
 @main.command()
 @click.option("--type", "job_type", required=True, help="The job type, e.g. text.stats.")
-@click.option("--data", default="{}", show_default=True, help="payload.data as a JSON object.")
+@click.option(
+    "--data",
+    default="{}",
+    show_default=True,
+    help="payload.data as a JSON object; @FILE reads it from FILE, - from standard input.",
+)
 @click.option("--priority", default=50, show_default=True, help="0-100, higher first.")
 @click.option("--timeout-ms", default=30_000, show_default=True, help="The job's timeoutMs.")
 @click.option("--wait", is_flag=True, help="Wait for the job to finish and print it.")
@@ -185,13 +214,9 @@ def submit(
     """Submit a job to JobForge and print the JobResponse.
 
     Example: runnerkit submit --type text.stats --data '{"text": "Hello"}' --wait
+    (or --data @payload.json, or --data - to read it from standard input, as curl does).
     """
-    try:
-        payload_data = json.loads(data)
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
-    if not isinstance(payload_data, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--data")
+    payload_data = _json_object_arg(data, "--data")
     job = job_request(job_type, payload_data, priority=priority, timeout_ms=timeout_ms)
     base = forge_url(url)
     response = _call("POST", f"{base}/jobs", json=job)

@@ -222,3 +222,37 @@ def test_the_documented_url_and_token_variables_reach_the_forge(
     monkeypatch.setenv("RUNNERKIT_RUNNER_TOKEN", "sekrit")
     cli._call("GET", "http://127.0.0.1:2/runners")
     assert seen["headers"] == {"Authorization": "Bearer sekrit"}
+
+
+def test_submit_reads_data_from_a_file_or_stdin_beyond_the_argument_limit(
+    forge_server: str, tmp_path: Path
+) -> None:
+    # One argument may hold at most 128 KiB on Linux: this payload could not be passed inline.
+    payload = {"text": "x" * 300_000, "n": 7}
+    path = tmp_path / "payload.json"
+    path.write_text(json.dumps(payload))
+
+    from_file = CliRunner().invoke(
+        main, ["submit", "--type", "no.runner", "--data", f"@{path}", "--url", forge_server]
+    )
+    from_stdin = CliRunner().invoke(
+        main,
+        ["submit", "--type", "no.runner", "--data", "-", "--url", forge_server],
+        input=json.dumps(payload),
+    )
+
+    for result in (from_file, from_stdin):
+        assert result.exit_code == 0, result.output[-2000:]
+        assert json.loads(result.stdout)["request"]["payload"]["data"] == payload
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [("@/nonexistent/payload.json", "cannot read"), ("-", "must be a JSON object")],
+)
+def test_submit_names_an_unreadable_data_source(data: str, says: str) -> None:
+    result = CliRunner().invoke(
+        main, ["submit", "--type", "t", "--data", data, "--url", "http://127.0.0.1:1"], input="[1]"
+    )
+    assert result.exit_code == 2
+    assert "--data" in result.output and says in result.output

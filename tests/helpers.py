@@ -103,6 +103,17 @@ RAISES: dict[str, Any] = {
     "runtime": lambda: RuntimeError(f"boom with {SECRET}"),
     "key_error": lambda: KeyError(SECRET),
     "marshmallow": lambda: ValidationError({"inner": ["Not valid."]}),
+    # Errors a Zod peer would reject as raised: the envelope that leaves must still conform.
+    "bad_path": lambda: ValidationFailed("bad item", details=[{"message": "x", "path": ["i", 0]}]),
+    "bad_details": lambda: ValidationFailed(
+        "bad", details=[{"path": ["a"]}, {"message": 5, "extra": object()}, "plain text"]
+    ),
+    "bad_severity": lambda: RunnerError("boom", severity="critical"),
+    "bad_retry_after": lambda: RateLimited("slow", retry_after=-1),
+    "nan_retry_after": lambda: RateLimited("slow", retry_after=float("nan")),
+    "bad_code": lambda: RunnerError("boom", code=5),  # type: ignore[arg-type]
+    "no_message": lambda: RunnerError(None),  # type: ignore[arg-type]
+    "bad_value": lambda: ValidationFailed("v", details=[{"message": "m", "value": {1, 2}}]),
 }
 
 

@@ -23,6 +23,7 @@ from tests.helpers import (
     new_uuid,
     post_execute,
     request_body,
+    strict_json,
 )
 
 # --------------------------------------------------------------------------- success
@@ -184,6 +185,30 @@ def test_runner_error_answers_with_its_category_status_and_envelope(
     assert envelope["retryable"] is retryable
     assert envelope["service"] == "test-runner"
     assert envelope["operation"] == "execute"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "check"),
+    [
+        ("bad_path", 400, lambda e: e["details"][0]["path"] == ["i", "0"]),
+        ("bad_details", 400, lambda e: [d["message"] for d in e["details"]][2] == "plain text"),
+        ("bad_severity", 500, lambda e: e["severity"] == "error"),
+        ("bad_retry_after", 429, lambda e: "retryAfter" not in e),
+        ("nan_retry_after", 429, lambda e: "retryAfter" not in e),
+        ("bad_code", 500, lambda e: e["code"] == "5"),
+        ("no_message", 500, lambda e: "RunnerError" in e["message"]),
+        ("bad_value", 400, lambda e: isinstance(e["details"][0]["value"], str)),
+    ],
+)
+def test_whatever_a_capability_raises_leaves_as_a_valid_envelope(
+    client: FlaskClient, kind: str, status: int, check: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = post_execute(client, "raiser", {"kind": kind})
+
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = assert_execution_response(strict_json(response))
+    assert check(body["error"]), body["error"]
+    assert "would break the ErrorEnvelope contract" in caplog.text
 
 
 def test_runner_error_keeps_its_message_and_details(client: FlaskClient) -> None:

@@ -415,6 +415,11 @@ URLS_OK = [
     "http:example.com",
     "foo:",
     "  http://example.com  ",
+    # WHATWG parses these where a hand-written check would not:
+    "foo://a\x7fb/",  # an opaque host percent-encodes DEL
+    "https://münchen.de/",
+    "http://Ex%41mple.com/",
+    "http://0x7f.1/",  # IPv4 number syntax: 127.0.0.1
 ]
 URLS_BAD = [
     "/health",
@@ -429,6 +434,12 @@ URLS_BAD = [
     "3000:localhost",
     "://example.com",
     5,
+    # ... and refuses these, which only look like URLs:
+    "http://1.2.3.256/",
+    "http://[zz]/",
+    "http://a%20b/",
+    "http://[::1/",
+    "http://\ud800/",  # a lone surrogate
 ]
 
 
@@ -440,6 +451,30 @@ def test_url_accepts_absolute_urls(value: str) -> None:
 @pytest.mark.parametrize("value", URLS_BAD)
 def test_url_rejects_relative_and_garbage(value: Any) -> None:
     bad(URLString(), value)
+
+
+# ---------------------------------------------------------------- __proto__
+
+
+def test_a_proto_key_is_dropped_from_records_as_zod_drops_it() -> None:
+    from runnerkit.contracts import load_execution_request, load_job_request
+
+    nested = {"keep": {"__proto__": {"polluted": True}}}
+    body = execution_request(payload={"__proto__": {"polluted": True}, **nested})
+    loaded = load_execution_request(json.loads(json.dumps(body)))
+    # Zod's record merge skips "__proto__"; values below a record are z.unknown(), kept.
+    assert loaded["payload"] == nested
+
+    job = {
+        "id": "5f0c6f4e-3c39-4a57-9d0e-7c1f1a2b3c4d",
+        "type": "t",
+        "payload": {"type": "t", "data": {"__proto__": 1, "a": 2}, "options": {"__proto__": 3}},
+        "metadata": {"source": "s", "createdAt": "2026-01-01T00:00:00Z", "__proto__": 4},
+    }
+    loaded_job = load_job_request(job)
+    assert loaded_job["payload"]["data"] == {"a": 2}
+    assert loaded_job["payload"]["options"] == {}
+    assert "__proto__" not in loaded_job["metadata"]
 
 
 # ---------------------------------------------------------------- record

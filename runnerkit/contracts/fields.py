@@ -18,9 +18,11 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import ada_url
 from marshmallow import Schema, fields
 
 __all__ = [
+    "PROTO_KEY",
     "AnyJSON",
     "Object",
     "Record",
@@ -261,58 +263,21 @@ class ZDateTime(fields.String):
 
 # --------------------------------------------------------------------------- url
 
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:", re.ASCII)
-_SPECIAL_SCHEMES = frozenset({"http", "https", "ws", "wss", "ftp"})  # "file" may lack a host
-_FORBIDDEN_HOST = frozenset(" <>[]^|\x7f") | {chr(c) for c in range(0x20)}
-_C0_AND_SPACE = "".join(chr(c) for c in range(0x21))
-
-
-def _valid_authority(authority: str, *, host_required: bool) -> bool:
-    """Host (after any ``user@``) and ``:port`` checks of the WHATWG authority states."""
-    host_port = authority.rpartition("@")[2] if "@" in authority else authority
-    if "@" in authority and not host_port:
-        return False
-    if host_port.startswith("["):  # IPv6 literal; its inside is not checked
-        host, sep, after = host_port.partition("]")
-        if not sep or (after and not after.startswith(":")):
-            return False
-        port = after[1:]
-        host += "]"
-    else:
-        host, _, port = host_port.partition(":")
-        if any(c in _FORBIDDEN_HOST for c in host):
-            return False
-    if port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
-        return False
-    return bool(host) or not host_required
-
 
 def is_absolute_url(value: Any) -> bool:
-    """Approximate WHATWG ``new URL(value)`` without a base, as Zod's ``.url()`` runs it.
-
-    Checked: leading/trailing C0-or-space is ignored and tab/LF/CR removed (as the parser
-    does); a scheme ``[A-Za-z][A-Za-z0-9+.-]*:`` must start the string; for the special
-    schemes http(s)/ws(s)/ftp the host must be non-empty, and for any URL with an authority
-    the host must not hold forbidden code points and the port must be 0-65535. Not checked:
-    IDNA, IPv4 number syntax, IPv6 literal syntax, percent-decoded hosts. So
-    ``http://localhost:3000/health``, ``localhost:3000`` and ``mailto:x`` pass; ``/health``,
-    ``not a url``, ``http://`` and ``""`` fail.
+    """Whether WHATWG ``new URL(value)`` without a base parses ``value``, as Zod's ``.url()``
+    runs it: through ada, the WHATWG URL parser Node.js itself embeds, so host syntax (IPv4
+    ranges, IPv6 literals, percent-encoded and internationalised hosts) is judged exactly as a
+    Zod peer judges it. ``http://localhost:3000/health``, ``localhost:3000`` (scheme
+    ``localhost:``) and ``mailto:x`` pass; ``/health``, ``http://1.2.3.256/``, ``http://[zz]/``
+    and ``""`` fail.
     """
     if not isinstance(value, str):
         return False
-    s = value.strip(_C0_AND_SPACE).replace("\t", "").replace("\n", "").replace("\r", "")
-    m = _SCHEME_RE.match(s)
-    if m is None:
+    try:
+        return bool(ada_url.check_url(value))
+    except (UnicodeError, ValueError):  # a lone surrogate cannot be a URL's UTF-8
         return False
-    scheme = m.group()[:-1].lower()
-    rest = s[m.end() :]
-    if scheme in _SPECIAL_SCHEMES:
-        authority = re.split(r"[/\\?#]", rest.lstrip("/\\"), maxsplit=1)[0]
-        return _valid_authority(authority, host_required=True)
-    if rest.startswith("//") and scheme != "file":
-        authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
-        return _valid_authority(authority, host_required=False)
-    return True
 
 
 class URLString(fields.String):
@@ -338,8 +303,17 @@ class URLString(fields.String):
 # --------------------------------------------------------------------------- containers
 
 
+#: The one key a Zod peer drops from a record it parses (its object merge skips it, so that
+#: parsing cannot set a prototype); a record here drops it too, at its own level only.
+PROTO_KEY = "__proto__"
+
+
 class Record(fields.Dict):
-    """A JSON object with any values (Zod ``z.record(z.unknown())``): not a list, not null."""
+    """A JSON object with any values (Zod ``z.record(z.unknown())``): not a list, not null.
+
+    A ``__proto__`` key is dropped, as Zod drops it; values below are kept as they are, as
+    Zod keeps ``z.unknown()`` values.
+    """
 
     default_error_messages = {"invalid": "Not a valid object."}
 
@@ -348,6 +322,8 @@ class Record(fields.Dict):
     ) -> dict[str, Any]:
         if not isinstance(value, Mapping):
             raise self.make_error("invalid")
+        if PROTO_KEY in value:
+            return {k: v for k, v in value.items() if k != PROTO_KEY}
         return dict(value)
 
 

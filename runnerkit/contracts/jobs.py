@@ -11,6 +11,7 @@ from marshmallow import Schema, fields
 from .base import NONNEGATIVE, PERCENT, POSITIVE, ContractSchema, one_of
 from .errors import ErrorEnvelopeSchema, RetryPolicySchema, job_default_retry_policy
 from .fields import (
+    PROTO_KEY,
     AnyJSON,
     Object,
     Record,
@@ -169,6 +170,8 @@ def _job_payload(given: Any) -> dict[str, Any] | None:
         and type(version) is str
         and type(data) is dict
         and type(options) is dict
+        and PROTO_KEY not in data
+        and PROTO_KEY not in options
     ):
         return None
     return {"type": payload_type, "version": version, "data": dict(data), "options": dict(options)}

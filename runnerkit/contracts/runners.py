@@ -11,6 +11,7 @@ from .base import NONNEGATIVE, PERCENT, POSITIVE, ContractSchema, one_of
 from .common import ContractVersionSchema
 from .errors import ErrorEnvelopeSchema
 from .fields import (
+    PROTO_KEY,
     AnyJSON,
     Object,
     Record,
@@ -174,6 +175,7 @@ def _load_execution_request_fast(body: Any) -> dict[str, Any] | None:
         and type(module_id) is str
         and type(capability_id) is str
         and type(payload) is dict
+        and PROTO_KEY not in payload
     ):
         return None
     timeout_ms = body.get("timeoutMs", 30000)

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 log = logging.getLogger("runnerkit.health")
@@ -32,9 +32,8 @@ class HealthChecks:
     def __init__(self) -> None:
         self._checks: dict[str, CheckFunction] = {}
         self._pending: dict[str, Future[CheckResult]] = {}
+        self._pending_pid = os.getpid()
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
 
     def add(self, name: str, check: CheckFunction) -> None:
         if not name or name in self._checks:
@@ -45,16 +44,6 @@ class HealthChecks:
     def names(self) -> list[str]:
         return list(self._checks)
 
-    def _executor(self) -> ThreadPoolExecutor:
-        # A pool created before gunicorn forked has no threads in the child: make a new one.
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool = ThreadPoolExecutor(
-                max_workers=max(2, len(self._checks)), thread_name_prefix="runnerkit-health"
-            )
-            self._pending = {}
-            self._pool_pid = os.getpid()
-        return self._pool
-
     def run(self, timeout_ms: float) -> list[dict[str, Any]]:
         """Run every check concurrently; one result per check, in registration order."""
         if not self._checks:
@@ -63,13 +52,15 @@ class HealthChecks:
         deadline = started + timeout_ms / 1000.0
         futures: dict[str, Future[CheckResult] | None] = {}
         with self._lock:
-            pool = self._executor()
+            if self._pending_pid != os.getpid():
+                # Forked (gunicorn): a check the parent was running has no thread here.
+                self._pending, self._pending_pid = {}, os.getpid()
             for name, check in self._checks.items():
                 previous = self._pending.get(name)
                 if previous is not None and not previous.done():
                     futures[name] = None
                     continue
-                future = pool.submit(check)
+                future = _start(name, check)
                 self._pending[name] = future
                 futures[name] = future
         results = []
@@ -93,6 +84,28 @@ class HealthChecks:
             elapsed = (time.monotonic() - started) * 1000.0
             results.append(_interpret(name, value, elapsed))
         return results
+
+
+def _start(name: str, check: CheckFunction) -> Future[CheckResult]:
+    """Run ``check`` on a daemon thread of its own.
+
+    Not a ``ThreadPoolExecutor``: the interpreter joins its threads at exit, so one check stuck
+    on a dead dependency would hold a worker's shutdown (and the instance's deregistration)
+    for as long as it hangs. A daemon thread is simply left behind. A check still running is
+    never started again (see :meth:`HealthChecks.run`), so these threads cannot pile up.
+    """
+    future: Future[CheckResult] = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(check())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name=f"runnerkit-health-{name}", daemon=True).start()
+    return future
 
 
 def overall_status(checks: list[dict[str, Any]]) -> str:

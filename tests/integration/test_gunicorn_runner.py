@@ -10,6 +10,7 @@ import base64
 import hashlib
 import http.client
 import json
+import signal
 import threading
 import time
 import uuid
@@ -652,3 +653,21 @@ def test_clients_that_stall_mid_headers_are_dropped_and_health_answers(
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_a_hung_health_check_does_not_hold_shutdown(start_gunicorn: Any) -> None:
+    # The graceful timeout is long, as in production: only the worker's own exit ends it early.
+    proc = start_gunicorn(
+        app_spec="tests.integration.hung_health_app:app",
+        workers=1,
+        env={"GUNICORN_GRACEFUL_TIMEOUT": "60", "RUNNERKIT_HEALTH_CHECK_TIMEOUT_MS": "300"},
+    )
+    health = requests.get(proc.url + "/health", timeout=10)
+    assert health.status_code == 503
+    stuck = [c for c in health.json()["checks"] if c["name"] == "stuck-dependency"]
+    assert stuck and stuck[0]["status"] == "unhealthy", health.json()
+
+    proc.signal(signal.SIGTERM)
+
+    # The check sleeps 60 s; a worker that waited for it would still be alive long after this.
+    assert proc.wait_exit(timeout=20) == 0, proc.log_tail()

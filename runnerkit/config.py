@@ -8,8 +8,10 @@ runs; every default is documented here and nowhere else.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -328,7 +330,9 @@ class Settings(ResolvedSettings):
         if values["LOG_FORMAT"] not in {"json", "text"}:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text'")
         for url_key in ("JOBFORGE_URL", "TRUTHCORE_URL"):
-            values[url_key] = str(values[url_key]).rstrip("/")
+            values[url_key] = str(values[url_key]).strip().rstrip("/")
+            if values[url_key]:
+                check_base_url(PREFIX + url_key, values[url_key])
         environ = os.environ if environ is None else environ
         port_given = (
             PREFIX + "PORT" in (config or {}) or PREFIX + "PORT" in environ or "PORT" in environ
@@ -338,6 +342,41 @@ class Settings(ResolvedSettings):
             if served is not None:
                 values["PORT"] = served
         return cls(values)
+
+
+def check_base_url(name: str, url: str) -> None:
+    """Refuse a control-plane URL no HTTP client can use, at startup, naming the fix.
+
+    ``127.0.0.1:3002`` (no scheme) would otherwise fail every registration attempt for ever
+    with an "unreachable, retrying" line that never says the URL itself is the problem.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{name}={url!r} is not a usable URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        hint = f"; write it as http://{url}" if "://" not in url else ""
+        raise ConfigError(
+            f"{name}={url!r} is not an http(s) base URL such as http://127.0.0.1:3002{hint}"
+        )
+    if port == 0:
+        raise ConfigError(f"{name}={url!r} has port 0, which nothing can listen on")
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``RUNNERKIT_*`` variable that is no runner setting (a typo in a
+    setting's name is otherwise silently ignored), with the nearest real name when there is
+    one. The forge's ``RUNNERKIT_FORGE_*`` settings are the forge's to check."""
+    known = [PREFIX + item.name for item in SETTINGS]
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in known or name.startswith(PREFIX + "FORGE_"):
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"; did you mean {near[0]}?" if near else " (see docs/configuration.md)"
+        lines.append(f"{name} is not a runnerkit setting and is ignored{hint}")
+    return lines
 
 
 def gunicorn_port(environ: Mapping[str, str]) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from flask import Flask
 
 from runnerkit.capability import Capability, CapabilityDefinitionError
-from runnerkit.config import ConfigError, Settings, default_state_dir
+from runnerkit.config import ConfigError, Settings, default_state_dir, unknown_settings
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.lifecycle import Lifecycle, install_drain_handler, instance_owner, under_gunicorn
@@ -222,6 +222,7 @@ class Runner:
         self.state  # noqa: B018 - create the state directory now, not on the first job
         if under_gunicorn():
             install_drain_handler(self)
+            self._say_how_it_is_configured()
         if self.settings.jobforge_url and self.lifecycle is None:
             self.lifecycle = Lifecycle(self, self.state)
             self.outbox = Outbox(
@@ -238,6 +239,18 @@ class Runner:
         """
         if self.lifecycle is not None:
             self.lifecycle.stop()
+
+    def _say_how_it_is_configured(self) -> None:
+        """Startup lines a serving runner owes its operator: no JobForge URL (it then serves
+        direct calls only, and nothing else would say so) and misspelled settings."""
+        log = logging.getLogger("runnerkit")
+        if not self.settings.jobforge_url:
+            log.warning(
+                "No JobForge URL: running standalone (no registration, no heartbeats); "
+                "set RUNNERKIT_JOBFORGE_URL=http://<host>:<port> to connect to a control plane"
+            )
+        for line in unknown_settings(os.environ):
+            log.warning(line)
 
     def _check_signing(self) -> None:
         """No secret: refuse to start in production (unless told), warn loudly otherwise."""

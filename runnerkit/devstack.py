@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -75,24 +76,45 @@ def wait_http(url: str, server: Server, timeout: float, ok: tuple[int, ...] = (2
     return False
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on ``host:port`` (bound as gunicorn binds it).
+
+    gunicorn retries a busy port for a few seconds before giving up, and meanwhile whatever
+    holds the port answers our health checks: a stranger's forge would be taken for ours.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def expected_status(sample: dict[str, Any]) -> str:
+    """How a sample job is meant to end: ``"expect"`` in the samples file, else completed."""
+    return str(sample.get("expect", "completed"))
+
+
 def summarize(sample: dict[str, Any], job: dict[str, Any]) -> str:
-    """One line per finished sample job."""
+    """One line per finished sample job; ``ok`` when it ended as the sample expects."""
     result = job.get("result") or {}
     status = job.get("status", "?")
     note = f" ({sample['note']})" if sample.get("note") else ""
     meta = result.get("metadata") or {}
     timing = f"{meta.get('durationMs', 0):.0f} ms, {meta.get('attempts', 1)} attempt(s)"
+    mark = "ok  " if status == expected_status(sample) else "FAIL"
     if status == "completed":
         data = json.dumps(result.get("data"), ensure_ascii=False)
         if len(data) > 110:
             data = data[:107] + "..."
-        return f"  ok    {sample['type']:<14} {status:<9} {timing}{note}\n        {data}"
+        return f"  {mark}  {sample['type']:<14} {status:<9} {timing}{note}\n        {data}"
     error = result.get("error") or job.get("error") or {}
     detail = "; ".join(
         f"{'.'.join(d.get('path', []))}: {d['message']}" for d in error.get("details", [])[:3]
     )
     return (
-        f"  FAIL  {sample['type']:<14} {status:<9} {timing}{note}\n"
+        f"  {mark}  {sample['type']:<14} {status:<9} {timing}{note}\n"
         f"        {error.get('category', '')} {error.get('code', '')}: "
         f"{error.get('message', '')}{' — ' + detail if detail else ''}"
     )
@@ -106,6 +128,17 @@ def run_stack(
     state_dir: str,
     exit_after_samples: bool = False,
 ) -> int:
+    for port, what, option in (
+        (forge_port, "forge", "--forge-port (make run FORGE_PORT=...)"),
+        (runner_port, "runner", "--runner-port (make run PORT=...)"),
+    ):
+        if port_in_use(port):
+            print(
+                f"port {port} for the {what} is already in use (another runnerkit up, forge or "
+                f"runner?): stop it, or choose a free port with {option}",
+                file=sys.stderr,
+            )
+            return 2
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     forge_url = f"http://127.0.0.1:{forge_port}"
@@ -173,17 +206,24 @@ def run_stack(
             print(f"the runner did not register:\n{runner.tail()}", file=sys.stderr)
             return 1
         print("runner   registered with the forge\n", flush=True)
-        run_samples(forge_url, samples_path)
+        unexpected = run_samples(forge_url, samples_path)
         print(f"\ndashboard: {forge_url}/", flush=True)
+        if unexpected:
+            print(
+                f"{unexpected} sample job(s) did not end as expected (see FAIL above)",
+                file=sys.stderr,
+                flush=True,
+            )
+        status = 1 if unexpected else 0
         if exit_after_samples:
-            return 0
+            return status
         print("Ctrl-C stops both (the runner deregisters first).", flush=True)
         while not stop.wait(0.5):
             for server in servers:
                 if not server.alive():
                     print(f"the {server.name} exited:\n{server.tail()}", file=sys.stderr)
                     return 1
-        return 0
+        return status
     finally:
         for server in servers:
             print(f"stopping the {server.name} ...", flush=True)
@@ -191,13 +231,14 @@ def run_stack(
         print("stopped.", flush=True)
 
 
-def run_samples(forge_url: str, samples_path: str) -> None:
-    """Submit each sample job, then print each result as it finishes."""
+def run_samples(forge_url: str, samples_path: str) -> int:
+    """Submit each sample job, print each result as it finishes; how many did not end as
+    their sample expects (``"expect": "failed"`` marks one meant to fail)."""
     try:
         samples: list[dict[str, Any]] = json.loads(Path(samples_path).read_text())
     except (OSError, ValueError) as exc:
         print(f"no sample jobs ({samples_path}: {exc})")
-        return
+        return 0
     submitted = []
     for sample in samples:
         job = job_request(
@@ -211,6 +252,10 @@ def run_samples(forge_url: str, samples_path: str) -> None:
         print(f"submitted {sample['type']:<14} -> {response.status_code} {job['id']}", flush=True)
         submitted.append((sample, job["id"]))
     print("\nresults:", flush=True)
+    unexpected = 0
     for sample, job_id in submitted:
         timeout = sample.get("timeoutMs", 30_000) / 1000.0 + 30
-        print(summarize(sample, wait_for_job(forge_url, job_id, timeout)), flush=True)
+        job = wait_for_job(forge_url, job_id, timeout)
+        unexpected += job.get("status") != expected_status(sample)
+        print(summarize(sample, job), flush=True)
+    return unexpected

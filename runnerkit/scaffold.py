@@ -124,6 +124,7 @@ VENV := .venv
 BIN := $$(VENV)/bin
 STAMP := $$(VENV)/.installed
 PORT ?= 3000
+FORGE_PORT ?= 3002
 
 .PHONY: run test docker
 
@@ -133,7 +134,7 @@ $$(STAMP): setup.cfg pyproject.toml
 \ttouch $$(STAMP)
 
 run: $$(STAMP)
-\t$$(BIN)/runnerkit up app:app --runner-port $$(PORT)
+\t$$(BIN)/runnerkit up app:app --runner-port $$(PORT) --forge-port $$(FORGE_PORT)
 
 test: $$(STAMP)
 \t$$(BIN)/runnerkit validate app:app
@@ -204,7 +205,7 @@ services:
     "deploy/sample-jobs.json": """\
 [
   {"type": "$name.greet", "data": {"name": "Ada", "language": "fr"}},
-  {"type": "$name.greet", "data": {"name": 42}, "note": "fails validation: name must be a string"}
+  {"type": "$name.greet", "data": {"name": 42}, "expect": "failed", "note": "fails validation: name must be a string"}
 ]
 """,
     ".gitignore": ".venv/\n__pycache__/\n*.egg-info/\nvar/\ndeploy/runnerkit.env\n",

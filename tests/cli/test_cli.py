@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -256,3 +257,56 @@ def test_submit_names_an_unreadable_data_source(data: str, says: str) -> None:
     )
     assert result.exit_code == 2
     assert "--data" in result.output and says in result.output
+
+
+def _up(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runnerkit", "up", *args, "--exit-after-samples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RUNNERKIT_")},
+    )
+
+
+@pytest.mark.parametrize("which", ["--forge-port", "--runner-port"])
+def test_up_stops_at_once_on_a_busy_port_naming_it(which: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--runner-port" if which == "--forge-port" else "--forge-port"
+        up = _up("app:app", which, str(port), other, str(free_port()), "--state", str(tmp_path))
+    assert up.returncode == 2, up.stdout + up.stderr
+    assert f"port {port}" in up.stderr and which in up.stderr
+    assert "starting" not in up.stdout  # nothing was started, nothing to attach to
+
+
+@pytest.mark.integration
+def test_up_exits_non_zero_when_a_sample_does_not_end_as_expected(tmp_path: Path) -> None:
+    samples = tmp_path / "samples.json"
+    samples.write_text(
+        json.dumps(
+            [
+                {"type": "data.checksum", "data": {"data": "x", "algorithm": "sha256"}},
+                {"type": "text.stats", "data": {"text": 42}, "expect": "failed"},
+                {"type": "text.stats", "data": {"text": 43}},  # fails, and is not meant to
+            ]
+        )
+    )
+    up = _up(
+        "app:app",
+        "--samples",
+        str(samples),
+        "--forge-port",
+        str(free_port()),
+        "--runner-port",
+        str(free_port()),
+        "--state",
+        str(tmp_path / "state"),
+    )
+    assert up.returncode == 1, (up.stdout + up.stderr)[-3000:]
+    lines = [line for line in up.stdout.splitlines() if line.startswith("  ok") or "FAIL" in line]
+    assert [line.split()[0] for line in lines] == ["ok", "ok", "FAIL"], up.stdout
+    assert "1 sample job(s) did not end as expected" in up.stderr

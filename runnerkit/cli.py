@@ -17,6 +17,7 @@ import requests
 from runnerkit._version import __version__
 from runnerkit.contracts import utc_now
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
+from runnerkit.signing import sign
 
 DEFAULT_FORGE_URL = "http://127.0.0.1:3002"
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -228,6 +229,82 @@ def submit(
     click.echo(json.dumps(result, indent=2))
     if wait and result.get("status") != "completed":
         sys.exit(1)
+
+
+@main.command()
+@click.argument("capability")
+@click.option(
+    "--data",
+    default="{}",
+    show_default=True,
+    help="The payload as a JSON object; @FILE reads it from FILE, - from standard input.",
+)
+@click.option(
+    "--url",
+    "runner_url",
+    default=None,
+    help="The runner's base URL (default http://127.0.0.1:$PORT, PORT 3000).",
+)
+@click.option(
+    "--secret-file",
+    default=os.path.join("var", "signing-secret"),
+    show_default=True,
+    help="Where `runnerkit up` keeps the secret it signs with; $RUNNERKIT_SIGNING_SECRET wins.",
+)
+@click.option("--timeout-ms", default=30_000, show_default=True, help="The request's timeoutMs.")
+def call(
+    capability: str, data: str, runner_url: str | None, secret_file: str, timeout_ms: int
+) -> None:
+    """Send one signed POST /execute straight to a runner and print its answer.
+
+    Signs with the secret the runner checks, as JobForge would: $RUNNERKIT_SIGNING_SECRET, or
+    the one `runnerkit up` (make run) made for its stack. Exit 0 when the job succeeded.
+
+    Example: runnerkit call text-stats --data '{"text": "Hello"}'
+    """
+    payload = _json_object_arg(data, "--data")
+    base = (runner_url or f"http://127.0.0.1:{os.environ.get('PORT', '3000')}").rstrip("/")
+    body = json.dumps(
+        {
+            "jobId": str(uuid.uuid4()),
+            "moduleId": "runnerkit-cli",
+            "capabilityId": capability,
+            "payload": payload,
+            "timeoutMs": timeout_ms,
+        }
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    secret = os.environ.get("RUNNERKIT_SIGNING_SECRET") or _read_secret(secret_file)
+    if secret:
+        headers.update(sign(body, secret))
+    else:
+        click.echo(
+            f"no signing secret ($RUNNERKIT_SIGNING_SECRET, {secret_file}): sending unsigned",
+            err=True,
+        )
+    try:
+        response = requests.post(
+            base + "/execute", data=body, headers=headers, timeout=(3, timeout_ms / 1000 + 10)
+        )
+    except requests.RequestException as exc:
+        raise click.ClickException(f"cannot reach {base}: {type(exc).__name__}") from None
+    try:
+        answer = response.json()
+    except ValueError:
+        raise click.ClickException(
+            f"{base} answered {response.status_code} without JSON: {response.text[:200]}"
+        ) from None
+    click.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+    if not (response.ok and isinstance(answer, dict) and answer.get("success") is True):
+        sys.exit(1)
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def job_request(

@@ -146,7 +146,13 @@ def run_stack(
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("SERVER_SOFTWARE", None)
     # One secret for this stack: the forge signs every execution request, the runner checks.
+    # It is kept (owner-only) so `runnerkit call` can sign a request by hand too.
     secret = env.get("RUNNERKIT_SIGNING_SECRET") or secrets.token_urlsafe(32)
+    secret_path = state / "signing-secret"
+    secret_fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(secret_fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(secret + "\n")
 
     forge_env = dict(
         env,
@@ -208,6 +214,11 @@ def run_stack(
         print("runner   registered with the forge\n", flush=True)
         unexpected = run_samples(forge_url, samples_path)
         print(f"\ndashboard: {forge_url}/", flush=True)
+        print(
+            f"call the runner yourself: runnerkit call <capability> --data '{{...}}' "
+            f"--url {runner_url} --secret-file {secret_path}",
+            flush=True,
+        )
         if unexpected:
             print(
                 f"{unexpected} sample job(s) did not end as expected (see FAIL above)",

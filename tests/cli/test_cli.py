@@ -311,3 +311,7 @@ def test_up_exits_non_zero_when_a_sample_does_not_end_as_expected(tmp_path: Path
     lines = [line for line in up.stdout.splitlines() if line.startswith("  ok") or "FAIL" in line]
     assert [line.split()[0] for line in lines] == ["ok", "ok", "FAIL"], up.stdout
     assert "1 sample job(s) did not end as expected" in up.stderr
+    # The stack's secret is kept for `runnerkit call`, readable by its owner only.
+    secret = tmp_path / "state" / "signing-secret"
+    assert (secret.stat().st_mode & 0o777) == 0o600
+    assert f"--secret-file {secret}" in up.stdout

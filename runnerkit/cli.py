@@ -224,11 +224,45 @@ def submit(
     if response.status_code >= 300:
         raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
     result = response.json()
+    types = runner_job_types(base)
+    if types is not None and job_type not in types:
+        known = ", ".join(sorted(types)) or "none"
+        click.echo(
+            f"no registered runner lists job type {job_type!r} (types runners list: {known}); "
+            "the job waits for one",
+            err=True,
+        )
     if wait:
         result = wait_for_job(base, job["id"], wait_timeout)
     click.echo(json.dumps(result, indent=2))
     if wait and result.get("status") != "completed":
+        status = result.get("status")
+        ended = status in ("failed", "cancelled")
+        click.echo(
+            f"job {job['id']} {'ended' if ended else 'is still'} {status}"
+            + ("" if ended else f" after {wait_timeout:g} s"),
+            err=True,
+        )
         sys.exit(1)
+
+
+def runner_job_types(base: str) -> set[str] | None:
+    """Job types that runners not offline list, or None when JobForge will not say."""
+    try:
+        response = _call("GET", f"{base}/runners?limit=500")
+        items = response.json().get("items", []) if response.status_code == 200 else None
+    except (click.ClickException, ValueError, AttributeError):
+        return None
+    if not isinstance(items, list):
+        return None
+    return {
+        job_type
+        for runner in items
+        if isinstance(runner, dict) and runner.get("status") != "offline"
+        for capability in runner.get("capabilities") or ()
+        if isinstance(capability, dict)
+        for job_type in capability.get("supportedJobTypes") or ()
+    }
 
 
 @main.command()

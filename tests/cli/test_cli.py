@@ -315,3 +315,19 @@ def test_up_exits_non_zero_when_a_sample_does_not_end_as_expected(tmp_path: Path
     secret = tmp_path / "state" / "signing-secret"
     assert (secret.stat().st_mode & 0o777) == 0o600
     assert f"--secret-file {secret}" in up.stdout
+
+
+def test_submit_says_when_no_runner_lists_the_job_type(forge_server: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            *("submit", "--type", "nothing.here", "--wait", "--wait-timeout", "1"),
+            "--url",
+            forge_server,
+        ],
+    )
+    assert result.exit_code == 1
+    assert "no registered runner lists job type 'nothing.here' (types runners list: none)" in (
+        result.stderr
+    )
+    assert "is still queued after 1 s" in result.stderr

@@ -13,6 +13,8 @@ bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '300
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gthread, with gunicorn's own error pages (414, 431, malformed requests) as ErrorEnvelopes.
 worker_class = "runnerkit.gunicorn_worker.ThreadWorker"
+# gunicorn's own lines as JSON, like the runner's (unless RUNNERKIT_LOG_FORMAT=text).
+logger_class = "runnerkit.gunicorn_logging.JsonLogger"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Above the largest capability timeout (the example's is 60 s); checked in post_worker_init.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))

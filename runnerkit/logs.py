@@ -118,6 +118,11 @@ class TextFormatter(logging.Formatter):
 
 def configure_logging(service: str, version: str, fmt: str = "json", level: str = "INFO") -> None:
     """Give the ``runnerkit`` logger one stderr handler (once per process)."""
+    for name in ("gunicorn.error", "gunicorn.access"):
+        # gunicorn's lines in JSON (runnerkit.gunicorn_logging) name this runner from now on.
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler.formatter, JsonFormatter):
+                handler.formatter.service, handler.formatter.version = service, version
     logger = logging.getLogger("runnerkit")
     logger.setLevel(level.upper())
     for handler in logger.handlers:

@@ -151,6 +151,7 @@ import os
 bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "runnerkit.gunicorn_worker.ThreadWorker"  # gthread, JSON error pages
+logger_class = "runnerkit.gunicorn_logging.JsonLogger"  # gunicorn's own lines as JSON too
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))

@@ -671,3 +671,24 @@ def test_a_hung_health_check_does_not_hold_shutdown(start_gunicorn: Any) -> None
 
     # The check sleeps 60 s; a worker that waited for it would still be alive long after this.
     assert proc.wait_exit(timeout=20) == 0, proc.log_tail()
+
+
+def test_every_log_line_is_one_json_object_gunicorn_lines_included(start_gunicorn: Any) -> None:
+    proc = start_gunicorn(all_workers=True)
+    requests.post(proc.url + "/execute", data=b"{", timeout=5)  # a 400, logged by the runner
+    assert proc.stop(timeout=15) == 0
+
+    lines = [line for line in proc.log_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line: {line!r}")
+    gunicorn = [r for r in records if r.get("component") == "gunicorn.error"]
+    messages = " | ".join(r["message"] for r in gunicorn)
+    assert "Listening at" in messages and "Booting worker" in messages, messages
+    assert any("Shutting down" in r["message"] for r in gunicorn), messages
+    # Once the app is loaded, a worker's gunicorn lines name the runner.
+    assert {r["service"] for r in records} <= {"gunicorn", "example-runner"}
+    assert any(r["service"] == "example-runner" for r in gunicorn), gunicorn

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import gunicorn
 from gunicorn import glogging
 
-from runnerkit._version import __version__
 from runnerkit.logs import JsonFormatter
 
 
@@ -27,7 +27,7 @@ class JsonLogger(glogging.Logger):
         super().setup(cfg)
         if os.environ.get("RUNNERKIT_LOG_FORMAT", "json").strip().lower() != "json":
             return
-        formatter = JsonFormatter("gunicorn", __version__)
+        formatter = JsonFormatter("gunicorn", gunicorn.__version__)
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 if getattr(handler, "_gunicorn", False):

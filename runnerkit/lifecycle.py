@@ -37,6 +37,7 @@ from runnerkit.contracts import (
 )
 from runnerkit.errors import make_envelope
 from runnerkit.jobforge import JobForgeClient
+from runnerkit.logs import configure_logging
 from runnerkit.metrics import forget_dead_processes, metrics
 from runnerkit.state import (
     FileLock,
@@ -197,7 +198,14 @@ class Lifecycle:
         dirs = entry.get("stateDirs", [])
         if self.state.directory not in dirs:
             write_json_atomic(
-                path, {"instance": self.key, "stateDirs": [*dirs, self.state.directory]}
+                path,
+                {
+                    "instance": self.key,
+                    "stateDirs": [*dirs, self.state.directory],
+                    # So the master's own lines (it never loads the app) name the runner.
+                    "service": self.runner.name,
+                    "version": self.runner.version,
+                },
             )
 
     def _ensure_sentinel(self) -> None:
@@ -576,6 +584,13 @@ def on_master_exit(master_pid: int | None = None) -> None:
     entry = read_json(path)
     if not entry:
         return
+    # The master never loaded the app, so nothing has set up runnerkit's log lines here.
+    configure_logging(
+        str(entry.get("service") or "runnerkit"),
+        str(entry.get("version") or ""),
+        "text" if os.environ.get("RUNNERKIT_LOG_FORMAT", "").strip().lower() == "text" else "json",
+        os.environ.get("RUNNERKIT_LOG_LEVEL", "INFO"),
+    )
     for state_dir in entry.get("stateDirs", []):
         deregister_instance(state_dir, entry["instance"])
     with contextlib.suppress(FileNotFoundError):

@@ -147,6 +147,8 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     assert deletes[0].status == 204
     assert deletes[0].time > terminated
     assert instance.registrations(since=reloaded) == []
+    # ... and the runner's log says so (the master's hook, or the sentinel, wrote it).
+    assert f"deregistered runner {runner_id}" in instance.proc.log_text(), instance.explain()
 
 
 def test_a_worker_recycled_by_max_requests_is_replaced_without_deregistering(

@@ -116,7 +116,7 @@ def new(name: str, directory: str | None, runnerkit_spec: str | None) -> None:
     target = Path(directory or name)
     try:
         files = create_project(name, target, runnerkit_spec)
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, FileExistsError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"created {target}/ ({len(files)} files). Next: cd {target} && make test")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from string import Template
 
@@ -130,7 +132,7 @@ FORGE_PORT ?= 3002
 
 $$(STAMP): setup.cfg pyproject.toml
 \ttest -x $$(BIN)/python || $$(PYTHON) -m venv $$(VENV)
-\t$$(BIN)/python -m pip install --quiet -e '.[dev]'
+$make_vendor\t$$(BIN)/python -m pip install --quiet -e '.[dev]'
 \ttouch $$(STAMP)
 
 run: $$(STAMP)
@@ -176,12 +178,13 @@ RUN groupadd --system --gid 10001 runner \\
     && useradd --system --uid 10001 --gid runner --home-dir /app runner \\
     && mkdir -p /var/lib/runnerkit && chown runner:runner /var/lib/runnerkit
 WORKDIR /app
-COPY setup.cfg pyproject.toml app.py ./
+${docker_vendor}COPY setup.cfg pyproject.toml app.py ./
 RUN pip install .
 COPY deploy/gunicorn.conf.py deploy/gunicorn.conf.py
 USER 10001:10001
 EXPOSE 3000
-HEALTHCHECK --interval=15s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/health/live', timeout=2)"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \\
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('PORT', '3000'), timeout=2).status == 200 else 1)"]
 CMD ["gunicorn", "-c", "deploy/gunicorn.conf.py", "app:app"]
 """,
     "deploy/docker-compose.yml": """\
@@ -197,10 +200,15 @@ services:
       interval: 10s
   runner:
     image: $name
-    environment: {RUNNERKIT_JOBFORGE_URL: "http://forge:3002", RUNNERKIT_HOST: runner}
+    environment:
+      RUNNERKIT_JOBFORGE_URL: "http://forge:3002"
+      RUNNERKIT_HOST: runner
+      RUNNERKIT_ENVIRONMENT: production
     env_file: runnerkit.env
     ports: ["3000:3000"]
     depends_on: {forge: {condition: service_healthy}}
+    # Above gunicorn's graceful timeout (60 s), so jobs in flight finish and it deregisters.
+    stop_grace_period: 70s
 """,
     "deploy/runnerkit.env.example": "RUNNERKIT_SIGNING_SECRET=change-me-to-a-long-random-string\n",
     "deploy/sample-jobs.json": """\
@@ -223,33 +231,86 @@ make test    # contract check (runnerkit validate) and the tests
 Add capabilities in `app.py`: subclass `Capability`, declare `Input`/`Output` schemas, implement
 `run(payload, ctx)`, add it to the `Runner`; `make run` submits `deploy/sample-jobs.json`. Ship
 with `make docker`; for `docker compose -f deploy/docker-compose.yml up`, first copy
-`deploy/runnerkit.env.example` to `deploy/runnerkit.env` and set a real secret.
+`deploy/runnerkit.env.example` to `deploy/runnerkit.env` and set a real secret. When `vendor/`
+holds a runnerkit wheel, the Makefile and the Dockerfile install runnerkit from it: keep it with
+the project (or replace the pin in `setup.cfg` with a published runnerkit and delete it).
 """,
 }
 
 
-def default_runnerkit_spec() -> str:
-    """Depend on this very runnerkit: its checkout when run from one, else the release."""
+def checkout_root() -> Path | None:
+    """The runnerkit checkout this module runs from, or None when it is installed."""
     root = Path(__file__).resolve().parents[1]
     if (root / "setup.cfg").exists() and (root / "runnerkit" / "__init__.py").exists():
-        return f"runnerkit @ {root.as_uri()}"
-    return f"runnerkit>={__version__}"
+        return root
+    return None
+
+
+def vendor_wheel(directory: Path) -> Path | None:
+    """A wheel of the running runnerkit in ``directory/vendor``, when it runs from a checkout.
+
+    A project that depended on the checkout itself (a ``file:`` URL) could not be built into
+    an image: ``docker build`` cannot see the path. The wheel travels with the project, so
+    neither its image nor its virtualenv need a package index for runnerkit itself.
+    """
+    root = checkout_root()
+    if root is None:
+        return None
+    vendor = directory / "vendor"
+    vendor.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "-w",
+            str(vendor),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wheels = sorted(vendor.glob(f"runnerkit-{__version__}-*.whl"))
+    if built.returncode != 0 or not wheels:
+        raise RuntimeError(
+            "could not build a wheel of this runnerkit checkout for the project "
+            f"(pip wheel: {(built.stderr or built.stdout).strip()[-300:]}); "
+            "pass --runnerkit-spec to depend on a published runnerkit instead"
+        )
+    return wheels[-1]
 
 
 def create_project(name: str, directory: Path, runnerkit_spec: str | None = None) -> list[Path]:
-    """Write the project; refuses an existing non-empty directory. Returns the files written."""
+    """Write the project; refuses an existing non-empty directory. Returns the files written.
+
+    Without ``runnerkit_spec`` the project depends on this very runnerkit: run from a checkout,
+    a wheel of it is placed in ``vendor/`` and installed from there by the Makefile and the
+    Dockerfile; installed, the project pins the installed release.
+    """
     if not _SLUG_RE.match(name):
         raise ValueError(
             f"{name!r}: use lower-case letters, digits and '-', starting with a letter"
         )
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose another --dir")
+    wheel = None if runnerkit_spec else vendor_wheel(directory)
+    make_vendor = docker_vendor = ""
+    if wheel is not None:
+        relative = f"vendor/{wheel.name}"
+        make_vendor = f"\t$(BIN)/python -m pip install --quiet {relative}\n"
+        docker_vendor = f"COPY {relative} {relative}\nRUN pip install {relative}\n"
     values = {
         "name": name,
         "version": __version__,
-        "runnerkit_spec": runnerkit_spec or default_runnerkit_spec(),
+        "runnerkit_spec": runnerkit_spec or f"runnerkit=={__version__}",
+        "make_vendor": make_vendor,
+        "docker_vendor": docker_vendor,
     }
-    written = []
+    written = [wheel] if wheel is not None else []
     for relative, template in TEMPLATES.items():
         path = directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,50 +6,27 @@ proven: parse them out of deploy/Dockerfile and run them with the image's enviro
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.support import free_port
+from tests.support.dockerfile import exec_form, healthcheck, image_env, instruction, serve_and_check
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
 
-def instruction(name: str) -> str:
-    """The text of one Dockerfile instruction, continuation lines joined."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    match = re.search(rf"^{name}\s+(.*)$", text, re.MULTILINE)
-    assert match, f"{name} missing from {DOCKERFILE}"
-    return match.group(1).strip()
-
-
-def exec_form(text: str) -> list[str]:
-    """An exec-form (JSON array) command; shell form would not pass signals to gunicorn."""
-    argv = json.loads(text)
-    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
-    return argv
-
-
-def image_env() -> dict[str, str]:
-    pairs = shlex.split(instruction("ENV"))
-    return dict(pair.split("=", 1) for pair in pairs)
-
-
 def test_cmd_and_healthcheck_are_exec_form_and_need_no_extra_package() -> None:
-    cmd = exec_form(instruction("CMD"))
+    cmd = exec_form(instruction(DOCKERFILE, "CMD"))
     assert cmd[:3] == ["gunicorn", "-c", "deploy/gunicorn.conf.py"]
-    health = instruction("HEALTHCHECK")
-    argv = exec_form(health[health.index("CMD") + 3 :].strip())
+    argv = healthcheck(DOCKERFILE)
     assert argv[0] == "python" and "urllib.request" in argv[2]
+    health = instruction(DOCKERFILE, "HEALTHCHECK")
     assert "curl" not in health and "wget" not in health
 
 
@@ -59,40 +36,21 @@ def test_the_image_runs_as_a_non_root_user() -> None:
 
 @pytest.mark.integration
 def test_cmd_serves_and_healthcheck_reports_it(tmp_path: Path) -> None:
-    port = free_port()
     env = {
         **os.environ,
-        **image_env(),
-        "PORT": str(port),
+        **image_env(DOCKERFILE),
+        "PORT": str(free_port()),
         "BIND_HOST": "127.0.0.1",
         "RUNNERKIT_STATE_DIR": str(tmp_path / "state"),
     }
     env.pop("RUNNERKIT_JOBFORGE_URL", None)
-    cmd = exec_form(instruction("CMD"))
-    # The same argv, with gunicorn's script taken from this interpreter's environment.
-    cmd[0] = str(Path(sys.executable).with_name("gunicorn"))
-    health = instruction("HEALTHCHECK")
-    check = exec_form(health[health.index("CMD") + 3 :].strip())
-    check[0] = sys.executable
-    log = (tmp_path / "gunicorn.log").open("wb")
-    server = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    log = tmp_path / "gunicorn.log"
+    serving, exited, stopped = serve_and_check(
+        DOCKERFILE, cwd=ROOT, bin_dir=Path(sys.executable).parent, env=env, log=log
     )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            ok = subprocess.run(check, env=env, timeout=20, capture_output=True)
-            if ok.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
-                break
-            time.sleep(0.3)
-        assert ok.returncode == 0, (tmp_path / "gunicorn.log").read_text()[-3000:]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
-        log.close()
-    assert server.returncode == 0, "gunicorn did not stop cleanly on SIGTERM"
-    down = subprocess.run(check, env=env, timeout=20, capture_output=True)
-    assert down.returncode != 0
+    assert serving == 0, log.read_text()[-3000:]
+    assert exited == 0, "gunicorn did not stop cleanly on SIGTERM"
+    assert stopped != 0
 
 
 _POST_FORK_PROBE = """

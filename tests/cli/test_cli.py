@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from runnerkit.cli import main
 from runnerkit.testing import ContractValidator
 from tests.support import free_port
+from tests.support.dockerfile import image_env, instruction, instructions, serve_and_check
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = "tests.cli.apps"
@@ -203,6 +204,47 @@ def test_a_new_project_passes_its_own_make_test(tmp_path: Path) -> None:
     assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
     assert '"greeting": "Bonjour, Ada!"' in up.stdout
     assert "fails validation" in up.stdout and "VALIDATION_ERROR" in up.stdout
+    assert_the_project_ships(project, env, tmp_path)
+
+
+def assert_the_project_ships(project: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """What `make docker` would build needs no package index for runnerkit, and the image's
+    commands serve, as the repository's own image does."""
+    dockerfile = project / "deploy" / "Dockerfile"
+    (wheel,) = (project / "vendor").glob("runnerkit-*.whl")
+    runs = instructions(dockerfile, "RUN")
+    assert f"pip install vendor/{wheel.name}" in runs
+    assert f"vendor/{wheel.name}" in instruction(dockerfile, "COPY")
+    # The wheel installs with no index at all (its own dependencies aside).
+    offline = subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet"),
+            *("--target", str(tmp_path / "offline"), str(wheel)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert (tmp_path / "offline" / "runnerkit" / "forge" / "templates").is_dir()
+
+    image = {
+        **env,
+        **image_env(dockerfile),
+        "PORT": str(free_port()),
+        "BIND_HOST": "127.0.0.1",
+        "RUNNERKIT_STATE_DIR": str(tmp_path / "image-state"),
+    }
+    log = tmp_path / "image.log"
+    serving, exited, stopped = serve_and_check(
+        dockerfile, cwd=project, bin_dir=project / ".venv" / "bin", env=image, log=log
+    )
+    assert (serving, exited) == (0, 0), log.read_text()[-3000:]
+    assert stopped != 0
+
+    compose = (project / "deploy" / "docker-compose.yml").read_text()
+    assert "RUNNERKIT_ENVIRONMENT: production" in compose
+    assert "stop_grace_period: 70s" in compose  # above gunicorn's 60 s graceful timeout
 
 
 def test_the_documented_url_and_token_variables_reach_the_forge(

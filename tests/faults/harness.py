@@ -61,6 +61,8 @@ class FaultStack(Stack):
     forge_env: dict[str, str | None] = field(default_factory=lambda: dict(FORGE_ENV))
     runner_env: dict[str, str | None] = field(default_factory=dict)
     runner_app: str | None = None
+    #: gunicorn workers of the next runner started (the e2e stack's 2 when None).
+    runner_workers: int | None = None
     #: The port the next runner started listens on (a restart at the same address).
     next_runner_port: int | None = None
 
@@ -78,6 +80,8 @@ class FaultStack(Stack):
                 proc.env_overrides.update(self.runner_env)
                 if self.runner_app:
                     proc.app_spec = self.runner_app
+                if self.runner_workers:
+                    proc.workers = self.runner_workers
             return proc
 
         return super()._launch(tuned, port, movable=movable)

@@ -290,7 +290,8 @@ def test_duplicate_deliveries_execute_once(fault_stack: MakeStack, fault_summary
     """A proxy between forge and runner delivers the first POST /execute of each job twice
     in a row, twice at once, or forwards it and drops the answer (the forge then sends it
     again); a quarter pass untouched. Sync and async jobs alike: the runner's idempotency
-    ledger keeps every job to exactly one execution, and every job completes."""
+    ledger keeps every job to exactly one execution, and every job completes (an async job
+    whose 202 was dropped may complete from its result before the forge sends it again)."""
     started = time.monotonic()
     stack = fault_stack()
     jobs = jobs_of("e2e.work", 12, 300, 3000, "dup-s")
@@ -311,7 +312,10 @@ def test_duplicate_deliveries_execute_once(fault_stack: MakeStack, fault_summary
         copies = proxy.copies(report.job_id)
         mode = modes[report.job_id]
         assert len(report.starts) == 1, (mode, report.describe(), copies)
-        if mode != "pass":
+        # An async job whose 202 was dropped may see its result arrive (through the outbox)
+        # before the retry is due: the forge keeps it, the job completes without a retry.
+        overtaken = mode == "drop" and report.attempts == 1 and copies[0].status == 202
+        if mode != "pass" and not overtaken:
             assert len(copies) >= 2, (mode, report.describe(), copies)
     replays = [d for d in proxy.deliveries if d.replayed]
     assert replays, proxy.deliveries

@@ -167,7 +167,7 @@ class Lifecycle:
         # The lease is renewed on a job of its own, so a slow heartbeat or delivery (an HTTP
         # call waiting for its timeout) never looks like a stalled leader.
         self.scheduler.add_job(
-            self.state.leader.renew,
+            self.renew_lease,
             "interval",
             seconds=self._tick_s,
             id="runnerkit-lease",
@@ -246,13 +246,29 @@ class Lifecycle:
             # Every worker ticks at the registered interval's pace, not only the leader, so
             # a takeover happens well within one interval.
             self._retick(identity["heartbeatIntervalMs"])
-        if not self.state.leader.acquire():
+        try:
+            leading = self.state.leader.acquire()
+        except OSError as exc:  # the state directory is unwritable: no leader here
+            self._note("lease-failed", logging.ERROR, "cannot take the leader lease: %s", exc)
+            return
+        if not leading:
             return
         with self._tick_lock:
             try:
                 self._lead()
             except Exception:
                 log.exception("lifecycle tick failed")
+
+    def renew_lease(self) -> None:
+        """Leader only: renew the lease (its own scheduler job; see :meth:`start`).
+
+        A renewal that fails (a full disk) is logged once; the lease then expires and another
+        worker takes over, which this one sees at its next look and steps down.
+        """
+        try:
+            self.state.leader.renew()
+        except OSError as exc:
+            self._note("lease-failed", logging.ERROR, "cannot renew the leader lease: %s", exc)
 
     def housekeeping(self) -> None:
         """Leader only: deliver due outbox rows, finish jobs orphaned by dead workers, prune.

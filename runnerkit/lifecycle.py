@@ -607,7 +607,7 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
             return False
         return False
     finally:
-        lease.release()
+        lease.close()
         state_lock.release()
 
 

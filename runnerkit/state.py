@@ -312,6 +312,14 @@ class LeaderLease:
                     _ofd_lock(self._fd, fcntl.F_UNLCK, self._generation)
             self._generation = None
 
+    def close(self) -> None:
+        """Give leadership up and close the lock file (a process that is done with it)."""
+        with self._guard:
+            self.release()
+            if self._pid == os.getpid() and self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._pid = -1, 0
+
 
 class WriterTurns:
     """Turns for the writers of one SQLite file, across processes: a blocking OFD lock.

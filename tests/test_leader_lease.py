@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.state import LeaderLease, lease_expiry_s
+from runnerkit.lifecycle import deregister_instance
+from runnerkit.state import LeaderLease, lease_expiry_s, write_json_atomic
+from tests.support import JobForgeStub
 from tests.support.locks import leader_of, ofd_locked_bytes
 from tests.support.waiting import wait_until
 
@@ -129,3 +131,30 @@ def test_the_lease_outlasts_a_delay_but_not_the_forges_offline_window() -> None:
         assert expiry >= 2.0
         if interval_ms >= 2_000:
             assert interval_ms / 1000.0 + expiry + 1.0 < 3 * interval_ms / 1000.0
+
+
+def test_deregistration_takes_the_lease_from_a_stopped_leader_and_deletes_once(
+    tmp_path: Path, child: Child
+) -> None:
+    """The master's exit hook (or the sentinel) waits for a live leader to let go, but not for
+    ever for a stopped one: past its wait it takes the lease over, sends the one DELETE, and
+    the stopped leader steps down when it resumes. A second caller finds nothing to do."""
+    stub = JobForgeStub().start()
+    try:
+        key, runner_id = "4242@1.00", "5f0c9a52-07d4-4e39-9a53-0d4d3c6ad1c2"
+        write_json_atomic(
+            str(tmp_path / "instance.json"), {"instance": key, "jobforgeUrl": stub.url}
+        )
+        write_json_atomic(str(tmp_path / "identity.json"), {"instance": key, "runnerId": runner_id})
+        wait_until(lambda: "lead 0" in child.lines, 10, lambda: f"no lead: {child.lines}")
+        child.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert deregister_instance(str(tmp_path), key, lock_timeout_s=1.0)
+            assert LeaderLease(str(tmp_path)).record()[0] == 1  # taken over, not waited for
+            assert not deregister_instance(str(tmp_path), key, lock_timeout_s=1.0)
+        finally:
+            child.proc.send_signal(signal.SIGCONT)
+        assert [d.path for d in stub.deletes()] == [f"/runners/{runner_id}"]
+        wait_until(lambda: "follower" in child.lines, 10, lambda: f"led on: {child.lines}")
+    finally:
+        stub.stop()

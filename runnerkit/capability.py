@@ -239,13 +239,18 @@ class Capability:
                 f"{type(self).__name__}.run returned a value its Output schema rejects: {fields}",
                 details=details,
             ) from exc
-        except (TypeError, ValueError, AttributeError) as exc:
-            field = _unserialisable_field(self._output_schema, result)
+        except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            # Not str(exc): Python quotes the value there ("invalid literal for int() with
+            # base 10: 's3cr3t'"), and this envelope travels to JobForge, TruthCore and logs.
+            found = _unserialisable_field(self._output_schema, result)
+            field, kind, value = found if found else (None, "", None)
             path = ["data", field] if field else ["data"]
+            what = f"a {type(value).__name__} value" if found else "the result"
+            problem = f"{kind or 'Output'} cannot serialise {what} ({type(exc).__name__})"
             raise SchemaMismatch(
                 f"{type(self).__name__}.run returned a value Output cannot serialise: "
-                f"{field or 'data'}: {exc}",
-                details=[{"message": str(exc)[:200], "path": path}],
+                f"{field or 'data'}",
+                details=[{"message": problem, "path": path}],
             ) from exc
         return data
 
@@ -267,8 +272,8 @@ class Capability:
         }
 
 
-def _unserialisable_field(schema: Schema, result: Any) -> str | None:
-    """The first Output field whose value cannot be serialised, so the error can name it.
+def _unserialisable_field(schema: Schema, result: Any) -> tuple[str, str, Any] | None:
+    """The first Output field whose value cannot be serialised: (name, field class, value).
 
     ``Schema.dump`` raises the bare ``ValueError``/``TypeError`` of the failing field (e.g.
     ``int("many")``) without saying which field it was.
@@ -276,8 +281,9 @@ def _unserialisable_field(schema: Schema, result: Any) -> str | None:
     for attr, field in schema.dump_fields.items():
         try:
             field.serialize(attr, result, accessor=schema.get_attribute)
-        except (TypeError, ValueError, AttributeError):
-            return field.data_key or attr
+        except (TypeError, ValueError, AttributeError, ArithmeticError):
+            value = schema.get_attribute(result, attr, None)
+            return field.data_key or attr, type(field).__name__, value
     return None
 
 

@@ -433,7 +433,7 @@ def details_from_messages(messages: Any, path: list[str], data: Any = None) -> l
             if isinstance(message, Mapping | list | tuple):
                 details.extend(details_from_messages(message, path, data))
             else:
-                detail: dict[str, Any] = {"message": str(message), "path": list(path)}
+                detail: dict[str, Any] = {"message": _scrub(str(message), data), "path": list(path)}
                 detail["code"] = _code_for(str(message))
                 secret = any(is_secret_key(part) for part in path)
                 excerpt = None if secret else _excerpt(data)
@@ -441,8 +441,43 @@ def details_from_messages(messages: Any, path: list[str], data: Any = None) -> l
                     detail["value"] = excerpt
                 details.append(detail)
     else:
-        details.append({"message": str(messages), "path": list(path)})
+        details.append({"message": _scrub(str(messages), data), "path": list(path)})
     return details
+
+
+#: Strings shorter than this are not taken out of messages: they would cut words, not secrets.
+_SCRUB_MIN_CHARS = 4
+
+
+def _scrub(message: str, data: Any) -> str:
+    """``message`` without any string the offending value holds.
+
+    marshmallow's own messages name no value, but a validator's may (``OneOf(error="{input}
+    is not allowed")``, a ``ValidationError(f"... {value}")``); the value's place is the
+    detail's ``value``, which is redacted under secret-looking keys, never its message.
+    """
+    for text in sorted(_strings(data), key=len, reverse=True):
+        if text in message:
+            message = message.replace(text, "<value>")
+    return message
+
+
+def _strings(data: Any, found: set[str] | None = None, depth: int = 0) -> set[str]:
+    """The strings (keys included) in ``data``, up to a bounded number and depth."""
+    found = set() if found is None else found
+    if len(found) >= 256 or depth > 32:
+        return found
+    if isinstance(data, str):
+        if len(data) >= _SCRUB_MIN_CHARS:
+            found.add(data)
+    elif isinstance(data, Mapping):
+        for key, value in data.items():
+            _strings(key, found, depth + 1)
+            _strings(value, found, depth + 1)
+    elif isinstance(data, list | tuple):
+        for item in data:
+            _strings(item, found, depth + 1)
+    return found
 
 
 def _child(data: Any, key: Any) -> Any:

@@ -1,9 +1,10 @@
 """Registration, heartbeats, draining and deregistration of one runner instance.
 
 Every gunicorn worker runs the same APScheduler job. Each tick a worker tries the instance's
-leader lock without blocking; only the holder registers and heartbeats, and the runnerId it
-gets is kept in the state directory, so when the holder dies the next worker to take the
-lock carries on as the same runner. Deregistration belongs to the instance, not to a worker:
+leader lease without blocking (:class:`~runnerkit.state.LeaderLease`); only the holder
+registers and heartbeats, and the runnerId it gets is kept in the state directory, so when
+the holder dies, or stalls past its lease, the next worker to take the lease carries on as
+the same runner. Deregistration belongs to the instance, not to a worker:
 it happens once, after the gunicorn master has exited (a small sentinel process watches it),
 or in the master's ``on_exit`` hook when ``deploy/gunicorn.conf.py`` is used.
 """
@@ -42,6 +43,8 @@ from runnerkit.metrics import forget_dead_processes, metrics
 from runnerkit.state import (
     FileLock,
     InstanceState,
+    LeaderLease,
+    lease_expiry_s,
     process_start_time,
     read_json,
     write_json_atomic,
@@ -161,6 +164,16 @@ class Lifecycle:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._tick_s = self._tick_for(settings.heartbeat_interval_ms)
+        self.state.leader.expiry_s = lease_expiry_s(settings.heartbeat_interval_ms)
+        # The lease is renewed on a job of its own, so a slow heartbeat or delivery (an HTTP
+        # call waiting for its timeout) never looks like a stalled leader.
+        self.scheduler.add_job(
+            self.renew_lease,
+            "interval",
+            seconds=self._tick_s,
+            id="runnerkit-lease",
+            next_run_time=datetime.now(UTC),
+        )
         self.scheduler.add_job(
             self.tick,
             "interval",
@@ -241,7 +254,12 @@ class Lifecycle:
             # Every worker ticks at the registered interval's pace, not only the leader, so
             # a takeover happens well within one interval.
             self._retick(identity["heartbeatIntervalMs"])
-        if not self.state.leader.acquire():
+        try:
+            leading = self.state.leader.acquire()
+        except OSError as exc:  # the state directory is unwritable: no leader here
+            self._note("lease-failed", logging.ERROR, "cannot take the leader lease: %s", exc)
+            return
+        if not leading:
             return
         with self._tick_lock:
             try:
@@ -249,12 +267,23 @@ class Lifecycle:
             except Exception:
                 log.exception("lifecycle tick failed")
 
+    def renew_lease(self) -> None:
+        """Leader only: renew the lease (its own scheduler job; see :meth:`start`).
+
+        A renewal that fails (a full disk) is logged once; the lease then expires and another
+        worker takes over, which this one sees at its next look and steps down.
+        """
+        try:
+            self.state.leader.renew()
+        except OSError as exc:
+            self._note("lease-failed", logging.ERROR, "cannot renew the leader lease: %s", exc)
+
     def housekeeping(self) -> None:
         """Leader only: deliver due outbox rows, finish jobs orphaned by dead workers, prune.
 
         A separate scheduler job from the heartbeat, so a slow delivery cannot delay one.
         """
-        if not self.state.leader.held or self.runner.outbox is None:
+        if self.runner.outbox is None or not self.state.leader.check():
             return
         try:
             forget_dead_processes()
@@ -307,9 +336,11 @@ class Lifecycle:
 
     def _retick(self, interval_ms: float) -> None:
         tick = self._tick_for(interval_ms)
+        self.state.leader.expiry_s = lease_expiry_s(interval_ms)
         if self.scheduler is not None and abs(tick - self._tick_s) > 1e-6:
             self._tick_s = tick
-            self.scheduler.reschedule_job("runnerkit-lifecycle", trigger="interval", seconds=tick)
+            for job in ("runnerkit-lifecycle", "runnerkit-lease"):
+                self.scheduler.reschedule_job(job, trigger="interval", seconds=tick)
 
     def current_identity(self) -> dict[str, Any] | None:
         """This instance's registration, ignoring one left behind by an earlier instance."""
@@ -538,8 +569,11 @@ def install_drain_handler(runner: Runner) -> None:
 def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) -> bool:
     """DELETE the instance's runner from JobForge, once, whoever calls first.
 
-    The leader lock makes the sentinel and the master hook mutually exclusive; the identity
-    is removed after a successful DELETE, so a second caller finds nothing to do.
+    An ``flock`` on ``leader.lock`` makes the sentinel and the master hook take turns; the
+    identity is removed after a successful DELETE, so a second caller finds nothing to do.
+    The caller also takes the leader lease, waiting for a worker still leading to let go
+    (it would heartbeat after the DELETE, and JobForge's 404 would make it register again),
+    and taking it over from one that is stopped: that one steps down if it ever resumes.
     """
     instance = read_json(os.path.join(state_dir, "instance.json"))
     if not instance or instance.get("instance") != key or not instance.get("jobforgeUrl"):
@@ -547,6 +581,13 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
     state_lock = FileLock(os.path.join(state_dir, "leader.lock"))
     if not state_lock.acquire(blocking=True, timeout=lock_timeout_s):
         log.warning("could not take the leader lock to deregister; deregistering anyway")
+    lease = LeaderLease(state_dir, expiry_s=lock_timeout_s)
+    deadline = time.monotonic() + lock_timeout_s
+    while not lease.acquire(force=time.monotonic() >= deadline):
+        if time.monotonic() >= deadline + 1.0:
+            log.warning("could not take the leader lease to deregister; deregistering anyway")
+            break
+        time.sleep(0.05)
     try:
         identity_path = os.path.join(state_dir, "identity.json")
         identity = read_json(identity_path)
@@ -574,6 +615,7 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
             return False
         return False
     finally:
+        lease.close()
         state_lock.release()
 
 

@@ -2,8 +2,13 @@
 
 gunicorn forks several workers that must act as ONE runner. They share a state directory:
 
-* ``leader.lock`` — an ``flock`` that exactly one worker holds; only it talks to JobForge.
-  The kernel drops the lock when its holder dies, so another worker takes over.
+* ``leader.lock`` and ``leader.lease`` — leadership (:class:`LeaderLease`): the leader holds
+  an OFD lock on the byte of ``leader.lock`` numbered by its generation and renews the lease
+  record at every tick; only it talks to JobForge. The kernel drops the lock when its holder
+  dies, so another worker takes over at once; a holder that stalls (SIGSTOP, a paused
+  process) keeps its lock but its lease expires, and another worker takes over as the next
+  generation. (The sentinel and the master's exit hook take turns with an ``flock`` on
+  ``leader.lock``, which OFD locks do not meet.)
 * ``identity.json`` — the runnerId JobForge assigned, so a new leader heartbeats as the same
   runner instead of registering again.
 * ``slots/<capability>.lock`` — one byte per concurrency slot, held with an open-file-
@@ -142,6 +147,178 @@ class FileLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
         self._fd = None
+
+
+#: A leader's lease expires after this many heartbeat intervals without a renewal ...
+LEASE_INTERVALS = 1.5
+#: ... and never sooner than this (a busy machine may delay a renewal a little).
+LEASE_MIN_S = 2.0
+
+
+def lease_expiry_s(heartbeat_interval_ms: float) -> float:
+    """How long a leader's lease lasts without renewal, for a heartbeat interval.
+
+    Below two intervals on purpose: a follower heartbeats at most one interval plus the
+    lease after the stalled leader's last heartbeat, which must stay under the three missed
+    intervals after which JobForge calls a runner offline.
+    """
+    return max(LEASE_MIN_S, LEASE_INTERVALS * heartbeat_interval_ms / 1000.0)
+
+
+class LeaderLease:
+    """Leadership of one instance, which a holder that stalls loses.
+
+    A kernel lock alone is freed only when its holder dies; a holder that is stopped
+    (SIGSTOP, a debugger, a paused cgroup) keeps it for ever and nobody heartbeats. So the
+    leader of generation ``g`` holds an open-file-description lock on byte ``g`` of
+    ``leader.lock`` *and* renews the lease record ``leader.lease``
+    (``{"generation", "pid", "renewed"}``) at every tick, ``renewed`` being
+    ``time.monotonic()``: CLOCK_MONOTONIC is one clock for every process of the machine and
+    does not jump with the wall clock. A worker that finds byte ``g`` free takes it (the
+    leader died or let go); one that finds it held but the lease older than ``expiry_s``
+    takes byte ``g + 1`` and writes generation ``g + 1``: the stalled holder still has its
+    lock, but the record no longer names it. The leader reads the record before each action
+    (:meth:`acquire`, :meth:`check`, :meth:`renew`) and steps down, releasing its lock, as
+    soon as another generation is named. Two workers racing for one generation meet on its
+    byte's lock; a renewal racing a takeover leaves one of the two named, and the other steps
+    down at its next look. No mutex is held across a write, so a holder stopped at any
+    instant cannot block the others.
+    """
+
+    def __init__(self, directory: str, expiry_s: float = LEASE_MIN_S) -> None:
+        self.lock_path = os.path.join(directory, "leader.lock")
+        self.record_path = os.path.join(directory, "leader.lease")
+        self.expiry_s = expiry_s
+        self._guard = threading.RLock()
+        self._fd = -1
+        self._pid = 0
+        self._generation: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds leadership (as far as it knows, see :meth:`check`)."""
+        return self._generation is not None and self._pid == os.getpid()
+
+    @property
+    def generation(self) -> int | None:
+        return self._generation if self.held else None
+
+    def _descriptor(self) -> int:
+        if self._pid != os.getpid():
+            # After fork the descriptor, and the locks on it, belong to the parent.
+            self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid, self._generation = os.getpid(), None
+        return self._fd
+
+    def record(self) -> tuple[int, float, int]:
+        """The lease record: (generation, renewed, pid); (0, 0.0, 0) when there is none."""
+        record = read_json(self.record_path) or {}
+        generation, renewed, pid = (record.get(k) for k in ("generation", "renewed", "pid"))
+        return (
+            generation if isinstance(generation, int) and generation >= 0 else 0,
+            float(renewed) if isinstance(renewed, int | float) else 0.0,
+            pid if isinstance(pid, int) else 0,
+        )
+
+    def _write(self, generation: int) -> None:
+        write_json_atomic(
+            self.record_path,
+            {"generation": generation, "pid": os.getpid(), "renewed": time.monotonic()},
+        )
+
+    def _lock(self, generation: int) -> bool:
+        try:
+            _ofd_lock(self._descriptor(), fcntl.F_WRLCK, generation)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def acquire(self, *, force: bool = False) -> bool:
+        """Keep or take leadership now (never blocks); whether this process leads.
+
+        ``force`` takes over from a live holder whatever its lease says (deregistration,
+        once its wait for the holder is over).
+        """
+        with self._guard:
+            self._descriptor()
+            generation, renewed, pid = self.record()
+            if self.held:
+                if generation == self._generation:
+                    return True
+                self._step_down(generation)
+                return False
+            if self._lock(generation):
+                # Nobody holds it: the first leader, or the last one died or let go.
+                self._generation = generation
+                self._write(generation)
+                return True
+            age = time.monotonic() - renewed
+            if not force and 0.0 <= age <= self.expiry_s:
+                return False
+            successor = generation + 1
+            if not self._lock(successor):
+                return False  # another worker is taking over right now
+            self._generation = successor
+            self._write(successor)
+            log.warning(
+                "the leader (pid %d) has not renewed its lease for %.1f s; this process "
+                "takes over as generation %d",
+                pid,
+                age,
+                successor,
+            )
+            return True
+
+    def check(self) -> bool:
+        """Whether this process still leads: the record names its generation.
+
+        A leader that was stalled and replaced finds another generation named and steps down
+        here, before it heartbeats, registers or delivers anything.
+        """
+        with self._guard:
+            if not self.held:
+                return False
+            generation, _, _ = self.record()
+            if generation != self._generation:
+                self._step_down(generation)
+                return False
+            return True
+
+    def renew(self) -> bool:
+        """Renew the lease (the leader, at every tick); False once this process does not lead."""
+        with self._guard:
+            if not self.check():
+                return False
+            assert self._generation is not None
+            self._write(self._generation)
+            return True
+
+    def _step_down(self, generation: int) -> None:
+        log.warning(
+            "this process led as generation %d but was stalled and replaced by generation %d; "
+            "it steps down",
+            self._generation,
+            generation,
+        )
+        self.release()
+
+    def release(self) -> None:
+        """Give leadership up (the record stays: the next worker takes the same generation)."""
+        with self._guard:
+            if self.held and self._generation is not None:
+                with contextlib.suppress(OSError):
+                    _ofd_lock(self._fd, fcntl.F_UNLCK, self._generation)
+            self._generation = None
+
+    def close(self) -> None:
+        """Give leadership up and close the lock file (a process that is done with it)."""
+        with self._guard:
+            self.release()
+            if self._pid == os.getpid() and self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._pid = -1, 0
 
 
 class WriterTurns:
@@ -681,7 +858,7 @@ class InstanceState:
     def __init__(self, directory: str, limits: dict[str, int], retention_s: float) -> None:
         self.directory = directory
         os.makedirs(os.path.join(directory, "slots"), mode=0o700, exist_ok=True)
-        self.leader = FileLock(os.path.join(directory, "leader.lock"))
+        self.leader = LeaderLease(directory)
         self.slots = SlotTable(os.path.join(directory, "slots"), limits)
         self.ledger = Ledger(os.path.join(directory, "ledger.sqlite3"), retention_s)
         self.identity_path = os.path.join(directory, "identity.json")

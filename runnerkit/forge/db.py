@@ -670,6 +670,16 @@ def list_events(conn: Conn, job_id: str, *, limit: int, offset: int) -> tuple[li
     return rows, int(total)
 
 
+def runner_was_sent(conn: Conn, job_id: str, runner_id: str) -> bool:
+    """Whether an attempt of the job was ever sent to ``runner_id`` (its job.started events)."""
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE job_id = ? AND type = 'job.started'"
+        " AND json_extract(document, '$.data.runnerId') = ? LIMIT 1",
+        (job_id, runner_id),
+    ).fetchone()
+    return row is not None
+
+
 # --------------------------------------------------------------------------- assertions
 
 

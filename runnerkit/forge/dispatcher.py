@@ -423,7 +423,9 @@ class Dispatcher:
 
     def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]], now: Clock) -> None:
         for claim, outcome in answers:
-            result = self.jobs.finish_in(conn, claim.job_id, claim.attempt, outcome, now)
+            result = self.jobs.finish_in(
+                conn, claim.job_id, claim.attempt, outcome, now, runner_id=claim.runner_id
+            )
             _log_answer(claim, outcome, result)
 
     def _record_each(self, answers: list[tuple[Claim, Outcome]]) -> None:
@@ -434,7 +436,9 @@ class Dispatcher:
         """
         for claim, outcome in answers:
             try:
-                result = self.jobs.finish(claim.job_id, claim.attempt, outcome)
+                result = self.jobs.finish(
+                    claim.job_id, claim.attempt, outcome, runner_id=claim.runner_id
+                )
                 _log_answer(claim, outcome, result)
             except Exception:
                 log.exception("recording the answer for job %s failed", claim.job_id)

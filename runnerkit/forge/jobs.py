@@ -7,6 +7,7 @@ claims jobs many to a transaction, and ``POST /jobs`` requests arriving together
     queued ──dispatch──▶ running ──success──▶ completed
     running ──failure, policy says retry──▶ retrying ──next attempt time──▶ running
     running ──failure, no retry / retries used up──▶ failed
+    running ──refused (the runner did not run it)──▶ retrying (the attempt is given back)
     running ──runner offline or gone──▶ retrying (counted as an attempt, eligible at once)
     queued/retrying past metadata.expiresAt ──▶ failed (TIMEOUT / JOB_EXPIRED)
     queued/retrying/running ──cancel──▶ cancelled
@@ -14,8 +15,23 @@ claims jobs many to a transaction, and ``POST /jobs`` requests arriving together
 A job that is sent to a runner holds one of that runner's capability slots (``slot_runner``)
 until the attempt's answer arrives, the runner goes offline, or the attempt's lease passes.
 A cancelled job keeps its slot while the runner is still working on it, so ``maxConcurrency``
-counts what runners really run. Outcomes are accepted only for the attempt they belong to:
-a late answer for a cancelled or requeued job changes nothing.
+counts what runners really run.
+
+A refusal (:func:`is_refusal`: the runner runs this job already, is at capacity, is busy or
+shutting down, or answered 429) is not a failed attempt: the runner did not run the job. The
+attempt is given back and the job waits the retryAfter the runner asked for (capped by
+RETRY_AFTER_CAP_S), at least its policy's backoff, then is sent again; for
+``JOB_ALREADY_RUNNING`` the next delivery finds the job's answer stored (a replay) or the
+job still running. So that a runner refusing for ever cannot hold a job for ever, refusals
+are free only within the job's own time budget, ``(maxRetries + 1) * (timeoutMs +
+DISPATCH_MARGIN_MS)`` from its first start; later ones spend attempts like any failure.
+
+An answer that arrives for an earlier attempt, or after the job was requeued (its runner
+went offline, its read timed out), is still the job's result while the job is unfinished:
+a success completes it, a failure its policy would not retry fails it; a retryable failure
+of an earlier attempt changes nothing (the retry under way supersedes it). A job that is
+completed, failed or cancelled ignores every later answer, so it finishes once; a newer
+attempt still running keeps its runner slot until that attempt answers.
 """
 
 from __future__ import annotations
@@ -67,6 +83,23 @@ MAX_WAIT_MS = 100 * 365.25 * 24 * 3600 * 1000.0
 _string = json.JSONEncoder().encode  # a str as db.dumps writes it
 
 _SLOT_FREE: dict[str, Any] = {"slot_runner": None, "slot_capability": None, "lease_until": None}
+
+#: Error codes with which runnerkit runners refuse a job without running it.
+REFUSAL_CODES = frozenset(
+    {"JOB_ALREADY_RUNNING", "CAPACITY_EXCEEDED", "QUEUE_FULL", "WORKER_BUSY", "SHUTTING_DOWN"}
+)
+
+#: A job row, or a copy of one with some columns replaced.
+RowLike = db.Row | Mapping[str, Any]
+
+
+def is_refusal(envelope: Mapping[str, Any]) -> bool:
+    """Whether a runner's error says it did not run the job (it may be sent again as it was).
+
+    runnerkit's own refusal codes, and any RATE_LIMITED answer (HTTP 429 means the request
+    was not processed).
+    """
+    return envelope.get("code") in REFUSAL_CODES or envelope.get("category") == "RATE_LIMITED"
 
 
 class Clock:
@@ -398,7 +431,17 @@ class JobStore:
             if not db.record_delivery(conn, job_id, digest, now.ts):
                 return "duplicate", self.response(row)
             from_runner = response["runnerId"]
+            outcome = self._delivered_outcome(response)
             if row["status"] != "running" or row["runner_id"] != from_runner:
+                if (
+                    row["status"] in ACTIVE_STATUSES
+                    and self._late_result(row, outcome)
+                    and db.runner_was_sent(conn, job_id, from_runner)
+                ):
+                    # An earlier attempt's result, the job still unfinished: it is the result.
+                    run_by = self._as_run_by(conn, row, from_runner)
+                    self._apply(conn, run_by, outcome, now, late=True)
+                    return "recorded", self.response(self._get(conn, job_id))
                 if row["slot_runner"] == from_runner and row["status"] != "running":
                     db.update_job(conn, job_id, _SLOT_FREE, attempts=row["attempts"])
                 log.info(
@@ -419,22 +462,99 @@ class JobStore:
                     retryable=True,
                     retry_after=1,
                 )
-            outcome = Outcome(
-                success=bool(response["success"]),
-                data=response.get("data"),
-                has_data="data" in response,
-                error=response.get("error"),
-                execution_ms=float(response["executionTimeMs"]),
-            )
-            if not outcome.success and outcome.error is None:
-                outcome.error = self.envelope(
-                    "RUNNER_ERROR",
-                    "MISSING_ERROR",
-                    "The runner reported a failure without an error envelope",
-                    retryable=True,
-                )
             self._apply(conn, row, outcome, now)
             return "recorded", self.response(self._get(conn, job_id))
+
+    def _delivered_outcome(self, response: Mapping[str, Any]) -> Outcome:
+        """The Outcome of a RunnerExecutionResponse POSTed by a runner."""
+        outcome = Outcome(
+            success=bool(response["success"]),
+            data=response.get("data"),
+            has_data="data" in response,
+            error=response.get("error"),
+            execution_ms=float(response["executionTimeMs"]),
+        )
+        if not outcome.success and outcome.error is None:
+            outcome.error = self.envelope(
+                "RUNNER_ERROR",
+                "MISSING_ERROR",
+                "The runner reported a failure without an error envelope",
+                retryable=True,
+            )
+        return outcome
+
+    def _late_result(self, row: RowLike, outcome: Outcome) -> bool:
+        """Whether an answer to an earlier attempt decides the (unfinished) job.
+
+        A success does; so does a failure the job's policy would not retry. A refusal or a
+        retryable failure does not: the job is being retried already.
+        """
+        if outcome.accepted:
+            return False
+        if outcome.success:
+            return True
+        error = outcome.error
+        if error is None or is_refusal(error):
+            return False
+        return not should_retry(error, db.loads(row["request"])["retryPolicy"])
+
+    def _as_run_by(self, conn: db.Conn, row: db.Row, runner_id: str | None) -> RowLike:
+        """``row`` naming ``runner_id`` as its runner (an earlier attempt's may differ)."""
+        if not runner_id or runner_id == row["runner_id"]:
+            return row
+        runner = db.get_runner(conn, runner_id)
+        return {
+            **{key: row[key] for key in row.keys()},  # noqa: SIM118 - sqlite3.Row
+            "runner_id": runner_id,
+            "runner_name": runner["name"] if runner is not None else None,
+            "runner_version": runner["version"] if runner is not None else None,
+        }
+
+    def _within_refusal_budget(self, row: RowLike, now: Clock) -> bool:
+        """Whether a refusal may still be free (see the module docstring)."""
+        started = row["first_started_at"]
+        if not started:
+            return True
+        policy = db.loads(row["request"])["retryPolicy"]
+        per_attempt_ms = float(row["timeout_ms"]) + float(self.settings.dispatch_margin_ms)
+        budget_s = (int(policy["maxRetries"]) + 1) * per_attempt_ms / 1000.0
+        return now.ts - truth.epoch(started) < budget_s
+
+    def _refused(self, conn: db.Conn, row: db.Row, envelope: Mapping[str, Any], now: Clock) -> None:
+        """The runner did not run this attempt: give it back and send the job again later."""
+        job_id = row["id"]
+        attempts = int(row["attempts"])
+        policy = db.loads(row["request"])["retryPolicy"]
+        delay_ms = retry_delay(max(0, attempts - 1), policy)
+        retry_after = envelope.get("retryAfter")
+        if isinstance(retry_after, int | float):
+            capped = min(float(retry_after), float(self.settings.retry_after_cap_s))
+            delay_ms = max(delay_ms, capped * 1000.0)
+        delay_ms = min(delay_ms, MAX_WAIT_MS)
+        next_at = now.ts + delay_ms / 1000.0
+        db.update_job(
+            conn,
+            job_id,
+            {
+                **_SLOT_FREE,
+                "status": "retrying",
+                "attempts": attempts - 1,
+                "updated_at": now.z,
+                "not_before": next_at,
+                "last_error": db.dumps(envelope),
+            },
+            statuses=("running",),
+            attempts=attempts,
+        )
+        retrying = {
+            "attempt": attempts,
+            "refused": True,
+            "delayMs": delay_ms,
+            "nextAttemptAt": Clock(next_at).z,
+            "error": _error_summary(envelope),
+        }
+        self._emit(conn, job_id, "job.retrying", now, retrying)
+        self._assert_status(conn, job_id, "retrying", now, {"attempts": attempts - 1})
 
     def add_progress(self, job_id: str, event: Mapping[str, Any]) -> bool:
         """Store a runner's ``job.progress`` JobEvent.
@@ -571,29 +691,55 @@ class JobStore:
             )
         return claims
 
-    def finish(self, job_id: str, attempt: int, outcome: Outcome) -> str:
+    def finish(
+        self, job_id: str, attempt: int, outcome: Outcome, *, runner_id: str | None = None
+    ) -> str:
         """Record what attempt ``attempt`` of a job produced, in a transaction of its own.
 
-        Returns ``recorded``, ``accepted`` (202: the result comes later), ``ignored`` (the
-        job was cancelled or requeued meanwhile; only its runner slot is given back) or
-        ``failed`` (the forge could not record it, so the job failed: :meth:`apart`).
+        Returns ``recorded``, ``accepted`` (202: the result comes later), ``refused`` (the
+        runner did not run it: the attempt is given back), ``ignored`` (the job finished
+        meanwhile, or the answer is an earlier attempt's retryable failure; only its runner
+        slot is given back) or ``failed`` (the forge could not record it, so the job failed:
+        :meth:`apart`). ``runner_id``: the runner the attempt was sent to.
         """
         now = Clock()
         with self.db.tx() as conn:
-            record = functools.partial(self.finish_in, conn, job_id, attempt, outcome, now)
+            record = functools.partial(
+                self.finish_in, conn, job_id, attempt, outcome, now, runner_id=runner_id
+            )
             return self.apart(conn, job_id, now, record) or "failed"
 
     def finish_in(
-        self, conn: db.Conn, job_id: str, attempt: int, outcome: Outcome, now: Clock
+        self,
+        conn: db.Conn,
+        job_id: str,
+        attempt: int,
+        outcome: Outcome,
+        now: Clock,
+        *,
+        runner_id: str | None = None,
     ) -> str:
         """:meth:`finish` inside the caller's transaction."""
         row = db.get_job(conn, job_id)
         if row is None:
             return "ignored"
         if row["status"] != "running" or int(row["attempts"]) != attempt:
+            if row["status"] in ACTIVE_STATUSES and self._late_result(row, outcome):
+                # The answer of an earlier attempt (or one requeued meanwhile): the result.
+                self._apply(conn, self._as_run_by(conn, row, runner_id), outcome, now, late=True)
+                return "recorded"
             if row["slot_runner"] is not None and int(row["attempts"]) == attempt:
                 db.update_job(conn, job_id, _SLOT_FREE, attempts=attempt)
             return "ignored"
+        error = outcome.error
+        if (
+            not outcome.success
+            and error is not None
+            and is_refusal(error)
+            and self._within_refusal_budget(row, now)
+        ):
+            self._refused(conn, row, error, now)
+            return "refused"
         if outcome.accepted:
             timeout_ms = float(row["timeout_ms"])
             lease_ms = min(timeout_ms + 2 * float(self.settings.dispatch_margin_ms), MAX_WAIT_MS)
@@ -607,10 +753,19 @@ class JobStore:
         self._apply(conn, row, outcome, now)
         return "recorded"
 
-    def _apply(self, conn: db.Conn, row: db.Row, outcome: Outcome, now: Clock) -> None:
-        """Turn the current attempt's outcome into completed / retrying / failed."""
+    def _apply(
+        self, conn: db.Conn, row: RowLike, outcome: Outcome, now: Clock, *, late: bool = False
+    ) -> None:
+        """Turn an attempt's outcome into completed / retrying / failed.
+
+        Normally the current attempt's. A ``late`` one is an earlier attempt's result (see
+        :meth:`finish_in`) for a job that may be waiting or running a newer attempt; that
+        attempt, if running, keeps its runner slot until its own answer frees it.
+        """
         job_id = row["id"]
         attempts = int(row["attempts"])
+        slot = {} if late and row["status"] == "running" else _SLOT_FREE
+        statuses = ACTIVE_STATUSES if late else ("running",)
         if outcome.success:
             result: dict[str, Any] = {"success": True}
             if outcome.has_data:
@@ -621,14 +776,15 @@ class JobStore:
                 conn,
                 job_id,
                 {
-                    **_SLOT_FREE,
+                    **slot,
                     "status": "completed",
                     "updated_at": now.z,
+                    "not_before": None,
                     "result": result_json,
                     "error": None,
                     "last_error": None,
                 },
-                statuses=("running",),
+                statuses=statuses,
                 attempts=attempts,
             )
             done = {
@@ -643,12 +799,12 @@ class JobStore:
         envelope = outcome.error or self.envelope(
             "RUNNER_ERROR", "UNKNOWN_FAILURE", "The attempt failed", retryable=True
         )
-        self._retry_or_fail(conn, row, envelope, now, {**_SLOT_FREE})
+        self._retry_or_fail(conn, row, envelope, now, {**slot})
 
     def _retry_or_fail(
         self,
         conn: db.Conn,
-        row: db.Row,
+        row: RowLike,
         envelope: Mapping[str, Any],
         now: Clock,
         values: Mapping[str, Any],
@@ -694,7 +850,7 @@ class JobStore:
     def _fail(
         self,
         conn: db.Conn,
-        row: db.Row,
+        row: RowLike,
         envelope: Mapping[str, Any],
         now: Clock,
         values: Mapping[str, Any],
@@ -728,7 +884,7 @@ class JobStore:
         if result is not None:
             self._assert_result(conn, row, result, now, result_json)
 
-    def _result_metadata(self, row: db.Row, now: Clock, attempts: int) -> dict[str, Any]:
+    def _result_metadata(self, row: RowLike, now: Clock, attempts: int) -> dict[str, Any]:
         metadata: dict[str, Any] = {"completedAt": now.z, "durationMs": 0.0}
         started = row["first_started_at"]
         if started:
@@ -742,7 +898,7 @@ class JobStore:
         return metadata
 
     def _assert_result(
-        self, conn: db.Conn, row: db.Row, result: Mapping[str, Any], now: Clock, result_json: str
+        self, conn: db.Conn, row: RowLike, result: Mapping[str, Any], now: Clock, result_json: str
     ) -> None:
         db.queue_assertion(
             conn,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import threading
 import time
 from collections import defaultdict
@@ -27,7 +26,6 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +35,7 @@ import requests
 from runnerkit.contracts import ErrorEnvelopeSchema, JobResponseSchema, parse_timestamp
 from tests.e2e.conftest import FINAL, QUICK, RunnerInstance, Stack, check, job_request
 from tests.support import GunicornProcess
+from tests.support.locks import leader_of
 from tests.support.waiting import wait_until
 
 #: The runner app with many sleeping slots and a capability that overruns its deadline.
@@ -62,6 +61,8 @@ class FaultStack(Stack):
     forge_env: dict[str, str | None] = field(default_factory=lambda: dict(FORGE_ENV))
     runner_env: dict[str, str | None] = field(default_factory=dict)
     runner_app: str | None = None
+    #: gunicorn workers of the next runner started (the e2e stack's 2 when None).
+    runner_workers: int | None = None
     #: The port the next runner started listens on (a restart at the same address).
     next_runner_port: int | None = None
 
@@ -79,6 +80,8 @@ class FaultStack(Stack):
                 proc.env_overrides.update(self.runner_env)
                 if self.runner_app:
                     proc.app_spec = self.runner_app
+                if self.runner_workers:
+                    proc.workers = self.runner_workers
             return proc
 
         return super()._launch(tuned, port, movable=movable)
@@ -158,46 +161,9 @@ def mixed_load(prefix: str, *, sync: int = 14, async_: int = 8, quick: int = 8) 
 # --------------------------------------------------------------------------- processes
 
 
-def _flock_holder_from_fdinfo(pid: int, path: str) -> bool:
-    fd_dir = f"/proc/{pid}/fd"
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(fd_dir):
-            with contextlib.suppress(OSError):
-                if os.path.realpath(os.readlink(f"{fd_dir}/{fd}")) != path:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as handle:
-                    lines = handle.read().splitlines()
-                if any(ln.startswith("lock:") and "FLOCK" in ln and "WRITE" in ln for ln in lines):
-                    return True
-    return False
-
-
-def flock_holders(path: Path) -> set[int]:
-    """Pids /proc/locks names as holding a write flock on ``path``."""
-    st = os.stat(path)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders = set()
-    with open("/proc/locks", encoding="ascii") as handle:
-        for line in handle:
-            parts = line.split()
-            if "->" in parts or key not in parts:  # "->" marks a waiter, not a holder
-                continue
-            if "FLOCK" in parts and "WRITE" in parts:
-                holders.add(int(parts[parts.index(key) - 1]))
-    return holders
-
-
 def leader_pid(instance: RunnerInstance) -> int | None:
-    """The worker holding ``<state_dir>/leader.lock`` (per /proc/<pid>/fd and /proc/locks)."""
-    lock = os.path.realpath(instance.state_dir / "leader.lock")
-    workers = instance.proc.worker_pids()
-    by_fd = {pid for pid in workers if _flock_holder_from_fdinfo(pid, lock)}
-    try:
-        by_locks = flock_holders(Path(lock)) & set(workers)
-    except OSError:
-        by_locks = set()
-    both = by_fd | by_locks
-    return next(iter(both)) if len(both) == 1 else None
+    """The worker leading the instance (lease record checked against the kernel's locks)."""
+    return leader_of(instance.state_dir, instance.proc.worker_pids())
 
 
 def running_executions(stack: Stack, instance: RunnerInstance) -> dict[int, list[str]]:

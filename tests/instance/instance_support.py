@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 
 from runnerkit.contracts import parse_timestamp
 from tests.support import GunicornProcess, JobForgeStub, Recorded
+from tests.support.locks import leader_of, ofd_locked_bytes
 from tests.support.waiting import wait_until
 
 T = TypeVar("T")
@@ -152,15 +152,12 @@ class Instance:
     # What the kernel says.
 
     def leader_pid(self) -> int:
-        """The worker holding the instance's leader lock (``flock`` on ``leader.lock``)."""
-        lock = self.state_dir / "leader.lock"
-
-        def holder() -> int | None:
-            workers = set(self.proc.worker_pids())
-            pids = [p for p in flock_holders(lock) if p in workers and has_open(p, lock)]
-            return pids[0] if len(pids) == 1 else None
-
-        return wait_until(holder, 5.0, lambda: self.explain(f"no single holder of {lock}"))
+        """The worker leading the instance (its lease record, checked against its lock)."""
+        return wait_until(
+            lambda: leader_of(self.state_dir, self.proc.worker_pids()),
+            5.0,
+            lambda: self.explain(f"no worker leads the instance of {self.state_dir}"),
+        )
 
     def held_slots(self) -> dict[str, int]:
         """Concurrency slots held right now, per capability (OFD locks on ``slots/*.lock``)."""
@@ -301,50 +298,6 @@ def sentinel_processes(state_dir: Path) -> list[psutil.Process]:
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
     return found
-
-
-# -- locks, as the kernel reports them ----------------------------------------------------
-
-
-def _lock_lines(path: Path) -> Iterator[list[str]]:
-    """``/proc/locks`` entries (held, not waiting) on the file at ``path``."""
-    st = os.stat(path)
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in Path("/proc/locks").read_text().splitlines():
-        parts = line.split()
-        # "3: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->" after the index.
-        if len(parts) >= 6 and parts[1] != "->" and parts[5] == device:
-            yield parts
-
-
-def flock_holders(path: Path) -> list[int]:
-    """Pids holding an ``flock`` on ``path``."""
-    return [int(p[4]) for p in _lock_lines(path) if p[1] == "FLOCK"]
-
-
-def ofd_locked_bytes(path: Path) -> list[int]:
-    """Bytes of ``path`` locked with open-file-description locks (one per held slot).
-
-    The kernel merges adjacent ranges of one open file description into one entry, so two
-    slots of one worker can show as a single two-byte lock: count bytes, not entries.
-    """
-    locked: list[int] = []
-    for p in _lock_lines(path):
-        if p[1] == "OFDLCK":
-            start, end = int(p[6]), int(p[7])
-            locked.extend(range(start, end + 1))
-    return locked
-
-
-def has_open(pid: int, path: Path) -> bool:
-    """Whether process ``pid`` has ``path`` open (one of /proc/<pid>/fd links to it)."""
-    target = str(path)
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return True
-    return False
 
 
 # -- jobs and connections -----------------------------------------------------------------

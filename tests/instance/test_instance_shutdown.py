@@ -227,3 +227,51 @@ def test_a_reload_while_the_leader_runs_a_job_keeps_heartbeating(
     time.sleep(2 * INTERVAL_S + 0.3)
     # The instance lives on: heartbeats must not pause for the old leader's drain.
     assert_same_runner_carries_on(instance, reloaded, runner_id, max_gap=2 * INTERVAL_S + SLACK_S)
+
+
+def test_a_stopped_leader_is_replaced_and_the_instance_still_deregisters_once(
+    make_instance: InstanceFactory,
+) -> None:
+    """SIGSTOP of the leading worker: it keeps its lock, but its lease expires and another
+    worker heartbeats on as the same runner. Resumed, it steps down (one warning) instead of
+    heartbeating beside its successor; SIGTERM then deregisters the runner exactly once."""
+    instance = make_instance()
+    runner_id = instance.wait_registered().response["runnerId"]
+    instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
+    leader = instance.leader_pid()
+    stopped = psutil.Process(leader)
+    stopped_at = time.monotonic()
+    stopped.suspend()
+    try:
+        successor = wait_until(
+            lambda: (pid := instance.leader_pid()) != leader and pid,
+            15.0,
+            lambda: instance.explain(f"nobody took over from the stopped leader {leader}"),
+        )
+        instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
+    finally:
+        stopped.resume()
+    wait_until(
+        lambda: instance.proc.log_text().count("steps down") == 1,
+        10.0,
+        lambda: instance.explain("the resumed leader did not step down"),
+    )
+    resumed_at = time.monotonic()
+    time.sleep(2 * INTERVAL_S + 0.3)
+    assert_same_runner_carries_on(instance, stopped_at, runner_id)
+    assert len(instance.heartbeats(since=resumed_at)) >= 2, instance.explain()
+    assert instance.leader_pid() == successor
+    assert instance.proc.log_text().count("steps down") == 1, instance.explain()
+
+    terminated = time.monotonic()
+    instance.proc.signal(signal.SIGTERM)
+    assert instance.proc.wait_exit(timeout=30) == 0, instance.explain("the master did not exit")
+    sentinels = instance.sentinels()
+    wait_until(
+        lambda: all(exited(p) for p in sentinels),
+        15.0,
+        lambda: instance.explain(f"sentinel still running: {sentinels}"),
+    )
+    deletes = instance.deletes()
+    assert [d.path for d in deletes] == [f"/runners/{runner_id}"], instance.explain()
+    assert deletes[0].time > terminated

@@ -9,7 +9,10 @@ access). Its capabilities:
   passes runnerkit's JSON formatter and its redaction), and a line through a plain third-party
   logger that runnerkit attaches no handler to;
 - ``vault`` (``test.vault``): a strict schema with secret-named fields, to provoke validation
-  errors whose details must not echo secrets.
+  errors whose details must not echo secrets;
+- ``leak`` (``test.leak``): returns ``{payload.field: payload.secret_value}``, so a test can
+  hand each ``Output`` field a value it rejects (a secret where an Integer, an email, a
+  date... belongs); its input's ``choice`` has a validator message that quotes the input.
 """
 
 from __future__ import annotations
@@ -73,8 +76,42 @@ class Vault(Capability):
         return {"stored": True}
 
 
+class Leak(Capability):
+    """Returns ``{payload.field: payload.secret_value}``: whatever Output field is named."""
+
+    id = "leak"
+    job_types = ["test.leak"]
+    max_concurrency = 8
+
+    class Input(Schema):
+        field = strict.StrictString(required=True)
+        secret_value = fields.Raw(required=True, allow_none=True)
+        choice = strict.StrictString(
+            validate=validate.OneOf(["a", "b"], error="{input} is not one of {choices}")
+        )
+
+    class Output(Schema):
+        class Inner(Schema):
+            n = fields.Integer(required=True)
+
+        api_token = fields.Integer()
+        secret_strict = strict.StrictInteger()
+        secret_choice = fields.String(validate=validate.OneOf(["a", "b"]))
+        secret_pattern = fields.String(validate=validate.Regexp(r"^[0-9]+$"))
+        secret_short = fields.String(validate=validate.Length(max=3))
+        password_email = fields.Email()
+        token_url = fields.URL()
+        secret_date = fields.Date()
+        secret_nested = fields.Nested(Inner)
+        token_list = fields.List(fields.Integer())
+        count = fields.Integer()  # not secret-named: its value is echoed in details[].value
+
+    def run(self, payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        return {payload["field"]: payload["secret_value"]}
+
+
 def make_runner() -> Runner:
-    return Runner("security-echo", version="2.3.4", capabilities=[Echo(), Vault()])
+    return Runner("security-echo", version="2.3.4", capabilities=[Echo(), Vault(), Leak()])
 
 
 _app: Flask | None = None

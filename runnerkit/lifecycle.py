@@ -37,7 +37,7 @@ from runnerkit.contracts import (
 )
 from runnerkit.errors import make_envelope
 from runnerkit.jobforge import JobForgeClient
-from runnerkit.metrics import forget_dead_processes, metrics
+from runnerkit.metrics import metrics
 from runnerkit.state import (
     FileLock,
     InstanceState,
@@ -249,7 +249,6 @@ class Lifecycle:
         if not self.state.leader.held or self.runner.outbox is None:
             return
         try:
-            forget_dead_processes()
             self._recover_orphans()
             self.runner.outbox.deliver_due()
             now = time.monotonic()

@@ -17,7 +17,7 @@ from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.lifecycle import Lifecycle, install_drain_handler, instance_owner, under_gunicorn
 from runnerkit.logs import configure_logging
-from runnerkit.metrics import prepare_multiprocess_dir
+from runnerkit.metrics import prepare_snapshot_dir
 from runnerkit.outbox import Outbox
 from runnerkit.state import InstanceState
 
@@ -207,7 +207,7 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         self._check_signing()
-        prepare_multiprocess_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
+        prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
         if app.config.get("MAX_CONTENT_LENGTH") is None:

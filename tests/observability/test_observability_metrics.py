@@ -3,8 +3,9 @@
 One stack for the module: a forge (2 gthread workers; its dispatcher runs in one of them) and
 the example runner ``app:app`` with 3 workers, registered with the forge. Jobs go to the
 runner directly, each over its own connection, spread over several workers; then through the
-forge. Every worker's scrape must show the same totals (prometheus-client multiprocess mode),
-equal to what was sent. Counters are compared as differences, so the tests do not depend on
+forge. Every worker's scrape must show the same totals, equal to what was sent, once each
+worker has published its values (a worker writes them out once a second, so another's scrape
+may lag by that much). Counters are compared as differences, so the tests do not depend on
 each other's order.
 """
 
@@ -74,6 +75,26 @@ def scrape_every_worker(proc: GunicornProcess) -> list[Scrape]:
     return [samples(text) for text in get_from_each_worker(proc, "/metrics").values()]
 
 
+Wanted = tuple[str, dict[str, str]]
+
+
+def settled(proc: GunicornProcess, *wanted: Wanted, timeout: float = 10.0) -> list[Scrape]:
+    """Every worker's scrape, once they all agree on the ``wanted`` samples.
+
+    Each worker publishes its values once a second: a scrape sees another worker's counts
+    of the last second only after that.
+    """
+
+    def agreed() -> list[Scrape] | None:
+        scrapes = scrape_every_worker(proc)
+        same = all(len({value(s, name, **labels) for s in scrapes}) == 1 for name, labels in wanted)
+        return scrapes if same else None
+
+    found = wait_until(agreed, timeout, f"workers never agreed on {wanted}", interval=0.2)
+    assert found is not None
+    return found
+
+
 def same_everywhere(scrapes: list[Scrape], name: str, **labels: str) -> float:
     """The sample's value, which every worker must report alike."""
     values = {value(s, name, **labels) for s in scrapes}
@@ -109,11 +130,18 @@ JOB = {"job_type": "text-stats"}
 RECEIVED = {"job_type": "text-stats", "priority": "unknown"}
 COMPLETED = {"job_type": "text-stats", "status": "success"}
 EXECUTE_200 = {"method": "POST", "path": "/execute", "status": "200"}
+RUNNER_TOTALS: list[Wanted] = [
+    ("jobs_received_total", RECEIVED),
+    ("jobs_completed_total", COMPLETED),
+    ("job_duration_seconds_count", JOB),
+    ("http_requests_total", EXECUTE_200),
+    ("active_jobs", JOB),
+]
 
 
 def test_runner_metrics_are_summed_across_three_workers(plane: Plane) -> None:
     runner = plane.runner
-    before = scrape_every_worker(runner)
+    before = settled(runner, *RUNNER_TOTALS)
     jobs = 30
     barrier = threading.Barrier(6)
 
@@ -128,7 +156,7 @@ def test_runner_metrics_are_summed_across_three_workers(plane: Plane) -> None:
     workers = {pid for _, pid in results if pid}
     assert len(workers) >= 2, f"all {jobs} jobs went to one worker: {results}"
 
-    after = scrape_every_worker(runner)
+    after = settled(runner, *RUNNER_TOTALS)
     assert len(after) == 3
 
     def delta(name: str, **labels: str) -> float:
@@ -181,14 +209,21 @@ def test_active_jobs_counts_running_jobs_then_returns_to_zero(plane: Plane) -> N
 
         wait_until(three_running, 5, "active_jobs{slow-count} == 3")
         assert [f.result().status_code for f in futures] == [200] * 3
-    after = scrape_every_worker(runner)
+    after = settled(runner, ("active_jobs", {"job_type": "slow-count"}))
     assert same_everywhere(after, "active_jobs", job_type="slow-count") == 0
 
 
 def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: Plane) -> None:
     forge, runner = plane.forge, plane.runner
-    before = scrape_every_worker(forge)
-    runner_before = scrape_every_worker(runner)
+    forge_totals: list[Wanted] = [
+        ("http_requests_total", {"method": "POST", "path": "/jobs", "status": "202"}),
+        ("forge_dispatch_latency_seconds_count", {"job_type": "text.stats"}),
+        ("forge_dispatch_latency_seconds_sum", {"job_type": "text.stats"}),
+        ("forge_jobs_dispatched_total", {"job_type": "text.stats"}),
+        ("http_requests_total", {"method": "POST", "path": "/runners/register", "status": "201"}),
+    ]
+    before = settled(forge, *forge_totals)
+    runner_before = settled(runner, ("jobs_received_total", RECEIVED))
     count = 6
     with requests.Session() as session:
         ids = []
@@ -209,7 +244,7 @@ def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: P
             return all(s == "completed" for s in states)
 
         wait_until(all_completed, 20, "the forge's jobs to complete")
-    after = scrape_every_worker(forge)
+    after = settled(forge, *forge_totals)
     assert len(after) == 2
 
     def delta(name: str, **labels: str) -> float:
@@ -236,7 +271,7 @@ def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: P
     assert "/jobs/<job_id>" in paths and not any(ids[0] in str(p) for p in paths)
 
     # The runner counted the forge's jobs too.
-    runner_after = scrape_every_worker(runner)
+    runner_after = settled(runner, ("jobs_received_total", RECEIVED))
     received = same_everywhere(runner_after, "jobs_received_total", **RECEIVED)
     assert received - same_everywhere(runner_before, "jobs_received_total", **RECEIVED) == count
 

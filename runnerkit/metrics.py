@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from runnerkit.state import process_alive, process_start_time
+from runnerkit.state import STORAGE, process_alive, process_start_time
 
 log = logging.getLogger("runnerkit.metrics")
 
@@ -370,6 +370,7 @@ class Publisher:
                     os.unlink(temporary)
                 raise
             self._last = data
+            STORAGE.recovered("metrics")
             return True
         except Exception as exc:  # noqa: BLE001 - a metric must never hurt its process
             self._failed(exc)
@@ -378,6 +379,7 @@ class Publisher:
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
         failures.inc()
+        STORAGE.failed("metrics", exc)
         now = time.monotonic()
         if now - self._logged_at >= FAILURE_LOG_EVERY_S:
             self._logged_at = now

@@ -19,7 +19,7 @@ from runnerkit.lifecycle import Lifecycle, install_drain_handler, instance_owner
 from runnerkit.logs import configure_logging
 from runnerkit.metrics import prepare_snapshot_dir
 from runnerkit.outbox import Outbox
-from runnerkit.state import InstanceState
+from runnerkit.state import STORAGE, InstanceState
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
@@ -60,7 +60,7 @@ class Runner:
         self.started_at = time.time()
         self._runner_id_override: str | None = None
         self._fallback_id: tuple[str, str] | None = None
-        self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting]
+        self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting, self._storage]
         self._state: InstanceState | None = None
         self.lifecycle: Lifecycle | None = None
         #: Durable delivery of async results, progress and assertions (with JobForge only).
@@ -180,6 +180,16 @@ class Runner:
         item: dict[str, Any] = {"name": "accepting", "status": "healthy", "responseTimeMs": 0}
         if self.draining:
             item.update(status="unhealthy", message="shutting down")
+        return item
+
+    @staticmethod
+    def _storage() -> dict[str, Any]:
+        """Unhealthy while a write to the state directory keeps failing (a full disk)."""
+        item: dict[str, Any] = {"name": "storage", "status": "healthy", "responseTimeMs": 0}
+        problems = STORAGE.problems()
+        if problems:
+            failing = "; ".join(f"{what}: {why}" for what, why in sorted(problems.items()))
+            item.update(status="unhealthy", message=f"state directory not writable ({failing})")
         return item
 
     def liveness(self) -> tuple[int, dict[str, Any]]:

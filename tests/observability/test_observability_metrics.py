@@ -11,8 +11,11 @@ each other's order.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -21,10 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
 from tests.forge.helpers import job_request
+from tests.instance.instance_support import job_request as instance_job
+from tests.instance.instance_support import pin_connections, pin_to
 from tests.security.stack import (
     QUICK,
     Stack,
@@ -291,3 +297,70 @@ def test_forge_metrics_are_prometheus_text(plane: Plane) -> None:
     scrape = samples(text)
     for status in ("pending", "queued", "running", "completed", "failed", "cancelled", "retrying"):
         assert ("forge_jobs", (("status", status),)) in scrape
+
+
+def test_totals_keep_exited_workers_counters_and_drop_their_gauges(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two workers count jobs; one is SIGKILLed while it runs a long job, another is
+    SIGTERMed right after more jobs: gunicorn's replacements scrape totals that still hold
+    both dead workers' counters (the killed one's as last published, the stopped one's as
+    published at its exit), and ``active_jobs`` without the killed worker's running job."""
+    stack = Stack(tmp_path_factory.mktemp("exited"))
+    slow = {"job_type": "slow-count"}
+    wanted: list[Wanted] = [
+        ("jobs_received_total", RECEIVED),
+        ("jobs_completed_total", COMPLETED),
+        ("active_jobs", slow),
+    ]
+    try:
+        runner = stack.runner(workers=2, all_workers=True)
+        (first, [on_first]), (second, [on_second]) = pin_connections(runner, [1, 1])
+        for index, conn in enumerate([on_first] * 5 + [on_second] * 3):
+            reply = conn.execute(instance_job("text-stats", {"text": f"job {index}"}))
+            assert reply.status == 200, reply
+        long_job = instance_job("slow-count", {"steps": 600, "step_ms": 100})
+
+        def hold() -> None:
+            with contextlib.suppress(OSError):  # its worker is killed under it
+                on_first.execute(long_job)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        wait_until(
+            lambda: value(settled(runner, *wanted)[0], "active_jobs", **slow) == 1,
+            10,
+            "the long job is not counted as running",
+        )
+
+        psutil.Process(first).kill()
+        workers = wait_until(
+            lambda: len(pids := runner.worker_pids()) == 2 and first not in pids and pids,
+            20,
+            "gunicorn did not replace the killed worker",
+        )
+        assert workers
+        runner.wait_workers_serving(timeout=20)
+        after_kill = settled(runner, *wanted)
+        assert same_everywhere(after_kill, "jobs_received_total", **RECEIVED) == 8
+        assert same_everywhere(after_kill, "jobs_completed_total", **COMPLETED) == 8
+        assert same_everywhere(after_kill, "active_jobs", **slow) == 0
+
+        on_second.close()
+        on_second = pin_to(runner, second)
+        for index in range(2):
+            assert on_second.execute(instance_job("text-stats", {"text": f"late {index}"})).status
+        on_second.close()
+        os.kill(second, signal.SIGTERM)  # before its next publication is due
+        wait_until(
+            lambda: second not in runner.worker_pids() and len(runner.worker_pids()) == 2,
+            20,
+            "gunicorn did not replace the stopped worker",
+        )
+        runner.wait_workers_serving(timeout=20)
+        after_stop = settled(runner, *wanted)
+        assert same_everywhere(after_stop, "jobs_received_total", **RECEIVED) == 10
+        assert same_everywhere(after_stop, "jobs_completed_total", **COMPLETED) == 10
+        holder.join(0)
+    finally:
+        stack.stop()

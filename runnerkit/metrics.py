@@ -318,6 +318,8 @@ class Publisher:
         self._last: bytes | None = None
         self._wake = threading.Event()
         self._guard = threading.Lock()
+        #: One publication at a time (the thread's and the one at exit share a temporary file).
+        self._writing = threading.Lock()
         #: Publications that failed (also the ``runnerkit_metrics_publish_failures_total``).
         self.failures = 0
         self._logged_at = -math.inf
@@ -353,6 +355,10 @@ class Publisher:
         directory = _DIR
         if directory is None:
             return True
+        with self._writing:
+            return self._publish(directory)
+
+    def _publish(self, directory: str) -> bool:
         try:
             data = json.dumps(snapshot(), separators=(",", ":")).encode()
             if data == self._last:
@@ -398,6 +404,7 @@ class Publisher:
         self._last = None
         self.failures = 0
         self._guard = threading.Lock()
+        self._writing = threading.Lock()
         self._wake = threading.Event()
 
 

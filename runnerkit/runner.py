@@ -184,12 +184,12 @@ class Runner:
 
     @staticmethod
     def _storage() -> dict[str, Any]:
-        """Unhealthy while a write to the state directory keeps failing (a full disk)."""
+        """Unhealthy while a write of the instance's files keeps failing (a full disk)."""
         item: dict[str, Any] = {"name": "storage", "status": "healthy", "responseTimeMs": 0}
         problems = STORAGE.problems()
         if problems:
             failing = "; ".join(f"{what}: {why}" for what, why in sorted(problems.items()))
-            item.update(status="unhealthy", message=f"state directory not writable ({failing})")
+            item.update(status="unhealthy", message=f"cannot write {failing}")
         return item
 
     def liveness(self) -> tuple[int, dict[str, Any]]:

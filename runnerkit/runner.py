@@ -182,11 +182,17 @@ class Runner:
             item.update(status="unhealthy", message="shutting down")
         return item
 
-    @staticmethod
-    def _storage() -> dict[str, Any]:
-        """Unhealthy while a write of the instance's files keeps failing (a full disk)."""
+    def _storage(self) -> dict[str, Any]:
+        """Unhealthy while a write of the instance's files keeps failing (a full disk).
+
+        The lifecycle retries its own writes every tick; a runner without JobForge has no
+        ticks, so a state directory that could not be made is tried again here.
+        """
         item: dict[str, Any] = {"name": "storage", "status": "healthy", "responseTimeMs": 0}
         problems = STORAGE.problems()
+        if "the state directory" in problems and self._state is not None:
+            self._state.ensure_directory()
+            problems = STORAGE.problems()
         if problems:
             failing = "; ".join(f"{what}: {why}" for what, why in sorted(problems.items()))
             item.update(status="unhealthy", message=f"cannot write {failing}")

@@ -5,16 +5,18 @@ Python objects, and an update is an addition under one process-wide lock (no fil
 syscall). A daemon thread per process publishes the process's values once a second (and at
 exit) as ``<metrics dir>/<pid>-<start>.json``: an ordinary write to a temporary file and an
 ``os.replace``. A failed write (a full disk, a read-only or broken state directory) is
-counted, logged at most once a minute and tried again a second later; it never reaches the
-code that counted. Nothing is memory-mapped: prometheus-client's multiprocess mode kept each
+counted, logged at most once a minute, noted for readiness (``state.STORAGE``: the runner is
+not ready while its state directory cannot be written) and tried again a second later; it
+never reaches the code that counted. Nothing is memory-mapped: prometheus-client's multiprocess mode kept each
 value in an mmap'd file, whose pages a full disk turned into SIGBUS for every worker.
 
 A scrape (``/metrics``) adds up the files of the instance's processes and this process's live
 values, and renders them with prometheus-client's exposition, with the semantics of its
 multiprocess mode: counters and histograms of processes that have exited stay in the totals
 (their last file stays); gauges count only processes alive (``active_jobs`` is their sum,
-``runner_heartbeat_timestamp`` their maximum). Values counted by a process in the second
-before it was SIGKILLed are lost with it.
+``runner_heartbeat_timestamp`` their maximum). Another process's values are those of its last
+publication, at most a second old; what a process counted in the second before it was
+SIGKILLed is lost with it.
 
 The directory is one per runner instance, ``<state dir>/metrics/<owner pid>-<start>``;
 directories of instances whose owner is gone are removed when a new instance starts, so a

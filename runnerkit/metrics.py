@@ -7,8 +7,9 @@ exit) as ``<metrics dir>/<pid>-<start>.json``: an ordinary write to a temporary 
 ``os.replace``. A failed write (a full disk, a read-only or broken state directory) is
 counted, logged at most once a minute, noted for readiness (``state.STORAGE``: the runner is
 not ready while its state directory cannot be written) and tried again a second later; it
-never reaches the code that counted. Nothing is memory-mapped: prometheus-client's multiprocess mode kept each
-value in an mmap'd file, whose pages a full disk turned into SIGBUS for every worker.
+never reaches the code that counted. Nothing is memory-mapped: prometheus-client's
+multiprocess mode kept each value in an mmap'd file, whose pages a full disk turned into
+SIGBUS for every worker.
 
 A scrape (``/metrics``) adds up the files of the instance's processes and this process's live
 values, and renders them with prometheus-client's exposition, with the semantics of its

@@ -478,9 +478,15 @@ class Lifecycle:
         self.state.save_identity({**identity, "nextHeartbeatAt": due})
 
     def heartbeat_body(self, runner_id: str) -> dict[str, Any]:
-        """The RunnerHeartbeat: status, jobs across all workers, instance metrics."""
+        """The RunnerHeartbeat: status, jobs across all workers, instance metrics.
+
+        ``degraded`` while the leader cannot write the instance's files (a full disk): it
+        still serves, and JobForge's dashboard should say why its jobs fail.
+        """
         _, health = self.runner.health()
         status = health["status"] if health["status"] in ("healthy", "degraded") else "unhealthy"
+        if status == "healthy" and STORAGE.problems():
+            status = "degraded"
         return {
             "runnerId": runner_id,
             "timestamp": utc_now(),

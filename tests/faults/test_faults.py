@@ -580,6 +580,12 @@ def test_a_full_state_disk_degrades_the_runner_and_every_job_completes_once_spac
                 conn.close()
             storage = next(c for c in body["checks"] if c["name"] == "storage")
             assert "No space left" in storage.get("message", ""), body
+            # The leader's heartbeats tell JobForge (and its dashboard) the runner is degraded.
+            wait_until(
+                lambda: stack.runner_ids(status="degraded").get("R"),
+                10,
+                lambda: f"the forge never saw the runner degraded: {stack.runners_page()}",
+            )
             time.sleep(3.0)  # jobs keep arriving at the full disk meanwhile
             assert runner.proc.returncode is None, runner.proc.log_tail()
 
@@ -591,6 +597,11 @@ def test_a_full_state_disk_degrades_the_runner_and_every_job_completes_once_spac
                 ),
                 20,
                 lambda: f"not ready again once space returned\n{runner.proc.log_tail()}",
+            )
+            wait_until(
+                lambda: stack.runner_ids(status="healthy").get("R"),
+                10,
+                lambda: f"the forge does not see the runner healthy: {stack.runners_page()}",
             )
             verdict = judge(
                 stack, "state-disk-full", warm + jobs, fault_summary, started, timeout=120

@@ -63,8 +63,8 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("idempotency ledger (SQLite: claim + complete)", ("Ledger.",)),
     ("concurrency slot (OFD byte-range locks)", ("SlotTable.", "_ofd_lock")),
     (
-        "metrics (prometheus multiprocess files)",
-        ("prometheus_client/", "Executor._count", "_record (runnerkit/http.py", "_start_timer"),
+        "metrics (in-memory counters)",
+        ("runnerkit/metrics.py", "Executor._count", "_record (runnerkit/http.py", "_start_timer"),
     ),
     ("job log line (logging, JSON, redaction)", ("Executor._log", "runnerkit/logs.py")),
     ("marshmallow (request, payload, output dump+load)", ("marshmallow/",)),

@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any
 
-# Before runnerkit creates its metrics: multiprocess mode, as under gunicorn.
+# Before the runner app exists: its state (and metrics) directory, as under gunicorn.
 _STATE = tempfile.mkdtemp(prefix="bench-inprocess-")
 os.environ["RUNNERKIT_STATE_DIR"] = _STATE
 os.environ.pop("RUNNERKIT_JOBFORGE_URL", None)

@@ -56,8 +56,8 @@ SUGGESTIONS: dict[str, tuple[str, str]] = {
     ),
     "no metrics": (
         "metrics",
-        "Done: labelled children are cached. Left: prometheus-client's multiprocess mode "
-        "writes a mmap'd value under a lock for each of about 8 updates per job.",
+        "Done: labelled children are cached; values are counted in process memory (an "
+        "addition under one lock) and written out by a background thread once a second.",
     ),
     "runner_id computed once": (
         "runner_id per answer",

@@ -39,8 +39,9 @@ from runnerkit.contracts import (
 from runnerkit.errors import make_envelope
 from runnerkit.jobforge import JobForgeClient
 from runnerkit.logs import configure_logging
-from runnerkit.metrics import forget_dead_processes, metrics
+from runnerkit.metrics import metrics
 from runnerkit.state import (
+    STORAGE,
     FileLock,
     InstanceState,
     LeaderLease,
@@ -138,26 +139,20 @@ class Lifecycle:
         self._processes: dict[int, psutil.Process] = {}
         self._tick_lock = threading.Lock()
         self._pruned_at = time.monotonic()
+        #: Some write of this worker's start failed (a full disk): retried every tick.
+        self._boot_pending = False
 
     # -- start ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Publish the instance, make sure a sentinel watches it, start ticking."""
+        """Publish the instance, make sure a sentinel watches it, start ticking.
+
+        None of the writes may stop the worker from booting: on a full or broken state
+        directory each failure is logged once, readiness turns 503 naming it, and every tick
+        tries again until all are done (gunicorn halts on a worker that fails to boot).
+        """
         settings = self.runner.settings
-        write_json_atomic(
-            self.state.instance_path,
-            {
-                "instance": self.key,
-                "ownerPid": self.owner[0],
-                "jobforgeUrl": settings.jobforge_url,
-                "token": settings.runner_token,
-                "connectTimeoutS": settings.http_connect_timeout_ms / 1000.0,
-                "readTimeoutS": settings.http_read_timeout_ms / 1000.0,
-            },
-        )
-        os.chmod(self.state.instance_path, 0o600)
-        self._publish_master()
-        self._ensure_sentinel()
+        self._boot_pending = not self._finish_boot()
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self.scheduler = BackgroundScheduler(
             daemon=True,
@@ -189,6 +184,40 @@ class Lifecycle:
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
+
+    def _finish_boot(self) -> bool:
+        """The instance's files of this worker's start; True once every one is written."""
+        done = self.state.ensure_directory()
+        for what, write in (
+            ("instance.json", self._publish_instance),
+            ("the masters entry", self._publish_master),
+            ("the sentinel lock", self._ensure_sentinel),
+        ):
+            try:
+                write()
+            except OSError as exc:
+                done = False
+                if STORAGE.failed(what, exc):
+                    log.warning("could not write %s (%s); retrying every tick", what, exc)
+                continue
+            STORAGE.recovered(what)
+        return done
+
+    def _publish_instance(self) -> None:
+        """``instance.json``: what the sentinel and the master's hook need to deregister."""
+        settings = self.runner.settings
+        write_json_atomic(
+            self.state.instance_path,
+            {
+                "instance": self.key,
+                "ownerPid": self.owner[0],
+                "jobforgeUrl": settings.jobforge_url,
+                "token": settings.runner_token,
+                "connectTimeoutS": settings.http_connect_timeout_ms / 1000.0,
+                "readTimeoutS": settings.http_read_timeout_ms / 1000.0,
+            },
+        )
+        os.chmod(self.state.instance_path, 0o600)
 
     def stop(self) -> None:
         if self.scheduler is not None and self.scheduler.running:
@@ -249,6 +278,8 @@ class Lifecycle:
         if self.runner.draining:
             self.state.leader.release()
             return
+        if self._boot_pending:
+            self._boot_pending = not self._finish_boot()
         identity = self.current_identity()
         if identity is not None:
             # Every worker ticks at the registered interval's pace, not only the leader, so
@@ -286,7 +317,6 @@ class Lifecycle:
         if self.runner.outbox is None or not self.state.leader.check():
             return
         try:
-            forget_dead_processes()
             self._recover_orphans()
             self.runner.outbox.deliver_due()
             now = time.monotonic()
@@ -487,9 +517,15 @@ class Lifecycle:
         self.state.save_identity({**identity, "nextHeartbeatAt": due})
 
     def heartbeat_body(self, runner_id: str) -> dict[str, Any]:
-        """The RunnerHeartbeat: status, jobs across all workers, instance metrics."""
+        """The RunnerHeartbeat: status, jobs across all workers, instance metrics.
+
+        ``degraded`` while the leader cannot write the instance's files (a full disk): it
+        still serves, and JobForge's dashboard should say why its jobs fail.
+        """
         _, health = self.runner.health()
         status = health["status"] if health["status"] in ("healthy", "degraded") else "unhealthy"
+        if status == "healthy" and STORAGE.problems():
+            status = "degraded"
         return {
             "runnerId": runner_id,
             "timestamp": utc_now(),

@@ -1,50 +1,299 @@
 """Prometheus metrics with the observability contract's names, summed across gunicorn workers.
 
-prometheus-client's multiprocess mode keeps each worker's values in files of one directory and
-adds them up at scrape time. It must be switched on (``PROMETHEUS_MULTIPROC_DIR``) before the
-first metric exists, so this module sets the directory — one per runner instance, inside its
-state directory — and imports prometheus-client only then. When the variable is already set
-(by an operator, or another component of the process), that directory is used as it is.
+Counting is plain memory: each process keeps its counters, gauges and histogram buckets in
+Python objects, and an update is an addition under one process-wide lock (no file, no
+syscall). A daemon thread per process publishes the process's values once a second (and at
+exit) as ``<metrics dir>/<pid>-<start>.json``: an ordinary write to a temporary file and an
+``os.replace``. A failed write (a full disk, a read-only or broken state directory) is
+counted, logged at most once a minute, noted for readiness (``state.STORAGE``: the runner is
+not ready while its state directory cannot be written) and tried again a second later; it
+never reaches the code that counted. Nothing is memory-mapped: prometheus-client's
+multiprocess mode kept each value in an mmap'd file, whose pages a full disk turned into
+SIGBUS for every worker.
+
+A scrape (``/metrics``) adds up the files of the instance's processes and this process's live
+values, and renders them with prometheus-client's exposition, with the semantics of its
+multiprocess mode: counters and histograms of processes that have exited stay in the totals
+(their last file stays); gauges count only processes alive (``active_jobs`` is their sum,
+``runner_heartbeat_timestamp`` their maximum). Another process's values are those of its last
+publication, at most a second old; what a process counted in the second before it was
+SIGKILLed is lost with it.
+
+The directory is one per runner instance, ``<state dir>/metrics/<owner pid>-<start>``;
+directories of instances whose owner is gone are removed when a new instance starts, so a
+restart counts from zero. Until a directory is chosen a scrape shows this process only.
 """
 
 from __future__ import annotations
 
+import atexit
+import bisect
 import contextlib
 import functools
-import glob
+import json
+import logging
+import math
 import os
 import re
 import shutil
-import sys
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from runnerkit.state import process_alive
+from runnerkit.state import STORAGE, process_alive, process_start_time
 
-_PID_FILE_RE = re.compile(r"_(\d+)\.db$")
+log = logging.getLogger("runnerkit.metrics")
+
+#: prometheus-client's default histogram buckets.
+DEFAULT_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    math.inf,
+)
+#: Seconds between two publications of a process's values.
+PUBLISH_EVERY_S = 1.0
+#: A failing publication is logged at most this often.
+FAILURE_LOG_EVERY_S = 60.0
+
+_SNAPSHOT_RE = re.compile(r"^(\d+)-(\d+(?:\.\d+)?)\.json$")
+
+#: Every update takes this lock (made anew in a forked child: a thread of the parent may
+#: have held it at the fork).
+_LOCK = threading.Lock()
 
 
-def prepare_multiprocess_dir(root: str, instance: tuple[int, float]) -> str | None:
-    """Point prometheus-client at a fresh ``root/<pid>-<start>``; None if it is too late.
+# --------------------------------------------------------------------------- values
+
+
+class CounterChild:
+    """One labelled series of a counter."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        with _LOCK:
+            self.value += amount
+
+
+class GaugeChild:
+    """One labelled series of a gauge."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        with _LOCK:
+            self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        with _LOCK:
+            self.value -= amount
+
+    def set(self, value: float) -> None:
+        with _LOCK:
+            self.value = float(value)
+
+
+class HistogramChild:
+    """One labelled series of a histogram: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.bounds, value)  # "le": a bound counts values equal to it
+        if index == len(self.bounds):
+            index -= 1  # NaN sorts past +Inf
+        with _LOCK:
+            self.counts[index] += 1
+            self.sum += value
+
+
+Child = CounterChild | GaugeChild | HistogramChild
+
+
+class Family:
+    """A metric: name, help, label names, and its series in this process.
+
+    ``labels(*values)`` returns the series (created on first use); a family without labels
+    is its own single series (``inc``/``dec``/``set``/``observe`` go to it).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        mode: str = "livesum",
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.bounds = tuple(bounds)
+        #: How the gauge of several live processes is combined: "livesum" or "max".
+        self.mode = mode
+        self.children: dict[tuple[str, ...], Child] = {}
+        self._solo = None if self.labelnames else self._make(())
+
+    def _make(self, values: tuple[str, ...]) -> Child:
+        child: Child
+        if self.kind == "counter":
+            child = CounterChild()
+        elif self.kind == "gauge":
+            child = GaugeChild()
+        else:
+            child = HistogramChild(self.bounds)
+        with _LOCK:
+            self.children[values] = child
+        return child
+
+    def labels(self, *values: str) -> Any:
+        """The series for these label values (as strings), created on first use."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        _PUBLISHER.ensure_running()
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
+        return child if child is not None else self._make(key)
+
+    def _only(self) -> Any:
+        if self._solo is None:
+            raise ValueError(f"{self.name} has labels {self.labelnames}: call labels() first")
+        _PUBLISHER.ensure_running()
+        return self._solo
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._only().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._only().dec(amount)
+
+    def set(self, value: float) -> None:
+        self._only().set(value)
+
+    def observe(self, value: float) -> None:
+        self._only().observe(value)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "help": self.documentation,
+            "labels": list(self.labelnames),
+            "buckets": [_bound_text(b) for b in self.bounds] if self.kind == "histogram" else [],
+            "mode": self.mode,
+        }
+
+    def series(self) -> list[list[Any]]:
+        """``[labels, value]`` (or ``[labels, counts, sum]``) per series; call under _LOCK."""
+        out: list[list[Any]] = []
+        for key, child in self.children.items():
+            if isinstance(child, HistogramChild):
+                out.append([list(key), list(child.counts), child.sum])
+            else:
+                out.append([list(key), child.value])
+        return out
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(float(bound))
+
+
+#: Every family of this process, by name, in the order they were made.
+_FAMILIES: dict[str, Family] = {}
+_FAMILIES_LOCK = threading.Lock()
+
+
+def family(
+    kind: str,
+    name: str,
+    documentation: str,
+    labelnames: Sequence[str] = (),
+    **options: Any,
+) -> Family:
+    """The process's family ``name``, made on first call (a second maker gets the same one)."""
+    with _FAMILIES_LOCK:
+        existing = _FAMILIES.get(name)
+        if existing is not None:
+            if existing.kind != kind or existing.labelnames != tuple(labelnames):
+                raise ValueError(f"metric {name} exists already as another {existing.kind}")
+            return existing
+        made = Family(kind, name, documentation, labelnames, **options)
+        _FAMILIES[name] = made
+        return made
+
+
+def snapshot() -> dict[str, Any]:
+    """This process's values, as published: ``{"families": {name: {...,"series": [...]}}}``."""
+    with _FAMILIES_LOCK:
+        families = list(_FAMILIES.values())
+    with _LOCK:
+        series = {f.name: f.series() for f in families}
+    return {"families": {f.name: {**f.describe(), "series": series[f.name]} for f in families}}
+
+
+# --------------------------------------------------------------------------- the directory
+
+_DIR: str | None = None
+
+
+def snapshot_dir() -> str | None:
+    """The instance's metrics directory, or None while none is chosen."""
+    return _DIR
+
+
+def prepare_snapshot_dir(root: str, instance: tuple[int, float]) -> str | None:
+    """Publish into a fresh ``root/<pid>-<start>`` of ``instance``; the first choice stays.
 
     Directories left by earlier instances (whose owner process is gone) are removed, so a
-    restart starts counting from zero instead of adding to a dead instance's totals.
+    restart starts counting from zero instead of adding to a dead instance's totals. A
+    directory that cannot be made (a full disk) is only logged: the publisher makes it when
+    it can, and until then a scrape shows this process's values.
     """
-    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if current:
-        os.makedirs(current, exist_ok=True)
-        return current
-    if "prometheus_client" in sys.modules:
-        return None  # imported in single-process mode already; keep it consistent
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    for entry in os.listdir(root):
-        pid, _, started = entry.partition("-")
-        if pid.isdigit() and not process_alive(int(pid), _float(started)):
-            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    global _DIR
+    if _DIR is not None:
+        return _DIR
     path = os.path.join(root, f"{instance[0]}-{instance[1]:.2f}")
-    os.makedirs(path, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        for entry in os.listdir(root):
+            pid, _, started = entry.partition("-")
+            if pid.isdigit() and not process_alive(int(pid), _float(started)):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        log.warning(
+            "metrics: cannot prepare %s (%s); values stay in memory until it can", path, exc
+        )
+    _DIR = path
     return path
 
 
@@ -55,24 +304,239 @@ def _float(text: str) -> float | None:
         return None
 
 
-@dataclass
-class Metrics:
-    """The runner's metrics (one set per process)."""
-
-    jobs_received: Any
-    jobs_completed: Any
-    jobs_failed: Any
-    job_duration: Any
-    active_jobs: Any
-    heartbeat_timestamp: Any
-    http_requests: Any
-    http_duration: Any
-    registry: Any
-    multiprocess: bool
+# --------------------------------------------------------------------------- publishing
 
 
-_METRICS: Metrics | None = None
-_METRICS_LOCK = threading.Lock()
+class Publisher:
+    """Writes this process's values to its file in the metrics directory, once a second.
+
+    Started by the first series a process uses (so a gunicorn master that only imported the
+    app, or a forked child that never counts, writes nothing), made anew after fork.
+    """
+
+    def __init__(self) -> None:
+        #: Whether this process's thread runs (false again in a forked child).
+        self.running = False
+        self._identity = (0, "")
+        self._last: bytes | None = None
+        self._wake = threading.Event()
+        self._guard = threading.Lock()
+        #: One publication at a time (the thread's and the one at exit share a temporary file).
+        self._writing = threading.Lock()
+        #: Publications that failed (also the ``runnerkit_metrics_publish_failures_total``).
+        self.failures = 0
+        self._logged_at = -math.inf
+
+    @property
+    def identity(self) -> str:
+        """``<pid>-<start>`` of this process: its file's name without ``.json``."""
+        pid = os.getpid()
+        if self._identity[0] != pid:
+            self._identity = (pid, f"{pid}-{process_start_time(pid) or 0.0:.2f}")
+        return self._identity[1]
+
+    def ensure_running(self) -> None:
+        """Start this process's thread unless it runs (one attribute test when it does)."""
+        if self.running:
+            return
+        with self._guard:
+            if self.running:
+                return
+            self._last = None
+            self._wake = threading.Event()
+            threading.Thread(
+                target=self._loop, args=(self._wake,), name="runnerkit-metrics", daemon=True
+            ).start()
+            self.running = True
+
+    def _loop(self, wake: threading.Event) -> None:
+        while not wake.wait(PUBLISH_EVERY_S):
+            self.publish()
+
+    def publish(self) -> bool:
+        """Write the file now if the values changed; False if that failed. Never raises."""
+        directory = _DIR
+        if directory is None:
+            return True
+        with self._writing:
+            return self._publish(directory)
+
+    def _publish(self, directory: str) -> bool:
+        try:
+            data = json.dumps(snapshot(), separators=(",", ":")).encode()
+            if data == self._last:
+                return True
+            name = self.identity
+            target = os.path.join(directory, f"{name}.json")
+            temporary = os.path.join(directory, f".{name}.tmp")
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                with open(temporary, "wb") as handle:
+                    handle.write(data)
+                os.replace(temporary, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            self._last = data
+            STORAGE.recovered("metrics")
+            return True
+        except Exception as exc:  # noqa: BLE001 - a metric must never hurt its process
+            self._failed(exc)
+            return False
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        failures.inc()
+        STORAGE.failed("metrics", exc)
+        now = time.monotonic()
+        if now - self._logged_at >= FAILURE_LOG_EVERY_S:
+            self._logged_at = now
+            log.warning(
+                "metrics: could not publish this process's values (%s: %s); %d failures so "
+                "far, retrying every %.0f s",
+                type(exc).__name__,
+                exc,
+                self.failures,
+                PUBLISH_EVERY_S,
+            )
+
+    def after_fork(self) -> None:
+        """In a forked child: no thread yet, nothing written, no failures."""
+        self.running = False
+        self._last = None
+        self.failures = 0
+        self._guard = threading.Lock()
+        self._writing = threading.Lock()
+        self._wake = threading.Event()
+
+
+_PUBLISHER = Publisher()
+
+
+def publish() -> bool:
+    """Publish this process's values now (tests; the thread does it every second)."""
+    return _PUBLISHER.publish()
+
+
+@atexit.register
+def _publish_at_exit() -> None:
+    """A process that exits publishes its last values (its counters stay in the totals)."""
+    if _PUBLISHER.running:
+        _PUBLISHER.publish()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child counts from zero: its parent's values are the parent's to publish."""
+    global _LOCK, _FAMILIES_LOCK
+    _LOCK = threading.Lock()
+    _FAMILIES_LOCK = threading.Lock()
+    for made in _FAMILIES.values():
+        for child in made.children.values():
+            if isinstance(child, HistogramChild):
+                child.counts = [0] * len(child.counts)
+                child.sum = 0.0
+            else:
+                child.value = 0.0
+    _PUBLISHER.after_fork()
+    labelled.cache_clear()  # the next lookup starts the child's publisher
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --------------------------------------------------------------------------- scraping
+
+
+def _merged() -> dict[str, dict[str, Any]]:
+    """Every family of the instance with its series summed over processes (see module doc)."""
+    mine = snapshot()["families"]
+    sources: list[tuple[dict[str, Any], bool]] = [(mine, True)]
+    directory = _DIR
+    own = _PUBLISHER.identity
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(directory):
+                match = _SNAPSHOT_RE.match(entry)
+                if match is None or entry == f"{own}.json":
+                    continue
+                try:
+                    with open(os.path.join(directory, entry), "rb") as handle:
+                        data = json.loads(handle.read())
+                    families = data["families"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # vanished, or not ours
+                alive = process_alive(int(match.group(1)), float(match.group(2)))
+                sources.append((families, alive))
+    merged: dict[str, dict[str, Any]] = {}
+    for families, alive in sources:
+        for name, entry in families.items():
+            target = merged.setdefault(name, {**entry, "values": {}})
+            if entry["kind"] == "gauge" and not alive:
+                continue
+            values = target["values"]
+            for item in entry["series"]:
+                key = tuple(item[0])
+                if entry["kind"] == "histogram":
+                    if len(item[1]) != len(target["buckets"]):
+                        continue  # other buckets: another version of the code
+                    counts, total = values.get(key, ([0] * len(item[1]), 0.0))
+                    summed = [a + b for a, b in zip(counts, item[1], strict=True)]
+                    values[key] = (summed, total + item[2])
+                elif entry["kind"] == "gauge" and entry.get("mode") == "max":
+                    values[key] = max(values.get(key, -math.inf), item[1])
+                else:
+                    values[key] = values.get(key, 0.0) + item[1]
+    return merged
+
+
+class InstanceCollector:
+    """A prometheus-client collector yielding the instance's families (see :func:`_merged`)."""
+
+    def __init__(self, names: Sequence[str] | None = None) -> None:
+        self.names = names
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        import_prometheus()
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        for name, entry in _merged().items():
+            if self.names is not None and name not in self.names:
+                continue
+            labels = entry["labels"]
+            kind = entry["kind"]
+            if kind == "counter":
+                metric: Any = CounterMetricFamily(name, entry["help"], labels=labels)
+                for key, total in entry["values"].items():
+                    metric.add_metric(list(key), total)
+            elif kind == "gauge":
+                metric = GaugeMetricFamily(name, entry["help"], labels=labels)
+                for key, current in entry["values"].items():
+                    metric.add_metric(list(key), current)
+            else:
+                metric = HistogramMetricFamily(name, entry["help"], labels=labels)
+                for key, (counts, total) in entry["values"].items():
+                    cumulative, buckets = 0, []
+                    for bound, count in zip(entry["buckets"], counts, strict=True):
+                        cumulative += count
+                        buckets.append((_go_bound(bound), cumulative))
+                    metric.add_metric(list(key), buckets, total)
+            yield metric
+
+
+def _go_bound(text: str) -> str:
+    from prometheus_client.utils import floatToGoString
+
+    return "+Inf" if text == "+Inf" else str(floatToGoString(float(text)))
+
+
 _IMPORT_LOCK = threading.Lock()
 _IMPORTED = False
 
@@ -80,10 +544,8 @@ _IMPORTED = False
 def import_prometheus() -> None:
     """Import prometheus-client's modules once, one thread at a time.
 
-    It is imported late (after the multiprocess directory is set), and then from whichever
-    thread gets there first: a request thread, the lifecycle's housekeeping, a scrape. Two
-    threads importing its modules at once can meet a half-initialised module ("cannot import
-    name 'Counter'"), so every late import in runnerkit goes through here first.
+    Only a scrape needs them (for the exposition); two threads importing its modules at once
+    can meet a half-initialised module ("cannot import name 'Counter'").
     """
     global _IMPORTED
     if _IMPORTED:
@@ -91,50 +553,78 @@ def import_prometheus() -> None:
     with _IMPORT_LOCK:
         if not _IMPORTED:
             import prometheus_client.core
-            import prometheus_client.multiprocess  # noqa: F401
+            import prometheus_client.exposition
+            import prometheus_client.utils  # noqa: F401
 
             _IMPORTED = True
 
 
+def exposition(*collectors: Any) -> tuple[bytes, str]:
+    """The scrape body and its content type: the instance's metrics, then ``collectors``."""
+    import_prometheus()
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    metrics()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(InstanceCollector())
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+# --------------------------------------------------------------------------- the runner's
+
+
+class Metrics:
+    """The runner's metrics (one set per process)."""
+
+    def __init__(self) -> None:
+        self.jobs_received = family(
+            "counter", "jobs_received", "Jobs received", ["job_type", "priority"]
+        )
+        self.jobs_completed = family(
+            "counter", "jobs_completed", "Jobs finished", ["job_type", "status"]
+        )
+        self.jobs_failed = family(
+            "counter", "jobs_failed", "Jobs failed", ["job_type", "error_code"]
+        )
+        self.job_duration = family(
+            "histogram", "job_duration_seconds", "Job duration", ["job_type"]
+        )
+        self.active_jobs = family("gauge", "active_jobs", "Jobs running", ["job_type"])
+        self.heartbeat_timestamp = family(
+            "gauge",
+            "runner_heartbeat_timestamp",
+            "Unix time of the last heartbeat JobForge accepted",
+            ["runner_id"],
+            mode="max",
+        )
+        self.http_requests = family(
+            "counter", "http_requests", "HTTP requests", ["method", "status", "path"]
+        )
+        self.http_duration = family(
+            "histogram", "http_request_duration_seconds", "HTTP request duration"
+        )
+
+
+#: Publications of a process's metric values that failed (a full or broken state directory).
+failures = family(
+    "counter",
+    "runnerkit_metrics_publish_failures",
+    "Failed writes of a process's metric values to the state directory",
+)
+
+_METRICS: Metrics | None = None
+_METRICS_LOCK = threading.Lock()
+
+
 def metrics() -> Metrics:
-    """The process's metrics, created on first use (after the multiprocess dir is set)."""
-    if _METRICS is None:
-        with _METRICS_LOCK:
-            return _create()
-    return _METRICS
-
-
-def _create() -> Metrics:
+    """The process's runner metrics."""
     global _METRICS
     if _METRICS is None:
-        import_prometheus()
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
-        registry = None if multiprocess else CollectorRegistry()
-        kw: dict[str, Any] = {"registry": registry}
-        _METRICS = Metrics(
-            jobs_received=Counter("jobs_received", "Jobs received", ["job_type", "priority"], **kw),
-            jobs_completed=Counter("jobs_completed", "Jobs finished", ["job_type", "status"], **kw),
-            jobs_failed=Counter("jobs_failed", "Jobs failed", ["job_type", "error_code"], **kw),
-            job_duration=Histogram("job_duration_seconds", "Job duration", ["job_type"], **kw),
-            active_jobs=Gauge(
-                "active_jobs", "Jobs running", ["job_type"], multiprocess_mode="livesum", **kw
-            ),
-            heartbeat_timestamp=Gauge(
-                "runner_heartbeat_timestamp",
-                "Unix time of the last heartbeat JobForge accepted",
-                ["runner_id"],
-                multiprocess_mode="max",
-                **kw,
-            ),
-            http_requests=Counter(
-                "http_requests", "HTTP requests", ["method", "status", "path"], **kw
-            ),
-            http_duration=Histogram("http_request_duration_seconds", "HTTP request duration", **kw),
-            registry=registry,
-            multiprocess=multiprocess,
-        )
+        with _METRICS_LOCK:
+            if _METRICS is None:
+                _METRICS = Metrics()
     return _METRICS
 
 
@@ -146,37 +636,3 @@ def labelled(metric: Any, *values: str) -> Any:
     templates), so the cache holds every child there is.
     """
     return metric.labels(*values)
-
-
-def exposition() -> tuple[bytes, str]:
-    """The scrape body and its content type, summed over every worker in multiprocess mode."""
-    import_prometheus()
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    current = metrics()
-    if current.multiprocess:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    else:
-        registry = current.registry
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def forget_dead_processes() -> None:
-    """Drop live-gauge files of dead workers so ``active_jobs`` never counts a ghost."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return
-    import_prometheus()
-    from prometheus_client.multiprocess import mark_process_dead
-
-    pids = set()
-    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
-        match = _PID_FILE_RE.search(path)
-        if match:
-            pids.add(int(match.group(1)))
-    for pid in pids:
-        if not process_alive(pid, None):
-            with contextlib.suppress(OSError):
-                mark_process_dead(pid, directory)

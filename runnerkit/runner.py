@@ -17,9 +17,9 @@ from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.lifecycle import Lifecycle, install_drain_handler, instance_owner, under_gunicorn
 from runnerkit.logs import configure_logging
-from runnerkit.metrics import prepare_multiprocess_dir
+from runnerkit.metrics import prepare_snapshot_dir
 from runnerkit.outbox import Outbox
-from runnerkit.state import InstanceState
+from runnerkit.state import STORAGE, InstanceState
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
@@ -60,7 +60,7 @@ class Runner:
         self.started_at = time.time()
         self._runner_id_override: str | None = None
         self._fallback_id: tuple[str, str] | None = None
-        self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting]
+        self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting, self._storage]
         self._state: InstanceState | None = None
         self.lifecycle: Lifecycle | None = None
         #: Durable delivery of async results, progress and assertions (with JobForge only).
@@ -182,6 +182,22 @@ class Runner:
             item.update(status="unhealthy", message="shutting down")
         return item
 
+    def _storage(self) -> dict[str, Any]:
+        """Unhealthy while a write of the instance's files keeps failing (a full disk).
+
+        The lifecycle retries its own writes every tick; a runner without JobForge has no
+        ticks, so a state directory that could not be made is tried again here.
+        """
+        item: dict[str, Any] = {"name": "storage", "status": "healthy", "responseTimeMs": 0}
+        problems = STORAGE.problems()
+        if "the state directory" in problems and self._state is not None:
+            self._state.ensure_directory()
+            problems = STORAGE.problems()
+        if problems:
+            failing = "; ".join(f"{what}: {why}" for what, why in sorted(problems.items()))
+            item.update(status="unhealthy", message=f"cannot write {failing}")
+        return item
+
     def liveness(self) -> tuple[int, dict[str, Any]]:
         """``GET /health/live``: the process is up and serving."""
         return 200, self._health_document("healthy", [])
@@ -207,7 +223,7 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         self._check_signing()
-        prepare_multiprocess_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
+        prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
         if app.config.get("MAX_CONTENT_LENGTH") is None:

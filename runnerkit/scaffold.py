@@ -193,6 +193,7 @@ services:
     image: $name
     build: {context: .., dockerfile: deploy/Dockerfile}
     command: ["runnerkit", "forge", "--host", "0.0.0.0", "--port", "3002"]
+    restart: unless-stopped
     environment: {RUNNERKIT_FORGE_DB_PATH: /var/lib/runnerkit/forge.sqlite3}
     env_file: runnerkit.env
     healthcheck:
@@ -200,6 +201,7 @@ services:
       interval: 10s
   runner:
     image: $name
+    restart: unless-stopped
     environment:
       RUNNERKIT_JOBFORGE_URL: "http://forge:3002"
       RUNNERKIT_HOST: runner

@@ -77,6 +77,41 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
         raise
 
 
+class StorageHealth:
+    """Writes to this process's files that failed and have not succeeded since.
+
+    A full disk (ENOSPC), an I/O error or a read-only directory must not stop a worker: the
+    write that failed is noted here and tried again later, the worker serves on, and
+    readiness answers 503 naming what failed (``Runner``'s "storage" check) until it works.
+    Process-wide, as the disk is.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failing: dict[str, str] = {}
+
+    def failed(self, what: str, exc: BaseException) -> bool:
+        """Note that ``what`` could not be written; True when it was not failing before."""
+        with self._lock:
+            new = what not in self._failing
+            self._failing[what] = f"{type(exc).__name__}: {exc}"[:200]
+        return new
+
+    def recovered(self, what: str) -> None:
+        if what in self._failing:
+            with self._lock:
+                if self._failing.pop(what, None) is not None:
+                    log.warning("%s is written again", what)
+
+    def problems(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._failing)
+
+
+#: The process's storage failures (see :class:`StorageHealth`).
+STORAGE = StorageHealth()
+
+
 def read_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as handle:
@@ -857,16 +892,31 @@ class InstanceState:
 
     def __init__(self, directory: str, limits: dict[str, int], retention_s: float) -> None:
         self.directory = directory
-        os.makedirs(os.path.join(directory, "slots"), mode=0o700, exist_ok=True)
+        self.ensure_directory()
         self.leader = LeaderLease(directory)
         self.slots = SlotTable(os.path.join(directory, "slots"), limits)
         self.ledger = Ledger(os.path.join(directory, "ledger.sqlite3"), retention_s)
         self.identity_path = os.path.join(directory, "identity.json")
         self.instance_path = os.path.join(directory, "instance.json")
         self._identity_cache: tuple[float, dict[str, Any] | None] = (-1.0, None)
+        #: An identity this process could not write (a full disk): it carries on with it.
+        self._unsaved: dict[str, Any] | None = None
+
+    def ensure_directory(self) -> bool:
+        """Make the state directory (and ``slots/``); False, noted and logged, if it fails."""
+        try:
+            os.makedirs(os.path.join(self.directory, "slots"), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            if STORAGE.failed("the state directory", exc):
+                log.warning("cannot make the state directory %s (%s)", self.directory, exc)
+            return False
+        STORAGE.recovered("the state directory")
+        return True
 
     def identity(self) -> dict[str, Any] | None:
         """The registration JobForge gave this instance, if any (cached by file mtime)."""
+        if self._unsaved is not None:
+            return self._unsaved
         try:
             mtime = os.stat(self.identity_path).st_mtime
         except FileNotFoundError:
@@ -877,8 +927,22 @@ class InstanceState:
         return self._identity_cache[1]
 
     def save_identity(self, identity: dict[str, Any]) -> None:
-        write_json_atomic(self.identity_path, identity)
+        """Write the identity; on a full disk this process keeps it in memory instead.
+
+        The other workers then read the older file until a later save (every heartbeat
+        saves) succeeds; should this worker die first, the next leader registers again.
+        """
+        try:
+            write_json_atomic(self.identity_path, identity)
+        except OSError as exc:
+            if STORAGE.failed("identity.json", exc):
+                log.warning("cannot write %s (%s); kept in memory", self.identity_path, exc)
+            self._unsaved = identity
+            return
+        self._unsaved = None
+        STORAGE.recovered("identity.json")
 
     def clear_identity(self) -> None:
+        self._unsaved = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.identity_path)

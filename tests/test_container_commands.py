@@ -77,3 +77,19 @@ def test_post_fork_imports_nothing_so_no_early_sigterm_is_lost() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_compose_files_restart_a_service_that_exits() -> None:
+    """gunicorn halts when its workers cannot boot; compose must start it again (the repo's
+    compose file and the one ``runnerkit new`` writes)."""
+    import yaml
+
+    from runnerkit.scaffold import TEMPLATES
+
+    for origin, text in (
+        ("deploy/docker-compose.yml", (ROOT / "deploy" / "docker-compose.yml").read_text()),
+        ("the project template", TEMPLATES["deploy/docker-compose.yml"]),
+    ):
+        services = yaml.safe_load(text)["services"]
+        restart = {name: service.get("restart") for name, service in services.items()}
+        assert restart == {"forge": "unless-stopped", "runner": "unless-stopped"}, origin

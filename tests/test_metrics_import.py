@@ -1,8 +1,8 @@
 """prometheus-client is imported late, from any thread: the first imports must not collide.
 
 Each case is a fresh interpreter (prometheus-client not imported yet) in which six threads
-touch the metrics at the same moment, as a request thread, the lifecycle's housekeeping and
-a scrape can. Before the imports were serialised, most such runs failed with "cannot import
+touch the metrics at the same moment, as a request thread, the metrics publisher and a
+scrape can. Before the imports were serialised, most such runs failed with "cannot import
 name 'Counter' from partially initialized module".
 """
 
@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = """
 import os, sys, tempfile, threading
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()
 from runnerkit import metrics as runner
 from runnerkit.forge import metrics as forge
+runner.prepare_snapshot_dir(tempfile.mkdtemp(), (os.getpid(), 0.0))
 assert "prometheus_client" not in sys.modules
-calls = [runner.metrics, runner.forget_dead_processes, runner.exposition,
+calls = [runner.metrics, runner.publish, runner.exposition,
          forge.forge_metrics, runner.metrics, runner.exposition]
 barrier = threading.Barrier(len(calls))
 errors = []

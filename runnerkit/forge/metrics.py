@@ -13,11 +13,10 @@ What a scrape shows:
   (the ``job.started`` moment, right before ``POST /execute`` is handed to the send pool),
   and ``forge_jobs_dispatched_total{job_type}``.
 
-Multiprocess mode works as in :mod:`runnerkit.metrics`: prometheus-client keeps each worker's
-values in files of one directory, which must be chosen before prometheus-client is imported.
-The forge has no instance state directory, so it uses ``<DB_PATH>.metrics/<pid>-<start>`` of
-the instance owner (the gunicorn master, else this process); directories of dead owners are
-removed. An already set ``PROMETHEUS_MULTIPROC_DIR`` is used as it is.
+Counting and summing across workers work as in :mod:`runnerkit.metrics`: each process counts
+in memory and publishes its values once a second to a file of one directory. The forge has no
+instance state directory, so it uses ``<DB_PATH>.metrics/<pid>-<start>`` of the instance owner
+(the gunicorn master, else this process); directories of dead owners are removed.
 
 The HTTP metrics are the process-global objects of :func:`runnerkit.metrics.metrics`, so a
 forge and a runner in one process share them without a duplicate registration (and a scrape
@@ -39,7 +38,8 @@ from flask import Flask, Response
 from runnerkit.contracts import JOB_STATUSES, RUNNER_STATUSES
 from runnerkit.http import register_request_metrics
 from runnerkit.lifecycle import instance_owner
-from runnerkit.metrics import import_prometheus, prepare_multiprocess_dir
+from runnerkit.metrics import exposition as instance_exposition
+from runnerkit.metrics import family, import_prometheus, prepare_snapshot_dir
 from runnerkit.metrics import metrics as runner_metrics
 
 from . import db
@@ -73,12 +73,10 @@ DISPATCH_LATENCY_BUCKETS = (
 
 @dataclass
 class ForgeMetrics:
-    """The forge's own metric objects (one set per process)."""
+    """The forge's own metric families (one set per process)."""
 
     dispatch_latency: Any
     dispatched: Any
-    registry: Any
-    multiprocess: bool
 
 
 _METRICS: ForgeMetrics | None = None
@@ -86,34 +84,25 @@ _METRICS_LOCK = threading.Lock()
 
 
 def forge_metrics() -> ForgeMetrics:
-    """The process's forge metrics, created on first use (after the multiprocess dir is set)."""
+    """The process's forge metrics."""
     global _METRICS
     with _METRICS_LOCK:
         if _METRICS is None:
-            import_prometheus()
-            from prometheus_client import CollectorRegistry, Counter, Histogram
-
-            multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
-            # Multiprocess values live in files and are collected from there: registering
-            # the objects anywhere would only risk a duplicate-name error.
-            registry = None if multiprocess else CollectorRegistry()
             _METRICS = ForgeMetrics(
-                dispatch_latency=Histogram(
+                dispatch_latency=family(
+                    "histogram",
                     "forge_dispatch_latency_seconds",
                     "Seconds a job waited from eligible (submitted, or retry time come) until "
                     "the dispatcher took it for a runner",
                     ["job_type"],
                     buckets=DISPATCH_LATENCY_BUCKETS,
-                    registry=registry,
                 ),
-                dispatched=Counter(
+                dispatched=family(
+                    "counter",
                     "forge_jobs_dispatched",
                     "Job attempts the dispatcher sent to a runner",
                     ["job_type"],
-                    registry=registry,
                 ),
-                registry=registry,
-                multiprocess=multiprocess,
             )
         return _METRICS
 
@@ -165,35 +154,10 @@ def _with_extra(known: Iterable[str], counted: dict[str, int]) -> list[str]:
     return ordered + sorted(s for s in counted if s not in ordered)
 
 
-class _Chain:
-    """One collector yielding the metrics of several registries (single-process mode)."""
-
-    def __init__(self, *sources: Any) -> None:
-        self.sources = [s for s in sources if s is not None]
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        for source in self.sources:
-            yield from source.collect()
-
-
 def exposition(forge: Forge) -> tuple[bytes, str]:
     """The forge's scrape body and content type."""
-    import_prometheus()
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    shared = runner_metrics()
-    own = forge_metrics()
-    registry = CollectorRegistry()
-    if shared.multiprocess:
-        MultiProcessCollector(registry)
-    else:
-        registry.register(_Chain(shared.registry, own.registry))
-    registry.register(ForgeStateCollector(forge))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    forge_metrics()
+    return instance_exposition(ForgeStateCollector(forge))
 
 
 def eligible_since(row: db.Row) -> float:
@@ -241,12 +205,12 @@ def instrument_dispatcher(forge: Forge) -> None:
 def init_app(app: Flask, forge: Forge) -> None:
     """Serve ``GET /metrics`` from ``app`` and count its requests; instrument the dispatcher.
 
-    Call before the dispatcher starts and before anything creates a metric.
+    Call before the dispatcher starts.
     """
     # One directory per forge instance, next to its database: <DB_PATH>.metrics/<pid>-<start>.
     root = f"{os.path.abspath(str(forge.settings.db_path))}.metrics"
-    prepare_multiprocess_dir(root, instance_owner())
-    runner_metrics()  # create the shared HTTP metrics now, in the mode just chosen
+    prepare_snapshot_dir(root, instance_owner())
+    runner_metrics()  # the shared HTTP metrics
     forge_metrics()
     register_request_metrics(app)
     instrument_dispatcher(forge)

@@ -18,9 +18,13 @@ as a fault survived. Summary lines are printed at the end of the run (see confte
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -40,10 +44,12 @@ from tests.faults.harness import (
     jobs_of,
     leader_pid,
     mixed_load,
+    quick_jobs,
     running_executions,
     sigkill,
     start_proxied_runner,
 )
+from tests.instance.instance_support import PinnedConnection, pin_to
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -588,3 +594,129 @@ def test_frozen_leader_is_replaced_and_every_job_completes_once(
         lambda: f"the resumed leader did not step down once\n{runner.proc.log_tail()}",
     )
     assert leader_pid(runner) == successor[2]
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path``, unmounted on the way out (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a disk to fill) needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into ``directory`` until not one more byte fits (ENOSPC)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler
+
+
+def readiness_of(conn: PinnedConnection) -> tuple[int, dict[str, Any]]:
+    reply = conn.request("GET", "/health/ready")
+    return reply.status, reply.body
+
+
+def test_a_full_state_disk_degrades_the_runner_and_every_job_completes_once_space_returns(
+    fault_stack: MakeStack, fault_summary: Summary
+) -> None:
+    """The runner's state directory is a small tmpfs, filled to the last byte while 20 jobs
+    are sent. No worker dies (no SIGBUS from memory-mapped metric files); a worker recycled
+    meanwhile (SIGTERM) is replaced by one that boots on the full disk, answers
+    /health/live 200 and /health/ready 503 naming the storage, and gunicorn never halts.
+    Once the filler is deleted, readiness comes back and every job completes (the forge
+    retries what failed), none executed more often than its attempts."""
+    started = time.monotonic()
+    stack = fault_stack()
+    patient = {"maxRetries": 30, "backoffMs": 300, "backoffMultiplier": 2, "maxBackoffMs": 1500}
+    with small_tmpfs(stack.root / "runner-R", "8m") as state_dir:
+        try:
+            stack.start_forge()
+            runner = stack.start_runner("R", CAPS)
+            runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+            warm = quick_jobs(4, "disk-warm")  # the ledger exists before the disk fills
+            stack.submit_all(warm)
+            for job in warm:
+                stack.wait_final(job["id"])
+            filler = fill(state_dir)
+
+            jobs = jobs_of("e2e.work", 8, 200, 3000, "disk-s", retry_policy=patient)
+            jobs += [{**j, "retryPolicy": patient} for j in quick_jobs(12, "disk-q")]
+            stack.submit_all(jobs)
+            before = set(runner.proc.worker_pids())
+            recycled = min(before)
+            os.kill(recycled, signal.SIGTERM)
+
+            def replacement() -> int | None:
+                pids = set(runner.proc.worker_pids())
+                new = pids - before
+                return new.pop() if len(pids) == 2 and recycled not in pids and new else None
+
+            newest = wait_until(
+                replacement, 30, lambda: f"no worker replaced {recycled}\n{runner.proc.log_tail()}"
+            )
+            assert newest is not None
+            conn = pin_to(runner.proc, newest, timeout=20)
+            try:
+                assert conn.request("GET", "/health/live").status == 200
+                _, body = wait_until(
+                    lambda: (answer := readiness_of(conn))[0] == 503 and answer,
+                    10,
+                    "the worker booted on a full disk says it is ready",
+                )
+            finally:
+                conn.close()
+            storage = next(c for c in body["checks"] if c["name"] == "storage")
+            assert "No space left" in storage.get("message", ""), body
+            # The leader's heartbeats tell JobForge (and its dashboard) the runner is degraded.
+            wait_until(
+                lambda: stack.runner_ids(status="degraded").get("R"),
+                10,
+                lambda: f"the forge never saw the runner degraded: {stack.runners_page()}",
+            )
+            time.sleep(3.0)  # jobs keep arriving at the full disk meanwhile
+            assert runner.proc.returncode is None, runner.proc.log_tail()
+
+            filler.unlink()
+            wait_until(
+                lambda: (
+                    ready_status(runner.url) == 200
+                    and all(ready_status(runner.url) == 200 for _ in range(6))
+                ),
+                20,
+                lambda: f"not ready again once space returned\n{runner.proc.log_tail()}",
+            )
+            wait_until(
+                lambda: stack.runner_ids(status="healthy").get("R"),
+                10,
+                lambda: f"the forge does not see the runner healthy: {stack.runners_page()}",
+            )
+            verdict = judge(
+                stack, "state-disk-full", warm + jobs, fault_summary, started, timeout=120
+            )
+            log = runner.proc.log_text()
+        finally:
+            stack.stop()
+    all_completed(verdict)
+    # The fault happened: jobs sent to the full disk failed at first and were retried.
+    assert any(verdict.by_id(j["id"]).attempts > 1 for j in jobs), verdict.explain()
+    assert "SIGBUS" not in log and "failed to boot" not in log.lower(), log[-3000:]
+    assert runner.proc.returncode is not None  # stopped by the stack, not halted earlier

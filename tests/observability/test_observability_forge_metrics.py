@@ -1,10 +1,10 @@
-"""The forge's ``/metrics`` next to a runner in one process, in both prometheus-client modes.
+"""The forge's ``/metrics`` next to a runner in one process.
 
-Metric objects are process-global: a forge and a runner app in one process (tests, ``flask
+Metric families are process-global: a forge and a runner app in one process (tests, ``flask
 run``, an embedding app) must not trip over duplicate registrations, and a scrape must stay
-a valid exposition (each family once). Each case runs in a fresh interpreter so the mode is
-chosen from scratch: multiprocess (the default: the first app picks a directory) and
-single-process (prometheus-client imported before any app exists).
+a valid exposition (each family once). Each case runs in a fresh interpreter, so the first
+app picks the metrics directory; prometheus-client imported before any app exists (which
+once switched its single-process mode on) changes nothing.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ SCRIPT = textwrap.dedent(
         "forge": forge_client.get("/metrics").get_data(as_text=True),
         "runner": runner_client.get("/metrics").get_data(as_text=True),
         "second": second_forge.test_client().get("/metrics").status_code,
-        "mode": __import__("os").environ.get("PROMETHEUS_MULTIPROC_DIR", ""),
+        "mode": __import__("runnerkit.metrics").metrics.snapshot_dir() or "",
+        "mmap": __import__("os").environ.get("PROMETHEUS_MULTIPROC_DIR", ""),
     }
     print("RESULT" + json.dumps(out))
     """
@@ -87,12 +88,11 @@ def test_a_forge_and_a_runner_share_one_process(tmp_path: Path, mode: str, first
     assert completed.returncode == 0, completed.stderr[-3000:]
     line = next(x for x in completed.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line.removeprefix("RESULT"))
-    if mode == "multi":
-        # The first app chose the directory: the forge's next to its DB, or the runner's.
-        expected = "forge.sqlite3.metrics" if first == "forge" else "state"
-        assert expected in out["mode"], out["mode"]
-    else:
-        assert out["mode"] == ""
+    # The first app chose the directory: the forge's next to its DB, or the runner's; and
+    # nothing switched prometheus-client's (memory-mapped) multiprocess mode on.
+    expected = "forge.sqlite3.metrics" if first == "forge" else "state"
+    assert expected in out["mode"], out["mode"]
+    assert out["mmap"] == ""
     assert out["second"] == 200
     for name in ("forge", "runner"):
         text = out[name]

@@ -3,15 +3,19 @@
 One stack for the module: a forge (2 gthread workers; its dispatcher runs in one of them) and
 the example runner ``app:app`` with 3 workers, registered with the forge. Jobs go to the
 runner directly, each over its own connection, spread over several workers; then through the
-forge. Every worker's scrape must show the same totals (prometheus-client multiprocess mode),
-equal to what was sent. Counters are compared as differences, so the tests do not depend on
+forge. Every worker's scrape must show the same totals, equal to what was sent, once each
+worker has published its values (a worker writes them out once a second, so another's scrape
+may lag by that much). Counters are compared as differences, so the tests do not depend on
 each other's order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -20,10 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
 from tests.forge.helpers import job_request
+from tests.instance.instance_support import job_request as instance_job
+from tests.instance.instance_support import pin_connections, pin_to
 from tests.security.stack import (
     QUICK,
     Stack,
@@ -74,6 +81,26 @@ def scrape_every_worker(proc: GunicornProcess) -> list[Scrape]:
     return [samples(text) for text in get_from_each_worker(proc, "/metrics").values()]
 
 
+Wanted = tuple[str, dict[str, str]]
+
+
+def settled(proc: GunicornProcess, *wanted: Wanted, timeout: float = 10.0) -> list[Scrape]:
+    """Every worker's scrape, once they all agree on the ``wanted`` samples.
+
+    Each worker publishes its values once a second: a scrape sees another worker's counts
+    of the last second only after that.
+    """
+
+    def agreed() -> list[Scrape] | None:
+        scrapes = scrape_every_worker(proc)
+        same = all(len({value(s, name, **labels) for s in scrapes}) == 1 for name, labels in wanted)
+        return scrapes if same else None
+
+    found = wait_until(agreed, timeout, f"workers never agreed on {wanted}", interval=0.2)
+    assert found is not None
+    return found
+
+
 def same_everywhere(scrapes: list[Scrape], name: str, **labels: str) -> float:
     """The sample's value, which every worker must report alike."""
     values = {value(s, name, **labels) for s in scrapes}
@@ -109,11 +136,18 @@ JOB = {"job_type": "text-stats"}
 RECEIVED = {"job_type": "text-stats", "priority": "unknown"}
 COMPLETED = {"job_type": "text-stats", "status": "success"}
 EXECUTE_200 = {"method": "POST", "path": "/execute", "status": "200"}
+RUNNER_TOTALS: list[Wanted] = [
+    ("jobs_received_total", RECEIVED),
+    ("jobs_completed_total", COMPLETED),
+    ("job_duration_seconds_count", JOB),
+    ("http_requests_total", EXECUTE_200),
+    ("active_jobs", JOB),
+]
 
 
 def test_runner_metrics_are_summed_across_three_workers(plane: Plane) -> None:
     runner = plane.runner
-    before = scrape_every_worker(runner)
+    before = settled(runner, *RUNNER_TOTALS)
     jobs = 30
     barrier = threading.Barrier(6)
 
@@ -128,7 +162,7 @@ def test_runner_metrics_are_summed_across_three_workers(plane: Plane) -> None:
     workers = {pid for _, pid in results if pid}
     assert len(workers) >= 2, f"all {jobs} jobs went to one worker: {results}"
 
-    after = scrape_every_worker(runner)
+    after = settled(runner, *RUNNER_TOTALS)
     assert len(after) == 3
 
     def delta(name: str, **labels: str) -> float:
@@ -181,14 +215,21 @@ def test_active_jobs_counts_running_jobs_then_returns_to_zero(plane: Plane) -> N
 
         wait_until(three_running, 5, "active_jobs{slow-count} == 3")
         assert [f.result().status_code for f in futures] == [200] * 3
-    after = scrape_every_worker(runner)
+    after = settled(runner, ("active_jobs", {"job_type": "slow-count"}))
     assert same_everywhere(after, "active_jobs", job_type="slow-count") == 0
 
 
 def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: Plane) -> None:
     forge, runner = plane.forge, plane.runner
-    before = scrape_every_worker(forge)
-    runner_before = scrape_every_worker(runner)
+    forge_totals: list[Wanted] = [
+        ("http_requests_total", {"method": "POST", "path": "/jobs", "status": "202"}),
+        ("forge_dispatch_latency_seconds_count", {"job_type": "text.stats"}),
+        ("forge_dispatch_latency_seconds_sum", {"job_type": "text.stats"}),
+        ("forge_jobs_dispatched_total", {"job_type": "text.stats"}),
+        ("http_requests_total", {"method": "POST", "path": "/runners/register", "status": "201"}),
+    ]
+    before = settled(forge, *forge_totals)
+    runner_before = settled(runner, ("jobs_received_total", RECEIVED))
     count = 6
     with requests.Session() as session:
         ids = []
@@ -209,7 +250,7 @@ def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: P
             return all(s == "completed" for s in states)
 
         wait_until(all_completed, 20, "the forge's jobs to complete")
-    after = scrape_every_worker(forge)
+    after = settled(forge, *forge_totals)
     assert len(after) == 2
 
     def delta(name: str, **labels: str) -> float:
@@ -236,7 +277,7 @@ def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: P
     assert "/jobs/<job_id>" in paths and not any(ids[0] in str(p) for p in paths)
 
     # The runner counted the forge's jobs too.
-    runner_after = scrape_every_worker(runner)
+    runner_after = settled(runner, ("jobs_received_total", RECEIVED))
     received = same_everywhere(runner_after, "jobs_received_total", **RECEIVED)
     assert received - same_everywhere(runner_before, "jobs_received_total", **RECEIVED) == count
 
@@ -256,3 +297,70 @@ def test_forge_metrics_are_prometheus_text(plane: Plane) -> None:
     scrape = samples(text)
     for status in ("pending", "queued", "running", "completed", "failed", "cancelled", "retrying"):
         assert ("forge_jobs", (("status", status),)) in scrape
+
+
+def test_totals_keep_exited_workers_counters_and_drop_their_gauges(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two workers count jobs; one is SIGKILLed while it runs a long job, another is
+    SIGTERMed right after more jobs: gunicorn's replacements scrape totals that still hold
+    both dead workers' counters (the killed one's as last published, the stopped one's as
+    published at its exit), and ``active_jobs`` without the killed worker's running job."""
+    stack = Stack(tmp_path_factory.mktemp("exited"))
+    slow = {"job_type": "slow-count"}
+    wanted: list[Wanted] = [
+        ("jobs_received_total", RECEIVED),
+        ("jobs_completed_total", COMPLETED),
+        ("active_jobs", slow),
+    ]
+    try:
+        runner = stack.runner(workers=2, all_workers=True)
+        (first, [on_first]), (second, [on_second]) = pin_connections(runner, [1, 1])
+        for index, conn in enumerate([on_first] * 5 + [on_second] * 3):
+            reply = conn.execute(instance_job("text-stats", {"text": f"job {index}"}))
+            assert reply.status == 200, reply
+        long_job = instance_job("slow-count", {"steps": 600, "step_ms": 100})
+
+        def hold() -> None:
+            with contextlib.suppress(OSError):  # its worker is killed under it
+                on_first.execute(long_job)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        wait_until(
+            lambda: value(settled(runner, *wanted)[0], "active_jobs", **slow) == 1,
+            10,
+            "the long job is not counted as running",
+        )
+
+        psutil.Process(first).kill()
+        workers = wait_until(
+            lambda: len(pids := runner.worker_pids()) == 2 and first not in pids and pids,
+            20,
+            "gunicorn did not replace the killed worker",
+        )
+        assert workers
+        runner.wait_workers_serving(timeout=20)
+        after_kill = settled(runner, *wanted)
+        assert same_everywhere(after_kill, "jobs_received_total", **RECEIVED) == 8
+        assert same_everywhere(after_kill, "jobs_completed_total", **COMPLETED) == 8
+        assert same_everywhere(after_kill, "active_jobs", **slow) == 0
+
+        on_second.close()
+        on_second = pin_to(runner, second)
+        for index in range(2):
+            assert on_second.execute(instance_job("text-stats", {"text": f"late {index}"})).status
+        on_second.close()
+        os.kill(second, signal.SIGTERM)  # before its next publication is due
+        wait_until(
+            lambda: second not in runner.worker_pids() and len(runner.worker_pids()) == 2,
+            20,
+            "gunicorn did not replace the stopped worker",
+        )
+        runner.wait_workers_serving(timeout=20)
+        after_stop = settled(runner, *wanted)
+        assert same_everywhere(after_stop, "jobs_received_total", **RECEIVED) == 10
+        assert same_everywhere(after_stop, "jobs_completed_total", **COMPLETED) == 10
+        holder.join(0)
+    finally:
+        stack.stop()

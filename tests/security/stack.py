@@ -37,8 +37,8 @@ _ISOLATED: dict[str, str | None] = {
     "RUNNERKIT_RUNNER_TOKEN": None,
     "RUNNER_TOKEN": None,
     "RUNNERKIT_SIGNING_SECRET": None,
-    # The test process may have set this (runnerkit does, for in-process apps): a server that
-    # inherited it would add its counts to every other server's in one directory.
+    # Whoever runs the tests may have set this: a server that inherited it would put every
+    # prometheus-client metric of its own (none of runnerkit's) in memory-mapped files there.
     "PROMETHEUS_MULTIPROC_DIR": None,
     "GUNICORN_GRACEFUL_TIMEOUT": "5",
 }

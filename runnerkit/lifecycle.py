@@ -43,6 +43,7 @@ from runnerkit.state import (
     InstanceState,
     process_start_time,
     read_json,
+    secure_directory,
     write_json_atomic,
 )
 
@@ -190,7 +191,8 @@ class Lifecycle:
         """Tell the master's ``on_exit`` hook where this instance's state lives."""
         if not under_gunicorn():
             return
-        os.makedirs(masters_dir(), mode=0o700, exist_ok=True)
+        secure_directory(os.path.dirname(masters_dir()))
+        secure_directory(masters_dir())
         _forget_dead_masters()
         path = os.path.join(masters_dir(), f"{self.owner[0]}.json")
         entry = read_json(path) or {}
@@ -242,10 +244,16 @@ class Lifecycle:
                 log.exception("lifecycle tick failed")
 
     def housekeeping(self) -> None:
-        """Leader only: deliver due outbox rows, finish jobs orphaned by dead workers, prune.
+        """Every worker: check the state's storage (the ledger is the instance's own file;
+        writes work again after a failure). Leader only: deliver due outbox rows, finish
+        jobs orphaned by dead workers, prune.
 
         A separate scheduler job from the heartbeat, so a slow delivery cannot delay one.
         """
+        try:
+            self.state.check_storage()
+        except Exception:
+            log.exception("state storage check failed")
         if not self.state.leader.held or self.runner.outbox is None:
             return
         try:

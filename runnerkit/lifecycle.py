@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from runnerkit.errors import make_envelope
 from runnerkit.jobforge import JobForgeClient
 from runnerkit.metrics import forget_dead_processes, metrics
 from runnerkit.state import (
+    STORAGE_ERRORS,
     FileLock,
     InstanceState,
     process_start_time,
@@ -251,11 +253,12 @@ class Lifecycle:
         A separate scheduler job from the heartbeat, so a slow delivery cannot delay one.
         """
         try:
-            self.state.check_storage()
+            replaced = self.state.check_storage()
         except Exception:
             log.exception("state storage check failed")
-        if not self.state.leader.held or self.runner.outbox is None:
-            return
+            replaced = False
+        if replaced or not self.state.leader.held or self.runner.outbox is None:
+            return  # a replaced ledger has nothing to deliver or recover that can be trusted
         try:
             forget_dead_processes()
             self._recover_orphans()
@@ -464,9 +467,18 @@ class Lifecycle:
             "timestamp": utc_now(),
             "status": status,
             "activeJobs": self.state.slots.total_in_use(),
-            "queuedJobs": self.runner.queued_jobs(),
+            "queuedJobs": self._ledger_count(self.runner.queued_jobs),
             "metrics": self.metrics(),
         }
+
+    @staticmethod
+    def _ledger_count(count: Callable[[], int]) -> int:
+        """A count read from the ledger, 0 when it cannot be read: a heartbeat saying the
+        runner is unhealthy (its ``state`` check) beats no heartbeat at all."""
+        try:
+            return count()
+        except STORAGE_ERRORS:
+            return 0
 
     def metrics(self) -> dict[str, float]:
         """CPU and memory of the instance's processes (%), and jobs completed per second."""
@@ -488,7 +500,9 @@ class Lifecycle:
             live[proc.pid] = cached
         self._processes = live
         total_memory = psutil.virtual_memory().total or 1
-        completed = self.state.ledger.completed_since(time.time() - 60.0)
+        completed = self._ledger_count(
+            lambda: self.state.ledger.completed_since(time.time() - 60.0)
+        )
         return {
             "cpuUsage": round(min(100.0, cpu / (psutil.cpu_count() or 1)), 2),
             "memoryUsage": round(min(100.0, 100.0 * rss / total_memory), 3),

@@ -1009,18 +1009,21 @@ class InstanceState:
             item["message"] = problem[:500]
         return item
 
-    def check_storage(self) -> None:
+    def check_storage(self) -> bool:
         """Each worker's housekeeping: compare the ledger's identity, and while a write has
         failed anywhere in the instance, probe with a tiny write so readiness recovers
-        without traffic once space is freed."""
+        without traffic once space is freed. True when the ledger was replaced."""
         identity = self.ledger.identity
         if identity is not None and identity.verify():
-            return
+            return True
         if not self.storage.marked():
-            return
+            return False
         try:
             self.ledger.probe()
+        except LedgerReplaced:
+            return True
         except STORAGE_ERRORS as exc:
             self.storage.failed(exc)
         else:
             self.storage.recovered()
+        return False

@@ -234,6 +234,8 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         self._check_signing()
+        # The state directory is checked (and made) before anything is put in it.
+        self.state  # noqa: B018
         prepare_multiprocess_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
@@ -246,7 +248,6 @@ class Runner:
         register_error_handlers(app)
         register_request_metrics(app)
         app.register_blueprint(blueprint)
-        self.state  # noqa: B018 - create the state directory now, not on the first job
         if under_gunicorn():
             install_drain_handler(self)
         if self.settings.jobforge_url and self.lifecycle is None:

@@ -445,7 +445,11 @@ class Executor:
             self._first_delivery(event_id, job_id)
             undo.pop_all()  # _execute gives them back when the code returns
         answer = self._execute(job, slot)
-        self._record_truth(job, answer, send_now=False)
+        try:
+            self._record_truth(job, answer, send_now=False)
+        except STORAGE_ERRORS as exc:
+            # The job ran and its caller is owed its answer; TruthCore misses this record.
+            self.runner.state.storage.failed(exc)
         return answer
 
     def _execute(self, job: _Job, slot: Slot) -> Answer:
@@ -698,7 +702,11 @@ class Executor:
                 "data": {"percent": update.percent, "message": update.message},
                 "metadata": {"service": self.runner.name, "version": self.runner.version},
             }
-            outbox.add("event", url, event, {"X-Correlation-Id": job.correlation_id})
+            try:
+                outbox.add("event", url, event, {"X-Correlation-Id": job.correlation_id})
+            except STORAGE_ERRORS as exc:
+                # Progress is advice: a full disk drops the event, not the job.
+                self.runner.state.storage.failed(exc)
 
         return send
 

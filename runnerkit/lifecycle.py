@@ -137,6 +137,7 @@ class Lifecycle:
         self._processes: dict[int, psutil.Process] = {}
         self._tick_lock = threading.Lock()
         self._pruned_at = time.monotonic()
+        self._heartbeat_due = 0.0
 
     # -- start ----------------------------------------------------------------------
 
@@ -305,7 +306,7 @@ class Lifecycle:
             if now >= self._next_register_at:
                 self.register()
             return
-        if now >= identity.get("nextHeartbeatAt", 0.0):
+        if now >= max(identity.get("nextHeartbeatAt", 0.0), self._heartbeat_due):
             self.heartbeat(identity)
 
     def _retick(self, interval_ms: float) -> None:
@@ -456,7 +457,13 @@ class Lifecycle:
         due = identity.get("nextHeartbeatAt", now) + interval
         if due <= now:
             due = now + interval
-        self.state.save_identity({**identity, "nextHeartbeatAt": due})
+        # Also kept here: with a full disk the file keeps the old time, and every tick would
+        # heartbeat (and fail to save) again.
+        self._heartbeat_due = due
+        try:
+            self.state.save_identity({**identity, "nextHeartbeatAt": due})
+        except OSError as exc:
+            self.state.storage.failed(exc)
 
     def heartbeat_body(self, runner_id: str) -> dict[str, Any]:
         """The RunnerHeartbeat: status, jobs across all workers, instance metrics."""

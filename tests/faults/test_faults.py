@@ -18,9 +18,13 @@ as a fault survived. Summary lines are printed at the end of the run (see confte
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -31,6 +35,7 @@ from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance
 from tests.faults.harness import (
     ASYNC_MS,
     FAULT_RUNNER_APP,
+    POLICY,
     ExecuteProxy,
     FaultStack,
     Verdict,
@@ -42,6 +47,7 @@ from tests.faults.harness import (
     sigkill,
     start_proxied_runner,
 )
+from tests.instance.instance_support import pin_connections
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -49,6 +55,9 @@ pytestmark = pytest.mark.integration
 #: Capabilities of the e2e_app runner used by scenarios 1-6 (work: 2 slots, solo: 1,
 #: alpha: 4 and instant).
 CAPS = ("alpha", "work", "solo")
+
+#: The header of an answer the runner replayed from its idempotency ledger.
+REPLAYED = "idempotent-replayed"
 
 #: Error categories of a runner refusing a job it has no room for (it never ran).
 REFUSALS = {"RATE_LIMITED", "RESOURCE_CONFLICT", "SERVICE_UNAVAILABLE"}
@@ -479,3 +488,155 @@ def test_capabilities_slower_than_their_timeout(
             assert set(errors) <= REFUSALS | {"TIMEOUT"}, (report.describe(), errors)
     assert {"nap-sync", "nap-async"} <= timed_out, timed_out
     assert {"stub-sync", "stub-async"} & timed_out, timed_out
+
+
+# --------------------------------------------------------------------------- 9
+
+
+def _redelivery(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunnerExecutionRequest the forge sent for ``job`` (see forge.dispatcher)."""
+    return {
+        "jobId": job["id"],
+        "moduleId": "R",
+        "capabilityId": job["type"].split(".", 1)[1],
+        "payload": job["payload"]["data"],
+        "timeoutMs": job["timeoutMs"],
+    }
+
+
+def test_ledger_deleted_under_a_running_runner(
+    fault_stack: MakeStack, fault_summary: Summary
+) -> None:
+    """``ledger.sqlite3*`` deleted under a running 2-worker runner whose jobs all finished,
+    then one worker recycled (its successor would once have made a new, empty ledger). Every
+    finished job is delivered again to both workers: each is replayed (a worker that still
+    has the deleted file open) or refused with a retryable 503 LEDGER_REPLACED, never run a
+    second time; readiness turns unhealthy and an error names the file."""
+    started = time.monotonic()
+    stack = fault_stack()
+    stack.start_forge()
+    runner = stack.start_runner("R", CAPS)
+    runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+    jobs = mixed_load("deleted", sync=8, async_=4, quick=6)
+    stack.submit_all(jobs)
+    before = collect(stack, "ledger-deleted", jobs, 60, started)
+    assert len(before.completed) == len(jobs), before.explain()
+
+    for path in runner.state_dir.glob("ledger.sqlite3*"):
+        path.unlink()
+    old_workers = set(runner.proc.worker_pids())
+    os.kill(min(old_workers), signal.SIGTERM)  # recycled, as max_requests would
+    wait_until(
+        lambda: (
+            len(set(runner.proc.worker_pids()) - old_workers) == 1
+            and len(runner.proc.worker_pids()) == 2
+        ),
+        20,
+        lambda: f"no worker replaced the recycled one\n{runner.proc.log_tail()}",
+    )
+    runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+    (successor,) = set(runner.proc.worker_pids()) - old_workers
+
+    answers: list[tuple[int, str, int, str]] = []
+    for worker, connections in pin_connections(runner.proc, [1, 1]):
+        for job in jobs:
+            reply = connections[0].execute(_redelivery(job))
+            code = (reply.body.get("error") or {}).get("code", "") if reply.body else ""
+            answers.append((worker, job["id"], reply.status, reply.headers.get(REPLAYED, "")))
+            assert (reply.status == 200 and reply.headers.get(REPLAYED) == "true") or (
+                reply.status == 503 and code == "LEDGER_REPLACED"
+            ), (worker, reply)
+        connections[0].close()
+    assert all(status == 503 for worker, _, status, _ in answers if worker == successor), answers
+
+    verdict = judge(stack, "ledger-deleted", jobs, fault_summary, started)
+    all_completed(verdict)
+    for report in verdict.reports:
+        assert len(report.starts) == 1, report.describe()
+    wait_until(lambda: ready_status(runner.url) == 503, 10, "readiness stayed healthy")
+    assert all(ready_status(runner.url) == 503 for _ in range(4))
+    log = runner.proc.log_text()
+    assert "ledger replaced" in log and str(runner.state_dir / "ledger.sqlite3") in log, log[-3000:]
+    assert not (runner.state_dir / "ledger.sqlite3").exists(), "a fresh ledger was made"
+
+
+# --------------------------------------------------------------------------- 10
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def _fill(path: Path) -> Path:
+    """Write ``path/filler`` until the file system is full (unbuffered: nothing is left to
+    flush, and fail, at close)."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 16, 512, 1):  # the last chunks fill what a big one could not
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_state_disk_full_then_freed(fault_stack: MakeStack, fault_summary: Summary) -> None:
+    """The runner's state directory is a small tmpfs that fills up mid-run: jobs the forge
+    dispatches meanwhile are refused with a retryable 503 STATE_UNAVAILABLE (or, when only
+    their answer could not be stored, answered all the same), readiness turns unhealthy;
+    once the space is freed readiness comes back by itself, and every job sent completes,
+    none lost, none run more often than its recorded attempts."""
+    started = time.monotonic()
+    stack = fault_stack()
+    state_dir = stack.root / "runner-R"
+    _mount_tmpfs(state_dir, "16m")
+    try:
+        stack.start_forge()
+        runner = stack.start_runner("R", CAPS)
+        runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+        many = {**POLICY, "maxRetries": 20}
+        first = mixed_load("full-before", sync=6, async_=4, quick=4)
+        stack.submit_all(first)
+        assert len(collect(stack, "disk-full", first, 60, started).completed) == len(first)
+
+        # The WAL emptied, so that the next write needs new room, then the disk filled.
+        with contextlib.closing(sqlite3.connect(state_dir / "ledger.sqlite3", timeout=10)) as c:
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = _fill(state_dir)
+        jobs = jobs_of("e2e.work", 6, 200, 3000, "full-s", retry_policy=many)
+        jobs += jobs_of("e2e.work", 4, 200, ASYNC_MS, "full-a", retry_policy=many)
+        jobs += [
+            {**j, "retryPolicy": many} for j in mixed_load("full-q", sync=0, async_=0, quick=6)
+        ]
+        stack.submit_all(jobs)
+        wait_until(
+            lambda: ready_status(runner.url) == 503,
+            20,
+            lambda: f"readiness never went unhealthy\n{runner.proc.log_tail()}",
+        )
+        time.sleep(2.0)
+        filler.unlink()
+        wait_until(
+            lambda: all(ready_status(runner.url) == 200 for _ in range(3)),
+            20,
+            lambda: f"readiness did not come back\n{runner.proc.log_tail()}",
+        )
+        verdict = judge(stack, "disk-full-then-freed", first + jobs, fault_summary, started, 90)
+        all_completed(verdict)
+        log = runner.proc.log_text()
+        assert "cannot be written" in log, log[-3000:]
+        assert "Bus error" not in log and "SIGBUS" not in log, log[-3000:]
+    finally:
+        stack.stop()
+        subprocess.run(["umount", "-l", str(state_dir)], check=False)

@@ -124,7 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         parse_str,
         "Directory for the instance's shared state (lock, identity, ledger); "
-        "default a folder under the system temp dir named for the runner and port.",
+        "default a folder under the system temp dir named for the runner and port. "
+        "Created 0700; one owned by another user or writable by others is refused.",
     ),
     Setting(
         "MAX_BODY_BYTES",

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -42,12 +43,14 @@ from runnerkit.logs import configure_logging
 from runnerkit.metrics import metrics
 from runnerkit.state import (
     STORAGE,
+    STORAGE_ERRORS,
     FileLock,
     InstanceState,
     LeaderLease,
     lease_expiry_s,
     process_start_time,
     read_json,
+    secure_directory,
     write_json_atomic,
 )
 
@@ -141,6 +144,7 @@ class Lifecycle:
         self._pruned_at = time.monotonic()
         #: Some write of this worker's start failed (a full disk): retried every tick.
         self._boot_pending = False
+        self._heartbeat_due = 0.0
 
     # -- start ----------------------------------------------------------------------
 
@@ -233,7 +237,8 @@ class Lifecycle:
         """Tell the master's ``on_exit`` hook where this instance's state lives."""
         if not under_gunicorn():
             return
-        os.makedirs(masters_dir(), mode=0o700, exist_ok=True)
+        secure_directory(os.path.dirname(masters_dir()))
+        secure_directory(masters_dir())
         _forget_dead_masters()
         path = os.path.join(masters_dir(), f"{self.owner[0]}.json")
         entry = read_json(path) or {}
@@ -310,12 +315,19 @@ class Lifecycle:
             self._note("lease-failed", logging.ERROR, "cannot renew the leader lease: %s", exc)
 
     def housekeeping(self) -> None:
-        """Leader only: deliver due outbox rows, finish jobs orphaned by dead workers, prune.
+        """Every worker: check the state's storage (the ledger is the instance's own file;
+        writes work again after a failure). Leader only: deliver due outbox rows, finish
+        jobs orphaned by dead workers, prune.
 
         A separate scheduler job from the heartbeat, so a slow delivery cannot delay one.
         """
-        if self.runner.outbox is None or not self.state.leader.check():
-            return
+        try:
+            replaced = self.state.check_storage()
+        except Exception:
+            log.exception("state storage check failed")
+            replaced = False
+        if replaced or self.runner.outbox is None or not self.state.leader.check():
+            return  # a replaced ledger has nothing to deliver or recover that can be trusted
         try:
             self._recover_orphans()
             self.runner.outbox.deliver_due()
@@ -361,7 +373,7 @@ class Lifecycle:
             if now >= self._next_register_at:
                 self.register()
             return
-        if now >= identity.get("nextHeartbeatAt", 0.0):
+        if now >= max(identity.get("nextHeartbeatAt", 0.0), self._heartbeat_due):
             self.heartbeat(identity)
 
     def _retick(self, interval_ms: float) -> None:
@@ -514,7 +526,13 @@ class Lifecycle:
         due = identity.get("nextHeartbeatAt", now) + interval
         if due <= now:
             due = now + interval
-        self.state.save_identity({**identity, "nextHeartbeatAt": due})
+        # Also kept here: with a full disk the file keeps the old time, and every tick would
+        # heartbeat (and fail to save) again.
+        self._heartbeat_due = due
+        try:
+            self.state.save_identity({**identity, "nextHeartbeatAt": due})
+        except OSError as exc:
+            self.state.storage.failed(exc)
 
     def heartbeat_body(self, runner_id: str) -> dict[str, Any]:
         """The RunnerHeartbeat: status, jobs across all workers, instance metrics.
@@ -531,9 +549,18 @@ class Lifecycle:
             "timestamp": utc_now(),
             "status": status,
             "activeJobs": self.state.slots.total_in_use(),
-            "queuedJobs": self.runner.queued_jobs(),
+            "queuedJobs": self._ledger_count(self.runner.queued_jobs),
             "metrics": self.metrics(),
         }
+
+    @staticmethod
+    def _ledger_count(count: Callable[[], int]) -> int:
+        """A count read from the ledger, 0 when it cannot be read: a heartbeat saying the
+        runner is unhealthy (its ``state`` check) beats no heartbeat at all."""
+        try:
+            return count()
+        except STORAGE_ERRORS:
+            return 0
 
     def metrics(self) -> dict[str, float]:
         """CPU and memory of the instance's processes (%), and jobs completed per second."""
@@ -555,7 +582,9 @@ class Lifecycle:
             live[proc.pid] = cached
         self._processes = live
         total_memory = psutil.virtual_memory().total or 1
-        completed = self.state.ledger.completed_since(time.time() - 60.0)
+        completed = self._ledger_count(
+            lambda: self.state.ledger.completed_since(time.time() - 60.0)
+        )
         return {
             "cpuUsage": round(min(100.0, cpu / (psutil.cpu_count() or 1)), 2),
             "memoryUsage": round(min(100.0, 100.0 * rss / total_memory), 3),

@@ -20,7 +20,7 @@ from typing import Any
 import requests
 
 from runnerkit.jobforge import JobForgeClient
-from runnerkit.state import SQLiteFile
+from runnerkit.state import LedgerIdentity, SQLiteFile
 
 log = logging.getLogger("runnerkit.outbox")
 
@@ -43,8 +43,14 @@ class Message:
 class Outbox(SQLiteFile):
     """Rows of pending calls in the instance's SQLite file, and their delivery."""
 
-    def __init__(self, path: str, client: JobForgeClient, dead_retention_s: float = 86_400) -> None:
-        super().__init__(path)
+    def __init__(
+        self,
+        path: str,
+        client: JobForgeClient,
+        dead_retention_s: float = 86_400,
+        identity: LedgerIdentity | None = None,
+    ) -> None:
+        super().__init__(path, identity)
         self.client = client
         self.dead_retention_s = dead_retention_s
         self._failing = False

@@ -15,16 +15,28 @@ from runnerkit.capability import Capability, CapabilityDefinitionError
 from runnerkit.config import ConfigError, Settings, default_state_dir, unknown_settings
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
-from runnerkit.lifecycle import Lifecycle, install_drain_handler, instance_owner, under_gunicorn
+from runnerkit.lifecycle import (
+    Lifecycle,
+    install_drain_handler,
+    instance_key,
+    instance_owner,
+    under_gunicorn,
+)
 from runnerkit.logs import configure_logging
 from runnerkit.metrics import prepare_snapshot_dir
 from runnerkit.outbox import Outbox
-from runnerkit.state import STORAGE, InstanceState
+from runnerkit.state import STORAGE, InstanceState, secure_directory
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
 
 F = TypeVar("F", bound=CheckFunction)
+
+
+def _current_instance() -> str:
+    """The running instance's key, asked when the ledger is opened: in a worker, not in a
+    gunicorn master that imported the app before forking (``--preload``)."""
+    return instance_key(instance_owner())
 
 
 class Runner:
@@ -121,7 +133,17 @@ class Runner:
         """The instance state shared by every worker (created on first use)."""
         if self._state is None:
             limits = {c.id: c.max_concurrency for c in self.capabilities.values()}
-            self._state = InstanceState(self.state_dir, limits, self.settings.ledger_retention_s)
+            if not self.settings.state_dir:
+                # The shared temp dir's runnerkit/ must be ours too, or its owner could
+                # swap our state directory for one of their own.
+                secure_directory(os.path.dirname(self.state_dir))
+            self._state = InstanceState(
+                self.state_dir,
+                limits,
+                self.settings.ledger_retention_s,
+                instance=_current_instance,
+            )
+            self._readiness.append(self._state.readiness_item)
             window = self.settings.signature_max_age_s + self.settings.signature_max_future_s
             self._state.ledger.event_memory_s = max(self._state.ledger.event_memory_s, 2 * window)
         return self._state
@@ -167,6 +189,11 @@ class Runner:
     def health(self) -> tuple[int, dict[str, Any]]:
         """``GET /health``: the HealthCheck document and its HTTP status."""
         checks = self.health_checks.run(self.settings.health_check_timeout_ms)
+        if self._state is not None:
+            # Listed only when something is wrong: a runner's own checks are the author's.
+            state = self._state.readiness_item()
+            if state["status"] != "healthy":
+                checks.append(state)
         status = overall_status(checks)
         return (503 if status == "unhealthy" else 200), self._health_document(status, checks)
 
@@ -223,6 +250,8 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         self._check_signing()
+        # The state directory is checked (and made) before anything is put in it.
+        self.state  # noqa: B018
         prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
@@ -235,14 +264,15 @@ class Runner:
         register_error_handlers(app)
         register_request_metrics(app)
         app.register_blueprint(blueprint)
-        self.state  # noqa: B018 - create the state directory now, not on the first job
         if under_gunicorn():
             install_drain_handler(self)
             self._say_how_it_is_configured()
         if self.settings.jobforge_url and self.lifecycle is None:
             self.lifecycle = Lifecycle(self, self.state)
             self.outbox = Outbox(
-                os.path.join(self.state.directory, "ledger.sqlite3"), self.lifecycle.client
+                os.path.join(self.state.directory, "ledger.sqlite3"),
+                self.lifecycle.client,
+                identity=self.state.ledger.identity,
             )
             self.add_readiness_check(self.lifecycle.readiness_item)
             self.lifecycle.start()

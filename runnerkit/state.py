@@ -23,6 +23,12 @@ gunicorn forks several workers that must act as ONE runner. They share a state d
 * ``ledger.writer.lock`` — the writers' turn of that file (:class:`WriterTurns`): a worker
   about to write waits on it in the kernel rather than in SQLite's busy handler, which
   sleeps milliseconds at a time.
+* ``ledger.identity.json`` — which file (device, inode) the running instance's ledger is
+  (:class:`LedgerIdentity`): a worker never silently starts a second, empty ledger.
+* ``state.unwritable`` — present while a worker could not write the state (disk full, I/O
+  error): every worker's readiness reports it (:class:`StorageHealth`).
+
+The directory is this user's alone (0700, :func:`secure_directory`), its files 0600.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import random
 import sqlite3
+import stat
 import struct
 import tempfile
 import threading
@@ -46,7 +54,86 @@ from typing import Any
 
 import psutil
 
+from runnerkit.config import ConfigError
+
 log = logging.getLogger("runnerkit.state")
+
+
+class LedgerReplaced(Exception):
+    """The ledger file of the running instance was deleted or replaced under it.
+
+    Running jobs against a fresh, empty ledger would run finished jobs a second time, so
+    the instance refuses new jobs instead (503 ``LEDGER_REPLACED``) until it is restarted.
+    """
+
+
+#: What a failing state directory raises: SQLite's errors (disk full, I/O, locked for too
+#: long), the operating system's (lock and json files), and a replaced ledger.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, LedgerReplaced)
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def secure_directory(path: str) -> None:
+    """Make sure ``path`` is a directory of this user's that nobody else may write to.
+
+    A missing one is created 0700 (its missing parents with the default mode). An existing
+    one owned by another user, or writable by group or others, is refused with a
+    :class:`ConfigError`: whoever controls it could read stored results, plant a ledger that
+    replays answers of their own, or hold the locks. One of this user's that others may
+    read or enter is narrowed to 0700.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    me = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"The runner's state directory {path} is not a directory")
+    if st.st_uid != me:
+        raise ConfigError(
+            f"The runner's state directory {path} is owned by {_owner_name(st.st_uid)} "
+            f"(mode {mode:04o}), not by this user ({_owner_name(me)}): another user could "
+            "read its stored results or plant state. Remove it, or set RUNNERKIT_STATE_DIR "
+            "to a directory of your own."
+        )
+    if mode & 0o022:
+        who = "others" if mode & 0o002 else "its group"
+        raise ConfigError(
+            f"The runner's state directory {path} (owned by {_owner_name(st.st_uid)}) is "
+            f"writable by {who} (mode {mode:04o}): anyone who may write there could plant "
+            f"state or read stored results. Run "
+            f"'chmod 700 {path}' or remove it, or set RUNNERKIT_STATE_DIR to a private one."
+        )
+    if mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def private_file(path: str) -> None:
+    """Create ``path`` (empty) 0600 if it is missing, or narrow it to 0600 if it exists.
+
+    SQLite creates a database with the umask's mode (0644 as a rule) and gives its -wal and
+    -shm files the main file's mode, so a ledger made here first stays private.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(os.stat(path + suffix).st_mode) & 0o077:
+                os.chmod(path + suffix, 0o600)
+
 
 _FLOCK_STRUCT = "hhqqi"
 _FLOCK_PAD = b"\0" * 8
@@ -77,7 +164,7 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
         raise
 
 
-class StorageHealth:
+class WriteFailures:
     """Writes to this process's files that failed and have not succeeded since.
 
     A full disk (ENOSPC), an I/O error or a read-only directory must not stop a worker: the
@@ -108,8 +195,9 @@ class StorageHealth:
             return dict(self._failing)
 
 
-#: The process's storage failures (see :class:`StorageHealth`).
-STORAGE = StorageHealth()
+#: The process's failed writes of its own files (see :class:`WriteFailures`); the ledger's
+#: are the instance's :class:`StorageHealth`.
+STORAGE = WriteFailures()
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -591,6 +679,154 @@ class Claim:
     recorded: bool = False
 
 
+class LedgerIdentity:
+    """Which file (``st_dev``, ``st_ino``) the ledger of the running instance is.
+
+    Deleting ``ledger.sqlite3*`` under a running instance splits it in two: workers that
+    have it open keep the unlinked file, and a worker started afterwards (gunicorn recycles
+    them) would create a new, empty one and run finished jobs again. So the first process
+    of an instance to open the ledger records its identity in ``ledger.identity.json``,
+    keyed by the instance; every later opening by a process of that instance must find
+    that same file, and each worker compares it again on its housekeeping tick
+    (:meth:`verify`, one ``stat``). A mismatch or a missing file makes :attr:`broken` say
+    what changed: the ledger then refuses claims (:class:`LedgerReplaced`) and readiness
+    turns unhealthy. A new instance (the whole runner restarted) records the file anew.
+    """
+
+    def __init__(self, path: str, instance: Callable[[], str]) -> None:
+        self.path = path
+        self.record_path = os.path.join(os.path.dirname(path), "ledger.identity.json")
+        self.instance = instance
+        #: What happened to the ledger ("" while it is the instance's own file).
+        self.broken = ""
+        self._expected: tuple[int, int] | None = None
+
+    def _recorded(self) -> tuple[int, int] | None:
+        record = read_json(self.record_path)
+        if not record or record.get("instance") != self.instance():
+            return None
+        try:
+            return int(record["dev"]), int(record["ino"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _break(self, what: str) -> None:
+        if not self.broken:
+            self.broken = (
+                f"the ledger {self.path} {what} while this instance runs; new jobs are "
+                "refused so that finished ones cannot run twice: restart the runner"
+            )
+            log.error("ledger replaced: %s", self.broken)
+        raise LedgerReplaced(self.broken)
+
+    def _compare(self, expected: tuple[int, int]) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._break("was deleted")
+        else:
+            if (st.st_dev, st.st_ino) != expected:
+                self._break(
+                    f"was replaced (device/inode {expected[0]}/{expected[1]} became "
+                    f"{st.st_dev}/{st.st_ino})"
+                )
+
+    def before_open(self) -> None:
+        """Raise :class:`LedgerReplaced` if the instance recorded a file that is not there."""
+        if self.broken:
+            raise LedgerReplaced(self.broken)
+        expected = self._recorded()
+        if expected is not None:
+            self._compare(expected)
+
+    def after_open(self) -> None:
+        """Record the file just opened as the instance's, or check it is the recorded one."""
+        st = os.stat(self.path)
+        current = (st.st_dev, st.st_ino)
+        expected = self._recorded()
+        if expected is None:
+            write_json_atomic(
+                self.record_path,
+                {"instance": self.instance(), "dev": current[0], "ino": current[1]},
+            )
+        elif expected != current:
+            self._compare(expected)  # raises LedgerReplaced
+        self._expected = current
+
+    def verify(self) -> str:
+        """Compare the file with the recorded identity now; "" when it is the same."""
+        if not self.broken:
+            expected = self._expected or self._recorded()
+            if expected is not None:
+                with contextlib.suppress(LedgerReplaced):
+                    self._compare(expected)
+        return self.broken
+
+
+class StorageHealth:
+    """Whether the instance's state can be written right now.
+
+    A write that fails (disk full, I/O error) sets :attr:`failure` in its process and leaves
+    the marker file ``state.unwritable``, which the readiness check of every worker sees.
+    The next write that succeeds in a process that had failed (a job's answer stored, or
+    the housekeeping probe every worker runs while the marker exists) clears both. Reading
+    :attr:`failure` costs nothing on the path of a job; the marker is looked at only by
+    readiness and housekeeping.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.marker = os.path.join(directory, "state.unwritable")
+        #: This process's last storage failure; "" while its writes work.
+        self.failure = ""
+
+    def failed(self, exc: BaseException) -> None:
+        """A write failed: degrade readiness (here, and for every worker via the marker)."""
+        message = f"{type(exc).__name__}: {exc}"[:300]
+        first = not self.failure
+        self.failure = message
+        with contextlib.suppress(OSError):
+            # An empty file still fits on a full disk where its text may not.
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with contextlib.suppress(OSError):
+                os.write(fd, message.encode()[:300])
+            os.close(fd)
+        if first:
+            log.error(
+                "the instance's state cannot be written (%s); jobs are answered 503 "
+                "STATE_UNAVAILABLE and readiness is unhealthy until a write succeeds",
+                message,
+            )
+
+    def recovered(self) -> None:
+        """A write succeeded: clear this process's failure and the instance's marker."""
+        had = self.failure
+        self.failure = ""
+        try:
+            os.unlink(self.marker)
+        except FileNotFoundError:
+            if not had:
+                return
+        except OSError:
+            return
+        log.info("the instance's state can be written again")
+
+    def marked(self) -> bool:
+        return self.failure != "" or os.path.exists(self.marker)
+
+    def problem(self) -> str:
+        """What is wrong with the state's writes ("" when nothing)."""
+        if self.failure:
+            return self.failure
+        try:
+            with open(self.marker, encoding="utf-8", errors="replace") as handle:
+                text = handle.read(300)
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            text = type(exc).__name__
+        return text or "a worker of this instance could not write its state"
+
+
 class SQLiteFile:
     """One SQLite file shared by the instance's processes: a connection per process, WAL.
 
@@ -600,12 +836,14 @@ class SQLiteFile:
     so a writer of one worker waits for another's exactly as long as it writes.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, identity: LedgerIdentity | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
+        #: Which file this must be for the running instance (None: any, e.g. in a test).
+        self.identity = identity
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the tables this store needs (called once per process)."""
@@ -616,10 +854,21 @@ class SQLiteFile:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
+            # Checked before anything could create the file: a worker started after the
+            # running instance's ledger vanished must not begin a fresh, empty one.
+            if self.identity is not None:
+                self.identity.before_open()
+            private_file(self.path)
             conn = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-            self._initialise(conn)
+            try:
+                self._initialise(conn)
+                if self.identity is not None:
+                    self.identity.after_open()
+            except BaseException:
+                conn.close()
+                raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -660,8 +909,14 @@ class Ledger(SQLiteFile):
     A job whose owner process died mid-run is taken over by the next delivery.
     """
 
-    def __init__(self, path: str, retention_s: float, max_entries: int = 100_000) -> None:
-        super().__init__(path)
+    def __init__(
+        self,
+        path: str,
+        retention_s: float,
+        max_entries: int = 100_000,
+        identity: LedgerIdentity | None = None,
+    ) -> None:
+        super().__init__(path, identity)
         self.running = JobLocks(os.path.splitext(path)[0] + ".running.lock")
         self.retention_s = retention_s
         #: How long a signed request's event id is remembered: past a signature's validity.
@@ -693,6 +948,8 @@ class Ledger(SQLiteFile):
         conn.execute(
             f"CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs(state) WHERE {_UNFINISHED}"
         )
+        # One row, rewritten by :meth:`probe` to learn whether writes work again.
+        conn.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
         self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
 
     def claim(self, job_id: str, *, queued: bool = False, correlation_id: str = "") -> Claim:
@@ -704,6 +961,8 @@ class Ledger(SQLiteFile):
         and one write at :meth:`complete`. ``queued`` records an asynchronous job that waits
         for a slot before it runs: its row exists from now on, for recovery and counting.
         """
+        if self.identity is not None and self.identity.broken:
+            raise LedgerReplaced(self.identity.broken)
         if not self.running.acquire(job_id):
             return Claim("running")
         try:
@@ -739,7 +998,17 @@ class Ledger(SQLiteFile):
                 return Claim("run", recorded=True)
             _, owner_pid, owner_started, attempt, http_status, response = row
             if row[0] in ("running", "queued") and process_alive(owner_pid, owner_started):
-                return Claim("running", attempt=attempt)
+                # The job lock is ours, so nobody runs the job: the row is one whose answer
+                # (or release) could not be written, e.g. on a full disk. Left alone, it
+                # would answer 409 for as long as its worker lives; it is a new attempt.
+                log.warning(
+                    "job %s: its %s entry of live pid %s has no answer; running it again "
+                    "as attempt %s",
+                    job_id,
+                    row[0],
+                    owner_pid,
+                    attempt + 1,
+                )
             if row[0] == "done":
                 body = json.loads(response)
                 if body.get("success") or not (body.get("error") or {}).get("retryable"):
@@ -853,6 +1122,11 @@ class Ledger(SQLiteFile):
             )
         return cur.rowcount > 0
 
+    def probe(self) -> None:
+        """One tiny write: raises when the ledger cannot be written (disk full, I/O error)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+
     def prune(self) -> int:
         """Drop finished entries past retention, and the oldest beyond ``max_entries``."""
         self._since_prune = 0
@@ -890,12 +1164,23 @@ class Ledger(SQLiteFile):
 class InstanceState:
     """The state directory of one runner instance and everything kept in it."""
 
-    def __init__(self, directory: str, limits: dict[str, int], retention_s: float) -> None:
+    def __init__(
+        self,
+        directory: str,
+        limits: dict[str, int],
+        retention_s: float,
+        instance: Callable[[], str] | None = None,
+    ) -> None:
+        """``instance`` names the running instance (:func:`runnerkit.lifecycle.instance_key`);
+        with it the ledger's file identity is kept (:class:`LedgerIdentity`)."""
         self.directory = directory
         self.ensure_directory()
         self.leader = LeaderLease(directory)
         self.slots = SlotTable(os.path.join(directory, "slots"), limits)
-        self.ledger = Ledger(os.path.join(directory, "ledger.sqlite3"), retention_s)
+        ledger_path = os.path.join(directory, "ledger.sqlite3")
+        identity = LedgerIdentity(ledger_path, instance) if instance is not None else None
+        self.ledger = Ledger(ledger_path, retention_s, identity=identity)
+        self.storage = StorageHealth(directory)
         self.identity_path = os.path.join(directory, "identity.json")
         self.instance_path = os.path.join(directory, "instance.json")
         self._identity_cache: tuple[float, dict[str, Any] | None] = (-1.0, None)
@@ -903,8 +1188,11 @@ class InstanceState:
         self._unsaved: dict[str, Any] | None = None
 
     def ensure_directory(self) -> bool:
-        """Make the state directory (and ``slots/``); False, noted and logged, if it fails."""
+        """Make the state directory (checked: :func:`secure_directory`) and ``slots/``; False,
+        noted and logged, if a full disk stops it (a directory of another user's is a
+        :class:`ConfigError`, raised)."""
         try:
+            secure_directory(self.directory)
             os.makedirs(os.path.join(self.directory, "slots"), mode=0o700, exist_ok=True)
         except OSError as exc:
             if STORAGE.failed("the state directory", exc):
@@ -946,3 +1234,40 @@ class InstanceState:
         self._unsaved = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.identity_path)
+
+    def problem(self) -> str:
+        """Why the state cannot take jobs now ("" when it can): a replaced ledger, or writes
+        that fail. For readiness and ``/health``; a ``stat`` or two, never on a job's path."""
+        identity = self.ledger.identity
+        return (identity.verify() if identity is not None else "") or self.storage.problem()
+
+    def readiness_item(self) -> dict[str, Any]:
+        """The ``state`` HealthCheck item of ``/health`` and ``/health/ready``."""
+        problem = self.problem()
+        item: dict[str, Any] = {
+            "name": "state",
+            "status": "unhealthy" if problem else "healthy",
+            "responseTimeMs": 0,
+        }
+        if problem:
+            item["message"] = problem[:500]
+        return item
+
+    def check_storage(self) -> bool:
+        """Each worker's housekeeping: compare the ledger's identity, and while a write has
+        failed anywhere in the instance, probe with a tiny write so readiness recovers
+        without traffic once space is freed. True when the ledger was replaced."""
+        identity = self.ledger.identity
+        if identity is not None and identity.verify():
+            return True
+        if not self.storage.marked():
+            return False
+        try:
+            self.ledger.probe()
+        except LedgerReplaced:
+            return True
+        except STORAGE_ERRORS as exc:
+            self.storage.failed(exc)
+        else:
+            self.storage.recovered()
+        return False

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance
 from tests.faults.harness import (
     ASYNC_MS,
     FAULT_RUNNER_APP,
+    POLICY,
     ExecuteProxy,
     FaultStack,
     Verdict,
@@ -49,7 +51,7 @@ from tests.faults.harness import (
     sigkill,
     start_proxied_runner,
 )
-from tests.instance.instance_support import PinnedConnection, pin_to
+from tests.instance.instance_support import PinnedConnection, pin_connections, pin_to
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -60,6 +62,9 @@ CAPS = ("alpha", "work", "solo")
 
 #: Error categories of a runner refusing a job it has no room for (it never ran).
 REFUSALS = {"RATE_LIMITED", "RESOURCE_CONFLICT", "SERVICE_UNAVAILABLE"}
+
+#: The header of an answer the runner replayed from its idempotency ledger.
+REPLAYED = "idempotent-replayed"
 
 Summary = Callable[[Verdict], None]
 MakeStack = Callable[[], FaultStack]
@@ -720,3 +725,124 @@ def test_a_full_state_disk_degrades_the_runner_and_every_job_completes_once_spac
     assert any(verdict.by_id(j["id"]).attempts > 1 for j in jobs), verdict.explain()
     assert "SIGBUS" not in log and "failed to boot" not in log.lower(), log[-3000:]
     assert runner.proc.returncode is not None  # stopped by the stack, not halted earlier
+
+
+# --------------------------------------------------------------------------- 11
+
+
+def _redelivery(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunnerExecutionRequest the forge sent for ``job`` (see forge.dispatcher)."""
+    return {
+        "jobId": job["id"],
+        "moduleId": "R",
+        "capabilityId": job["type"].split(".", 1)[1],
+        "payload": job["payload"]["data"],
+        "timeoutMs": job["timeoutMs"],
+    }
+
+
+def test_ledger_deleted_under_a_running_runner(
+    fault_stack: MakeStack, fault_summary: Summary
+) -> None:
+    """``ledger.sqlite3*`` deleted under a running 2-worker runner whose jobs all finished,
+    then one worker recycled (its successor would once have made a new, empty ledger). Every
+    finished job is delivered again to both workers: each is replayed (a worker that still
+    has the deleted file open) or refused with a retryable 503 LEDGER_REPLACED, never run a
+    second time; readiness turns unhealthy and an error names the file."""
+    started = time.monotonic()
+    stack = fault_stack()
+    stack.start_forge()
+    runner = stack.start_runner("R", CAPS)
+    runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+    jobs = mixed_load("deleted", sync=8, async_=4, quick=6)
+    stack.submit_all(jobs)
+    before = collect(stack, "ledger-deleted", jobs, 60, started)
+    assert len(before.completed) == len(jobs), before.explain()
+
+    for path in runner.state_dir.glob("ledger.sqlite3*"):
+        path.unlink()
+    old_workers = set(runner.proc.worker_pids())
+    os.kill(min(old_workers), signal.SIGTERM)  # recycled, as max_requests would
+    wait_until(
+        lambda: (
+            len(set(runner.proc.worker_pids()) - old_workers) == 1
+            and len(runner.proc.worker_pids()) == 2
+        ),
+        20,
+        lambda: f"no worker replaced the recycled one\n{runner.proc.log_tail()}",
+    )
+    runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+    (successor,) = set(runner.proc.worker_pids()) - old_workers
+
+    answers: list[tuple[int, str, int, str]] = []
+    for worker, connections in pin_connections(runner.proc, [1, 1]):
+        for job in jobs:
+            reply = connections[0].execute(_redelivery(job))
+            code = (reply.body.get("error") or {}).get("code", "") if reply.body else ""
+            answers.append((worker, job["id"], reply.status, reply.headers.get(REPLAYED, "")))
+            assert (reply.status == 200 and reply.headers.get(REPLAYED) == "true") or (
+                reply.status == 503 and code == "LEDGER_REPLACED"
+            ), (worker, reply)
+        connections[0].close()
+    assert all(status == 503 for worker, _, status, _ in answers if worker == successor), answers
+
+    verdict = judge(stack, "ledger-deleted", jobs, fault_summary, started)
+    all_completed(verdict)
+    for report in verdict.reports:
+        assert len(report.starts) == 1, report.describe()
+    wait_until(lambda: ready_status(runner.url) == 503, 10, "readiness stayed healthy")
+    assert all(ready_status(runner.url) == 503 for _ in range(4))
+    log = runner.proc.log_text()
+    assert "ledger replaced" in log and str(runner.state_dir / "ledger.sqlite3") in log, log[-3000:]
+    assert not (runner.state_dir / "ledger.sqlite3").exists(), "a fresh ledger was made"
+
+
+# --------------------------------------------------------------------------- 12
+
+
+def test_state_disk_full_then_freed(fault_stack: MakeStack, fault_summary: Summary) -> None:
+    """The runner's state directory is a small tmpfs that fills up mid-run: jobs the forge
+    dispatches meanwhile are refused with a retryable 503 STATE_UNAVAILABLE (or, when only
+    their answer could not be stored, answered all the same), readiness turns unhealthy;
+    once the space is freed readiness comes back by itself, and every job sent completes,
+    none lost, none run more often than its recorded attempts."""
+    started = time.monotonic()
+    stack = fault_stack()
+    state_dir = stack.root / "runner-R"
+    with small_tmpfs(state_dir, "16m"), contextlib.ExitStack() as cleanup:
+        cleanup.callback(stack.stop)
+        stack.start_forge()
+        runner = stack.start_runner("R", CAPS)
+        runner.proc.wait_workers_serving(timeout=START_TIMEOUT)
+        many = {**POLICY, "maxRetries": 20}
+        first = mixed_load("full-before", sync=6, async_=4, quick=4)
+        stack.submit_all(first)
+        assert len(collect(stack, "disk-full", first, 60, started).completed) == len(first)
+
+        # The WAL emptied, so that the next write needs new room, then the disk filled.
+        with contextlib.closing(sqlite3.connect(state_dir / "ledger.sqlite3", timeout=10)) as c:
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = fill(state_dir)
+        jobs = jobs_of("e2e.work", 6, 200, 3000, "full-s", retry_policy=many)
+        jobs += jobs_of("e2e.work", 4, 200, ASYNC_MS, "full-a", retry_policy=many)
+        jobs += [
+            {**j, "retryPolicy": many} for j in mixed_load("full-q", sync=0, async_=0, quick=6)
+        ]
+        stack.submit_all(jobs)
+        wait_until(
+            lambda: ready_status(runner.url) == 503,
+            20,
+            lambda: f"readiness never went unhealthy\n{runner.proc.log_tail()}",
+        )
+        time.sleep(2.0)
+        filler.unlink()
+        wait_until(
+            lambda: all(ready_status(runner.url) == 200 for _ in range(3)),
+            20,
+            lambda: f"readiness did not come back\n{runner.proc.log_tail()}",
+        )
+        verdict = judge(stack, "disk-full-then-freed", first + jobs, fault_summary, started, 90)
+        all_completed(verdict)
+        log = runner.proc.log_text()
+        assert "cannot be written" in log, log[-3000:]
+        assert "Bus error" not in log and "SIGBUS" not in log, log[-3000:]

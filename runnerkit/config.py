@@ -159,7 +159,8 @@ SETTINGS: tuple[Setting, ...] = (
         "SIGNING_SECRET_PREVIOUS",
         "",
         parse_str,
-        "A second accepted secret, for rotating SIGNING_SECRET without downtime.",
+        "A second accepted secret, for rotating SIGNING_SECRET without downtime "
+        "(set without SIGNING_SECRET, the runner refuses to start).",
     ),
     Setting(
         "SIGNATURE_MAX_AGE_S",

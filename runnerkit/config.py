@@ -241,6 +241,22 @@ SETTINGS: tuple[Setting, ...] = (
         "not hold a thread (the headers need the runnerkit.gunicorn_worker worker class).",
     ),
     Setting(
+        "CLIENT_HEADER_TIMEOUT_S",
+        10.0,
+        parse_positive_float,
+        "With the runnerkit.gunicorn_worker worker class, a request's head must be complete "
+        "this many seconds after the connection (or its last request) is ready to read, "
+        "however steadily it trickles in; else the connection is closed.",
+    ),
+    Setting(
+        "CLIENT_BODY_TIMEOUT_S",
+        30.0,
+        parse_positive_float,
+        "With the runnerkit.gunicorn_worker worker class, a request's body must be complete "
+        "this many seconds after its head, else 400 (a Content-Length body within the body "
+        "limit is read before a request thread is taken).",
+    ),
+    Setting(
         "MAX_QUEUED_JOBS",
         100,
         parse_positive_int,

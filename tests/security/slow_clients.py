@@ -23,6 +23,11 @@ SLOW_BODY_HEAD = (
     b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"Content-Length: 4000\r\n\r\n"
 )
+#: A whole head of a chunked body, which then trickles (read by a request thread).
+SLOW_CHUNKED_HEAD = (
+    b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
 
 
 @dataclass
@@ -45,14 +50,18 @@ class Tricklers:
     interval_s: float = 2.0
     conns: list[Trickler] = field(default_factory=list)
 
-    def open(self, count: int, *, body: bool) -> None:
+    def open(self, count: int, *, body: bool, chunked: bool = False) -> None:
         """``count`` connections: each sends the first byte of a head (or a whole head, with
-        ``body``) now, and one more byte per :meth:`tick`."""
+        ``body``; chunked with ``chunked``) now, and one more byte per :meth:`tick`."""
         for _ in range(count):
             sock = socket.create_connection((self.host, self.port), timeout=5)
             sock.setblocking(False)
-            first = SLOW_BODY_HEAD if body else SLOW_HEAD[:1]
-            rest = b"{" + b" " * 3999 if body else SLOW_HEAD[1:] + b"a" * 10_000
+            if chunked:
+                first, rest = SLOW_CHUNKED_HEAD, b"1\r\n \r\n" * 1000
+            elif body:
+                first, rest = SLOW_BODY_HEAD, b"{" + b" " * 3999
+            else:
+                first, rest = SLOW_HEAD[:1], SLOW_HEAD[1:] + b"a" * 10_000
             sock.send(first)
             self.conns.append(Trickler(sock, rest))
 

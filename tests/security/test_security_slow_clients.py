@@ -65,3 +65,19 @@ def test_trickling_clients_hold_no_thread_and_are_closed_at_their_deadline(
         assert (status, error["code"]) == (400, "BODY_UNREADABLE")
     # Still serving.
     assert requests.get(proc.url + "/health/live", timeout=QUICK).status_code == 200
+
+
+def test_a_trickling_chunked_body_is_refused_at_its_deadline(stack: Stack) -> None:
+    # A chunked body is read by a request thread (its end is known only from the chunks):
+    # its reads share the body's total deadline instead of each having the idle timeout.
+    proc = stack.runner(workers=1, env=SLOW_ENV)
+    chunked = Tricklers(proc.host, proc.port, interval_s=1.0)
+    try:
+        chunked.open(2, body=True, chunked=True)
+        chunked.run_until_all_end(25.0)
+    finally:
+        chunked.close()
+    assert [c.ended for c in chunked.conns] == ["400", "400"], proc.log_tail()
+    for conn in chunked.conns:
+        status, error = conn.status_and_error()
+        assert (status, error["code"]) == (400, "BODY_UNREADABLE")

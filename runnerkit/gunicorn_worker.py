@@ -178,10 +178,8 @@ class ThreadWorker(gthread.ThreadWorker):
         if not self._buffers:
             super().enqueue_req(conn)
             return
-        buf = bytearray()
-        if conn.parser is not None:
-            # Read ahead by the last request (pipelined): the start of this one.
-            buf += conn.parser.unreader.take_buffered()
+        # Read ahead by the last request (pipelined): the start of this one.
+        buf = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         conn.rk_buf = buf
         conn.rk_need = -1
         conn.rk_stream = False
@@ -216,7 +214,13 @@ class ThreadWorker(gthread.ThreadWorker):
                 else:
                     self._drop(conn)
                 return
-            buf += data
+            if not buf:
+                buf = data  # the usual case: the whole request in one read, never copied
+            else:
+                if type(buf) is bytes:
+                    buf = bytearray(buf)  # a request in pieces: appended in place
+                buf += data
+            conn.rk_buf = buf
             conn.rk_idle = time.monotonic() + _TimedSocket.timeout_s
             if self._whole(conn):
                 self._hand_over(conn)
@@ -242,7 +246,7 @@ class ThreadWorker(gthread.ThreadWorker):
             if end < 0:
                 # Too long to be valid, or a head ended by bare LFs: gunicorn's verdict.
                 return len(buf) > self._head_cap or b"\n\n" in buf
-            head = bytes(buf[:end]).lower()
+            head = buf[:end].lower()
             # A body the request thread reads from the socket itself (chunked, or after
             # "100 Continue"): it is handed over after the head, its reads under a deadline.
             conn.rk_stream = b"\ntransfer-encoding:" in head or b"\nexpect:" in head
@@ -275,7 +279,7 @@ class ThreadWorker(gthread.ThreadWorker):
             # buffered bytes can be put in front of the socket.
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
         if buf:
-            conn.parser.unreader.unread(bytes(buf))
+            conn.parser.unreader.unread(buf if type(buf) is bytes else bytes(buf))
         if conn.rk_need >= 0 and conn.rk_stream:
             _TimedSocket.deadlines[id(conn.sock)] = time.monotonic() + self._body_timeout_s
         conn.data_ready = True

@@ -56,6 +56,10 @@ DEFAULT_BODY_CAP = 1_048_576
 SWEEP_INTERVAL_S = 0.25
 #: Largest single non-blocking read while buffering a request.
 READ_SIZE = 65536
+#: Most bytes a worker holds for requests being buffered, all connections together. Past it
+#: a request is handed to a thread as it is (its reads then under the same total deadline),
+#: so many clients sending large bodies at once cost threads, as before, not memory.
+BUFFER_BUDGET = 64 * 1024 * 1024
 
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
 #: gunicorn's page: <html>…<h1><p>reason</p></h1> message </body></html>.
@@ -136,6 +140,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
     A connection being buffered is a :class:`gthread.TConn` with more attributes: ``rk_buf``
     (what arrived), ``rk_need`` (bytes that make the request whole, -1 until the head is in),
+    ``rk_scan`` (where to look for the head's end next),
     ``rk_stream`` (a body the request thread reads itself), ``rk_deadline`` (the total one) and
     ``rk_idle`` (the idle timeout's, from the last byte). It is in
     :attr:`_buffering` and, while it waits for bytes, registered with the poller. Only the
@@ -145,6 +150,7 @@ class ThreadWorker(gthread.ThreadWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._buffering: dict[Any, bool] = {}  # conn → registered with the poller
+        self._buffered = 0  # bytes held in their rk_buf, all together
         self._next_sweep = 0.0
         self._header_timeout_s = 10.0
         self._body_timeout_s = 30.0
@@ -182,7 +188,9 @@ class ThreadWorker(gthread.ThreadWorker):
         buf = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         conn.rk_buf = buf
         conn.rk_need = -1
+        conn.rk_scan = 0
         conn.rk_stream = False
+        self._buffered += len(buf)
         now = time.monotonic()
         conn.rk_deadline = now + self._header_timeout_s
         conn.rk_idle = now + _TimedSocket.timeout_s
@@ -221,6 +229,7 @@ class ThreadWorker(gthread.ThreadWorker):
                     buf = bytearray(buf)  # a request in pieces: appended in place
                 buf += data
             conn.rk_buf = buf
+            self._buffered += len(data)
             conn.rk_idle = time.monotonic() + _TimedSocket.timeout_s
             if self._whole(conn):
                 self._hand_over(conn)
@@ -238,14 +247,22 @@ class ThreadWorker(gthread.ThreadWorker):
         The head is whole at its blank line; a Content-Length body within the app's limit is
         waited for too. Anything else (chunked, ``Expect``, no or an invalid length, a body
         over the limit, a head too large to be valid) is handed over after the head, for the
-        request thread and gunicorn's parser to read or refuse as they always do.
+        request thread and gunicorn's parser to read or refuse as they always do; so is what
+        arrived so far once the worker holds :data:`BUFFER_BUDGET` bytes.
         """
         buf = conn.rk_buf
+        if self._buffered > BUFFER_BUDGET:
+            return True
         if conn.rk_need < 0:
-            end = buf.find(b"\r\n\r\n")
+            # Only what came since the last look is searched: a head in many small pieces
+            # costs linear time, not quadratic.
+            end = buf.find(b"\r\n\r\n", conn.rk_scan)
             if end < 0:
                 # Too long to be valid, or a head ended by bare LFs: gunicorn's verdict.
-                return len(buf) > self._head_cap or b"\n\n" in buf
+                if len(buf) > self._head_cap or buf.find(b"\n\n", conn.rk_scan) >= 0:
+                    return True
+                conn.rk_scan = max(0, len(buf) - 3)
+                return False
             head = buf[:end].lower()
             # A body the request thread reads from the socket itself (chunked, or after
             # "100 Continue"): it is handed over after the head, its reads under a deadline.
@@ -274,6 +291,7 @@ class ThreadWorker(gthread.ThreadWorker):
             self.poller.unregister(conn.sock)
         buf = conn.rk_buf
         conn.rk_buf = None
+        self._buffered -= len(buf)
         if conn.parser is None:
             # What TConn.init does for plain HTTP/1 (the only kind buffered), done here so the
             # buffered bytes can be put in front of the socket.
@@ -282,11 +300,17 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.parser.unreader.unread(buf if type(buf) is bytes else bytes(buf))
         if conn.rk_need >= 0 and conn.rk_stream:
             _TimedSocket.deadlines[id(conn.sock)] = time.monotonic() + self._body_timeout_s
+        elif conn.rk_need < 0 or len(buf) < conn.rk_need:
+            # Handed over before it was whole (the client closed its side, a head over the
+            # limit, the budget): the thread's reads keep the deadline it had here.
+            _TimedSocket.deadlines[id(conn.sock)] = conn.rk_deadline
         conn.data_ready = True
         super().enqueue_req(conn)
 
     def _drop(self, conn: Any, answer: bytes = b"") -> None:
         """Close a connection being buffered (after ``answer``, sent if the socket takes it)."""
+        self._buffered -= len(conn.rk_buf or b"")
+        conn.rk_buf = None
         if self._buffering.pop(conn, False):
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.poller.unregister(conn.sock)

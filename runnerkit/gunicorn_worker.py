@@ -140,11 +140,10 @@ class ThreadWorker(gthread.ThreadWorker):
 
     A connection being buffered is a :class:`gthread.TConn` with more attributes: ``rk_buf``
     (what arrived), ``rk_need`` (bytes that make the request whole, -1 until the head is in),
-    ``rk_scan`` (where to look for the head's end next),
-    ``rk_stream`` (a body the request thread reads itself), ``rk_deadline`` (the total one) and
-    ``rk_idle`` (the idle timeout's, from the last byte). It is in
-    :attr:`_buffering` and, while it waits for bytes, registered with the poller. Only the
-    main loop touches them.
+    ``rk_scan`` (where to look for the head's end next), ``rk_stream`` (a body the request
+    thread reads itself), ``rk_deadline`` (the total one) and ``rk_idle`` (the idle timeout's,
+    from the last byte). It is in :attr:`_buffering` and, while it waits for bytes,
+    registered with the poller. Only the main loop touches them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
+from runnerkit.forge.serving import OPTIONS
 from tests.security.slow_clients import Tricklers
 from tests.security.stack import QUICK, Stack
 from tests.support import GunicornProcess
@@ -81,3 +83,42 @@ def test_a_trickling_chunked_body_is_refused_at_its_deadline(stack: Stack) -> No
     for conn in chunked.conns:
         status, error = conn.status_and_error()
         assert (status, error["code"]) == (400, "BODY_UNREADABLE")
+
+
+def test_the_forge_served_as_runnerkit_forge_serves_it_is_protected_too(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # `runnerkit forge` serves with the same worker class; its timeouts come from the
+    # environment (RUNNERKIT_CLIENT_*), its body limit from its own settings.
+    proc = GunicornProcess(
+        "runnerkit.forge:app",
+        log_dir=tmp_path / "forge",
+        workers=1,
+        env={
+            "RUNNERKIT_FORGE_DB_PATH": str(tmp_path / "forge.sqlite3"),
+            "RUNNERKIT_SIGNING_SECRET": None,
+            "PROMETHEUS_MULTIPROC_DIR": None,
+            **{k: v for k, v in SLOW_ENV.items() if k.startswith("RUNNERKIT_")},
+        },
+        extra_args=[*OPTIONS, "--threads", "4"],
+        name="forge",
+    )
+    stack.procs.append(proc)
+    proc.start()
+    proc.wait_ready("/health", timeout=30)
+    heads = Tricklers(proc.host, proc.port, interval_s=2.0)
+    probes: list[int] = []
+
+    def tick() -> None:
+        try:
+            probes.append(requests.get(proc.url + "/health", timeout=QUICK).status_code)
+        except requests.RequestException:
+            probes.append(0)
+
+    try:
+        heads.open(20, body=False)
+        heads.run_until_all_end(25.0, on_tick=tick)
+    finally:
+        heads.close()
+    assert probes and set(probes) == {200}, probes
+    assert [c.ended for c in heads.conns] == ["closed"] * 20, proc.log_tail()

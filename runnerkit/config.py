@@ -162,7 +162,8 @@ SETTINGS: tuple[Setting, ...] = (
         "SIGNING_SECRET_PREVIOUS",
         "",
         parse_str,
-        "A second accepted secret, for rotating SIGNING_SECRET without downtime.",
+        "A second accepted secret, for rotating SIGNING_SECRET without downtime "
+        "(set without SIGNING_SECRET, the runner refuses to start).",
     ),
     Setting(
         "SIGNATURE_MAX_AGE_S",
@@ -241,6 +242,22 @@ SETTINGS: tuple[Setting, ...] = (
         "Under gunicorn, reading a request (headers or body) or writing its answer gives up "
         "after this many seconds without progress (a body: 400), so a stalled client does "
         "not hold a thread (the headers need the runnerkit.gunicorn_worker worker class).",
+    ),
+    Setting(
+        "CLIENT_HEADER_TIMEOUT_S",
+        10.0,
+        parse_positive_float,
+        "With the runnerkit.gunicorn_worker worker class, a request's head must be complete "
+        "this many seconds after the connection (or its last request) is ready to read, "
+        "however steadily it trickles in; else the connection is closed.",
+    ),
+    Setting(
+        "CLIENT_BODY_TIMEOUT_S",
+        30.0,
+        parse_positive_float,
+        "With the runnerkit.gunicorn_worker worker class, a request's body must be complete "
+        "this many seconds after its head, else 400 (a Content-Length body within the body "
+        "limit is read before a request thread is taken).",
     ),
     Setting(
         "MAX_QUEUED_JOBS",

@@ -43,7 +43,7 @@ from runnerkit.isolation import run_isolated
 from runnerkit.jsonbody import check_json_limits, parse_json_object
 from runnerkit.logs import emit, log_context
 from runnerkit.metrics import labelled, metrics
-from runnerkit.signing import SignatureError, verify
+from runnerkit.signing import SignatureError, request_digest, verify
 from runnerkit.state import STORAGE_ERRORS, LedgerReplaced, Slot
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class Executor:
         correlation_id = _given_correlation(headers)
         capability_id = ""
         try:
-            event_id = self._verify(raw, headers)
+            signed = self._verify(raw, headers)
             body = parse_json_object(raw, content_type)
             check_json_limits(
                 body,
@@ -266,7 +266,7 @@ class Executor:
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
             correlation_id = _or_new(request["metadata"].get("correlationId") or correlation_id)
-            answer = self._run(request, correlation_id, started, headers, event_id)
+            answer = self._run(request, correlation_id, started, headers, signed)
         except _Rejection as rejection:
             job_id = rejection.job_id or job_id
             correlation_id = _or_new(correlation_id)
@@ -313,15 +313,15 @@ class Executor:
         self._log(answer, None, "", correlation_id, started)
         return answer
 
-    def _verify(self, raw: bytes, headers: Mapping[str, str]) -> str:
-        """Check the signature before the body is parsed, looked up or run; the event id of a
-        signed request ("" when signing is off)."""
+    def _verify(self, raw: bytes, headers: Mapping[str, str]) -> bytes:
+        """Check the signature before the body is parsed, looked up or run; the digest of
+        what a signed request's signature covers (b"" when signing is off)."""
         settings = self.runner.settings
         secrets = [settings.signing_secret, settings.signing_secret_previous]
         if not settings.signing_secret:
-            return ""
+            return b""
         try:
-            return verify(
+            verify(
                 headers,
                 raw,
                 secrets,
@@ -330,6 +330,7 @@ class Executor:
             )
         except SignatureError as exc:
             raise Unauthenticated("The request signature is not valid", code=exc.code) from None
+        return request_digest(headers, raw)
 
     def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:
         try:
@@ -350,7 +351,7 @@ class Executor:
         correlation_id: str,
         started: float,
         headers: Mapping[str, str],
-        event_id: str = "",
+        signed: bytes = b"",
     ) -> Answer:
         job_id = request["jobId"]
         capability = self.runner.capabilities.get(request["capabilityId"])
@@ -426,7 +427,7 @@ class Executor:
                         ),
                         job_id,
                     )
-                self._first_delivery(event_id, job_id)
+                self._first_delivery(signed, job_id)
                 answer = self._accept_async(job)
                 handed_over = True  # the job's thread owns its claim now
                 return answer
@@ -443,7 +444,7 @@ class Executor:
                 )
             self._admit(job_id)
             admitted = True
-            self._first_delivery(event_id, job_id)
+            self._first_delivery(signed, job_id)
             handed_over = True  # _execute gives them back when the code returns
         finally:
             if not handed_over:
@@ -720,19 +721,21 @@ class Executor:
 
         return send
 
-    def _first_delivery(self, event_id: str, job_id: str) -> None:
-        """Refuse a signed request whose event id already reached a run (401 EVENT_REPLAYED).
+    def _first_delivery(self, signed: bytes, job_id: str) -> None:
+        """Refuse a signed request that already reached a run (401 EVENT_REPLAYED).
 
-        The ControlPlane scheme's duplicate-event record, kept after the signature check (so a
-        forgery cannot spend a real request's id) and only once the job would really run: a
-        redelivery is still answered from the ledger or with 409, and a request refused at
-        capacity (429/503) may be sent again as it was.
+        The ControlPlane scheme's duplicate-event record, keyed on the digest of what the
+        signature covers (timestamp and body), not on the unsigned x-webhook-event-id that a
+        copy may change or leave out. Kept after the signature check (so a forgery cannot
+        spend a real request) and only once the job would really run: a redelivery is still
+        answered from the ledger or with 409, and a request refused at capacity (429/503) may
+        be sent again as it was.
         """
-        if not event_id or self.runner.state.ledger.first_sight(event_id):
+        if not signed or self.runner.state.ledger.first_sight(signed):
             return
         raise _Rejection(
             Unauthenticated(
-                "This signed request was delivered before (x-webhook-event-id); "
+                "This signed request (its timestamp and body) was delivered before; "
                 "a new attempt is signed anew",
                 code="EVENT_REPLAYED",
             ),

@@ -88,7 +88,7 @@ def read_body(idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S) -> bytes:
     except Exception as exc:  # noqa: BLE001 - the server's own parse errors (bad chunks, EOF)
         raise ValidationFailed(
             "The request body could not be read (malformed chunked encoding, a closed "
-            f"connection, or {idle_timeout_s:g} s without a byte)",
+            f"connection, {idle_timeout_s:g} s without a byte, or past its total deadline)",
             code="BODY_UNREADABLE",
             details=[{"message": f"{type(exc).__name__}: {exc}"[:200], "path": []}],
         ) from None

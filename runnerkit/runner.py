@@ -299,8 +299,17 @@ class Runner:
             log.warning(line)
 
     def _check_signing(self) -> None:
-        """No secret: refuse to start in production (unless told), warn loudly otherwise."""
+        """No secret: refuse to start in production (unless told), warn loudly otherwise.
+
+        A previous secret without a current one is refused in every environment: it reads
+        as "signing on, mid-rotation", yet with no current secret nothing would be verified.
+        """
         s = self.settings
+        if s.signing_secret_previous and not s.signing_secret:
+            raise ConfigError(
+                "RUNNERKIT_SIGNING_SECRET_PREVIOUS is set but RUNNERKIT_SIGNING_SECRET is empty: "
+                "set the current secret too (the previous one alone would turn verification off)."
+            )
         if s.signing_secret:
             return
         if s.environment == "production" and not s.allow_unsigned:

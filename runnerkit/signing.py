@@ -10,6 +10,10 @@ JobForge signs each request it sends to a runner::
 checks them before anything else looks at the request. Unlike ControlPlane's own verifier, a
 missing timestamp is a failure (it would skip the replay window), and nothing is recorded
 about a request before its signature has been checked.
+
+The event id is not covered by the signature, so anyone holding a captured request can change
+it: replays are recognised by :func:`request_digest` instead, a digest of exactly what the
+signature covers (timestamp and body), the same whichever of the rotating secrets signed it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def _digest(secret: str, timestamp: str, body: bytes) -> str:
     return mac.hexdigest()
 
 
+def request_digest(headers: Mapping[str, str], body: bytes) -> bytes:
+    """The identity of a verified signed request: SHA-256 of ``"<timestamp>.<body>"``.
+
+    It covers what the signature covers and nothing else, so a copy with another (or no)
+    ``x-webhook-event-id`` is the same request, and so is the same content signed with the
+    previous secret during a rotation; JobForge's own retries are signed with a new timestamp
+    and are new requests. Call it only after :func:`verify` accepted ``headers`` and ``body``.
+    """
+    digest = hashlib.sha256((headers.get(TIMESTAMP_HEADER) or "").encode("ascii"))
+    digest.update(b".")
+    digest.update(body)  # no copy of the body, however large
+    return digest.digest()
+
+
 def sign(
     body: bytes,
     secret: str,
@@ -75,7 +93,8 @@ def verify(
     max_age_s: float = DEFAULT_MAX_AGE_S,
     max_future_s: float = DEFAULT_MAX_FUTURE_S,
 ) -> str:
-    """Check a signed request; returns its event id, raises :class:`SignatureError`.
+    """Check a signed request; returns its event id ("" when absent), raises
+    :class:`SignatureError`. The event id is not signed: key replays on :func:`request_digest`.
 
     Any of ``secrets`` may have signed it (two at once during a rotation). Comparison is in
     constant time. ``headers`` lookups must be case-insensitive (werkzeug's are).

@@ -897,7 +897,7 @@ class SQLiteFile:
             yield self._db()
 
 
-#: Default memory of signed requests' event ids: beyond the 300 s age and 60 s future window.
+#: Default memory of signed requests' digests: beyond the 300 s age and 60 s future window.
 EVENT_MEMORY_S = 900.0
 
 
@@ -919,7 +919,7 @@ class Ledger(SQLiteFile):
         super().__init__(path, identity)
         self.running = JobLocks(os.path.splitext(path)[0] + ".running.lock")
         self.retention_s = retention_s
-        #: How long a signed request's event id is remembered: past a signature's validity.
+        #: How long a signed request's digest is remembered: past a signature's validity.
         self.event_memory_s = EVENT_MEMORY_S
         self.max_entries = max_entries
         self._me = (0, 0.0)
@@ -938,11 +938,14 @@ class Ledger(SQLiteFile):
             " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT)"
         )
         conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
-        # Event ids of signed requests that reached a run, for as long as a signature is valid.
+        # Signed requests that reached a run (the SHA-256 of what their signature covers), for
+        # as long as a signature is valid. Older ledgers keyed them on the unsigned event id.
+        conn.execute("DROP TABLE IF EXISTS events")
         conn.execute(
-            "CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, seen REAL NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS signed_requests"
+            " (digest BLOB PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID"
         )
-        conn.execute("CREATE INDEX IF NOT EXISTS events_seen ON events(seen)")
+        conn.execute("CREATE INDEX IF NOT EXISTS signed_requests_seen ON signed_requests(seen)")
         # Only unfinished (asynchronous) jobs, a handful: housekeeping looks for orphans among
         # them twice a second, which must not cost a scan of every answer kept.
         conn.execute(
@@ -1113,12 +1116,13 @@ class Ledger(SQLiteFile):
             )
         return cur.rowcount > 0
 
-    def first_sight(self, event_id: str) -> bool:
-        """Record a signed request's event id; False if it was recorded before."""
+    def first_sight(self, digest: bytes) -> bool:
+        """Record a signed request's digest (:func:`runnerkit.signing.request_digest`); False
+        if it was recorded before."""
         with self._transaction() as conn:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO events (event_id, seen) VALUES (?, ?)",
-                (event_id, time.time()),
+                "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
+                (digest, time.time()),
             )
         return cur.rowcount > 0
 
@@ -1131,7 +1135,10 @@ class Ledger(SQLiteFile):
         """Drop finished entries past retention, and the oldest beyond ``max_entries``."""
         self._since_prune = 0
         with self._transaction() as conn:
-            conn.execute("DELETE FROM events WHERE seen < ?", (time.time() - self.event_memory_s,))
+            conn.execute(
+                "DELETE FROM signed_requests WHERE seen < ?",
+                (time.time() - self.event_memory_s,),
+            )
             cur = conn.execute(
                 "DELETE FROM jobs WHERE state = 'done' AND finished < ?",
                 (time.time() - self.retention_s,),

@@ -235,6 +235,25 @@ def test_development_without_a_secret_warns_once(
     assert len(warnings) == 1
 
 
+@pytest.mark.parametrize("environment", ["development", "production"])
+def test_a_previous_secret_without_a_current_one_refuses_to_start(
+    tmp_path: Path, environment: str
+) -> None:
+    runner = Runner("rotating", capabilities=TEST_CAPABILITIES)
+    with pytest.raises(ConfigError, match="RUNNERKIT_SIGNING_SECRET_PREVIOUS") as caught:
+        runner.create_app(
+            {
+                "RUNNERKIT_ENVIRONMENT": environment,
+                "RUNNERKIT_ALLOW_UNSIGNED": "true",
+                "RUNNERKIT_SIGNING_SECRET_PREVIOUS": OLD_SECRET,
+                "RUNNERKIT_STATE_DIR": str(tmp_path),
+            }
+        )
+    message = str(caught.value)
+    assert "\n" not in message and "RUNNERKIT_SIGNING_SECRET is empty" in message
+    assert OLD_SECRET not in message
+
+
 # --------------------------------------------------------------------------- replays
 
 
@@ -257,6 +276,44 @@ def test_a_captured_request_replayed_after_a_retryable_failure_does_not_run_agai
     assert error["code"] == "EVENT_REPLAYED"
     retried = post_signed(client, body)
     assert_failure(retried, 503, "SERVICE_UNAVAILABLE")  # a new signature runs again
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        lambda h: {**h, "x-webhook-event-id": "a-new-one"},
+        lambda h: {**h, "x-webhook-event-id": ""},
+        lambda h: {k: v for k, v in h.items() if k != "x-webhook-event-id"},
+    ],
+    ids=["new-event-id", "empty-event-id", "no-event-id"],
+)
+def test_a_captured_request_with_another_event_id_is_still_a_replay(
+    client: FlaskClient, event_id: Any
+) -> None:
+    # The event id is not signed: a copy that changes or drops it is the same request.
+    body = request_body("raiser", {"kind": "unavailable"})
+    raw = json.dumps(body).encode()
+    headers = sign(raw, SECRET)
+    assert_failure(_send_same(client, raw, headers), 503, "SERVICE_UNAVAILABLE")
+    error = assert_failure(_send_same(client, raw, event_id(headers)), 401, "AUTHENTICATION_ERROR")
+    assert error["code"] == "EVENT_REPLAYED"
+
+
+@pytest.mark.parametrize(
+    "app_config",
+    [{"RUNNERKIT_SIGNING_SECRET": SECRET, "RUNNERKIT_SIGNING_SECRET_PREVIOUS": OLD_SECRET}],
+)
+def test_the_same_content_signed_with_the_previous_secret_is_the_same_request(
+    client: FlaskClient,
+) -> None:
+    body = request_body("raiser", {"kind": "unavailable"})
+    raw = json.dumps(body).encode()
+    stamp = int(time.time() * 1000)
+    first = _send_same(client, raw, sign(raw, SECRET, timestamp_ms=stamp))
+    assert_failure(first, 503, "SERVICE_UNAVAILABLE")
+    again = _send_same(client, raw, sign(raw, OLD_SECRET, timestamp_ms=stamp))
+    error = assert_failure(again, 401, "AUTHENTICATION_ERROR")
+    assert error["code"] == "EVENT_REPLAYED"
 
 
 def test_a_redelivered_finished_job_is_still_answered_from_the_ledger(

@@ -21,6 +21,7 @@ import http.client
 import json
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -209,6 +210,8 @@ class Delivery:
     status: int
     replayed: bool
     answered_forge: bool
+    #: The error code of a failure answered with an envelope ("" otherwise).
+    code: str = ""
 
 
 class ExecuteProxy:
@@ -222,7 +225,10 @@ class ExecuteProxy:
     - ``drop``: forwarded, the runner's answer read and thrown away, the forge's connection
       closed without an answer: to the forge the call failed, so it sends the job again;
     - ``late``: forwarded, and the runner's answer held back ``late_s`` seconds (past the
-      forge's read timeout) before it is passed on.
+      forge's read timeout) before it is passed on;
+    - ``mutated``: forwarded (the forge gets this answer), then the same signed bytes sent
+      again three times as a replaying attacker would: with a new ``x-webhook-event-id``, an
+      empty one and none (the signature does not cover it).
 
     Every copy forwarded is recorded in :attr:`deliveries`. With no modes it is a plain relay
     (any method, any path), e.g. from a runner to the forge; while :attr:`blocked` is true it
@@ -317,8 +323,11 @@ class ExecuteProxy:
                 replayed = any(
                     k.lower() == "idempotent-replayed" and v == "true" for k, v in answer_headers
                 )
+                code = ""
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    code = str(json.loads(data)["error"]["code"]) if status >= 400 else ""
                 with self._lock:
-                    self.deliveries.append(Delivery(job_id, status, replayed, to_forge))
+                    self.deliveries.append(Delivery(job_id, status, replayed, to_forge, code))
             return status, answer_headers, data
 
         try:
@@ -332,6 +341,15 @@ class ExecuteProxy:
                     second = pool.submit(forward, False)
                     answer = first.result()
                     second.result()
+            elif mode == "mutated":
+                answer = forward(True)
+                event = next((k for k in headers if k.lower() == "x-webhook-event-id"), "")
+                original = dict(headers)
+                for copy in ("new", "", None):
+                    headers = {k: v for k, v in original.items() if k != event}
+                    if copy is not None:
+                        headers["x-webhook-event-id"] = copy and str(uuid.uuid4())
+                    forward(False)
             elif mode == "drop":
                 forward(False)
                 handler.close_connection = True

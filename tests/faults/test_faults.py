@@ -34,7 +34,7 @@ import requests
 
 from runnerkit.contracts import parse_timestamp
 from runnerkit.state import LeaderLease
-from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance
+from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance, job_request
 from tests.faults.harness import (
     ASYNC_MS,
     FAULT_RUNNER_APP,
@@ -52,6 +52,7 @@ from tests.faults.harness import (
     start_proxied_runner,
 )
 from tests.instance.instance_support import PinnedConnection, pin_connections, pin_to
+from tests.security.slow_clients import Tricklers
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -330,6 +331,103 @@ def test_duplicate_deliveries_execute_once(fault_stack: MakeStack, fault_summary
             assert len(copies) >= 2, (mode, report.describe(), copies)
     replays = [d for d in proxy.deliveries if d.replayed]
     assert replays, proxy.deliveries
+
+
+# --------------------------------------------------------------------------- 6b
+
+#: The signing secret of the forge and runner of the replay scenario.
+REPLAY_SECRET = "fault-replay-secret"
+
+
+def test_replayed_signed_requests_with_other_event_ids_never_run(
+    fault_stack: MakeStack, fault_summary: Summary
+) -> None:
+    """Signing on. A proxy sends the first signed POST /execute of each job on, then the
+    same bytes again with a new, an empty and no event id (the signature does not cover it).
+    Flaky jobs fail their first attempt retryably, so nothing in the ledger answers the
+    copies: each is refused 401 EVENT_REPLAYED, and each job runs once per attempt the forge
+    made (its retry is signed anew and runs). Quick jobs' copies are replayed answers."""
+    started = time.monotonic()
+    stack = fault_stack()
+    stack.forge_env["RUNNERKIT_FORGE_SIGNING_SECRET"] = REPLAY_SECRET
+    stack.runner_env["RUNNERKIT_SIGNING_SECRET"] = REPLAY_SECRET
+    flaky = [
+        job_request(
+            "e2e.flaky",
+            {"fail_times": 1, "token": f"replay-f{i}"},
+            timeout_ms=3000,
+            retry_policy={"maxRetries": 3, "backoffMs": 200},
+        )
+        for i in range(8)
+    ]
+    quick = quick_jobs(6, "replay-q")
+    jobs = flaky + quick
+    proxy = ExecuteProxy({j["id"]: "mutated" for j in jobs}).start()
+    try:
+        stack.start_forge()
+        start_proxied_runner(stack, "P", ("alpha", "flaky"), proxy)
+        stack.submit_all(jobs)
+        verdict = judge(stack, "replayed-signed-requests", jobs, fault_summary, started)
+    finally:
+        proxy.close()
+    all_completed(verdict)
+    for report in verdict.reports:
+        copies = [d for d in proxy.copies(report.job_id) if not d.answered_forge]
+        assert len(copies) == 3, (report.describe(), copies)
+        assert len(report.starts) == report.attempts, (report.describe(), copies)
+        if report.job_id in {j["id"] for j in flaky}:
+            assert report.attempts == 2, report.describe()
+            assert [(d.status, d.code) for d in copies] == [(401, "EVENT_REPLAYED")] * 3, copies
+        else:
+            assert len(report.starts) == 1, report.describe()
+            assert all(d.status == 200 and d.replayed for d in copies), copies
+
+
+# --------------------------------------------------------------------------- 6c
+
+
+def test_slow_clients_while_jobs_flow(fault_stack: MakeStack, fault_summary: Summary) -> None:
+    """While the forge sends jobs, 40 connections trickle request heads into the runner and
+    10 trickle bodies, a byte every 2 s each (never idle long enough for the idle timeout).
+    They hold no thread: every job completes, once, /health/live answers at every tick, and
+    every trickling connection is closed at its total deadline (a body's with a 400)."""
+    started = time.monotonic()
+    stack = fault_stack()
+    stack.runner_env.update(
+        {
+            "RUNNERKIT_CLIENT_IDLE_TIMEOUT_S": "5",
+            "RUNNERKIT_CLIENT_HEADER_TIMEOUT_S": "6",
+            "RUNNERKIT_CLIENT_BODY_TIMEOUT_S": "6",
+        }
+    )
+    stack.start_forge()
+    runner = stack.start_runner("S", CAPS)
+    heads = Tricklers(runner.proc.host, runner.proc.port)
+    bodies = Tricklers(runner.proc.host, runner.proc.port)
+    probes: list[int] = []
+
+    def tick() -> None:
+        bodies.tick()
+        try:
+            probes.append(requests.get(f"{runner.url}/health/live", timeout=QUICK).status_code)
+        except requests.RequestException:
+            probes.append(0)
+
+    jobs = mixed_load("slow", sync=8, async_=4, quick=8)
+    try:
+        heads.open(40, body=False)
+        bodies.open(10, body=True)
+        stack.submit_all(jobs)
+        heads.run_until_all_end(25.0, on_tick=tick)
+        bodies.run_until_all_end(10.0)
+    finally:
+        heads.close()
+        bodies.close()
+    verdict = judge(stack, "slow-clients", jobs, fault_summary, started)
+    all_completed(verdict)
+    assert probes and set(probes) == {200}, probes
+    assert [c.ended for c in heads.conns] == ["closed"] * 40
+    assert [c.ended for c in bodies.conns] == ["400"] * 10
 
 
 # --------------------------------------------------------------------------- 7

@@ -349,6 +349,17 @@ class LeaderLease:
             {"generation": generation, "pid": os.getpid(), "renewed": time.monotonic()},
         )
 
+    def _try_write(self, generation: int) -> bool:
+        """:meth:`_write`, a failure noted (:data:`STORAGE`) instead of raised."""
+        try:
+            self._write(generation)
+        except OSError as exc:
+            if STORAGE.failed("leader.lease", exc):
+                log.warning("cannot write %s (%s)", self.record_path, exc)
+            return False
+        STORAGE.recovered("leader.lease")
+        return True
+
     def _lock(self, generation: int) -> bool:
         try:
             _ofd_lock(self._descriptor(), fcntl.F_WRLCK, generation)
@@ -373,9 +384,11 @@ class LeaderLease:
                 self._step_down(generation)
                 return False
             if self._lock(generation):
-                # Nobody holds it: the first leader, or the last one died or let go.
+                # Nobody holds it: the first leader, or the last one died or let go. The
+                # record already names this generation, so a write that fails (a full disk)
+                # only leaves the lease to expire, and then another worker takes over.
                 self._generation = generation
-                self._write(generation)
+                self._try_write(generation)
                 return True
             age = time.monotonic() - renewed
             if not force and 0.0 <= age <= self.expiry_s:
@@ -383,8 +396,12 @@ class LeaderLease:
             successor = generation + 1
             if not self._lock(successor):
                 return False  # another worker is taking over right now
+            if not self._try_write(successor):
+                # Unrecorded, the stalled holder would never learn it was replaced.
+                with contextlib.suppress(OSError):
+                    _ofd_lock(self._fd, fcntl.F_UNLCK, successor)
+                return False
             self._generation = successor
-            self._write(successor)
             log.warning(
                 "the leader (pid %d) has not renewed its lease for %.1f s; this process "
                 "takes over as generation %d",

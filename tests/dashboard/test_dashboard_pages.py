@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from flask.testing import FlaskClient
@@ -341,6 +342,14 @@ def test_secrets_are_redacted_everywhere(client: FlaskClient, seeded: Seeded) ->
     assert '"client_secret": "[REDACTED]"' in doc.find("job-result").raw_text()
     events = page(client, f"/jobs/{seeded.jobs['running']}/view").find("job-events").text()
     assert "[REDACTED]" in events and "step 40" in events
-    # The API still returns what was stored: redaction is for pages only.
-    api = client.get(f"/jobs/{seeded.jobs['completed']}").get_json()
-    assert api["request"]["payload"]["data"]["api_token"] == SECRETS[0]
+    # The JSON API redacts the same values as the pages (one function for both).
+    completed = seeded.jobs["completed"]
+    api = client.get(f"/jobs/{completed}").get_json()
+    assert api["request"]["payload"]["data"]["api_token"] == "[REDACTED]"
+    assert api["request"]["payload"]["data"]["text"] == "hello world"
+    assert json.loads(request_text) == api["request"]
+    assert api["result"]["data"]["client_secret"] == "[REDACTED]"
+    listing = client.get("/jobs?limit=100").get_data(as_text=True)
+    events = client.get(f"/jobs/{seeded.jobs['running']}/events").get_data(as_text=True)
+    for secret in SECRETS:
+        assert secret not in listing and secret not in events, secret

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 from flask.testing import FlaskClient
@@ -10,6 +11,7 @@ from flask.testing import FlaskClient
 from runnerkit.contracts import JOB_STATUSES, utc_now
 from runnerkit.errors import make_envelope
 from runnerkit.forge import Forge
+from runnerkit.forge.jobs import Clock
 from tests.dashboard.conftest import SECRETS, Seeded, page, register, start, submit
 from tests.dashboard.html_query import Node
 from tests.forge.helpers import job_request, new_id
@@ -353,3 +355,14 @@ def test_secrets_are_redacted_everywhere(client: FlaskClient, seeded: Seeded) ->
     events = client.get(f"/jobs/{seeded.jobs['running']}/events").get_data(as_text=True)
     for secret in SECRETS:
         assert secret not in listing and secret not in events, secret
+
+
+def test_a_job_no_runner_could_take_shows_why_it_failed(client: FlaskClient, forge: Forge) -> None:
+    job_id = submit(client, job_request("nobody.serves.this"))
+    later = Clock(time.time() + float(forge.settings.unmatched_job_expiry_s) + 1)
+    assert forge.jobs.expire_unmatched(later) == 1
+    row = page(client, "/?status=failed").find("job-row", data_job_id=job_id)
+    outcome = row.find("job-outcome").text()
+    assert "RESOURCE_NOT_FOUND" in outcome and "NO_RUNNER_FOR_TYPE" in outcome
+    detail = page(client, f"/jobs/{job_id}/view").find("job-error-summary").text()
+    assert "nobody.serves.this" in detail and "NO_RUNNER_FOR_TYPE" in detail

@@ -206,3 +206,30 @@ def test_huge_answers_fail_the_attempt_unread(forge: GunicornProcess) -> None:
         assert os.path.exists(f"/proc/{pid}")
         grown = _peak_rss(pid) - peaks[pid]
         assert grown < 12 * MIB, (pid, grown)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def test_an_allow_list_without_loopback_refuses_a_real_runner(stack: Stack) -> None:
+    forge = stack.forge(
+        Path(stack.base_dir) / "forge.sqlite3",
+        settings={"ALLOWED_RUNNER_NETWORKS": "10.0.0.0/8"},
+    )
+    runner = stack.runner(workers=1, jobforge_url=forge.url)
+
+    def refused() -> bool:
+        return "JobForge refused the registration (400 RUNNER_ADDRESS_REFUSED" in (
+            runner.log_text()
+        )
+
+    wait_until(refused, 20, "the runner to log the refusal")
+    assert requests.get(f"{forge.url}/runners", timeout=QUICK).json()["total"] == 0
+    direct = requests.post(
+        f"{forge.url}/runners/register",
+        json=registration("r", f"{runner.url}/health", [capability("c", ["t"])]),
+        timeout=QUICK,
+    )
+    error = failure_envelope(direct)
+    assert direct.status_code == 400 and error["code"] == "RUNNER_ADDRESS_REFUSED"
+    assert error["details"][0]["path"] == ["healthCheckEndpoint"]

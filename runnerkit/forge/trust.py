@@ -24,6 +24,7 @@ The forge is closed by default, and a route added later is closed unless it is l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -84,8 +85,10 @@ def new_runner_token() -> tuple[str, str]:
     return token, token_hash(token)
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(address: str | None) -> bool:
-    """Whether a peer address is a loopback one (``::ffff:127.0.0.1`` included)."""
+    """Whether a peer address is a loopback one (``::ffff:127.0.0.1`` included); the few
+    peer addresses a forge sees are parsed once each."""
     if not address:
         return False
     try:

@@ -119,8 +119,7 @@ def test_higher_priority_runs_first_then_older(make_stack: Callable[[], Stack]) 
     stack.start_forge()
     plan = [10, 90, 50, 90, 10, 100, 50]
     jobs = [
-        job_request("e2e.solo", {"ms": 100, "tag": f"p{i}"}, priority=p)
-        for i, p in enumerate(plan)
+        job_request("e2e.solo", {"ms": 100, "tag": f"p{i}"}, priority=p) for i, p in enumerate(plan)
     ]
     for job in jobs:  # one by one: submission order is the age order
         stack.submit(job)
@@ -152,9 +151,7 @@ def test_higher_priority_runs_first_then_older(make_stack: Callable[[], Stack]) 
     blocker = job_request("e2e.solo", {"ms": 800, "tag": "blocker"})
     stack.submit(blocker)
     stack.wait_execution(blocker["id"])
-    later = [
-        job_request("e2e.solo", {"ms": 50, "tag": f"l{p}"}, priority=p) for p in (20, 80, 80)
-    ]
+    later = [job_request("e2e.solo", {"ms": 50, "tag": f"l{p}"}, priority=p) for p in (20, 80, 80)]
     for job in later:
         stack.submit(job)
     assert all(stack.job(j["id"])["status"] == "queued" for j in later)

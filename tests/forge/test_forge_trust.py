@@ -17,6 +17,7 @@ from runnerkit.forge import Forge, get_forge
 from runnerkit.forge.jobs import Clock
 from runnerkit.forge.targets import TargetPolicy
 from runnerkit.forge.trust import token_hash
+from runnerkit.redaction import redact
 from tests.forge.helpers import (
     FakeRunner,
     ForgeServer,
@@ -251,3 +252,20 @@ def test_job_answers_redact_what_the_dashboard_redacts(client: FlaskClient) -> N
     assert client.post("/jobs", json=clean).get_json()["request"]["payload"]["data"] == {
         "text": "nothing to hide"
     }
+
+
+def test_the_cheap_secret_test_never_lets_a_key_through_that_redact_catches(
+    client: FlaskClient,
+) -> None:
+    """The JSON answer is what :func:`redact` makes of the stored job, key by key, even for
+    keys that only match the redaction pattern through case folding."""
+    long_s = "\u017fecret"  # LATIN SMALL LETTER LONG S: folds to "secret"
+    keys = ["PassWord", long_s, "X_API_KEY", "Authorization", "hmac_k", "plain", "ünïcode"]
+    data = {key: f"value-of-{i}" for i, key in enumerate(keys)}
+    body = job_request("t", data=data)
+    created = client.post("/jobs", json=body).get_json()
+    shown = client.get(f"/jobs/{body['id']}").get_json()
+    assert created == shown
+    assert shown["request"]["payload"]["data"] == redact(data)
+    assert shown["request"]["payload"]["data"]["plain"] == "value-of-5"
+    assert shown["request"]["payload"]["data"][long_s] == "[REDACTED]"

@@ -15,7 +15,10 @@ so it holds a runnerToken, just not the real runner's).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +30,7 @@ import requests
 
 from tests.forge.helpers import capability, heartbeat, job_request, registration
 from tests.security.stack import QUICK, Stack, failure_envelope
-from tests.support import GunicornProcess
+from tests.support import GunicornProcess, JobForgeStub
 from tests.support.waiting import wait_until
 
 TOKEN = "takeover-token-3e9d1c7a"
@@ -259,3 +262,39 @@ def test_a_local_runner_cannot_speak_for_another(loopback_plane: Plane) -> None:
     _attack_results(plane, job_ids[:1], {})
     requests.delete(f"{forge}/runners/{answer.json()['runnerId']}", headers=intruder)
     _real_results_win(plane, job_ids, steps)
+
+
+# --------------------------------------------------------------------------- the runner's side
+
+
+def test_the_runner_keeps_its_credential_private(token_plane: Plane) -> None:
+    """identity.json (mode 0600) holds the runnerToken the forge gave; the forge only its hash."""
+    state = Path(token_plane.runner.log_path).parent
+    (identity_path,) = list(state.rglob("identity.json"))
+    assert stat.S_IMODE(identity_path.stat().st_mode) == 0o600
+    identity = json.loads(identity_path.read_text())
+    assert identity["runnerId"] == token_plane.runner_id
+    runner_token = identity["runnerToken"]
+    db_path = token_plane.forge.env_overrides["RUNNERKIT_FORGE_DB_PATH"] or ""
+    with sqlite3.connect(db_path) as conn:
+        (stored,) = conn.execute(
+            "SELECT token_hash FROM runners WHERE id = ?", (token_plane.runner_id,)
+        ).fetchone()
+    conn.close()
+    assert stored == hashlib.sha256(runner_token.encode()).hexdigest()
+    assert runner_token not in token_plane.runner.log_text()
+
+
+def test_with_a_jobforge_that_gives_no_credential_the_shared_token_is_sent(stack: Stack) -> None:
+    """An older JobForge answers registration without runnerToken: heartbeats keep the
+    shared RUNNERKIT_RUNNER_TOKEN."""
+    stub = JobForgeStub(heartbeat_interval_ms=500).start()
+    try:
+        stack.runner(
+            workers=1, jobforge_url=stub.url, env={"RUNNERKIT_RUNNER_TOKEN": "shared-secret-1"}
+        )
+        wait_until(lambda: len(stub.heartbeats()) >= 2, 20, "two heartbeats")
+        for call in stub.registrations() + stub.heartbeats():
+            assert call.headers["Authorization"] == "Bearer shared-secret-1", call
+    finally:
+        stub.stop()

@@ -298,3 +298,17 @@ def test_with_a_jobforge_that_gives_no_credential_the_shared_token_is_sent(stack
             assert call.headers["Authorization"] == "Bearer shared-secret-1", call
     finally:
         stub.stop()
+
+
+def test_a_stopped_runner_deregisters_itself_with_its_credential(stack: Stack) -> None:
+    """Loopback only, no shared token: only the runner's own runnerToken can deregister it."""
+    forge = stack.forge(Path(stack.base_dir) / "forge.sqlite3")
+    runner = stack.runner(workers=2, jobforge_url=forge.url)
+
+    def listed() -> int:
+        total: int = requests.get(f"{forge.url}/runners", timeout=QUICK).json()["total"]
+        return total
+
+    wait_until(lambda: listed() == 1, 20, "the runner to register")
+    runner.stop(timeout=30)  # SIGTERM: drain, then DELETE /runners/<id> with its runnerToken
+    assert listed() == 0, forge.log_text()[-3000:]

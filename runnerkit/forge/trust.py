@@ -231,8 +231,8 @@ def login() -> Response:
     forge = _forge()
     token = str(forge.settings.token)
     target = request.values.get("next", "/")
-    if not target.startswith("/") or target.startswith("//"):
-        target = "/"
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        target = "/"  # only a path of this forge ("/\\host" is another host to browsers)
     if not token:
         return redirect(target, 303)  # type: ignore[return-value]
     status, failed = 200, False

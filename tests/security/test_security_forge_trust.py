@@ -268,3 +268,14 @@ def test_a_bearer_header_also_opens_the_pages(forge: GunicornProcess) -> None:
     assert page.status_code == 200
     jobs = valid_page("JobResponse", requests.get(f"{forge.url}/jobs", headers=AUTH).json())
     assert jobs["limit"] == 50
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "/\\evil.example", "https://evil.example/"])
+def test_the_login_only_sends_browsers_to_the_forges_own_pages(
+    token_app: Flask, target: str
+) -> None:
+    response = token_app.test_client().post(
+        "/login", data={"token": TOKEN, "next": target}, headers={"Origin": "http://localhost"}
+    )
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/"

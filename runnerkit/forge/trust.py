@@ -4,7 +4,9 @@ The forge is closed by default, and a route added later is closed unless it is l
 
 - **Loopback only without a TOKEN.** With ``RUNNERKIT_FORGE_TOKEN`` empty, a peer that is not
   a loopback address gets 403 AUTHORIZATION_ERROR ``FORGE_LOOPBACK_ONLY`` on every route but
-  ``/health`` (``gunicorn runnerkit.forge:app -b 0.0.0.0:…`` included).
+  ``/health`` (``gunicorn runnerkit.forge:app -b 0.0.0.0:…`` included). The peer is
+  ``REMOTE_ADDR``: behind a reverse proxy on the same host every request is loopback, so a
+  forge served that way needs a TOKEN.
 - **The TOKEN on every route but /health.** With a TOKEN set, a request needs
   ``Authorization: Bearer <TOKEN>`` or the dashboard's session cookie; the dashboard's pages
   send a browser without either to ``/login`` (a password field for the TOKEN). The session

@@ -17,6 +17,7 @@ import requests
 from runnerkit._version import __version__
 from runnerkit.contracts import utc_now
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
+from runnerkit.forge.trust import is_loopback
 from runnerkit.signing import sign
 
 DEFAULT_FORGE_URL = "http://127.0.0.1:3002"
@@ -160,6 +161,17 @@ def forge(host: str, port: int, workers: int, db_path: str | None) -> None:
 
     Example: runnerkit forge --port 3002 --db var/forge.sqlite3
     """
+    if not os.environ.get("RUNNERKIT_FORGE_TOKEN") and not (
+        host == "localhost" or is_loopback(host)
+    ):
+        # Without a token the forge serves loopback peers only: binding elsewhere would
+        # only answer 403, or be a mistake. Say so before anything starts.
+        click.echo(
+            f"runnerkit forge: refusing to bind {host} without RUNNERKIT_FORGE_TOKEN "
+            "(set it, or bind 127.0.0.1)",
+            err=True,
+        )
+        sys.exit(2)
     if db_path:
         os.environ["RUNNERKIT_FORGE_DB_PATH"] = db_path
     argv = gunicorn_argv(f"{host}:{port}", workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -17,6 +18,11 @@ class JobForgeClient:
     Sessions are not shared across ``fork``: a process that finds a session made by its
     parent makes its own. Every call has connect and read timeouts and, when a token is set,
     ``Authorization: Bearer <token>``.
+
+    JobForge gives each runner a credential of its own at registration (``runnerToken``); the
+    calls that speak for the runner (heartbeat, deregistration, results, events) carry it
+    instead of the shared token. ``runner_token`` says where to find it (the instance's
+    identity file); a JobForge that gave none gets the shared token as before.
     """
 
     def __init__(
@@ -33,6 +39,8 @@ class JobForgeClient:
         self._session: requests.Session | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        #: The current runnerToken ('' when JobForge gave none), read at each call.
+        self.runner_token: Callable[[], str] = lambda: ""
 
     @property
     def session(self) -> requests.Session:
@@ -52,8 +60,22 @@ class JobForgeClient:
     def register(self, document: dict[str, Any]) -> requests.Response:
         return self.request("POST", "/runners/register", json=document)
 
-    def heartbeat(self, heartbeat: dict[str, Any]) -> requests.Response:
-        return self.request("POST", "/runners/heartbeat", json=heartbeat)
+    def runner_headers(self, runner_token: str | None = None) -> dict[str, str]:
+        """``Authorization`` with the runner's own credential; {} keeps the shared token."""
+        token = self.runner_token() if runner_token is None else runner_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def deregister(self, runner_id: str) -> requests.Response:
-        return self.request("DELETE", f"/runners/{runner_id}")
+    def heartbeat(
+        self, heartbeat: dict[str, Any], runner_token: str | None = None
+    ) -> requests.Response:
+        return self.request(
+            "POST",
+            "/runners/heartbeat",
+            json=heartbeat,
+            headers=self.runner_headers(runner_token),
+        )
+
+    def deregister(self, runner_id: str, runner_token: str | None = None) -> requests.Response:
+        return self.request(
+            "DELETE", f"/runners/{runner_id}", headers=self.runner_headers(runner_token)
+        )

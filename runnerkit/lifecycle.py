@@ -132,6 +132,7 @@ class Lifecycle:
             connect_timeout_s=settings.http_connect_timeout_ms / 1000.0,
             read_timeout_s=settings.http_read_timeout_ms / 1000.0,
         )
+        self.client.runner_token = self._runner_token
         self.owner = instance_owner()
         self.key = instance_key(self.owner)
         self.scheduler: BackgroundScheduler | None = None
@@ -384,6 +385,11 @@ class Lifecycle:
             for job in ("runnerkit-lifecycle", "runnerkit-lease"):
                 self.scheduler.reschedule_job(job, trigger="interval", seconds=tick)
 
+    def _runner_token(self) -> str:
+        """The runnerToken JobForge gave this instance ('' when none: the shared token)."""
+        identity = self.current_identity()
+        return str(identity.get("runnerToken") or "") if identity else ""
+
     def current_identity(self) -> dict[str, Any] | None:
         """This instance's registration, ignoring one left behind by an earlier instance."""
         identity = self.state.identity()
@@ -440,6 +446,9 @@ class Lifecycle:
             "heartbeatIntervalMs": answer["heartbeatIntervalMs"],
             "nextHeartbeatAt": time.time() + answer["heartbeatIntervalMs"] / 1000.0,
         }
+        runner_token = _runner_token_in(response)
+        if runner_token:  # the file is written with mode 0600
+            identity["runnerToken"] = runner_token
         self.state.save_identity(identity)
         self._attempt = 0
         self._next_register_at = 0.0
@@ -482,7 +491,7 @@ class Lifecycle:
     def heartbeat(self, identity: dict[str, Any]) -> None:
         body = self.heartbeat_body(identity["runnerId"])
         try:
-            response = self.client.heartbeat(body)
+            response = self.client.heartbeat(body, str(identity.get("runnerToken") or ""))
         except requests.RequestException as exc:
             self._note(
                 "heartbeat-unreachable",
@@ -493,12 +502,15 @@ class Lifecycle:
             )
             self._save_heartbeat_time(identity)
             return
-        if response.status_code == 404:
-            # JobForge forgot us (it restarted): register again at once.
+        if response.status_code in (401, 403, 404):
+            # JobForge forgot us (it restarted), or no longer takes our credential (the
+            # runner was replaced, or registered before JobForge issued runnerTokens):
+            # register again at once.
             self._note(
                 "forgotten",
                 logging.WARNING,
-                "JobForge does not know runner %s; registering again",
+                "JobForge answered %s to the heartbeat of runner %s; registering again",
+                response.status_code,
                 identity["runnerId"],
             )
             self.state.clear_identity()
@@ -666,7 +678,9 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
         )
         for attempt in range(3):
             try:
-                response = client.deregister(identity["runnerId"])
+                response = client.deregister(
+                    identity["runnerId"], str(identity.get("runnerToken") or "")
+                )
             except requests.RequestException as exc:
                 log.warning("deregistration failed (%s)", type(exc).__name__)
                 time.sleep(0.5 * (attempt + 1))
@@ -682,6 +696,16 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
     finally:
         lease.close()
         state_lock.release()
+
+
+def _runner_token_in(response: requests.Response) -> str:
+    """``runnerToken`` of a registration answer (not part of the contract schema, so it is
+    read beside it); '' from a JobForge that issues none."""
+    try:
+        token = response.json().get("runnerToken")
+    except (ValueError, AttributeError):
+        return ""
+    return token if isinstance(token, str) else ""
 
 
 def on_master_exit(master_pid: int | None = None) -> None:

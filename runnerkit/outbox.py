@@ -28,6 +28,8 @@ log = logging.getLogger("runnerkit.outbox")
 LEASE_S = 30.0
 #: Cap of the delay between two attempts of one row.
 MAX_BACKOFF_S = 30.0
+#: Messages JobForge accepts only with the runner's own credential (``runnerToken``).
+RUNNER_KINDS = frozenset({"result", "event"})
 
 
 @dataclass
@@ -139,8 +141,11 @@ class Outbox(SQLiteFile):
 
     def _deliver(self, message: Message) -> bool:
         try:
+            headers = message.headers
+            if message.kind in RUNNER_KINDS:  # they speak for the runner: its own credential
+                headers = {**headers, **self.client.runner_headers()}
             response = self.client.session.post(
-                message.url, json=message.body, headers=message.headers, timeout=self.client.timeout
+                message.url, json=message.body, headers=headers, timeout=self.client.timeout
             )
         except requests.RequestException as exc:
             self._retry_later(message, type(exc).__name__)

@@ -7,33 +7,43 @@ this package has no side effects: ``app`` is created, from the environment, on f
 Endpoints (every error is ``{"success": false, "error": <ErrorEnvelope>}``; bodies must be
 JSON objects: 415 otherwise, 400 for invalid JSON):
 
-- runners (Bearer TOKEN when set): ``POST /runners/register`` → 201
-  RunnerRegistrationResponse; ``POST /runners/heartbeat`` → 200, 404 for an unknown runner;
-  ``DELETE /runners/<id>`` → 204; ``GET /runners[?status=&limit=&offset=]`` →
-  PaginatedResponse of RunnerMetadata; ``GET /runners/<id>`` → RunnerMetadata;
+- runners: ``POST /runners/register`` → 201 RunnerRegistrationResponse plus ``runnerToken``;
+  ``POST /runners/heartbeat`` (Bearer runnerToken) → 200, 404 for an unknown runner;
+  ``DELETE /runners/<id>`` (Bearer runnerToken or TOKEN) → 204;
+  ``GET /runners[?status=&limit=&offset=]`` → PaginatedResponse of RunnerMetadata;
+  ``GET /runners/<id>`` → RunnerMetadata;
 - jobs: ``POST /jobs`` → 202 JobResponse (same id and body again → 200, different body →
   409); ``GET /jobs/<id>``; ``GET /jobs[?status=a,b&type=&limit=&offset=]`` →
   PaginatedResponse of JobResponse, newest first; ``POST /jobs/<id>/cancel``;
-- from runners (Bearer TOKEN when set): ``POST /jobs/<id>/result`` (RunnerExecutionResponse of
-  an async job; header ``X-Result-Outcome: recorded|duplicate|ignored``),
+- from runners (Bearer runnerToken of the job's runner): ``POST /jobs/<id>/result``
+  (RunnerExecutionResponse of an async job; ``X-Result-Outcome: recorded|duplicate|ignored``),
   ``POST /jobs/<id>/events`` (a ``job.progress`` JobEvent) → 202, and
   ``GET /jobs/<id>/events`` → PaginatedResponse of JobEvent, oldest first;
 - TruthCore: ``POST /assert`` → 201 TruthAssertion (200 when already stored),
   ``POST /query`` → TruthQueryResult;
 - ``GET /health`` → HealthCheck (checks ``database`` and ``dispatcher``; 200 or 503);
   ``GET /metrics`` → Prometheus metrics (see ``metrics``); ``GET /openapi.json`` → OpenAPI
-  3.1 of these routes; ``GET /`` → the dashboard, ``GET /jobs/<id>/view`` → a job's page.
+  3.1 of these routes; ``GET /`` → the dashboard, ``GET /jobs/<id>/view`` → a job's page,
+  ``GET|POST /login`` and ``POST /logout`` → the dashboard's session (with a TOKEN).
 
 Settings (``RUNNERKIT_FORGE_<NAME>``, defaults in :mod:`runnerkit.forge.settings`): DB_PATH,
-TOKEN, RUNNER_TOKEN, SIGNING_SECRET, HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED,
-ASYNC_THRESHOLD_MS, DISPATCH_MARGIN_MS, CONNECT_TIMEOUT_MS, DISPATCH_THREADS,
-POLL_INTERVAL_MS, DISPATCHER, DISPATCHER_STALE_MS, SERVICE_NAME, MAX_PAGE_SIZE,
-RETRY_AFTER_CAP_S.
+TOKEN, RUNNER_TOKEN, SIGNING_SECRET, TRUST_RUNNER_IDS, ALLOWED_RUNNER_NETWORKS,
+HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED, ASYNC_THRESHOLD_MS, DISPATCH_MARGIN_MS,
+CONNECT_TIMEOUT_MS, DISPATCH_THREADS, POLL_INTERVAL_MS, DISPATCHER, DISPATCHER_STALE_MS,
+SERVICE_NAME, MAX_PAGE_SIZE, RETRY_AFTER_CAP_S, MAX_BODY_BYTES, MAX_ANSWER_BYTES,
+HISTORY_RETENTION_HOURS, ASSERTION_RETENTION_HOURS, UNMATCHED_JOB_EXPIRY_S.
+
+Who may call (``trust``): with TOKEN set, every route but ``/health`` needs it (a bearer
+header, or the dashboard's session cookie from ``POST /login``); without one, only loopback
+peers are served. Heartbeats, deregistration, results and events need the runner's own
+``runnerToken`` (given at registration). State-changing requests from another site are
+refused.
 
 Modules: ``settings`` (every knob and its default), ``db`` (schema and queries), ``runners``
 (registration, heartbeats), ``jobs`` (the job state machine, retries, events), ``truth``
 (assertions and queries), ``dispatcher`` (matching jobs to runners, sending them), ``api``
-(the Flask routes, health and the dashboard), ``metrics`` (``/metrics``, across workers).
+(the Flask routes, health and the dashboard), ``metrics`` (``/metrics``, across workers),
+``trust`` (who may call what), ``targets`` (the addresses runners may have).
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from flask import Flask
 from runnerkit.errors import RunnerError
 from runnerkit.http import register_error_handlers
 
-from . import api, metrics
+from . import api, metrics, trust
 from .db import ForgeDB
 from .dispatcher import Dispatcher
 from .jobs import JobStore
@@ -66,9 +76,6 @@ __all__ = [
     "create_app",
     "get_forge",
 ]
-
-#: Largest request body the forge reads (bigger ones get 413).
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class Forge:
@@ -112,12 +119,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     config = dict(config or {})
     settings = ForgeSettings.load(config)
     app = Flask(str(settings.service_name), root_path=os.path.dirname(os.path.abspath(__file__)))
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_bytes)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     known = {PREFIX + s.name for s in SETTINGS} | {s.name for s in SETTINGS}
     app.config.update({k: v for k, v in config.items() if k not in known})
     forge = Forge(settings)
     app.extensions["forge"] = forge
+    trust.init_app(app)  # who may call what: before every route, /metrics included
     app.register_blueprint(api.blueprint)
     register_error_handlers(app)
     app.register_error_handler(RunnerError, api.handle_runner_error)

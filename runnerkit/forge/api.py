@@ -7,11 +7,9 @@ registry / job store / truth store, and serialises the answer. Every error leave
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
-from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import ValidationError
@@ -33,7 +31,6 @@ from runnerkit.contracts import (
 )
 from runnerkit.errors import (
     RunnerError,
-    Unauthenticated,
     ValidationFailed,
     details_from_validation_error,
     make_envelope,
@@ -41,15 +38,13 @@ from runnerkit.errors import (
 from runnerkit.http import read_body
 from runnerkit.jsonbody import check_json_limits, parse_json_object
 
-from . import dashboard, db
+from . import dashboard, db, trust
 from .openapi import openapi_document
 
 if TYPE_CHECKING:
     from . import Forge
 
 blueprint = Blueprint("forge", __name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: How each request body contract is loaded: its schema's ``load``, or for JobRequest (every
 #: ``POST /jobs``) the checked shortcut in front of it.
@@ -132,26 +127,6 @@ def _enum_args(name: str, allowed: tuple[str, ...]) -> list[str]:
     return values
 
 
-def runner_auth(view: F) -> F:
-    """Require ``Authorization: Bearer <TOKEN>`` when the forge has a TOKEN."""
-
-    @wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        token = str(_forge().settings.token)
-        if token:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
-            ):
-                raise Unauthenticated(
-                    "A valid bearer token is required (Authorization: Bearer <token>)",
-                    code="INVALID_TOKEN" if given else "MISSING_TOKEN",
-                )
-        return view(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def handle_runner_error(error: RunnerError) -> Response:
     """Any RunnerError raised by a route → its status and an ErrorEnvelope body."""
     envelope = make_envelope(
@@ -177,17 +152,18 @@ def handle_runner_error(error: RunnerError) -> Response:
 
 
 @blueprint.post("/runners/register")
-@runner_auth
 def register_runner() -> Response:
+    """201 RunnerRegistrationResponse, plus ``runnerToken``: the runner's own credential for
+    its later calls (contract peers drop unknown keys)."""
     answer = _forge().runners.register(_body("RunnerRegistrationRequest"))
     return _json(201, answer)
 
 
 @blueprint.post("/runners/heartbeat")
-@runner_auth
 def heartbeat() -> Response:
-    answer = _forge().runners.heartbeat(_body("RunnerHeartbeat"))
-    return _json(200, answer)
+    body = _body("RunnerHeartbeat")
+    trust.require_runner(body["runnerId"])
+    return _json(200, _forge().runners.heartbeat(body))
 
 
 #: Paths under /runners/ that are routes of their own (POST only), not runner ids.
@@ -201,15 +177,14 @@ def _not_an_action(runner_id: str) -> None:
 
 
 @blueprint.delete("/runners/<runner_id>")
-@runner_auth
 def deregister_runner(runner_id: str) -> Response:
     _not_an_action(runner_id)
+    trust.require_runner(runner_id)
     _forge().runners.deregister(runner_id)
     return Response(status=204)
 
 
 @blueprint.get("/runners")
-@runner_auth
 def list_runners() -> Response:
     statuses = _enum_args("status", RUNNER_STATUSES)
     if len(statuses) > 1:
@@ -222,7 +197,6 @@ def list_runners() -> Response:
 
 
 @blueprint.get("/runners/<runner_id>")
-@runner_auth
 def get_runner(runner_id: str) -> Response:
     _not_an_action(runner_id)
     return _json(200, _forge().runners.get(runner_id))
@@ -266,25 +240,25 @@ def cancel_job(job_id: str) -> Response:
 
 
 @blueprint.post("/jobs/<job_id>/result")
-@runner_auth
 def job_result(job_id: str) -> Response:
     forge = _forge()
-    what, job = forge.jobs.deliver_result(job_id, _body("RunnerExecutionResponse"))
+    body = _body("RunnerExecutionResponse")
+    trust.require_runner(forge.jobs.runner_of(job_id))  # the runnerId in the body proves nothing
+    what, job = forge.jobs.deliver_result(job_id, body)
     if what == "recorded":
         forge.wake_dispatcher()
     return _json(200, job, {"X-Result-Outcome": what})
 
 
 @blueprint.post("/jobs/<job_id>/events")
-@runner_auth
 def post_job_event(job_id: str) -> Response:
     event = _body("JobEvent")
+    trust.require_runner(_forge().jobs.runner_of(job_id))
     recorded = _forge().jobs.add_progress(job_id, event)
     return _json(202, {"id": event["id"], "jobId": job_id, "recorded": recorded})
 
 
 @blueprint.get("/jobs/<job_id>/events")
-@runner_auth
 def list_job_events(job_id: str) -> Response:
     limit, offset = _page()
     return _json(200, _forge().jobs.events(job_id, limit=limit, offset=offset))

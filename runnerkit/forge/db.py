@@ -80,7 +80,20 @@ class Conn(sqlite3.Connection):
         self.execute("RELEASE job")
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Columns added after a table was first released: (table, column, declaration). A database
+#: file made before them gets them with ``ALTER TABLE`` when it is opened
+#: (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it is).
+_ADDED_COLUMNS = (("runners", "token_hash", "TEXT"),)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runners (
@@ -95,7 +108,8 @@ CREATE TABLE IF NOT EXISTS runners (
     last_seen REAL NOT NULL,
     status TEXT NOT NULL,
     heartbeat_interval_ms REAL NOT NULL,
-    reported_active INTEGER NOT NULL DEFAULT 0
+    reported_active INTEGER NOT NULL DEFAULT 0,
+    token_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS runners_health_url ON runners (health_url);
 
@@ -156,6 +170,8 @@ CREATE TABLE IF NOT EXISTS assertions (
 );
 CREATE INDEX IF NOT EXISTS assertions_subject ON assertions (subject, predicate);
 CREATE INDEX IF NOT EXISTS assertions_predicate ON assertions (predicate);
+CREATE INDEX IF NOT EXISTS assertions_ts ON assertions (ts);
+CREATE INDEX IF NOT EXISTS assertions_expires ON assertions (expires) WHERE expires IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT NOT NULL,
@@ -278,6 +294,7 @@ class ForgeDB:
             # Every statement is idempotent (IF NOT EXISTS), and processes starting together
             # on a new file run them in turn (prepare_wal holds the writers' turn).
             conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _checkout(self) -> Conn:
@@ -377,10 +394,11 @@ def get_meta(conn: Conn, key: str) -> Any:
 def insert_runner(conn: Conn, values: Mapping[str, Any]) -> None:
     conn.execute(
         "INSERT INTO runners (id, name, version, document, health_url, base_url, registered_at,"
-        " last_heartbeat_at, last_seen, status, heartbeat_interval_ms, reported_active)"
+        " last_heartbeat_at, last_seen, status, heartbeat_interval_ms, reported_active,"
+        " token_hash)"
         " VALUES (:id, :name, :version, :document, :health_url, :base_url, :registered_at,"
-        " :last_heartbeat_at, :last_seen, :status, :heartbeat_interval_ms, 0)",
-        dict(values),
+        " :last_heartbeat_at, :last_seen, :status, :heartbeat_interval_ms, 0, :token_hash)",
+        {"token_hash": None, **values},
     )
 
 
@@ -425,6 +443,19 @@ def record_heartbeat(
         (status, last_heartbeat_at, last_seen, reported_active, runner_id),
     )
     return cursor.rowcount > 0
+
+
+def runner_by_token_hash(conn: Conn, token_hash: str) -> Row | None:
+    """The runner whose runnerToken has this SHA-256 (hex), if any."""
+    row: Row | None = conn.execute(
+        "SELECT id, token_hash FROM runners WHERE token_hash = ?", (token_hash,)
+    ).fetchone()
+    return row
+
+
+def disable_runner_dispatch(conn: Conn, runner_id: str) -> None:
+    """No more work for a runner (until it registers again): it loses its dispatch URL."""
+    conn.execute("UPDATE runners SET base_url = '' WHERE id = ?", (runner_id,))
 
 
 def mark_runner_unreachable(conn: Conn, runner_id: str) -> None:
@@ -513,6 +544,29 @@ def prune_finished_jobs(conn: Conn, *, before: str, limit: int) -> int:
     conn.executemany("DELETE FROM deliveries WHERE job_id = ?", ids)
     conn.executemany("DELETE FROM jobs WHERE seq = ?", [(row["seq"],) for row in rows])
     return len(rows)
+
+
+def queued_types(conn: Conn) -> list[str]:
+    """The job types of queued jobs (one walk of ``jobs_wait``'s ``queued`` range)."""
+    return [r[0] for r in conn.execute("SELECT DISTINCT type FROM jobs WHERE status = 'queued'")]
+
+
+def taken_types(conn: Conn) -> set[str]:
+    """Every job type some registered runner that is not offline lists."""
+    types: set[str] = set()
+    for row in conn.execute("SELECT document FROM runners WHERE status != 'offline'"):
+        for capability in loads(row[0]).get("capabilities", []):
+            types.update(capability.get("supportedJobTypes", []))
+    return types
+
+
+def queued_since(conn: Conn, job_type: str, *, before: float, limit: int) -> list[Row]:
+    """Jobs of ``job_type`` queued (never sent) since before ``before`` (epoch seconds)."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE status = 'queued' AND type = ? AND submitted <= ?"
+        " ORDER BY seq LIMIT ?",
+        (job_type, before, limit),
+    ).fetchall()
 
 
 def get_job(conn: Conn, job_id: str) -> Row | None:
@@ -704,6 +758,23 @@ def get_assertion(conn: Conn, assertion_id: str) -> Row | None:
         "SELECT * FROM assertions WHERE id = ?", (assertion_id,)
     ).fetchone()
     return row
+
+
+def prune_assertions(conn: Conn, *, before: float | None, now: float, limit: int) -> int:
+    """Delete up to ``limit`` assertions timestamped before ``before`` (None: none by age) or
+    whose ``expiresAt`` has passed; how many were deleted. Both along their own index."""
+    deleted = conn.execute(
+        "DELETE FROM assertions WHERE seq IN (SELECT seq FROM assertions"
+        " INDEXED BY assertions_expires WHERE expires IS NOT NULL AND expires <= ? LIMIT ?)",
+        (now, limit),
+    ).rowcount
+    if before is not None and deleted < limit:
+        deleted += conn.execute(
+            "DELETE FROM assertions WHERE seq IN (SELECT seq FROM assertions"
+            " INDEXED BY assertions_ts WHERE ts < ? LIMIT ?)",
+            (before, limit - deleted),
+        ).rowcount
+    return int(deleted)
 
 
 def query_assertions(

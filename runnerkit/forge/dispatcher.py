@@ -9,8 +9,10 @@ takes over. The holder records a heartbeat in the database (``meta.dispatcher``)
 One tick of the holder:
 
 1. housekeeping (:meth:`JobStore.sweep`): offline runners, requeues, overdue attempts,
-   expired jobs; once a minute, finished jobs past HISTORY_RETENTION_HOURS are deleted
-   (:meth:`JobStore.prune`);
+   expired jobs; once a minute, finished jobs past HISTORY_RETENTION_HOURS and assertions
+   past ASSERTION_RETENTION_HOURS (or their expiresAt) are deleted (:meth:`JobStore.prune`,
+   :meth:`JobStore.prune_assertions`); queued jobs whose type no runner lists fail after
+   UNMATCHED_JOB_EXPIRY_S (:meth:`JobStore.expire_unmatched`);
 2. one write transaction for everything else: first the runners' answers that arrived
    since the last tick (:meth:`JobStore.finish_in` for each: completed, retrying, failed),
    then matching: waiting jobs (queued, or retrying with their next-attempt time come) by
@@ -23,12 +25,14 @@ One tick of the holder:
 3. sending, after the commit: ``POST <runner base>/execute`` with a RunnerExecutionRequest,
    in a thread pool of DISPATCH_THREADS so slow jobs do not block others, with
    ``X-Correlation-Id``, the RUNNER_TOKEN as a bearer token and, with SIGNING_SECRET, the
-   ControlPlane webhook signature (:mod:`runnerkit.signing`). Jobs with ``timeoutMs`` above
-   ASYNC_THRESHOLD_MS are sent with ``Prefer: respond-async``; a 202 means the result will
-   arrive on ``POST /jobs/<id>/result``. A send thread only talks HTTP: it queues the answer
-   and wakes the dispatcher, whose next tick records it. An answer stays "in flight" (the
-   sweep leaves its job alone) until it is recorded; answers arriving after :meth:`stop`
-   are recorded by their own send thread.
+   ControlPlane webhook signature (:mod:`runnerkit.signing`); a new connection whose peer
+   address ALLOWED_RUNNER_NETWORKS refuses is closed unused (:mod:`.targets`), and an answer
+   longer than MAX_ANSWER_BYTES fails the attempt (ANSWER_TOO_LARGE) unread. Jobs with
+   ``timeoutMs`` above ASYNC_THRESHOLD_MS are sent with ``Prefer: respond-async``; a 202
+   means the result will arrive on ``POST /jobs/<id>/result``. A send thread only talks
+   HTTP: it queues the answer and wakes the dispatcher, whose next tick records it. An
+   answer stays "in flight" (the sweep leaves its job alone) until it is recorded; answers
+   arriving after :meth:`stop` are recorded by their own send thread.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from . import db
 from . import jobs as jobs_module
 from .jobs import Claim, Clock, JobStore, Outcome
 from .settings import ForgeSettings
+from .targets import TargetPolicy
 from .wakeup import Wakeup
 
 log = logging.getLogger("runnerkit.forge.dispatcher")
@@ -109,12 +114,28 @@ class _ConnectFailed(Exception):
     """No connection to the runner could be made (the cause says why)."""
 
 
+class _TargetRefused(Exception):
+    """The connection reached an address runners may not have (``args[0]``)."""
+
+
+class _AnswerTooLarge(Exception):
+    """The runner's answer is longer than MAX_ANSWER_BYTES (``args[0]`` says how it showed)."""
+
+
 def _connection(base_url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urlsplit(base_url)
     host, port = parts.hostname or "", parts.port
     if parts.scheme == "https":
         return http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls())
     return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def _peer(conn: http.client.HTTPConnection) -> str:
+    """The IP address a connection's socket is connected to ('' when unknown)."""
+    try:
+        return str(conn.sock.getpeername()[0]) if conn.sock is not None else ""
+    except (OSError, IndexError):
+        return ""
 
 
 def _path(base_url: str) -> str:
@@ -189,7 +210,10 @@ class Dispatcher:
         self._last_heartbeat = 0.0
         self._last_sweep = 0.0
         self._last_prune = 0.0
+        self._last_unmatched = 0.0
         self._http = threading.local()  # each send thread's connections, by runner
+        self.targets = TargetPolicy(str(settings.allowed_runner_networks))
+        self.max_answer = int(settings.max_answer_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -312,6 +336,16 @@ class Dispatcher:
             pruned = self.jobs.prune(now)
             if pruned:
                 log.info("housekeeping: deleted %d finished jobs past their retention", pruned)
+            pruned = self.jobs.prune_assertions(now)
+            if pruned:
+                log.info("housekeeping: deleted %d assertions past their retention", pruned)
+        expiry = float(self.settings.unmatched_job_expiry_s)
+        every = max(SWEEP_EVERY_S, min(PRUNE_EVERY_S, expiry / 4.0))
+        if expiry > 0 and now.ts - self._last_unmatched >= every:
+            self._last_unmatched = now.ts
+            failed = self.jobs.expire_unmatched(now)
+            if failed:
+                log.warning("housekeeping: %d jobs failed, no runner takes their type", failed)
         return self._match(now)
 
     def _heartbeat(self, now: Clock) -> None:
@@ -517,6 +551,32 @@ class Dispatcher:
             if isinstance(exc.__cause__, TimeoutError):
                 return self._network_failure(claim, f"Connecting to {url} timed out")
             return self._network_failure(claim, f"ConnectionError calling {url}")
+        except _TargetRefused as exc:
+            self._disable(claim.runner_id, str(exc.args[0]))
+            return Outcome(
+                success=False,
+                error=self.jobs.envelope(
+                    "NETWORK_ERROR",
+                    "RUNNER_ADDRESS_REFUSED",
+                    f"Runner {claim.runner_id} is at {exc.args[0]}, an address runners may "
+                    "not have here (RUNNERKIT_FORGE_ALLOWED_RUNNER_NETWORKS); nothing was sent",
+                    retryable=True,
+                    correlation_id=claim.correlation_id,
+                ),
+            )
+        except _AnswerTooLarge as exc:
+            return Outcome(
+                success=False,
+                error=self.jobs.envelope(
+                    "RUNNER_ERROR",
+                    "ANSWER_TOO_LARGE",
+                    f"Runner {claim.runner_id} answered with {exc.args[0]}, more than "
+                    f"RUNNERKIT_FORGE_MAX_ANSWER_BYTES ({self.max_answer} bytes); "
+                    "the answer was not read",
+                    retryable=False,
+                    correlation_id=claim.correlation_id,
+                ),
+            )
         except TimeoutError:
             return Outcome(
                 success=False,
@@ -566,20 +626,37 @@ class Dispatcher:
             except OSError as exc:
                 conn.close()
                 raise _ConnectFailed() from exc
+            # The address really connected to, not the one a name resolved to before.
+            peer = _peer(conn)
+            if not self.targets.allows(peer, conn.host):
+                conn.close()
+                raise _TargetRefused(f"{conn.host} ({peer})")
+        limit = self.max_answer
         try:
             assert conn.sock is not None
             conn.sock.settimeout(read_s)
             conn.request("POST", _path(base_url) + "/execute", body, headers)
             response = conn.getresponse()
-            data = response.read()
+            declared = response.getheader("Content-Length", "")
+            if declared.strip().isdigit() and int(declared) > limit:
+                raise _AnswerTooLarge(f"Content-Length {int(declared)}")
+            data = response.read(limit + 1)
+            if len(data) > limit:
+                raise _AnswerTooLarge(f"more than {limit} bytes")
         except BaseException:
-            conn.close()
+            conn.close()  # an unread or half-read answer: the connection is not reused
             raise
-        if response.will_close:
+        if response.will_close or not response.isclosed():
             conn.close()
         else:
             connections[base_url] = conn
         return response.status, response.headers, data
+
+    def _disable(self, runner_id: str, where: str) -> None:
+        """A runner at a refused address gets no work until it registers again."""
+        with self.db.tx() as conn:
+            db.disable_runner_dispatch(conn, runner_id)
+        log.warning("runner %s is at %s, a refused address; it gets no work", runner_id, where)
 
     def _suspect(self, runner_id: str) -> None:
         """A runner that cannot be reached gets no more work until it heartbeats again.

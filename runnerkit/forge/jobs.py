@@ -10,6 +10,7 @@ claims jobs many to a transaction, and ``POST /jobs`` requests arriving together
     running ──refused (the runner did not run it)──▶ retrying (the attempt is given back)
     running ──runner offline or gone──▶ retrying (counted as an attempt, eligible at once)
     queued/retrying past metadata.expiresAt ──▶ failed (TIMEOUT / JOB_EXPIRED)
+    queued UNMATCHED_JOB_EXPIRY_S, no runner lists the type ──▶ failed (NO_RUNNER_FOR_TYPE)
     queued/retrying/running ──cancel──▶ cancelled
 
 A job that is sent to a runner holds one of that runner's capability slots (``slot_runner``)
@@ -59,6 +60,7 @@ from runnerkit.errors import (
     retry_delay,
     should_retry,
 )
+from runnerkit.redaction import SECRET_KEY_RE, redact
 
 from . import db, truth
 from .settings import ForgeSettings
@@ -164,6 +166,31 @@ class _Submission:
         self.error: Exception | None = None
 
 
+#: The fragments of ``SECRET_KEY_RE`` (an alternation of plain words): substring tests on the
+#: lower-cased text cost a tenth of the case-insensitive regex search on a typical request.
+_SECRET_FRAGMENTS = tuple(SECRET_KEY_RE.pattern.split("|"))
+assert all(f.replace("_", "").isalnum() for f in _SECRET_FRAGMENTS), _SECRET_FRAGMENTS
+
+
+def might_hold_secrets(text: str | None) -> bool:
+    """Whether JSON text has a secret-like name anywhere (a key or, harmlessly, a value):
+    the cheap test in front of :func:`redact`, so only such documents pay for it."""
+    if not text:
+        return False
+    if "\\u" in text:
+        # Escaped non-ASCII (the forge stores JSON as ASCII): a key may match the regex
+        # through Unicode case folding (a long s for "s"), which substrings cannot see.
+        return True
+    lowered = text.lower()
+    return any(fragment in lowered for fragment in _SECRET_FRAGMENTS)
+
+
+def redact_job(body: dict[str, Any], *texts: str | None) -> dict[str, Any]:
+    """``body`` with secret-like values redacted (:func:`runnerkit.redaction.redact`) when
+    any of the stored ``texts`` it was made from may hold one; else ``body`` itself."""
+    return redact(body) if any(might_hold_secrets(t) for t in texts) else body
+
+
 def correlation_id_for(job_id: str, request: Mapping[str, Any]) -> str:
     """The job's own correlationId, else a uuid derived from its id (stable across retries)."""
     given = request.get("metadata", {}).get("correlationId")
@@ -193,7 +220,8 @@ class JobStore:
     # -- documents -------------------------------------------------------------------------
 
     def response(self, row: db.Row) -> dict[str, Any]:
-        """The JobResponse of a job row."""
+        """The JobResponse of a job row, as everyone outside the forge sees it: secret-like
+        values redacted (:func:`redact_job`), in JSON answers and the dashboard alike."""
         body: dict[str, Any] = {
             "id": row["id"],
             "status": row["status"],
@@ -206,7 +234,7 @@ class JobStore:
             body["error"] = db.loads(row["error"])
         elif row["status"] == "retrying" and row["last_error"] is not None:
             body["error"] = db.loads(row["last_error"])
-        return body
+        return redact_job(body, row["request"], row["result"], row["error"], row["last_error"])
 
     def _emit(
         self, conn: db.Conn, job_id: str, type_: str, now: Clock, data: Mapping[str, Any]
@@ -356,11 +384,24 @@ class JobStore:
         self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
         self._assert_status(conn, job_id, "queued", now)
         # What GET /jobs/<id> answers for the row just written (the request as stored).
+        if might_hold_secrets(values["request"]):
+            body = {"id": job_id, "status": "queued", "request": db.loads(values["request"])}
+            body["updatedAt"] = now.z
+            return 202, json.dumps(redact(body), separators=(",", ":"))
         answer = (
             f'{{"id":{_string(job_id)},"status":"queued","request":{values["request"]},'
             f'"updatedAt":"{now.z}"}}'
         )
         return 202, answer
+
+    def runner_of(self, job_id: str) -> str | None:
+        """The runner the job was last sent to (None: never sent); 404 for an unknown job."""
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT runner_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"No job {job_id}", code="JOB_NOT_FOUND")
+        runner: str | None = row[0]
+        return runner
 
     def get(self, job_id: str) -> dict[str, Any]:
         with self.db.connection() as conn:
@@ -579,11 +620,12 @@ class JobStore:
             return db.insert_event(conn, dict(event))
 
     def events(self, job_id: str, *, limit: int, offset: int) -> dict[str, Any]:
-        """A PaginatedResponse of the job's JobEvents, oldest first."""
+        """A PaginatedResponse of the job's JobEvents, oldest first (redacted as the
+        dashboard shows them)."""
         with self.db.snapshot() as conn:
             self._get(conn, job_id)
             rows, total = db.list_events(conn, job_id, limit=limit, offset=offset)
-        items = [db.loads(r["document"]) for r in rows]
+        items = [redact_job(db.loads(r["document"]), r["document"]) for r in rows]
         return {
             "items": items,
             "total": total,
@@ -928,6 +970,63 @@ class JobStore:
         before = Clock(cutoff)
         with self.db.tx() as conn:
             return db.prune_finished_jobs(conn, before=before.z, limit=limit)
+
+    def prune_assertions(self, now: Clock | None = None, limit: int = PRUNE_BATCH) -> int:
+        """Delete TruthCore assertions past ASSERTION_RETENTION_HOURS (by their timestamp) or
+        past their own ``expiresAt``, at most ``limit``; how many. Without it every job, and
+        every ``POST /assert``, would grow the database for good."""
+        now = now or Clock()
+        hours = float(self.settings.assertion_retention_hours)
+        before = now.ts - hours * 3600.0 if hours > 0 else None
+        with self.db.tx() as conn:
+            return db.prune_assertions(conn, before=before, now=now.ts, limit=limit)
+
+    def expire_unmatched(self, now: Clock | None = None, limit: int = PRUNE_BATCH) -> int:
+        """Fail jobs queued for UNMATCHED_JOB_EXPIRY_S whose type no registered runner (other
+        than offline ones) lists: RESOURCE_NOT_FOUND / NO_RUNNER_FOR_TYPE; how many.
+
+        A job of a type nobody serves would otherwise wait, and take space, for ever.
+        """
+        expiry = float(self.settings.unmatched_job_expiry_s)
+        if expiry <= 0:
+            return 0
+        now = now or Clock()
+        with self.db.snapshot() as conn:
+            waiting = db.queued_types(conn)
+            taken = db.taken_types(conn) if waiting else set()
+            candidates = [
+                row
+                for job_type in waiting
+                if job_type not in taken
+                for row in db.queued_since(conn, job_type, before=now.ts - expiry, limit=limit)
+            ][:limit]
+        if not candidates:
+            return 0
+        failed = 0
+        with self.db.tx() as conn:
+            taken = db.taken_types(conn)  # a runner may have registered meanwhile
+            for candidate in candidates:
+                if candidate["type"] in taken:
+                    continue
+                step = functools.partial(self._no_runner, conn, candidate["id"], now)
+                if self.apart(conn, candidate["id"], now, step):
+                    failed += 1
+        return failed
+
+    def _no_runner(self, conn: db.Conn, job_id: str, now: Clock) -> bool:
+        row = db.get_job(conn, job_id)
+        if row is None or row["status"] != "queued":
+            return False
+        expiry = float(self.settings.unmatched_job_expiry_s)
+        envelope = self.envelope(
+            "RESOURCE_NOT_FOUND",
+            "NO_RUNNER_FOR_TYPE",
+            f"No registered runner takes jobs of type {row['type']!r}: job {job_id} waited "
+            f"{expiry:g} s (RUNNERKIT_FORGE_UNMATCHED_JOB_EXPIRY_S) and failed",
+            retryable=False,
+        )
+        self._fail(conn, row, envelope, now, {})
+        return True
 
     def apart(self, conn: db.Conn, job_id: str, now: Clock, step: Callable[[], T]) -> T | None:
         """Run ``step``, one job's part of a transaction shared with other jobs, in a savepoint.

@@ -70,9 +70,11 @@ _ERRORS = {
     code: _json(_ERROR, text)
     for code, text in (
         ("400", "Invalid body or query (VALIDATION_ERROR, every problem in details)"),
-        ("401", "Missing or wrong bearer token"),
+        ("401", "Missing or wrong bearer token (the TOKEN, or the runner's runnerToken)"),
+        ("403", "Not loopback without a TOKEN, another runner's credential, or cross-site"),
         ("404", "Unknown job or runner"),
         ("409", "Conflict"),
+        ("413", "Body over MAX_BODY_BYTES"),
         ("415", "Not JSON"),
     )
 }
@@ -103,7 +105,13 @@ def openapi_document(service: str = "jobforge") -> dict[str, Any]:
         "/runners/register": {
             "post": _op(
                 "Register a runner",
-                {"201": _json(_ref("RunnerRegistrationResponse"), "Registered")},
+                {
+                    "201": _json(
+                        _ref("RunnerRegistrationResponse"),
+                        "Registered; also runnerToken, the runner's own bearer credential for "
+                        "its heartbeats, deregistration, results and events",
+                    )
+                },
                 "RunnerRegistrationRequest",
             )
         },

@@ -24,6 +24,8 @@ from runnerkit.errors import NotFound, ValidationFailed
 from . import db
 from .jobs import Clock
 from .settings import ForgeSettings
+from .targets import TargetPolicy
+from .trust import new_runner_token
 
 log = logging.getLogger("runnerkit.forge.runners")
 
@@ -70,6 +72,7 @@ class RunnerRegistry:
     def __init__(self, database: db.ForgeDB, settings: ForgeSettings) -> None:
         self.db = database
         self.settings = settings
+        self.targets = TargetPolicy(str(settings.allowed_runner_networks))
 
     def metadata(self, row: db.Row) -> dict[str, Any]:
         """The RunnerMetadata of a runner row."""
@@ -89,13 +92,27 @@ class RunnerRegistry:
         }
 
     def register(self, registration: Mapping[str, Any]) -> dict[str, Any]:
-        """Store a loaded RunnerRegistrationRequest; the RunnerRegistrationResponse."""
+        """Store a loaded RunnerRegistrationRequest; the RunnerRegistrationResponse with the
+        runner's own credential, ``runnerToken`` (only its hash is kept).
+
+        400 VALIDATION_ERROR when the endpoint's host is not an address runners may have
+        (:mod:`.targets`).
+        """
         check_contract_version(registration["contractVersion"])
         runner_id = str(uuid.uuid4())
         now = Clock()
         interval = int(self.settings.heartbeat_interval_ms)
         health_url = registration["healthCheckEndpoint"]
         base = base_url(health_url)
+        refusal = self.targets.refusal(base) if base else None
+        if refusal is not None:
+            raise ValidationFailed(
+                f"healthCheckEndpoint is refused: {refusal} (see "
+                "RUNNERKIT_FORGE_ALLOWED_RUNNER_NETWORKS)",
+                code="RUNNER_ADDRESS_REFUSED",
+                details=[{"message": refusal, "path": ["healthCheckEndpoint"], "code": "refused"}],
+            )
+        token, token_hash = new_runner_token()
         if not base:
             log.warning(
                 "runner %s registered with %r: not an http(s) URL, it will get no jobs",
@@ -118,6 +135,7 @@ class RunnerRegistry:
                     "last_seen": now.ts,
                     "status": "healthy",
                     "heartbeat_interval_ms": interval,
+                    "token_hash": token_hash,
                 },
             )
             for old in previous:
@@ -125,7 +143,12 @@ class RunnerRegistry:
                 db.delete_runner(conn, old)
         if previous:
             log.info("runner %s re-registered as %s", ", ".join(previous), runner_id)
-        return {"runnerId": runner_id, "registeredAt": now.z, "heartbeatIntervalMs": interval}
+        return {
+            "runnerId": runner_id,
+            "registeredAt": now.z,
+            "heartbeatIntervalMs": interval,
+            "runnerToken": token,
+        }
 
     def heartbeat(self, heartbeat: Mapping[str, Any]) -> dict[str, Any]:
         """Record a loaded RunnerHeartbeat; 404 RESOURCE_NOT_FOUND for an unknown runner."""

@@ -39,8 +39,9 @@ SETTINGS: tuple[Setting, ...] = (
         "TOKEN",
         "",
         parse_str,
-        "Bearer token runners must send (Authorization: Bearer ...) on /runners*, "
-        "POST /jobs/{id}/result and /jobs/{id}/events; empty disables the check.",
+        "Bearer token every route but /health requires (Authorization: Bearer ..., or the "
+        "dashboard's login session); runners register with it. Empty: the forge serves "
+        "loopback peers only (others get 403 FORGE_LOOPBACK_ONLY).",
     ),
     Setting(
         "RUNNER_TOKEN",
@@ -145,7 +146,52 @@ SETTINGS: tuple[Setting, ...] = (
         parse_nonnegative_float,
         "Finished jobs (completed, failed, cancelled) last updated longer ago than this are "
         "deleted, with their events, by the dispatcher's housekeeping (at most 1000 a minute); "
-        "0 keeps them all. TruthCore assertions are kept.",
+        "0 keeps them all. TruthCore assertions have ASSERTION_RETENTION_HOURS.",
+    ),
+    Setting(
+        "ASSERTION_RETENTION_HOURS",
+        168.0,
+        parse_nonnegative_float,
+        "TruthCore assertions recorded longer ago than this, and those whose expiresAt has "
+        "passed, are deleted by the dispatcher's housekeeping (at most 1000 a minute); 0 "
+        "keeps them (expired ones are still deleted).",
+    ),
+    Setting(
+        "UNMATCHED_JOB_EXPIRY_S",
+        900.0,
+        parse_nonnegative_float,
+        "A job queued this long while no registered runner (other than offline ones) lists "
+        "its type fails with RESOURCE_NOT_FOUND / NO_RUNNER_FOR_TYPE; 0 lets it wait forever.",
+    ),
+    Setting(
+        "MAX_BODY_BYTES",
+        1024 * 1024,
+        parse_positive_int,
+        "Largest request body the forge reads (async results included); larger gets 413.",
+    ),
+    Setting(
+        "MAX_ANSWER_BYTES",
+        16 * 1024 * 1024,
+        parse_positive_int,
+        "Largest answer to POST /execute the dispatcher reads; a larger one fails the "
+        "attempt with RUNNER_ERROR / ANSWER_TOO_LARGE (not retried).",
+    ),
+    Setting(
+        "ALLOWED_RUNNER_NETWORKS",
+        "",
+        parse_str,
+        "Comma-separated CIDRs and/or host names runners may be dispatched to (checked at "
+        "registration and on the address each send connects to). Empty: any address but "
+        "link-local and cloud metadata ones (169.254.0.0/16, fe80::/10, fd00:ec2::254), "
+        "which are refused unless listed here.",
+    ),
+    Setting(
+        "TRUST_RUNNER_IDS",
+        False,
+        parse_bool,
+        "Accept the shared TOKEN (or, without one, nothing) instead of a runner's own "
+        "runnerToken on heartbeats, deregistration, results and events: only for runners "
+        "that cannot keep the runnerToken given at registration.",
     ),
     Setting(
         "RETRY_AFTER_CAP_S",

@@ -14,10 +14,10 @@ from flask.testing import FlaskClient
 
 from runnerkit.contracts import utc_now
 from runnerkit.errors import make_envelope
-from runnerkit.forge import Forge, create_app, get_forge
+from runnerkit.forge import Forge, get_forge
 from runnerkit.forge import db as forge_db
 from tests.dashboard.html_query import Node, parse
-from tests.forge.helpers import capability, job_request, new_id, registration
+from tests.forge.helpers import capability, forge_app, job_request, new_id, registration
 
 #: Values that must never reach a page: each sits under a secret-like key somewhere.
 SECRETS = ("tok-SECRET-in-payload", "pw-SECRET-nested", "SECRET-in-result", "SECRET-in-event")
@@ -35,7 +35,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
-    app = create_app(
+    app = forge_app(
         {
             "DB_PATH": str(tmp_path / "var" / "forge.sqlite3"),
             "DISPATCHER": False,

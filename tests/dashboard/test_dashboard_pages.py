@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 
 from flask.testing import FlaskClient
@@ -9,6 +11,7 @@ from flask.testing import FlaskClient
 from runnerkit.contracts import JOB_STATUSES, utc_now
 from runnerkit.errors import make_envelope
 from runnerkit.forge import Forge
+from runnerkit.forge.jobs import Clock
 from tests.dashboard.conftest import SECRETS, Seeded, page, register, start, submit
 from tests.dashboard.html_query import Node
 from tests.forge.helpers import job_request, new_id
@@ -341,6 +344,25 @@ def test_secrets_are_redacted_everywhere(client: FlaskClient, seeded: Seeded) ->
     assert '"client_secret": "[REDACTED]"' in doc.find("job-result").raw_text()
     events = page(client, f"/jobs/{seeded.jobs['running']}/view").find("job-events").text()
     assert "[REDACTED]" in events and "step 40" in events
-    # The API still returns what was stored: redaction is for pages only.
-    api = client.get(f"/jobs/{seeded.jobs['completed']}").get_json()
-    assert api["request"]["payload"]["data"]["api_token"] == SECRETS[0]
+    # The JSON API redacts the same values as the pages (one function for both).
+    completed = seeded.jobs["completed"]
+    api = client.get(f"/jobs/{completed}").get_json()
+    assert api["request"]["payload"]["data"]["api_token"] == "[REDACTED]"
+    assert api["request"]["payload"]["data"]["text"] == "hello world"
+    assert json.loads(request_text) == api["request"]
+    assert api["result"]["data"]["client_secret"] == "[REDACTED]"
+    listing = client.get("/jobs?limit=100").get_data(as_text=True)
+    events = client.get(f"/jobs/{seeded.jobs['running']}/events").get_data(as_text=True)
+    for secret in SECRETS:
+        assert secret not in listing and secret not in events, secret
+
+
+def test_a_job_no_runner_could_take_shows_why_it_failed(client: FlaskClient, forge: Forge) -> None:
+    job_id = submit(client, job_request("nobody.serves.this"))
+    later = Clock(time.time() + float(forge.settings.unmatched_job_expiry_s) + 1)
+    assert forge.jobs.expire_unmatched(later) == 1
+    row = page(client, "/?status=failed").find("job-row", data_job_id=job_id)
+    outcome = row.find("job-outcome").text()
+    assert "RESOURCE_NOT_FOUND" in outcome and "NO_RUNNER_FOR_TYPE" in outcome
+    detail = page(client, f"/jobs/{job_id}/view").find("job-error-summary").text()
+    assert "nobody.serves.this" in detail and "NO_RUNNER_FOR_TYPE" in detail

@@ -91,8 +91,8 @@ def test_jobs_are_routed_to_a_runner_supporting_their_type(stack: Stack) -> None
 
     jobs = []
     for i in range(4):
-        jobs.append(job_request("e2e.alpha", {"token": f"alpha-{i}"}))
-        jobs.append(job_request("e2e.beta", {"token": f"beta-{i}"}))
+        jobs.append(job_request("e2e.alpha", {"tag": f"alpha-{i}"}))
+        jobs.append(job_request("e2e.beta", {"tag": f"beta-{i}"}))
     submit_all(stack, jobs)
     for job, final in zip(jobs, wait_all(stack, jobs, 30), strict=True):
         expected = "A" if job["type"] == "e2e.alpha" else "B"
@@ -101,7 +101,7 @@ def test_jobs_are_routed_to_a_runner_supporting_their_type(stack: Stack) -> None
         assert result["metadata"]["runnerId"] == ids[expected], (expected, ids, final)
         assert result["metadata"]["attempts"] == 1, final
         assert result["data"]["label"] == expected, final
-        assert result["data"]["token"] == job["payload"]["data"]["token"], final
+        assert result["data"]["tag"] == job["payload"]["data"]["tag"], final
         runs = stack.executions(job["id"], "start")
         assert [r["label"] for r in runs] == [expected], runs
         (started,) = of_type(stack.events(job["id"]), "job.started")
@@ -119,8 +119,7 @@ def test_higher_priority_runs_first_then_older(make_stack: Callable[[], Stack]) 
     stack.start_forge()
     plan = [10, 90, 50, 90, 10, 100, 50]
     jobs = [
-        job_request("e2e.solo", {"ms": 100, "token": f"p{i}"}, priority=p)
-        for i, p in enumerate(plan)
+        job_request("e2e.solo", {"ms": 100, "tag": f"p{i}"}, priority=p) for i, p in enumerate(plan)
     ]
     for job in jobs:  # one by one: submission order is the age order
         stack.submit(job)
@@ -136,8 +135,8 @@ def test_higher_priority_runs_first_then_older(make_stack: Callable[[], Stack]) 
     expected = [j["id"] for j in sorted(jobs, key=lambda j: -j["priority"])]  # stable: by age
     ran = [r["job"] for r in stack.executions(event="start") if r["job"] in expected]
     assert ran == expected, (
-        [(j["priority"], j["payload"]["data"]["token"]) for j in jobs],
-        [next(j["payload"]["data"]["token"] for j in jobs if j["id"] == r) for r in ran],
+        [(j["priority"], j["payload"]["data"]["tag"]) for j in jobs],
+        [next(j["payload"]["data"]["tag"] for j in jobs if j["id"] == r) for r in ran],
     )
     # The forge's own record agrees, and with capacity 1 no two attempts overlapped.
     started = sorted(finals, key=lambda f: ts(f["result"]["metadata"]["startedAt"]))
@@ -149,12 +148,10 @@ def test_higher_priority_runs_first_then_older(make_stack: Callable[[], Stack]) 
     assert overlap(spans) == 1, spans
 
     # While the runner is busy: a blocker runs, then 20 / 80 / 80 arrive (in that order).
-    blocker = job_request("e2e.solo", {"ms": 800, "token": "blocker"})
+    blocker = job_request("e2e.solo", {"ms": 800, "tag": "blocker"})
     stack.submit(blocker)
     stack.wait_execution(blocker["id"])
-    later = [
-        job_request("e2e.solo", {"ms": 50, "token": f"l{p}"}, priority=p) for p in (20, 80, 80)
-    ]
+    later = [job_request("e2e.solo", {"ms": 50, "tag": f"l{p}"}, priority=p) for p in (20, 80, 80)]
     for job in later:
         stack.submit(job)
     assert all(stack.job(j["id"])["status"] == "queued" for j in later)
@@ -180,7 +177,7 @@ def test_max_concurrency_is_never_exceeded(stack: Stack) -> None:
     jobs = [
         job_request(
             "e2e.work",
-            {"ms": 400, "token": f"w{i}"},
+            {"ms": 400, "tag": f"w{i}"},
             timeout_ms=SYNC_TIMEOUT_MS if i % 2 else ASYNC_TIMEOUT_MS,
         )
         for i in range(16)
@@ -228,7 +225,7 @@ def _kill_mid_job(
         stack.wait_registered(instance)
     ids = stack.runner_ids()
     job = job_request(
-        "e2e.work", {"ms": 2500, "token": "survivor"}, timeout_ms=timeout_ms, retry_policy=policy
+        "e2e.work", {"ms": 2500, "tag": "survivor"}, timeout_ms=timeout_ms, retry_policy=policy
     )
     stack.submit(job)
     first = stack.wait_execution(job["id"])
@@ -339,15 +336,15 @@ def test_retryable_errors_follow_the_retry_policy(stack: Stack) -> None:
     policy = {"maxRetries": 2, "backoffMs": 300, "backoffMultiplier": 2, "maxBackoffMs": 5000}
     delays = [retry_delay(i, policy) for i in range(2)]
     assert delays == [300, 600]
-    good = job_request("e2e.flaky", {"fail_times": 2, "token": "good"}, retry_policy=policy)
-    bad = job_request("e2e.flaky", {"fail_times": 99, "token": "bad"}, retry_policy=policy)
+    good = job_request("e2e.flaky", {"fail_times": 2, "tag": "good"}, retry_policy=policy)
+    bad = job_request("e2e.flaky", {"fail_times": 99, "tag": "bad"}, retry_policy=policy)
     stack.submit(good)
     stack.submit(bad)
 
     final = stack.wait_final(good["id"], 30)
     assert final["status"] == "completed", final
     assert final["result"]["metadata"]["attempts"] == 3, final
-    assert final["result"]["data"]["token"] == "good"
+    assert final["result"]["data"]["tag"] == "good"
     starts = stack.executions(good["id"], "start")
     ends = stack.executions(good["id"], "end")
     assert [e["ok"] for e in ends] == [False, False, True], ends
@@ -393,7 +390,7 @@ def test_async_result_is_delivered_after_a_forge_restart(
     runner = stack.start_runner("R", ("work",))
     runner_id = stack.runner_ids()["R"]
     token = str(uuid.uuid4())
-    job = job_request("e2e.work", {"ms": 1500, "token": token}, timeout_ms=ASYNC_TIMEOUT_MS)
+    job = job_request("e2e.work", {"ms": 1500, "tag": token}, timeout_ms=ASYNC_TIMEOUT_MS)
     stack.submit(job)
     stack.wait_execution(job["id"])
     running = stack.job(job["id"])
@@ -412,7 +409,7 @@ def test_async_result_is_delivered_after_a_forge_restart(
     assert len(waiting) == 1, waiting
     pending = check(RunnerExecutionResponseSchema, json.loads(waiting[0]["body"]), "outbox row")
     assert pending["jobId"] == job["id"] and pending["success"] is True, pending
-    assert pending["runnerId"] == runner_id and pending["data"]["token"] == token, pending
+    assert pending["runnerId"] == runner_id and pending["data"]["tag"] == token, pending
     time.sleep(1.0)  # the forge stays down a while: delivery is retried, not lost
 
     stack.start_forge()
@@ -422,7 +419,7 @@ def test_async_result_is_delivered_after_a_forge_restart(
     final = stack.wait_final(job["id"], 45)
     assert final["status"] == "completed", final
     result = final["result"]
-    assert result["data"] == {"label": "R", "pid": end["pid"], "token": token}, result
+    assert result["data"] == {"label": "R", "pid": end["pid"], "tag": token}, result
     assert result["metadata"]["attempts"] == 1
     assert result["metadata"]["runnerId"] == runner_id
     wait_until(
@@ -444,15 +441,15 @@ def test_cancel_queued_and_running_jobs(stack: Stack) -> None:
     """A queued job cancelled → cancelled and never executed, though it had the highest
     priority when the slot freed up. Running jobs (sync and async) cancelled → cancelled;
     the runner still finishes them and its late results change nothing."""
-    blocker = job_request("e2e.solo", {"ms": 1200, "token": "blocker"})
+    blocker = job_request("e2e.solo", {"ms": 1200, "tag": "blocker"})
     stack.submit(blocker)
     stack.wait_execution(blocker["id"])
-    queued = job_request("e2e.solo", {"ms": 10, "token": "never"}, priority=100)
+    queued = job_request("e2e.solo", {"ms": 10, "tag": "never"}, priority=100)
     stack.submit(queued)
     assert stack.job(queued["id"])["status"] == "queued"
     answer = stack.cancel(queued["id"])
     assert answer["status"] == "cancelled", answer
-    probe = job_request("e2e.solo", {"ms": 10, "token": "probe"}, priority=1)
+    probe = job_request("e2e.solo", {"ms": 10, "tag": "probe"}, priority=1)
     stack.submit(probe)
     assert stack.wait_final(blocker["id"], 20)["status"] == "completed"
     assert stack.wait_final(probe["id"], 20)["status"] == "completed"
@@ -466,8 +463,8 @@ def test_cancel_queued_and_running_jobs(stack: Stack) -> None:
     assert stack.executions(queued["id"]) == []
 
     running = [
-        job_request("e2e.work", {"ms": 1200, "token": "sync"}, timeout_ms=SYNC_TIMEOUT_MS),
-        job_request("e2e.work", {"ms": 1200, "token": "async"}, timeout_ms=ASYNC_TIMEOUT_MS),
+        job_request("e2e.work", {"ms": 1200, "tag": "sync"}, timeout_ms=SYNC_TIMEOUT_MS),
+        job_request("e2e.work", {"ms": 1200, "tag": "async"}, timeout_ms=ASYNC_TIMEOUT_MS),
     ]
     for job in running:
         stack.submit(job)
@@ -502,7 +499,7 @@ def test_cancel_queued_and_running_jobs(stack: Stack) -> None:
         (cancelled,) = of_type(stack.events(job["id"]), "job.cancelled")
         assert cancelled["data"]["previousStatus"] == "running", cancelled
     # The cancelled jobs' slots were given back: the whole capacity is usable again.
-    refill = [job_request("e2e.work", {"ms": 300, "token": f"r{i}"}) for i in range(4)]
+    refill = [job_request("e2e.work", {"ms": 300, "tag": f"r{i}"}) for i in range(4)]
     submit_all(stack, refill)
     finals = wait_all(stack, refill, 20)
     assert all(f["status"] == "completed" for f in finals), finals

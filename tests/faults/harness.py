@@ -136,7 +136,7 @@ def jobs_of(
 ) -> list[dict[str, Any]]:
     kwargs.setdefault("retry_policy", POLICY)
     return [
-        job_request(job_type, {"ms": ms, "token": f"{prefix}{i}"}, timeout_ms=timeout_ms, **kwargs)
+        job_request(job_type, {"ms": ms, "tag": f"{prefix}{i}"}, timeout_ms=timeout_ms, **kwargs)
         for i in range(count)
     ]
 
@@ -144,7 +144,7 @@ def jobs_of(
 def quick_jobs(count: int, prefix: str) -> list[dict[str, Any]]:
     """e2e.alpha jobs (return at once), synchronous."""
     return [
-        job_request("e2e.alpha", {"token": f"{prefix}{i}"}, timeout_ms=SYNC_MS, retry_policy=POLICY)
+        job_request("e2e.alpha", {"tag": f"{prefix}{i}"}, timeout_ms=SYNC_MS, retry_policy=POLICY)
         for i in range(count)
     ]
 
@@ -481,7 +481,7 @@ class JobReport:
         if self.status != "completed":
             return ""
         data = (self.final or {}).get("result", {}).get("data") or {}
-        produced = (data.get("pid"), data.get("label"), data.get("token"))
+        produced = (data.get("pid"), data.get("label"), data.get("tag"))
         runs = [(r["pid"], r["label"], self.token) for r in self.successes]
         if produced not in runs:
             return f"result {data} comes from none of the successful executions {runs}"
@@ -597,7 +597,7 @@ def collect(
     reports = [
         JobReport(
             j["id"],
-            str(j["payload"]["data"].get("token", "")),
+            str(j["payload"]["data"].get("tag", "")),
             finals[j["id"]],
             runs[j["id"]],
             sorted(answered.get(j["id"], [])),

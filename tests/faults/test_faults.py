@@ -585,7 +585,7 @@ def test_capabilities_slower_than_their_timeout(
             # Every execution overran: the runner answered TIMEOUT at the deadline.
             assert "TIMEOUT" in errors, (report.describe(), errors)
             assert all(r.get("cut") for r in report.runs if r["event"] == "end"), report.runs
-            timed_out.add(job["payload"]["data"]["token"].rstrip("0123456789"))
+            timed_out.add(job["payload"]["data"]["tag"].rstrip("0123456789"))
         else:
             # Stubborn overruns still held the capability's slots (their code cannot be
             # stopped; the forge counts a slot free once the TIMEOUT answer is in), or the

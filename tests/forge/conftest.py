@@ -10,8 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from runnerkit.forge import Forge, create_app, get_forge
-from tests.forge.helpers import FakeRunner, ForgeServer
+from runnerkit.forge import Forge, get_forge
+from tests.forge.helpers import FakeRunner, ForgeServer, forge_app
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def forge_config(db_path: str) -> dict[str, Any]:
 
 @pytest.fixture
 def app(forge_config: dict[str, Any]) -> Iterator[Flask]:
-    app = create_app(forge_config)
+    app = forge_app(forge_config)
     yield app
     get_forge(app).close()
 

@@ -19,7 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 from werkzeug.serving import make_server
+from werkzeug.test import TestResponse
 
 from runnerkit.contracts import CONTRACT_VERSION, utc_now, validate
 from runnerkit.errors import make_envelope
@@ -150,11 +153,69 @@ def wait_for(
 # --------------------------------------------------------------------------- the forge
 
 
+class RunnerClient(FlaskClient):
+    """A test client that calls the runner endpoints as the runner concerned, the way a
+    runner does: with the ``runnerToken`` the forge gave at registration.
+
+    Registrations through this client are remembered; a heartbeat (by its ``runnerId``), a
+    deregistration (by the id in its path), a result (by its ``runnerId``) or a progress
+    event (by the job's runner) sent without an ``Authorization`` header gets that runner's.
+    A test that sends its own header (or none to a runner nobody registered here) is left
+    alone, so refusals are still tested as they are.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: runner id → runnerToken of every registration made through this client.
+        self.tokens: dict[str, str] = {}
+
+    def open(self, *args: Any, **kwargs: Any) -> TestResponse:
+        path = args[0] if args and isinstance(args[0], str) else ""
+        method = str(kwargs.get("method", "GET")).upper()
+        headers = dict(kwargs.get("headers") or {})
+        if path and "Authorization" not in headers:
+            runner = self._runner_for(method, path.split("?", 1)[0], kwargs.get("json"))
+            if runner in self.tokens:
+                headers["Authorization"] = f"Bearer {self.tokens[runner]}"
+                kwargs["headers"] = headers
+        response: TestResponse = super().open(*args, **kwargs)
+        if path == "/runners/register" and response.status_code == 201:
+            body = response.get_json()
+            self.tokens[body["runnerId"]] = body["runnerToken"]
+        return response
+
+    def _runner_for(self, method: str, path: str, body: Any) -> str | None:
+        parts = path.strip("/").split("/")
+        given = body.get("runnerId") if isinstance(body, dict) else None
+        if method == "POST" and path == "/runners/heartbeat":
+            return given if isinstance(given, str) else None
+        if method == "DELETE" and len(parts) == 2 and parts[0] == "runners":
+            return parts[1]
+        if method == "POST" and len(parts) == 3 and parts[0] == "jobs":
+            if parts[2] == "result":
+                return given if isinstance(given, str) else None
+            if parts[2] == "events":
+                forge: Forge = self.application.extensions["forge"]
+                with forge.db.connection() as conn:
+                    row = conn.execute(
+                        "SELECT runner_id FROM jobs WHERE id = ?", (parts[1],)
+                    ).fetchone()
+                return None if row is None else row[0]
+        return None
+
+
+def forge_app(config: Mapping[str, Any]) -> Flask:
+    """``create_app(config)`` whose test client is a :class:`RunnerClient`."""
+    app = create_app(config)
+    app.test_client_class = RunnerClient
+    return app
+
+
 class ForgeServer:
     """``create_app(config)`` served over real HTTP on 127.0.0.1 (a thread per request)."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.app = create_app(config)
+        self.app = forge_app(config)
         self.forge: Forge = get_forge(self.app)
         self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
@@ -296,6 +357,7 @@ class FakeRunner:
         self.capabilities = capabilities
         self.script: Script = script or (lambda fake, call: Reply())
         self.runner_id = ""
+        self.runner_token = ""
         self.forge_url = ""
         self.forge_token = ""
         self.calls: list[Call] = []
@@ -332,13 +394,18 @@ class FakeRunner:
         )
         assert response.status_code == 201, response.text
         self.runner_id = valid("RunnerRegistrationResponse", response.json())["runnerId"]
+        self.runner_token = response.json()["runnerToken"]
         return self.runner_id
+
+    def _runner_headers(self) -> dict[str, str]:
+        """Its own credential, for the calls that speak for this runner."""
+        return {"Authorization": f"Bearer {self.runner_token}"}
 
     def heartbeat(self) -> requests.Response:
         return requests.post(
             f"{self.forge_url}/runners/heartbeat",
             json=heartbeat(self.runner_id),
-            headers=self._headers(),
+            headers=self._runner_headers(),
             timeout=10,
         )
 
@@ -363,7 +430,7 @@ class FakeRunner:
         return requests.post(
             f"{self.forge_url}/jobs/{body['jobId']}/result",
             json=dict(body),
-            headers=self._headers(),
+            headers=self._runner_headers(),
             timeout=10,
         )
 

@@ -512,7 +512,10 @@ def test_a_restarted_forge_keeps_its_queue_and_requeues_orphans(
     second = make_forge()
     assert second.job(orphan["id"])["status"] == "running"
     assert second.job(waiting["id"])["status"] == "queued"
-    assert second.session.delete(f"{second.url}/runners/{stuck.runner_id}").status_code == 204
+    gone = second.session.delete(
+        f"{second.url}/runners/{stuck.runner_id}", headers=stuck._runner_headers()
+    )
+    assert gone.status_code == 204
     fresh = make_runner("fresh", [capability("cap", ["type.a", "type.b"], 2)])
     fresh.register(second.url)
     done = second.wait_status(orphan["id"], "completed")

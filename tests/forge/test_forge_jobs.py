@@ -33,8 +33,13 @@ from tests.forge.helpers import (
 GUIDE_EXAMPLE = Path(__file__).parents[1] / "fixtures" / "contracts"
 
 
-def submit(client: FlaskClient, request: dict[str, Any], status: int = 202) -> dict[str, Any]:
-    response = client.post("/jobs", json=request)
+def submit(
+    client: FlaskClient,
+    request: dict[str, Any],
+    status: int = 202,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    response = client.post("/jobs", json=request, headers=headers or {})
     assert response.status_code == status, response.get_json()
     body: dict[str, Any] = valid("JobResponse", response.get_json())
     return body
@@ -293,20 +298,39 @@ def test_result_for_unknown_job_or_wrong_id(client: FlaskClient, forge: Forge) -
         "RESOURCE_NOT_FOUND",
     )
     job_id = submit(client, job_request("t"))["id"]
+    start(forge, job_id, runner_id)
     mismatch = client.post(f"/jobs/{job_id}/result", json=execution_response(new_id(), runner_id))
     assert error_of(mismatch, 400, "VALIDATION_ERROR")["code"] == "JOB_ID_MISMATCH"
-    invalid = client.post(f"/jobs/{job_id}/result", json={"jobId": job_id, "success": "yes"})
+    as_runner = {"Authorization": f"Bearer {client.tokens[runner_id]}"}  # type: ignore[attr-defined]
+    invalid = client.post(
+        f"/jobs/{job_id}/result", json={"jobId": job_id, "success": "yes"}, headers=as_runner
+    )
     paths = {tuple(d["path"]) for d in error_of(invalid, 400, "VALIDATION_ERROR")["details"]}
     assert paths == {("success",), ("executionTimeMs",), ("runnerId",)}
 
 
-def test_result_from_another_runner_is_ignored(client: FlaskClient, forge: Forge) -> None:
+def test_result_from_another_runner_is_refused(client: FlaskClient, forge: Forge) -> None:
     runner_id = register(client)
     job_id = submit(client, job_request("t"))["id"]
     start(forge, job_id, runner_id)
-    stranger = client.post(f"/jobs/{job_id}/result", json=execution_response(job_id, new_id()))
-    assert stranger.headers["X-Result-Outcome"] == "ignored"
-    assert stranger.get_json()["status"] == "running"
+    # Another registered runner, with its own credential: naming itself or the job's runner.
+    elsewhere = registration("other", "http://127.0.0.1:8/health", [capability("c", ["x"])])
+    other = client.post("/runners/register", json=elsewhere).get_json()["runnerId"]
+    for named in (other, runner_id):
+        stranger = client.post(
+            f"/jobs/{job_id}/result",
+            json=execution_response(job_id, named),
+            headers={"Authorization": f"Bearer {client.tokens[other]}"},  # type: ignore[attr-defined]
+        )
+        assert error_of(stranger, 403, "AUTHORIZATION_ERROR")["code"] == "NOT_YOUR_RUNNER"
+    # Without any credential, naming the job's runner proves nothing either.
+    anonymous = client.post(
+        f"/jobs/{job_id}/result",
+        json=execution_response(job_id, runner_id),
+        headers={"Authorization": ""},
+    )
+    error_of(anonymous, 401, "AUTHENTICATION_ERROR")
+    assert client.get(f"/jobs/{job_id}").get_json()["status"] == "running"
 
 
 # --------------------------------------------------------------------------- events
@@ -328,9 +352,13 @@ def progress(job_id: str, percent: float, **extra: Any) -> dict[str, Any]:
 def test_progress_events(client: FlaskClient, forge: Forge) -> None:
     runner_id = register(client)
     job_id = submit(client, job_request("t"))["id"]
-    not_started = client.post(f"/jobs/{job_id}/events", json=progress(job_id, 10))
-    assert not_started.status_code == 202
-    assert not_started.get_json()["recorded"] is False
+    # A job no runner was sent: no runner's credential speaks for it.
+    not_started = client.post(
+        f"/jobs/{job_id}/events",
+        json=progress(job_id, 10),
+        headers={"Authorization": f"Bearer {client.tokens[runner_id]}"},  # type: ignore[attr-defined]
+    )
+    assert error_of(not_started, 403, "AUTHORIZATION_ERROR")["code"] == "NOT_YOUR_RUNNER"
 
     start(forge, job_id, runner_id)
     event = progress(job_id, 50)
@@ -358,16 +386,21 @@ def test_progress_events(client: FlaskClient, forge: Forge) -> None:
     assert {e["metadata"]["service"] for e in ours} == {"jobforge"}
 
 
-def test_progress_event_checks(client: FlaskClient) -> None:
+def test_progress_event_checks(client: FlaskClient, forge: Forge) -> None:
+    runner_id = register(client)
     job_id = submit(client, job_request("t"))["id"]
+    start(forge, job_id, runner_id)
     wrong = progress(new_id(), 1, type="job.completed")
     error = error_of(client.post(f"/jobs/{job_id}/events", json=wrong), 400, "VALIDATION_ERROR")
     assert {tuple(d["path"]) for d in error["details"]} == {("jobId",), ("type",)}
     invalid = progress(job_id, 1, type="job.exploded")
     error_of(client.post(f"/jobs/{job_id}/events", json=invalid), 400, "VALIDATION_ERROR")
     other = new_id()
+    as_runner = {"Authorization": f"Bearer {client.tokens[runner_id]}"}  # type: ignore[attr-defined]
     error_of(
-        client.post(f"/jobs/{other}/events", json=progress(other, 1)), 404, "RESOURCE_NOT_FOUND"
+        client.post(f"/jobs/{other}/events", json=progress(other, 1), headers=as_runner),
+        404,
+        "RESOURCE_NOT_FOUND",
     )
     error_of(client.get(f"/jobs/{other}/events"), 404, "RESOURCE_NOT_FOUND")
 
@@ -376,7 +409,8 @@ def test_token_protects_result_and_events(db_path: str) -> None:
     app = create_app({"DB_PATH": db_path, "DISPATCHER": False, "TOKEN": "t0k"})
     try:
         client = app.test_client()
-        job_id = submit(client, job_request("t"))["id"]
+        auth = {"Authorization": "Bearer t0k"}
+        job_id = submit(client, job_request("t"), headers=auth)["id"]
         result = execution_response(job_id, new_id())
         error_of(client.post(f"/jobs/{job_id}/result", json=result), 401, "AUTHENTICATION_ERROR")
         error_of(
@@ -385,10 +419,10 @@ def test_token_protects_result_and_events(db_path: str) -> None:
             "AUTHENTICATION_ERROR",
         )
         error_of(client.get(f"/jobs/{job_id}/events"), 401, "AUTHENTICATION_ERROR")
-        auth = {"Authorization": "Bearer t0k"}
         assert client.get(f"/jobs/{job_id}/events", headers=auth).status_code == 200
+        # The forge's TOKEN is not a runner's credential: results need the runner's own.
         answer = client.post(f"/jobs/{job_id}/result", json=result, headers=auth)
-        assert answer.headers["X-Result-Outcome"] == "ignored"  # queued, not running
+        assert error_of(answer, 403, "AUTHORIZATION_ERROR")["code"] == "RUNNER_TOKEN_REQUIRED"
     finally:
         get_forge(app).close()
 

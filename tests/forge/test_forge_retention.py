@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from runnerkit.forge import Forge, create_app, get_forge
+from runnerkit.forge import Forge, get_forge
 from runnerkit.forge.db import PRUNE_QUERY
 from runnerkit.forge.jobs import Clock
 from runnerkit.testing import documents
-from tests.forge.helpers import job_request
+from tests.forge.helpers import forge_app, job_request
 
 HOUR = 3600.0
 
@@ -100,7 +100,7 @@ def test_one_pass_deletes_a_batch_oldest_first(client: FlaskClient, forge: Forge
 
 
 def test_retention_zero_keeps_every_job(db_path: str) -> None:
-    app = create_app({"DB_PATH": db_path, "DISPATCHER": False, "HISTORY_RETENTION_HOURS": 0})
+    app = forge_app({"DB_PATH": db_path, "DISPATCHER": False, "HISTORY_RETENTION_HOURS": 0})
     try:
         finished = _submit(app.test_client(), cancel=True)
 

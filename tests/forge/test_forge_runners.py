@@ -13,6 +13,7 @@ from runnerkit.forge.runners import base_url
 from tests.forge.helpers import (
     capability,
     error_of,
+    forge_app,
     heartbeat,
     new_id,
     registration,
@@ -53,15 +54,43 @@ def test_heartbeat_known_and_unknown(client: FlaskClient) -> None:
     assert response.get_json()["runnerId"] == runner_id
     assert client.get(f"/runners/{runner_id}").get_json()["status"] == "degraded"
 
-    error = error_of(
-        client.post("/runners/heartbeat", json=heartbeat(new_id())), 404, "RESOURCE_NOT_FOUND"
+    # Naming another runner is refused, with a credential or without.
+    own = {"Authorization": f"Bearer {client.tokens[runner_id]}"}  # type: ignore[attr-defined]
+    other = client.post("/runners/heartbeat", json=heartbeat(new_id()), headers=own)
+    assert error_of(other, 403, "AUTHORIZATION_ERROR")["code"] == "NOT_YOUR_RUNNER"
+    error_of(
+        client.post("/runners/heartbeat", json=heartbeat(new_id())), 401, "AUTHENTICATION_ERROR"
     )
-    assert error["code"] == "RUNNER_NOT_FOUND"
+
+
+def test_heartbeat_of_an_unknown_runner_trusted_by_id_is_404(db_path: str) -> None:
+    """TRUST_RUNNER_IDS (no per-runner credential): the contract's 404 for an unknown id."""
+    app = forge_app(
+        {
+            "DB_PATH": db_path,
+            "DISPATCHER": False,
+            "TRUST_RUNNER_IDS": True,
+            "HEARTBEAT_INTERVAL_MS": 60_000,
+        }
+    )
+    try:
+        client = app.test_client()
+        runner_id = register(client)
+        beat = client.post("/runners/heartbeat", json=heartbeat(runner_id), headers={"X": "1"})
+        assert beat.status_code == 200
+        error = error_of(
+            client.post("/runners/heartbeat", json=heartbeat(new_id())), 404, "RESOURCE_NOT_FOUND"
+        )
+        assert error["code"] == "RUNNER_NOT_FOUND"
+    finally:
+        get_forge(app).close()
 
 
 def test_heartbeat_invalid_body(client: FlaskClient) -> None:
+    own = {"Authorization": f"Bearer {client.tokens[register(client)]}"}  # type: ignore[attr-defined]
     body = {"runnerId": "nope", "timestamp": "2026-01-01T00:00:00+00:00", "status": "fine"}
-    error = error_of(client.post("/runners/heartbeat", json=body), 400, "VALIDATION_ERROR")
+    response = client.post("/runners/heartbeat", json=body, headers=own)
+    error = error_of(response, 400, "VALIDATION_ERROR")
     assert {tuple(d["path"]) for d in error["details"]} == {
         ("runnerId",),
         ("timestamp",),
@@ -74,9 +103,10 @@ def test_deregister(client: FlaskClient) -> None:
     response = client.delete(f"/runners/{runner_id}")
     assert response.status_code == 204
     assert response.data == b""
-    error_of(client.delete(f"/runners/{runner_id}"), 404, "RESOURCE_NOT_FOUND")
+    # Its credential went with it.
+    error_of(client.delete(f"/runners/{runner_id}"), 401, "AUTHENTICATION_ERROR")
     error_of(
-        client.post("/runners/heartbeat", json=heartbeat(runner_id)), 404, "RESOURCE_NOT_FOUND"
+        client.post("/runners/heartbeat", json=heartbeat(runner_id)), 401, "AUTHENTICATION_ERROR"
     )
     assert client.get("/runners").get_json()["total"] == 0
 
@@ -111,7 +141,10 @@ def test_bodies_are_parsed_strictly(client: FlaskClient) -> None:
     assert error_of(bad_json, 400, "VALIDATION_ERROR")["code"] == "INVALID_JSON"
     array = client.post("/runners/register", json=[1])
     assert error_of(array, 400, "VALIDATION_ERROR")["code"] == "INVALID_BODY"
-    nan = client.post("/runners/heartbeat", data='{"x": NaN}', content_type="application/json")
+    own = {"Authorization": f"Bearer {client.tokens[register(client)]}"}  # type: ignore[attr-defined]
+    nan = client.post(
+        "/runners/heartbeat", data='{"x": NaN}', content_type="application/json", headers=own
+    )
     assert error_of(nan, 400, "VALIDATION_ERROR")["code"] == "INVALID_JSON"
 
 
@@ -173,8 +206,9 @@ def test_token_protects_runner_endpoints(db_path: str) -> None:
         good = {"Authorization": "Bearer s3cret"}
         assert client.post("/runners/register", json=body, headers=good).status_code == 201
         assert client.get("/runners", headers=good).status_code == 200
-        # Clients submitting jobs need no token.
-        assert client.get("/jobs").status_code == 200
+        # Clients need it too: every route but /health.
+        error_of(client.get("/jobs"), 401, "AUTHENTICATION_ERROR")
+        assert client.get("/jobs", headers=good).status_code == 200
         assert "s3cret" not in response.get_data(as_text=True)
     finally:
         get_forge(app).close()

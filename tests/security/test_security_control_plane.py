@@ -64,6 +64,7 @@ class ControlPlane:
         self.forge = forge
         self.runners = runners
         self.session = requests.Session()
+        self.session.headers.update(AUTH)  # every forge route but /health needs the token
 
     def registered(self) -> dict[str, dict[str, Any]]:
         """RunnerMetadata by health URL, as the forge lists it (with the token)."""

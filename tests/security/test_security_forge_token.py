@@ -1,9 +1,11 @@
-"""The forge's bearer token (RUNNERKIT_FORGE_TOKEN) on every endpoint runners call.
+"""The forge's bearer token (RUNNERKIT_FORGE_TOKEN), and each runner's own runnerToken.
 
-Without the token, with a wrong one, or with another auth scheme, each runner endpoint answers
-401 with an AUTHENTICATION_ERROR envelope (and ``WWW-Authenticate``), before it looks at the
-body; with the token the same request gets its normal answer. Job submission and reading are
-for clients and stay open. (Real runners using the token: test_security_control_plane.py.)
+Without a credential, with a wrong one, or with another auth scheme, each endpoint runners call
+answers 401 with an AUTHENTICATION_ERROR envelope (and ``WWW-Authenticate``), before it looks
+at the body; with the right credential (the TOKEN to register and read, the runner's own
+runnerToken for heartbeats, deregistration, results and events) the same request gets its
+normal answer. Clients need the TOKEN too. (Real runners: test_security_control_plane.py;
+every route of the app: test_security_forge_trust.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from runnerkit.contracts import utc_now
-from runnerkit.forge import create_app, get_forge
+from runnerkit.forge import create_app, db, get_forge
 from tests.forge.helpers import capability, heartbeat, job_request, new_id, registration, valid
 
 TOKEN = "forge-token-4c1f9e0b-do-not-echo"
@@ -46,6 +48,10 @@ def client(tmp_path: Path) -> Iterator[FlaskClient]:
         get_forge(app).close()
 
 
+#: runner id → its runnerToken, for the runners these tests register.
+_TOKENS: dict[str, str] = {}
+
+
 def _register(client: FlaskClient) -> str:
     body = registration(
         "token-runner", "http://127.0.0.1:9/health", [capability("c", ["token.test"])]
@@ -53,14 +59,33 @@ def _register(client: FlaskClient) -> str:
     response = client.post("/runners/register", json=body, headers=GOOD_AUTH)
     assert response.status_code == 201, response.get_json()
     runner_id: str = response.get_json()["runnerId"]
+    _TOKENS[runner_id] = response.get_json()["runnerToken"]
     return runner_id
 
 
+def _as_runner(headers: dict[str, str], runner_id: str) -> dict[str, str]:
+    """The runner's own credential where a test means "authorised", else ``headers``."""
+    if headers is GOOD_AUTH:
+        return {"Authorization": f"Bearer {_TOKENS[runner_id]}"}
+    return headers
+
+
 def _job(client: FlaskClient) -> str:
-    response = client.post("/jobs", json=job_request("token.test"))
+    response = client.post("/jobs", json=job_request("token.test"), headers=GOOD_AUTH)
     assert response.status_code == 202, response.get_json()
     job_id: str = response.get_json()["id"]
     return job_id
+
+
+def _running_job(client: FlaskClient) -> tuple[str, str]:
+    """A job the dispatcher has sent to a new runner: (job id, runner id)."""
+    job_id, runner_id = _job(client), _register(client)
+    forge = get_forge(client.application)
+    with forge.db.connection() as conn:
+        row, runner = db.get_job(conn, job_id), db.get_runner(conn, runner_id)
+    assert row is not None and runner is not None
+    assert forge.jobs.claim(row, runner, "c") is not None
+    return job_id, runner_id
 
 
 def _result(job_id: str, runner_id: str) -> dict[str, Any]:
@@ -96,23 +121,32 @@ ENDPOINTS: dict[str, tuple[Call, int]] = {
         201,
     ),
     "POST /runners/heartbeat": (
-        lambda c, h: c.post("/runners/heartbeat", json=heartbeat(_register(c)), headers=h),
+        lambda c, h: (
+            lambda r: c.post("/runners/heartbeat", json=heartbeat(r), headers=_as_runner(h, r))
+        )(_register(c)),
         200,
     ),
-    "DELETE /runners/<id>": (lambda c, h: c.delete(f"/runners/{_register(c)}", headers=h), 204),
+    "DELETE /runners/<id>": (
+        lambda c, h: (lambda r: c.delete(f"/runners/{r}", headers=_as_runner(h, r)))(_register(c)),
+        204,
+    ),
     "GET /runners": (lambda c, h: c.get("/runners", headers=h), 200),
     "GET /runners/<id>": (lambda c, h: c.get(f"/runners/{_register(c)}", headers=h), 200),
     "POST /jobs/<id>/result": (
-        # A result for a job that is not running is "ignored" (200), but only past the auth.
+        # The job (sent async: its default timeoutMs is long) is recorded from its own runner.
         lambda c, h: (
-            lambda job: c.post(f"/jobs/{job}/result", json=_result(job, _register(c)), headers=h)
-        )(_job(c)),
+            lambda jr: c.post(
+                f"/jobs/{jr[0]}/result", json=_result(*jr), headers=_as_runner(h, jr[1])
+            )
+        )(_running_job(c)),
         200,
     ),
     "POST /jobs/<id>/events": (
-        lambda c, h: (lambda job: c.post(f"/jobs/{job}/events", json=_progress(job), headers=h))(
-            _job(c)
-        ),
+        lambda c, h: (
+            lambda jr: c.post(
+                f"/jobs/{jr[0]}/events", json=_progress(jr[0]), headers=_as_runner(h, jr[1])
+            )
+        )(_running_job(c)),
         202,
     ),
     "GET /jobs/<id>/events": (
@@ -170,9 +204,26 @@ def test_the_token_is_checked_before_the_body(client: FlaskClient) -> None:
     assert response.status_code == 401
 
 
-def test_client_endpoints_need_no_token(client: FlaskClient) -> None:
+def test_client_endpoints_need_the_token_too(client: FlaskClient) -> None:
     job_id = _job(client)
-    assert client.get(f"/jobs/{job_id}").status_code == 200
-    assert client.get("/jobs").status_code == 200
-    assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+    for path in (f"/jobs/{job_id}", "/jobs"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers=GOOD_AUTH).status_code == 200
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 401
+    assert client.post(f"/jobs/{job_id}/cancel", headers=GOOD_AUTH).status_code == 200
     assert client.get("/health").status_code in (200, 503)  # no dispatcher runs here
+
+
+def test_the_forges_token_does_not_speak_for_a_runner(client: FlaskClient) -> None:
+    """Heartbeats, results and events need the runner's own credential, not the TOKEN."""
+    job_id, runner_id = _running_job(client)
+    calls = [
+        client.post("/runners/heartbeat", json=heartbeat(runner_id), headers=GOOD_AUTH),
+        client.post(f"/jobs/{job_id}/result", json=_result(job_id, runner_id), headers=GOOD_AUTH),
+        client.post(f"/jobs/{job_id}/events", json=_progress(job_id), headers=GOOD_AUTH),
+    ]
+    for response in calls:
+        assert response.status_code == 403, response.get_json()
+        assert response.get_json()["error"]["code"] == "RUNNER_TOKEN_REQUIRED"
+    # The operator may deregister a runner with the TOKEN.
+    assert client.delete(f"/runners/{runner_id}", headers=GOOD_AUTH).status_code == 204

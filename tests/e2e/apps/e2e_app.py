@@ -8,7 +8,7 @@ Serve it with ``gunicorn tests.e2e.apps.e2e_app:app`` from the repository root.
   (``{"event", "job", "cap", "label", "pid", "t", "ok"}``). Runners of one test share it, so
   it is the capabilities' own record of what ran where and when.
 
-Capabilities (each answers ``{"label", "pid", "token"}`` so a result names where it ran):
+Capabilities (each answers ``{"label", "pid", "tag"}`` so a result names where it ran):
 
 =========  ================  ===============  ==================================================
 id         job type          maxConcurrency   what it does
@@ -75,7 +75,7 @@ def _starts_before(job_id: str) -> int:
 class _Result(Schema):
     label = fields.String(required=True)
     pid = fields.Integer(required=True)
-    token = fields.String(required=True)
+    tag = fields.String(required=True)
 
 
 class _Recorded(Capability):
@@ -93,19 +93,19 @@ class _Recorded(Capability):
             ok = True
         finally:
             _append({**record, "event": "end", "t": time.time(), "ok": ok})
-        return {"label": LABEL, "pid": os.getpid(), "token": payload.get("token", "")}
+        return {"label": LABEL, "pid": os.getpid(), "tag": payload.get("tag", "")}
 
     def work(self, payload: dict[str, Any], ctx: Context) -> None:
         """Nothing by default."""
 
 
 class _Quick(Schema):
-    token = strict.StrictString(load_default="")
+    tag = strict.StrictString(load_default="")
 
 
 class _Sleep(Schema):
     ms = strict.StrictInteger(load_default=0, validate=validate.Range(min=0, max=60_000))
-    token = strict.StrictString(load_default="")
+    tag = strict.StrictString(load_default="")
 
 
 class Alpha(_Recorded):
@@ -159,7 +159,7 @@ class Flaky(_Recorded):
 
     class Input(Schema):
         fail_times = strict.StrictInteger(required=True, validate=validate.Range(min=0))
-        token = strict.StrictString(load_default="")
+        tag = strict.StrictString(load_default="")
 
     def work(self, payload: dict[str, Any], ctx: Context) -> None:
         # This run's own start record is already in the log, hence the "- 1".
@@ -177,7 +177,7 @@ class Strict(_Recorded):
 
     class Input(Schema):
         n = strict.StrictInteger(required=True, validate=validate.Range(min=0, max=10))
-        token = strict.StrictString(load_default="")
+        tag = strict.StrictString(load_default="")
 
 
 ALL = {c.id: c for c in (Alpha, Beta, Work, Solo, Flaky, Strict)}

@@ -47,12 +47,12 @@ def _append(record: dict[str, Any]) -> None:
 class _Result(Schema):
     label = fields.String(required=True)
     pid = fields.Integer(required=True)
-    token = fields.String(required=True)
+    tag = fields.String(required=True)
 
 
 class _Sleep(Schema):
     ms = strict.StrictInteger(load_default=0, validate=validate.Range(min=0, max=60_000))
-    token = strict.StrictString(load_default="")
+    tag = strict.StrictString(load_default="")
 
 
 class _Recorded(Capability):
@@ -72,7 +72,7 @@ class _Recorded(Capability):
         finally:
             end = {"event": "end", "t": time.time(), "ok": ok, "cut": ctx.cancelled}
             _append({**record, **end})
-        return {"label": LABEL, "pid": os.getpid(), "token": payload["token"]}
+        return {"label": LABEL, "pid": os.getpid(), "tag": payload["tag"]}
 
     def sleep(self, seconds: float, ctx: Context) -> None:
         raise NotImplementedError

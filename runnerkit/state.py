@@ -348,6 +348,7 @@ class LeaderLease:
             self.record_path,
             {"generation": generation, "pid": os.getpid(), "renewed": time.monotonic()},
         )
+        STORAGE.recovered("leader.lease")  # a failure noted by _try_write is over
 
     def _try_write(self, generation: int) -> bool:
         """:meth:`_write`, a failure noted (:data:`STORAGE`) instead of raised."""
@@ -357,7 +358,6 @@ class LeaderLease:
             if STORAGE.failed("leader.lease", exc):
                 log.warning("cannot write %s (%s)", self.record_path, exc)
             return False
-        STORAGE.recovered("leader.lease")
         return True
 
     def _lock(self, generation: int) -> bool:

@@ -354,7 +354,7 @@ def test_replayed_signed_requests_with_other_event_ids_never_run(
     flaky = [
         job_request(
             "e2e.flaky",
-            {"fail_times": 1, "token": f"replay-f{i}"},
+            {"fail_times": 1, "tag": f"replay-f{i}"},
             timeout_ms=3000,
             retry_policy={"maxRetries": 3, "backoffMs": 200},
         )

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 SECRET = "instance-storage-secret"
 REPLAYED = "idempotent-replayed"
-TABLES = ("jobs", "events", "outbox", "probe")
+TABLES = ("jobs", "signed_requests", "outbox", "probe")
 
 
 def text_job(job_id: str | None = None) -> dict[str, Any]:

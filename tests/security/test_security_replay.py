@@ -116,7 +116,7 @@ def test_copies_of_a_finished_request_are_answered_from_the_ledger(
     signed_runner: tuple[GunicornProcess, Path],
 ) -> None:
     proc, log = signed_runner
-    raw = execution_request("alpha", {"token": "once"})
+    raw = execution_request("alpha", {"tag": "once"})
     job_id = json.loads(raw)["jobId"]
     headers = sign(raw, SECRET)
     first = send(proc, raw, headers)

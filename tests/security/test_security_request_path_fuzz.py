@@ -178,7 +178,7 @@ def test_a_replayed_signed_request_never_runs_again_whatever_its_event_id(
             "jobId": job_id,
             "moduleId": "fuzz",
             "capabilityId": "flaky",
-            "payload": {"fail_times": 1000, "token": token},
+            "payload": {"fail_times": 1000, "tag": token},
         }
     ).encode()
     headers = {**sign(raw, SECRET), "Content-Type": "application/json"}

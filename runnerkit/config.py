@@ -347,6 +347,8 @@ class Settings(ResolvedSettings):
             raise ConfigError(f"{PREFIX}ENVIRONMENT must be 'development' or 'production'")
         if values["LOG_FORMAT"] not in {"json", "text"}:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text'")
+        for secret_key in ("SIGNING_SECRET", "SIGNING_SECRET_PREVIOUS", "RUNNER_TOKEN"):
+            refuse_placeholder(PREFIX + secret_key, str(values[secret_key]))
         for url_key in ("JOBFORGE_URL", "TRUTHCORE_URL"):
             values[url_key] = str(values[url_key]).strip().rstrip("/")
             if values[url_key]:
@@ -360,6 +362,24 @@ class Settings(ResolvedSettings):
             if served is not None:
                 values["PORT"] = served
         return cls(values)
+
+
+#: How the example env files (deploy/runnerkit.env.example) spell a secret still to be chosen.
+PLACEHOLDER_PREFIX = "change-me"
+
+
+def refuse_placeholder(name: str, value: str) -> None:
+    """Refuse a secret copied unchanged from an example env file.
+
+    ``cp runnerkit.env.example runnerkit.env`` is the documented first step; a deployment
+    that stops there would sign, verify and authenticate with a value printed in this
+    repository, which is no secret at all.
+    """
+    if value.strip().lower().startswith(PLACEHOLDER_PREFIX):
+        raise ConfigError(
+            f"{name} still holds the example's placeholder ({PLACEHOLDER_PREFIX}…): set a "
+            "long random value, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
 
 
 def check_base_url(name: str, url: str) -> None:

@@ -212,7 +212,14 @@ services:
     # Above gunicorn's graceful timeout (60 s), so jobs in flight finish and it deregisters.
     stop_grace_period: 70s
 """,
-    "deploy/runnerkit.env.example": "RUNNERKIT_SIGNING_SECRET=change-me-to-a-long-random-string\n",
+    "deploy/runnerkit.env.example": """\
+# Copy to runnerkit.env and replace every change-me value (a placeholder refuses to start).
+RUNNERKIT_SIGNING_SECRET=change-me-to-a-long-random-string
+# The forge's token: every forge route but /health needs it; the runner registers with it.
+# The forge refuses to listen beyond loopback without one.
+RUNNERKIT_FORGE_TOKEN=change-me-to-another-long-random-string
+RUNNERKIT_RUNNER_TOKEN=change-me-to-another-long-random-string
+""",
     "deploy/sample-jobs.json": """\
 [
   {"type": "$name.greet", "data": {"name": "Ada", "language": "fr"}},

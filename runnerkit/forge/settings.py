@@ -20,6 +20,7 @@ from runnerkit.config import (
     parse_positive_float,
     parse_positive_int,
     parse_str,
+    refuse_placeholder,
     resolve,
 )
 from runnerkit.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
@@ -220,6 +221,8 @@ class ForgeSettings(ResolvedSettings):
         values = resolve(SETTINGS, PREFIX, config, environ, bare_keys=True)
         if not str(values["DB_PATH"]).strip():
             raise ConfigError(f"{PREFIX}DB_PATH must not be empty")
+        for secret_key in ("TOKEN", "RUNNER_TOKEN", "SIGNING_SECRET"):
+            refuse_placeholder(PREFIX + secret_key, str(values[secret_key]))
         return cls(values)
 
 

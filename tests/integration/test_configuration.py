@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
 from runnerkit.config import ConfigError, Settings, unknown_settings
+from runnerkit.forge.settings import ForgeSettings
+from runnerkit.scaffold import create_project
+from tests.support import REPO_ROOT
 
 
 @pytest.mark.parametrize(
@@ -69,3 +73,35 @@ def test_a_runner_given_a_url_without_a_scheme_does_not_start(start_gunicorn: An
     proc = start_gunicorn(workers=1, wait=False, env={"RUNNERKIT_JOBFORGE_URL": "127.0.0.1:3002"})
     assert proc.wait_exit(timeout=30) not in (None, 0)
     assert "write it as http://127.0.0.1:3002" in proc.log_text()
+
+
+def _example_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not name.startswith("#"):
+            env[name.strip()] = value.strip()
+    return env
+
+
+@pytest.mark.parametrize(
+    "example", [REPO_ROOT / "deploy" / "runnerkit.env.example", "generated"], ids=str
+)
+def test_an_env_file_copied_unchanged_from_the_example_does_not_start(
+    example: Path | str, tmp_path: Path
+) -> None:
+    if example == "generated":
+        create_project("demo", tmp_path / "demo", runnerkit_spec="runnerkit")
+        example = tmp_path / "demo" / "deploy" / "runnerkit.env.example"
+    env = _example_env(Path(example))
+    assert {"RUNNERKIT_SIGNING_SECRET", "RUNNERKIT_FORGE_TOKEN", "RUNNERKIT_RUNNER_TOKEN"} <= set(
+        env
+    )
+    for name, value in env.items():
+        load = ForgeSettings.load if name.startswith("RUNNERKIT_FORGE_") else Settings.load
+        with pytest.raises(ConfigError) as info:
+            load({}, {name: value})
+        assert name in str(info.value) and "placeholder" in str(info.value)
+    # The forge reads the runner's signing secret too (one env file for both).
+    with pytest.raises(ConfigError):
+        ForgeSettings.load({}, {"RUNNERKIT_SIGNING_SECRET": env["RUNNERKIT_SIGNING_SECRET"]})

@@ -60,7 +60,7 @@ from runnerkit.errors import (
     retry_delay,
     should_retry,
 )
-from runnerkit.redaction import SECRET_KEY_RE, redact
+from runnerkit.redaction import might_hold_secrets, redact, redact_job
 
 from . import db, truth
 from .settings import ForgeSettings
@@ -164,31 +164,6 @@ class _Submission:
         self.lead = False  # set with ``done``: write the waiting group instead
         self.answer: tuple[int, str] | None = None
         self.error: Exception | None = None
-
-
-#: The fragments of ``SECRET_KEY_RE`` (an alternation of plain words): substring tests on the
-#: lower-cased text cost a tenth of the case-insensitive regex search on a typical request.
-_SECRET_FRAGMENTS = tuple(SECRET_KEY_RE.pattern.split("|"))
-assert all(f.replace("_", "").isalnum() for f in _SECRET_FRAGMENTS), _SECRET_FRAGMENTS
-
-
-def might_hold_secrets(text: str | None) -> bool:
-    """Whether JSON text has a secret-like name anywhere (a key or, harmlessly, a value):
-    the cheap test in front of :func:`redact`, so only such documents pay for it."""
-    if not text:
-        return False
-    if "\\u" in text:
-        # Escaped non-ASCII (the forge stores JSON as ASCII): a key may match the regex
-        # through Unicode case folding (a long s for "s"), which substrings cannot see.
-        return True
-    lowered = text.lower()
-    return any(fragment in lowered for fragment in _SECRET_FRAGMENTS)
-
-
-def redact_job(body: dict[str, Any], *texts: str | None) -> dict[str, Any]:
-    """``body`` with secret-like values redacted (:func:`runnerkit.redaction.redact`) when
-    any of the stored ``texts`` it was made from may hold one; else ``body`` itself."""
-    return redact(body) if any(might_hold_secrets(t) for t in texts) else body
 
 
 def correlation_id_for(job_id: str, request: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from runnerkit.contracts import TruthAssertionSchema, parse_timestamp, utc_now
 from runnerkit.errors import Conflict
+from runnerkit.redaction import redact_job
 
 from . import db
 
@@ -178,7 +179,8 @@ class TruthStore:
                 limit=min(int(query["limit"]), self.max_limit),
                 offset=min(int(query["offset"]), db.MAX_INTEGER),
             )
-        assertions = [db.loads(r["document"]) for r in rows]
+        # Redacted as the dashboard shows them: JSON and HTML give away the same values.
+        assertions = [redact_job(db.loads(r["document"]), r["document"]) for r in rows]
         return {
             "queryId": query["id"],
             "assertions": assertions,

@@ -254,6 +254,25 @@ def test_job_answers_redact_what_the_dashboard_redacts(client: FlaskClient) -> N
     }
 
 
+def test_truthcore_queries_redact_what_the_dashboard_redacts(client: FlaskClient) -> None:
+    secret = "hunter2-in-a-result"
+    assertion = {
+        "id": new_id(),
+        "subject": "job-with-secret",
+        "predicate": "result",
+        "object": {"rows": 2, "api_key": secret},
+        "source": "runner",
+        "timestamp": utc_now(),
+        "metadata": {"password": secret},
+    }
+    assert client.post("/assert", json=assertion).status_code == 201
+    query = {"id": new_id(), "pattern": {"subject": "job-with-secret"}}
+    answer = client.post("/query", json=query)
+    assert answer.status_code == 200 and secret not in answer.get_data(as_text=True)
+    (shown,) = answer.get_json()["assertions"]
+    assert shown["object"] == {"rows": 2, "api_key": "[REDACTED]"} == redact(assertion["object"])
+
+
 def test_the_cheap_secret_test_never_lets_a_key_through_that_redact_catches(
     client: FlaskClient,
 ) -> None:

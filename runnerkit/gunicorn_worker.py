@@ -68,8 +68,8 @@ READ_SIZE = 65536
 BUFFER_BUDGET = 64 * 1024 * 1024
 
 #: A chunk-size line (RFC 9112 7.1): hex digits, then optional extensions (whitespace only
-#: before their ``;``, as gunicorn allows; their syntax is gunicorn's to judge), no CR or LF.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?")
+#: before their ``;``, as gunicorn allows; their syntax is gunicorn's to judge), then CRLF.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?\r\n")
 #: :func:`scan_chunked`'s verdicts other than "complete at offset N" (N >= 0).
 CHUNKED_MORE = -1  # not whole yet: resume at the offset it gives
 CHUNKED_MALFORMED = -2  # framing gunicorn's parser refuses (400)
@@ -102,16 +102,18 @@ def scan_chunked(
     """
     end = len(buf)
     while True:
-        eol = buf.find(b"\r\n", pos, pos + line_cap + 2)
-        if eol < 0:
-            if end - pos > line_cap or buf.find(b"\n", pos) >= 0:
+        line = _CHUNK_LINE.match(buf, pos, pos + line_cap + 2)
+        if line is None:
+            # Not a whole line yet, or never a valid one (ended, too long, a bare LF).
+            if (
+                buf.find(b"\r\n", pos, pos + line_cap + 2) >= 0
+                or end - pos > line_cap
+                or buf.find(b"\n", pos) >= 0
+            ):
                 return CHUNKED_MALFORMED, pos, data
             return CHUNKED_MORE, pos, data
-        line = _CHUNK_LINE.fullmatch(buf, pos, eol)
-        if line is None:
-            return CHUNKED_MALFORMED, pos, data
         size = int(line.group(1), 16)
-        start = eol + 2
+        start = line.end()
         if size == 0:
             # Trailers: none (a blank line at once), or header lines up to a blank one.
             if buf.startswith(b"\r\n", start):
@@ -127,7 +129,7 @@ def scan_chunked(
         stop = start + size
         if end < stop + 2:
             return CHUNKED_MORE, pos, data
-        if buf[stop : stop + 2] != b"\r\n":
+        if not buf.startswith(b"\r\n", stop):
             return CHUNKED_MALFORMED, pos, data
         pos = stop + 2
         data += size

@@ -21,7 +21,7 @@
   ``RUNNERKIT_CLIENT_BODY_TIMEOUT_S``, and neither may go ``RUNNERKIT_CLIENT_IDLE_TIMEOUT_S``
   without a byte; a connection past a deadline is closed (after a 400 ``BODY_UNREADABLE``
   envelope when its head had come). A chunked body is buffered too, up to its last chunk and
-  trailers (:func:`scan_chunked` walks the chunks as they arrive, each byte once, and stops
+  trailers (:func:`scan_chunked` walks the chunks as they arrive, each chunk once, and stops
   waiting at malformed framing or a body over the app's limit: gunicorn's parser and the app
   answer those, 400 and 413). A body behind ``Expect: 100-continue`` is read by the request
   thread, under the same total deadline (the reads raise a timeout past it: a 400 from

@@ -256,8 +256,8 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         parse_positive_float,
         "With the runnerkit.gunicorn_worker worker class, a request's body must be complete "
-        "this many seconds after its head, else 400 (a Content-Length body within the body "
-        "limit is read before a request thread is taken).",
+        "this many seconds after its head, else 400 (a Content-Length or chunked body within "
+        "the body limit is read before a request thread is taken).",
     ),
     Setting(
         "MAX_QUEUED_JOBS",

@@ -20,11 +20,17 @@
   answering. The head has ``RUNNERKIT_CLIENT_HEADER_TIMEOUT_S`` in all, the body
   ``RUNNERKIT_CLIENT_BODY_TIMEOUT_S``, and neither may go ``RUNNERKIT_CLIENT_IDLE_TIMEOUT_S``
   without a byte; a connection past a deadline is closed (after a 400 ``BODY_UNREADABLE``
-  envelope when its head had come). A chunked body, or one behind ``Expect:
-  100-continue``, is read by the request thread, under the same total deadline (the reads
-  raise a timeout past it: a 400 from :func:`runnerkit.http.read_body`). A request that
-  arrives whole, the usual case, costs one non-blocking read and a scan of its head on the
-  main loop, and its thread then parses from memory instead of reading the socket.
+  envelope when its head had come). A chunked body is buffered too, up to its last chunk and
+  trailers (:func:`scan_chunked` walks the chunks as they arrive, each chunk once, and stops
+  waiting at malformed framing or a body over the app's limit: gunicorn's parser and the app
+  answer those, 400 and 413). A body behind ``Expect: 100-continue`` is read by the request
+  thread, under the same total deadline (the reads raise a timeout past it: a 400 from
+  :func:`runnerkit.http.read_body`): its client sends the body only after gunicorn's
+  ``100 Continue``, which gunicorn sends when a thread takes the request, so waiting for that
+  body on the main loop would stall both sides until the deadline. A request that arrives
+  whole, the usual case, costs one non-blocking read and a scan of its head on the main loop
+  (a chunked one also a walk over its chunk-size lines), and its thread then parses from
+  memory instead of reading the socket.
 
 ``deploy/gunicorn.conf.py`` and the forge's command use it (``worker_class``).
 """
@@ -61,9 +67,72 @@ READ_SIZE = 65536
 #: so many clients sending large bodies at once cost threads, as before, not memory.
 BUFFER_BUDGET = 64 * 1024 * 1024
 
+#: A chunk-size line (RFC 9112 7.1): hex digits, then optional extensions (whitespace only
+#: before their ``;``, as gunicorn allows; their syntax is gunicorn's to judge), then CRLF.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?\r\n")
+#: :func:`scan_chunked`'s verdicts other than "complete at offset N" (N >= 0).
+CHUNKED_MORE = -1  # not whole yet: resume at the offset it gives
+CHUNKED_MALFORMED = -2  # framing gunicorn's parser refuses (400)
+CHUNKED_TOO_LARGE = -3  # its data exceed the cap (the app answers 413)
+
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
 #: gunicorn's page: <html>…<h1><p>reason</p></h1> message </body></html>.
 _MESSAGE = re.compile(r"</h1>(.*?)</body>", re.DOTALL)
+
+
+def scan_chunked(
+    buf: bytes | bytearray,
+    pos: int,
+    data: int = 0,
+    *,
+    cap: int = DEFAULT_BODY_CAP,
+    line_cap: int = 8190,
+    trailer_cap: int = 8190 * 32,
+) -> tuple[int, int, int]:
+    """Walk a chunked body in ``buf`` from ``pos`` (the start of a chunk-size line), over as
+    many whole chunks as are there: ``(verdict, pos, data)``.
+
+    ``verdict`` is the offset just past the body (its last chunk, trailers and blank line)
+    when it is whole, else :data:`CHUNKED_MORE` (call again from the ``pos`` returned, with
+    the ``data`` returned, once more bytes are in: a chunk is walked once however many reads
+    bring it), :data:`CHUNKED_MALFORMED` or :data:`CHUNKED_TOO_LARGE` (the chunks' ``data``
+    bytes would exceed ``cap``). It checks framing only as far as it must to find the end,
+    and never waits where gunicorn's parser would already refuse: a bad size, a missing CRLF
+    after a chunk's data, a line over ``line_cap`` or trailers over ``trailer_cap``.
+    """
+    end = len(buf)
+    while True:
+        line = _CHUNK_LINE.match(buf, pos, pos + line_cap + 2)
+        if line is None:
+            # Not a whole line yet, or never a valid one (ended, too long, a bare LF).
+            if (
+                buf.find(b"\r\n", pos, pos + line_cap + 2) >= 0
+                or end - pos > line_cap
+                or buf.find(b"\n", pos) >= 0
+            ):
+                return CHUNKED_MALFORMED, pos, data
+            return CHUNKED_MORE, pos, data
+        size = int(line.group(1), 16)
+        start = line.end()
+        if size == 0:
+            # Trailers: none (a blank line at once), or header lines up to a blank one.
+            if buf.startswith(b"\r\n", start):
+                return start + 2, pos, data
+            stop = buf.find(b"\r\n\r\n", start)
+            if stop >= 0:
+                return stop + 4, pos, data
+            if end - start > trailer_cap or buf.count(b"\n", start) != buf.count(b"\r\n", start):
+                return CHUNKED_MALFORMED, pos, data
+            return CHUNKED_MORE, pos, data
+        if data + size > cap:
+            return CHUNKED_TOO_LARGE, pos, data
+        stop = start + size
+        if end < stop + 2:
+            return CHUNKED_MORE, pos, data
+        if not buf.startswith(b"\r\n", stop):
+            return CHUNKED_MALFORMED, pos, data
+        pos = stop + 2
+        data += size
 
 
 class _EnvelopeSocket:
@@ -106,8 +175,9 @@ class _TimedSocket(socket.socket):
 
     Accepted sockets become this class in place (``__class__``), so everything but these two
     methods stays the C socket's own; a read that timed out is remembered by ``id`` until the
-    worker closes the connection. A socket whose body a request thread reads (chunked) has a
-    total deadline in :attr:`deadlines`: a read after it raises a timeout as an idle one does.
+    worker closes the connection. A socket whose body a request thread reads (behind ``Expect:
+    100-continue``, or handed over before it was whole) has a total deadline in
+    :attr:`deadlines`: a read after it raises a timeout as an idle one does.
     """
 
     __slots__ = ()
@@ -134,16 +204,23 @@ class _TimedSocket(socket.socket):
             raise
 
 
+#: ``rk_need`` of a chunked body not yet whole: beyond any buffer, so it is not "all in".
+_UNKNOWN = 1 << 62
+
+
 class ThreadWorker(gthread.ThreadWorker):
     """gthread, with its own error pages as ErrorEnvelopes, a timeout for stalled clients and
     requests buffered on the main loop until they are whole (see the module's docstring).
 
     A connection being buffered is a :class:`gthread.TConn` with more attributes: ``rk_buf``
-    (what arrived), ``rk_need`` (bytes that make the request whole, -1 until the head is in),
-    ``rk_scan`` (where to look for the head's end next), ``rk_stream`` (a body the request
-    thread reads itself), ``rk_deadline`` (the total one) and ``rk_idle`` (the idle timeout's,
-    from the last byte). It is in :attr:`_buffering` and, while it waits for bytes,
-    registered with the poller. Only the main loop touches them.
+    (what arrived), ``rk_need`` (bytes that make the request whole, -1 until the head is in;
+    for a chunked body, unknown, :data:`_UNKNOWN` until its last chunk is in), ``rk_scan``
+    (where to look for the head's end next), ``rk_stream`` (a body the request thread reads
+    itself), ``rk_chunk`` and ``rk_data`` (for a chunked body being buffered: where its next
+    chunk-size line starts, -1 otherwise, and its data bytes so far), ``rk_deadline`` (the
+    total one) and ``rk_idle`` (the idle timeout's, from the last byte). It is in
+    :attr:`_buffering` and, while it waits for bytes, registered with the poller. Only the
+    main loop touches them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -159,7 +236,10 @@ class ThreadWorker(gthread.ThreadWorker):
         fields = cfg.limit_request_fields if cfg.limit_request_fields > 0 else 100
         field_size = cfg.limit_request_field_size if cfg.limit_request_field_size > 0 else 8190
         #: Beyond this a head cannot be valid: hand it over and let gunicorn answer 414/431.
+        #: (Trailers of a chunked body have the same bound.)
         self._head_cap = line + (fields + 1) * (field_size + 2) + 4
+        #: A longer chunk-size line is gunicorn's to refuse.
+        self._line_cap = field_size
         #: TLS and HTTP/2 prior knowledge read the socket before HTTP/1 parsing: no buffering.
         self._buffers = not cfg.is_ssl and getattr(cfg, "http2_cleartext", "off") in (
             "off",
@@ -244,10 +324,12 @@ class ThreadWorker(gthread.ThreadWorker):
         """Whether the buffered bytes make the request whole (or as much as is buffered).
 
         The head is whole at its blank line; a Content-Length body within the app's limit is
-        waited for too. Anything else (chunked, ``Expect``, no or an invalid length, a body
-        over the limit, a head too large to be valid) is handed over after the head, for the
-        request thread and gunicorn's parser to read or refuse as they always do; so is what
-        arrived so far once the worker holds :data:`BUFFER_BUDGET` bytes.
+        waited for too, and so is a chunked body (``Transfer-Encoding: chunked`` alone, HTTP/1.1,
+        no Content-Length) up to its end, or to malformed framing or data over the limit.
+        Anything else (``Expect``, other or conflicting codings, no or an invalid length, a
+        body over the limit, a head too large to be valid) is handed over after the head, for
+        the request thread and gunicorn's parser to read or refuse as they always do; so is
+        what arrived so far once the worker holds :data:`BUFFER_BUDGET` bytes.
         """
         buf = conn.rk_buf
         if self._buffered > BUFFER_BUDGET:
@@ -263,14 +345,56 @@ class ThreadWorker(gthread.ThreadWorker):
                 conn.rk_scan = max(0, len(buf) - 3)
                 return False
             head = buf[:end].lower()
-            # A body the request thread reads from the socket itself (chunked, or after
-            # "100 Continue"): it is handed over after the head, its reads under a deadline.
-            conn.rk_stream = b"\ntransfer-encoding:" in head or b"\nexpect:" in head
+            # A body the request thread reads from the socket itself (after "100 Continue",
+            # or a coding this does not buffer): handed over after the head, its reads under
+            # a deadline.
+            conn.rk_stream = b"\nexpect:" in head
+            if b"\ntransfer-encoding:" in head:
+                conn.rk_stream = conn.rk_stream or not self._chunked_alone(head)
+                if not conn.rk_stream:
+                    conn.rk_chunk, conn.rk_data = end + 4, 0
+                    conn.rk_need = _UNKNOWN
+                    conn.rk_deadline = time.monotonic() + self._body_timeout_s
+                    return self._chunks_whole(conn)
             body = 0 if conn.rk_stream else self._body_length(head)
             conn.rk_need = end + 4 + body
+            conn.rk_chunk = -1
             if body:
                 conn.rk_deadline = time.monotonic() + self._body_timeout_s
+        elif conn.rk_chunk >= 0:
+            return self._chunks_whole(conn)
         return len(buf) >= conn.rk_need
+
+    def _chunks_whole(self, conn: Any) -> bool:
+        """Whether a chunked body is in (or must be handed over as it is: malformed framing,
+        for gunicorn's parser to refuse; data over the app's limit, for the app's 413). Only
+        the chunks that came since the last look are walked."""
+        verdict, conn.rk_chunk, conn.rk_data = scan_chunked(
+            conn.rk_buf,
+            conn.rk_chunk,
+            conn.rk_data,
+            cap=self._body_cap,
+            line_cap=self._line_cap,
+            trailer_cap=self._head_cap,
+        )
+        if verdict >= 0:
+            conn.rk_need = verdict  # all of it in: the thread never reads the socket for it
+        return verdict != CHUNKED_MORE
+
+    @staticmethod
+    def _chunked_alone(head: bytes) -> bool:
+        """Whether a head (lower-cased) frames its body as gunicorn would read it chunked and
+        nothing else: HTTP/1.1, one ``Transfer-Encoding: chunked``, no Content-Length. Other
+        heads gunicorn refuses or reads differently; they are handed over as before."""
+        start = head.find(b"\ntransfer-encoding:") + 20
+        stop = head.find(b"\n", start)
+        value = head[start : stop if stop >= 0 else len(head)].strip()
+        return (
+            value == b"chunked"
+            and head.find(b"\ntransfer-encoding:", start) < 0
+            and b"\ncontent-length:" not in head
+            and head[: head.find(b"\n")].rstrip(b"\r").endswith(b" http/1.1")
+        )
 
     def _body_length(self, head: bytes) -> int:
         """How many body bytes to buffer after the head (lower-cased, without its blank line)."""

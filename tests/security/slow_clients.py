@@ -2,9 +2,10 @@
 
 :class:`Tricklers` opens connections to a server and sends each a request one byte at a
 time, every ``interval_s``: either the head itself (it never completes) or, after a whole head
-with a Content-Length, the body. It records how each connection ended: ``"closed"`` when the
-server closed it with nothing to say, or the status of the answer it sent. Used by the
-security tests and the fault-injection suite.
+with a Content-Length or a chunked one, the body (chunked: a thousand one-byte chunks). It
+records how each connection ended: ``"closed"`` when the server closed it with nothing to
+say, or the status of the answer it sent. Used by the security tests and the
+fault-injection suite.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ SLOW_BODY_HEAD = (
     b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"Content-Length: 4000\r\n\r\n"
 )
-#: A whole head of a chunked body, which then trickles (read by a request thread).
+#: A whole head of a chunked body, which then trickles (buffered like a Content-Length one).
 SLOW_CHUNKED_HEAD = (
     b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"

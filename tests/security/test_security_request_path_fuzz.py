@@ -1,9 +1,11 @@
 """Generated cases for the request path of real servers (hypothesis).
 
 - **Split requests.** The runnerkit worker class buffers a request on its main loop until it
-  is whole and hands the bytes to gunicorn's parser: whatever way a client splits its writes,
-  and however many requests it sends on one keep-alive connection (pipelined or not), every
-  request is answered exactly as if it had come in one piece.
+  is whole (a chunked body up to its last chunk and trailers) and hands the bytes to
+  gunicorn's parser: whatever way a client splits its writes, however it frames a body
+  (Content-Length, or chunked in several chunks with extensions and trailers), and however
+  many requests it sends on one keep-alive connection (pipelined or not), every request is
+  answered exactly as if it had come in one piece.
 - **Replayed signed requests.** A copy of a captured signed request with any event id (new,
   empty, absent, odd) is the same request: it never runs the job again.
 """
@@ -41,7 +43,36 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornProces
         stack.stop()
 
 
-def _execute(text: str, *, chunked: bool) -> tuple[bytes, str]:
+#: Chunk extensions gunicorn accepts (RFC 9112 7.1.1), and trailer lines.
+_EXTENSIONS = (b"", b";a", b";name=value", b' ; q="a b"', b';e="x\\"y"', b"\t;k=v;k2=v2")
+_TRAILERS = (b"X-Checksum: abc\r\n", b"X-Count: 3\r\n", b"X-Empty:\r\n")
+
+#: A chunked framing: where the body is cut into chunks, each chunk's extension (the last
+#: one's too), trailer lines, and whether sizes are written in upper-case hex.
+Chunking = tuple[list[int], list[bytes], list[bytes], bool]
+chunkings = st.tuples(
+    st.lists(st.integers(1, 1000), max_size=5),
+    st.lists(st.sampled_from(_EXTENSIONS), max_size=7),
+    st.lists(st.sampled_from(_TRAILERS), max_size=3),
+    st.booleans(),
+)
+
+
+def _chunked(body: bytes, chunking: Chunking) -> bytes:
+    """``body`` framed as ``chunking`` says (see :data:`chunkings`)."""
+    cuts, extensions, trailers, upper = chunking
+    points = sorted({c for c in cuts if c < len(body)})
+    pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    extensions = [*extensions, *[b""] * (len(pieces) + 1 - len(extensions))]
+    size = "%X" if upper else "%x"
+    framed = b"".join(
+        (size % len(piece)).encode() + extension + b"\r\n" + piece + b"\r\n"
+        for piece, extension in zip(pieces, extensions, strict=False)
+    )
+    return framed + b"0" + extensions[len(pieces)] + b"\r\n" + b"".join(trailers) + b"\r\n"
+
+
+def _execute(text: str, *, chunking: Chunking | None) -> tuple[bytes, str]:
     job_id = str(uuid.uuid4())
     body = json.dumps(
         {
@@ -52,10 +83,8 @@ def _execute(text: str, *, chunked: bool) -> tuple[bytes, str]:
         }
     ).encode()
     head = b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    if chunked:
-        middle = len(body) // 2
-        chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:middle], body[middle:]))
-        return head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n", job_id
+    if chunking is not None:
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(body, chunking), job_id
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body, job_id
 
 
@@ -63,8 +92,8 @@ _HEALTH = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 40 + b"\r\
 
 requests_strategy = st.lists(
     st.one_of(
-        st.just(("health", False, "")),
-        st.tuples(st.just("execute"), st.booleans(), st.text(max_size=300)),
+        st.just(("health", None, "")),
+        st.tuples(st.just("execute"), st.one_of(st.none(), chunkings), st.text(max_size=300)),
     ),
     min_size=1,
     max_size=3,
@@ -99,22 +128,22 @@ def _read_answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
 
 
 @settings(
-    max_examples=40,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(plan=requests_strategy, cuts=st.lists(st.integers(1, 4000), max_size=12))
 def test_a_request_split_anywhere_is_answered_as_if_whole(
-    example: GunicornProcess, plan: list[tuple[str, bool, str]], cuts: list[int]
+    example: GunicornProcess, plan: list[tuple[str, Chunking | None, str]], cuts: list[int]
 ) -> None:
     raw = b""
     expected: list[str] = []
-    for kind, chunked, text in plan:
+    for kind, chunking, text in plan:
         if kind == "health":
             raw += _HEALTH
             expected.append("")
         else:
-            piece, job_id = _execute(text, chunked=chunked)
+            piece, job_id = _execute(text, chunking=chunking)
             raw += piece
             expected.append(job_id)
     points = sorted({c for c in cuts if c < len(raw)})

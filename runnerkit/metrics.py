@@ -91,17 +91,10 @@ class CounterChild:
             self.value += amount
 
 
-class GaugeChild:
-    """One labelled series of a gauge."""
+class GaugeChild(CounterChild):
+    """One labelled series of a gauge: a counter that may also go down or be set."""
 
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        with _LOCK:
-            self.value += amount
+    __slots__ = ()
 
     def dec(self, amount: float = 1.0) -> None:
         with _LOCK:

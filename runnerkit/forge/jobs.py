@@ -536,17 +536,21 @@ class JobStore:
         budget_s = (int(policy["maxRetries"]) + 1) * per_attempt_ms / 1000.0
         return now.ts - truth.epoch(started) < budget_s
 
+    def _retry_delay_ms(self, delay_ms: float, envelope: Mapping[str, Any]) -> float:
+        """How long before a job is sent again: the policy's ``delay_ms``, or the runner's
+        ``retryAfter`` when that is longer (capped by RETRY_AFTER_CAP_S), at most MAX_WAIT_MS."""
+        retry_after = envelope.get("retryAfter")
+        if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+            capped = min(float(retry_after), float(self.settings.retry_after_cap_s))
+            delay_ms = max(delay_ms, capped * 1000.0)
+        return min(delay_ms, MAX_WAIT_MS)
+
     def _refused(self, conn: db.Conn, row: db.Row, envelope: Mapping[str, Any], now: Clock) -> None:
         """The runner did not run this attempt: give it back and send the job again later."""
         job_id = row["id"]
         attempts = int(row["attempts"])
         policy = db.loads(row["request"])["retryPolicy"]
-        delay_ms = retry_delay(max(0, attempts - 1), policy)
-        retry_after = envelope.get("retryAfter")
-        if isinstance(retry_after, int | float):
-            capped = min(float(retry_after), float(self.settings.retry_after_cap_s))
-            delay_ms = max(delay_ms, capped * 1000.0)
-        delay_ms = min(delay_ms, MAX_WAIT_MS)
+        delay_ms = self._retry_delay_ms(retry_delay(max(0, attempts - 1), policy), envelope)
         next_at = now.ts + delay_ms / 1000.0
         db.update_job(
             conn,
@@ -833,12 +837,11 @@ class JobStore:
         attempts = int(row["attempts"])
         policy = db.loads(row["request"])["retryPolicy"]
         if should_retry(envelope, policy) and attempts <= int(policy["maxRetries"]):
-            delay_ms = 0.0 if immediate else retry_delay(attempts - 1, policy)
-            retry_after = envelope.get("retryAfter")
-            if retry_after is not None and not immediate:
-                capped = min(float(retry_after), float(self.settings.retry_after_cap_s))
-                delay_ms = max(delay_ms, capped * 1000.0)
-            delay_ms = min(delay_ms, MAX_WAIT_MS)
+            delay_ms = (
+                0.0
+                if immediate
+                else self._retry_delay_ms(retry_delay(attempts - 1, policy), envelope)
+            )
             next_at = now.ts + delay_ms / 1000.0
             db.update_job(
                 conn,

@@ -54,7 +54,7 @@ job_log = logging.getLogger("runnerkit.job")
 #: The ``priority`` label of runner-side job metrics: JobForge does not send it to runners.
 NO_PRIORITY = "unknown"
 
-#: The ``job_type`` label of jobs naming a capability this runner does not have.
+#: The ``capability`` label of jobs naming a capability this runner does not have.
 UNKNOWN_CAPABILITY = "unknown"
 
 #: Progress events are sent at most this often per job (the last one always).

@@ -329,7 +329,7 @@ class Executor:
                 max_future_s=settings.signature_max_future_s,
             )
         except SignatureError as exc:
-            raise Unauthenticated("The request signature is not valid", code=exc.code) from None
+            raise Unauthenticated(exc.message, code=exc.code) from None
         return request_digest(headers, raw)
 
     def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:

@@ -233,29 +233,66 @@ def test_production_without_a_secret_refuses_to_start(tmp_path: Path) -> None:
         )
 
 
+def _signing_warnings(caplog: pytest.LogCaptureFixture) -> int:
+    return len([r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()])
+
+
 def test_production_without_a_secret_starts_when_insecure_mode_is_explicit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runner = Runner("prod", capabilities=TEST_CAPABILITIES)
     with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
-        runner.create_app(
+        app = runner.create_app(
             {
                 "RUNNERKIT_ENVIRONMENT": "production",
                 "RUNNERKIT_ALLOW_UNSIGNED": "true",
                 "RUNNERKIT_STATE_DIR": str(tmp_path),
             }
         )
-    assert [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
+        app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(caplog) == 1
 
 
-def test_development_without_a_secret_warns_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_without_a_secret_the_warning_waits_until_the_app_serves_then_comes_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("SERVER_SOFTWARE", raising=False)
     runner = Runner("dev", capabilities=TEST_CAPABILITIES)
     with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
-        runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
-    warnings = [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
-    assert len(warnings) == 1
+        app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+        # Imported and built (runnerkit validate, manifest, a test's import): not served.
+        assert _signing_warnings(caplog) == 0
+        client = app.test_client()
+        for _ in range(3):
+            assert client.post("/execute", json=request_body()).status_code == 200
+    assert _signing_warnings(caplog) == 1
+
+
+def test_under_gunicorn_the_warning_comes_when_the_worker_loads_the_app(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What gunicorn's arbiter sets for its workers. The SIGTERM drain handler a worker gets
+    # is left out: it would stay installed in the test process.
+    monkeypatch.setenv("SERVER_SOFTWARE", "gunicorn/23.0.0")
+    monkeypatch.setattr("runnerkit.runner.install_drain_handler", lambda runner: None)
+    runner = Runner("served", capabilities=TEST_CAPABILITIES)
+    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
+        app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+        assert _signing_warnings(caplog) == 1
+        app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(caplog) == 1
+
+
+def test_with_a_secret_nothing_is_said_about_signing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = Runner("signed", capabilities=TEST_CAPABILITIES)
+    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
+        app = runner.create_app(
+            {"RUNNERKIT_STATE_DIR": str(tmp_path), "RUNNERKIT_SIGNING_SECRET": SECRET}
+        )
+        app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(caplog) == 0
 
 
 @pytest.mark.parametrize("environment", ["development", "production"])

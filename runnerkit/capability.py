@@ -19,6 +19,7 @@ from marshmallow import Schema, ValidationError
 from runnerkit.contracts import SEMVER_RE
 from runnerkit.errors import SchemaMismatch, details_from_validation_error
 from runnerkit.isolation import MODES
+from runnerkit.outputs import OutputCheck
 from runnerkit.schema_export import json_schema
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -204,9 +205,11 @@ class Capability:
             cls.description = doc[0] if doc else cls.name
         cls._input_schema = cls.Input()
         cls._output_schema = cls.Output()
+        cls._output_check = OutputCheck.of(cls._output_schema)
 
     _input_schema: ClassVar[Schema]
     _output_schema: ClassVar[Schema]
+    _output_check: ClassVar[OutputCheck]
 
     def run(self, payload: dict[str, Any], ctx: Context) -> Mapping[str, Any]:
         """Do the work. ``payload`` has passed ``Input``; the result must pass ``Output``."""
@@ -220,7 +223,10 @@ class Capability:
     def dump_output(self, result: Any) -> dict[str, Any]:
         """Serialise ``run``'s result through ``Output`` and check it.
 
-        A result that ``Output`` rejects is the capability's bug: a non-retryable
+        The check says what the advertised ``outputSchema`` says (:mod:`runnerkit.outputs`):
+        a key ``Output`` does not declare, or a value of the wrong JSON type for a stock
+        field (``"640"`` for an ``Integer``), is refused rather than dropped or coerced. A
+        result that ``Output`` rejects is the capability's bug: a non-retryable
         ``SCHEMA_MISMATCH`` naming the fields.
         """
         if not isinstance(result, Mapping):
@@ -229,16 +235,14 @@ class Capability:
                 "expected an object matching Output",
                 details=[{"message": "Not an object", "path": ["data"]}],
             )
+        problems = self._output_check.problems(result)
+        if problems:
+            raise self._mismatch(ValidationError(problems), result)
         try:
             data: dict[str, Any] = self._output_schema.dump(result)
             self._output_schema.load(data)
         except ValidationError as exc:
-            details = details_from_validation_error(exc, prefix=("data",), data=data)
-            fields = ", ".join(".".join(d.get("path", [])[1:]) or "data" for d in details)
-            raise SchemaMismatch(
-                f"{type(self).__name__}.run returned a value its Output schema rejects: {fields}",
-                details=details,
-            ) from exc
+            raise self._mismatch(exc, data) from exc
         except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
             # Not str(exc): Python quotes the value there ("invalid literal for int() with
             # base 10: 's3cr3t'"), and this envelope travels to JobForge, TruthCore and logs.
@@ -252,7 +256,21 @@ class Capability:
                 f"{field or 'data'}",
                 details=[{"message": problem, "path": path}],
             ) from exc
+        if self._output_check.carries:
+            self._output_check.carry(result, data)
         return data
+
+    def _mismatch(self, exc: ValidationError, data: Any) -> SchemaMismatch:
+        details = details_from_validation_error(exc, prefix=("data",), data=data)
+        for detail in details:
+            if detail.get("code") == "unknown_field":
+                # A key Output does not declare holds what the author never meant to send.
+                detail.pop("value", None)
+        fields = ", ".join(".".join(d.get("path", [])[1:]) or "data" for d in details)
+        return SchemaMismatch(
+            f"{type(self).__name__}.run returned a value its Output schema rejects: {fields}",
+            details=details,
+        )
 
     @classmethod
     def manifest(cls) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import traceback
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -205,12 +206,14 @@ def build_envelope(
     service: str,
     operation: str | None = None,
     correlation_id: str | None = None,
+    log_traceback: bool = True,
 ) -> dict[str, Any]:
     """Turn any exception into a contract-valid ErrorEnvelope.
 
     A :class:`RunnerError` keeps its category and fields. Anything else is an unexpected
     failure: it becomes a retryable ``RUNTIME_ERROR`` whose message names only the exception
-    type, and the stack trace goes to the log, never to the caller.
+    type, and the stack trace goes to the log, never to the caller (``log_traceback=False``:
+    the caller logs it itself, see :func:`unexpected_envelope`).
     """
     if isinstance(exc, RunnerError):
         conform(exc)
@@ -237,7 +240,11 @@ def build_envelope(
             correlation_id=correlation_id,
         )
     return unexpected_envelope(
-        exc, service=service, operation=operation, correlation_id=correlation_id
+        exc,
+        service=service,
+        operation=operation,
+        correlation_id=correlation_id,
+        log_traceback=log_traceback,
     )
 
 
@@ -382,17 +389,21 @@ def unexpected_envelope(
     service: str,
     operation: str | None = None,
     correlation_id: str | None = None,
+    log_traceback: bool = True,
 ) -> dict[str, Any]:
     """A retryable ``RUNTIME_ERROR`` for an exception nobody raised on purpose.
 
-    The message names only the exception type; the stack trace goes to the log.
+    The message names only the exception type; the stack trace goes to the log: on a line
+    of its own here, or, with ``log_traceback=False``, in a line the caller writes with the
+    ids it knows (a job's one line carries it as ``exception``: :func:`traceback_text`).
     """
-    log.error(
-        "unhandled %s in %s",
-        type(exc).__name__,
-        operation or "runner",
-        exc_info=(type(exc), exc, exc.__traceback__),
-    )
+    if log_traceback:
+        log.error(
+            "unhandled %s in %s",
+            type(exc).__name__,
+            operation or "runner",
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
     return make_envelope(
         "RUNTIME_ERROR",
         "UNHANDLED_EXCEPTION",
@@ -402,6 +413,22 @@ def unexpected_envelope(
         operation=operation,
         correlation_id=correlation_id,
     )
+
+
+#: Where an exception raised in another process (``isolation = "process"``) keeps the
+#: traceback it had there: pickling keeps an exception's attributes, not its frames.
+TRACEBACK_ATTR = "_runnerkit_traceback"
+
+
+def traceback_text(exc: BaseException) -> str:
+    """``exc``'s traceback as text: the one it had in a child process if it came from one.
+
+    Formatted only when a job fails, never on the success path.
+    """
+    remote = getattr(exc, TRACEBACK_ATTR, None)
+    if isinstance(remote, str):
+        return remote
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
 
 
 def details_from_validation_error(

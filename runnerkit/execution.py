@@ -37,6 +37,7 @@ from runnerkit.errors import (
     ValidationFailed,
     build_envelope,
     details_from_validation_error,
+    traceback_text,
     unexpected_envelope,
 )
 from runnerkit.isolation import run_isolated
@@ -54,7 +55,7 @@ job_log = logging.getLogger("runnerkit.job")
 #: The ``priority`` label of runner-side job metrics: JobForge does not send it to runners.
 NO_PRIORITY = "unknown"
 
-#: The ``job_type`` label of jobs naming a capability this runner does not have.
+#: The ``capability`` label of jobs naming a capability this runner does not have.
 UNKNOWN_CAPABILITY = "unknown"
 
 #: Progress events are sent at most this often per job (the last one always).
@@ -99,6 +100,8 @@ class Answer:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
     _json: str | None = field(default=None, repr=False, compare=False)
+    #: The traceback of an unexpected exception, for the job's log line (never sent).
+    exception: str | None = field(default=None, repr=False, compare=False)
 
     def json(self) -> str:
         """The body as JSON text, encoded once for both the ledger and the response.
@@ -329,7 +332,7 @@ class Executor:
                 max_future_s=settings.signature_max_future_s,
             )
         except SignatureError as exc:
-            raise Unauthenticated("The request signature is not valid", code=exc.code) from None
+            raise Unauthenticated(exc.message, code=exc.code) from None
         return request_digest(headers, raw)
 
     def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:
@@ -580,8 +583,12 @@ class Executor:
             service=self.runner.name,
             operation="execute",
             correlation_id=correlation_id,
+            log_traceback=False,
         )
-        return self._answer(500, job_id, False, started, error=envelope)
+        answer = self._answer(500, job_id, False, started, error=envelope)
+        # Logged in the job's own line, with its ids, not on a line of its own without them.
+        answer.exception = traceback_text(thread.error)
+        return answer
 
     # -- asynchronous jobs ------------------------------------------------------------
 
@@ -612,8 +619,11 @@ class Executor:
                 service=self.runner.name,
                 operation="execute",
                 correlation_id=job.correlation_id,
+                log_traceback=False,
             )
             answer = self._answer(500, job.job_id, False, job.started, error=envelope)
+            if not isinstance(exc, RunnerError):
+                answer.exception = traceback_text(exc)
             self._store(job.job_id, answer)
         self._log(answer, job.job_id, job.capability.id, job.correlation_id, job.started)
         try:
@@ -833,24 +843,21 @@ class Executor:
         else:
             outcome = error.get("category", "error")
         self._count(answer, capability_id, started)
-        emit(
-            job_log,
-            logging.INFO,
-            _JOB_MESSAGES.get(outcome, "job failed"),
-            {
-                "jobId": job_id,
-                "capabilityId": capability_id,
-                "correlationId": correlation_id,
-                "outcome": outcome,
-                "status": answer.status,
-                "durationMs": round((time.monotonic() - started) * 1000.0, 3),
-                **(
-                    {"error": {"code": error["code"], "category": error["category"]}}
-                    if error
-                    else {}
-                ),
-            },
-        )
+        fields: dict[str, Any] = {
+            "jobId": job_id,
+            "capabilityId": capability_id,
+            "correlationId": correlation_id,
+            "outcome": outcome,
+            "status": answer.status,
+            "durationMs": round((time.monotonic() - started) * 1000.0, 3),
+        }
+        level = logging.INFO
+        if error:
+            fields["error"] = {"code": error["code"], "category": error["category"]}
+            if answer.exception is not None:
+                level = logging.ERROR
+                fields["exception"] = answer.exception
+        emit(job_log, level, _JOB_MESSAGES.get(outcome, "job failed"), fields)
 
 
 _JOB_MESSAGES = {

@@ -110,6 +110,8 @@ def read_body(idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S) -> bytes:
 @blueprint.post("/execute")
 def execute() -> Response:
     runner = _runner()
+    if runner.unsigned_warning_due:  # served by something other than gunicorn
+        runner.warn_unsigned()
     try:
         raw = read_body(runner.settings.client_idle_timeout_s)
     except RequestEntityTooLarge:

@@ -42,7 +42,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from runnerkit.errors import Timeout
+from runnerkit.errors import TRACEBACK_ATTR, RunnerError, Timeout, traceback_text
 
 if TYPE_CHECKING:
     from runnerkit.capability import Capability, Context, Progress
@@ -180,7 +180,12 @@ def _child(
             )
             frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the worker
-            frame = pickle.dumps(("error", _portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
+            sent = _portable(exc)
+            if not isinstance(exc, RunnerError):
+                # Its frames do not pickle: the job's log line gets them as text.
+                with contextlib.suppress(Exception):
+                    setattr(sent, TRACEBACK_ATTR, traceback_text(exc))
+            frame = pickle.dumps(("error", sent), protocol=pickle.HIGHEST_PROTOCOL)
         _write(write_fd, frame)
     except BaseException:  # noqa: BLE001 - the worker sees the exit code
         code = _CHILD_BROKE

@@ -569,22 +569,28 @@ def exposition(*collectors: Any) -> tuple[bytes, str]:
 
 
 class Metrics:
-    """The runner's metrics (one set per process)."""
+    """The runner's metrics (one set per process).
+
+    The job metrics carry the contract's names, but their first label is ``capability`` (the
+    capability id), not the contract's ``job_type``: a runner never sees a job's type (the
+    execution request names only the capability, which may serve several types), so it could
+    not fill ``job_type`` truthfully. The forge, which does know job types, labels by them.
+    """
 
     def __init__(self) -> None:
         self.jobs_received = family(
-            "counter", "jobs_received", "Jobs received", ["job_type", "priority"]
+            "counter", "jobs_received", "Jobs received", ["capability", "priority"]
         )
         self.jobs_completed = family(
-            "counter", "jobs_completed", "Jobs finished", ["job_type", "status"]
+            "counter", "jobs_completed", "Jobs finished", ["capability", "status"]
         )
         self.jobs_failed = family(
-            "counter", "jobs_failed", "Jobs failed", ["job_type", "error_code"]
+            "counter", "jobs_failed", "Jobs failed", ["capability", "error_code"]
         )
         self.job_duration = family(
-            "histogram", "job_duration_seconds", "Job duration", ["job_type"]
+            "histogram", "job_duration_seconds", "Job duration", ["capability"]
         )
-        self.active_jobs = family("gauge", "active_jobs", "Jobs running", ["job_type"])
+        self.active_jobs = family("gauge", "active_jobs", "Jobs running", ["capability"])
         self.heartbeat_timestamp = family(
             "gauge",
             "runner_heartbeat_timestamp",

@@ -79,6 +79,8 @@ class Runner:
         self.outbox: Outbox | None = None
         #: True once the instance is shutting down: ready turns 503, new jobs get 503.
         self.draining = False
+        #: Signing is off and nobody has been told yet (see :meth:`warn_unsigned`).
+        self.unsigned_warning_due = False
         from runnerkit.execution import Executor
 
         self.executor = Executor(self)
@@ -267,6 +269,7 @@ class Runner:
         if under_gunicorn():
             install_drain_handler(self)
             self._say_how_it_is_configured()
+            self.warn_unsigned()
         if self.settings.jobforge_url and self.lifecycle is None:
             self.lifecycle = Lifecycle(self, self.state)
             self.outbox = Outbox(
@@ -310,6 +313,7 @@ class Runner:
                 "RUNNERKIT_SIGNING_SECRET_PREVIOUS is set but RUNNERKIT_SIGNING_SECRET is empty: "
                 "set the current secret too (the previous one alone would turn verification off)."
             )
+        self.unsigned_warning_due = False
         if s.signing_secret:
             return
         if s.environment == "production" and not s.allow_unsigned:
@@ -318,6 +322,19 @@ class Runner:
                 "must be signed. Set the secret JobForge signs with, or set "
                 "RUNNERKIT_ALLOW_UNSIGNED=true to run unsigned (insecure)."
             )
+        self.unsigned_warning_due = True
+
+    def warn_unsigned(self) -> None:
+        """Say once per process, when this app is served, that requests go unverified.
+
+        Called when a gunicorn worker loads the app, and on the first ``/execute`` under any
+        other server. Not when the app is merely imported (``runnerkit validate``,
+        ``manifest``, a test's import): a warning about a port nobody serves is noise that
+        teaches people to skip the one that matters.
+        """
+        if not self.unsigned_warning_due:
+            return
+        self.unsigned_warning_due = False
         logging.getLogger("runnerkit.signing").warning(
             "REQUEST SIGNING IS OFF: anyone who can reach this port can run jobs. "
             "Set RUNNERKIT_SIGNING_SECRET (required when RUNNERKIT_ENVIRONMENT=production)."

@@ -12,8 +12,9 @@ import copy
 from typing import Any
 
 from apispec import APISpec
-from apispec.ext.marshmallow import MarshmallowPlugin
-from marshmallow import Schema
+from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
+from apispec.ext.marshmallow.common import resolve_schema_instance
+from marshmallow import EXCLUDE, INCLUDE, Schema, fields
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _COMPONENT_PREFIX = "#/components/schemas/"
@@ -26,10 +27,40 @@ def new_spec(title: str = "runnerkit", version: str = "1.0.0") -> tuple[APISpec,
     return spec, plugin
 
 
+class _TruthfulConverter(OpenAPIConverter):
+    """apispec's converter, saying what a capability's schema really accepts and emits.
+
+    Two places where apispec's document and marshmallow's behaviour part (and the output
+    check of :mod:`runnerkit.outputs` follows marshmallow): a schema whose ``Meta`` has a
+    ``description`` gets no ``additionalProperties`` from apispec whatever its ``unknown``
+    says, and a number field with ``as_string=True`` is documented as a number although it
+    is emitted as a string.
+    """
+
+    def schema2jsonschema(self, schema: Any) -> dict[str, Any]:
+        document: dict[str, Any] = super().schema2jsonschema(schema)
+        unknown = resolve_schema_instance(schema).unknown
+        if unknown != EXCLUDE:
+            document["additionalProperties"] = unknown == INCLUDE
+        return document
+
+
+def _number_as_string(self: Any, field: fields.Field, **kwargs: Any) -> dict[str, Any]:
+    if isinstance(field, fields.Number) and field.as_string:
+        return {"type": "string"}
+    return {}
+
+
+class _TruthfulPlugin(MarshmallowPlugin):
+    Converter = _TruthfulConverter
+
+
 def json_schema(schema: type[Schema] | Schema) -> dict[str, Any]:
     """A standalone JSON Schema document for one marshmallow schema."""
-    spec, plugin = new_spec()
+    plugin = _TruthfulPlugin()
+    spec = APISpec(title="runnerkit", version="1.0.0", openapi_version="3.1.0", plugins=[plugin])
     assert plugin.converter is not None
+    plugin.converter.add_attribute_function(_number_as_string)
     root = plugin.converter.schema2jsonschema(schema)
     components = spec.to_dict().get("components", {}).get("schemas", {})
     document: dict[str, Any] = {"$schema": JSON_SCHEMA_DIALECT, **_rewrite_refs(root)}

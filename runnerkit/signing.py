@@ -36,7 +36,11 @@ DEFAULT_MAX_FUTURE_S = 60.0
 
 
 class SignatureError(Exception):
-    """A request failed verification; ``code`` is short and tells an attacker nothing more."""
+    """A request failed verification.
+
+    ``message`` says which check failed (missing, stale or future, wrong) so that an operator
+    can fix the sender; it never holds a secret or the signature that was expected.
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -50,6 +54,11 @@ def _digest(secret: str, timestamp: str, body: bytes) -> str:
     mac.update(b".")
     mac.update(body)
     return mac.hexdigest()
+
+
+def _seconds(ms: int) -> str:
+    """A time difference for a message: ``412 s``, or ``2.5 s`` below ten seconds."""
+    return f"{ms / 1000:.1f} s" if ms < 10_000 else f"{ms // 1000} s"
 
 
 def request_digest(headers: Mapping[str, str], body: bytes) -> bytes:
@@ -105,25 +114,50 @@ def verify(
     signature = headers.get(SIGNATURE_HEADER) or ""
     stamp = headers.get(TIMESTAMP_HEADER) or ""
     if not signature:
-        raise SignatureError("SIGNATURE_MISSING", "the request is not signed")
+        raise SignatureError(
+            "SIGNATURE_MISSING",
+            f"The request is not signed: it has no {SIGNATURE_HEADER} header, "
+            "and this runner accepts signed requests only",
+        )
     if not stamp:
-        raise SignatureError("TIMESTAMP_MISSING", "the signature has no timestamp")
+        raise SignatureError(
+            "TIMESTAMP_MISSING",
+            f"The signature has no {TIMESTAMP_HEADER} header, so its age cannot be checked",
+        )
     if not stamp.isascii() or not stamp.isdigit() or len(stamp) > 16:
-        raise SignatureError("TIMESTAMP_INVALID", "the signature timestamp is not valid")
+        raise SignatureError(
+            "TIMESTAMP_INVALID",
+            f"The {TIMESTAMP_HEADER} header is not a time in Unix epoch milliseconds",
+        )
     now = int(time.time() * 1000) if now_ms is None else now_ms
     age_ms = now - int(stamp)
     if age_ms > max_age_s * 1000:
-        raise SignatureError("TIMESTAMP_EXPIRED", "the signature has expired")
+        raise SignatureError(
+            "TIMESTAMP_EXPIRED",
+            f"The signature is stale: signed {_seconds(age_ms)} ago, and requests signed more "
+            f"than {max_age_s:g} s ago are refused (a clock behind, or a request kept too long)",
+        )
     if -age_ms > max_future_s * 1000:
-        raise SignatureError("TIMESTAMP_IN_FUTURE", "the signature timestamp is in the future")
+        raise SignatureError(
+            "TIMESTAMP_IN_FUTURE",
+            f"The signature is from the future: signed {_seconds(-age_ms)} ahead of this "
+            f"runner's clock, and at most {max_future_s:g} s ahead is accepted (a clock ahead)",
+        )
     scheme, _, given = signature.partition("=")
     # compare_digest refuses non-ASCII text (TypeError): such a signature is simply wrong.
     if scheme != SCHEME or not given or not given.isascii():
-        raise SignatureError("SIGNATURE_INVALID", "the signature is not valid")
+        raise SignatureError(
+            "SIGNATURE_INVALID",
+            f"The {SIGNATURE_HEADER} header is not of the form {SCHEME}=<hex HMAC-SHA256>",
+        )
     valid = False
     for key in keys:
         # Check every key, so the time taken does not tell which one matched.
         valid |= hmac.compare_digest(_digest(key, stamp, body), given.strip().lower())
     if not valid:
-        raise SignatureError("SIGNATURE_INVALID", "the signature is not valid")
+        raise SignatureError(
+            "SIGNATURE_INVALID",
+            "The signature does not match the request: it was signed with another secret, "
+            "or its body or timestamp changed after signing",
+        )
     return headers.get(EVENT_ID_HEADER) or ""

@@ -74,12 +74,7 @@ class Echo(Capability):
         type(self).calls += 1
         if payload["delay_ms"]:
             ctx.wait(payload["delay_ms"] / 1000.0)
-        # "internal" is not in Output: it must not reach the caller.
-        result = {
-            "message": payload["message"] * payload["repeat"],
-            "repeat": payload["repeat"],
-            "internal": SECRET,
-        }
+        result = {"message": payload["message"] * payload["repeat"], "repeat": payload["repeat"]}
         if "note" in payload:
             result["note"] = payload["note"]
         return result
@@ -173,6 +168,9 @@ class BadOutput(Capability):
             "missing": {"count": 1},
             "null": {"count": None, "name": "x"},
             "not_object": ["count", 1],
+            # "internal" is not in Output: refused, and its value never leaves.
+            "undeclared": {"count": 1, "name": "x", "internal": SECRET},
+            "coerced": {"count": "640", "name": "x"},
             "good": {"count": 1, "name": "x"},
         }[payload["kind"]]
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 import math
 import threading
 import time
+import types
+import uuid
 from typing import Any
 
 import pytest
-from marshmallow import Schema, fields
+from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, fields
 
 from runnerkit import Capability, CapabilityDefinitionError, Context, Runner, SchemaMismatch
+from runnerkit.contracts import fields as strict
 
 
 class _In(Schema):
@@ -209,6 +215,183 @@ def test_dump_output_names_a_missing_field() -> None:
 def test_dump_output_refuses_non_objects() -> None:
     with pytest.raises(SchemaMismatch, match="str"):
         define()().dump_output("3")
+
+
+# ------------------------------------------------ the output check says what outputSchema says
+
+
+class Shade(enum.Enum):
+    DARK = "dark"
+
+
+class _Point(Schema):
+    x = fields.Integer(required=True)
+
+
+class _Loose(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    kept = fields.String()
+
+
+class _Dropping(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    kept = fields.String()
+
+
+class _Kinds(Schema):
+    """One field of each kind a capability's Output commonly uses."""
+
+    text = fields.String()
+    email = fields.Email()
+    strict_text = strict.StrictString()
+    count = fields.Integer()
+    strict_count = strict.StrictInteger()
+    ratio = fields.Float()
+    amount = strict.StrictNumber()
+    price = fields.Decimal(as_string=True)
+    flag = fields.Boolean()
+    strict_flag = strict.StrictBoolean()
+    when = fields.DateTime()
+    day = fields.Date()
+    stamp = strict.ZDateTime()
+    ident = fields.UUID()
+    shade = fields.Enum(Shade)
+    point = fields.Nested(_Point)
+    points = fields.List(fields.Nested(_Point))
+    counts = fields.List(fields.Integer())
+    scores = fields.Dict(keys=fields.String(), values=fields.Float())
+    anything = fields.Raw()
+    maybe = fields.Integer(allow_none=True)
+    loose = fields.Nested(_Loose)
+    dropping = fields.Nested(_Dropping)
+
+
+def _kinds() -> Capability:
+    return define("Kinds", Output=_Kinds)()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "emitted"),
+    [
+        ("text", "640", "640"),
+        ("email", "a@example.com", "a@example.com"),
+        ("strict_text", "s", "s"),
+        ("count", 640, 640),
+        ("count", 640.0, 640),  # the same JSON number: "type": "integer" accepts it
+        ("count", decimal.Decimal("7"), 7),
+        ("strict_count", 3, 3),
+        ("ratio", 0.5, 0.5),
+        ("ratio", 2, 2.0),
+        ("amount", 3, 3),
+        ("price", decimal.Decimal("1.50"), "1.50"),
+        ("flag", False, False),
+        ("strict_flag", True, True),
+        ("when", datetime.datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05"),
+        ("day", datetime.date(2026, 1, 2), "2026-01-02"),
+        ("stamp", datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC), "2026-01-02T00:00:00.000Z"),
+        ("ident", uuid.UUID(int=1), str(uuid.UUID(int=1))),
+        ("shade", Shade.DARK, "DARK"),
+        ("point", {"x": 1}, {"x": 1}),
+        ("point", types.SimpleNamespace(x=2), {"x": 2}),  # an object, as Nested serialises
+        ("points", [{"x": 1}, {"x": 2}], [{"x": 1}, {"x": 2}]),
+        ("counts", [1, 2], [1, 2]),
+        ("scores", {"a": 1.5}, {"a": 1.5}),
+        ("anything", {"free": ["form"]}, {"free": ["form"]}),
+        ("maybe", None, None),
+    ],
+)
+def test_values_of_the_advertised_type_are_accepted(key: str, value: Any, emitted: Any) -> None:
+    assert _kinds().dump_output({key: value}) == {key: emitted}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path", "message"),
+    [
+        ("text", 5, ["text"], "Not a valid string."),
+        ("text", b"bytes", ["text"], "Not a valid string."),
+        ("email", 5, ["email"], "Not a valid string."),
+        ("strict_text", 5, ["strict_text"], "Not a valid string."),
+        ("count", "640", ["count"], "Not a valid integer."),
+        ("count", 5.5, ["count"], "Not a valid integer."),  # not truncated to 5
+        ("count", True, ["count"], "Not a valid integer."),
+        ("strict_count", "640", ["strict_count"], "Not a valid integer."),
+        ("ratio", "0.5", ["ratio"], "Not a valid number."),
+        ("amount", False, ["amount"], "Not a valid number."),
+        ("price", "1.50", ["price"], "Not a valid number."),
+        ("flag", "true", ["flag"], "Not a valid boolean."),
+        ("flag", 1, ["flag"], "Not a valid boolean."),
+        ("strict_flag", "false", ["strict_flag"], "Not a valid boolean."),
+        ("point", {"x": "1"}, ["point", "x"], "Not a valid integer."),
+        ("point", {"x": 1, "y": 2}, ["point", "y"], "Unknown field."),
+        ("points", [{"x": 1}, {"x": "2"}], ["points", "1", "x"], "Not a valid integer."),
+        ("counts", [1, "2"], ["counts", "1"], "Not a valid integer."),
+        ("scores", {"a": "high"}, ["scores", "a"], "Not a valid number."),
+        ("undeclared", 1, ["undeclared"], "Unknown field."),
+    ],
+)
+def test_values_of_another_type_and_undeclared_keys_are_schema_mismatch(
+    key: str, value: Any, path: list[str], message: str
+) -> None:
+    with pytest.raises(SchemaMismatch) as info:
+        _kinds().dump_output({key: value})
+
+    assert info.value.retryable is False
+    assert ".".join(path) in info.value.message
+    (detail,) = info.value.details
+    assert detail["path"] == ["data", *path]
+    assert detail["message"] == message
+
+
+def test_an_undeclared_keys_value_is_not_echoed() -> None:
+    with pytest.raises(SchemaMismatch) as info:
+        _kinds().dump_output({"text": "ok", "internal": "s3cr3t-value"})
+
+    assert [d["code"] for d in info.value.details] == ["unknown_field"]
+    assert "s3cr3t-value" not in repr(info.value.details) + info.value.message
+
+
+def test_include_carries_undeclared_keys_and_exclude_drops_them() -> None:
+    capability = _kinds()
+
+    data = capability.dump_output(
+        {"loose": {"kept": "a", "extra": [1]}, "dropping": {"kept": "b", "extra": 2}}
+    )
+
+    assert data == {"loose": {"kept": "a", "extra": [1]}, "dropping": {"kept": "b"}}
+
+
+@pytest.mark.parametrize(
+    ("unknown", "advertised"),
+    [(RAISE, False), (INCLUDE, True), (EXCLUDE, None)],
+)
+@pytest.mark.parametrize("described", [False, True])
+def test_the_advertised_schema_says_what_the_check_does_with_undeclared_keys(
+    unknown: str, advertised: bool | None, described: bool
+) -> None:
+    meta: dict[str, Any] = {"unknown": unknown}
+    if described:  # apispec alone leaves additionalProperties out of a described schema
+        meta["description"] = "described"
+    output = type("Output", (Schema,), {"Meta": type("Meta", (), meta), "a": fields.Integer()})
+    capability = define("Advertised", Output=output)()
+    schema = capability.manifest()["outputSchema"]
+
+    assert schema.get("additionalProperties") == advertised
+    accepted = True
+    try:
+        capability.dump_output({"a": 1, "b": 2})
+    except SchemaMismatch:
+        accepted = False
+    assert accepted is (advertised is not False)
+
+
+def test_a_number_emitted_as_a_string_is_advertised_as_a_string() -> None:
+    schema = _kinds().manifest()["outputSchema"]
+    assert schema["properties"]["price"]["type"] == "string"
+    assert schema["properties"]["count"]["type"] == "integer"
 
 
 # --------------------------------------------------------------------------- Context

@@ -41,13 +41,17 @@ def test_valid_request_answers_200_with_output_data(client: FlaskClient) -> None
     assert "error" not in body
 
 
-def test_data_is_dumped_through_output_so_undeclared_keys_never_leave(
+def test_an_undeclared_key_is_schema_mismatch_naming_it_without_its_value(
     client: FlaskClient,
 ) -> None:
-    body = post_execute(client, "echo", {"message": "x"}).get_json()
+    # The advertised outputSchema says additionalProperties: false; the check says the same.
+    response = post_execute(client, "bad-output", {"kind": "undeclared"})
 
-    assert "internal" not in body["data"]
-    assert SECRET not in str(body)
+    envelope = assert_failure(response, 500, "SCHEMA_MISMATCH")
+    assert "internal" in envelope["message"]
+    assert [d["path"] for d in envelope["details"]] == [["data", "internal"]]
+    assert envelope["details"][0]["code"] == "unknown_field"
+    assert SECRET not in response.get_data(as_text=True)
 
 
 def test_input_defaults_apply_before_run(client: FlaskClient) -> None:
@@ -257,7 +261,7 @@ def test_marshmallow_error_inside_run_is_a_runtime_error(client: FlaskClient) ->
 
 @pytest.mark.parametrize(
     ("kind", "field"),
-    [("wrong_type", "count"), ("missing", "name"), ("null", "count")],
+    [("wrong_type", "count"), ("missing", "name"), ("null", "count"), ("coerced", "count")],
 )
 def test_output_mismatch_is_500_schema_mismatch_naming_the_field(
     client: FlaskClient, kind: str, field: str

@@ -90,17 +90,17 @@ def test_scrape_sums_live_and_exited_processes_and_drops_dead_gauges(tmp_path: P
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line.removeprefix("RESULT"))
     scrape, after_kill = _parsed(out["scrape"]), _parsed(out["after_kill"])
-    received = {"job_type": "cap", "priority": "unknown"}
+    received = {"capability": "cap", "priority": "unknown"}
     # 100 of the parent (live values) + 3 exited + 4 alive + 6 published at exit: the
     # children counted from zero, not from their parent's 100.
     assert value(scrape, "jobs_received_total", **received) == 113
     assert value(scrape, "http_request_duration_seconds_count") == 3
     assert value(scrape, "http_request_duration_seconds_bucket", le="0.25") == 3
     # Gauges of live processes only: the one that stays (5); the two that exited are gone.
-    assert value(scrape, "active_jobs", job_type="cap") == 5
+    assert value(scrape, "active_jobs", capability="cap") == 5
     # Once it is killed too, its counters stay in the totals and its gauge goes.
     assert value(after_kill, "jobs_received_total", **received) == 113
-    assert value(after_kill, "active_jobs", job_type="cap") == 0
+    assert value(after_kill, "active_jobs", capability="cap") == 0
     published = {int(name.split("-")[0]) for name in out["files"] if name.endswith(".json")}
     assert set(out["pids"]) <= published, out["files"]
     assert not [name for name in out["files"] if name.endswith(".tmp")], out["files"]

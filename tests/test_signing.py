@@ -83,10 +83,12 @@ def test_verify_enforces_the_time_window() -> None:
     stale = sign(b"{}", SECRET, timestamp_ms=now - 301_000)
     future = sign(b"{}", SECRET, timestamp_ms=now + 61_000)
     edge = sign(b"{}", SECRET, timestamp_ms=now - 299_000)
-    with pytest.raises(SignatureError, match="expired"):
+    with pytest.raises(SignatureError, match=r"stale: signed 301 s ago.* more than 300 s") as old:
         verify(stale, b"{}", [SECRET], now_ms=now)
-    with pytest.raises(SignatureError, match="future"):
+    assert old.value.code == "TIMESTAMP_EXPIRED"
+    with pytest.raises(SignatureError, match=r"future: signed 61 s ahead.* at most 60 s") as ahead:
         verify(future, b"{}", [SECRET], now_ms=now)
+    assert ahead.value.code == "TIMESTAMP_IN_FUTURE"
     verify(edge, b"{}", [SECRET], now_ms=now)
 
 
@@ -109,9 +111,14 @@ def test_a_validly_signed_request_runs(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "send",
+    ("send", "code", "says"),
     [
-        pytest.param(lambda c, b: post_signed(c, b, secret="wrong"), id="wrong-secret"),
+        pytest.param(
+            lambda c, b: post_signed(c, b, secret="wrong"),
+            "SIGNATURE_INVALID",
+            "does not match",
+            id="wrong-secret",
+        ),
         pytest.param(
             lambda c, b: c.post(
                 "/execute",
@@ -119,9 +126,16 @@ def test_a_validly_signed_request_runs(client: FlaskClient) -> None:
                 headers=sign(json.dumps(b).encode(), SECRET),
                 content_type="application/json",
             ),
+            "SIGNATURE_INVALID",
+            "does not match",
             id="tampered-body",
         ),
-        pytest.param(lambda c, b: c.post("/execute", json=b), id="unsigned"),
+        pytest.param(
+            lambda c, b: c.post("/execute", json=b),
+            "SIGNATURE_MISSING",
+            "not signed",
+            id="unsigned",
+        ),
         pytest.param(
             lambda c, b: c.post(
                 "/execute",
@@ -129,24 +143,33 @@ def test_a_validly_signed_request_runs(client: FlaskClient) -> None:
                 headers={**sign(json.dumps(b).encode(), SECRET), "x-webhook-signature": "v1=é"},
                 content_type="application/json",
             ),
+            "SIGNATURE_INVALID",
+            "not of the form v1=",
             id="non-ascii-signature",
         ),
         pytest.param(
             lambda c, b: post_signed(c, b, timestamp_ms=int(time.time() * 1000) - 400_000),
+            "TIMESTAMP_EXPIRED",
+            "stale",
             id="stale",
         ),
         pytest.param(
             lambda c, b: post_signed(c, b, timestamp_ms=int(time.time() * 1000) + 120_000),
+            "TIMESTAMP_IN_FUTURE",
+            "future",
             id="future",
         ),
     ],
 )
-def test_a_bad_signature_is_401_and_nothing_runs(client: FlaskClient, send: Any) -> None:
+def test_a_bad_signature_is_401_says_why_and_nothing_runs(
+    client: FlaskClient, send: Any, code: str, says: str
+) -> None:
     body = request_body(payload={"message": "hi"})
     before = echo_count(client)
     response = send(client, body)
     envelope = assert_failure(response, 401, "AUTHENTICATION_ERROR", job_known=False)
-    assert envelope["message"] == "The request signature is not valid"
+    assert envelope["code"] == code
+    assert says in envelope["message"]
     assert SECRET not in response.get_data(as_text=True)
     assert echo_count(client) == before
 
@@ -210,29 +233,66 @@ def test_production_without_a_secret_refuses_to_start(tmp_path: Path) -> None:
         )
 
 
+def _signing_warnings(caplog: pytest.LogCaptureFixture) -> int:
+    return len([r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()])
+
+
 def test_production_without_a_secret_starts_when_insecure_mode_is_explicit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runner = Runner("prod", capabilities=TEST_CAPABILITIES)
     with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
-        runner.create_app(
+        app = runner.create_app(
             {
                 "RUNNERKIT_ENVIRONMENT": "production",
                 "RUNNERKIT_ALLOW_UNSIGNED": "true",
                 "RUNNERKIT_STATE_DIR": str(tmp_path),
             }
         )
-    assert [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
+        app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(caplog) == 1
 
 
-def test_development_without_a_secret_warns_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_without_a_secret_the_warning_waits_until_the_app_serves_then_comes_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("SERVER_SOFTWARE", raising=False)
     runner = Runner("dev", capabilities=TEST_CAPABILITIES)
     with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
-        runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
-    warnings = [r for r in caplog.records if "SIGNING IS OFF" in r.getMessage()]
-    assert len(warnings) == 1
+        app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+        # Imported and built (runnerkit validate, manifest, a test's import): not served.
+        assert _signing_warnings(caplog) == 0
+        client = app.test_client()
+        for _ in range(3):
+            assert client.post("/execute", json=request_body()).status_code == 200
+    assert _signing_warnings(caplog) == 1
+
+
+def test_under_gunicorn_the_warning_comes_when_the_worker_loads_the_app(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What gunicorn's arbiter sets for its workers. The SIGTERM drain handler a worker gets
+    # is left out: it would stay installed in the test process.
+    monkeypatch.setenv("SERVER_SOFTWARE", "gunicorn/23.0.0")
+    monkeypatch.setattr("runnerkit.runner.install_drain_handler", lambda runner: None)
+    runner = Runner("served", capabilities=TEST_CAPABILITIES)
+    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
+        app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+        assert _signing_warnings(caplog) == 1
+        app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(caplog) == 1
+
+
+def test_with_a_secret_nothing_is_said_about_signing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = Runner("signed", capabilities=TEST_CAPABILITIES)
+    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
+        app = runner.create_app(
+            {"RUNNERKIT_STATE_DIR": str(tmp_path), "RUNNERKIT_SIGNING_SECRET": SECRET}
+        )
+        app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(caplog) == 0
 
 
 @pytest.mark.parametrize("environment", ["development", "production"])

@@ -61,6 +61,24 @@ def test_manifest_prints_a_valid_registration_document() -> None:
     assert [c["id"] for c in document["capabilities"]] == ["upper"]
 
 
+@pytest.mark.parametrize("command", ["validate", "manifest"])
+def test_commands_that_serve_nothing_do_not_warn_about_serving(command: str) -> None:
+    """The example app has no signing secret; ``validate`` and ``manifest`` serve no port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNERKIT_SIGNING")}
+    env.pop("SERVER_SOFTWARE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerkit", command, "app:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SIGNING IS OFF" not in result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- validate
 
 

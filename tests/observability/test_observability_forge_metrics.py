@@ -106,5 +106,5 @@ def test_a_forge_and_a_runner_share_one_process(tmp_path: Path, mode: str, first
     bad_job = (("method", "POST"), ("path", "/jobs"), ("status", "400"))
     assert forge_scrape[("http_requests_total", bad_job)] == 1
     runner_scrape = samples(out["runner"])
-    received = (("job_type", "words"), ("priority", "unknown"))
+    received = (("capability", "words"), ("priority", "unknown"))
     assert runner_scrape[("jobs_received_total", received)] == 1

@@ -132,9 +132,9 @@ def execute_on_own_connection(runner: GunicornProcess, text: str) -> tuple[int, 
         conn.close()
 
 
-JOB = {"job_type": "text-stats"}
-RECEIVED = {"job_type": "text-stats", "priority": "unknown"}
-COMPLETED = {"job_type": "text-stats", "status": "success"}
+JOB = {"capability": "text-stats"}
+RECEIVED = {"capability": "text-stats", "priority": "unknown"}
+COMPLETED = {"capability": "text-stats", "status": "success"}
 EXECUTE_200 = {"method": "POST", "path": "/execute", "status": "200"}
 RUNNER_TOTALS: list[Wanted] = [
     ("jobs_received_total", RECEIVED),
@@ -211,12 +211,12 @@ def test_active_jobs_counts_running_jobs_then_returns_to_zero(plane: Plane) -> N
 
         def three_running() -> bool:
             scrape = samples(requests.get(runner.url + "/metrics", timeout=QUICK).text)
-            return value(scrape, "active_jobs", job_type="slow-count") == 3
+            return value(scrape, "active_jobs", capability="slow-count") == 3
 
         wait_until(three_running, 5, "active_jobs{slow-count} == 3")
         assert [f.result().status_code for f in futures] == [200] * 3
-    after = settled(runner, ("active_jobs", {"job_type": "slow-count"}))
-    assert same_everywhere(after, "active_jobs", job_type="slow-count") == 0
+    after = settled(runner, ("active_jobs", {"capability": "slow-count"}))
+    assert same_everywhere(after, "active_jobs", capability="slow-count") == 0
 
 
 def test_forge_metrics_count_requests_jobs_runners_and_dispatch_latency(plane: Plane) -> None:
@@ -307,7 +307,7 @@ def test_totals_keep_exited_workers_counters_and_drop_their_gauges(
     both dead workers' counters (the killed one's as last published, the stopped one's as
     published at its exit), and ``active_jobs`` without the killed worker's running job."""
     stack = Stack(tmp_path_factory.mktemp("exited"))
-    slow = {"job_type": "slow-count"}
+    slow = {"capability": "slow-count"}
     wanted: list[Wanted] = [
         ("jobs_received_total", RECEIVED),
         ("jobs_completed_total", COMPLETED),

@@ -79,6 +79,8 @@ class Runner:
         self.outbox: Outbox | None = None
         #: True once the instance is shutting down: ready turns 503, new jobs get 503.
         self.draining = False
+        #: When (time.monotonic()) a drain must be done: the graceful timeout less a margin.
+        self.drain_deadline = 0.0
         from runnerkit.execution import Executor
 
         self.executor = Executor(self)

@@ -229,6 +229,10 @@ class Lifecycle:
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
+        if under_gunicorn() and self._drain is None:
+            # Not a daemon: the worker's process waits for it to finish a drain.
+            self._drain = threading.Thread(target=self._watch, name="runnerkit-drain", daemon=False)
+            self._drain.start()
 
     def _finish_boot(self) -> bool:
         """The instance's files of this worker's start; True once every one is written."""
@@ -318,14 +322,10 @@ class Lifecycle:
     def tick(self) -> None:
         """One scheduler tick: take or keep leadership; if leader, do what is due.
 
-        A draining worker keeps ticking, and leading, until it exits (see :meth:`drain`):
-        the instance heartbeats and delivers its outbox while any of its workers drains.
+        A draining worker keeps ticking, and leading, until its drain is done (see
+        :meth:`drain`): the instance heartbeats and delivers its outbox while any of its
+        workers drains.
         """
-        if self.runner.draining and self._drain is None:
-            # Not a daemon (a thread made by a daemon is one unless told): the process
-            # waits for it.
-            self._drain = threading.Thread(target=self.drain, name="runnerkit-drain", daemon=False)
-            self._drain.start()
         if self._boot_pending:
             self._boot_pending = not self._finish_boot()
         identity = self.current_identity()
@@ -345,6 +345,19 @@ class Lifecycle:
                 self._lead()
             except Exception:
                 log.exception("lifecycle tick failed")
+
+    def _watch(self) -> None:
+        """Wait for SIGTERM, then drain; return at once when the worker ends without one
+        (a ``max_requests`` recycle, a crash: not the instance's end). Started with the
+        worker, not from the signal handler (starting a thread there could deadlock on
+        threading's own locks) nor from a tick (the worker may be gone before the next one).
+        """
+        main = threading.main_thread()
+        while not self.runner.draining:
+            if not main.is_alive():
+                return
+            time.sleep(DRAIN_POLL_S)
+        self.drain()
 
     def drain(self) -> None:
         """A draining worker's last duty (a thread that is not a daemon, so the process waits

@@ -339,6 +339,9 @@ class Lifecycle:
             self._note("lease-failed", logging.ERROR, "cannot take the leader lease: %s", exc)
             return
         if not leading:
+            # Only the leader writes the identity: one that lost the lease (it could not renew
+            # it on a full disk) must not keep its unsaved copy, nor its failure to save it.
+            self.state.forget_unsaved_identity()
             return
         with self._tick_lock:
             try:

@@ -1259,6 +1259,13 @@ class InstanceState:
         self._unsaved = None
         STORAGE.recovered("identity.json")
 
+    def forget_unsaved_identity(self) -> None:
+        """Not leading: read the identity from its file again, and a failure of this process
+        to save it (which only the leader does) no longer degrades its readiness."""
+        if self._unsaved is not None:
+            self._unsaved = None
+            STORAGE.recovered("identity.json")
+
     def clear_identity(self) -> None:
         self._unsaved = None
         with contextlib.suppress(FileNotFoundError):

@@ -733,6 +733,13 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def unready_answers(url: str, tries: int = 12) -> list[str]:
+    """The bodies of the 503 answers among ``tries`` readiness probes (for a failure's message:
+    each probe may reach another worker)."""
+    answers = (requests.get(url + "/health/ready", timeout=5) for _ in range(tries))
+    return [r.text for r in answers if r.status_code != 200]
+
+
 def readiness_of(conn: PinnedConnection) -> tuple[int, dict[str, Any]]:
     reply = conn.request("GET", "/health/ready")
     return reply.status, reply.body
@@ -810,7 +817,11 @@ def test_a_full_state_disk_degrades_the_runner_and_every_job_completes_once_spac
                     and all(ready_status(runner.url) == 200 for _ in range(6))
                 ),
                 20,
-                lambda: f"not ready again once space returned\n{runner.proc.log_tail()}",
+                lambda: (
+                    "not ready again once space returned: "
+                    f"{unready_answers(runner.url)}\n"
+                    f"{runner.proc.log_tail()}"
+                ),
             )
             wait_until(
                 lambda: stack.runner_ids(status="healthy").get("R"),

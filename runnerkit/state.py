@@ -392,11 +392,6 @@ class LeaderLease:
                 return True
             age = time.monotonic() - renewed
             if not force and 0.0 <= age <= self.expiry_s:
-                # A live leader renewed the record since: it can be written again, so a
-                # takeover this process could not record (a full disk) is no longer a
-                # problem of its storage (readiness would stay 503 until it led).
-                if pid != os.getpid():
-                    STORAGE.recovered("leader.lease")
                 return False
             successor = generation + 1
             if not self._lock(successor):
@@ -437,7 +432,7 @@ class LeaderLease:
             if not self.check():
                 return False
             assert self._generation is not None
-            self._write(self._generation)  # clears a noted failure (see _write)
+            self._write(self._generation)
             return True
 
     def _step_down(self, generation: int) -> None:

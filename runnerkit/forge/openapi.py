@@ -169,8 +169,7 @@ def openapi_document(service: str = "jobforge") -> dict[str, Any]:
                 "JobEvent",
             ),
             "get": _op(
-                "The job's events, oldest first by their timestamp (progress a runner delivers "
-                "after its attempt ended carries data.attempt)",
+                "The job's events, oldest first",
                 {"200": _json(_page("JobEvent"), "PaginatedResponse")},
             ),
         },

@@ -392,6 +392,11 @@ class LeaderLease:
                 return True
             age = time.monotonic() - renewed
             if not force and 0.0 <= age <= self.expiry_s:
+                # A live leader renewed the record since: it can be written again, so a
+                # takeover this process could not record (a full disk) is no longer a
+                # problem of its storage (readiness would stay 503 until it led).
+                if pid != os.getpid():
+                    STORAGE.recovered("leader.lease")
                 return False
             successor = generation + 1
             if not self._lock(successor):

@@ -155,11 +155,12 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     assert f"deregistered runner {runner_id}" in instance.proc.log_text(), instance.explain()
 
 
+@pytest.mark.parametrize("preload", [[], ["--preload"]], ids=["default", "--preload"])
 def test_a_worker_recycled_by_max_requests_is_replaced_without_deregistering(
-    make_instance: InstanceFactory,
+    make_instance: InstanceFactory, preload: list[str]
 ) -> None:
     max_requests = 5
-    instance = make_instance(extra_args=["--max-requests", str(max_requests)])
+    instance = make_instance(extra_args=["--max-requests", str(max_requests), *preload])
     runner_id = instance.wait_registered().response["runnerId"]
     instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
     leader = instance.leader_pid()

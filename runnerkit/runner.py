@@ -25,6 +25,7 @@ from runnerkit.lifecycle import (
 from runnerkit.logs import configure_logging
 from runnerkit.metrics import prepare_snapshot_dir
 from runnerkit.outbox import Outbox
+from runnerkit.preload import in_gunicorn_master, start_in_workers
 from runnerkit.state import STORAGE, InstanceState, secure_directory
 
 EXTENSION_KEY = "runnerkit"
@@ -252,9 +253,6 @@ class Runner:
             self.name, self.version, self.settings.log_format, self.settings.log_level
         )
         self._check_signing()
-        # The state directory is checked (and made) before anything is put in it.
-        self.state  # noqa: B018
-        prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         app.extensions[EXTENSION_KEY] = self
         # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
         if app.config.get("MAX_CONTENT_LENGTH") is None:
@@ -266,6 +264,22 @@ class Runner:
         register_error_handlers(app)
         register_request_metrics(app)
         app.register_blueprint(blueprint)
+        if in_gunicorn_master():
+            # --preload: this process only forks the workers; each starts its own.
+            start_in_workers(lambda: self._start_process(app, preloaded=True))
+        else:
+            self._start_process(app)
+
+    def _start_process(self, app: Flask, preloaded: bool = False) -> None:
+        """What each serving process starts for itself: the state directory, metrics, the
+        drain handler, the lifecycle (in a gunicorn worker, never in its master)."""
+        if preloaded:
+            # Read again in the worker: the port gunicorn bound since, the threads its
+            # post_fork hook set.
+            self.settings = Settings.load(app.config)
+        # The state directory is checked (and made) before anything is put in it.
+        self.state  # noqa: B018
+        prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         if under_gunicorn():
             install_drain_handler(self)
             self._say_how_it_is_configured()

@@ -48,15 +48,51 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from runnerkit.config import ConfigError
 
 log = logging.getLogger("runnerkit.state")
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+
+class _Renewable(Protocol):
+    def renew_after_fork(self) -> None: ...
+
+
+#: Objects whose locks (and connections) a forked child makes anew (:func:`renew_after_fork`).
+_RENEWABLE: weakref.WeakSet[_Renewable] = weakref.WeakSet()
+#: SQLite connections a forked child inherited. Never closed there: closing one in a child
+#: could checkpoint and delete the WAL under the parent (SQLite: no connection across fork).
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def renew_after_fork(obj: _Renewable) -> None:
+    """Have ``obj.renew_after_fork()`` called in every child forked from this process.
+
+    A lock held by another thread at the moment of ``fork`` stays held for ever in the child,
+    where that thread does not exist: the app imported in a gunicorn master (``--preload``),
+    or a worker forking an isolated job while housekeeping holds the ledger's lock, would
+    deadlock on its first use. Descriptors (and the OFD locks on them) and SQLite connections
+    are the parent's too: each class's ``renew_after_fork`` drops them, so the child opens
+    its own on first use.
+    """
+    _RENEWABLE.add(obj)
+
+
+def _renew_in_child() -> None:
+    for obj in list(_RENEWABLE):
+        obj.renew_after_fork()
+
+
+os.register_at_fork(after_in_child=_renew_in_child)
 
 
 class LedgerReplaced(Exception):
@@ -176,6 +212,10 @@ class WriteFailures:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._failing: dict[str, str] = {}
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def failed(self, what: str, exc: BaseException) -> bool:
         """Note that ``what`` could not be written; True when it was not failing before."""
@@ -316,6 +356,12 @@ class LeaderLease:
         self._fd = -1
         self._pid = 0
         self._generation: int | None = None
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """The parent's descriptor (and its lock) stay the parent's: the child opens its own."""
+        self._guard = threading.RLock()
+        self._fd, self._pid, self._generation = -1, 0, None
 
     @property
     def held(self) -> bool:
@@ -487,6 +533,12 @@ class WriterTurns:
         self._fd = -1
         self._turn = threading.RLock()
         self._depth = 0
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        self._guard = threading.Lock()
+        self._turn, self._depth = threading.RLock(), 0
+        self._fd, self._pid = -1, 0
 
     def _current(self) -> tuple[threading.RLock, int]:
         with self._guard:
@@ -557,6 +609,12 @@ class SlotTable:
         self._hold: dict[str, int] = {}
         self._query: dict[str, int] = {}
         self._held: dict[str, set[int]] = {}
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """No slot is the child's: its parent's descriptors and locks stay the parent's."""
+        self._lock = threading.Lock()
+        self._pid, self._hold, self._query, self._held = 0, {}, {}, {}
 
     def _fds(self, capability_id: str) -> tuple[int, int]:
         if self._pid != os.getpid():
@@ -628,6 +686,12 @@ class JobLocks:
         self._fd = -1
         self._pid = 0
         self._mine: dict[int, str] = {}
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """No job is the child's: its parent's descriptor and locks stay the parent's."""
+        self._lock = threading.Lock()
+        self._fd, self._pid, self._mine = -1, 0, {}
 
     @staticmethod
     def offset(job_id: str) -> int:
@@ -866,6 +930,14 @@ class SQLiteFile:
         self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
         #: Which file this must be for the running instance (None: any, e.g. in a test).
         self.identity = identity
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """The child opens its own connection; the parent's is kept, never closed here."""
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn, self._pid = None, 0
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the tables this store needs (called once per process)."""
@@ -876,6 +948,9 @@ class SQLiteFile:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _INHERITED.append(self._conn)  # a parent's (see renew_after_fork)
+                self._conn = None
             # Checked before anything could create the file: a worker started after the
             # running instance's ledger vanished must not begin a fresh, empty one.
             if self.identity is not None:

@@ -35,12 +35,13 @@ pytestmark = pytest.mark.integration
 SLACK_S = 0.5
 
 #: How the master is started: the product's config file, or bare ``gunicorn app:app``.
+#: With ``--preload`` the master imports the app before it binds and forks: the same must hold.
+_PLAIN_ARGS = ["--worker-class", "gthread", "--threads", "4", "--graceful-timeout", "10"]
 VARIANTS = {
     "gunicorn.conf.py": {"config": GUNICORN_CONF},
-    "plain": {
-        "config": None,
-        "extra_args": ["--worker-class", "gthread", "--threads", "4", "--graceful-timeout", "10"],
-    },
+    "plain": {"config": None, "extra_args": _PLAIN_ARGS},
+    "gunicorn.conf.py --preload": {"config": GUNICORN_CONF, "extra_args": ["--preload"]},
+    "plain --preload": {"config": None, "extra_args": [*_PLAIN_ARGS, "--preload"]},
 }
 
 
@@ -72,7 +73,10 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     make_instance: InstanceFactory, variant: str
 ) -> None:
     instance = make_instance(**VARIANTS[variant])
-    runner_id = instance.wait_registered().response["runnerId"]
+    registration = instance.wait_registered()
+    runner_id = registration.response["runnerId"]
+    # The port gunicorn listens on (bound after a --preload master imported the app).
+    assert registration.body["healthCheckEndpoint"] == f"{instance.url}/health"
     instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
 
     # -- SIGHUP: every worker is replaced, the runner stays.
@@ -151,11 +155,12 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     assert f"deregistered runner {runner_id}" in instance.proc.log_text(), instance.explain()
 
 
+@pytest.mark.parametrize("preload", [[], ["--preload"]], ids=["default", "--preload"])
 def test_a_worker_recycled_by_max_requests_is_replaced_without_deregistering(
-    make_instance: InstanceFactory,
+    make_instance: InstanceFactory, preload: list[str]
 ) -> None:
     max_requests = 5
-    instance = make_instance(extra_args=["--max-requests", str(max_requests)])
+    instance = make_instance(extra_args=["--max-requests", str(max_requests), *preload])
     runner_id = instance.wait_registered().response["runnerId"]
     instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
     leader = instance.leader_pid()

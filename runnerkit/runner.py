@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -338,6 +339,13 @@ class Runner:
             )
             self._readiness.append(self.lifecycle.readiness_item)
             self.lifecycle.start()
+
+    def app_context(self) -> Any:
+        """A new application context of the app this Runner serves (a no-op without one):
+        what a job's code runs in when it runs off the request's thread."""
+        if self.app is None:
+            return contextlib.nullcontext()
+        return self.app.app_context()
 
     def close(self) -> None:
         """Stop this process's registration and heartbeat schedule (no deregistration).

@@ -5,6 +5,8 @@
 - ``init_app`` leaves the host's app its own: its error pages, exception propagation under
   ``TESTING``, ``MAX_CONTENT_LENGTH`` and ``app.json``; runnerkit's routes can be mounted
   under a ``url_prefix``; pytest's ``caplog`` sees a job's ``ctx.logger`` lines.
+- Capability code has the app's context on the job thread, in a forked child and in an
+  asynchronous job, as it has inline.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from flask import Flask
 
 from runnerkit import Runner
 from runnerkit.signing import sign
-from runnerkit.testing import RunnerClient
+from runnerkit.testing import JobForgeStub, RunnerClient
 from tests.helpers import JOB_ID, TEST_CAPABILITIES, assert_envelope, assert_failure, request_body
-from tests.integration.flask_host_app import PREFIX, make_host_app
+from tests.integration.flask_host_app import CAPABILITIES, GREETING, PREFIX, make_host_app
+from tests.support.waiting import wait_until
 
 STANDALONE = {"RUNNERKIT_JOBFORGE_URL": ""}
 
@@ -152,16 +155,51 @@ def test_a_malformed_url_prefix_is_refused(prefix: str, tmp_path: Path) -> None:
         make_host_app({**STANDALONE, "RUNNERKIT_STATE_DIR": str(tmp_path)}, url_prefix=prefix)
 
 
+@pytest.mark.parametrize("capability", ["config-thread", "config-inline"])
 def test_caplog_sees_a_jobs_ctx_logger_lines(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capability: str
 ) -> None:
     caplog.set_level(logging.INFO)
     # Made inside the test, as a test that builds its app does: pytest only attaches its
     # capture to loggers already cut off from the root logger when the test starts.
     host = make_host_app({**STANDALONE, "RUNNERKIT_STATE_DIR": str(tmp_path)})
 
-    answer = _run(host.test_client(), "config-inline")
+    answer = _run(host.test_client(), capability)
 
     assert answer.status_code == 200, answer.get_json()
-    lines = [r for r in caplog.records if r.name == "runnerkit.capability.config-inline"]
+    lines = [r for r in caplog.records if r.name == f"runnerkit.capability.{capability}"]
     assert [r.getMessage() for r in lines] == ["reading the app's GREETING"]
+
+
+# --------------------------------------------------------------------------- app context
+
+
+@pytest.mark.parametrize("capability", [c.id for c in CAPABILITIES])
+def test_capability_code_reads_the_apps_config(host: Flask, capability: str) -> None:
+    answer = _run(host.test_client(), capability)
+
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["data"]["value"] == GREETING
+
+
+@pytest.mark.parametrize("capability", ["config-thread", "config-process"])
+def test_an_asynchronous_job_reads_the_apps_config(
+    tmp_path: Path, jobforge_stub: JobForgeStub, capability: str
+) -> None:
+    host = make_host_app(
+        {"RUNNERKIT_JOBFORGE_URL": jobforge_stub.url, "RUNNERKIT_STATE_DIR": str(tmp_path)}
+    )
+    try:
+        accepted = _run(host.test_client(), capability, Prefer="respond-async")
+        assert accepted.status_code == 202, accepted.get_json()
+        job_id = accepted.get_json()["jobId"]
+        (result,) = wait_until(
+            lambda: [r for r in jobforge_stub.results() if r.body["jobId"] == job_id],
+            15,
+            "the job's result",
+        )
+    finally:
+        host.extensions["runnerkit"].close()
+
+    assert result.body["success"] is True, result.body
+    assert result.body["data"]["value"] == GREETING

@@ -1,7 +1,8 @@
 """A runner mounted in a host's Flask app, under gunicorn: the host's rules hold.
 
 Real ``gunicorn 'tests.integration.flask_host_app:make_host_app()'`` with the product's
-settings and two workers: runnerkit's routes live under ``/runner`` with their envelopes, and
+settings and two workers: capability code reads ``current_app.config`` on the job thread, in a
+forked child and inline; runnerkit's routes live under ``/runner`` with their envelopes, and
 the host's routes answer as Flask does.
 """
 
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from tests.helpers import assert_envelope, new_uuid
-from tests.integration.flask_host_app import PREFIX
+from tests.integration.flask_host_app import GREETING, PREFIX
 from tests.support import GunicornProcess
 
 APP = "tests.integration.flask_host_app:make_host_app()"
@@ -34,6 +35,24 @@ def _execute(proc: GunicornProcess, capability: str) -> requests.Response:
         "payload": {"key": "GREETING"},
     }
     return requests.post(f"{proc.url}{PREFIX}/execute", json=body, timeout=30)
+
+
+@pytest.mark.parametrize("capability", ["config-thread", "config-process", "config-inline"])
+def test_capability_code_has_the_apps_context_in_every_isolation_mode(
+    host: GunicornProcess, capability: str
+) -> None:
+    workers = set(host.worker_pids())
+
+    answers = [_execute(host, capability) for _ in range(4)]
+
+    for answer in answers:
+        assert answer.status_code == 200, (answer.text, host.log_text()[-3000:])
+        data = answer.json()["data"]
+        assert data["value"] == GREETING
+        if capability == "config-process":
+            assert data["pid"] not in workers  # it ran in a child
+        else:
+            assert data["pid"] in workers
 
 
 def test_runnerkit_routes_live_under_the_prefix_with_their_envelopes(

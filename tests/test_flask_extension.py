@@ -111,6 +111,8 @@ def test_runnerkit_routes_under_the_prefix_answer_with_envelopes(host: Flask) ->
     assert client.get(f"{PREFIX}/health").status_code == 200
     document = client.get(f"{PREFIX}/capabilities").get_json()
     assert document["healthCheckEndpoint"].endswith(f"{PREFIX}/health")
+    openapi = client.get(f"{PREFIX}/openapi.json").get_json()
+    assert openapi["servers"] == [{"url": PREFIX}] and "/execute" in openapi["paths"]
     # The test kit's client finds the prefix by itself.
     answer = RunnerClient(host).execute("config-inline", {"key": "GREETING"})
     assert answer.status_code == 200, answer.get_json()

@@ -340,12 +340,14 @@ class LeaderLease:
     does not jump with the wall clock. A worker that finds byte ``g`` free takes it (the
     leader died or let go); one that finds it held but the lease older than ``expiry_s``
     takes byte ``g + 1`` and writes generation ``g + 1``: the stalled holder still has its
-    lock, but the record no longer names it. The leader reads the record before each action
-    (:meth:`acquire`, :meth:`check`, :meth:`renew`) and steps down, releasing its lock, as
-    soon as another generation is named. Two workers racing for one generation meet on its
-    byte's lock; a renewal racing a takeover leaves one of the two named, and the other steps
-    down at its next look. No mutex is held across a write, so a holder stopped at any
-    instant cannot block the others.
+    lock, but the record no longer names it. A held byte whose record names no live process
+    belongs to a worker that has just taken it and not yet written the record: it gets a
+    lease's time to do so, or two workers starting together would both lead. The leader
+    reads the record before each action (:meth:`acquire`, :meth:`check`, :meth:`renew`) and
+    steps down, releasing its lock, as soon as another generation is named. Two workers
+    racing for one generation meet on its byte's lock; a renewal racing a takeover leaves
+    one of the two named, and the other steps down at its next look. No mutex is held
+    across a write, so a holder stopped at any instant cannot block the others.
     """
 
     def __init__(self, directory: str, expiry_s: float = LEASE_MIN_S) -> None:
@@ -356,12 +358,15 @@ class LeaderLease:
         self._fd = -1
         self._pid = 0
         self._generation: int | None = None
+        #: The held-but-unrecorded lease this process first saw, and when (see acquire).
+        self._newcomer: tuple[tuple[int, float, int], float] | None = None
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
         """The parent's descriptor (and its lock) stay the parent's: the child opens its own."""
         self._guard = threading.RLock()
         self._fd, self._pid, self._generation = -1, 0, None
+        self._newcomer = None
 
     @property
     def held(self) -> bool:
@@ -436,7 +441,8 @@ class LeaderLease:
                 self._generation = generation
                 self._try_write(generation)
                 return True
-            age = time.monotonic() - renewed
+            now = time.monotonic()
+            age = now - renewed
             if not force and 0.0 <= age <= self.expiry_s:
                 # A live leader renewed the record since: it can be written again, so a
                 # takeover this process could not record (a full disk) is no longer a
@@ -444,6 +450,17 @@ class LeaderLease:
                 if pid != os.getpid():
                     STORAGE.recovered("leader.lease")
                 return False
+            if not force and not (pid > 0 and process_alive(pid, None)):
+                # Byte g is held, but the record names no live process (none at all on a
+                # new instance, or a leader that died): another worker has just taken the
+                # byte and not yet written the record. Taking g + 1 now would make a second
+                # leader, with a registration of its own; the newcomer gets a lease's time
+                # to write its record before it counts as stalled.
+                seen = (generation, renewed, pid)
+                if self._newcomer is None or self._newcomer[0] != seen:
+                    self._newcomer = (seen, now)
+                if now - self._newcomer[1] <= self.expiry_s:
+                    return False
             successor = generation + 1
             if not self._lock(successor):
                 return False  # another worker is taking over right now

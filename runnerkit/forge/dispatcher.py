@@ -118,6 +118,21 @@ class _TargetRefused(Exception):
     """The connection reached an address runners may not have (``args[0]``)."""
 
 
+class _NoAnswer(Exception):
+    """The connection broke before any answer arrived (the cause says how)."""
+
+
+#: How a connection the runner closed shows when a request is sent on it: the request
+#: cannot be written, or the answer's first line never comes (the peer closed or reset).
+_BROKEN_BEFORE_ANSWER = (
+    BrokenPipeError,
+    ConnectionResetError,  # http.client.RemoteDisconnected is one
+    ConnectionAbortedError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+
 class _AnswerTooLarge(Exception):
     """The runner's answer is longer than MAX_ANSWER_BYTES (``args[0]`` says how it showed)."""
 
@@ -191,6 +206,8 @@ class Dispatcher:
         self.instance_id = instance_id
         self.lock = FileLock(f"{settings.db_path}.dispatcher.lock")
         self.dispatched = 0
+        #: Requests sent again on a new connection, their kept-alive one found closed.
+        self.reconnects = 0
         self._leader_since: float | None = None
         self._last_tick: float | None = None
         self._stop = threading.Event()
@@ -589,7 +606,8 @@ class Dispatcher:
                 ),
             )
         except (OSError, http.client.HTTPException) as exc:  # the connection broke
-            self._suspect(claim.runner_id)
+            # The runner was reached, so it stays in dispatch: only a failed connect says
+            # it cannot be reached (a broken answer is this attempt's failure).
             name = "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
             return self._network_failure(claim, f"{name} calling {url}")
         return self.interpret(claim, *answer)
@@ -605,8 +623,14 @@ class Dispatcher:
         What those gave that is kept: keep-alive connections (one per send thread and runner),
         a connection the runner closed while idle is not reused, separate connect and read
         timeouts, certificates checked for https (certifi's bundle when it is installed).
-        Nothing is retried here (an attempt is retried by the job's RetryPolicy), redirects are
-        not followed and proxies from the environment are not used.
+        Redirects are not followed and proxies from the environment are not used.
+
+        A runner may close an idle keep-alive connection just as the forge sends on it (its
+        idle timeout): when a reused connection breaks before any answer arrived, the
+        request is sent once more on a new connection. ``/execute`` is idempotent per
+        ``jobId``, so even a request the runner did read is safe to send again (it answers
+        the stored result, or 409 while the job runs). Nothing else is retried here (an
+        attempt is retried by the job's RetryPolicy).
 
         Raises :class:`_ConnectFailed` when no connection could be made, ``TimeoutError`` when
         the runner did not answer in ``read_s``, ``OSError`` or ``HTTPException`` when the
@@ -619,24 +643,56 @@ class Dispatcher:
         if conn is not None and _dropped(conn):
             conn.close()
             conn = None
-        if conn is None:
-            conn = _connection(base_url, connect_s)
+        if conn is not None:
             try:
-                conn.connect()
-            except OSError as exc:
-                conn.close()
-                raise _ConnectFailed() from exc
-            # The address really connected to, not the one a name resolved to before.
-            peer = _peer(conn)
-            if not self.targets.allows(peer, conn.host):
-                conn.close()
-                raise _TargetRefused(f"{conn.host} ({peer})")
+                return self._exchange(connections, base_url, conn, body, headers, read_s)
+            except _NoAnswer:
+                self.reconnects += 1
+                log.info("a kept-alive connection to %s was closed; sending again", base_url)
+        conn = self._connect(base_url, connect_s)
+        try:
+            return self._exchange(connections, base_url, conn, body, headers, read_s)
+        except _NoAnswer as exc:
+            raise exc.__cause__ or ConnectionError("no answer") from None
+
+    def _connect(self, base_url: str, connect_s: float) -> http.client.HTTPConnection:
+        """A new connection to the runner, its peer checked (see :meth:`_post`)."""
+        conn = _connection(base_url, connect_s)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise _ConnectFailed() from exc
+        # The address really connected to, not the one a name resolved to before.
+        peer = _peer(conn)
+        if not self.targets.allows(peer, conn.host):
+            conn.close()
+            raise _TargetRefused(f"{conn.host} ({peer})")
+        return conn
+
+    def _exchange(
+        self,
+        connections: dict[str, http.client.HTTPConnection],
+        base_url: str,
+        conn: http.client.HTTPConnection,
+        body: bytes,
+        headers: dict[str, str],
+        read_s: float,
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One request and its answer on ``conn``; kept in ``connections`` if reusable.
+
+        :class:`_NoAnswer` (its cause the error) when the connection broke before any
+        answer arrived.
+        """
         limit = self.max_answer
         try:
             assert conn.sock is not None
             conn.sock.settimeout(read_s)
-            conn.request("POST", _path(base_url) + "/execute", body, headers)
-            response = conn.getresponse()
+            try:
+                conn.request("POST", _path(base_url) + "/execute", body, headers)
+                response = conn.getresponse()
+            except _BROKEN_BEFORE_ANSWER as exc:
+                raise _NoAnswer() from exc
             declared = response.getheader("Content-Length", "")
             if declared.strip().isdigit() and int(declared) > limit:
                 raise _AnswerTooLarge(f"Content-Length {int(declared)}")

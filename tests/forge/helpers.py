@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -344,14 +346,55 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _KeepAliveHandler(_Handler):
+    """HTTP/1.1 with keep-alive; with the fake's ``drop_reused``, a connection's second
+    request is read and the connection then closed without an answer, as a server closing
+    an idle connection the moment the client sends on it again (``"close"``: FIN,
+    ``"reset"``: RST)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.served = 0
+        with self.server.fake._lock:
+            self.server.fake.connections += 1
+
+    def do_POST(self) -> None:
+        self.served += 1
+        fake = self.server.fake
+        if self.served > 1 and fake.drop_reused:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            with fake._lock:
+                fake.dropped += 1
+            if fake.drop_reused == "reset":
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.close()
+            self.close_connection = True
+            return
+        super().do_POST()
+
+
 class FakeRunner:
-    """A runner over real HTTP whose /execute answers follow ``script``."""
+    """A runner over real HTTP whose /execute answers follow ``script``.
+
+    ``keep_alive``: HTTP/1.1 connections kept open between requests; ``drop_reused`` (see
+    :class:`_KeepAliveHandler`) closes each connection as its second request arrives.
+    """
 
     def __init__(
         self,
         name: str,
         capabilities: list[dict[str, Any]],
         script: Script | None = None,
+        *,
+        keep_alive: bool = False,
+        drop_reused: str = "",
     ) -> None:
         self.name = name
         self.capabilities = capabilities
@@ -365,7 +408,11 @@ class FakeRunner:
         self._running: dict[str, int] = {}
         self.max_running: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self.drop_reused = drop_reused
+        self.connections = 0  # connections accepted (counted with keep_alive only)
+        self.dropped = 0  # requests read and left unanswered (drop_reused)
+        handler = _KeepAliveHandler if keep_alive or drop_reused else _Handler
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.fake = self
         self.port = self._server.server_address[1]
         self.health_url = f"http://127.0.0.1:{self.port}/health"

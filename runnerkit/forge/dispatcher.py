@@ -363,7 +363,7 @@ class Dispatcher:
             failed = self.jobs.expire_unmatched(now)
             if failed:
                 log.warning("housekeeping: %d jobs failed, no runner takes their type", failed)
-        return self._match(now)
+        return self._match()
 
     def _heartbeat(self, now: Clock) -> None:
         self._last_heartbeat = now.ts
@@ -374,7 +374,7 @@ class Dispatcher:
                 {"instance": self.instance_id, "pid": os.getpid(), "ts": now.ts, "at": now.z},
             )
 
-    def _match(self, now: Clock) -> int:
+    def _match(self) -> int:
         """Record the answers that arrived, then take waiting jobs: one transaction.
 
         Returns how many executions were handed to the send pool.
@@ -388,6 +388,9 @@ class Dispatcher:
                 return 0
             try:
                 with self.db.tx() as conn:
+                    # Stamped now that the transaction has its turn: a slot freed by a
+                    # result another worker recorded meanwhile is taken after that result.
+                    now = Clock()
                     self._record_in(conn, answers, now)
                     claims = self._claim_in(conn, now, free) if pool is not None else []
             except Exception:

@@ -13,6 +13,11 @@ claims jobs many to a transaction, and ``POST /jobs`` requests arriving together
     queued UNMATCHED_JOB_EXPIRY_S, no runner lists the type ──▶ failed (NO_RUNNER_FOR_TYPE)
     queued/retrying/running ──cancel──▶ cancelled
 
+A status change is stamped (its events, assertions and ``updated_at``) once its transaction
+holds the writers' turn, not before it waited for it: write transactions take turns, so the
+forge's records are in the order the changes happened, and a job started in a slot another
+job freed is never recorded as starting before that job ended.
+
 A job that is sent to a runner holds one of that runner's capability slots (``slot_runner``)
 until the attempt's answer arrives, the runner goes offline, or the attempt's lease passes.
 A cancelled job keeps its slot while the runner is still working on it, so ``maxConcurrency``
@@ -404,8 +409,8 @@ class JobStore:
 
         A completed or failed job is a 409 RESOURCE_CONFLICT.
         """
-        now = Clock()
         with self.db.tx() as conn:
+            now = Clock()
             row = self._get(conn, job_id)
             if row["status"] == "cancelled":
                 return self.response(row)
@@ -441,8 +446,8 @@ class JobStore:
                 details=[{"message": f"Expected {job_id}", "path": ["jobId"]}],
             )
         digest = hashlib.sha256(db.dumps(response).encode()).hexdigest()
-        now = Clock()
         with self.db.tx() as conn:
+            now = Clock()  # once this change has its turn (see the module docstring)
             row = self._get(conn, job_id)
             if not db.record_delivery(conn, job_id, digest, now.ts):
                 return "duplicate", self.response(row)
@@ -723,8 +728,8 @@ class JobStore:
         slot is given back) or ``failed`` (the forge could not record it, so the job failed:
         :meth:`apart`). ``runner_id``: the runner the attempt was sent to.
         """
-        now = Clock()
         with self.db.tx() as conn:
+            now = Clock()
             record = functools.partial(
                 self.finish_in, conn, job_id, attempt, outcome, now, runner_id=runner_id
             )

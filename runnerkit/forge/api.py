@@ -327,7 +327,7 @@ def health_document(forge: Forge) -> dict[str, Any]:
     stale_s = float(forge.settings.dispatcher_stale_ms) / 1000.0
     dispatcher: dict[str, Any] = {"name": "dispatcher", "responseTimeMs": 0}
     if isinstance(heartbeat, dict) and isinstance(heartbeat.get("ts"), int | float):
-        age = max(0.0, time.time() - float(heartbeat["ts"]))
+        age = _dispatcher_age(heartbeat)
         fresh = age <= stale_s
         dispatcher["status"] = "healthy" if fresh else "unhealthy"
         dispatcher["message"] = f"last tick {age:.1f} s ago (pid {heartbeat.get('pid')})"
@@ -344,3 +344,18 @@ def health_document(forge: Forge) -> dict[str, Any]:
         "uptime": round(max(0.0, time.monotonic() - forge.started), 3),
         "checks": checks,
     }
+
+
+def _dispatcher_age(heartbeat: dict[str, Any]) -> float:
+    """Seconds since the dispatcher's last recorded tick.
+
+    On the monotonic clock (one clock for every process of the machine) when the record has
+    a reading from it that is not in the future (a reboot restarts that clock); otherwise by
+    the wall clock, which a clock step moves.
+    """
+    mono = heartbeat.get("mono")
+    if isinstance(mono, int | float) and not isinstance(mono, bool):
+        age = time.monotonic() - float(mono)
+        if age >= 0.0:
+            return age
+    return max(0.0, time.time() - float(heartbeat["ts"]))

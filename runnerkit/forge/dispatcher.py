@@ -6,6 +6,9 @@ dispatches; when its process dies the kernel frees the lock and another worker's
 takes over. The holder records a heartbeat in the database (``meta.dispatcher``), which
 ``/health`` reads.
 
+The holder keeps time with ``time.monotonic()`` (see :class:`~.jobs.Clock`): a step of the
+system clock neither stops its housekeeping nor makes every runner look silent.
+
 One tick of the holder:
 
 1. housekeeping (:meth:`JobStore.sweep`): offline runners, requeues, overdue attempts,
@@ -192,6 +195,10 @@ def _reject_constant(name: str) -> Any:
 #: A gap this long between two ticks means the process was frozen, not merely slow.
 STALL_S = 5.0
 
+#: A change of the wall clock against the monotonic one this large between two ticks is a
+#: step of the system clock (NTP slews by 0.5 ms a second at most).
+CLOCK_STEP_S = 1.0
+
 #: While the previous dispatcher still holds the wake-up channel, poll this often.
 WAKE_RETRY_S = 0.01
 
@@ -210,6 +217,7 @@ class Dispatcher:
         self.reconnects = 0
         self._leader_since: float | None = None
         self._last_tick: float | None = None
+        self._clock_offset: float | None = None  # time.time() - time.monotonic() last tick
         self._stop = threading.Event()
         self._wake = threading.Event()
         # Any forge process may take a new job; the dispatching one may be another.
@@ -224,10 +232,8 @@ class Dispatcher:
         self._in_flight_lock = threading.Lock()
         self._record_lock = threading.Lock()  # one thread records answers at a time
         self._capabilities: dict[str, tuple[str, list[tuple[str, int, frozenset[str]]]]] = {}
-        self._last_heartbeat = 0.0
-        self._last_sweep = 0.0
-        self._last_prune = 0.0
-        self._last_unmatched = 0.0
+        #: chore → the time.monotonic() reading of its last run.
+        self._last_run: dict[str, float] = {}
         self._http = threading.local()  # each send thread's connections, by runner
         self.targets = TargetPolicy(str(settings.allowed_runner_networks))
         self.max_answer = int(settings.max_answer_bytes)
@@ -310,7 +316,7 @@ class Dispatcher:
             try:
                 if self.lock.acquire():
                     if self._leader_since is None:
-                        self._leader_since = time.time()
+                        self._leader_since = time.monotonic()
                         log.info("dispatcher %s took the dispatcher lock", self.instance_id)
                     self.tick()
                 else:
@@ -327,9 +333,13 @@ class Dispatcher:
     # -- one tick ----------------------------------------------------------------------------
 
     def tick(self) -> int:
-        """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent."""
+        """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent.
+
+        Its cadence runs on the monotonic clock (:class:`Clock` ``mono``): a step of the
+        system clock neither stops housekeeping nor runs it all at once.
+        """
         now = Clock()
-        mono = time.monotonic()
+        mono = now.mono
         if self._last_tick is not None and mono - self._last_tick > STALL_S:
             # This process was frozen (SIGSTOP, a paused VM): runners could not reach it, so
             # give them a full heartbeat window again before calling any of them offline.
@@ -337,19 +347,26 @@ class Dispatcher:
                 "dispatcher stalled for %.1f s; runners get a fresh grace period",
                 mono - self._last_tick,
             )
-            self._leader_since = now.ts
+            self._leader_since = mono
         self._last_tick = mono
+        offset = now.ts - mono  # the wall clock's offset from the monotonic one
+        if self._clock_offset is not None and offset < self._clock_offset - CLOCK_STEP_S:
+            capped = self.jobs.cap_retry_waits()
+            log.warning(
+                "the system clock stepped back %.1f s; %d retries rescheduled within their delay",
+                self._clock_offset - offset,
+                capped,
+            )
+        self._clock_offset = offset
         every = min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
-        if now.ts - self._last_heartbeat >= every:
+        if self._due("heartbeat", mono, every):
             self._heartbeat(now)
-        if now.ts - self._last_sweep >= SWEEP_EVERY_S:
-            self._last_sweep = now.ts
-            grace = self._leader_since if self._leader_since is not None else now.ts
-            summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace, now=now)
+        if self._due("sweep", mono, SWEEP_EVERY_S):
+            grace = self._leader_since if self._leader_since is not None else mono
+            summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace)
             if any(summary.values()):
                 log.info("housekeeping: %s", summary)
-        if now.ts - self._last_prune >= PRUNE_EVERY_S:
-            self._last_prune = now.ts
+        if self._due("prune", mono, PRUNE_EVERY_S):
             pruned = self.jobs.prune(now)
             if pruned:
                 log.info("housekeeping: deleted %d finished jobs past their retention", pruned)
@@ -358,20 +375,32 @@ class Dispatcher:
                 log.info("housekeeping: deleted %d assertions past their retention", pruned)
         expiry = float(self.settings.unmatched_job_expiry_s)
         every = max(SWEEP_EVERY_S, min(PRUNE_EVERY_S, expiry / 4.0))
-        if expiry > 0 and now.ts - self._last_unmatched >= every:
-            self._last_unmatched = now.ts
+        if expiry > 0 and self._due("unmatched", mono, every):
             failed = self.jobs.expire_unmatched(now)
             if failed:
                 log.warning("housekeeping: %d jobs failed, no runner takes their type", failed)
         return self._match()
 
+    def _due(self, chore: str, mono: float, every: float) -> bool:
+        """Whether ``chore`` is due at ``mono`` (it then counts as run)."""
+        last = self._last_run.get(chore)
+        if last is not None and mono - last < every:
+            return False
+        self._last_run[chore] = mono
+        return True
+
     def _heartbeat(self, now: Clock) -> None:
-        self._last_heartbeat = now.ts
         with self.db.tx() as conn:
             db.set_meta(
                 conn,
                 "dispatcher",
-                {"instance": self.instance_id, "pid": os.getpid(), "ts": now.ts, "at": now.z},
+                {
+                    "instance": self.instance_id,
+                    "pid": os.getpid(),
+                    "ts": now.ts,
+                    "at": now.z,
+                    "mono": now.mono,
+                },
             )
 
     def _match(self) -> int:

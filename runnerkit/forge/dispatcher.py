@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import select
+import socket
 import ssl
 import threading
 import time
@@ -194,6 +195,9 @@ def _reject_constant(name: str) -> Any:
 
 #: A gap this long between two ticks means the process was frozen, not merely slow.
 STALL_S = 5.0
+
+#: How long a probe's new connection to a runner must stay open to count (see _connects).
+PROBE_HOLD_S = 0.25
 
 #: A change of the wall clock against the monotonic one this large between two ticks is a
 #: step of the system clock (NTP slews by 0.5 ms a second at most).
@@ -638,8 +642,11 @@ class Dispatcher:
                 ),
             )
         except (OSError, http.client.HTTPException) as exc:  # the connection broke
-            # The runner was reached, so it stays in dispatch: only a failed connect says
-            # it cannot be reached (a broken answer is this attempt's failure).
+            # Only a failed connect takes a runner out of dispatch: one that died (its
+            # port closed) is, one that merely broke this answer (or a connection it had
+            # kept open) is not.
+            if not self._connects(claim.base_url, connect_timeout):
+                self._suspect(claim.runner_id)
             name = "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
             return self._network_failure(claim, f"{name} calling {url}")
         return self.interpret(claim, *answer)
@@ -701,6 +708,23 @@ class Dispatcher:
             conn.close()
             raise _TargetRefused(f"{conn.host} ({peer})")
         return conn
+
+    def _connects(self, base_url: str, connect_s: float) -> bool:
+        """Whether a new TCP connection to the runner can be made, and stays open a moment.
+
+        A runner dying as it is probed may still complete the handshake from its listening
+        socket's backlog, then reset it as the socket closes: a connection that is closed
+        (or sent anything unasked) within PROBE_HOLD_S counts as failed.
+        """
+        parts = urlsplit(base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname or "", port), connect_s) as sock:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+                return not poller.poll(PROBE_HOLD_S * 1000.0)
+        except (OSError, ValueError):
+            return False
 
     def _exchange(
         self,

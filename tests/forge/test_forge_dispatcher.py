@@ -372,7 +372,8 @@ def test_a_runner_that_breaks_the_connection_is_not_taken_out_of_dispatch(
     make_forge: MakeForge, make_runner: MakeRunner
 ) -> None:
     """A connection that breaks on a new connection too is that attempt's failure, but the
-    runner was reached: it is not marked unreachable (only a failed connect does that)."""
+    runner can still be connected to: it is not marked unreachable (only a failed connect
+    does that; a runner that died mid-answer is, see test_forge_and_runners.py)."""
     forge = make_forge()
 
     def hang_up(fake: FakeRunner, call: Call) -> Reply:

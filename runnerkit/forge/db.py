@@ -644,6 +644,11 @@ def expired_jobs(conn: Conn, *, now: float) -> list[Row]:
     ).fetchall()
 
 
+def shift_queued_ages(conn: Conn, step_s: float) -> None:
+    """Move the submission time of every queued job by ``step_s`` (a clock step)."""
+    conn.execute("UPDATE jobs SET submitted = submitted + ? WHERE status = 'queued'", (step_s,))
+
+
 def retries_due_after(conn: Conn, when: float) -> list[Row]:
     """Jobs waiting to be retried that are not due before ``when``."""
     return conn.execute(

@@ -354,13 +354,10 @@ class Dispatcher:
             self._leader_since = mono
         self._last_tick = mono
         offset = now.ts - mono  # the wall clock's offset from the monotonic one
-        if self._clock_offset is not None and offset < self._clock_offset - CLOCK_STEP_S:
-            capped = self.jobs.cap_retry_waits()
-            log.warning(
-                "the system clock stepped back %.1f s; %d retries rescheduled within their delay",
-                self._clock_offset - offset,
-                capped,
-            )
+        if self._clock_offset is not None and abs(offset - self._clock_offset) > CLOCK_STEP_S:
+            step = offset - self._clock_offset
+            log.warning("the system clock stepped %+.1f s", step)
+            self.jobs.follow_clock_step(step)
         self._clock_offset = offset
         every = min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
         if self._due("heartbeat", mono, every):

@@ -607,17 +607,20 @@ class JobStore:
             "runner_version": runner["version"] if runner is not None else None,
         }
 
-    def cap_retry_waits(self) -> int:
-        """After the clock stepped back: no retry waits longer than its own delay from now.
+    def follow_clock_step(self, step_s: float) -> None:
+        """The wall clock just stepped by ``step_s`` seconds: keep the waits it measures.
 
-        A retry is due at a wall-clock time (``not_before``) written when it was scheduled;
-        a backward step of the clock would stretch each wait by the step. Each is brought
-        back to at most its delay (the policy's backoff for its attempt, or the runner's
-        capped ``retryAfter``) from now. How many were.
+        Queued jobs keep their age (``submitted`` moves with the clock, so a forward step
+        does not fail them as unmatched, nor a backward one keep them longer). A retry is due
+        at the wall-clock time written when it was scheduled; after a backward step each is
+        brought back to at most its own delay from now (the policy's backoff for its
+        attempt, or the runner's capped ``retryAfter``).
         """
-        capped = 0
         with self.db.tx() as conn:
             now = Clock()
+            db.shift_queued_ages(conn, step_s)
+            if step_s >= 0:
+                return
             for row in db.retries_due_after(conn, now.ts):
                 policy = db.loads(row["request"])["retryPolicy"]
                 attempts = int(row["attempts"])
@@ -626,11 +629,14 @@ class JobStore:
                 )
                 longest = self._retry_delay_ms(backoff, db.loads(row["last_error"]) or {})
                 due = now.ts + longest / 1000.0
-                if float(row["not_before"]) > due and db.update_job(
-                    conn, row["id"], {"not_before": due}, statuses=("retrying",), attempts=attempts
-                ):
-                    capped += 1
-        return capped
+                if float(row["not_before"]) > due:
+                    db.update_job(
+                        conn,
+                        row["id"],
+                        {"not_before": due},
+                        statuses=("retrying",),
+                        attempts=attempts,
+                    )
 
     def _within_refusal_budget(self, row: RowLike, now: Clock) -> bool:
         """Whether a refusal may still be free (see the module docstring)."""

@@ -161,12 +161,14 @@ def test_a_forward_step_neither_silences_runners_nor_expires_leases(
 ) -> None:
     """The clock jumps an hour ahead while a runner runs a synchronous job and an accepted
     asynchronous one: the runner stays healthy, neither job is requeued or overdue, and both
-    complete on their first attempt."""
+    complete on their first attempt; a job of a type no runner takes, queued for seconds,
+    is not failed as if it had waited an hour."""
     forge = stepped_forge(
         HEARTBEAT_INTERVAL_MS=3000,  # offline after 9 s of silence
         OFFLINE_AFTER_MISSED=3,
         ASYNC_THRESHOLD_MS=30_000,
         DISPATCH_MARGIN_MS=2000,
+        UNMATCHED_JOB_EXPIRY_S=30,  # looked for every 7.5 s
     )
     release = threading.Event()
 
@@ -182,6 +184,7 @@ def test_a_forward_step_neither_silences_runners_nor_expires_leases(
     sync_id = forge.submit(job_request("type.a", data={"how": "sync"}, timeout_ms=20_000))
     async_id = forge.submit(job_request("type.a", data={"how": "async"}, timeout_ms=60_000))
     wait_until(lambda: len(runner.calls) == 2, PATIENCE, "both jobs reached the runner")
+    unmatched_id = forge.submit(job_request("type.nobody"))
 
     # The runner is quiet for a moment around the step (as if between two heartbeats), so
     # the forge's first look after the step finds no heartbeat newer than it.
@@ -210,6 +213,9 @@ def test_a_forward_step_neither_silences_runners_nor_expires_leases(
         )
         assert done["status"] == "completed", done
         assert done["result"]["metadata"]["attempts"] == 1
+
+    forge.wait_ticks_after(stepped_at, offset, 9.0)  # unmatched jobs were looked for since
+    assert forge.job(unmatched_id)["status"] == "queued", forge.events(unmatched_id)
 
 
 def test_a_backward_step_does_not_stop_housekeeping(

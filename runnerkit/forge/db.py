@@ -644,9 +644,20 @@ def expired_jobs(conn: Conn, *, now: float) -> list[Row]:
     ).fetchall()
 
 
-def shift_queued_ages(conn: Conn, step_s: float) -> None:
-    """Move the submission time of every queued job by ``step_s`` (a clock step)."""
+def shift_waits(conn: Conn, step_s: float) -> None:
+    """Move the forge's own wall-clock marks by ``step_s`` (the clock stepped): queued jobs'
+    submission times, retries' due times and attempts' leases."""
     conn.execute("UPDATE jobs SET submitted = submitted + ? WHERE status = 'queued'", (step_s,))
+    conn.execute(
+        "UPDATE jobs SET not_before = not_before + ? WHERE status = 'retrying'"
+        " AND not_before IS NOT NULL",
+        (step_s,),
+    )
+    conn.execute(
+        "UPDATE jobs SET lease_until = lease_until + ? WHERE seq IN"
+        " (SELECT seq FROM jobs WHERE slot_runner IS NOT NULL) AND lease_until IS NOT NULL",
+        (step_s,),
+    )
 
 
 def retries_due_after(conn: Conn, when: float) -> list[Row]:

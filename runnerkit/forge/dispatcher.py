@@ -322,6 +322,7 @@ class Dispatcher:
                     if self._leader_since is None:
                         self._leader_since = time.monotonic()
                         log.info("dispatcher %s took the dispatcher lock", self.instance_id)
+                        self._take_over()
                     self.tick()
                 else:
                     self._leader_since = None
@@ -333,6 +334,29 @@ class Dispatcher:
                 self._wake.wait(max(poll, FOLLOWER_POLL_S))
             self._wake.clear()
         self._resign()
+
+    def _take_over(self) -> None:
+        """What a new lock holder does first about the clock.
+
+        The previous holder's record gives the wall clock's offset from the monotonic one
+        then (the same clock for every process until the machine restarts), so the first
+        tick sees a step taken since. Retries waiting longer than their own delay (a
+        backward step nobody saw) are cut to it.
+        """
+        self._clock_offset = None
+        with self.db.connection() as conn:
+            record = db.get_meta(conn, "dispatcher")
+        ts = record.get("ts") if isinstance(record, dict) else None
+        mono = record.get("mono") if isinstance(record, dict) else None
+        if (
+            isinstance(ts, int | float)
+            and isinstance(mono, int | float)
+            and 0 <= mono <= time.monotonic()  # recorded since this machine started
+        ):
+            self._clock_offset = float(ts) - float(mono)
+        capped = self.jobs.cap_retry_waits()
+        if capped:
+            log.warning("%d retries waited longer than their delay; rescheduled", capped)
 
     # -- one tick ----------------------------------------------------------------------------
 

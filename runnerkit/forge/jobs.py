@@ -608,19 +608,28 @@ class JobStore:
         }
 
     def follow_clock_step(self, step_s: float) -> None:
-        """The wall clock just stepped by ``step_s`` seconds: keep the waits it measures.
-
-        Queued jobs keep their age (``submitted`` moves with the clock, so a forward step
-        does not fail them as unmatched, nor a backward one keep them longer). A retry is due
-        at the wall-clock time written when it was scheduled; after a backward step each is
-        brought back to at most its own delay from now (the policy's backoff for its
-        attempt, or the runner's capped ``retryAfter``).
+        """The wall clock just stepped by ``step_s`` seconds: the waits it measures keep
+        their length. Queued jobs keep their age (``submitted``: a forward step does not
+        fail them as unmatched), retries their delay (``not_before``) and attempts their
+        lease (``lease_until``, for a forge that restarts; this process counts leases on
+        the monotonic clock anyway). Contract times (``scheduledAt``, ``expiresAt``) are
+        wall-clock times by definition and stay.
         """
         with self.db.tx() as conn:
+            db.shift_waits(conn, step_s)
+
+    def cap_retry_waits(self) -> int:
+        """No retry waits longer than its own delay from now; how many were cut.
+
+        A retry is due at a wall-clock time written when it was scheduled: a backward step
+        of the clock that no dispatcher saw (the forge was down, or between two
+        dispatchers) would stretch its wait by the step. Run when a dispatcher takes over;
+        each wait is cut to its delay (the policy's backoff for its attempt, or the
+        runner's capped ``retryAfter``).
+        """
+        capped = 0
+        with self.db.tx() as conn:
             now = Clock()
-            db.shift_queued_ages(conn, step_s)
-            if step_s >= 0:
-                return
             for row in db.retries_due_after(conn, now.ts):
                 policy = db.loads(row["request"])["retryPolicy"]
                 attempts = int(row["attempts"])
@@ -629,14 +638,11 @@ class JobStore:
                 )
                 longest = self._retry_delay_ms(backoff, db.loads(row["last_error"]) or {})
                 due = now.ts + longest / 1000.0
-                if float(row["not_before"]) > due:
-                    db.update_job(
-                        conn,
-                        row["id"],
-                        {"not_before": due},
-                        statuses=("retrying",),
-                        attempts=attempts,
-                    )
+                if float(row["not_before"]) > due and db.update_job(
+                    conn, row["id"], {"not_before": due}, statuses=("retrying",), attempts=attempts
+                ):
+                    capped += 1
+        return capped
 
     def _within_refusal_budget(self, row: RowLike, now: Clock) -> bool:
         """Whether a refusal may still be free (see the module docstring)."""

@@ -64,20 +64,32 @@ class SteppedForge:
             "WEB_CONCURRENCY": None,
         }
         env.update({f"RUNNERKIT_FORGE_{k}": str(v) for k, v in settings.items()})
-        self.proc = GunicornProcess(
+        self.env = env
+        self.proc = self._process(None)
+        self.url = self.proc.url
+        self.session = requests.Session()
+
+    def _process(self, port: int | None) -> GunicornProcess:
+        return GunicornProcess(
             "runnerkit.forge:app",
-            log_dir=root,
+            log_dir=self.root,
             workers=2,
-            env=env,
+            port=port,
+            env=self.env,
             extra_args=["--worker-class", "gthread", "--threads", "4"],
             name="forge",
         )
-        self.url = self.proc.url
-        self.session = requests.Session()
 
     def start(self) -> None:
         self.proc.start()
         self.proc.wait_ready("/health", timeout=PATIENCE)
+
+    def restart(self, step_while_down: float) -> None:
+        """Stop the forge, step its clock, start it again on the same port and database."""
+        self.proc.stop(timeout=10)
+        self.step(step_while_down)
+        self.proc = self._process(self.proc.port)
+        self.start()
 
     def stop(self) -> None:
         self.session.close()
@@ -150,6 +162,18 @@ def runners() -> Iterator[list[FakeRunner]]:
     yield made
     for runner in made:
         runner.stop()
+
+
+def fail_once(fake: FakeRunner, call: Call) -> Reply:
+    """Fail a job's first delivery (retryably), answer the others."""
+    if len(fake.calls_for(call.body["jobId"])) == 1:
+        error = envelope("RUNTIME_ERROR", "ONCE", retryable=True)
+        return Reply(status=500, body=fake.failure(call, error))
+    return Reply()
+
+
+#: A retry 8 s after a failure, whatever the attempt.
+SLOW_RETRY = {"maxRetries": 1, "backoffMs": 8000, "backoffMultiplier": 1}
 
 
 def event_types(forge: SteppedForge, job_id: str) -> list[str]:
@@ -237,12 +261,6 @@ def test_a_backward_step_does_not_stop_housekeeping(
             return Reply(status=202, body={"jobId": call.body["jobId"], "accepted": True})
         return Reply()  # the retry completes at once
 
-    def fail_once(fake: FakeRunner, call: Call) -> Reply:
-        if len(fake.calls_for(call.body["jobId"])) == 1:
-            error = envelope("RUNTIME_ERROR", "ONCE", retryable=True)
-            return Reply(status=500, body=fake.failure(call, error))
-        return Reply()
-
     keeper = FakeRunner("keeper", [capability("cap", ["type.a"])], accept_once)
     leaver = FakeRunner("leaver", [capability("other", ["type.b"])])
     failer = FakeRunner("failer", [capability("again", ["type.c"])], fail_once)
@@ -254,8 +272,7 @@ def test_a_backward_step_does_not_stop_housekeeping(
         runner.start_heartbeats(0.2)
     policy = {"maxRetries": 1, "backoffMs": 100}
     job_id = forge.submit(job_request("type.a", timeout_ms=3000, retry_policy=policy))
-    slow = {"maxRetries": 1, "backoffMs": 8000, "backoffMultiplier": 1}
-    retry_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=slow))
+    retry_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=SLOW_RETRY))
     wait_until(lambda: keeper.calls_for(job_id), PATIENCE, "the job reached its runner")
     wait_until(
         lambda: forge.job(retry_id)["status"] == "retrying", PATIENCE, "the retry was scheduled"
@@ -287,3 +304,27 @@ def test_a_backward_step_does_not_stop_housekeeping(
     assert retried["result"]["metadata"]["attempts"] == 2
     health = forge.get("/health").json()
     assert health["status"] == "healthy", health
+
+
+def test_a_retry_keeps_its_delay_when_the_clock_stepped_back_while_the_forge_was_down(
+    stepped_forge: Any, runners: list[FakeRunner]
+) -> None:
+    """A retry is scheduled 8 s out; the forge stops, the clock steps two minutes back, the
+    forge starts again: the retry runs after about its delay, not the step on top."""
+    forge = stepped_forge(HEARTBEAT_INTERVAL_MS=1000, OFFLINE_AFTER_MISSED=3)
+    failer = FakeRunner("failer", [capability("again", ["type.c"])], fail_once)
+    runners.append(failer)
+    failer.register(forge.url)
+    failer.start_heartbeats(0.2)
+    job_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=SLOW_RETRY))
+    wait_until(lambda: forge.job(job_id)["status"] == "retrying", PATIENCE, "no retry scheduled")
+
+    forge.restart(step_while_down=-120.0)
+
+    done = wait_until(
+        lambda: (j := forge.job(job_id))["status"] in ("completed", "failed") and j,
+        PATIENCE,
+        lambda: f"the retry never ran: {forge.events(job_id)}\n{forge.proc.log_tail()}",
+    )
+    assert done["status"] == "completed", done
+    assert done["result"]["metadata"]["attempts"] == 2

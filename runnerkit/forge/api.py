@@ -39,6 +39,7 @@ from runnerkit.http import read_body
 from runnerkit.jsonbody import check_json_limits, parse_json_object
 
 from . import dashboard, db, trust
+from .jobs import monotonic_of
 from .openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -349,13 +350,11 @@ def health_document(forge: Forge) -> dict[str, Any]:
 def _dispatcher_age(heartbeat: dict[str, Any]) -> float:
     """Seconds since the dispatcher's last recorded tick.
 
-    On the monotonic clock (one clock for every process of the machine) when the record has
-    a reading from it that is not in the future (a reboot restarts that clock); otherwise by
-    the wall clock, which a clock step moves.
+    On the monotonic clock when the record has a reading from it taken on this machine
+    since it started (:func:`~.jobs.monotonic_of`); otherwise by the wall clock, which a
+    clock step moves.
     """
-    mono = heartbeat.get("mono")
-    if isinstance(mono, int | float) and not isinstance(mono, bool):
-        age = time.monotonic() - float(mono)
-        if age >= 0.0:
-            return age
+    mono = monotonic_of(heartbeat)
+    if mono is not None:
+        return time.monotonic() - mono
     return max(0.0, time.time() - float(heartbeat["ts"]))

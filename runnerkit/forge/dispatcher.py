@@ -339,21 +339,17 @@ class Dispatcher:
         """What a new lock holder does first about the clock.
 
         The previous holder's record gives the wall clock's offset from the monotonic one
-        then (the same clock for every process until the machine restarts), so the first
-        tick sees a step taken since. Retries waiting longer than their own delay (a
-        backward step nobody saw) are cut to it.
+        then (the same clock for every process of one machine until it restarts: the record
+        names the boot), so the first tick sees a step taken since. Retries waiting longer
+        than their own delay (a backward step nobody saw) are cut to it.
         """
         self._clock_offset = None
         with self.db.connection() as conn:
             record = db.get_meta(conn, "dispatcher")
-        ts = record.get("ts") if isinstance(record, dict) else None
-        mono = record.get("mono") if isinstance(record, dict) else None
-        if (
-            isinstance(ts, int | float)
-            and isinstance(mono, int | float)
-            and 0 <= mono <= time.monotonic()  # recorded since this machine started
-        ):
-            self._clock_offset = float(ts) - float(mono)
+        if isinstance(record, dict) and isinstance(record.get("ts"), int | float):
+            mono = jobs_module.monotonic_of(record)
+            if mono is not None:
+                self._clock_offset = float(record["ts"]) - mono
         capped = self.jobs.cap_retry_waits()
         if capped:
             log.warning("%d retries waited longer than their delay; rescheduled", capped)
@@ -425,6 +421,7 @@ class Dispatcher:
                     "ts": now.ts,
                     "at": now.z,
                     "mono": now.mono,
+                    "boot": jobs_module.BOOT_ID,
                 },
             )
 

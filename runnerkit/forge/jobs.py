@@ -132,6 +132,30 @@ class Clock:
         self.ms = moment.replace(microsecond=moment.microsecond // 1000 * 1000).timestamp()
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+#: This machine's boot: ``time.monotonic()`` readings of two processes compare only within
+#: one ('' where the system does not say, and then never).
+BOOT_ID = _boot_id()
+
+
+def monotonic_of(record: Mapping[str, Any]) -> float | None:
+    """The ``mono`` reading of a record another process wrote with its ``boot``, if it was
+    taken on this machine since it started (so comparable with ``time.monotonic()``)."""
+    mono = record.get("mono")
+    if not BOOT_ID or record.get("boot") != BOOT_ID or isinstance(mono, bool):
+        return None
+    if not isinstance(mono, int | float) or not 0 <= mono <= time.monotonic():
+        return None
+    return float(mono)
+
+
 class Sightings:
     """When this process saw each runner's latest heartbeat, on the monotonic clock.
 

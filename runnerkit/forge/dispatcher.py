@@ -122,19 +122,41 @@ class _TargetRefused(Exception):
     """The connection reached an address runners may not have (``args[0]``)."""
 
 
-class _NoAnswer(Exception):
-    """The connection broke before any answer arrived (the cause says how)."""
+class _NotTaken(Exception):
+    """The runner closed the connection without reading the request (the cause says how)."""
 
 
-#: How a connection the runner closed shows when a request is sent on it: the request
-#: cannot be written, or the answer's first line never comes (the peer closed or reset).
-_BROKEN_BEFORE_ANSWER = (
-    BrokenPipeError,
-    ConnectionResetError,  # http.client.RemoteDisconnected is one
-    ConnectionAbortedError,
-    ssl.SSLEOFError,
-    ssl.SSLZeroReturnError,
-)
+def _await_answer(conn: http.client.HTTPConnection, read_s: float) -> None:
+    """Wait for the first byte of the answer on a reused plain connection.
+
+    :class:`_NotTaken` when the runner had closed the connection without reading the request:
+    a peer that closed its socket resets the connection when the request reaches it, at
+    once or just after the end of the stream shows. An end of the stream with no reset is
+    a runner that read the request and then closed (a worker that died running the job):
+    that is left to ``getresponse`` (``RemoteDisconnected``, the attempt's failure).
+    """
+    sock = conn.sock
+    if sock is None or isinstance(sock, ssl.SSLSocket):  # TLS records cannot be peeked
+        return
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    if not poller.poll(read_s * 1000.0):
+        raise TimeoutError("no answer")
+    try:
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            return  # the answer is arriving
+    except BlockingIOError:
+        return
+    except OSError as exc:  # reset: the request was not read
+        raise _NotTaken() from exc
+    deadline = time.monotonic() + RESET_WAIT_S
+    while True:
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise _NotTaken() from OSError(error, os.strerror(error))
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(RESET_WAIT_S / 10)
 
 
 class _AnswerTooLarge(Exception):
@@ -198,6 +220,10 @@ STALL_S = 5.0
 
 #: How long a probe's new connection to a runner must stay open to count (see _connects).
 PROBE_HOLD_S = 0.25
+
+#: How long a reused connection that ended without an answer is watched for the reset that
+#: shows the request reached a closed socket (a round trip, on the failure path only).
+RESET_WAIT_S = 0.05
 
 #: A change of the wall clock against the monotonic one this large between two ticks is a
 #: step of the system clock (NTP slews by 0.5 ms a second at most).
@@ -683,11 +709,11 @@ class Dispatcher:
         Redirects are not followed and proxies from the environment are not used.
 
         A runner may close an idle keep-alive connection just as the forge sends on it (its
-        idle timeout): when a reused connection breaks before any answer arrived, the
-        request is sent once more on a new connection. ``/execute`` is idempotent per
-        ``jobId``, so even a request the runner did read is safe to send again (it answers
-        the stored result, or 409 while the job runs). Nothing else is retried here (an
-        attempt is retried by the job's RetryPolicy).
+        idle timeout): when a reused connection shows the runner closed it without reading
+        the request (see :meth:`_exchange`), the request is sent once more on a new
+        connection (``/execute`` is idempotent per ``jobId`` in any case). Nothing else is
+        retried here (an attempt is retried by the job's RetryPolicy): a request the runner
+        read before the connection ended may have run, so that is the attempt's failure.
 
         Raises :class:`_ConnectFailed` when no connection could be made, ``TimeoutError`` when
         the runner did not answer in ``read_s``, ``OSError`` or ``HTTPException`` when the
@@ -703,14 +729,11 @@ class Dispatcher:
         if conn is not None:
             try:
                 return self._exchange(connections, base_url, conn, body, headers, read_s)
-            except _NoAnswer:
+            except _NotTaken:
                 self.reconnects += 1
                 log.info("a kept-alive connection to %s was closed; sending again", base_url)
         conn = self._connect(base_url, connect_s)
-        try:
-            return self._exchange(connections, base_url, conn, body, headers, read_s)
-        except _NoAnswer as exc:
-            raise exc.__cause__ or ConnectionError("no answer") from None
+        return self._exchange(connections, base_url, conn, body, headers, read_s, reused=False)
 
     def _connect(self, base_url: str, connect_s: float) -> http.client.HTTPConnection:
         """A new connection to the runner, its peer checked (see :meth:`_post`)."""
@@ -752,11 +775,16 @@ class Dispatcher:
         body: bytes,
         headers: dict[str, str],
         read_s: float,
+        *,
+        reused: bool = True,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One request and its answer on ``conn``; kept in ``connections`` if reusable.
 
-        :class:`_NoAnswer` (its cause the error) when the connection broke before any
-        answer arrived.
+        On a ``reused`` connection, :class:`_NotTaken` (its cause the error) when the runner
+        closed it without reading the request: the request could not be written, or the
+        peer reset the connection (see :func:`_await_answer`). A connection that just ends,
+        the runner having read the request (a worker that died running the job), is not:
+        that attempt may have run.
         """
         limit = self.max_answer
         try:
@@ -764,9 +792,20 @@ class Dispatcher:
             conn.sock.settimeout(read_s)
             try:
                 conn.request("POST", _path(base_url) + "/execute", body, headers)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                if reused:
+                    raise _NotTaken() from exc
+                raise
+            if reused:
+                _await_answer(conn, read_s)
+            try:
                 response = conn.getresponse()
-            except _BROKEN_BEFORE_ANSWER as exc:
-                raise _NoAnswer() from exc
+            except http.client.RemoteDisconnected:  # the end of the stream, no reset
+                raise
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                if reused:  # reset: the request was not read
+                    raise _NotTaken() from exc
+                raise
             declared = response.getheader("Content-Length", "")
             if declared.strip().isdigit() and int(declared) > limit:
                 raise _AnswerTooLarge(f"Content-Length {int(declared)}")

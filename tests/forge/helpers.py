@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import struct
 import threading
@@ -347,10 +348,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _KeepAliveHandler(_Handler):
-    """HTTP/1.1 with keep-alive; with the fake's ``drop_reused``, a connection's second
-    request is read and the connection then closed without an answer, as a server closing
-    an idle connection the moment the client sends on it again (``"close"``: FIN,
-    ``"reset"``: RST)."""
+    """HTTP/1.1 with keep-alive; the fake's ``drop_reused`` closes each connection around
+    its second request, as a runner's idle timeout or a dying worker would:
+
+    - ``"idle"``: at once after the first answer (the client may still send on it);
+    - ``"unread"``: as the second request arrives, unread (so the peer is reset);
+    - ``"read"``: after reading the second request, unanswered (a worker that died).
+    """
 
     protocol_version = "HTTP/1.1"
 
@@ -360,24 +364,39 @@ class _KeepAliveHandler(_Handler):
         with self.server.fake._lock:
             self.server.fake.connections += 1
 
+    def handle_one_request(self) -> None:
+        fake = self.server.fake
+        if self.served and fake.drop_reused == "unread":
+            select.select([self.connection], [], [], 10)  # the next request arrives
+            self._drop(reset=True)
+            return
+        super().handle_one_request()
+        if self.served == 1 and fake.drop_reused == "idle" and not self.close_connection:
+            self._drop(reset=False)
+
     def do_POST(self) -> None:
         self.served += 1
-        fake = self.server.fake
-        if self.served > 1 and fake.drop_reused:
+        if self.served > 1 and self.server.fake.drop_reused == "read":
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
-            with fake._lock:
-                fake.dropped += 1
-            if fake.drop_reused == "reset":
-                self.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
-            else:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            self.connection.close()
-            self.close_connection = True
+            self._drop(reset=False)
             return
         super().do_POST()
+
+    def _drop(self, *, reset: bool) -> None:
+        """Close the connection now, with a FIN or (``reset``) an RST."""
+        if reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+        self.wfile.flush()
+        self.rfile.close()
+        self.wfile.close()
+        self.connection.close()
+        self.close_connection = True
+        with self.server.fake._lock:
+            self.server.fake.dropped += 1
 
 
 class FakeRunner:
@@ -410,7 +429,7 @@ class FakeRunner:
         self._lock = threading.Lock()
         self.drop_reused = drop_reused
         self.connections = 0  # connections accepted (counted with keep_alive only)
-        self.dropped = 0  # requests read and left unanswered (drop_reused)
+        self.dropped = 0  # connections closed by drop_reused
         handler = _KeepAliveHandler if keep_alive or drop_reused else _Handler
         self._server = _Server(("127.0.0.1", 0), handler)
         self._server.fake = self

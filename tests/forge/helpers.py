@@ -214,20 +214,11 @@ def forge_app(config: Mapping[str, Any]) -> Flask:
     return app
 
 
-class ForgeServer:
-    """``create_app(config)`` served over real HTTP on 127.0.0.1 (a thread per request)."""
+class ForgeHTTP:
+    """The forge's job API over real HTTP at ``url``, every answer checked (a base class)."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.app = forge_app(config)
-        self.forge: Forge = get_forge(self.app)
-        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        self.session = requests.Session()
-        self._stopped = False
+    url: str
+    session: requests.Session
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", 10)
@@ -260,6 +251,22 @@ class ForgeServer:
 
         job: dict[str, Any] = wait_for(reached, timeout, what=f"job {job_id} in {statuses}")
         return job
+
+
+class ForgeServer(ForgeHTTP):
+    """``create_app(config)`` served over real HTTP on 127.0.0.1 (a thread per request)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.app = forge_app(config)
+        self.forge: Forge = get_forge(self.app)
+        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        self.session = requests.Session()
+        self._stopped = False
 
     def stop(self) -> None:
         if self._stopped:

@@ -28,12 +28,12 @@ import requests
 from tests.forge.helpers import (
     Call,
     FakeRunner,
+    ForgeHTTP,
     Reply,
     capability,
     envelope,
     job_request,
     valid,
-    valid_page,
 )
 from tests.support import REPO_ROOT, GunicornProcess
 from tests.support.waiting import wait_until
@@ -43,7 +43,7 @@ CLOCK_STEP_PATH = REPO_ROOT / "tests" / "support" / "clock_step"
 PATIENCE = 60.0
 
 
-class SteppedForge:
+class SteppedForge(ForgeHTTP):
     """``runnerkit.forge:app`` under gunicorn (2 workers) whose wall clock the test steps."""
 
     def __init__(self, root: Path, **settings: Any) -> None:
@@ -99,25 +99,6 @@ class SteppedForge:
         """Set the forge's clock ``seconds`` off the real one; the real time of the step."""
         self.offset_file.write_text(repr(float(seconds)))
         return time.time()
-
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.session.get(self.url + path, timeout=10, **kwargs)
-
-    def submit(self, request: dict[str, Any]) -> str:
-        response = self.session.post(self.url + "/jobs", json=request, timeout=10)
-        assert response.status_code == 202, response.text
-        return str(valid("JobResponse", response.json())["id"])
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        response = self.get(f"/jobs/{job_id}")
-        assert response.status_code == 200, response.text
-        return valid("JobResponse", response.json())
-
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        response = self.get(f"/jobs/{job_id}/events", params={"limit": 500})
-        assert response.status_code == 200, response.text
-        items: list[dict[str, Any]] = valid_page("JobEvent", response.json())["items"]
-        return items
 
     def runner_status(self, runner_id: str) -> str:
         response = self.get(f"/runners/{runner_id}")
@@ -205,10 +186,10 @@ def test_a_forward_step_neither_silences_runners_nor_expires_leases(
     runners.append(runner)
     runner_id = runner.register(forge.url)
     runner.start_heartbeats(0.3)
-    sync_id = forge.submit(job_request("type.a", data={"how": "sync"}, timeout_ms=20_000))
-    async_id = forge.submit(job_request("type.a", data={"how": "async"}, timeout_ms=60_000))
+    sync_id = forge.submit(job_request("type.a", data={"how": "sync"}, timeout_ms=20_000))["id"]
+    async_id = forge.submit(job_request("type.a", data={"how": "async"}, timeout_ms=60_000))["id"]
     wait_until(lambda: len(runner.calls) == 2, PATIENCE, "both jobs reached the runner")
-    unmatched_id = forge.submit(job_request("type.nobody"))
+    unmatched_id = forge.submit(job_request("type.nobody"))["id"]
 
     # The runner is quiet for a moment around the step (as if between two heartbeats), so
     # the forge's first look after the step finds no heartbeat newer than it.
@@ -230,11 +211,7 @@ def test_a_forward_step_neither_silences_runners_nor_expires_leases(
     (async_call,) = runner.calls_for(async_id)
     assert runner.post_result(runner.success(async_call)).status_code == 200
     for job_id in (sync_id, async_id):
-        done = wait_until(
-            lambda job_id=job_id: (j := forge.job(job_id))["status"] != "running" and j,
-            PATIENCE,
-            f"job {job_id} never finished",
-        )
+        done = forge.wait_status(job_id, "completed", "failed", timeout=PATIENCE)
         assert done["status"] == "completed", done
         assert done["result"]["metadata"]["attempts"] == 1
 
@@ -271,8 +248,8 @@ def test_a_backward_step_does_not_stop_housekeeping(
     for runner in runners:
         runner.start_heartbeats(0.2)
     policy = {"maxRetries": 1, "backoffMs": 100}
-    job_id = forge.submit(job_request("type.a", timeout_ms=3000, retry_policy=policy))
-    retry_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=SLOW_RETRY))
+    job_id = forge.submit(job_request("type.a", timeout_ms=3000, retry_policy=policy))["id"]
+    retry_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=SLOW_RETRY))["id"]
     wait_until(lambda: keeper.calls_for(job_id), PATIENCE, "the job reached its runner")
     wait_until(
         lambda: forge.job(retry_id)["status"] == "retrying", PATIENCE, "the retry was scheduled"
@@ -286,20 +263,12 @@ def test_a_backward_step_does_not_stop_housekeeping(
         PATIENCE,
         lambda: f"the silent runner never went offline\n{forge.proc.log_tail()}",
     )
-    done = wait_until(
-        lambda: (j := forge.job(job_id))["status"] in ("completed", "failed") and j,
-        PATIENCE,
-        lambda: f"the overdue attempt was never retried: {forge.events(job_id)}",
-    )
+    done = forge.wait_status(job_id, "completed", "failed", timeout=PATIENCE)
     assert done["status"] == "completed", done
     assert done["result"]["metadata"]["attempts"] == 2
     retrying = [e for e in forge.events(job_id) if e["type"] == "job.retrying"]
     assert [e["data"]["error"]["code"] for e in retrying] == ["RESULT_OVERDUE"]
-    retried = wait_until(
-        lambda: (j := forge.job(retry_id))["status"] in ("completed", "failed") and j,
-        PATIENCE,
-        lambda: f"the retry scheduled before the step never ran: {forge.events(retry_id)}",
-    )
+    retried = forge.wait_status(retry_id, "completed", "failed", timeout=PATIENCE)
     assert retried["status"] == "completed", retried
     assert retried["result"]["metadata"]["attempts"] == 2
     health = forge.get("/health").json()
@@ -316,15 +285,11 @@ def test_a_retry_keeps_its_delay_when_the_clock_stepped_back_while_the_forge_was
     runners.append(failer)
     failer.register(forge.url)
     failer.start_heartbeats(0.2)
-    job_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=SLOW_RETRY))
+    job_id = forge.submit(job_request("type.c", timeout_ms=500, retry_policy=SLOW_RETRY))["id"]
     wait_until(lambda: forge.job(job_id)["status"] == "retrying", PATIENCE, "no retry scheduled")
 
     forge.restart(step_while_down=-120.0)
 
-    done = wait_until(
-        lambda: (j := forge.job(job_id))["status"] in ("completed", "failed") and j,
-        PATIENCE,
-        lambda: f"the retry never ran: {forge.events(job_id)}\n{forge.proc.log_tail()}",
-    )
+    done = forge.wait_status(job_id, "completed", "failed", timeout=PATIENCE)
     assert done["status"] == "completed", done
     assert done["result"]["metadata"]["attempts"] == 2

@@ -39,6 +39,7 @@ from runnerkit.http import read_body
 from runnerkit.jsonbody import check_json_limits, parse_json_object
 
 from . import dashboard, db, trust
+from .jobs import monotonic_of
 from .openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def health_document(forge: Forge) -> dict[str, Any]:
     stale_s = float(forge.settings.dispatcher_stale_ms) / 1000.0
     dispatcher: dict[str, Any] = {"name": "dispatcher", "responseTimeMs": 0}
     if isinstance(heartbeat, dict) and isinstance(heartbeat.get("ts"), int | float):
-        age = max(0.0, time.time() - float(heartbeat["ts"]))
+        age = _dispatcher_age(heartbeat)
         fresh = age <= stale_s
         dispatcher["status"] = "healthy" if fresh else "unhealthy"
         dispatcher["message"] = f"last tick {age:.1f} s ago (pid {heartbeat.get('pid')})"
@@ -344,3 +345,16 @@ def health_document(forge: Forge) -> dict[str, Any]:
         "uptime": round(max(0.0, time.monotonic() - forge.started), 3),
         "checks": checks,
     }
+
+
+def _dispatcher_age(heartbeat: dict[str, Any]) -> float:
+    """Seconds since the dispatcher's last recorded tick.
+
+    On the monotonic clock when the record has a reading from it taken on this machine
+    since it started (:func:`~.jobs.monotonic_of`); otherwise by the wall clock, which a
+    clock step moves.
+    """
+    mono = monotonic_of(heartbeat)
+    if mono is not None:
+        return time.monotonic() - mono
+    return max(0.0, time.time() - float(heartbeat["ts"]))

@@ -467,17 +467,19 @@ def mark_runner_unreachable(conn: Conn, runner_id: str) -> None:
     )
 
 
-def mark_runners_offline(conn: Conn, *, now: float, grace_from: float, missed: int) -> list[str]:
-    """Runners silent for ``missed`` intervals (counted from ``grace_from`` at the earliest)."""
-    condition = (
-        "status != 'offline' AND MAX(last_seen, :grace) + heartbeat_interval_ms * :missed "
-        "/ 1000.0 < :now"
+def watched_runners(conn: Conn) -> list[Row]:
+    """Runners not offline: id, last_seen and heartbeat_interval_ms, for the sweep."""
+    return conn.execute(
+        "SELECT id, last_seen, heartbeat_interval_ms FROM runners WHERE status != 'offline'"
+    ).fetchall()
+
+
+def mark_runners_offline(conn: Conn, runner_ids: Sequence[str]) -> None:
+    """These runners are offline (inside the sweep's transaction)."""
+    conn.executemany(
+        "UPDATE runners SET status = 'offline' WHERE id = ? AND status != 'offline'",
+        [(runner_id,) for runner_id in runner_ids],
     )
-    args = {"grace": grace_from, "missed": missed, "now": now}
-    ids = [r["id"] for r in conn.execute(f"SELECT id FROM runners WHERE {condition}", args)]
-    if ids:
-        conn.execute(f"UPDATE runners SET status = 'offline' WHERE {condition}", args)
-    return ids
 
 
 def dispatchable_runners(conn: Conn) -> list[Row]:
@@ -639,6 +641,29 @@ def expired_jobs(conn: Conn, *, now: float) -> list[Row]:
         "SELECT * FROM jobs WHERE status IN ('pending', 'queued', 'retrying')"
         " AND expires IS NOT NULL AND expires <= ?",
         (now,),
+    ).fetchall()
+
+
+def shift_waits(conn: Conn, step_s: float) -> None:
+    """Move the forge's own wall-clock marks by ``step_s`` (the clock stepped): queued jobs'
+    submission times, retries' due times and attempts' leases."""
+    conn.execute("UPDATE jobs SET submitted = submitted + ? WHERE status = 'queued'", (step_s,))
+    conn.execute(
+        "UPDATE jobs SET not_before = not_before + ? WHERE status = 'retrying'"
+        " AND not_before IS NOT NULL",
+        (step_s,),
+    )
+    conn.execute(
+        "UPDATE jobs SET lease_until = lease_until + ? WHERE seq IN"
+        " (SELECT seq FROM jobs WHERE slot_runner IS NOT NULL) AND lease_until IS NOT NULL",
+        (step_s,),
+    )
+
+
+def retries_due_after(conn: Conn, when: float) -> list[Row]:
+    """Jobs waiting to be retried that are not due before ``when``."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE status = 'retrying' AND not_before > ?", (when,)
     ).fetchall()
 
 

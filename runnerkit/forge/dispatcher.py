@@ -6,6 +6,9 @@ dispatches; when its process dies the kernel frees the lock and another worker's
 takes over. The holder records a heartbeat in the database (``meta.dispatcher``), which
 ``/health`` reads.
 
+The holder keeps time with ``time.monotonic()`` (see :class:`~.jobs.Clock`): a step of the
+system clock neither stops its housekeeping nor makes every runner look silent.
+
 One tick of the holder:
 
 1. housekeeping (:meth:`JobStore.sweep`): offline runners, requeues, overdue attempts,
@@ -43,6 +46,7 @@ import logging
 import math
 import os
 import select
+import socket
 import ssl
 import threading
 import time
@@ -118,6 +122,43 @@ class _TargetRefused(Exception):
     """The connection reached an address runners may not have (``args[0]``)."""
 
 
+class _NotTaken(Exception):
+    """The runner closed the connection without reading the request (the cause says how)."""
+
+
+def _await_answer(conn: http.client.HTTPConnection, read_s: float) -> None:
+    """Wait for the first byte of the answer on a reused plain connection.
+
+    :class:`_NotTaken` when the runner had closed the connection without reading the request:
+    a peer that closed its socket resets the connection when the request reaches it, at
+    once or just after the end of the stream shows. An end of the stream with no reset is
+    a runner that read the request and then closed (a worker that died running the job):
+    that is left to ``getresponse`` (``RemoteDisconnected``, the attempt's failure).
+    """
+    sock = conn.sock
+    if sock is None or isinstance(sock, ssl.SSLSocket):  # TLS records cannot be peeked
+        return
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    if not poller.poll(read_s * 1000.0):
+        raise TimeoutError("no answer")
+    try:
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            return  # the answer is arriving
+    except BlockingIOError:
+        return
+    except OSError as exc:  # reset: the request was not read
+        raise _NotTaken() from exc
+    deadline = time.monotonic() + RESET_WAIT_S
+    while True:
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise _NotTaken() from OSError(error, os.strerror(error))
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(RESET_WAIT_S / 10)
+
+
 class _AnswerTooLarge(Exception):
     """The runner's answer is longer than MAX_ANSWER_BYTES (``args[0]`` says how it showed)."""
 
@@ -177,6 +218,17 @@ def _reject_constant(name: str) -> Any:
 #: A gap this long between two ticks means the process was frozen, not merely slow.
 STALL_S = 5.0
 
+#: How long a probe's new connection to a runner must stay open to count (see _connects).
+PROBE_HOLD_S = 0.25
+
+#: How long a reused connection that ended without an answer is watched for the reset that
+#: shows the request reached a closed socket (a round trip, on the failure path only).
+RESET_WAIT_S = 0.05
+
+#: A change of the wall clock against the monotonic one this large between two ticks is a
+#: step of the system clock (NTP slews by 0.5 ms a second at most).
+CLOCK_STEP_S = 1.0
+
 #: While the previous dispatcher still holds the wake-up channel, poll this often.
 WAKE_RETRY_S = 0.01
 
@@ -191,8 +243,11 @@ class Dispatcher:
         self.instance_id = instance_id
         self.lock = FileLock(f"{settings.db_path}.dispatcher.lock")
         self.dispatched = 0
+        #: Requests sent again on a new connection, their kept-alive one found closed.
+        self.reconnects = 0
         self._leader_since: float | None = None
         self._last_tick: float | None = None
+        self._clock_offset: float | None = None  # time.time() - time.monotonic() last tick
         self._stop = threading.Event()
         self._wake = threading.Event()
         # Any forge process may take a new job; the dispatching one may be another.
@@ -207,10 +262,8 @@ class Dispatcher:
         self._in_flight_lock = threading.Lock()
         self._record_lock = threading.Lock()  # one thread records answers at a time
         self._capabilities: dict[str, tuple[str, list[tuple[str, int, frozenset[str]]]]] = {}
-        self._last_heartbeat = 0.0
-        self._last_sweep = 0.0
-        self._last_prune = 0.0
-        self._last_unmatched = 0.0
+        #: chore → the time.monotonic() reading of its last run.
+        self._last_run: dict[str, float] = {}
         self._http = threading.local()  # each send thread's connections, by runner
         self.targets = TargetPolicy(str(settings.allowed_runner_networks))
         self.max_answer = int(settings.max_answer_bytes)
@@ -293,8 +346,9 @@ class Dispatcher:
             try:
                 if self.lock.acquire():
                     if self._leader_since is None:
-                        self._leader_since = time.time()
+                        self._leader_since = time.monotonic()
                         log.info("dispatcher %s took the dispatcher lock", self.instance_id)
+                        self._take_over()
                     self.tick()
                 else:
                     self._leader_since = None
@@ -307,12 +361,35 @@ class Dispatcher:
             self._wake.clear()
         self._resign()
 
+    def _take_over(self) -> None:
+        """What a new lock holder does first about the clock.
+
+        The previous holder's record gives the wall clock's offset from the monotonic one
+        then (the same clock for every process of one machine until it restarts: the record
+        names the boot), so the first tick sees a step taken since. Retries waiting longer
+        than their own delay (a backward step nobody saw) are cut to it.
+        """
+        self._clock_offset = None
+        with self.db.connection() as conn:
+            record = db.get_meta(conn, "dispatcher")
+        if isinstance(record, dict) and isinstance(record.get("ts"), int | float):
+            mono = jobs_module.monotonic_of(record)
+            if mono is not None:
+                self._clock_offset = float(record["ts"]) - mono
+        capped = self.jobs.cap_retry_waits()
+        if capped:
+            log.warning("%d retries waited longer than their delay; rescheduled", capped)
+
     # -- one tick ----------------------------------------------------------------------------
 
     def tick(self) -> int:
-        """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent."""
+        """One round as the lock holder: heartbeat, housekeeping, matching; jobs sent.
+
+        Its cadence runs on the monotonic clock (:class:`Clock` ``mono``): a step of the
+        system clock neither stops housekeeping nor runs it all at once.
+        """
         now = Clock()
-        mono = time.monotonic()
+        mono = now.mono
         if self._last_tick is not None and mono - self._last_tick > STALL_S:
             # This process was frozen (SIGSTOP, a paused VM): runners could not reach it, so
             # give them a full heartbeat window again before calling any of them offline.
@@ -320,19 +397,23 @@ class Dispatcher:
                 "dispatcher stalled for %.1f s; runners get a fresh grace period",
                 mono - self._last_tick,
             )
-            self._leader_since = now.ts
+            self._leader_since = mono
         self._last_tick = mono
+        offset = now.ts - mono  # the wall clock's offset from the monotonic one
+        if self._clock_offset is not None and abs(offset - self._clock_offset) > CLOCK_STEP_S:
+            step = offset - self._clock_offset
+            log.warning("the system clock stepped %+.1f s", step)
+            self.jobs.follow_clock_step(step)
+        self._clock_offset = offset
         every = min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
-        if now.ts - self._last_heartbeat >= every:
+        if self._due("heartbeat", mono, every):
             self._heartbeat(now)
-        if now.ts - self._last_sweep >= SWEEP_EVERY_S:
-            self._last_sweep = now.ts
-            grace = self._leader_since if self._leader_since is not None else now.ts
-            summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace, now=now)
+        if self._due("sweep", mono, SWEEP_EVERY_S):
+            grace = self._leader_since if self._leader_since is not None else mono
+            summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace)
             if any(summary.values()):
                 log.info("housekeeping: %s", summary)
-        if now.ts - self._last_prune >= PRUNE_EVERY_S:
-            self._last_prune = now.ts
+        if self._due("prune", mono, PRUNE_EVERY_S):
             pruned = self.jobs.prune(now)
             if pruned:
                 log.info("housekeeping: deleted %d finished jobs past their retention", pruned)
@@ -341,23 +422,36 @@ class Dispatcher:
                 log.info("housekeeping: deleted %d assertions past their retention", pruned)
         expiry = float(self.settings.unmatched_job_expiry_s)
         every = max(SWEEP_EVERY_S, min(PRUNE_EVERY_S, expiry / 4.0))
-        if expiry > 0 and now.ts - self._last_unmatched >= every:
-            self._last_unmatched = now.ts
+        if expiry > 0 and self._due("unmatched", mono, every):
             failed = self.jobs.expire_unmatched(now)
             if failed:
                 log.warning("housekeeping: %d jobs failed, no runner takes their type", failed)
-        return self._match(now)
+        return self._match()
+
+    def _due(self, chore: str, mono: float, every: float) -> bool:
+        """Whether ``chore`` is due at ``mono`` (it then counts as run)."""
+        last = self._last_run.get(chore)
+        if last is not None and mono - last < every:
+            return False
+        self._last_run[chore] = mono
+        return True
 
     def _heartbeat(self, now: Clock) -> None:
-        self._last_heartbeat = now.ts
         with self.db.tx() as conn:
             db.set_meta(
                 conn,
                 "dispatcher",
-                {"instance": self.instance_id, "pid": os.getpid(), "ts": now.ts, "at": now.z},
+                {
+                    "instance": self.instance_id,
+                    "pid": os.getpid(),
+                    "ts": now.ts,
+                    "at": now.z,
+                    "mono": now.mono,
+                    "boot": jobs_module.BOOT_ID,
+                },
             )
 
-    def _match(self, now: Clock) -> int:
+    def _match(self) -> int:
         """Record the answers that arrived, then take waiting jobs: one transaction.
 
         Returns how many executions were handed to the send pool.
@@ -371,6 +465,9 @@ class Dispatcher:
                 return 0
             try:
                 with self.db.tx() as conn:
+                    # Stamped now that the transaction has its turn: a slot freed by a
+                    # result another worker recorded meanwhile is taken after that result.
+                    now = Clock()
                     self._record_in(conn, answers, now)
                     claims = self._claim_in(conn, now, free) if pool is not None else []
             except Exception:
@@ -589,7 +686,11 @@ class Dispatcher:
                 ),
             )
         except (OSError, http.client.HTTPException) as exc:  # the connection broke
-            self._suspect(claim.runner_id)
+            # Only a failed connect takes a runner out of dispatch: one that died (its
+            # port closed) is, one that merely broke this answer (or a connection it had
+            # kept open) is not.
+            if not self._connects(claim.base_url, connect_timeout):
+                self._suspect(claim.runner_id)
             name = "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
             return self._network_failure(claim, f"{name} calling {url}")
         return self.interpret(claim, *answer)
@@ -605,8 +706,14 @@ class Dispatcher:
         What those gave that is kept: keep-alive connections (one per send thread and runner),
         a connection the runner closed while idle is not reused, separate connect and read
         timeouts, certificates checked for https (certifi's bundle when it is installed).
-        Nothing is retried here (an attempt is retried by the job's RetryPolicy), redirects are
-        not followed and proxies from the environment are not used.
+        Redirects are not followed and proxies from the environment are not used.
+
+        A runner may close an idle keep-alive connection just as the forge sends on it (its
+        idle timeout): when a reused connection shows the runner closed it without reading
+        the request (see :meth:`_exchange`), the request is sent once more on a new
+        connection (``/execute`` is idempotent per ``jobId`` in any case). Nothing else is
+        retried here (an attempt is retried by the job's RetryPolicy): a request the runner
+        read before the connection ended may have run, so that is the attempt's failure.
 
         Raises :class:`_ConnectFailed` when no connection could be made, ``TimeoutError`` when
         the runner did not answer in ``read_s``, ``OSError`` or ``HTTPException`` when the
@@ -619,24 +726,86 @@ class Dispatcher:
         if conn is not None and _dropped(conn):
             conn.close()
             conn = None
-        if conn is None:
-            conn = _connection(base_url, connect_s)
+        if conn is not None:
             try:
-                conn.connect()
-            except OSError as exc:
-                conn.close()
-                raise _ConnectFailed() from exc
-            # The address really connected to, not the one a name resolved to before.
-            peer = _peer(conn)
-            if not self.targets.allows(peer, conn.host):
-                conn.close()
-                raise _TargetRefused(f"{conn.host} ({peer})")
+                return self._exchange(connections, base_url, conn, body, headers, read_s)
+            except _NotTaken:
+                self.reconnects += 1
+                log.info("a kept-alive connection to %s was closed; sending again", base_url)
+        conn = self._connect(base_url, connect_s)
+        return self._exchange(connections, base_url, conn, body, headers, read_s, reused=False)
+
+    def _connect(self, base_url: str, connect_s: float) -> http.client.HTTPConnection:
+        """A new connection to the runner, its peer checked (see :meth:`_post`)."""
+        conn = _connection(base_url, connect_s)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise _ConnectFailed() from exc
+        # The address really connected to, not the one a name resolved to before.
+        peer = _peer(conn)
+        if not self.targets.allows(peer, conn.host):
+            conn.close()
+            raise _TargetRefused(f"{conn.host} ({peer})")
+        return conn
+
+    def _connects(self, base_url: str, connect_s: float) -> bool:
+        """Whether a new TCP connection to the runner can be made, and stays open a moment.
+
+        A runner dying as it is probed may still complete the handshake from its listening
+        socket's backlog, then reset it as the socket closes: a connection that is closed
+        (or sent anything unasked) within PROBE_HOLD_S counts as failed.
+        """
+        parts = urlsplit(base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname or "", port), connect_s) as sock:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+                return not poller.poll(PROBE_HOLD_S * 1000.0)
+        except (OSError, ValueError):
+            return False
+
+    def _exchange(
+        self,
+        connections: dict[str, http.client.HTTPConnection],
+        base_url: str,
+        conn: http.client.HTTPConnection,
+        body: bytes,
+        headers: dict[str, str],
+        read_s: float,
+        *,
+        reused: bool = True,
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One request and its answer on ``conn``; kept in ``connections`` if reusable.
+
+        On a ``reused`` connection, :class:`_NotTaken` (its cause the error) when the runner
+        closed it without reading the request: the request could not be written, or the
+        peer reset the connection (see :func:`_await_answer`). A connection that just ends,
+        the runner having read the request (a worker that died running the job), is not:
+        that attempt may have run.
+        """
         limit = self.max_answer
         try:
             assert conn.sock is not None
             conn.sock.settimeout(read_s)
-            conn.request("POST", _path(base_url) + "/execute", body, headers)
-            response = conn.getresponse()
+            try:
+                conn.request("POST", _path(base_url) + "/execute", body, headers)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                if reused:
+                    raise _NotTaken() from exc
+                raise
+            if reused:
+                _await_answer(conn, read_s)
+            try:
+                response = conn.getresponse()
+            except http.client.RemoteDisconnected:  # the end of the stream, no reset
+                raise
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                if reused:  # reset: the request was not read
+                    raise _NotTaken() from exc
+                raise
             declared = response.getheader("Content-Length", "")
             if declared.strip().isdigit() and int(declared) > limit:
                 raise _AnswerTooLarge(f"Content-Length {int(declared)}")

@@ -13,6 +13,11 @@ claims jobs many to a transaction, and ``POST /jobs`` requests arriving together
     queued UNMATCHED_JOB_EXPIRY_S, no runner lists the type ──▶ failed (NO_RUNNER_FOR_TYPE)
     queued/retrying/running ──cancel──▶ cancelled
 
+A status change is stamped (its events, assertions and ``updated_at``) once its transaction
+holds the writers' turn, not before it waited for it: write transactions take turns, so the
+forge's records are in the order the changes happened, and a job started in a slot another
+job freed is never recorded as starting before that job ended.
+
 A job that is sent to a runner holds one of that runner's capability slots (``slot_runner``)
 until the attempt's answer arrives, the runner goes offline, or the attempt's lease passes.
 A cancelled job keeps its slot while the runner is still working on it, so ``maxConcurrency``
@@ -105,16 +110,114 @@ def is_refusal(envelope: Mapping[str, Any]) -> bool:
 
 
 class Clock:
-    """One instant as both epoch seconds and a contract timestamp."""
+    """One instant as epoch seconds, a contract timestamp and a monotonic reading.
 
-    __slots__ = ("ms", "ts", "z")
+    ``ts`` and ``z`` are what the forge stores and shows (wall-clock time, for people and the
+    contracts); ``mono`` (``time.monotonic()``, one clock for every process of the machine)
+    is what the forge measures intervals with, so a step of the system clock neither stops
+    its housekeeping nor makes every runner look silent. An instant given as ``ts`` is as
+    far from now on the monotonic clock as on the wall clock.
+    """
+
+    __slots__ = ("mono", "ms", "ts", "z")
 
     def __init__(self, ts: float | None = None) -> None:
-        self.ts = time.time() if ts is None else ts
+        if ts is None:
+            self.ts, self.mono = time.time(), time.monotonic()
+        else:
+            self.ts, self.mono = ts, time.monotonic() + (ts - time.time())
         moment = datetime.fromtimestamp(self.ts, UTC)
         self.z = format_timestamp(moment)
         #: ``z`` read back as epoch seconds (whole milliseconds, as ``truth.epoch(z)``).
         self.ms = moment.replace(microsecond=moment.microsecond // 1000 * 1000).timestamp()
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+#: This machine's boot: ``time.monotonic()`` readings of two processes compare only within
+#: one ('' where the system does not say, and then never).
+BOOT_ID = _boot_id()
+
+
+def monotonic_of(record: Mapping[str, Any]) -> float | None:
+    """The ``mono`` reading of a record another process wrote with its ``boot``, if it was
+    taken on this machine since it started (so comparable with ``time.monotonic()``)."""
+    mono = record.get("mono")
+    if not BOOT_ID or record.get("boot") != BOOT_ID or isinstance(mono, bool):
+        return None
+    if not isinstance(mono, int | float) or not 0 <= mono <= time.monotonic():
+        return None
+    return float(mono)
+
+
+class Sightings:
+    """When this process saw each runner's latest heartbeat, on the monotonic clock.
+
+    A heartbeat is stored with its wall-clock time (``last_seen``), which a clock step moves.
+    The sweep notes the monotonic time at which it first sees each new ``last_seen`` and
+    counts a runner's silence from there: a heartbeat is seen within one sweep of its
+    arrival, and a runner seen for the first time (just registered, or the dispatcher just
+    took over) gets a full window.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, float]] = {}  # id → (last_seen, monotonic then)
+
+    def silent(
+        self, runners: Sequence[db.Row], now: Clock, grace_from: float, missed: int
+    ) -> list[str]:
+        """Ids of ``runners`` silent for more than ``missed`` heartbeat intervals, counted
+        from ``grace_from`` (monotonic) at the earliest."""
+        seen: dict[str, tuple[float, float]] = {}
+        silent: list[str] = []
+        for runner in runners:
+            runner_id, stored = runner["id"], float(runner["last_seen"])
+            previous = self._seen.get(runner_id)
+            at = previous[1] if previous is not None and previous[0] == stored else now.mono
+            seen[runner_id] = (stored, at)
+            window = float(runner["heartbeat_interval_ms"]) * missed / 1000.0
+            if now.mono - max(at, grace_from) > window:
+                silent.append(runner_id)
+        self._seen = seen
+        return silent
+
+
+class Leases:
+    """Each attempt's lease on this process's monotonic clock.
+
+    The database keeps a lease as wall-clock time (``lease_until``: a forge that restarts
+    finds it there, and people read it). This process counts a lease from when it wrote it,
+    or else from when it first read it, for at most one lease length: a forward step of the
+    clock does not expire every lease at once, and a backward one does not stretch them.
+    """
+
+    def __init__(self) -> None:
+        self._due: dict[tuple[str, int, float], float] = {}  # (job, attempt, lease) → due
+
+    def note(self, job_id: str, attempt: int, until: float, due_mono: float) -> None:
+        """A lease this process just wrote: ``until`` (stored) is due at ``due_mono``."""
+        self._due[(job_id, attempt, until)] = due_mono
+
+    def passed(self, row: RowLike, now: Clock, longest_s: float) -> bool:
+        """Whether the lease of ``row`` (holding one) has passed."""
+        until = float(row["lease_until"])
+        key = (row["id"], int(row["attempts"]), until)
+        due = self._due.get(key)
+        if due is None:
+            due = now.mono + min(max(0.0, until - now.ts), longest_s)
+            self._due[key] = due
+        return now.mono > due
+
+    def keep(self, job_ids: set[str]) -> None:
+        """Forget the leases of jobs that hold no slot any more."""
+        if len(self._due) > len(job_ids):
+            self._due = {k: v for k, v in self._due.items() if k[0] in job_ids}
 
 
 @dataclass
@@ -191,6 +294,8 @@ class JobStore:
         self._group: list[_Submission] = []  # submissions waiting for a group commit
         self._group_writing = False
         self._group_lock = threading.Lock()
+        self.sightings = Sightings()
+        self.leases = Leases()
 
     # -- documents -------------------------------------------------------------------------
 
@@ -404,8 +509,8 @@ class JobStore:
 
         A completed or failed job is a 409 RESOURCE_CONFLICT.
         """
-        now = Clock()
         with self.db.tx() as conn:
+            now = Clock()
             row = self._get(conn, job_id)
             if row["status"] == "cancelled":
                 return self.response(row)
@@ -441,8 +546,8 @@ class JobStore:
                 details=[{"message": f"Expected {job_id}", "path": ["jobId"]}],
             )
         digest = hashlib.sha256(db.dumps(response).encode()).hexdigest()
-        now = Clock()
         with self.db.tx() as conn:
+            now = Clock()  # once this change has its turn (see the module docstring)
             row = self._get(conn, job_id)
             if not db.record_delivery(conn, job_id, digest, now.ts):
                 return "duplicate", self.response(row)
@@ -525,6 +630,43 @@ class JobStore:
             "runner_name": runner["name"] if runner is not None else None,
             "runner_version": runner["version"] if runner is not None else None,
         }
+
+    def follow_clock_step(self, step_s: float) -> None:
+        """The wall clock just stepped by ``step_s`` seconds: the waits it measures keep
+        their length. Queued jobs keep their age (``submitted``: a forward step does not
+        fail them as unmatched), retries their delay (``not_before``) and attempts their
+        lease (``lease_until``, for a forge that restarts; this process counts leases on
+        the monotonic clock anyway). Contract times (``scheduledAt``, ``expiresAt``) are
+        wall-clock times by definition and stay.
+        """
+        with self.db.tx() as conn:
+            db.shift_waits(conn, step_s)
+
+    def cap_retry_waits(self) -> int:
+        """No retry waits longer than its own delay from now; how many were cut.
+
+        A retry is due at a wall-clock time written when it was scheduled: a backward step
+        of the clock that no dispatcher saw (the forge was down, or between two
+        dispatchers) would stretch its wait by the step. Run when a dispatcher takes over;
+        each wait is cut to its delay (the policy's backoff for its attempt, or the
+        runner's capped ``retryAfter``).
+        """
+        capped = 0
+        with self.db.tx() as conn:
+            now = Clock()
+            for row in db.retries_due_after(conn, now.ts):
+                policy = db.loads(row["request"])["retryPolicy"]
+                attempts = int(row["attempts"])
+                backoff = max(
+                    retry_delay(max(0, attempts - 1), policy), retry_delay(attempts, policy)
+                )
+                longest = self._retry_delay_ms(backoff, db.loads(row["last_error"]) or {})
+                due = now.ts + longest / 1000.0
+                if float(row["not_before"]) > due and db.update_job(
+                    conn, row["id"], {"not_before": due}, statuses=("retrying",), attempts=attempts
+                ):
+                    capped += 1
+        return capped
 
     def _within_refusal_budget(self, row: RowLike, now: Clock) -> bool:
         """Whether a refusal may still be free (see the module docstring)."""
@@ -663,6 +805,7 @@ class JobStore:
             timeout_ms = float(row["timeout_ms"])
             asynchronous = timeout_ms > threshold
             lease_ms = min(timeout_ms + margin * (2 if asynchronous else 1), MAX_WAIT_MS)
+            lease_until = now.ts + lease_ms / 1000.0
             attempt = int(row["attempts"]) + 1
             taken = db.update_job(
                 conn,
@@ -680,7 +823,7 @@ class JobStore:
                     "attempt_started_at": now.z,
                     "slot_runner": runner["id"],
                     "slot_capability": capability_id,
-                    "lease_until": now.ts + lease_ms / 1000.0,
+                    "lease_until": lease_until,
                     "async": int(asynchronous),
                 },
                 statuses=("queued", "retrying"),
@@ -688,6 +831,7 @@ class JobStore:
             )
             if not taken:
                 continue
+            self.leases.note(row["id"], attempt, lease_until, now.mono + lease_ms / 1000.0)
             started = {
                 "attempt": attempt,
                 "runnerId": runner["id"],
@@ -723,8 +867,8 @@ class JobStore:
         slot is given back) or ``failed`` (the forge could not record it, so the job failed:
         :meth:`apart`). ``runner_id``: the runner the attempt was sent to.
         """
-        now = Clock()
         with self.db.tx() as conn:
+            now = Clock()
             record = functools.partial(
                 self.finish_in, conn, job_id, attempt, outcome, now, runner_id=runner_id
             )
@@ -764,12 +908,9 @@ class JobStore:
         if outcome.accepted:
             timeout_ms = float(row["timeout_ms"])
             lease_ms = min(timeout_ms + 2 * float(self.settings.dispatch_margin_ms), MAX_WAIT_MS)
-            db.update_job(
-                conn,
-                job_id,
-                {"async": 1, "lease_until": now.ts + lease_ms / 1000.0},
-                attempts=attempt,
-            )
+            lease_until = now.ts + lease_ms / 1000.0
+            db.update_job(conn, job_id, {"async": 1, "lease_until": lease_until}, attempts=attempt)
+            self.leases.note(job_id, attempt, lease_until, now.mono + lease_ms / 1000.0)
             return "accepted"
         self._apply(conn, row, outcome, now)
         return "recorded"
@@ -1043,31 +1184,32 @@ class JobStore:
         """The dispatcher's housekeeping, in one transaction.
 
         - runners silent for OFFLINE_AFTER_MISSED heartbeat intervals become ``offline``
-          (counted from ``grace_from`` at the earliest, the moment this dispatcher took
+          (on the monotonic clock, see :class:`Sightings`; counted from ``grace_from``, a
+          ``time.monotonic()`` reading, at the earliest: the moment this dispatcher took
           over, so a restarted forge gives every runner a full window to heartbeat again);
         - jobs running on an offline runner, or on a runner that is no longer registered
           (unless this process is still waiting for that runner's answer), are requeued as
           ``retrying``, counted as an attempt and eligible at once;
-        - an attempt whose lease has passed with nobody waiting for it (e.g. the forge
-          restarted while an execution was in flight) fails with a retryable TIMEOUT;
+        - an attempt whose lease has passed (on the monotonic clock, see :class:`Leases`)
+          with nobody waiting for it (e.g. the forge restarted while an execution was in
+          flight) fails with a retryable TIMEOUT;
         - waiting jobs past ``metadata.expiresAt`` fail as expired.
 
         ``in_flight`` maps job id → attempt of the executions this process is waiting on.
         """
-        now = now or Clock()
         summary = {"offline": 0, "requeued": 0, "overdue": 0, "expired": 0}
         with self.db.tx() as conn:
-            offline = db.mark_runners_offline(
-                conn,
-                now=now.ts,
-                grace_from=grace_from,
-                missed=int(self.settings.offline_after_missed),
-            )
+            now = now or Clock()
+            missed = int(self.settings.offline_after_missed)
+            offline = self.sightings.silent(db.watched_runners(conn), now, grace_from, missed)
+            db.mark_runners_offline(conn, offline)
             summary["offline"] = len(offline)
             for runner_id in offline:
                 log.warning("runner %s missed its heartbeats and is offline", runner_id)
-            for row in db.jobs_holding_slots(conn):
-                if not _sweep_due(row, in_flight, now):
+            holding = db.jobs_holding_slots(conn)
+            self.leases.keep({row["id"] for row in holding})
+            for row in holding:
+                if not self._sweep_due(row, in_flight, now):
                     continue  # the common case: no write, so no savepoint either
                 summary_key = self.apart(
                     conn,
@@ -1116,8 +1258,7 @@ class JobStore:
             )
             self._retry_or_fail(conn, row, envelope, now, _SLOT_FREE, immediate=True)
             return "requeued"
-        lease = row["lease_until"]
-        if lease is not None and lease < now.ts and not waiting_here:
+        if self._lease_passed(row, now) and not waiting_here:
             if not running:
                 db.update_job(conn, row["id"], _SLOT_FREE, attempts=attempt)
                 return None
@@ -1132,11 +1273,16 @@ class JobStore:
             return "overdue"
         return None
 
+    def _sweep_due(self, row: db.Row, in_flight: Mapping[str, int], now: Clock) -> bool:
+        """Whether housekeeping has anything to do for this job holding a slot (``sweep``)."""
+        if in_flight.get(row["id"]) == int(row["attempts"]):
+            # This process still waits for the runner's answer; only "offline" overrides that.
+            return bool(row["runner_status"] == "offline")
+        return row["runner_status"] in ("offline", None) or self._lease_passed(row, now)
 
-def _sweep_due(row: db.Row, in_flight: Mapping[str, int], now: Clock) -> bool:
-    """Whether housekeeping has anything to do for this job holding a slot (see ``sweep``)."""
-    if in_flight.get(row["id"]) == int(row["attempts"]):
-        # This process still waits for the runner's answer; only "offline" overrides that.
-        return bool(row["runner_status"] == "offline")
-    lease = row["lease_until"]
-    return row["runner_status"] in ("offline", None) or (lease is not None and lease < now.ts)
+    def _lease_passed(self, row: db.Row, now: Clock) -> bool:
+        if row["lease_until"] is None:
+            return False
+        margin = float(self.settings.dispatch_margin_ms)
+        longest_ms = min(float(row["timeout_ms"]) + 2 * margin, MAX_WAIT_MS)
+        return self.leases.passed(row, now, longest_ms / 1000.0)

@@ -169,8 +169,11 @@ def test_higher_priority_runs_first_then_older(make_stack: Callable[[], Stack]) 
 def test_max_concurrency_is_never_exceeded(stack: Stack) -> None:
     """16 e2e.work jobs (maxConcurrency 2 on each runner; half sync, half async) submitted at
     once: per runner, at most 2 attempts are open at any instant in the forge's own records
-    (job.started → job.completed) and at most 2 executions in the capability's own log; the
-    limit is reached, both runners work, and no attempt was refused (attempts == 1)."""
+    (job.started → job.completed, each stamped once its transaction has the writers' turn, so
+    a job taking a freed slot is never stamped before the job that freed it ended; an equal
+    millisecond counts the end first) and at most 2 executions in the capability's own log
+    (in its line order); the limit is reached, both runners work, and no attempt was refused
+    (attempts == 1)."""
     ids = stack.runner_ids()
     limit = {label: capacity(stack, label, "work") for label in ("A", "B")}
     assert limit == {"A": 2, "B": 2}, limit
@@ -197,12 +200,16 @@ def test_max_concurrency_is_never_exceeded(stack: Stack) -> None:
         forge_spans[label_of[started["data"]["runnerId"]]].append(
             (ts(started["timestamp"]), ts(completed["timestamp"]))
         )
+    # The capabilities' own record, in the order of its lines: they are appended under an
+    # exclusive lock, a start once the job holds its slot and an end before it gives it back,
+    # so line order is the order things happened (clock readings of two workers may tie).
     own_spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     ours = {j["id"] for j in jobs}
-    ends = {r["job"]: r["t"] for r in stack.executions(event="end") if r["job"] in ours}
-    for record in stack.executions(event="start"):
-        if record["job"] in ours:
-            own_spans[record["label"]].append((record["t"], ends[record["job"]]))
+    records = list(enumerate(stack.executions()))
+    ends = {r["job"]: line for line, r in records if r["event"] == "end" and r["job"] in ours}
+    for line, record in records:
+        if record["event"] == "start" and record["job"] in ours:
+            own_spans[record["label"]].append((line, ends[record["job"]]))
 
     assert set(forge_spans) == {"A", "B"}, forge_spans
     for label in ("A", "B"):

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -211,20 +214,11 @@ def forge_app(config: Mapping[str, Any]) -> Flask:
     return app
 
 
-class ForgeServer:
-    """``create_app(config)`` served over real HTTP on 127.0.0.1 (a thread per request)."""
+class ForgeHTTP:
+    """The forge's job API over real HTTP at ``url``, every answer checked (a base class)."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.app = forge_app(config)
-        self.forge: Forge = get_forge(self.app)
-        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        self.session = requests.Session()
-        self._stopped = False
+    url: str
+    session: requests.Session
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", 10)
@@ -257,6 +251,22 @@ class ForgeServer:
 
         job: dict[str, Any] = wait_for(reached, timeout, what=f"job {job_id} in {statuses}")
         return job
+
+
+class ForgeServer(ForgeHTTP):
+    """``create_app(config)`` served over real HTTP on 127.0.0.1 (a thread per request)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.app = forge_app(config)
+        self.forge: Forge = get_forge(self.app)
+        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        self.session = requests.Session()
+        self._stopped = False
 
     def stop(self) -> None:
         if self._stopped:
@@ -344,14 +354,73 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _KeepAliveHandler(_Handler):
+    """HTTP/1.1 with keep-alive; the fake's ``drop_reused`` closes each connection around
+    its second request, as a runner's idle timeout or a dying worker would:
+
+    - ``"idle"``: at once after the first answer (the client may still send on it);
+    - ``"unread"``: as the second request arrives, unread (so the peer is reset);
+    - ``"read"``: after reading the second request, unanswered (a worker that died).
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.served = 0
+        with self.server.fake._lock:
+            self.server.fake.connections += 1
+
+    def handle_one_request(self) -> None:
+        fake = self.server.fake
+        if self.served and fake.drop_reused == "unread":
+            select.select([self.connection], [], [], 10)  # the next request arrives
+            self._drop(reset=True)
+            return
+        super().handle_one_request()
+        if self.served == 1 and fake.drop_reused == "idle" and not self.close_connection:
+            self._drop(reset=False)
+
+    def do_POST(self) -> None:
+        self.served += 1
+        if self.served > 1 and self.server.fake.drop_reused == "read":
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            self._drop(reset=False)
+            return
+        super().do_POST()
+
+    def _drop(self, *, reset: bool) -> None:
+        """Close the connection now, with a FIN or (``reset``) an RST."""
+        if reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+        self.wfile.flush()
+        self.rfile.close()
+        self.wfile.close()
+        self.connection.close()
+        self.close_connection = True
+        with self.server.fake._lock:
+            self.server.fake.dropped += 1
+
+
 class FakeRunner:
-    """A runner over real HTTP whose /execute answers follow ``script``."""
+    """A runner over real HTTP whose /execute answers follow ``script``.
+
+    ``keep_alive``: HTTP/1.1 connections kept open between requests; ``drop_reused`` (see
+    :class:`_KeepAliveHandler`) closes each connection as its second request arrives.
+    """
 
     def __init__(
         self,
         name: str,
         capabilities: list[dict[str, Any]],
         script: Script | None = None,
+        *,
+        keep_alive: bool = False,
+        drop_reused: str = "",
     ) -> None:
         self.name = name
         self.capabilities = capabilities
@@ -365,7 +434,11 @@ class FakeRunner:
         self._running: dict[str, int] = {}
         self.max_running: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self.drop_reused = drop_reused
+        self.connections = 0  # connections accepted (counted with keep_alive only)
+        self.dropped = 0  # connections closed by drop_reused
+        handler = _KeepAliveHandler if keep_alive or drop_reused else _Handler
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.fake = self
         self.port = self._server.server_address[1]
         self.health_url = f"http://127.0.0.1:{self.port}/health"

@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runnerkit.contracts import format_timestamp
 from runnerkit.errors import retry_delay
 from runnerkit.forge import db as forge_db
@@ -339,6 +341,80 @@ def test_unreachable_runner_is_a_retryable_network_error_and_gets_no_more_work(
     started = [e for e in forge.events(job["id"]) if e["type"] == "job.started"]
     assert len(started) == 1
     assert forge.job(job["id"])["status"] in ("retrying", "queued")
+
+
+@pytest.mark.parametrize("how", ["idle", "unread"])
+def test_a_kept_alive_connection_closed_as_it_is_reused_costs_no_attempt(
+    make_forge: MakeForge, make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A runner closes an idle keep-alive connection just as the forge sends the next job on
+    it: ``idle``, closed before the request went out (the forge's look for a closed
+    connection came just before); ``unread``, closed as the request arrived, unread. The
+    request goes again on a new connection, the job completes on its first attempt and the
+    runner stays in dispatch."""
+    from runnerkit.forge import dispatcher
+
+    monkeypatch.setattr(dispatcher, "_dropped", lambda conn: False)  # the look came too soon
+    forge = make_forge(DISPATCH_THREADS=1)  # one send thread: one connection, reused
+    runner = make_runner("idle-closer", [capability("cap", ["type.a"])], drop_reused=how)
+    runner.register(forge.url)
+    first = forge.submit(req())
+    forge.wait_status(first["id"], "completed")
+    if how == "idle":
+        wait_for(lambda: runner.dropped == 1 or None, 10, what="the idle connection closed")
+    second = forge.submit(req(retry_policy={"maxRetries": 0}))
+    done = forge.wait_status(second["id"], "completed", "failed")
+    assert done["status"] == "completed", done
+    assert done["result"]["metadata"]["attempts"] == 1
+    assert runner.connections == 2 and runner.dropped >= 1
+    assert len(runner.calls_for(second["id"])) == 1
+    assert event_types(forge, second["id"]).count("job.started") == 1
+    assert forge.get(f"/runners/{runner.runner_id}").json()["status"] == "healthy"
+
+
+def test_a_request_read_then_dropped_is_an_attempt(
+    make_forge: MakeForge, make_runner: MakeRunner
+) -> None:
+    """A runner reads a request on a kept-alive connection and closes it unanswered (a
+    worker that died running the job): the job may have run, so it is not sent again within
+    the attempt; the attempt fails, and the runner, which still takes connections, stays in
+    dispatch."""
+    forge = make_forge(DISPATCH_THREADS=1)
+    runner = make_runner("dies-reading", [capability("cap", ["type.a"])], drop_reused="read")
+    runner.register(forge.url)
+    first = forge.submit(req())
+    forge.wait_status(first["id"], "completed")
+    second = forge.submit(req(retry_policy={"maxRetries": 0}))
+    done = forge.wait_status(second["id"], "completed", "failed")
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "RUNNER_UNREACHABLE", done
+    assert runner.dropped == 1  # not sent again on a new connection: the request was read
+    assert runner.connections == 2  # the kept-alive one, and the forge's probe (it connects)
+    assert forge.get(f"/runners/{runner.runner_id}").json()["status"] == "healthy"
+
+
+def test_a_runner_that_breaks_the_connection_is_not_taken_out_of_dispatch(
+    make_forge: MakeForge, make_runner: MakeRunner
+) -> None:
+    """A connection that breaks on a new connection too is that attempt's failure, but the
+    runner can still be connected to: it is not marked unreachable (only a failed connect
+    does that; a runner that died mid-answer is, see test_forge_and_runners.py)."""
+    forge = make_forge()
+
+    def hang_up(fake: FakeRunner, call: Call) -> Reply:
+        if call.index == 0:
+            raise ConnectionAbortedError("hang up")  # the handler dies: no answer at all
+        return Reply()
+
+    runner = make_runner("hang-up", [capability("cap", ["type.a"])], hang_up)
+    runner.register(forge.url)
+    job = forge.submit(req(retry_policy={"maxRetries": 1, "backoffMs": 10}))
+    done = forge.wait_status(job["id"], "completed", "failed")
+    assert done["status"] == "completed", done
+    assert done["result"]["metadata"]["attempts"] == 2
+    retrying = [e for e in forge.events(job["id"]) if e["type"] == "job.retrying"]
+    assert "RUNNER_UNREACHABLE" in json.dumps(retrying[0])
+    assert forge.get(f"/runners/{runner.runner_id}").json()["status"] == "healthy"
 
 
 def test_a_runner_slower_than_the_timeout_is_a_timeout(

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from flask.testing import FlaskClient
 
-from runnerkit.contracts import JobRequestSchema, utc_now
+from runnerkit.contracts import JobRequestSchema, parse_timestamp, utc_now
 from runnerkit.errors import Conflict
 from runnerkit.forge import Forge, create_app, get_forge, truth
 from runnerkit.forge import db as forge_db
 from runnerkit.forge.jobs import Claim, Clock
+from runnerkit.state import WriterTurns
 from tests.forge.helpers import (
     capability,
     envelope,
@@ -29,6 +31,8 @@ from tests.forge.helpers import (
     valid,
     valid_page,
 )
+from tests.support.locks import lock_waiters
+from tests.support.waiting import wait_until
 
 GUIDE_EXAMPLE = Path(__file__).parents[1] / "fixtures" / "contracts"
 
@@ -510,6 +514,40 @@ def test_one_transaction_claims_several_jobs_and_skips_those_that_moved_on(
     for job_id in ids[:2]:
         assert forge.jobs.get(job_id)["status"] == "running"
         assert event_types(client, job_id)[-1] == "job.started"
+
+
+def test_a_result_is_stamped_once_its_transaction_has_its_turn(
+    client: FlaskClient, forge: Forge, db_path: str
+) -> None:
+    """A result that waits for another process's write is stamped when it is written, not
+    when it arrived: otherwise the dispatcher, stamping first and waiting behind this
+    result, records the next job started in the slot it frees before this job completed."""
+    runner_id = register(client)
+    job_id = submit(client, job_request("t"))["id"]
+    start(forge, job_id, runner_id)
+    lock = Path(f"{db_path}.writer.lock")
+    statuses: list[int] = []
+
+    def deliver() -> None:
+        result = execution_response(job_id, runner_id)
+        statuses.append(client.post(f"/jobs/{job_id}/result", json=result).status_code)
+
+    thread = threading.Thread(target=deliver)
+    with WriterTurns(str(lock)).hold():  # the turn of another forge process's writer
+        thread.start()
+        wait_until(lambda: lock_waiters(lock), 10, "the result never waited for its turn")
+        waited = time.time()
+        wait_until(lambda: time.time() > waited + 0.01, 10, "the clock stands still")
+        released = time.time()
+    thread.join(10)
+    assert statuses == [200]
+    (completed,) = [
+        e
+        for e in client.get(f"/jobs/{job_id}/events").get_json()["items"]
+        if e["type"] == "job.completed"
+    ]
+    stamped_ms = round(parse_timestamp(completed["timestamp"]).timestamp() * 1000)
+    assert stamped_ms >= int(released * 1000)
 
 
 def test_the_forges_own_documents_are_canonical_json(client: FlaskClient, forge: Forge) -> None:

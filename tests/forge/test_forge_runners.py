@@ -175,6 +175,7 @@ def test_missed_heartbeats_make_a_runner_offline_until_it_beats(
     client: FlaskClient, forge: Forge
 ) -> None:
     runner_id = register(client)
+    assert forge.jobs.sweep(in_flight={}, grace_from=0)["offline"] == 0  # its beat is seen
     later = Clock(time.time() + 3 * 60 + 1)  # OFFLINE_AFTER_MISSED (3) x 60 s have passed
     summary = forge.jobs.sweep(in_flight={}, grace_from=0, now=later)
     assert summary["offline"] == 1
@@ -186,9 +187,11 @@ def test_missed_heartbeats_make_a_runner_offline_until_it_beats(
 
 def test_a_new_dispatcher_gives_runners_a_full_window(client: FlaskClient, forge: Forge) -> None:
     register(client)
-    later = time.time() + 3 * 60 + 1
+    forge.jobs.sweep(in_flight={}, grace_from=0)  # its heartbeat is seen
+    later = Clock(time.time() + 3 * 60 + 1)
     # The dispatcher took over just now: silence before that does not count.
-    assert forge.jobs.sweep(in_flight={}, grace_from=later - 1, now=Clock(later))["offline"] == 0
+    grace = later.mono - 1
+    assert forge.jobs.sweep(in_flight={}, grace_from=grace, now=later)["offline"] == 0
 
 
 def test_token_protects_runner_endpoints(db_path: str) -> None:

@@ -25,6 +25,14 @@ def lock_lines(path: Path) -> Iterator[list[str]]:
             yield parts
 
 
+def lock_waiters(path: Path) -> int:
+    """How many lock requests on the file at ``path`` are waiting (``->`` in /proc/locks)."""
+    st = os.stat(path)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line.split()[:2] and device in line.split())
+
+
 def ofd_locked_bytes(path: Path) -> list[int]:
     """Bytes of ``path`` locked with open-file-description locks.
 

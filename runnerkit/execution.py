@@ -242,6 +242,9 @@ class Executor:
         self.runner = runner
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        #: Request threads of this worker, when the worker sized them after the app loaded
+        #: (:func:`runnerkit.gunicorn_worker.fit_threads`); else ``settings.worker_threads``.
+        self.worker_threads: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -755,11 +758,10 @@ class Executor:
     def _admit(self, job_id: str) -> None:
         """Take a job thread in this worker, keeping the reserved request threads free."""
         settings = self.runner.settings
-        limit = (
-            settings.worker_threads - settings.reserved_threads if settings.worker_threads else 0
-        )
+        threads = self.worker_threads or settings.worker_threads
+        limit = threads - settings.reserved_threads if threads else 0
         with self._in_flight_lock:
-            if settings.worker_threads and self._in_flight >= max(1, limit):
+            if threads and self._in_flight >= max(1, limit):
                 raise _Rejection(
                     Unavailable(
                         "This worker is busy; its remaining threads are reserved for health checks",

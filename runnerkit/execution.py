@@ -859,7 +859,7 @@ class Executor:
             if answer.exception is not None:
                 level = logging.ERROR
                 fields["exception"] = answer.exception
-        emit(job_log, level, _JOB_MESSAGES.get(outcome, "job failed"), fields)
+        emit(job_log, level, _JOB_MESSAGES.get(outcome, "job failed"), fields, trusted=True)
 
 
 _JOB_MESSAGES = {

@@ -159,18 +159,27 @@ class JobThreads:
 
 
 _POOL: JobThreads | None = None
-_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _job_pool() -> JobThreads:
-    """The process's job threads, made anew after fork (threads do not survive it)."""
-    global _POOL, _POOL_PID
-    if _POOL is None or os.getpid() != _POOL_PID:
+    """The process's job threads (made anew after fork: threads do not survive it)."""
+    global _POOL
+    pool = _POOL
+    if pool is None:
         with _POOL_LOCK:
-            if _POOL is None or os.getpid() != _POOL_PID:
-                _POOL, _POOL_PID = JobThreads(), os.getpid()
-    return _POOL
+            if _POOL is None:
+                _POOL = JobThreads()
+            pool = _POOL
+    return pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 class _JobThread:

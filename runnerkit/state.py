@@ -370,6 +370,8 @@ class LeaderLease:
         self._fd = -1
         self._pid = 0
         self._generation: int | None = None
+        #: When this process first found the lease held with no record written yet.
+        self._unrecorded_since: float | None = None
 
     @property
     def held(self) -> bool:
@@ -445,6 +447,16 @@ class LeaderLease:
                 self._try_write(generation)
                 return True
             age = time.monotonic() - renewed
+            if pid == 0 and renewed == 0.0:
+                # Held, but no record yet: its holder took the lock a moment ago and is
+                # writing it (workers starting together). Its term runs from when this
+                # process first saw that, not from boot (which made it look long expired).
+                now = time.monotonic()
+                if self._unrecorded_since is None:
+                    self._unrecorded_since = now
+                age = now - self._unrecorded_since
+            else:
+                self._unrecorded_since = None
             if not force and 0.0 <= age <= self.expiry_s:
                 # A live leader renewed the record since: it can be written again, so a
                 # takeover this process could not record (a full disk) is no longer a

@@ -158,3 +158,20 @@ def test_deregistration_takes_the_lease_from_a_stopped_leader_and_deletes_once(
         wait_until(lambda: "follower" in child.lines, 10, lambda: f"led on: {child.lines}")
     finally:
         stub.stop()
+
+
+def test_a_lease_taken_but_not_yet_recorded_is_not_taken_over_at_once(tmp_path: Path) -> None:
+    # Workers starting together: one has locked generation 0 and is writing the record when
+    # another looks. No record used to read as "renewed at boot", long expired: the second
+    # took over as generation 1 and the instance registered twice.
+    holder = LeaderLease(str(tmp_path), expiry_s=60.0)
+    assert holder._lock(0)  # locked, record not written yet
+    here = LeaderLease(str(tmp_path), expiry_s=60.0)
+    assert not here.acquire()
+    assert here.record() == (0, 0.0, 0)  # nothing taken over, nothing written
+
+    # A holder that never writes its record is stalled: replaced once its term has passed.
+    short = LeaderLease(str(tmp_path), expiry_s=0.3)
+    assert not short.acquire()
+    wait_until(short.acquire, 10, "a holder that never recorded was never replaced")
+    assert short.generation == 1 and short.record()[0] == 1

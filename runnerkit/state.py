@@ -991,87 +991,6 @@ class SQLiteFile:
             yield self._db()
 
 
-class _Write:
-    """One write waiting in a :class:`GroupCommit`: its statement(s), then its outcome."""
-
-    __slots__ = ("done", "error", "op", "result", "wake")
-
-    def __init__(self, op: Callable[[sqlite3.Connection], Any]) -> None:
-        self.op = op
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        # Held until the write is done or its thread is asked to commit the next group.
-        self.wake = threading.Lock()
-        self.wake.acquire()
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class GroupCommit:
-    """Writes of one process's threads to a :class:`SQLiteFile`, committed in groups.
-
-    Under load every job ends with a small write, and each transaction is the expensive part:
-    the writers' turn across processes, SQLite's WAL locks and its page cache made stale by
-    the other workers' writes. A thread that finds a group being committed queues its write
-    and sleeps once; when that commit ends, the first queued thread commits everything queued
-    meanwhile in one transaction and wakes each writer with its own outcome. A lone write (no
-    load) is one autocommitted statement, as before. Each write is durable when
-    :meth:`run` returns (or raises the transaction's error, which every write of the group
-    gets: none of them was stored).
-    """
-
-    def __init__(self, store: SQLiteFile) -> None:
-        self._store = store
-        self._lock = threading.Lock()
-        self._pending: list[_Write] = []
-        self._leading = False
-        self._pid = _PID
-
-    def run(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``op(connection)`` in a committed transaction; what it returned."""
-        item = _Write(op)
-        with self._lock:
-            if self._pid != _PID:
-                # After fork: the parent's queue (and its committing thread) are not ours.
-                self._pending, self._leading, self._pid = [], False, _PID
-            self._pending.append(item)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            item.wake.acquire()
-            if item.done:
-                return item.outcome()
-        # This thread commits the group queued so far (its own write among them).
-        with self._lock:
-            group, self._pending = self._pending, []
-        try:
-            if len(group) == 1:
-                with self._store._write() as conn:
-                    item.result = op(conn)
-            else:
-                with self._store._transaction() as conn:
-                    for write in group:
-                        write.result = write.op(conn)
-        except BaseException as exc:  # noqa: BLE001 - every write of the group gets it
-            for write in group:
-                write.error = exc
-        finally:
-            with self._lock:
-                successor = self._pending[0] if self._pending else None
-                self._leading = successor is not None
-            for write in group:
-                write.done = True
-                if write is not item:
-                    write.wake.release()
-            if successor is not None:
-                successor.wake.release()  # not done: it commits the next group
-        return item.outcome()
-
-
 #: Default memory of signed requests' digests: beyond the 300 s age and 60 s future window.
 EVENT_MEMORY_S = 900.0
 
@@ -1099,8 +1018,6 @@ class Ledger(SQLiteFile):
         self.max_entries = max_entries
         self._me = (0, 0.0)
         self._since_prune = 0
-        #: Answers and signed-request records, committed in groups under load.
-        self._group = GroupCommit(self)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -1253,20 +1170,17 @@ class Ledger(SQLiteFile):
         In that order: a redelivery that gets the lock next is sure to find the answer.
         """
         now = time.time()
-
-        def store(conn: sqlite3.Connection) -> None:
-            pid, started = self._me
-            conn.execute(
-                "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
-                " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
-                " http_status = excluded.http_status, response = excluded.response,"
-                " finished = excluded.finished",
-                (job_id, pid, started, http_status, body_json, now, now),
-            )
-
         try:
-            self._group.run(store)
+            with self._write() as conn:
+                pid, started = self._me
+                conn.execute(
+                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
+                    " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
+                    " http_status = excluded.http_status, response = excluded.response,"
+                    " finished = excluded.finished",
+                    (job_id, pid, started, http_status, body_json, now, now),
+                )
         finally:
             self.running.release(job_id)
         self._since_prune += 1
@@ -1299,16 +1213,12 @@ class Ledger(SQLiteFile):
     def first_sight(self, digest: bytes) -> bool:
         """Record a signed request's digest (:func:`runnerkit.signing.request_digest`); False
         if it was recorded before."""
-        seen = time.time()
-
-        def record(conn: sqlite3.Connection) -> bool:
+        with self._transaction() as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
-                (digest, seen),
+                (digest, time.time()),
             )
-            return cur.rowcount > 0
-
-        return bool(self._group.run(record))
+        return cur.rowcount > 0
 
     def probe(self) -> None:
         """One tiny write: raises when the ledger cannot be written (disk full, I/O error)."""

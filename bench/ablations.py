@@ -140,6 +140,18 @@ def everything_off(runner: Runner) -> Iterator[None]:
         yield
 
 
+def steps(runner: Runner) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
+    """Each promise's step by its short name, as ``BENCH_ECHO_WITHOUT`` takes them away."""
+    return {
+        "ledger": no_ledger,
+        "job-thread": no_job_thread,
+        "slot": no_slots,
+        "validation": lambda: no_marshmallow(runner),
+        "log-line": no_job_log,
+        "metrics": no_metrics,
+    }
+
+
 def variants(runner: Runner) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
     """Each measured variant of ``runner``'s path by name ("baseline": nothing taken away)."""
     return {

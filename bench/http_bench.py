@@ -42,6 +42,12 @@ from bench.common import (
 from runnerkit.affinity import PIN_WORKERS_ENV
 
 WRK_SCRIPT = str(Path(__file__).resolve().parent / "wrk_execute.lua")
+WRK_SIGNED_SCRIPT = str(Path(__file__).resolve().parent / "wrk_signed.lua")
+
+#: The signing secret of the signed contender (JobForge's dispatcher signs every request).
+BENCH_SECRET = "bench-signing-secret"
+#: Requests signed beforehand per second of a load run (more than any contender serves).
+SIGNED_PER_S = 6000
 
 #: The third contender of the default pass: the same runner, its capability declaring
 #: ``isolation = "inline"`` (opt-in: no job thread, no answer before the code returns).
@@ -52,11 +58,29 @@ INLINE = "runnerkit inline"
 #: Flask the rest of the pipeline (routing, envelope, context, limits, admission) can get.
 STRIPPED = "runnerkit stripped"
 
+#: The fifth: the same runner with ``RUNNERKIT_SIGNING_SECRET`` set, every request signed
+#: (with wrk only: the requests are signed beforehand, see ``wrk_signed.lua``).
+SIGNED = "runnerkit signed"
+
 #: Each extra contender: its key for the ratio in a level's result, and the app's environment.
 EXTRAS: dict[str, tuple[str, dict[str, str]]] = {
     INLINE: ("inline_ratio", {"BENCH_ECHO_ISOLATION": "inline"}),
     STRIPPED: ("stripped_ratio", {"BENCH_ECHO_STRIPPED": "1"}),
+    SIGNED: ("signed_ratio", {"RUNNERKIT_SIGNING_SECRET": BENCH_SECRET}),
 }
+
+#: The step-price pass: each promise's step taken away alone (``BENCH_ECHO_WITHOUT``, see
+#: ``bench.ablations.steps``), by its name in the report.
+STEPS: dict[str, str] = {
+    "idempotency ledger (claim + answer stored)": "ledger",
+    "job thread (hand-off, answer at the deadline)": "job-thread",
+    "concurrency slot (cross-worker lock)": "slot",
+    "validation (request, payload, output)": "validation",
+    "job log line": "log-line",
+    "metrics": "metrics",
+}
+#: Connections of the step-price pass.
+STEP_CONNECTIONS = 16
 
 #: Cost buckets of the profile, first match wins; each is (name, frame substrings).
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
@@ -90,10 +114,53 @@ def load_tool() -> str:
     return "wrk"
 
 
-def drive(tool: str, url: str, concurrency: int, duration: float) -> dict[str, Any]:
-    """One closed-loop load run against ``url``; the load tool's JSON result."""
+def signed_requests(path: Path, count: int) -> None:
+    """Write ``count`` signed /execute requests for ``wrk_signed.lua``, each a fresh jobId."""
+    import uuid
+
+    from runnerkit.signing import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
+    lines = []
+    for _ in range(count):
+        body = (
+            '{"jobId":"' + str(uuid.uuid4()) + '","moduleId":"bench","capabilityId":"echo",'
+            '"payload":{"text":"hello"},"timeoutMs":5000}'
+        ).encode()
+        headers = sign(body, BENCH_SECRET)
+        fields = (SIGNATURE_HEADER, TIMESTAMP_HEADER, EVENT_ID_HEADER)
+        lines.append("\t".join([*(headers[name] for name in fields), body.decode()]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def drive(
+    tool: str, url: str, concurrency: int, duration: float, *, signed: bool = False
+) -> dict[str, Any]:
+    """One closed-loop load run against ``url``; the load tool's JSON result. ``signed``:
+    every request signed with ``BENCH_SECRET`` (wrk only)."""
     from bench.common import run_json
 
+    if signed:
+        if tool != "wrk":
+            raise RuntimeError("signed requests need wrk (bench/wrk_signed.lua)")
+        threads = 1 if concurrency == 1 else 2
+        with tempfile.TemporaryDirectory(prefix="bench-signed-") as folder:
+            requests_file = Path(folder) / "requests.tsv"
+            signed_requests(requests_file, int(SIGNED_PER_S * max(1.0, duration)))
+            argv = [
+                "wrk",
+                f"-t{threads}",
+                f"-c{concurrency}",
+                f"-d{max(1, round(duration))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                WRK_SIGNED_SCRIPT,
+                url,
+                "--",
+                str(requests_file),
+                str(threads),
+            ]
+            return run_json(argv, timeout=duration + 120)
     if tool == "wrk":
         threads = 1 if concurrency == 1 else 2
         argv = [
@@ -128,8 +195,9 @@ def drive(tool: str, url: str, concurrency: int, duration: float) -> dict[str, A
 
 
 def measure(tool: str, proc: GunicornProcess, concurrency: int, duration: float) -> dict[str, Any]:
+    signed = bool(proc.env_overrides.get("RUNNERKIT_SIGNING_SECRET"))
     cpu_before = cpu_seconds(proc)
-    raw = drive(tool, proc.url, concurrency, duration)
+    raw = drive(tool, proc.url, concurrency, duration, signed=signed)
     cpu = cpu_seconds(proc) - cpu_before
     seconds = raw["duration_us"] / 1e6
     failed = sum(raw["non200"].values()) + raw["socket_errors"] + raw["timeouts"]
@@ -203,7 +271,12 @@ def compare(tool: str, contenders: dict[str, GunicornProcess], cfg: Any) -> dict
             f["cpu_us_per_req"] / r["cpu_us_per_req"] if r["cpu_us_per_req"] else float("nan")
             for r, f in zip(rounds["runnerkit"], rounds["flask"], strict=True)
         ]
+        overheads = [
+            r["cpu_us_per_req"] - f["cpu_us_per_req"]
+            for r, f in zip(rounds["runnerkit"], rounds["flask"], strict=True)
+        ]
         levels[str(concurrency)] = {
+            "cpu_overhead_us": median(overheads),
             "rounds": rounds,
             "runnerkit": summarize(rounds["runnerkit"]),
             "flask": summarize(rounds["flask"]),
@@ -219,13 +292,20 @@ def compare(tool: str, contenders: dict[str, GunicornProcess], cfg: Any) -> dict
                 ]
                 levels[str(concurrency)][name] = summarize(rounds[name])
                 levels[str(concurrency)][key] = median(extra_ratios)
+                levels[str(concurrency)][name]["cpu_overhead_us"] = median(
+                    [
+                        r["cpu_us_per_req"] - f["cpu_us_per_req"]
+                        for r, f in zip(rounds[name], rounds["flask"], strict=True)
+                    ]
+                )
     return levels
 
 
 def _servers(
-    log_dir: Path, suffix: str, env: dict[str, str], *, extras: bool = False
+    log_dir: Path, suffix: str, env: dict[str, str], *, extras: bool = False, tool: str = "wrk"
 ) -> dict[str, GunicornProcess]:
-    """runnerkit and bare Flask; with ``extras``, also the runners of ``EXTRAS``."""
+    """runnerkit and bare Flask; with ``extras``, also the runners of ``EXTRAS`` (the signed
+    one only with wrk)."""
     state_dir = tempfile.mkdtemp(prefix="bench-http-state-")
     runner_env = {"RUNNERKIT_STATE_DIR": state_dir, **env}
     servers = {
@@ -234,6 +314,8 @@ def _servers(
     }
     if extras:
         for name, (_, extra_env) in EXTRAS.items():
+            if name == SIGNED and tool != "wrk":
+                continue
             proc_env = {
                 **env,
                 "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
@@ -248,7 +330,7 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
     """The default settings, then both contenders again with GUNICORN_PIN_WORKERS=1."""
     tool = load_tool()
     result: dict[str, Any] = {"load_tool": tool, "duration_s": cfg.http_duration, "levels": {}}
-    contenders = _servers(log_dir, "", {}, extras=True)
+    contenders = _servers(log_dir, "", {}, extras=True, tool=tool)
     runner = contenders["runnerkit"]
     with running(*contenders.values()):
         for proc in contenders.values():
@@ -261,7 +343,10 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
         result["profile"]["cpu_us_per_req"] = level16["runnerkit"]["cpu_us_per_req"]
         result["profile"]["requests_per_s"] = level16["runnerkit"]["rps"]
     for name in ("runnerkit", *EXTRAS):
-        _remove_state(contenders[name])
+        if name in contenders:
+            _remove_state(contenders[name])
+    say(f"what each step costs: each taken away alone, at {STEP_CONNECTIONS} connections")
+    result["steps"] = step_prices(tool, log_dir, cfg)
     say("the same with GUNICORN_PIN_WORKERS=1 (each worker on one CPU) for both")
     pinned = _servers(log_dir, "-pinned", {PIN_WORKERS_ENV: "1"})
     with running(*pinned.values()):
@@ -276,3 +361,58 @@ def _remove_state(proc: GunicornProcess) -> None:
     state_dir = proc.env_overrides.get("RUNNERKIT_STATE_DIR")
     if state_dir:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def step_prices(tool: str, log_dir: Path, cfg: Any) -> dict[str, Any]:
+    """Each promise's price in CPU µs per request: runnerkit with everything on against the
+    same runner with that one step taken away, in the same rounds (contenders taking turns),
+    and the signature check: the signed runner against the unsigned one."""
+    servers = {
+        "runnerkit": server(
+            RUNNER_APP,
+            log_dir,
+            name="runner-steps",
+            env={"RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-")},
+        )
+    }
+    for label, step in STEPS.items():
+        env = {
+            "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
+            "BENCH_ECHO_WITHOUT": step,
+        }
+        servers[label] = server(RUNNER_APP, log_dir, name=f"runner-without-{step}", env=env)
+    if tool == "wrk":
+        env = {
+            "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
+            "RUNNERKIT_SIGNING_SECRET": BENCH_SECRET,
+        }
+        servers[SIGNED] = server(RUNNER_APP, log_dir, name="runner-steps-signed", env=env)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    with running(*servers.values()):
+        for proc in servers.values():
+            measure(tool, proc, STEP_CONNECTIONS, cfg.warmup)
+        for index in range(cfg.rounds):
+            order = list(servers) if index % 2 == 0 else list(reversed(servers))
+            for name in order:
+                rounds[name].append(
+                    measure(tool, servers[name], STEP_CONNECTIONS, cfg.http_duration)
+                )
+    for proc in servers.values():
+        _remove_state(proc)
+    base = [r["cpu_us_per_req"] for r in rounds["runnerkit"]]
+    prices: dict[str, Any] = {}
+    for label in STEPS:
+        saved = [b - r["cpu_us_per_req"] for b, r in zip(base, rounds[label], strict=True)]
+        prices[label] = {"us": median(saved), "range": [min(saved), max(saved)]}
+    if SIGNED in rounds:
+        extra = [r["cpu_us_per_req"] - b for b, r in zip(base, rounds[SIGNED], strict=True)]
+        prices["signature check (signing on: HMAC, replay record)"] = {
+            "us": median(extra),
+            "range": [min(extra), max(extra)],
+        }
+    return {
+        "connections": STEP_CONNECTIONS,
+        "runnerkit": summarize(rounds["runnerkit"]),
+        "prices": prices,
+        "rounds": rounds,
+    }

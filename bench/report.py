@@ -6,8 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+#: Budget: runnerkit's server CPU per successful /execute above the bare Flask echo's (µs).
+OVERHEAD_BUDGET_US = 200.0
 #: Target: runnerkit's /execute throughput as a share of the bare Flask echo's.
-THROUGHPUT_TARGET = 0.85
+THROUGHPUT_TARGET = 0.6
+#: The name of the signature check's price in the step-price pass (bench.http_bench).
+SIGNATURE_STEP = "signature check (signing on: HMAC, replay record)"
 #: Targets of the end-to-end forge path.
 JOBS_PER_S_TARGET = 500.0
 HALF_LOAD_P50_TARGET_MS = 10.0
@@ -120,11 +124,34 @@ def _summary(results: dict[str, Any]) -> list[str]:
     http = results.get("http") or {}
     if not _error(http):
         for level, data in http["levels"].items():
+            over = _overhead(data)
+            lines.append(
+                f"| /execute CPU ≤ bare Flask's + {OVERHEAD_BUDGET_US:.0f} µs, {level} "
+                f"connections | +{_f(over)} µs | {_ok(over <= OVERHEAD_BUDGET_US)} |"
+            )
+        for level, data in http["levels"].items():
             ratio = data["ratio"]
             lines.append(
                 f"| /execute throughput ≥ {THROUGHPUT_TARGET}x bare Flask, {level} connections "
                 f"| {_f(ratio, 2)}x | {_ok(ratio >= THROUGHPUT_TARGET)} |"
             )
+        for level, data in http["levels"].items():
+            refused = data["runnerkit"]["non200_total"]
+            lines.append(
+                f"| 0 non-200 answers when maxConcurrency (64) covers the connections, {level} "
+                f"connections | {refused:,} of {data['runnerkit']['requests_total']:,} "
+                f"| {_ok(refused == 0)} |"
+            )
+        signature = ((http.get("steps") or {}).get("prices") or {}).get(SIGNATURE_STEP)
+        for level, data in http["levels"].items():
+            if "runnerkit signed" in data and signature is not None:
+                over = data["runnerkit signed"]["cpu_overhead_us"]
+                allowed = OVERHEAD_BUDGET_US + max(0.0, signature["us"])
+                lines.append(
+                    f"| signed requests: CPU ≤ bare Flask's + {OVERHEAD_BUDGET_US:.0f} µs + the "
+                    f"signature check's measured {_f(signature['us'])} µs, {level} connections "
+                    f"| +{_f(over)} µs | {_ok(over <= allowed)} |"
+                )
         for level, data in http["levels"].items():
             if "inline_ratio" in data:
                 lines.append(
@@ -188,6 +215,57 @@ def _summary(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _overhead(level: dict[str, Any]) -> float:
+    """runnerkit's CPU µs per request above Flask's at one level (median of per-round
+    differences; from the medians for results written before it was recorded)."""
+    if "cpu_overhead_us" in level:
+        return float(level["cpu_overhead_us"])
+    return float(level["runnerkit"]["cpu_us_per_req"] - level["flask"]["cpu_us_per_req"])
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """The first line of the report: the overhead above bare Flask, against the budget."""
+    http = results.get("http") or {}
+    if _error(http) or not http.get("levels"):
+        return []
+    levels = http["levels"]
+    overs = " / ".join(f"+{_f(_overhead(d))}" for d in levels.values())
+    ratios = " / ".join(f"{_f(d['ratio'], 2)}x" for d in levels.values())
+    return [
+        f"**runnerkit `/execute`: {overs} µs of server CPU per request above bare Flask at "
+        f"{' / '.join(levels)} connections** (budget + {OVERHEAD_BUDGET_US:.0f} µs, every "
+        f"promise on); throughput {ratios} of Flask's (target ≥ {THROUGHPUT_TARGET}x).",
+        "",
+    ]
+
+
+def _steps(http: dict[str, Any]) -> list[str]:
+    """The price of each promise, measured under gunicorn by taking it away alone."""
+    steps = http.get("steps") or {}
+    if not steps.get("prices"):
+        return []
+    lines = [
+        f"### What each promise costs (under gunicorn, {steps['connections']} connections)",
+        "",
+        "The same runner with everything on against, in the same rounds (contenders taking "
+        "turns), one runner per step with only that step taken away (`BENCH_ECHO_WITHOUT`, "
+        "`bench/ablations.py`; bench only, not a setting); the signature check is the signed "
+        "runner (`RUNNERKIT_SIGNING_SECRET` set, every request signed beforehand: "
+        "`bench/wrk_signed.lua`) against the unsigned one. Price = median over rounds of the "
+        "per-round CPU difference; a range that spans 0 is within the noise. Steps interact "
+        "(the GIL, the job thread's wake-ups), so the prices need not add up to the overhead.",
+        "",
+        f"Everything on: {_f(steps['runnerkit']['cpu_us_per_req'])} CPU µs per request.",
+        "",
+        "| step | CPU µs per request | range over rounds |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, price in sorted(steps["prices"].items(), key=lambda item: -item[1]["us"]):
+        low, high = price["range"]
+        lines.append(f"| {name} | {_f(price['us'])} | {_f(low)} to {_f(high)} |")
+    return [*lines, ""]
+
+
 def _level_rows(levels: dict[str, Any]) -> list[str]:
     rows = []
     for level, data in levels.items():
@@ -208,7 +286,7 @@ def _http(http: dict[str, Any]) -> list[str]:
         return [*lines, f"Not measured: {_error(http)}", ""]
     lines += [
         f"Trivial `echo` capability vs a bare Flask route doing the same JSON echo, both under "
-        f"deploy/gunicorn.conf.py (gthread, 2 workers, 8 threads) at the same time, load from "
+        f"deploy/gunicorn.conf.py (gthread, 2 workers) at the same time, load from "
         f"`{http['load_tool']}` in its own process, {http['duration_s']:g} s per round, "
         f"contenders alternating (A B C, C B A …). Medians over rounds; the ratio is the median of "
         f"per-round ratios of successful (200) req/s. CPU µs/req is the server processes' "
@@ -221,10 +299,10 @@ def _http(http: dict[str, Any]) -> list[str]:
     lines += _level_rows(http["levels"])
     lines += [
         "",
-        "Non-200 answers of runnerkit are 503 `WORKER_BUSY`: a worker takes at most "
-        "`WORKER_THREADS - RESERVED_THREADS` = 6 jobs at once and keeps 2 of its 8 threads "
-        "for health checks, so at ≥ 16 connections some requests are refused by design "
-        "(they are excluded from 'ok req/s').",
+        "The runner's workers size their request threads to its capabilities (the echo's "
+        "maxConcurrency 64 plus 2 reserved for health checks; `fit_threads` in "
+        "`runnerkit/gunicorn_worker.py`), so every job within maxConcurrency gets a thread; "
+        "any non-200 would be a refusal (excluded from 'ok req/s').",
         "",
     ]
     lines += _extra_contender(
@@ -250,6 +328,17 @@ def _http(http: dict[str, Any]) -> list[str]:
         "admission, `Context`, the response envelope). Its ratio bounds what removing "
         "costs from those steps could ever give.",
     )
+    lines += _extra_contender(
+        http,
+        "runnerkit signed",
+        "signed_ratio",
+        "signed",
+        "**Signed requests** (a fifth contender in the same rounds): `RUNNERKIT_SIGNING_SECRET` "
+        "set and every request signed as JobForge's dispatcher signs it (signature, timestamp, "
+        "event id; signed beforehand, `bench/wrk_signed.lua`): the HMAC check and the record "
+        "of each signed request that reaches a run.",
+    )
+    lines += _steps(http)
     pinned = http.get("pinned") or {}
     if pinned.get("levels"):
         lines += [
@@ -558,6 +647,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# runnerkit benchmarks",
         "",
+        *headline(results),
         f"{'Quick smoke run' if meta['quick'] else 'Full run'} started {meta['started']}, "
         f"{_f(meta.get('seconds'))} s; Python {meta['python']}, {meta['cpus']} CPUs, "
         f"load average {', '.join(f'{v:.1f}' for v in meta['load_average_at_start'])} at "

@@ -15,6 +15,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "runnerkit.gunicorn_worker.ThreadWorker"
 # gunicorn's own lines as JSON, like the runner's (unless RUNNERKIT_LOG_FORMAT=text).
 logger_class = "runnerkit.gunicorn_logging.JsonLogger"
+# Request threads per worker. Unless GUNICORN_THREADS is set, a runner's workers grow this
+# to fit their capabilities (post_worker_init): a job within maxConcurrency gets a thread.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Above the largest capability timeout (the example's is 60 s); checked in post_worker_init.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
@@ -35,12 +37,16 @@ def post_fork(server, worker):  # type: ignore[no-untyped-def]
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Pin the worker to a CPU when asked; warn loudly when a capability may run longer than
+    """Pin the worker to a CPU when asked; size its threads to the capabilities (unless
+    GUNICORN_THREADS says how many); warn loudly when a capability may run longer than
     gunicorn lets a worker be silent."""
     from runnerkit.affinity import pin_worker
+    from runnerkit.gunicorn_worker import fit_threads
 
     pin_worker(worker.age)
     runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")
+    if runner is not None and "GUNICORN_THREADS" not in os.environ:
+        fit_threads(worker, runner)
     if runner is not None and runner.max_timeout_ms / 1000.0 >= worker.cfg.timeout:
         logging.getLogger("runnerkit").error(
             "gunicorn timeout %ss is not above the largest capability timeout %ss; "

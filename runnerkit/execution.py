@@ -160,18 +160,27 @@ class JobThreads:
 
 
 _POOL: JobThreads | None = None
-_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _job_pool() -> JobThreads:
-    """The process's job threads, made anew after fork (threads do not survive it)."""
-    global _POOL, _POOL_PID
-    if _POOL is None or os.getpid() != _POOL_PID:
+    """The process's job threads (made anew after fork: threads do not survive it)."""
+    global _POOL
+    pool = _POOL
+    if pool is None:
         with _POOL_LOCK:
-            if _POOL is None or os.getpid() != _POOL_PID:
-                _POOL, _POOL_PID = JobThreads(), os.getpid()
-    return _POOL
+            if _POOL is None:
+                _POOL = JobThreads()
+            pool = _POOL
+    return pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 class _JobThread:
@@ -243,6 +252,9 @@ class Executor:
         self.runner = runner
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        #: Request threads of this worker, when the worker sized them after the app loaded
+        #: (:func:`runnerkit.gunicorn_worker.fit_threads`); else ``settings.worker_threads``.
+        self.worker_threads: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -765,11 +777,10 @@ class Executor:
     def _admit(self, job_id: str) -> None:
         """Take a job thread in this worker, keeping the reserved request threads free."""
         settings = self.runner.settings
-        limit = (
-            settings.worker_threads - settings.reserved_threads if settings.worker_threads else 0
-        )
+        threads = self.worker_threads or settings.worker_threads
+        limit = threads - settings.reserved_threads if threads else 0
         with self._in_flight_lock:
-            if settings.worker_threads and self._in_flight >= max(1, limit):
+            if threads and self._in_flight >= max(1, limit):
                 raise _Rejection(
                     Unavailable(
                         "This worker is busy; its remaining threads are reserved for health checks",
@@ -867,7 +878,7 @@ class Executor:
             if answer.exception is not None:
                 level = logging.ERROR
                 fields["exception"] = answer.exception
-        emit(job_log, level, _JOB_MESSAGES.get(outcome, "job failed"), fields)
+        emit(job_log, level, _JOB_MESSAGES.get(outcome, "job failed"), fields, trusted=True)
 
 
 _JOB_MESSAGES = {

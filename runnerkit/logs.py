@@ -50,14 +50,67 @@ def _timestamp(created: float) -> str:
     return f"{cached[1]}.{millis:03d}Z"
 
 
-def emit(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
+def emit(
+    logger: logging.Logger,
+    level: int,
+    message: str,
+    fields: dict[str, Any],
+    *,
+    trusted: bool = False,
+) -> None:
     """Log one of runnerkit's own lines with ``fields``, skipping ``logging``'s caller lookup.
 
     ``Logger.info`` walks the stack to find the calling file and line, which costs more than
     the rest of a per-job line; runnerkit's lines are found by their component, not by line.
+
+    ``trusted``: ``fields`` are runnerkit's own (fixed, non-secret keys, like the per-job
+    line's), so only the fields of :func:`log_context` are redacted. When the line's only
+    destination is runnerkit's own JSON handler, it is then formatted and written directly
+    (:meth:`JsonFormatter.line`: no ``LogRecord``, the static part of the line made once),
+    the same text ``logging`` would write.
     """
-    if logger.isEnabledFor(level):
-        logger.handle(logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields))
+    if not logger.isEnabledFor(level):
+        return
+    if trusted:
+        handler = _only_json_handler(logger, level)
+        if handler is not None:
+            try:
+                line = handler.formatter.line(level, message, logger.name, fields)
+                with handler.lock:
+                    handler.stream.write(line + handler.terminator)
+                    handler.stream.flush()
+                return
+            except RecursionError:
+                raise
+            except Exception:  # noqa: BLE001 - logging's own path reports the failure
+                pass
+    logger.handle(logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields))
+
+
+def _only_json_handler(logger: logging.Logger, level: int) -> Any:
+    """runnerkit's JSON stream handler when it is the only place a line of ``logger`` at
+    ``level`` goes (no filter on the way, no other handler), else None."""
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if found is not None or not getattr(handler, _HANDLER_MARK, False):
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if (
+        found is None
+        or found.filters
+        or level < found.level
+        or type(found) is not logging.StreamHandler
+        or not isinstance(found.formatter, JsonFormatter)
+    ):
+        return None
+    return found
 
 
 def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -75,6 +128,35 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.service = service
         self.version = version
+        #: The fixed middle of a line (level to component), by what it is made of.
+        self._heads: dict[tuple[int, str, str, str, str], str] = {}
+
+    def line(self, level: int, message: str, name: str, fields: dict[str, Any]) -> str:
+        """The line :meth:`format` makes for a record of ``name`` at ``level`` with
+        ``message`` and the extra ``fields`` (not redacted: runnerkit's own), made without a
+        record: the part from level to component is made once per kind of line."""
+        key = (level, message, name, self.service, self.version)
+        head = self._heads.get(key)
+        if head is None:
+            levelname = logging.getLevelName(level)
+            fixed = {
+                "level": _LEVELS.get(levelname, levelname.lower()),
+                "message": message,
+                "service": self.service,
+                "version": self.version,
+                "component": name,
+            }
+            head = self._heads[key] = ", " + _ENCODER.encode(fixed)[1:-1]
+        context = _CONTEXT.get()
+        if context:
+            added = {k: v for k, v in context.items() if k not in _STANDARD and k not in fields}
+            extras = {**redact(added), **fields}
+        else:
+            extras = fields
+        start = '{"timestamp": "' + _timestamp(time.time()) + '"' + head
+        if not extras:
+            return start + "}"
+        return start + ", " + _ENCODER.encode(extras)[1:]
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

@@ -34,6 +34,7 @@ The directory is this user's alone (0700, :func:`secure_directory`), its files 0
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -171,19 +172,72 @@ def private_file(path: str) -> None:
                 os.chmod(path + suffix, 0o600)
 
 
+#: This process's id, kept current across fork: ``os.getpid()`` is a system call, and the
+#: job path asks several times per job whether a descriptor or connection is this process's.
+_PID = os.getpid()
+
+
+def _note_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_note_pid)
+
+
 _FLOCK_STRUCT = "hhqqi"
 _FLOCK_PAD = b"\0" * 8
+
+
+class _Flock(ctypes.Structure):
+    """``struct flock`` (Linux)."""
+
+    _fields_ = [
+        ("l_type", ctypes.c_short),
+        ("l_whence", ctypes.c_short),
+        ("l_start", ctypes.c_int64),
+        ("l_len", ctypes.c_int64),
+        ("l_pid", ctypes.c_int),
+    ]
+
+
+def _gil_holding_fcntl() -> Any:
+    """libc's ``fcntl`` called *without* releasing the GIL (``ctypes.PyDLL``), or None.
+
+    A lock call that never waits is one short system call, and releasing the GIL around it
+    costs more than the call: under load another thread takes the GIL meanwhile, and this
+    one must wait for it again (two context switches). The job path makes several such
+    calls per job (job lock, slot, writers' turn), so they keep the GIL.
+    """
+    try:
+        call = ctypes.PyDLL(None, use_errno=True).fcntl
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FCNTL = _gil_holding_fcntl()
 
 
 def _ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False, wait: bool = False) -> int:
     """One OFD byte-range lock call on byte ``offset``; returns the resulting ``l_type``.
 
-    ``wait`` blocks until the lock is granted (the GIL is released meanwhile).
+    ``wait`` blocks until the lock is granted (the GIL is released meanwhile); a call that
+    does not wait keeps the GIL (:func:`_gil_holding_fcntl`). A refused lock raises
+    ``OSError`` (``EAGAIN``/``EACCES``) either way.
     """
-    packed = struct.pack(_FLOCK_STRUCT, kind, os.SEEK_SET, offset, 1, 0) + _FLOCK_PAD
     command = fcntl.F_OFD_GETLK if query else fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
-    result = fcntl.fcntl(fd, command, packed)
-    return int(struct.unpack(_FLOCK_STRUCT, result[: struct.calcsize(_FLOCK_STRUCT)])[0])
+    if wait or _FCNTL is None:
+        packed = struct.pack(_FLOCK_STRUCT, kind, os.SEEK_SET, offset, 1, 0) + _FLOCK_PAD
+        result = fcntl.fcntl(fd, command, packed)
+        return int(struct.unpack(_FLOCK_STRUCT, result[: struct.calcsize(_FLOCK_STRUCT)])[0])
+    lock = _Flock(kind, os.SEEK_SET, offset, 1, 0)
+    if _FCNTL(fd, command, ctypes.byref(lock)) == -1:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(lock.l_type)
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
@@ -559,11 +613,11 @@ class WriterTurns:
 
     def _current(self) -> tuple[threading.RLock, int]:
         with self._guard:
-            if self._pid != os.getpid():
+            if self._pid != _PID:
                 self._turn, self._depth = threading.RLock(), 0
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                self._pid = os.getpid()
+                self._pid = _PID
             return self._turn, self._fd
 
     @contextlib.contextmanager
@@ -573,7 +627,13 @@ class WriterTurns:
         with turn:
             outer = self._depth == 0
             if outer:
-                _ofd_lock(fd, fcntl.F_WRLCK, 0, wait=True)
+                try:
+                    # Mostly free: taken without giving up the GIL; else wait for it.
+                    _ofd_lock(fd, fcntl.F_WRLCK, 0)
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    _ofd_lock(fd, fcntl.F_WRLCK, 0, wait=True)
             self._depth += 1
             try:
                 yield
@@ -634,10 +694,10 @@ class SlotTable:
         self._pid, self._hold, self._query, self._held = 0, {}, {}, {}
 
     def _fds(self, capability_id: str) -> tuple[int, int]:
-        if self._pid != os.getpid():
+        if self._pid != _PID:
             # After fork the descriptors (and the locks on them) belong to the parent.
             self._hold, self._query, self._held = {}, {}, {}
-            self._pid = os.getpid()
+            self._pid = _PID
         if capability_id not in self._hold:
             path = os.path.join(self.directory, f"{capability_id}.lock")
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -669,7 +729,7 @@ class SlotTable:
 
     def release(self, slot: Slot) -> None:
         with self._lock:
-            if self._pid != os.getpid():
+            if self._pid != _PID:
                 return
             hold, _ = self._fds(slot.capability_id)
             self._held[slot.capability_id].discard(slot.index)
@@ -715,10 +775,10 @@ class JobLocks:
         return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=7).digest(), "big")
 
     def _descriptor(self) -> int:
-        if self._pid != os.getpid():
+        if self._pid != _PID:
             # After fork the descriptor (and the locks on it) belong to the parent.
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._pid, self._mine = os.getpid(), {}
+            self._pid, self._mine = _PID, {}
         return self._fd
 
     def acquire(self, job_id: str) -> bool:
@@ -741,7 +801,7 @@ class JobLocks:
     def release(self, job_id: str) -> None:
         offset = self.offset(job_id)
         with self._lock:
-            if self._pid != os.getpid() or self._mine.get(offset) != job_id:
+            if self._pid != _PID or self._mine.get(offset) != job_id:
                 return
             del self._mine[offset]
             _ofd_lock(self._fd, fcntl.F_UNLCK, offset)
@@ -964,7 +1024,7 @@ class SQLiteFile:
         prepare_wal(conn, self._writers, self._setup)
 
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
+        if self._conn is None or self._pid != _PID:
             if self._conn is not None:
                 _INHERITED.append(self._conn)  # a parent's (see renew_after_fork)
                 self._conn = None
@@ -983,7 +1043,7 @@ class SQLiteFile:
             except BaseException:
                 conn.close()
                 raise
-            self._conn, self._pid = conn, os.getpid()
+            self._conn, self._pid = conn, _PID
         return self._conn
 
     @contextlib.contextmanager

@@ -7,6 +7,8 @@ forge benchmark sets 6, one worker's job allowance: 8 threads less 2 reserved);
 ``BENCH_ECHO_STRIPPED=1`` takes away every step ``bench.ablations`` can remove (ledger, job
 thread, job log, metrics, slots, marshmallow): not a runnerkit setting, a measuring stick for
 how close to bare Flask runnerkit's remaining pipeline could ever get.
+``BENCH_ECHO_WITHOUT=ledger`` (or ``job-thread``, ``slot``, ``validation``, ``log-line``,
+``metrics``; comma-separated for several) takes away only that step, for pricing it.
 
 Serve with ``gunicorn -c deploy/gunicorn.conf.py bench.apps.runner_app:app``.
 """
@@ -52,3 +54,10 @@ if os.environ.get("BENCH_ECHO_STRIPPED") == "1":
     # Entered for the life of the process: the stand-ins replace the steps in every worker.
     _STRIPPED = contextlib.ExitStack()
     _STRIPPED.enter_context(everything_off(runner))
+elif os.environ.get("BENCH_ECHO_WITHOUT"):
+    from bench.ablations import steps
+
+    # One step (or a few, comma-separated) taken away for the life of the process.
+    _WITHOUT = contextlib.ExitStack()
+    for _step in os.environ["BENCH_ECHO_WITHOUT"].split(","):
+        _WITHOUT.enter_context(steps(runner)[_step.strip()]())

@@ -409,6 +409,31 @@ def test_health_answers_promptly_while_every_worker_is_busy(
             job.thread.join(timeout=5)
 
 
+def test_a_worker_has_a_thread_for_every_job_its_capabilities_advertise(
+    start_gunicorn: Any,
+) -> None:
+    # nap advertises maxConcurrency 10; one worker; GUNICORN_THREADS unset, so the worker sizes
+    # its threads to the capabilities (10 + stubborn's 2 + 2 reserved) instead of gunicorn's 8,
+    # which left 6 for jobs and refused the rest as 503 WORKER_BUSY.
+    proc: GunicornProcess = start_gunicorn(
+        app_spec="tests.faults.apps.fault_runner:app",
+        workers=1,
+        env={"FAULT_NAP_SLOTS": "10", "GUNICORN_THREADS": None},
+    )
+    naps = [
+        send_in_background(proc, job_request("nap", {"ms": 3000}), timeout=60) for _ in range(10)
+    ]
+    try:
+        # The reserved threads are still free for health checks while the naps run.
+        health = requests.get(proc.url + "/health/live", timeout=(5.0, 30.0))
+        assert health.status_code == 200, explain(health, proc)
+    finally:
+        for job in naps:
+            job.thread.join(timeout=60)
+    answers = [(job.status, job.answer, job.error) for job in naps]
+    assert all(status == 200 for status, _, _ in answers), f"{answers}\n{proc.log_tail()}"
+
+
 def test_gunicorn_pin_workers_puts_each_worker_on_its_own_cpu(start_gunicorn: Any) -> None:
     allowed = set(psutil.Process().cpu_affinity() or [])
     proc: GunicornProcess = start_gunicorn(env={"GUNICORN_PIN_WORKERS": "1"}, all_workers=True)

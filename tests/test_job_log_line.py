@@ -1,0 +1,94 @@
+"""The per-job log line's direct path writes exactly what ``logging`` would, and steps aside
+for anything that must see the record (a filter, another handler)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from runnerkit.logs import _HANDLER_MARK, JsonFormatter, emit, log_context
+
+FIELDS = {
+    "jobId": "6f1c0f7e-7a4e-4b8e-9a3b-1e0b7b0c9d11",
+    "capabilityId": "echo",
+    "correlationId": "6f1c0f7e-7a4e-4b8e-9a3b-1e0b7b0c9d12",
+    "outcome": "VALIDATION_ERROR",
+    "status": 400,
+    "durationMs": 1.25,
+    "error": {"code": "PAYLOAD_INVALID", "category": "VALIDATION_ERROR"},
+    "exception": "Traceback …\nValueError: ü",
+}
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """runnerkit's own JSON handler (as configure_logging makes it) writing into a buffer."""
+    logger = logging.getLogger("runnerkit")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JsonFormatter("svc", "1.2.3"))
+    setattr(handler, _HANDLER_MARK, True)
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield buffer
+    finally:
+        logger.handlers, logger.propagate, logger.level = saved
+
+
+def _without_timestamp(line: str) -> str:
+    entry = json.loads(line)
+    assert entry.pop("timestamp").endswith("Z")
+    return json.dumps(entry)
+
+
+def test_the_direct_line_is_the_line_logging_writes(stream: io.StringIO) -> None:
+    job = logging.getLogger("runnerkit.job")
+    with log_context(jobId="from-context", api_token="secret-value", step="load"):
+        emit(job, logging.ERROR, "job failed", dict(FIELDS), trusted=True)
+        emit(job, logging.ERROR, "job failed", dict(FIELDS))
+    emit(job, logging.INFO, "job completed", {}, trusted=True)
+    emit(job, logging.INFO, "job completed", {})
+
+    direct, logged, bare_direct, bare_logged = stream.getvalue().splitlines()
+    # Same keys, same order, same values: only the timestamps may differ.
+    assert _without_timestamp(direct) == _without_timestamp(logged)
+    assert _without_timestamp(bare_direct) == _without_timestamp(bare_logged)
+    assert direct.split('"level"', 1)[1] == logged.split('"level"', 1)[1]
+    entry = json.loads(direct)
+    assert entry["api_token"] == "[REDACTED]"  # a log_context field is still redacted
+    assert entry["jobId"] == FIELDS["jobId"]  # the line's own field wins over the context's
+    assert entry["component"] == "runnerkit.job" and entry["level"] == "error"
+
+
+def test_a_filter_or_another_handler_still_sees_the_record(stream: io.StringIO) -> None:
+    job = logging.getLogger("runnerkit.job")
+    seen: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return False  # and drops it
+
+    job.addFilter(keep)
+    try:
+        emit(job, logging.INFO, "job completed", dict(FIELDS), trusted=True)
+    finally:
+        job.removeFilter(keep)
+    assert len(seen) == 1 and stream.getvalue() == ""
+
+    other = io.StringIO()
+    extra = logging.StreamHandler(other)
+    extra.setFormatter(JsonFormatter("svc", "1.2.3"))
+    job.addHandler(extra)
+    try:
+        emit(job, logging.INFO, "job completed", dict(FIELDS), trusted=True)
+    finally:
+        job.removeHandler(extra)
+    assert len(other.getvalue().splitlines()) == 1
+    assert len(stream.getvalue().splitlines()) == 1

@@ -122,12 +122,22 @@ def private_file(path: str) -> None:
 
     SQLite creates a database with the umask's mode (0644 as a rule) and gives its -wal and
     -shm files the main file's mode, so a ledger made here first stays private.
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX
+    lock the process holds on it, SQLite's included. A second SQLite connection of the process
+    to the same file (the outbox beside the ledger) would silently cost the first one its
+    SHARED lock, and the next process to close its last connection would then think itself
+    the last one, checkpoint and delete the -wal and -shm files under it: from then on that
+    process wrote to and read from a WAL file no one else sees (a reload's new leader never
+    saw the other workers' outbox rows). Only a file this call creates, on which no process
+    can hold a lock yet, is opened and closed.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
+    else:
         os.close(fd)
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):

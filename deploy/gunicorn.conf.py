@@ -6,7 +6,6 @@ free of jobs so /health answers while every worker is busy. GUNICORN_PIN_WORKERS
 worker to one CPU (see runnerkit/affinity.py for when that pays).
 """
 
-import logging
 import os
 
 bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
@@ -16,7 +15,7 @@ worker_class = "runnerkit.gunicorn_worker.ThreadWorker"
 # gunicorn's own lines as JSON, like the runner's (unless RUNNERKIT_LOG_FORMAT=text).
 logger_class = "runnerkit.gunicorn_logging.JsonLogger"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
-# Above the largest capability timeout (the example's is 60 s); checked in post_worker_init.
+# Above the largest capability timeout (the example's is 60 s); the runner checks at startup.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
@@ -35,19 +34,11 @@ def post_fork(server, worker):  # type: ignore[no-untyped-def]
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Pin the worker to a CPU when asked; warn loudly when a capability may run longer than
-    gunicorn lets a worker be silent."""
+    """Pin the worker to a CPU when asked (the runner itself says at startup when these
+    settings cannot hold a capability's timeout: runnerkit.gunicorn_settings)."""
     from runnerkit.affinity import pin_worker
 
     pin_worker(worker.age)
-    runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")
-    if runner is not None and runner.max_timeout_ms / 1000.0 >= worker.cfg.timeout:
-        logging.getLogger("runnerkit").error(
-            "gunicorn timeout %ss is not above the largest capability timeout %ss; "
-            "set GUNICORN_TIMEOUT higher",
-            worker.cfg.timeout,
-            runner.max_timeout_ms / 1000.0,
-        )
 
 
 def on_exit(server):  # type: ignore[no-untyped-def]

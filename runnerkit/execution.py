@@ -137,10 +137,11 @@ class JobThreads:
     drain. Each submitted call either reuses an idle thread or starts a new one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "runnerkit-job") -> None:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
+        self._name = name
 
     def submit(self, call: Callable[[], None]) -> None:
         with self._lock:
@@ -148,7 +149,7 @@ class JobThreads:
             if reuse:
                 self._idle -= 1
         if not reuse:
-            threading.Thread(target=self._work, name="runnerkit-job", daemon=True).start()
+            threading.Thread(target=self._work, name=self._name, daemon=True).start()
         self._calls.put(call)
 
     def _work(self) -> None:

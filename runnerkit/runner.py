@@ -82,6 +82,8 @@ class Runner:
         self.draining = False
         #: Signing is off and nobody has been told yet (see :meth:`warn_unsigned`).
         self.unsigned_warning_due = False
+        #: When (time.monotonic()) a drain must be done: the graceful timeout less a margin.
+        self.drain_deadline = 0.0
         from runnerkit.execution import Executor
 
         self.executor = Executor(self)

@@ -447,7 +447,7 @@ class LeaderLease:
             if not self.check():
                 return False
             assert self._generation is not None
-            self._write(self._generation)
+            self._write(self._generation)  # clears a noted failure (see _write)
             return True
 
     def _step_down(self, generation: int) -> None:

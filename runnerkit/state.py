@@ -1122,8 +1122,11 @@ class Ledger(SQLiteFile):
                 " (SELECT queue_seq FROM jobs WHERE job_id = ?)",
                 (capability, job_id),
             ).fetchall()
-        me = self._me[0]
-        return sum(1 for pid, started in rows if pid == me or process_alive(pid, started))
+        alive = {(self._me[0], self._me[1]): True}  # a few workers own them all
+        for owner in rows:
+            if owner not in alive:
+                alive[owner] = process_alive(*owner)
+        return sum(1 for owner in rows if alive[owner])
 
     def queued(self) -> int:
         """Asynchronous jobs accepted but still waiting for a slot."""

@@ -8,6 +8,7 @@ place that tests can drive without a server.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -503,10 +504,14 @@ class Executor:
                     return run_isolated(capability, payload, ctx)
                 return capability.dump_output(capability.run(payload, ctx))
 
-        thread = _JobThread(call, release)
         if capability.isolation == "inline":
+            thread = _JobThread(call, release)
             thread.run_here()
         else:
+            # The code runs in this thread's context, the app's context included: Flask's
+            # ``current_app`` and the extensions built on it work on the job thread (and in
+            # a process-isolated child, forked from it) as they do in the request.
+            thread = _JobThread(functools.partial(contextvars.copy_context().run, call), release)
             try:
                 thread.start()
             except BaseException:
@@ -611,6 +616,11 @@ class Executor:
         return Answer(202, body, {"Preference-Applied": "respond-async"})
 
     def _run_async(self, job: _Job) -> None:
+        # The request that accepted the job has ended: the job gets an app context of its own.
+        with self.runner.app_context():
+            self._run_async_job(job)
+
+    def _run_async_job(self, job: _Job) -> None:
         state = self.runner.state
         try:
             answer = self._run_queued(job)

@@ -507,11 +507,18 @@ class ThreadWorker(gthread.ThreadWorker):
         return tuple(float(values[name]) for name in _TIMEOUTS)  # type: ignore[return-value]
 
     def _app_body_cap(self) -> int:
-        """The app's body limit (Flask's MAX_CONTENT_LENGTH: the runner's MAX_BODY_BYTES, the
-        forge's own), beyond which a body is not buffered but refused by the app (413)."""
-        config = getattr(getattr(self, "wsgi", None), "config", None) or {}
+        """The app's body limit (Flask's MAX_CONTENT_LENGTH, the forge's own; else the
+        runner's MAX_BODY_BYTES), beyond which a body is not buffered but refused by the app
+        (413)."""
+        app = getattr(self, "wsgi", None)
+        config = getattr(app, "config", None) or {}
         limit = config.get("MAX_CONTENT_LENGTH")
-        return int(limit) if isinstance(limit, int) and limit > 0 else DEFAULT_BODY_CAP
+        if isinstance(limit, int) and limit > 0:
+            return int(limit)
+        runner = (getattr(app, "extensions", None) or {}).get("runnerkit")
+        if runner is not None:
+            return int(runner.settings.max_body_bytes)
+        return DEFAULT_BODY_CAP
 
     def _service(self) -> str:
         """The ``service`` of the envelope: the runner's name or the forge's service name."""

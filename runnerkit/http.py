@@ -8,12 +8,13 @@ the contract's ErrorEnvelope, never as an HTML page.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask import Blueprint, Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from runnerkit.errors import PayloadTooLarge, ValidationFailed, make_envelope
 from runnerkit.metrics import exposition, labelled, metrics
@@ -46,12 +47,14 @@ def _runner() -> Any:
     return current_app.extensions["runnerkit"]
 
 
+#: runnerkit's own JSON text, whatever the host app's ``app.json`` provider does.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    if headers:
-        response.headers.update(headers)
-    return response
+    return Response(
+        _ENCODER.encode(body), status=status, headers=headers, mimetype="application/json"
+    )
 
 
 #: Default seconds without progress after which a client's request is given up
@@ -59,16 +62,25 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 CLIENT_IDLE_TIMEOUT_S = 10.0
 
 
-def read_body(idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S) -> bytes:
-    """The request body, or RequestEntityTooLarge when it exceeds MAX_CONTENT_LENGTH.
+def read_body(
+    idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S, body_limit: int | None = None
+) -> bytes:
+    """The request body, or RequestEntityTooLarge when it exceeds the app's
+    MAX_CONTENT_LENGTH or ``body_limit``, whichever is smaller.
 
-    With a Content-Length werkzeug refuses an oversized body up front. A chunked body has
+    With a Content-Length an oversized body is refused up front. A chunked body has
     none, and werkzeug's limited stream then stops quietly at the limit: so read it from the
     server's own (already terminated) stream, one byte past the limit, and refuse it if that
     byte exists.
     """
     limit = request.max_content_length
+    if body_limit is not None and (limit is None or limit > body_limit):
+        # runnerkit's limit, for its own routes: the app's MAX_CONTENT_LENGTH (the host's,
+        # for all its routes) only where it is stricter.
+        limit = body_limit
     length = request.content_length
+    if length is not None and limit is not None and length > limit:
+        raise RequestEntityTooLarge()
     # A client that stops sending mid-body must not hold this thread for ever: under
     # gunicorn, reads from its socket give up after ``idle_timeout_s`` of silence. The
     # runnerkit worker class sets that timeout for the whole connection already.
@@ -113,9 +125,12 @@ def execute() -> Response:
     if runner.unsigned_warning_due:  # served by something other than gunicorn
         runner.warn_unsigned()
     try:
-        raw = read_body(runner.settings.client_idle_timeout_s)
+        raw = read_body(runner.settings.client_idle_timeout_s, runner.settings.max_body_bytes)
     except RequestEntityTooLarge:
-        limit = request.max_content_length or runner.settings.max_body_bytes
+        app_limit = request.max_content_length
+        limit = runner.settings.max_body_bytes
+        if app_limit is not None and app_limit < limit:
+            limit = app_limit
         error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
         answer = runner.executor.reject(error, request.headers)
         answer.headers["Connection"] = "close"
@@ -189,9 +204,37 @@ def register_request_metrics(app: Flask) -> None:
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Make every HTTP error and unhandled exception of ``app`` a JSON ErrorEnvelope."""
+    """Make every HTTP error and unhandled exception of ``app`` a JSON ErrorEnvelope (an
+    app runnerkit made; in a host's app only runnerkit's routes answer so)."""
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unhandled)
+
+
+def register_routing_errors(app: Flask) -> None:
+    """In a host's app: a 404 under runnerkit's ``url_prefix`` and a 405 on one of its
+    routes as ErrorEnvelopes, every other routing error left to the host.
+
+    Flask raises routing errors before any blueprint is chosen, so the blueprint's own
+    handlers never see them; a ``before_request`` of the app does, ahead of the view.
+    """
+
+    @app.before_request
+    def _runnerkit_routing_error() -> Response | None:
+        error = request.routing_exception
+        if error is None or not isinstance(error, (NotFound, MethodNotAllowed)):
+            return None
+        runner = _runner()
+        path = request.path
+        if isinstance(error, MethodNotAllowed):
+            ours = any(
+                rule.rule == path
+                for rule in current_app.url_map.iter_rules()
+                if rule.endpoint.startswith(f"{blueprint.name}.")
+            )
+        else:
+            prefix = runner.url_prefix
+            ours = bool(prefix) and (path == prefix or path.startswith(f"{prefix}/"))
+        return _http_error(error) if ours else None
 
 
 def _service() -> str:
@@ -234,3 +277,8 @@ def _unhandled(exc: Exception) -> Response:
         operation=f"{request.method} {request.path}",
     )
     return _json(500, {"success": False, "error": envelope})
+
+
+# runnerkit's own routes answer every error as an envelope, in any app.
+blueprint.register_error_handler(HTTPException, _http_error)
+blueprint.register_error_handler(Exception, _unhandled)

@@ -10,6 +10,7 @@ from typing import Any
 import requests
 
 from runnerkit._version import __version__
+from runnerkit.state import renew_after_fork
 
 
 class JobForgeClient:
@@ -41,6 +42,12 @@ class JobForgeClient:
         self._lock = threading.Lock()
         #: The current runnerToken ('' when JobForge gave none), read at each call.
         self.runner_token: Callable[[], str] = lambda: ""
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """A forked child makes its own session (the parent's connections stay the parent's)."""
+        self._lock = threading.Lock()
+        self._session, self._pid = None, 0
 
     @property
     def session(self) -> requests.Session:

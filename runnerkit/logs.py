@@ -116,8 +116,16 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(service: str, version: str, fmt: str = "json", level: str = "INFO") -> None:
-    """Give the ``runnerkit`` logger one stderr handler (once per process)."""
+def configure_logging(
+    service: str, version: str, fmt: str = "json", level: str = "INFO", isolate: bool = False
+) -> None:
+    """Give the ``runnerkit`` logger one stderr handler (once per process).
+
+    With ``isolate`` (a gunicorn worker) its records stop there, so a root logger someone
+    configured does not print each line a second time: one JSON line per job. Otherwise
+    (tests, scripts, another server) they also propagate as any library's do, so pytest's
+    ``caplog`` and the host's own handlers see them (a job's ``ctx.logger`` lines included).
+    """
     for name in ("gunicorn.error", "gunicorn.access"):
         # gunicorn's lines in JSON (runnerkit.gunicorn_logging) name this runner from now on.
         for handler in logging.getLogger(name).handlers:
@@ -125,6 +133,8 @@ def configure_logging(service: str, version: str, fmt: str = "json", level: str 
                 handler.formatter.service, handler.formatter.version = service, version
     logger = logging.getLogger("runnerkit")
     logger.setLevel(level.upper())
+    if isolate:
+        logger.propagate = False
     for handler in logger.handlers:
         if getattr(handler, _HANDLER_MARK, False):
             return
@@ -132,4 +142,3 @@ def configure_logging(service: str, version: str, fmt: str = "json", level: str 
     handler.setFormatter(JsonFormatter(service, version) if fmt == "json" else TextFormatter())
     setattr(handler, _HANDLER_MARK, True)
     logger.addHandler(handler)
-    logger.propagate = False

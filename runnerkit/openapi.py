@@ -152,6 +152,9 @@ def openapi_document(runner: Runner) -> dict[str, Any]:
         },
     )
     document: dict[str, Any] = spec.to_dict()
+    if runner.url_prefix:
+        # Mounted under a prefix (init_app(app, url_prefix=...)): the paths are relative to it.
+        document["servers"] = [{"url": runner.url_prefix}]
     return _rewrite_defs(document)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ from runnerkit.lifecycle import (
 from runnerkit.logs import configure_logging
 from runnerkit.metrics import prepare_snapshot_dir
 from runnerkit.outbox import Outbox
+from runnerkit.preload import in_gunicorn_master, start_in_workers
 from runnerkit.state import STORAGE, InstanceState, secure_directory
 
 EXTENSION_KEY = "runnerkit"
@@ -43,9 +46,12 @@ def _current_instance() -> str:
 class Runner:
     """A runner: a name, a version and the capabilities it offers.
 
-    Follows Flask's extension contract: ``Runner(...).init_app(app)`` adds the blueprint and
-    error handlers to an existing app, ``create_app()`` makes a new one. Settings come from
-    ``app.config``/the environment with the ``RUNNERKIT_`` prefix (see :mod:`runnerkit.config`).
+    Follows Flask's extension contract: ``Runner(...).init_app(app)`` adds the blueprint
+    (with its JSON error handlers) to an existing app, ``create_app()`` makes a new one.
+    Settings come from ``app.config``/the environment with the ``RUNNERKIT_`` prefix (see
+    :mod:`runnerkit.config`) and, with the instance state, belong to the app served: a
+    Runner serves one app, and each further app is served by a copy of it
+    (``app.extensions["runnerkit"]``).
     """
 
     def __init__(
@@ -69,6 +75,19 @@ class Runner:
         for item in capabilities:
             self.add(item)
         self.health_checks = HealthChecks()
+        #: Readiness conditions added with :meth:`add_readiness_check` (every app's).
+        self._readiness_checks: list[Callable[[], dict[str, Any]]] = []
+        self._start_serving_state()
+        if app is not None:
+            self.init_app(app)
+
+    def _start_serving_state(self) -> None:
+        """What belongs to the one app this Runner serves: its settings, its instance state,
+        its schedule, its executor. A second app gets a copy of the Runner with its own."""
+        #: The Flask app this Runner serves (None until ``init_app``).
+        self.app: Flask | None = None
+        #: Where the blueprint is mounted in :attr:`app` (``""``: at the root).
+        self.url_prefix = ""
         self.settings: Settings = Settings.load()
         self.started_at = time.time()
         self._runner_id_override: str | None = None
@@ -87,8 +106,6 @@ class Runner:
         from runnerkit.execution import Executor
 
         self.executor = Executor(self)
-        if app is not None:
-            self.init_app(app)
 
     # -- the registry -------------------------------------------------------------------
 
@@ -120,7 +137,7 @@ class Runner:
 
     def add_readiness_check(self, check: Callable[[], dict[str, Any]]) -> None:
         """A readiness condition (``/health/ready``): returns one HealthCheck item."""
-        self._readiness.append(check)
+        self._readiness_checks.append(check)
 
     # -- documents ----------------------------------------------------------------------
 
@@ -178,7 +195,7 @@ class Runner:
     @property
     def health_check_url(self) -> str:
         s = self.settings
-        return s.health_check_url or f"http://{s.host}:{s.port}/health"
+        return s.health_check_url or f"http://{s.host}:{s.port}{self.url_prefix}/health"
 
     def registration_document(self) -> dict[str, Any]:
         """The RunnerRegistrationRequest this runner sends to JobForge."""
@@ -205,6 +222,7 @@ class Runner:
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """``GET /health/ready``: can this instance take work now?"""
         checks = [check() for check in self._readiness]
+        checks += [check() for check in self._readiness_checks]
         status = "unhealthy" if any(c["status"] == "unhealthy" for c in checks) else "healthy"
         return (503 if status == "unhealthy" else 200), self._health_document(status, checks)
 
@@ -246,29 +264,85 @@ class Runner:
 
     # -- Flask --------------------------------------------------------------------------
 
-    def init_app(self, app: Flask) -> None:
-        """Serve this runner from ``app``: routes, JSON errors, body limit, logging."""
-        from runnerkit.http import blueprint, register_error_handlers, register_request_metrics
+    def init_app(self, app: Flask, *, url_prefix: str | None = None) -> Runner:
+        """Serve this runner from ``app`` (Flask's extension pattern); returns the Runner
+        that serves it, also found as ``app.extensions["runnerkit"]``.
 
+        The settings are read from ``app.config`` (and the environment) and, with the
+        instance state, belong to that app: the first app is served by this Runner itself,
+        each further one by a copy with settings and state of its own, so two apps (two
+        tests) never share a state directory or a secret. The app stays the host's: the
+        blueprint's JSON error handlers, body limit (``RUNNERKIT_MAX_BODY_BYTES``) and
+        JSON encoding apply to runnerkit's routes only, ``MAX_CONTENT_LENGTH``, ``app.json``
+        and the host's own error pages are left alone. ``url_prefix`` mounts the routes
+        under a path (``/runner/execute``, ``/runner/health`` …); the health check URL
+        sent to JobForge then carries it, and JobForge dispatches to ``<prefix>/execute``.
+        """
+        runner = self._for_new_app()
+        runner._serve(app, url_prefix or "", whole_app=False)
+        return runner
+
+    def _for_new_app(self) -> Runner:
+        """This Runner if it serves no app yet, else a copy that shares the definition (the
+        capabilities, health and readiness checks) but nothing of the app it serves."""
+        if self.app is None:
+            return self
+        runner = copy.copy(self)
+        runner._start_serving_state()
+        return runner
+
+    def _serve(self, app: Flask, url_prefix: str, whole_app: bool) -> None:
+        from runnerkit.http import (
+            blueprint,
+            register_error_handlers,
+            register_request_metrics,
+            register_routing_errors,
+        )
+
+        if url_prefix and (not url_prefix.startswith("/") or url_prefix.endswith("/")):
+            raise ConfigError(
+                f"url_prefix {url_prefix!r}: must start with '/' and not end with one "
+                "(like '/runner')"
+            )
+        self.app = app
+        self.url_prefix = url_prefix
         self.settings = Settings.load(app.config)
         configure_logging(
-            self.name, self.version, self.settings.log_format, self.settings.log_level
+            self.name,
+            self.version,
+            self.settings.log_format,
+            self.settings.log_level,
+            isolate=under_gunicorn(),
         )
         self._check_signing()
+        app.extensions[EXTENSION_KEY] = self
+        if whole_app:
+            # An app runnerkit made is the runner's alone: every error of it, an unknown
+            # route's 404 and an author's own route included, leaves as an ErrorEnvelope.
+            register_error_handlers(app)
+        else:
+            # In a host's app only runnerkit's routes answer with envelopes (the blueprint's
+            # own handlers), and an unknown path under its url_prefix or a wrong method on
+            # one of its routes: errors Flask raises before any blueprint is chosen.
+            register_routing_errors(app)
+        register_request_metrics(app)
+        app.register_blueprint(blueprint, url_prefix=url_prefix or None)
+        if in_gunicorn_master():
+            # --preload: this process only forks the workers; each starts its own.
+            start_in_workers(lambda: self._start_process(app, preloaded=True))
+        else:
+            self._start_process(app)
+
+    def _start_process(self, app: Flask, preloaded: bool = False) -> None:
+        """What each serving process starts for itself: the state directory, metrics, the
+        drain handler, the lifecycle (in a gunicorn worker, never in its master)."""
+        if preloaded:
+            # Read again in the worker: the port gunicorn bound since, the threads its
+            # post_fork hook set.
+            self.settings = Settings.load(app.config)
         # The state directory is checked (and made) before anything is put in it.
         self.state  # noqa: B018
         prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
-        app.extensions[EXTENSION_KEY] = self
-        # Flask presets MAX_CONTENT_LENGTH to None, so setdefault would never apply ours.
-        if app.config.get("MAX_CONTENT_LENGTH") is None:
-            app.config["MAX_CONTENT_LENGTH"] = self.settings.max_body_bytes
-        app.json.sort_keys = False  # type: ignore[attr-defined]
-        configure_logging(
-            self.name, self.version, self.settings.log_format, self.settings.log_level
-        )
-        register_error_handlers(app)
-        register_request_metrics(app)
-        app.register_blueprint(blueprint)
         if under_gunicorn():
             install_drain_handler(self)
             self._say_how_it_is_configured()
@@ -280,8 +354,15 @@ class Runner:
                 self.lifecycle.client,
                 identity=self.state.ledger.identity,
             )
-            self.add_readiness_check(self.lifecycle.readiness_item)
+            self._readiness.append(self.lifecycle.readiness_item)
             self.lifecycle.start()
+
+    def app_context(self) -> Any:
+        """A new application context of the app this Runner serves (a no-op without one):
+        what a job's code runs in when it runs off the request's thread."""
+        if self.app is None:
+            return contextlib.nullcontext()
+        return self.app.app_context()
 
     def close(self) -> None:
         """Stop this process's registration and heartbeat schedule (no deregistration).
@@ -350,9 +431,13 @@ class Runner:
         )
 
     def create_app(self, config: Mapping[str, Any] | None = None) -> Flask:
-        """A new Flask app serving this runner."""
+        """A new Flask app serving this runner (with settings and state of its own).
+
+        The app is the runner's alone, so every error it answers is an ErrorEnvelope, an
+        unknown route's 404 and an exception in a route the author adds to it included.
+        """
         app = Flask(self.name, static_folder=None)  # no /static route serving the cwd
         if config:
             app.config.update(config)
-        self.init_app(app)
+        self._for_new_app()._serve(app, "", whole_app=True)
         return app

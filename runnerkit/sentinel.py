@@ -41,7 +41,7 @@ def wait_for_exit(pid: int) -> None:
 
 def main(argv: list[str]) -> int:
     state_dir, key, master = argv[1], argv[2], int(argv[3])
-    configure_logging("runnerkit-sentinel", "", "json", "INFO")
+    configure_logging("runnerkit-sentinel", "", "json", "INFO", isolate=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lock = FileLock(os.path.join(state_dir, "sentinel.lock"))
     if not lock.acquire(blocking=True, timeout=2.0):

@@ -48,15 +48,51 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from runnerkit.config import ConfigError
 
 log = logging.getLogger("runnerkit.state")
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+
+class _Renewable(Protocol):
+    def renew_after_fork(self) -> None: ...
+
+
+#: Objects whose locks (and connections) a forked child makes anew (:func:`renew_after_fork`).
+_RENEWABLE: weakref.WeakSet[_Renewable] = weakref.WeakSet()
+#: SQLite connections a forked child inherited. Never closed there: closing one in a child
+#: could checkpoint and delete the WAL under the parent (SQLite: no connection across fork).
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def renew_after_fork(obj: _Renewable) -> None:
+    """Have ``obj.renew_after_fork()`` called in every child forked from this process.
+
+    A lock held by another thread at the moment of ``fork`` stays held for ever in the child,
+    where that thread does not exist: the app imported in a gunicorn master (``--preload``),
+    or a worker forking an isolated job while housekeeping holds the ledger's lock, would
+    deadlock on its first use. Descriptors (and the OFD locks on them) and SQLite connections
+    are the parent's too: each class's ``renew_after_fork`` drops them, so the child opens
+    its own on first use.
+    """
+    _RENEWABLE.add(obj)
+
+
+def _renew_in_child() -> None:
+    for obj in list(_RENEWABLE):
+        obj.renew_after_fork()
+
+
+os.register_at_fork(after_in_child=_renew_in_child)
 
 
 class LedgerReplaced(Exception):
@@ -186,6 +222,10 @@ class WriteFailures:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._failing: dict[str, str] = {}
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def failed(self, what: str, exc: BaseException) -> bool:
         """Note that ``what`` could not be written; True when it was not failing before."""
@@ -310,12 +350,14 @@ class LeaderLease:
     does not jump with the wall clock. A worker that finds byte ``g`` free takes it (the
     leader died or let go); one that finds it held but the lease older than ``expiry_s``
     takes byte ``g + 1`` and writes generation ``g + 1``: the stalled holder still has its
-    lock, but the record no longer names it. The leader reads the record before each action
-    (:meth:`acquire`, :meth:`check`, :meth:`renew`) and steps down, releasing its lock, as
-    soon as another generation is named. Two workers racing for one generation meet on its
-    byte's lock; a renewal racing a takeover leaves one of the two named, and the other steps
-    down at its next look. No mutex is held across a write, so a holder stopped at any
-    instant cannot block the others.
+    lock, but the record no longer names it. A held byte whose record names no live process
+    belongs to a worker that has just taken it and not yet written the record: it gets a
+    lease's time to do so, or two workers starting together would both lead. The leader
+    reads the record before each action (:meth:`acquire`, :meth:`check`, :meth:`renew`) and
+    steps down, releasing its lock, as soon as another generation is named. Two workers
+    racing for one generation meet on its byte's lock; a renewal racing a takeover leaves
+    one of the two named, and the other steps down at its next look. No mutex is held
+    across a write, so a holder stopped at any instant cannot block the others.
     """
 
     def __init__(self, directory: str, expiry_s: float = LEASE_MIN_S) -> None:
@@ -326,6 +368,15 @@ class LeaderLease:
         self._fd = -1
         self._pid = 0
         self._generation: int | None = None
+        #: The held-but-unrecorded lease this process first saw, and when (see acquire).
+        self._newcomer: tuple[tuple[int, float, int], float] | None = None
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """The parent's descriptor (and its lock) stay the parent's: the child opens its own."""
+        self._guard = threading.RLock()
+        self._fd, self._pid, self._generation = -1, 0, None
+        self._newcomer = None
 
     @property
     def held(self) -> bool:
@@ -400,7 +451,8 @@ class LeaderLease:
                 self._generation = generation
                 self._try_write(generation)
                 return True
-            age = time.monotonic() - renewed
+            now = time.monotonic()
+            age = now - renewed
             if not force and 0.0 <= age <= self.expiry_s:
                 # A live leader renewed the record since: it can be written again, so a
                 # takeover this process could not record (a full disk) is no longer a
@@ -408,6 +460,17 @@ class LeaderLease:
                 if pid != os.getpid():
                     STORAGE.recovered("leader.lease")
                 return False
+            if not force and not (pid > 0 and process_alive(pid, None)):
+                # Byte g is held, but the record names no live process (none at all on a
+                # new instance, or a leader that died): another worker has just taken the
+                # byte and not yet written the record. Taking g + 1 now would make a second
+                # leader, with a registration of its own; the newcomer gets a lease's time
+                # to write its record before it counts as stalled.
+                seen = (generation, renewed, pid)
+                if self._newcomer is None or self._newcomer[0] != seen:
+                    self._newcomer = (seen, now)
+                if now - self._newcomer[1] <= self.expiry_s:
+                    return False
             successor = generation + 1
             if not self._lock(successor):
                 return False  # another worker is taking over right now
@@ -497,6 +560,12 @@ class WriterTurns:
         self._fd = -1
         self._turn = threading.RLock()
         self._depth = 0
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        self._guard = threading.Lock()
+        self._turn, self._depth = threading.RLock(), 0
+        self._fd, self._pid = -1, 0
 
     def _current(self) -> tuple[threading.RLock, int]:
         with self._guard:
@@ -567,6 +636,12 @@ class SlotTable:
         self._hold: dict[str, int] = {}
         self._query: dict[str, int] = {}
         self._held: dict[str, set[int]] = {}
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """No slot is the child's: its parent's descriptors and locks stay the parent's."""
+        self._lock = threading.Lock()
+        self._pid, self._hold, self._query, self._held = 0, {}, {}, {}
 
     def _fds(self, capability_id: str) -> tuple[int, int]:
         if self._pid != os.getpid():
@@ -638,6 +713,12 @@ class JobLocks:
         self._fd = -1
         self._pid = 0
         self._mine: dict[int, str] = {}
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """No job is the child's: its parent's descriptor and locks stay the parent's."""
+        self._lock = threading.Lock()
+        self._fd, self._pid, self._mine = -1, 0, {}
 
     @staticmethod
     def offset(job_id: str) -> int:
@@ -876,6 +957,14 @@ class SQLiteFile:
         self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
         #: Which file this must be for the running instance (None: any, e.g. in a test).
         self.identity = identity
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """The child opens its own connection; the parent's is kept, never closed here."""
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn, self._pid = None, 0
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Create the tables this store needs (called once per process)."""
@@ -886,6 +975,9 @@ class SQLiteFile:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _INHERITED.append(self._conn)  # a parent's (see renew_after_fork)
+                self._conn = None
             # Checked before anything could create the file: a worker started after the
             # running instance's ledger vanished must not begin a fresh, empty one.
             if self.identity is not None:

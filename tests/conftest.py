@@ -91,7 +91,7 @@ def example_client(example_app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def runnerkit_caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog for runnerkit's loggers, which do not propagate to the root logger."""
+    """caplog for runnerkit's loggers at DEBUG, each record captured once (not again at root)."""
     logger = logging.getLogger("runnerkit")
     propagate = logger.propagate
     logger.propagate = False  # as after configure_logging; also avoids capturing twice

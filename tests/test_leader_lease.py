@@ -158,3 +158,41 @@ def test_deregistration_takes_the_lease_from_a_stopped_leader_and_deletes_once(
         wait_until(lambda: "follower" in child.lines, 10, lambda: f"led on: {child.lines}")
     finally:
         stub.stop()
+
+
+def _hold_byte(path: Path, generation: int) -> int:
+    """A descriptor of another open file description holding byte ``generation``'s lock, as a
+    worker that has just taken the lease and not yet written its record does."""
+    import fcntl
+
+    from runnerkit.state import _ofd_lock
+
+    fd = os.open(path / "leader.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    _ofd_lock(fd, fcntl.F_WRLCK, generation)
+    return fd
+
+
+@pytest.mark.parametrize("before", ["no record", "a dead leader's record"])
+def test_a_worker_that_took_the_lease_but_has_not_recorded_it_is_not_replaced(
+    tmp_path: Path, before: str
+) -> None:
+    """Workers starting together (or racing after the leader died): the one that takes byte g
+    first is the leader, even before its record is written; another does not make itself
+    generation g + 1 (a second leader, with a registration of its own)."""
+    if before != "no record":
+        # pid_max is at most 2**22: no process has this pid.
+        no_such_pid = 2**22 + 7
+        write_json_atomic(
+            str(tmp_path / "leader.lease"), {"generation": 0, "pid": no_such_pid, "renewed": 1.0}
+        )
+    fd = _hold_byte(tmp_path, 0)
+    try:
+        other = LeaderLease(str(tmp_path), expiry_s=0.3)
+        assert other.acquire() is False
+        assert other.acquire() is False
+        assert other.generation is None
+        # A newcomer that never writes its record within a lease counts as stalled.
+        wait_until(other.acquire, 10, "a holder that never recorded its lease kept it")
+        assert other.generation == 1
+    finally:
+        os.close(fd)

@@ -269,18 +269,20 @@ def test_without_a_secret_the_warning_waits_until_the_app_serves_then_comes_once
 
 
 def test_under_gunicorn_the_warning_comes_when_the_worker_loads_the_app(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    runnerkit_caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # What gunicorn's arbiter sets for its workers. The SIGTERM drain handler a worker gets
-    # is left out: it would stay installed in the test process.
+    # is left out: it would stay installed in the test process. A worker's runnerkit logger
+    # does not propagate, so the capture sits on it (runnerkit_caplog).
     monkeypatch.setenv("SERVER_SOFTWARE", "gunicorn/23.0.0")
     monkeypatch.setattr("runnerkit.runner.install_drain_handler", lambda runner: None)
     runner = Runner("served", capabilities=TEST_CAPABILITIES)
-    with caplog.at_level(logging.WARNING, logger="runnerkit.signing"):
-        app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
-        assert _signing_warnings(caplog) == 1
-        app.test_client().post("/execute", json=request_body())
-    assert _signing_warnings(caplog) == 1
+    app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
+    assert _signing_warnings(runnerkit_caplog) == 1
+    app.test_client().post("/execute", json=request_body())
+    assert _signing_warnings(runnerkit_caplog) == 1
 
 
 def test_with_a_secret_nothing_is_said_about_signing(

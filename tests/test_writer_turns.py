@@ -6,6 +6,7 @@ order against the holder's release is what is asserted.
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import multiprocessing
 import os
@@ -172,6 +173,9 @@ def test_database_writes_wait_for_the_writers_turn(tmp_path: Path, store: str) -
 
 
 def _open_and_write(kind: str, path: str, start: object, errors: object) -> None:
+    # A child forked from this many-threaded test process that hangs shows where, in the
+    # test's output (seen once in a full run, under heavy load: one child never exited).
+    faulthandler.dump_traceback_later(40, exit=True)
     start.wait(30)  # type: ignore[attr-defined]
     try:
         if kind == "forge":

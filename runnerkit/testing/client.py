@@ -23,6 +23,8 @@ class RunnerClient:
         self.client = app.test_client()
         runner = app.extensions["runnerkit"]
         self.secret: str = runner.settings.signing_secret
+        #: Where the runner's routes are mounted (``init_app(app, url_prefix=...)``).
+        self.prefix: str = runner.url_prefix
 
     def execute(
         self,
@@ -40,12 +42,12 @@ class RunnerClient:
     def post_raw(
         self, raw: bytes, *, signed: bool = True, headers: dict[str, str] | None = None
     ) -> TestResponse:
-        """POST bytes to ``/execute`` as they are (for malformed-request tests)."""
+        """POST bytes to the runner's ``/execute`` as they are (for malformed-request tests)."""
         all_headers = dict(headers or {})
         if signed and self.secret:
             all_headers.update(sign(raw, self.secret))
         return self.client.post(
-            "/execute", data=raw, headers=all_headers, content_type="application/json"
+            f"{self.prefix}/execute", data=raw, headers=all_headers, content_type="application/json"
         )
 
     def get(self, path: str) -> TestResponse:

@@ -225,6 +225,44 @@ def test_a_new_project_passes_its_own_make_test(tmp_path: Path) -> None:
     assert_the_project_ships(project, env, tmp_path)
 
 
+FIXED_JOB_TEST = """\
+
+
+def test_a_fixed_job_id_runs_on_every_test_run(runner_client: RunnerClient) -> None:
+    response = runner_client.execute(
+        "greet", {"name": "Ada"}, jobId="0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d"
+    )
+    assert response.status_code == 200, response.get_json()
+    assert "Idempotent-Replayed" not in response.headers
+"""
+
+
+def test_a_new_projects_tests_pass_run_after_run(tmp_path: Path) -> None:
+    """Its test fixture's app keeps its ledger in the test's tmp_path, not in the state
+    directory of the app that ``app.py`` made at import: a fixed jobId is new every run."""
+    from runnerkit.scaffold import create_project
+
+    project = tmp_path / "hello-runner"
+    create_project("hello-runner", project, runnerkit_spec="runnerkit")
+    generated = project / "tests" / "test_app.py"
+    generated.write_text(generated.read_text() + FIXED_JOB_TEST)  # beside its runner_app
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNERKIT_", "PYTEST"))}
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # app.py's own default state dir lives here
+
+    for run_number in (1, 2):
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, (run_number, (result.stdout + result.stderr)[-4000:])
+        assert "4 passed" in result.stdout, result.stdout[-2000:]
+
+
 def assert_the_project_ships(project: Path, env: dict[str, str], tmp_path: Path) -> None:
     """What `make docker` would build needs no package index for runnerkit, and the image's
     commands serve, as the repository's own image does."""

@@ -100,9 +100,24 @@ def module_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instan
 
 @pytest.fixture
 def shared_instance(request: pytest.FixtureRequest, module_instance: Instance) -> Instance:
-    """The module's instance, checked to be back at rest: JobForge up, every worker serving,
-    no slot held by an earlier test's job, and heartbeats being accepted."""
-    instance = module_instance
+    """The module's instance, checked to be back at rest (see :func:`at_rest`)."""
+    return at_rest(request, module_instance)
+
+
+@pytest.fixture(params=["default", "--preload"])
+def shared_instance_or_preloaded(request: pytest.FixtureRequest) -> Instance:
+    """The module's instance; then, for a second run of the test, an instance of its own
+    whose master imports the app before it forks (``--preload``), stopped after the test."""
+    if request.param == "default":
+        return at_rest(request, request.getfixturevalue("module_instance"))
+    instance = request.getfixturevalue("make_instance")(workers=3, extra_args=["--preload"])
+    instance.wait_registered()
+    return at_rest(request, instance)
+
+
+def at_rest(request: pytest.FixtureRequest, instance: Instance) -> Instance:
+    """``instance`` checked to be back at rest: JobForge up, every worker serving, no slot
+    held by an earlier test's job, and heartbeats being accepted."""
     attach(request, instance)
     assert instance.stub.running, "an earlier test left the JobForge stub stopped"
     instance.proc.wait_workers_serving(timeout=20.0)

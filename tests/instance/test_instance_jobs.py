@@ -99,9 +99,9 @@ def test_heartbeat_active_jobs_counts_the_jobs_running_on_every_worker(
 
 
 def test_max_concurrency_is_per_instance_and_a_killed_worker_frees_its_slot(
-    shared_instance: Instance,
+    shared_instance_or_preloaded: Instance,
 ) -> None:
-    instance = shared_instance
+    instance = shared_instance_or_preloaded
     steps, step_ms = 25, 200  # 5 s
     # slow-count allows 4 at once: 2 jobs on one worker, 1 on each of two others.
     pinned = pin_connections(instance.proc, [2, 1, 1])

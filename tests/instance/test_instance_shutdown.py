@@ -39,12 +39,13 @@ SLACK_S = 0.5
 #: as launch_instance gives the config (GUNICORN_THREADS): the runner keeps 2 of them for
 #: /health, and the three jobs of a test may all land on one worker (with 4, the third would
 #: be refused 503 WORKER_BUSY).
+#: With ``--preload`` the master imports the app before it binds and forks: the same must hold.
+_PLAIN_ARGS = ["--worker-class", "gthread", "--threads", "6", "--graceful-timeout", "10"]
 VARIANTS = {
     "gunicorn.conf.py": {"config": GUNICORN_CONF},
-    "plain": {
-        "config": None,
-        "extra_args": ["--worker-class", "gthread", "--threads", "6", "--graceful-timeout", "10"],
-    },
+    "plain": {"config": None, "extra_args": _PLAIN_ARGS},
+    "gunicorn.conf.py --preload": {"config": GUNICORN_CONF, "extra_args": ["--preload"]},
+    "plain --preload": {"config": None, "extra_args": [*_PLAIN_ARGS, "--preload"]},
 }
 
 
@@ -76,7 +77,10 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     make_instance: InstanceFactory, variant: str
 ) -> None:
     instance = make_instance(**VARIANTS[variant])
-    runner_id = instance.wait_registered().response["runnerId"]
+    registration = instance.wait_registered()
+    runner_id = registration.response["runnerId"]
+    # The port gunicorn listens on (bound after a --preload master imported the app).
+    assert registration.body["healthCheckEndpoint"] == f"{instance.url}/health"
     instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
 
     # -- SIGHUP: every worker is replaced, the runner stays.
@@ -155,11 +159,12 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     assert f"deregistered runner {runner_id}" in instance.proc.log_text(), instance.explain()
 
 
+@pytest.mark.parametrize("preload", [[], ["--preload"]], ids=["default", "--preload"])
 def test_a_worker_recycled_by_max_requests_is_replaced_without_deregistering(
-    make_instance: InstanceFactory,
+    make_instance: InstanceFactory, preload: list[str]
 ) -> None:
     max_requests = 5
-    instance = make_instance(extra_args=["--max-requests", str(max_requests)])
+    instance = make_instance(extra_args=["--max-requests", str(max_requests), *preload])
     runner_id = instance.wait_registered().response["runnerId"]
     instance.wait_heartbeat(since=time.monotonic(), where=lambda h: h.status == 200)
     leader = instance.leader_pid()
@@ -201,9 +206,18 @@ def test_a_worker_recycled_by_max_requests_is_replaced_without_deregistering(
     )
     assert leader not in instance.proc.worker_pids() and replaced
 
-    time.sleep(max(0.0, recycling + 2 * INTERVAL_S + 0.3 - time.monotonic()))
-    # A recycling worker does not drain (no SIGTERM): it heartbeats until it exits.
-    assert_same_runner_carries_on(instance, recycling, runner_id, max_gap=2 * INTERVAL_S + SLACK_S)
+    # The requests above recycle the other workers too, and on a loaded machine their
+    # replacements take seconds to boot: what is checked is that heartbeats carry on as the
+    # same runner, not how soon (no wall-clock bound here).
+    wait_until(
+        lambda: (
+            len(instance.heartbeats(since=time.monotonic() - INTERVAL_S)) >= 1
+            and len(instance.heartbeats(since=recycling)) >= 2
+        ),
+        20.0,
+        lambda: instance.explain("heartbeats stopped after the recycle"),
+    )
+    assert_same_runner_carries_on(instance, recycling, runner_id)
     assert instance.leader_pid() != leader
 
 

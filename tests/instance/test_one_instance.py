@@ -8,6 +8,7 @@ contracts. The stub answers registrations with a 1000 ms heartbeat interval.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import time
@@ -57,7 +58,13 @@ def gaps(beats: list[Recorded]) -> list[float]:
 
 # -- 1. one registration and one heartbeat stream per instance -----------------------------
 
-WORKER_COUNTS = (1, 3, 5)
+#: The fleet: worker counts, and 3 workers forked from a master that imported the app.
+FLEET: dict[str, tuple[int, tuple[str, ...]]] = {
+    "1 worker": (1, ()),
+    "3 workers": (3, ()),
+    "5 workers": (5, ()),
+    "3 workers --preload": (3, ("--preload",)),
+}
 #: How long heartbeats are counted once every worker serves.
 WINDOW_S = 4.5
 
@@ -65,23 +72,25 @@ WINDOW_S = 4.5
 @pytest.fixture(scope="class")
 def fleet(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[int, tuple[Instance, float]]]:
-    """Instances with 1, 3 and 5 workers, each with its own stub, started side by side.
+) -> Iterator[dict[str, tuple[Instance, float]]]:
+    """The instances of :data:`FLEET`, each with its own stub, started side by side.
 
-    Maps the worker count to ``(instance, monotonic time when all its workers served)``.
+    Maps the name to ``(instance, monotonic time when all its workers served)``.
     """
     stubs: list[JobForgeStub] = []
-    instances: dict[int, Instance] = {}
+    instances: dict[str, Instance] = {}
     try:
-        for workers in WORKER_COUNTS:
+        for name, (workers, extra_args) in FLEET.items():
             stub = JobForgeStub(free_port()).start()
             stubs.append(stub)
-            log_dir = tmp_path_factory.mktemp(f"fleet-{workers}")
-            instances[workers] = launch_instance(log_dir, stub, workers=workers, wait=False)
-        serving: dict[int, tuple[Instance, float]] = {}
-        for workers, instance in instances.items():
+            log_dir = tmp_path_factory.mktemp("fleet")
+            instances[name] = launch_instance(
+                log_dir, stub, workers=workers, extra_args=extra_args, wait=False
+            )
+        serving: dict[str, tuple[Instance, float]] = {}
+        for name, instance in instances.items():
             instance.proc.wait_workers_serving(timeout=30.0)
-            serving[workers] = (instance, time.monotonic())
+            serving[name] = (instance, time.monotonic())
         yield serving
     finally:
         stop_instances(instances.values())
@@ -90,14 +99,15 @@ def fleet(
 
 
 class TestOneRunnerPerInstance:
-    @pytest.mark.parametrize("workers", WORKER_COUNTS)
+    @pytest.mark.parametrize("name", list(FLEET))
     def test_one_registration_and_heartbeats_at_the_interval(
         self,
-        fleet: dict[int, tuple[Instance, float]],
-        workers: int,
+        fleet: dict[str, tuple[Instance, float]],
+        name: str,
         request: pytest.FixtureRequest,
     ) -> None:
-        instance, serving_since = fleet[workers]
+        instance, serving_since = fleet[name]
+        workers = FLEET[name][0]
         attach(request, instance)
         assert len(instance.proc.worker_pids()) == workers, instance.explain()
         # Count over a fixed window after every worker (and its scheduler) is up; the window
@@ -113,6 +123,8 @@ class TestOneRunnerPerInstance:
         assert registration.status == 201
         document = RunnerRegistrationRequestSchema().load(registration.body)
         assert document["name"] == "example-runner"
+        # Where gunicorn listens, read in a worker (the master preloads before binding).
+        assert document["healthCheckEndpoint"] == f"{instance.url}/health", document
         limits = {c["id"]: c["maxConcurrency"] for c in document["capabilities"]}
         assert limits == {"text-stats": 8, "checksum": 8, "slow-count": 4}
         runner_id = registration.response["runnerId"]
@@ -139,15 +151,22 @@ class TestOneRunnerPerInstance:
             if child.status() == psutil.STATUS_ZOMBIE
         ]
         assert not zombies, instance.explain(f"zombie children of workers: {zombies}")
+        # The instance is the master's: a worker leads, the sentinel watches the master.
+        master = instance.proc.master_pid
+        assert instance.leader_pid() != master
+        published = json.loads((instance.state_dir / "instance.json").read_text())
+        assert published["ownerPid"] == master, published
+        watching = [p.cmdline()[-1] for p in instance.sentinels()]
+        assert watching == [str(master)], instance.explain(f"sentinels watch {watching}")
 
 
 # -- 2. the leader dies, another worker carries on as the same runner -----------------------
 
 
 def test_killing_the_leader_worker_hands_over_without_registering_again(
-    shared_instance: Instance,
+    shared_instance_or_preloaded: Instance,
 ) -> None:
-    instance = shared_instance
+    instance = shared_instance_or_preloaded
     runner_id = instance.runner_id()
     registered = len(instance.registrations())
     leader = instance.leader_pid()

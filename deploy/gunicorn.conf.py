@@ -6,7 +6,6 @@ free of jobs so /health answers while every worker is busy. GUNICORN_PIN_WORKERS
 worker to one CPU (see runnerkit/affinity.py for when that pays).
 """
 
-import logging
 import os
 
 bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
@@ -18,7 +17,7 @@ logger_class = "runnerkit.gunicorn_logging.JsonLogger"
 # Request threads per worker. Unless GUNICORN_THREADS is set, a runner's workers grow this
 # to fit their capabilities (post_worker_init): a job within maxConcurrency gets a thread.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
-# Above the largest capability timeout (the example's is 60 s); checked in post_worker_init.
+# Above the largest capability timeout (the example's is 60 s); the runner checks at startup.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
@@ -38,8 +37,8 @@ def post_fork(server, worker):  # type: ignore[no-untyped-def]
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
     """Pin the worker to a CPU when asked; size its threads to the capabilities (unless
-    GUNICORN_THREADS says how many); warn loudly when a capability may run longer than
-    gunicorn lets a worker be silent."""
+    GUNICORN_THREADS says how many). The runner itself says at startup when these settings
+    cannot hold a capability's timeout (runnerkit.gunicorn_settings)."""
     from runnerkit.affinity import pin_worker
     from runnerkit.gunicorn_worker import fit_threads
 
@@ -47,13 +46,6 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")
     if runner is not None and "GUNICORN_THREADS" not in os.environ:
         fit_threads(worker, runner)
-    if runner is not None and runner.max_timeout_ms / 1000.0 >= worker.cfg.timeout:
-        logging.getLogger("runnerkit").error(
-            "gunicorn timeout %ss is not above the largest capability timeout %ss; "
-            "set GUNICORN_TIMEOUT higher",
-            worker.cfg.timeout,
-            runner.max_timeout_ms / 1000.0,
-        )
 
 
 def on_exit(server):  # type: ignore[no-untyped-def]

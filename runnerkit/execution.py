@@ -62,6 +62,9 @@ UNKNOWN_CAPABILITY = "unknown"
 #: Progress events are sent at most this often per job (the last one always).
 PROGRESS_MIN_INTERVAL_S = 1.0
 
+#: How often an accepted asynchronous job waiting for a slot looks again (and at a drain).
+QUEUE_POLL_S = 0.05
+
 #: How long past its deadline a process-isolated job's answer waits for the kill of its
 #: process (SIGKILL and reaping take milliseconds; this only bounds a pathological case).
 ISOLATED_KILL_WAIT_S = 2.0
@@ -138,10 +141,11 @@ class JobThreads:
     drain. Each submitted call either reuses an idle thread or starts a new one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "runnerkit-job") -> None:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
+        self._name = name
 
     def submit(self, call: Callable[[], None]) -> None:
         with self._lock:
@@ -149,7 +153,7 @@ class JobThreads:
             if reuse:
                 self._idle -= 1
         if not reuse:
-            threading.Thread(target=self._work, name="runnerkit-job", daemon=True).start()
+            threading.Thread(target=self._work, name=self._name, daemon=True).start()
         self._calls.put(call)
 
     def _work(self) -> None:
@@ -411,7 +415,9 @@ class Executor:
         job = _Job(capability, payload, job_id, correlation_id, timeout_ms, started)
         asynchronous = self.runner.outbox is not None and wants_async(headers)
         state = self.runner.state
-        claim = state.ledger.claim(job_id, queued=asynchronous, correlation_id=correlation_id)
+        claim = state.ledger.claim(
+            job_id, queued=asynchronous, correlation_id=correlation_id, capability=capability.id
+        )
         if claim.outcome == "replay":
             assert claim.body is not None
             return Answer(claim.status, claim.body, {REPLAY_HEADER: "true"})
@@ -665,20 +671,42 @@ class Executor:
 
     def _run_queued(self, job: _Job) -> Answer:
         """Wait for a slot, then run: the accepted job's claim is given back on any
-        exception raised before its code owns the slot."""
+        exception raised before its code owns the slot.
+
+        Waiting jobs get slots first come, first served across the instance: a job takes a
+        free slot only when fewer jobs accepted before it (by any worker) still wait than
+        slots are free (:meth:`Ledger.ahead`). A job still waiting when its worker drains
+        never starts: it is answered with a retryable ``SHUTTING_DOWN`` (delivered through
+        the outbox, like any result), so JobForge sends it again elsewhere or later.
+        """
         state = self.runner.state
+        capability_id = job.capability.id
         with contextlib.ExitStack() as undo:
             undo.callback(state.ledger.release, job.job_id)
             slot = None
-            while slot is None and job.remaining_ms() > 0:
-                slot = state.slots.acquire(job.capability.id)
+            error: RunnerError | None = None
+            while slot is None:
+                if self.runner.draining:
+                    error = Unavailable(
+                        "The runner is shutting down; this job was accepted but not started",
+                        code="SHUTTING_DOWN",
+                        retry_after=self.runner.settings.rate_limit_retry_after_s,
+                    )
+                    break
+                if job.remaining_ms() <= 0:
+                    error = Timeout(
+                        f"{capability_id!r} found no free slot within {job.timeout_ms:g} ms",
+                        code="DEADLINE_EXCEEDED",
+                    )
+                    break
+                # The slots first (no write, no read of the ledger while none is free).
+                free = state.slots.limits[capability_id] - state.slots.in_use(capability_id)
+                if free > 0 and state.ledger.ahead(job.job_id, capability_id) < free:
+                    slot = state.slots.acquire(capability_id)
                 if slot is None:
-                    time.sleep(0.05)
+                    time.sleep(QUEUE_POLL_S)
             if slot is None:
-                error = Timeout(
-                    f"{job.capability.id!r} found no free slot within {job.timeout_ms:g} ms",
-                    code="DEADLINE_EXCEEDED",
-                )
+                assert error is not None
                 answer = self._failure(error, job.job_id, job.correlation_id, job.started)
                 undo.pop_all()
                 self._store(job.job_id, answer)

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import requests
+from apscheduler.executors.base import BaseExecutor, run_job
+from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from marshmallow import ValidationError
 
@@ -38,6 +41,7 @@ from runnerkit.contracts import (
     utc_now,
 )
 from runnerkit.errors import make_envelope
+from runnerkit.execution import JobThreads
 from runnerkit.jobforge import JobForgeClient
 from runnerkit.logs import configure_logging
 from runnerkit.metrics import metrics
@@ -65,6 +69,10 @@ REFUSED_RETRY_S = 60.0
 HOUSEKEEPING_S = 0.5
 #: How often the leader prunes the ledger and the outbox.
 PRUNE_EVERY_S = 300.0
+#: gunicorn's default graceful timeout, for a drain whose worker does not say its own.
+DEFAULT_GRACEFUL_S = 30.0
+#: How often a draining worker looks whether its jobs are done and the outbox delivered.
+DRAIN_POLL_S = 0.1
 _REGISTRATION_SCHEMA = RunnerRegistrationResponseSchema()
 
 
@@ -119,6 +127,32 @@ def spawn_detached(argv: list[str]) -> subprocess.Popen[bytes]:
     return proc
 
 
+class DaemonThreadExecutor(BaseExecutor):
+    """An APScheduler executor running the lifecycle's jobs on reusable daemon threads.
+
+    APScheduler's default executor is a ``concurrent.futures`` pool, which Python shuts down
+    when the interpreter starts to exit: in a draining worker whose main thread is done while
+    asynchronous jobs still run, every tick then failed with "cannot schedule new futures
+    after shutdown" (a traceback each time) and nothing delivered the outbox. Daemon threads
+    keep the lifecycle running until the process really ends, and never hold its exit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._threads = JobThreads(name="runnerkit-lifecycle")
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        def call() -> None:
+            try:
+                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+            except BaseException as exc:  # noqa: BLE001 - handed to APScheduler's own report
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, events)
+
+        self._threads.submit(call)
+
+
 class Lifecycle:
     """The per-worker half of the instance lifecycle (see the module docstring)."""
 
@@ -146,6 +180,7 @@ class Lifecycle:
         #: Some write of this worker's start failed (a full disk): retried every tick.
         self._boot_pending = False
         self._heartbeat_due = 0.0
+        self._drain: threading.Thread | None = None
 
     # -- start ----------------------------------------------------------------------
 
@@ -158,9 +193,14 @@ class Lifecycle:
         """
         settings = self.runner.settings
         self._boot_pending = not self._finish_boot()
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        scheduler_log = logging.getLogger("apscheduler")
+        scheduler_log.setLevel(logging.WARNING)
+        # Its lines as runnerkit's (JSON), not Python's last-resort plain text on stderr.
+        scheduler_log.handlers = list(logging.getLogger("runnerkit").handlers)
+        scheduler_log.propagate = False
         self.scheduler = BackgroundScheduler(
             daemon=True,
+            executors={"default": DaemonThreadExecutor()},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._tick_s = self._tick_for(settings.heartbeat_interval_ms)
@@ -189,6 +229,10 @@ class Lifecycle:
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
+        if under_gunicorn() and self._drain is None:
+            # Not a daemon: the worker's process waits for it to finish a drain.
+            self._drain = threading.Thread(target=self._watch, name="runnerkit-drain", daemon=False)
+            self._drain.start()
 
     def _finish_boot(self) -> bool:
         """The instance's files of this worker's start; True once every one is written."""
@@ -278,12 +322,10 @@ class Lifecycle:
     def tick(self) -> None:
         """One scheduler tick: take or keep leadership; if leader, do what is due.
 
-        A draining worker gives leadership up at once: it may take a whole graceful timeout
-        to finish its jobs, and the instance must keep heartbeating meanwhile.
+        A draining worker keeps ticking, and leading, until its drain is done (see
+        :meth:`drain`): the instance heartbeats and delivers its outbox while any of its
+        workers drains.
         """
-        if self.runner.draining:
-            self.state.leader.release()
-            return
         if self._boot_pending:
             self._boot_pending = not self._finish_boot()
         identity = self.current_identity()
@@ -306,6 +348,46 @@ class Lifecycle:
                 self._lead()
             except Exception:
                 log.exception("lifecycle tick failed")
+
+    def _watch(self) -> None:
+        """Wait for SIGTERM, then drain; return at once when the worker ends without one
+        (a ``max_requests`` recycle, a crash: not the instance's end). Started with the
+        worker, not from the signal handler (starting a thread there could deadlock on
+        threading's own locks) nor from a tick (the worker may be gone before the next one).
+        """
+        main = threading.main_thread()
+        while not self.runner.draining:
+            if not main.is_alive():
+                return
+            time.sleep(DRAIN_POLL_S)
+        self.drain()
+
+    def drain(self) -> None:
+        """A draining worker's last duty (a thread that is not a daemon, so the process waits
+        for it): once its jobs are done, wait until the instance's outbox is delivered, then
+        stop ticking and let the lease go. Bounded by the drain's deadline (gunicorn's
+        graceful timeout less a margin), so the master never has to kill the worker.
+
+        Its jobs are done when the main thread has finished serving (gunicorn answered every
+        request in flight) and no other thread that holds the process's exit is left (the
+        asynchronous jobs' threads). Outbox rows a deadline leaves undelivered are counted
+        by the deregistration's one warning (:func:`deregister_instance`).
+        """
+        deadline = self.runner.drain_deadline or time.monotonic() + DEFAULT_GRACEFUL_S
+        me, main = threading.current_thread(), threading.main_thread()
+        outbox = self.runner.outbox
+        try:
+            while time.monotonic() < deadline:
+                if main.is_alive() or any(
+                    t is not me and t is not main and not t.daemon for t in threading.enumerate()
+                ):
+                    time.sleep(DRAIN_POLL_S)
+                    continue
+                if outbox is None or self._ledger_count(outbox.pending) == 0:
+                    break
+                time.sleep(DRAIN_POLL_S)
+        finally:
+            self.stop()
 
     def renew_lease(self) -> None:
         """Leader only: renew the lease (its own scheduler job; see :meth:`start`).
@@ -625,13 +707,21 @@ def install_drain_handler(runner: Runner) -> None:
     """On SIGTERM, turn ready off and refuse new jobs before gunicorn's own handler runs.
 
     gunicorn then stops accepting, lets in-flight requests finish (up to its graceful
-    timeout) and exits; a request that still reaches the app meanwhile gets 503.
+    timeout) and exits; a request that still reaches the app meanwhile gets 503. The
+    lifecycle's drain (:meth:`Lifecycle.drain`) has until the graceful timeout less a margin
+    (gunicorn's handler is a method of the worker, whose settings say it).
     """
     if threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)
+    cfg = getattr(getattr(previous, "__self__", None), "cfg", None)
+    graceful = getattr(cfg, "graceful_timeout", None)
+    graceful_s = float(graceful) if isinstance(graceful, int | float) else DEFAULT_GRACEFUL_S
+    budget_s = graceful_s - max(0.5, min(2.0, 0.2 * graceful_s))
 
     def on_term(signum: int, frame: FrameType | None) -> None:
+        if not runner.draining:
+            runner.drain_deadline = time.monotonic() + budget_s
         runner.draining = True
         if callable(previous):
             previous(signum, frame)
@@ -673,6 +763,14 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
         identity = read_json(identity_path)
         if not identity or identity.get("instance") != key or not identity.get("runnerId"):
             return False
+        left = undelivered(state_dir)
+        if left:
+            log.warning(
+                "deregistering with %d outbox message(s) (results, progress, assertions) "
+                "not delivered: the workers' drain ended first; they stay in %s",
+                left,
+                state_dir,
+            )
         client = JobForgeClient(
             instance["jobforgeUrl"],
             token=instance.get("token", ""),
@@ -699,6 +797,21 @@ def deregister_instance(state_dir: str, key: str, lock_timeout_s: float = 15.0) 
     finally:
         lease.close()
         state_lock.release()
+
+
+def undelivered(state_dir: str) -> int:
+    """Rows the instance's outbox still has to deliver (0 when it cannot be read)."""
+    path = os.path.join(state_dir, "ledger.sqlite3")
+    if not os.path.exists(path):
+        return 0
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        ) as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM outbox WHERE dead = 0").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(count)
 
 
 def _runner_token_in(response: requests.Response) -> str:

@@ -16,6 +16,7 @@ from flask import Flask
 from runnerkit.capability import Capability, CapabilityDefinitionError
 from runnerkit.config import ConfigError, Settings, default_state_dir, unknown_settings
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
+from runnerkit.gunicorn_settings import gunicorn_config, problems
 from runnerkit.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.lifecycle import (
     Lifecycle,
@@ -100,6 +101,8 @@ class Runner:
         self.draining = False
         #: Signing is off and nobody has been told yet (see :meth:`warn_unsigned`).
         self.unsigned_warning_due = False
+        #: When (time.monotonic()) a drain must be done: the graceful timeout less a margin.
+        self.drain_deadline = 0.0
         from runnerkit.execution import Executor
 
         self.executor = Executor(self)
@@ -372,7 +375,8 @@ class Runner:
 
     def _say_how_it_is_configured(self) -> None:
         """Startup lines a serving runner owes its operator: no JobForge URL (it then serves
-        direct calls only, and nothing else would say so) and misspelled settings."""
+        direct calls only, and nothing else would say so), misspelled settings, and gunicorn
+        settings that cannot keep the runner's promises."""
         log = logging.getLogger("runnerkit")
         if not self.settings.jobforge_url:
             log.warning(
@@ -381,6 +385,11 @@ class Runner:
             )
         for line in unknown_settings(os.environ):
             log.warning(line)
+        cfg = gunicorn_config()
+        if cfg is not None:
+            max_timeout_s = self.max_timeout_ms / 1000.0
+            for line in problems(cfg, max_timeout_s, int(self.settings.reserved_threads)):
+                log.error(line)
 
     def _check_signing(self) -> None:
         """No secret: refuse to start in production (unless told), warn loudly otherwise.

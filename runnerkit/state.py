@@ -159,12 +159,22 @@ def private_file(path: str) -> None:
 
     SQLite creates a database with the umask's mode (0644 as a rule) and gives its -wal and
     -shm files the main file's mode, so a ledger made here first stays private.
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX
+    lock the process holds on it, SQLite's included. A second SQLite connection of the process
+    to the same file (the outbox beside the ledger) would silently cost the first one its
+    SHARED lock, and the next process to close its last connection would then think itself
+    the last one, checkpoint and delete the -wal and -shm files under it: from then on that
+    process wrote to and read from a WAL file no one else sees (a reload's new leader never
+    saw the other workers' outbox rows). Only a file this call creates, on which no process
+    can hold a lock yet, is opened and closed.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
+    else:
         os.close(fd)
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -554,7 +564,7 @@ class LeaderLease:
             if not self.check():
                 return False
             assert self._generation is not None
-            self._write(self._generation)
+            self._write(self._generation)  # clears a noted failure (see _write)
             return True
 
     def _step_down(self, generation: int) -> None:
@@ -1109,8 +1119,15 @@ class Ledger(SQLiteFile):
             " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"
             " owner_started REAL, attempt INTEGER NOT NULL DEFAULT 1, http_status INTEGER,"
             " response TEXT, created REAL NOT NULL, finished REAL,"
-            " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT)"
+            " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT, capability TEXT,"
+            " queue_seq INTEGER)"
         )
+        # Where an asynchronous job stands in its capability's line for a slot (see
+        # :meth:`ahead`); added to a ledger of an older runnerkit, whose rows are kept.
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for column, kind in (("capability", "TEXT"), ("queue_seq", "INTEGER")):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
         # Signed requests that reached a run (the SHA-256 of what their signature covers), for
         # as long as a signature is valid. Older ledgers keyed them on the unsigned event id.
@@ -1129,21 +1146,30 @@ class Ledger(SQLiteFile):
         conn.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
         self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
 
-    def claim(self, job_id: str, *, queued: bool = False, correlation_id: str = "") -> Claim:
+    def claim(
+        self,
+        job_id: str,
+        *,
+        queued: bool = False,
+        correlation_id: str = "",
+        capability: str = "",
+    ) -> Claim:
         """Decide whether this process runs ``job_id``; a "run" claim holds its job lock
         until :meth:`complete` or :meth:`release`.
 
         The job lock (:class:`JobLocks`) settles who runs it; the rows settle what happened
         before. A synchronous job never seen before, the common case, costs one read here
         and one write at :meth:`complete`. ``queued`` records an asynchronous job that waits
-        for a slot before it runs: its row exists from now on, for recovery and counting.
+        for a slot of ``capability`` before it runs: its row exists from now on, for
+        recovery and counting, and takes the next place in the instance's line for that
+        capability's slots (:meth:`ahead`).
         """
         if self.identity is not None and self.identity.broken:
             raise LedgerReplaced(self.identity.broken)
         if not self.running.acquire(job_id):
             return Claim("running")
         try:
-            claim = self._claim_locked(job_id, queued, correlation_id)
+            claim = self._claim_locked(job_id, queued, correlation_id, capability)
         except BaseException:
             self.running.release(job_id)
             raise
@@ -1151,7 +1177,9 @@ class Ledger(SQLiteFile):
             self.running.release(job_id)
         return claim
 
-    def _claim_locked(self, job_id: str, queued: bool, correlation_id: str) -> Claim:
+    def _claim_locked(
+        self, job_id: str, queued: bool, correlation_id: str, capability: str
+    ) -> Claim:
         if not queued:
             with self._connection() as conn:
                 known = conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -1161,16 +1189,25 @@ class Ledger(SQLiteFile):
         state = "queued" if queued else "running"
         with self._transaction() as conn:
             pid, started = self._me
+            # The line's next place, in the writers' turn: one order for every process. Only
+            # unfinished rows are looked at (the partial index), the line is made of them.
+            seq = None
+            if queued:
+                (last,) = conn.execute(
+                    f"SELECT MAX(queue_seq) FROM jobs WHERE {_UNFINISHED}"
+                ).fetchone()
+                seq = int(last or 0) + 1
             row = conn.execute(
                 "SELECT state, owner_pid, owner_started, attempt, http_status, response"
                 " FROM jobs WHERE job_id = ?",
                 (job_id,),
             ).fetchone()
             if row is None:
+                values = (job_id, state, pid, started, now, int(queued), correlation_id)
                 conn.execute(
                     "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created, async,"
-                    " correlation_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, state, pid, started, now, int(queued), correlation_id),
+                    " correlation_id, capability, queue_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*values, capability, seq),
                 )
                 return Claim("run", recorded=True)
             _, owner_pid, owner_started, attempt, http_status, response = row
@@ -1193,8 +1230,9 @@ class Ledger(SQLiteFile):
             conn.execute(
                 "UPDATE jobs SET state = ?, owner_pid = ?, owner_started = ?, async = ?,"
                 " correlation_id = ?, attempt = attempt + 1, http_status = NULL,"
-                " response = NULL, finished = NULL WHERE job_id = ?",
-                (state, pid, started, int(queued), correlation_id, job_id),
+                " response = NULL, finished = NULL, capability = ?, queue_seq = ?"
+                " WHERE job_id = ?",
+                (state, pid, started, int(queued), correlation_id, capability, seq, job_id),
             )
             return Claim("run", attempt=attempt + 1, recorded=True)
 
@@ -1222,6 +1260,25 @@ class Ledger(SQLiteFile):
         """A queued asynchronous job got its slot and runs now."""
         with self._transaction() as conn:
             conn.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
+
+    def ahead(self, job_id: str, capability: str) -> int:
+        """How many asynchronous jobs wait for a slot of ``capability`` ahead of ``job_id``
+        (accepted before it by any worker of the instance), not counting those of dead
+        workers (their orphaned rows are the leader's to answer). A waiting job takes a free
+        slot only when fewer jobs are ahead of it than slots are free: first come, first
+        served across the instance, whichever worker accepted each job."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT owner_pid, owner_started FROM jobs WHERE {_UNFINISHED}"
+                " AND state = 'queued' AND capability = ? AND queue_seq <"
+                " (SELECT queue_seq FROM jobs WHERE job_id = ?)",
+                (capability, job_id),
+            ).fetchall()
+        alive = {(self._me[0], self._me[1]): True}  # a few workers own them all
+        for owner in rows:
+            if owner not in alive:
+                alive[owner] = process_alive(*owner)
+        return sum(1 for owner in rows if alive[owner])
 
     def queued(self) -> int:
         """Asynchronous jobs accepted but still waiting for a slot."""

@@ -191,3 +191,30 @@ def test_housekeepings_look_for_unfinished_jobs_does_not_scan_every_answer(
 
     assert len(plans) == 2, statements
     assert all("jobs_unfinished" in plan for plan in plans), plans
+
+
+def _dead_child_pid() -> int:
+    child = _FORK.Process(target=os._exit, args=(0,))
+    child.start()
+    child.join(30)
+    assert child.pid is not None
+    return child.pid
+
+
+def test_a_waiting_job_counts_the_jobs_of_its_capability_accepted_before_it(
+    tmp_path: Path,
+) -> None:
+    """The line for a capability's slots: jobs queued earlier and still waiting, of live
+    workers only (a dead worker's job is the leader's to answer, not a place in the line)."""
+    ledger = _ledger(tmp_path)
+    first, other, second, third = (str(uuid.uuid4()) for _ in range(4))
+    for job_id, capability in ((first, "a"), (other, "b"), (second, "a"), (third, "a")):
+        assert ledger.claim(job_id, queued=True, capability=capability).outcome == "run"
+
+    assert [ledger.ahead(j, "a") for j in (first, second, third)] == [0, 1, 2]
+    assert ledger.ahead(other, "b") == 0
+    ledger.start(first)  # it got its slot: it no longer waits
+    assert [ledger.ahead(j, "a") for j in (second, third)] == [0, 1]
+    with ledger._transaction() as conn:  # the second's worker died while it waited
+        conn.execute("UPDATE jobs SET owner_pid = ? WHERE job_id = ?", (_dead_child_pid(), second))
+    assert ledger.ahead(third, "a") == 0

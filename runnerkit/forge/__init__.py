@@ -18,7 +18,7 @@ JSON objects: 415 otherwise, 400 for invalid JSON):
 - from runners (Bearer runnerToken of the job's runner): ``POST /jobs/<id>/result``
   (RunnerExecutionResponse of an async job; ``X-Result-Outcome: recorded|duplicate|ignored``),
   ``POST /jobs/<id>/events`` (a ``job.progress`` JobEvent) → 202, and
-  ``GET /jobs/<id>/events`` → PaginatedResponse of JobEvent, oldest first;
+  ``GET /jobs/<id>/events`` → PaginatedResponse of JobEvent, oldest first (by timestamp);
 - TruthCore: ``POST /assert`` → 201 TruthAssertion (200 when already stored),
   ``POST /query`` → TruthQueryResult;
 - ``GET /health`` → HealthCheck (checks ``database`` and ``dispatcher``; 200 or 503);

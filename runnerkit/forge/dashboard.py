@@ -210,6 +210,10 @@ class JobView:
     summary_kind: str  # "data", "error" or ""
     progress: float | None = None
     progress_message: str = ""
+    #: Queued, and no runner that is not offline lists its type: what it waits for.
+    waiting_for: str = ""
+    #: When the forge fails it with NO_RUNNER_FOR_TYPE (UNMATCHED_JOB_EXPIRY_S), if it does.
+    waiting_expires: str = ""
 
 
 @dataclass
@@ -351,6 +355,24 @@ def _attach_progress(conn: db.Conn, jobs: Sequence[JobView]) -> None:
                 job.progress_message = str(message) if message is not None else ""
 
 
+def _attach_waiting(forge: Forge, conn: db.Conn, jobs: Sequence[JobView], now: float) -> None:
+    """Mark queued jobs whose type no runner (other than offline ones) lists, so a person
+    sees why nothing happens, and when the forge gives up on them."""
+    queued = [j for j in jobs if j.status == "queued"]
+    if not queued:
+        return
+    taken = db.taken_types(conn)
+    expiry = float(forge.settings.unmatched_job_expiry_s)
+    for job in queued:
+        if job.type in taken:
+            continue
+        job.waiting_for = job.type
+        row = db.get_job(conn, job.id)
+        if expiry > 0 and row is not None and isinstance(row["submitted"], int | float):
+            left = max(0.0, float(row["submitted"]) + expiry - now)
+            job.waiting_expires = format_duration(left * 1000.0)
+
+
 # --------------------------------------------------------------------------- query string
 
 
@@ -462,6 +484,7 @@ def index() -> Response:
         runners = [_runner_view(forge, r, running, now) for r in runner_rows]
         jobs = [_job_view(forge, r, now) for r in job_rows]
         _attach_progress(conn, jobs)
+        _attach_waiting(forge, conn, jobs, now)
     filters = [
         {
             "status": status,
@@ -513,6 +536,7 @@ def job_page(job_id: str) -> Response:
             )
         view = _job_view(forge, row, now)
         _attach_progress(conn, [view])
+        _attach_waiting(forge, conn, [view], now)
         document = forge.jobs.response(row)
         event_total = int(
             conn.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
@@ -547,9 +571,14 @@ def job_page(job_id: str) -> Response:
     for event_row in event_rows:
         event = redact(db.loads(event_row["document"]))
         data = event.get("data")
+        attempt = data.get("attempt") if isinstance(data, dict) else None
         detail.events.append(
             {
                 "type": str(event.get("type", "")),
+                # Progress that arrived after its attempt ended (see JobStore.add_progress).
+                "late_attempt": attempt
+                if event.get("type") == "job.progress" and isinstance(attempt, int)
+                else None,
                 "when": When.of(event.get("timestamp"), now),
                 "data": compact_json(data) if data not in (None, {}) else "",
                 "source": str((event.get("metadata") or {}).get("service", "")),

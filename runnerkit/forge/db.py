@@ -742,11 +742,26 @@ def insert_event(conn: Conn, event: Mapping[str, Any]) -> bool:
 
 def list_events(conn: Conn, job_id: str, *, limit: int, offset: int) -> tuple[list[Row], int]:
     total = conn.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+    # Oldest first by when each happened (its own timestamp), not by when it arrived: a
+    # runner's progress comes through its outbox and may land after the job's end.
     rows = conn.execute(
-        "SELECT * FROM events WHERE job_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+        "SELECT * FROM events WHERE job_id = ?"
+        " ORDER BY julianday(json_extract(document, '$.timestamp')), seq LIMIT ? OFFSET ?",
         (job_id, limit, offset),
     ).fetchall()
     return rows, int(total)
+
+
+def attempt_at(conn: Conn, job_id: str, timestamp: str) -> int | None:
+    """The attempt of ``job_id`` that was running at ``timestamp``: the last one whose
+    ``job.started`` event is not later (None when none is, a runner's clock being behind)."""
+    row = conn.execute(
+        "SELECT MAX(json_extract(document, '$.data.attempt')) FROM events"
+        " WHERE job_id = ? AND type = 'job.started'"
+        " AND julianday(json_extract(document, '$.timestamp')) <= julianday(?)",
+        (job_id, timestamp),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def runner_was_sent(conn: Conn, job_id: str, runner_id: str) -> bool:

@@ -722,8 +722,10 @@ class JobStore:
         """Store a runner's ``job.progress`` JobEvent.
 
         Runners report progress through an outbox, so an event may arrive after the job
-        finished; it is kept as long as the job was ever sent to a runner. False when the job
-        never started or the event (by id) is already stored.
+        finished; it is kept as long as the job was ever sent to a runner, and one whose
+        attempt had ended (the last attempt started before its timestamp) gets that
+        attempt's number as ``data.attempt``. False when the job never started or the event
+        (by id) is already stored.
         """
         problems = []
         if event["jobId"] != job_id:
@@ -736,9 +738,15 @@ class JobStore:
             raise ValidationFailed("The event cannot be recorded for this job", details=problems)
         with self.db.tx() as conn:
             row = self._get(conn, job_id)
-            if int(row["attempts"]) == 0:
+            attempts = int(row["attempts"])
+            if attempts == 0:
                 return False
-            return db.insert_event(conn, dict(event))
+            event = dict(event)
+            attempt = db.attempt_at(conn, job_id, str(event["timestamp"])) or attempts
+            if attempt < attempts or row["status"] != "running":
+                # Its attempt had ended when it arrived: say which one it belongs to.
+                event["data"] = {**(event.get("data") or {}), "attempt": attempt}
+            return db.insert_event(conn, event)
 
     def events(self, job_id: str, *, limit: int, offset: int) -> dict[str, Any]:
         """A PaginatedResponse of the job's JobEvents, oldest first (redacted as the

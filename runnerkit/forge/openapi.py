@@ -169,7 +169,8 @@ def openapi_document(service: str = "jobforge") -> dict[str, Any]:
                 "JobEvent",
             ),
             "get": _op(
-                "The job's events, oldest first",
+                "The job's events, oldest first by their timestamp (progress a runner delivers "
+                "after its attempt ended carries data.attempt)",
                 {"200": _json(_page("JobEvent"), "PaginatedResponse")},
             ),
         },

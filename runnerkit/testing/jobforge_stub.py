@@ -12,6 +12,7 @@ Routes:
   ErrorEnvelope otherwise (or ``fail_heartbeat_with``);
 - ``DELETE /runners/<id>`` → 204, and the id is forgotten;
 - ``POST /jobs/<id>/result`` → 200 ``{"ok": true}``;
+- ``POST /jobs/<id>/events`` (a runner's ``job.progress``) → 202 ``{"ok": true}``;
 - anything else → 404 with an ErrorEnvelope.
 
 Error answers have the body ``{"success": false, "error": <ErrorEnvelope>}``, like runnerkit's.
@@ -322,6 +323,8 @@ class JobForgeStub:
             with self._lock:
                 self._results[parts[1]] = body
             return 200, {"ok": True}
+        if method == "POST" and len(parts) == 3 and parts[0] == "jobs" and parts[2] == "events":
+            return 202, {"ok": True}
         return self._error(404, f"No route {operation}", operation, code="ROUTE_NOT_FOUND")
 
     def _error(

@@ -12,7 +12,7 @@ from runnerkit.contracts import JOB_STATUSES, utc_now
 from runnerkit.errors import make_envelope
 from runnerkit.forge import Forge
 from runnerkit.forge.jobs import Clock
-from tests.dashboard.conftest import SECRETS, Seeded, page, register, start, submit
+from tests.dashboard.conftest import SECRETS, Seeded, deliver, page, register, start, submit
 from tests.dashboard.html_query import Node
 from tests.forge.helpers import job_request, new_id
 
@@ -366,3 +366,66 @@ def test_a_job_no_runner_could_take_shows_why_it_failed(client: FlaskClient, for
     assert "RESOURCE_NOT_FOUND" in outcome and "NO_RUNNER_FOR_TYPE" in outcome
     detail = page(client, f"/jobs/{job_id}/view").find("job-error-summary").text()
     assert "nobody.serves.this" in detail and "NO_RUNNER_FOR_TYPE" in detail
+
+
+def test_a_job_whose_type_no_runner_lists_waits_for_one(
+    client: FlaskClient, forge: Forge, seeded: Seeded
+) -> None:
+    """Listed and shown as waiting for a runner of its type, with the time left before the
+    forge fails it; a queued job some runner lists is not."""
+    job_id = submit(client, job_request("nobody.serves.this"))
+    expiry = float(forge.settings.unmatched_job_expiry_s)
+    assert expiry > 0
+    row = page(client, "/").find("job-row", data_job_id=job_id)
+    waiting = row.find("job-waiting").text()
+    assert "waiting for a runner of type nobody.serves.this" in waiting
+    assert "fails in" in waiting
+    served = page(client, "/").find("job-row", data_job_id=seeded.jobs["queued"])
+    assert served.find_all("job-waiting") == []  # beta lists data.checksum
+
+    detail = page(client, f"/jobs/{job_id}/view").find("job-detail")
+    text = detail.find("job-waiting").text()
+    assert "Waiting for a runner of type nobody.serves.this" in text
+    assert "NO_RUNNER_FOR_TYPE" in text
+    assert page(client, f"/jobs/{seeded.jobs['queued']}/view").find_all("job-waiting") == []
+
+    # Once a runner lists the type, the job no longer waits for one.
+    register(client, "gamma", ["nobody.serves.this"])
+    assert page(client, "/").find("job-row", data_job_id=job_id).find_all("job-waiting") == []
+
+
+def test_late_progress_is_listed_when_it_happened_and_marked_with_its_attempt(
+    client: FlaskClient, forge: Forge, seeded: Seeded
+) -> None:
+    """Progress delivered after the job completed (a runner's outbox catching up) is listed
+    before job.completed, by its own timestamp, and marked as of its ended attempt."""
+    alpha = seeded.runners["alpha"]
+    job_id = submit(client, job_request("text.stats", data={"text": "late"}))
+    start(forge, job_id, alpha)
+    happened = utc_now()  # the runner's ctx.progress, before the job ended
+    time.sleep(0.01)
+    deliver(client, job_id, alpha, success=True, data={"words": 1})
+    event = {
+        "id": new_id(),
+        "type": "job.progress",
+        "jobId": job_id,
+        "timestamp": happened,
+        "data": {"percent": 50, "message": "halfway"},
+        "metadata": {"service": "alpha", "version": "1.2.3"},
+    }
+    assert client.post(f"/jobs/{job_id}/events", json=event).status_code == 202
+
+    listed = client.get(f"/jobs/{job_id}/events").get_json()["items"]
+    types = [e["type"] for e in listed]
+    assert types == ["job.created", "job.queued", "job.started", "job.progress", "job.completed"]
+    stamps = [e["timestamp"] for e in listed]
+    assert stamps == sorted(stamps)
+    assert listed[3]["data"] == {"percent": 50, "message": "halfway", "attempt": 1}
+
+    doc = page(client, f"/jobs/{job_id}/view")
+    rows = doc.find_all("event-row")
+    assert [r["data-type"] for r in rows] == types
+    assert "of attempt 1, arrived after it ended" in rows[3].find("event-attempt").text()
+    # Progress of a running attempt is not marked.
+    running = page(client, f"/jobs/{seeded.jobs['running']}/view")
+    assert running.find_all("event-attempt") == []

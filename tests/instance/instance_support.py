@@ -195,13 +195,15 @@ def launch_instance(
     log_dir: Path,
     stub: JobForgeStub,
     *,
+    app: str = "app:app",
     workers: int = 3,
     config: str | None = GUNICORN_CONF,
     env: Mapping[str, str | None] | None = None,
     extra_args: Iterable[str] = (),
     wait: bool = True,
 ) -> Instance:
-    """Start gunicorn serving ``app:app`` for ``stub``, with its own state directory.
+    """Start gunicorn serving ``app`` (the example, ``app:app``) for ``stub``, with its own
+    state directory.
 
     With ``wait`` it returns once every worker has answered a request (so every worker's
     lifecycle scheduler is running). That wait (``wait_workers_serving``) closes its
@@ -221,7 +223,7 @@ def launch_instance(
     )
     merged.update(env or {})
     proc = GunicornProcess(
-        "app:app",
+        app,
         log_dir=log_dir,
         workers=workers,
         config=config,

@@ -34,9 +34,13 @@ pytestmark = pytest.mark.integration
 
 SLACK_S = 0.5
 
-#: How the master is started: the product's config file, or bare ``gunicorn app:app``.
+#: How the master is started: the product's config file, or bare ``gunicorn app:app`` (which
+#: reads ./gunicorn.conf.py) with gunicorn's own gthread worker. Both with 6 threads a worker,
+#: as launch_instance gives the config (GUNICORN_THREADS): the runner keeps 2 of them for
+#: /health, and the three jobs of a test may all land on one worker (with 4, the third would
+#: be refused 503 WORKER_BUSY).
 #: With ``--preload`` the master imports the app before it binds and forks: the same must hold.
-_PLAIN_ARGS = ["--worker-class", "gthread", "--threads", "4", "--graceful-timeout", "10"]
+_PLAIN_ARGS = ["--worker-class", "gthread", "--threads", "6", "--graceful-timeout", "10"]
 VARIANTS = {
     "gunicorn.conf.py": {"config": GUNICORN_CONF},
     "plain": {"config": None, "extra_args": _PLAIN_ARGS},

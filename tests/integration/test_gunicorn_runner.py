@@ -717,3 +717,36 @@ def test_every_log_line_is_one_json_object_gunicorn_lines_included(start_gunicor
     # Once the app is loaded, a worker's gunicorn lines name the runner.
     assert {r["service"] for r in records} <= {"gunicorn", "example-runner"}
     assert any(r["service"] == "example-runner" for r in gunicorn), gunicorn
+
+
+def test_plain_gunicorn_app_app_serves_with_the_runners_settings(start_gunicorn: Any) -> None:
+    # No -c: gunicorn reads ./gunicorn.conf.py, which is deploy/gunicorn.conf.py.
+    proc = start_gunicorn(config=None, workers=1)
+    log = proc.log_text()
+    assert "Using worker: runnerkit.gunicorn_worker.ThreadWorker" in log, log[-2000:]
+    assert "worker class" not in log and "GUNICORN_TIMEOUT" not in log, log[-2000:]
+    refused = requests.post(
+        proc.url + "/execute", data=b"{", headers={"Content-Type": "application/json"}, timeout=5
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "INVALID_JSON"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        # (with more than one thread gunicorn itself turns sync into gthread)
+        (
+            ["--worker-class", "sync", "--threads", "1"],
+            "--worker-class runnerkit.gunicorn_worker.ThreadWorker",
+        ),
+        (["--timeout", "5"], "raise GUNICORN_TIMEOUT (--timeout)"),
+        (["--threads", "2"], "raise GUNICORN_THREADS (--threads)"),
+    ],
+)
+def test_gunicorn_settings_that_break_a_promise_are_named_at_startup(
+    start_gunicorn: Any, args: list[str], says: str
+) -> None:
+    proc = start_gunicorn(config=None, workers=1, extra_args=args)
+    lines = [line for line in proc.log_text().splitlines() if says in line]
+    assert len(lines) == 1, proc.log_text()[-3000:]
+    assert json.loads(lines[0])["level"] == "error"

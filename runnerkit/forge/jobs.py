@@ -41,7 +41,6 @@ import functools
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 import uuid
@@ -183,7 +182,7 @@ def _error_summary(envelope: Mapping[str, Any]) -> dict[str, Any]:
 class JobStore:
     """Every job operation of the forge, shared by the HTTP API and the dispatcher."""
 
-    def __init__(self, database: db.ForgeDB, settings: ForgeSettings) -> None:
+    def __init__(self, database: db.Database, settings: ForgeSettings) -> None:
         self.db = database
         self.settings = settings
         self.service: str = settings.service_name
@@ -520,7 +519,7 @@ class JobStore:
             return row
         runner = db.get_runner(conn, runner_id)
         return {
-            **{key: row[key] for key in row.keys()},  # noqa: SIM118 - sqlite3.Row
+            **{key: row[key] for key in row.keys()},  # noqa: SIM118 - a db.Row
             "runner_id": runner_id,
             "runner_name": runner["name"] if runner is not None else None,
             "runner_version": runner["version"] if runner is not None else None,
@@ -1017,7 +1016,7 @@ class JobStore:
         try:
             with conn.savepoint():
                 return step()
-        except sqlite3.Error:
+        except db.DatabaseError:
             raise
         except Exception:
             log.exception("the forge could not handle job %s; it fails", job_id)

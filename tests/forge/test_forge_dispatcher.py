@@ -23,7 +23,6 @@ from typing import Any
 from runnerkit.contracts import format_timestamp
 from runnerkit.errors import retry_delay
 from runnerkit.forge import db as forge_db
-from runnerkit.forge.db import ForgeDB
 from runnerkit.signing import verify
 from tests.forge.helpers import (
     Call,
@@ -35,6 +34,7 @@ from tests.forge.helpers import (
     capability,
     envelope,
     new_id,
+    store,
     sync_request,
     valid,
     valid_page,
@@ -528,17 +528,18 @@ def test_a_restarted_forge_keeps_its_queue_and_requeues_orphans(
 
 
 def test_when_the_dispatching_process_dies_another_takes_over(
-    make_forge: MakeForge, make_runner: MakeRunner, db_path: str
+    make_forge: MakeForge, make_runner: MakeRunner, store_config: dict[str, str]
 ) -> None:
     script = (
         "import sys, time\n"
         "from runnerkit.forge import create_app\n"
-        "create_app({'DB_PATH': sys.argv[1], 'POLL_INTERVAL_MS': 20})\n"
+        "create_app({'DB_PATH': sys.argv[1], 'DB_URL': sys.argv[2], 'POLL_INTERVAL_MS': 20})\n"
         "time.sleep(60)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script, db_path], cwd=Path(__file__).parents[2])
+    argv = [sys.executable, "-c", script, store_config["DB_PATH"], store_config["DB_URL"]]
+    child = subprocess.Popen(argv, cwd=Path(__file__).parents[2])
     try:
-        meta = ForgeDB(db_path)
+        meta = store(store_config)
 
         def holder() -> Any:
             with meta.connection() as conn:

@@ -122,7 +122,7 @@ def test_a_job_whose_answer_cannot_be_recorded_fails_alone(
     expired = expired_job(forge)
     assert forge.wait_status(expired["id"], "failed")["error"]["code"] == "JOB_EXPIRED"
     # The failed job gave its slot back.
-    with forge_db.ForgeDB(forge.forge.settings.db_path).connection() as conn:
+    with forge.forge.db.connection() as conn:
         row = forge_db.get_job(conn, bad["id"])
         assert row is not None and row["slot_runner"] is None
 

@@ -405,8 +405,8 @@ def test_progress_event_checks(client: FlaskClient, forge: Forge) -> None:
     error_of(client.get(f"/jobs/{other}/events"), 404, "RESOURCE_NOT_FOUND")
 
 
-def test_token_protects_result_and_events(db_path: str) -> None:
-    app = create_app({"DB_PATH": db_path, "DISPATCHER": False, "TOKEN": "t0k"})
+def test_token_protects_result_and_events(store_config: dict[str, str]) -> None:
+    app = create_app({**store_config, "DISPATCHER": False, "TOKEN": "t0k"})
     try:
         client = app.test_client()
         auth = {"Authorization": "Bearer t0k"}

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.pq import TransactionStatus
+from psycopg.types.string import StrDumperUnknown, TextLoader
 from psycopg_pool import ConnectionPool
 
 from runnerkit.config import ConfigError
@@ -65,6 +66,42 @@ def translate(sql: str) -> str:
         if len(_translated) < 4096:
             _translated[sql] = found
     return found
+
+
+# PostgreSQL's text cannot hold NUL, which a JSON string (a job type, a runner's name, an
+# assertion's subject) may: such strings are stored with NUL written as ESC "0" and ESC itself
+# as ESC ESC (ESC a private-use character), and read back as they were. The forge's JSON
+# documents are ASCII (``\u0000`` escaped), so only strings stored raw ever change.
+_ESC = "\ue000"
+_ESCAPED = re.compile(f"{_ESC}(.)", re.DOTALL)
+
+
+def escape_text(value: str) -> str:
+    if "\x00" not in value and _ESC not in value:
+        return value
+    return value.replace(_ESC, _ESC + _ESC).replace("\x00", _ESC + "0")
+
+
+def unescape_text(value: str) -> str:
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "0" else m.group(1), value)
+
+
+class _NulSafeDumper(StrDumperUnknown):
+    def dump(self, obj: str) -> Any:
+        return super().dump(escape_text(obj))
+
+
+class _NulSafeLoader(TextLoader):
+    def load(self, data: Any) -> Any:
+        value = super().load(data)
+        if isinstance(value, str) and _ESC in value:
+            return unescape_text(value)
+        return value
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.adapters.register_dumper(str, _NulSafeDumper)
+    conn.adapters.register_loader("text", _NulSafeLoader)
 
 
 class PgRow:
@@ -177,6 +214,7 @@ class PostgresDB:
             min_size=1,
             max_size=self.pool_size,
             kwargs={"autocommit": True, "row_factory": _row_factory},
+            configure=_configure,
             timeout=self.connect_timeout_s,
             name="runnerkit-forge",
             open=False,

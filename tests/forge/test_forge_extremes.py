@@ -286,3 +286,42 @@ def test_the_dashboard_shows_lone_surrogates_as_replacement_characters() -> None
     for text in (pretty_json(value), compact_json(value)):
         text.encode("utf-8")  # a page can carry it
         assert "\ufffd" in text and "a\ufffdb" in text
+
+
+ODD = ["a\x00b", "\ue000", "\ue0000", "x\ue000\x00y\ue000\ue000", "\x00"]
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_strings_with_nul_and_private_use_characters_come_back_as_sent(
+    client: FlaskClient, odd: str
+) -> None:
+    """A JSON string may hold U+0000 (PostgreSQL's text cannot): every store keeps it."""
+    job = job_request(odd, data={"text": odd}, source=odd)
+    assert client.post("/jobs", json=job).status_code == 202
+    got = client.get(f"/jobs/{job['id']}").get_json()
+    assert got["request"]["type"] == odd
+    assert got["request"]["payload"]["data"]["text"] == odd
+    assert got["request"]["metadata"]["source"] == odd
+    listed = client.get("/jobs", query_string={"type": odd}).get_json()
+    assert [j["id"] for j in listed["items"]] == [job["id"]]
+
+    body = registration(odd, "http://127.0.0.1:9/health", [capability(odd, [odd])])
+    answer = client.post("/runners/register", json=body)
+    assert answer.status_code == 201, answer.get_json()
+    runners = client.get("/runners").get_json()["items"]
+    assert [r["name"] for r in runners] == [odd]
+    assert runners[0]["capabilities"][0]["supportedJobTypes"] == [odd]
+
+    assertion = {
+        "id": new_id(),
+        "subject": odd,
+        "predicate": odd,
+        "object": {odd: odd},
+        "source": odd,
+        "timestamp": utc_now(),
+    }
+    assert client.post("/assert", json=assertion).status_code == 201
+    query = {"id": new_id(), "pattern": {"subject": odd, "object": {odd: odd}}}
+    found = client.post("/query", json=query).get_json()
+    assert [a["id"] for a in found["assertions"]] == [assertion["id"]]
+    assert found["assertions"][0]["source"] == odd

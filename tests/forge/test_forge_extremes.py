@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import requests
 from flask.testing import FlaskClient
 
 from runnerkit.contracts import format_timestamp, utc_now
@@ -325,3 +326,33 @@ def test_strings_with_nul_and_private_use_characters_come_back_as_sent(
     found = client.post("/query", json=query).get_json()
     assert [a["id"] for a in found["assertions"]] == [assertion["id"]]
     assert found["assertions"][0]["source"] == odd
+
+
+def test_every_route_works_with_one_database_connection_per_process(
+    make_forge: MakeForge, make_runner: MakeRunner
+) -> None:
+    """No request takes a second pooled connection while it holds one (DB_POOL_SIZE=1): with
+    a bounded pool, such a request would wait on itself. SQLite's pool is not bounded."""
+    forge = make_forge(DB_POOL_SIZE=1)
+    runner = make_runner("r", [capability("cap", ["type.a"])])
+    runner.register(forge.url)
+    job = forge.submit(sync_request())
+    forge.wait_status(job["id"], "completed")
+    session = requests.Session()
+    for path in (
+        "/health",
+        "/metrics",
+        "/",
+        f"/jobs/{job['id']}/view",
+        f"/jobs/{new_id()}/view",
+        "/jobs",
+        "/runners",
+        f"/jobs/{job['id']}/events",
+    ):
+        answer = session.get(forge.url + path, timeout=(2, 20))
+        assert answer.status_code in (200, 404), (path, answer.status_code, answer.text[:300])
+        # Pages and /health report the database's health: it must not be their own wait.
+        assert "The database query failed" not in answer.text, path
+    query = {"id": new_id(), "pattern": {"subject": job["id"]}}
+    found = session.post(forge.url + "/query", json=query, timeout=(2, 20)).json()
+    assert found["totalCount"] >= 1

@@ -209,6 +209,13 @@ class PostgresDB:
     # -- connections ------------------------------------------------------------------------
 
     def _open(self) -> ConnectionPool[Any]:
+        try:  # first one plain connection: an unreachable server fails at once, and says why
+            psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout_s))).close()
+        except psycopg.OperationalError as exc:
+            raise psycopg.OperationalError(
+                f"the forge cannot reach its PostgreSQL database {self.describe()}: "
+                f"{str(exc).strip()}"
+            ) from None
         pool: ConnectionPool[Any] = ConnectionPool(
             self.url,
             min_size=1,

@@ -967,7 +967,7 @@ def count_jobs_by_status(conn: Conn) -> dict[str, int]:
 def record_delivery(conn: Conn, job_id: str, digest: str, received: float) -> bool:
     """Remember one delivered result; False when this exact delivery was seen before."""
     cursor = conn.execute(
-        "INSERT INTO deliveries (job_id, digest, received) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT OR IGNORE INTO deliveries (job_id, digest, received) VALUES (?, ?, ?)",
         (job_id, digest, received),
     )
     return cursor.rowcount > 0
@@ -976,9 +976,7 @@ def record_delivery(conn: Conn, job_id: str, digest: str, received: float) -> bo
 # --------------------------------------------------------------------------- events
 
 
-_INSERT_EVENT = (
-    "INSERT INTO events (id, job_id, type, document) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
-)
+_INSERT_EVENT = "INSERT OR IGNORE INTO events (id, job_id, type, document) VALUES (?, ?, ?, ?)"
 
 
 def queue_event(conn: Conn, event_id: str, job_id: str, type_: str, document: str) -> None:

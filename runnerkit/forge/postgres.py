@@ -6,7 +6,8 @@ every query function of :mod:`.db` runs on either backend:
 
 - SQL is written once in :mod:`.db`, SQLite's dialect; :func:`translate` turns a statement
   into PostgreSQL's once (``?`` and ``:name`` become ``%s`` and ``%(name)s``, SQLite's
-  ``INDEXED BY`` hints are dropped, ``rowid`` is the runners' ``seq``) and caches it.
+  ``INDEXED BY`` hints are dropped, ``rowid`` is the runners' ``seq``, ``INSERT OR IGNORE``
+  is ``ON CONFLICT DO NOTHING``) and caches it.
 - Rows (:class:`PgRow`) answer by column name and by position, as ``sqlite3.Row`` does.
 - Write transactions take turns on one transaction-level advisory lock (the counterpart of
   the SQLite store's writers' turn: the job state machine reads, decides and writes within
@@ -43,6 +44,7 @@ from . import db
 _TOKEN = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|\s+INDEXED BY \w+|\browid\b")
 
 _translated: dict[str, str] = {}
+_IGNORE = "INSERT OR IGNORE INTO "
 
 
 def _replace(match: re.Match[str]) -> str:
@@ -63,6 +65,8 @@ def translate(sql: str) -> str:
     found = _translated.get(sql)
     if found is None:
         found = _TOKEN.sub(_replace, sql)
+        if found.startswith(_IGNORE):
+            found = f"INSERT INTO {found[len(_IGNORE) :]} ON CONFLICT DO NOTHING"
         if len(_translated) < 4096:
             _translated[sql] = found
     return found

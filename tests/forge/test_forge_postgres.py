@@ -57,6 +57,9 @@ def test_statements_are_translated_once_and_literals_left_alone() -> None:
         " AND d::jsonb #>> '{a}' = %(other)s ORDER BY seq"
     )
     assert translate(sql) is translate(sql)
+    assert translate("INSERT OR IGNORE INTO t (a) VALUES (?)") == (
+        "INSERT INTO t (a) VALUES (%s) ON CONFLICT DO NOTHING"
+    )
 
 
 @pytest.mark.parametrize("text", ["", "plain", "\x00", "\ue000", "\ue0000", "a\ue000\x00\ue000b"])

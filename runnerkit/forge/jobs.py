@@ -657,6 +657,12 @@ class JobStore:
         """
         margin = float(self.settings.dispatch_margin_ms)
         threshold = self.settings.async_threshold_ms
+        # Stamped in the transaction, not when the tick began: a slot freed by a transaction
+        # that committed while this one waited for its turn (an async result) must not be
+        # recorded as freed after this claim took it.
+        fresh = Clock()
+        if fresh.ts > now.ts:
+            now = fresh
         claims: Claims = []
         for row, runner, capability_id in picks:
             timeout_ms = float(row["timeout_ms"])

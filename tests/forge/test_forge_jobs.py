@@ -512,6 +512,31 @@ def test_one_transaction_claims_several_jobs_and_skips_those_that_moved_on(
         assert event_types(client, job_id)[-1] == "job.started"
 
 
+def test_a_claim_is_stamped_when_its_transaction_runs_not_when_its_tick_began(
+    client: FlaskClient, forge: Forge
+) -> None:
+    """A slot another transaction freed while the tick waited for its turn is never shown
+    freed after the claim that took it: the claim's times are read inside its transaction."""
+    runner_id = register(client)
+    first = submit(client, job_request("t"))["id"]
+    start(forge, first, runner_id)
+    tick_began = Clock()  # then the tick waits while the first job's result is recorded
+    done = execution_response(first, runner_id)
+    assert client.post(f"/jobs/{first}/result", json=done).status_code == 200
+    completed = client.get(f"/jobs/{first}/events").get_json()["items"][-1]
+    assert completed["type"] == "job.completed"
+    second = submit(client, job_request("t"))["id"]
+    with forge.db.connection() as conn:
+        row, runner = forge_db.get_job(conn, second), forge_db.get_runner(conn, runner_id)
+    assert row is not None and runner is not None
+    with forge.db.tx() as conn:
+        (claim,) = forge.jobs.claim_all(conn, [(row, runner, "cap")], tick_began)
+    started = client.get(f"/jobs/{second}/events").get_json()["items"][-1]
+    assert started["type"] == "job.started"
+    assert started["timestamp"] >= completed["timestamp"]
+    assert forge.jobs.get(second)["status"] == "running" and claim.attempt == 1
+
+
 def test_the_forges_own_documents_are_canonical_json(client: FlaskClient, forge: Forge) -> None:
     """Events and assertions written in batches read back as db.dumps wrote them."""
     runner_id = register(client)

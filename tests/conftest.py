@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
 from runnerkit import Runner  # noqa: E402
 from runnerkit.logs import JsonFormatter  # noqa: E402
 from tests.helpers import RELEASE, TEST_CAPABILITIES, JobLog  # noqa: E402
+from tests.support.postgres import TestDatabase, require_server  # noqa: E402
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -115,3 +116,31 @@ def job_log() -> Iterator[JobLog]:
         yield capture
     finally:
         logger.removeHandler(handler)
+
+
+# --------------------------------------------------------------------------- forge backends
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[TestDatabase]:
+    """The session's own PostgreSQL database (skipped, or failed under CI, without a server)."""
+    require_server()
+    database = TestDatabase()
+    yield database
+    database.drop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def forge_backend(request: pytest.FixtureRequest) -> str:
+    """The forge's store for this test: its SQLite file, or PostgreSQL on the real server."""
+    backend: str = request.param
+    return backend
+
+
+@pytest.fixture
+def forge_db_url(forge_backend: str, request: pytest.FixtureRequest) -> str:
+    """RUNNERKIT_FORGE_DB_URL for the test's forge: empty on SQLite, a fresh schema on PG."""
+    if forge_backend != "postgres":
+        return ""
+    database: TestDatabase = request.getfixturevalue("pg_database")
+    return database.new_schema()

@@ -27,11 +27,11 @@ JSON objects: 415 otherwise, 400 for invalid JSON):
   ``GET|POST /login`` and ``POST /logout`` → the dashboard's session (with a TOKEN).
 
 Settings (``RUNNERKIT_FORGE_<NAME>``, defaults in :mod:`runnerkit.forge.settings`): DB_PATH,
-TOKEN, RUNNER_TOKEN, SIGNING_SECRET, TRUST_RUNNER_IDS, ALLOWED_RUNNER_NETWORKS,
-HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED, ASYNC_THRESHOLD_MS, DISPATCH_MARGIN_MS,
-CONNECT_TIMEOUT_MS, DISPATCH_THREADS, POLL_INTERVAL_MS, DISPATCHER, DISPATCHER_STALE_MS,
-SERVICE_NAME, MAX_PAGE_SIZE, RETRY_AFTER_CAP_S, MAX_BODY_BYTES, MAX_ANSWER_BYTES,
-HISTORY_RETENTION_HOURS, ASSERTION_RETENTION_HOURS, UNMATCHED_JOB_EXPIRY_S.
+DB_URL, DB_POOL_SIZE, TOKEN, RUNNER_TOKEN, SIGNING_SECRET, TRUST_RUNNER_IDS,
+ALLOWED_RUNNER_NETWORKS, HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED, ASYNC_THRESHOLD_MS,
+DISPATCH_MARGIN_MS, CONNECT_TIMEOUT_MS, DISPATCH_THREADS, POLL_INTERVAL_MS, DISPATCHER,
+DISPATCHER_STALE_MS, SERVICE_NAME, MAX_PAGE_SIZE, RETRY_AFTER_CAP_S, MAX_BODY_BYTES,
+MAX_ANSWER_BYTES, HISTORY_RETENTION_HOURS, ASSERTION_RETENTION_HOURS, UNMATCHED_JOB_EXPIRY_S.
 
 Who may call (``trust``): with TOKEN set, every route but ``/health`` needs it (a bearer
 header, or the dashboard's session cookie from ``POST /login``); without one, only loopback
@@ -61,7 +61,7 @@ from runnerkit.errors import RunnerError
 from runnerkit.http import register_error_handlers
 
 from . import api, metrics, trust
-from .db import ForgeDB
+from .db import open_database
 from .dispatcher import Dispatcher
 from .jobs import JobStore
 from .runners import RunnerRegistry
@@ -85,7 +85,7 @@ class Forge:
         self.settings = settings
         self.instance_id = str(uuid.uuid4())
         self.started = time.monotonic()
-        self.db = ForgeDB(str(settings.db_path))
+        self.db = open_database(settings)
         self.jobs = JobStore(self.db, settings)
         self.runners = RunnerRegistry(self.db, settings)
         self.truth = TruthStore(self.db, max_limit=int(self.settings.max_page_size))

@@ -527,25 +527,25 @@ def job_page(job_id: str) -> Response:
     now = time.time()
     with forge.db.snapshot() as conn:
         row = db.get_job(conn, job_id)
-        if row is None:
-            return _problem(
-                404,
-                "No such job",
-                f"The forge has no job with the id {job_id}. It may never have been "
-                "submitted here, or the id is mistyped.",
+        if row is not None:
+            view = _job_view(forge, row, now)
+            _attach_progress(conn, [view])
+            _attach_waiting(forge, conn, [view], now)
+            document = forge.jobs.response(row)
+            count = conn.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,))
+            event_total = int(count.fetchone()[0])
+            event_rows, _ = db.list_events(
+                conn, job_id, limit=MAX_EVENTS, offset=max(0, event_total - MAX_EVENTS)
             )
-        view = _job_view(forge, row, now)
-        _attach_progress(conn, [view])
-        _attach_waiting(forge, conn, [view], now)
-        document = forge.jobs.response(row)
-        event_total = int(
-            conn.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
-        )
-        event_rows, _ = db.list_events(
-            conn, job_id, limit=MAX_EVENTS, offset=max(0, event_total - MAX_EVENTS)
-        )
-        assertion_rows, assertions_total = db.query_assertions(
-            conn, now=now, subject=job_id, limit=MAX_ASSERTIONS
+            assertion_rows, assertions_total = db.query_assertions(
+                conn, now=now, subject=job_id, limit=MAX_ASSERTIONS
+            )
+    if row is None:  # the page is made outside the snapshot (it reads the health too)
+        return _problem(
+            404,
+            "No such job",
+            f"The forge has no job with the id {job_id}. It may never have been "
+            "submitted here, or the id is mistyped.",
         )
     job_request = redact(document["request"])
     result = document.get("result")

@@ -25,28 +25,76 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import psycopg
+
+from runnerkit.config import ConfigError
 from runnerkit.state import WriterTurns, prepare_wal
 
-Row = sqlite3.Row
+#: What a database error looks like on either backend (the forge never catches narrower).
+DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
-#: The largest INTEGER SQLite stores; client numbers past it are cut to it or refused.
+#: The largest INTEGER SQLite stores (and PostgreSQL's BIGINT); client numbers past it are
+#: cut to it or refused.
 MAX_INTEGER = 2**63 - 1
 
 
-class Conn(sqlite3.Connection):
-    """A connection that also holds the events and assertions a transaction will write.
+class Row(Protocol):
+    """A result row: by column name or position (``sqlite3.Row``, ``postgres.PgRow``)."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """A connection of either backend, as the query functions below use it.
+
+    SQL is written once, in SQLite's dialect with ``?`` / ``:name`` parameters; the
+    PostgreSQL connection (``postgres.PgConn``) translates each statement once and caches it.
+    The few statements the dialects cannot share branch on ``conn.postgres``.
+    """
+
+    postgres: bool
+    writing: bool
+    queued_events: list[tuple[str, str, str, str]]
+    queued_assertions: list[dict[str, Any]]
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
+
+    def savepoint(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class QueuedWrites:
+    """The events and assertions a transaction will write, and savepoints (both backends).
 
     Job transitions queue their JobEvents and TruthCore assertions here (:func:`queue_event`,
-    :func:`queue_assertion`); :meth:`ForgeDB.tx` writes them with one ``executemany`` per
+    :func:`queue_assertion`); the database's ``tx`` writes them with one ``executemany`` per
     table just before it commits, in the order they were queued.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.queued_events: list[tuple[str, str, str, str]] = []
-        self.queued_assertions: list[dict[str, Any]] = []
+    queued_events: list[tuple[str, str, str, str]]
+    queued_assertions: list[dict[str, Any]]
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        raise NotImplementedError
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
+        raise NotImplementedError
 
     def write_queued(self) -> None:
         """Insert the queued events and assertions (inside the caller's transaction)."""
@@ -80,22 +128,40 @@ class Conn(sqlite3.Connection):
         self.execute("RELEASE job")
 
 
-SCHEMA_VERSION = 2
+class SqliteConn(QueuedWrites, sqlite3.Connection):
+    """A SQLite connection that also holds the events and assertions a transaction will write."""
 
-#: Columns added after a table was first released: (table, column, declaration). A database
-#: file made before them gets them with ``ALTER TABLE`` when it is opened
-#: (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it is).
-_ADDED_COLUMNS = (("runners", "token_hash", "TEXT"),)
+    postgres = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queued_events = []
+        self.queued_assertions = []
+        self.writing = False
+
+    # sqlite3.Connection's own execute/executemany, not QueuedWrites' placeholders.
+    execute = sqlite3.Connection.execute
+    executemany = sqlite3.Connection.executemany
 
 
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    for table, column, declaration in _ADDED_COLUMNS:
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in present:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+# --------------------------------------------------------------------------- schema
 
 
-_SCHEMA = """
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema's history, the same step on both backends.
+
+    ``sqlite`` and ``postgres`` are scripts of ``;``-separated statements; the step and the
+    new ``schema_version`` are written in one transaction.
+    """
+
+    version: int
+    summary: str
+    sqlite: str
+    postgres: str
+
+
+_V1_SQLITE = """
 CREATE TABLE IF NOT EXISTS runners (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -108,8 +174,7 @@ CREATE TABLE IF NOT EXISTS runners (
     last_seen REAL NOT NULL,
     status TEXT NOT NULL,
     heartbeat_interval_ms REAL NOT NULL,
-    reported_active INTEGER NOT NULL DEFAULT 0,
-    token_hash TEXT
+    reported_active INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runners_health_url ON runners (health_url);
 
@@ -183,8 +248,174 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
-);
+)
 """
+
+# The same tables on PostgreSQL: BIGINT for SQLite's 64-bit INTEGER, DOUBLE PRECISION for its
+# REAL, identity columns for AUTOINCREMENT, a ``seq`` on runners for SQLite's rowid (their
+# registration order), and text compared bytewise (COLLATE "C", SQLite's BINARY): the forge
+# compares and sorts its Z timestamps as text.
+_V1_POSTGRES = """
+CREATE TABLE runners (
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY UNIQUE,
+    id TEXT COLLATE "C" PRIMARY KEY,
+    name TEXT COLLATE "C" NOT NULL,
+    version TEXT COLLATE "C" NOT NULL,
+    document TEXT NOT NULL,
+    health_url TEXT COLLATE "C" NOT NULL,
+    base_url TEXT COLLATE "C" NOT NULL,
+    registered_at TEXT COLLATE "C" NOT NULL,
+    last_heartbeat_at TEXT COLLATE "C" NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    status TEXT COLLATE "C" NOT NULL,
+    heartbeat_interval_ms DOUBLE PRECISION NOT NULL,
+    reported_active BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX runners_health_url ON runners (health_url);
+
+CREATE TABLE jobs (
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    id TEXT COLLATE "C" NOT NULL UNIQUE,
+    type TEXT COLLATE "C" NOT NULL,
+    priority BIGINT NOT NULL,
+    status TEXT COLLATE "C" NOT NULL,
+    request TEXT NOT NULL,
+    submitted DOUBLE PRECISION NOT NULL,
+    updated_at TEXT COLLATE "C" NOT NULL,
+    not_before DOUBLE PRECISION,
+    expires DOUBLE PRECISION,
+    timeout_ms DOUBLE PRECISION NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    runner_id TEXT COLLATE "C",
+    runner_name TEXT COLLATE "C",
+    runner_version TEXT COLLATE "C",
+    capability_id TEXT COLLATE "C",
+    first_started_at TEXT COLLATE "C",
+    attempt_started_at TEXT COLLATE "C",
+    slot_runner TEXT COLLATE "C",
+    slot_capability TEXT COLLATE "C",
+    lease_until DOUBLE PRECISION,
+    async BIGINT NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    last_error TEXT
+);
+CREATE INDEX jobs_wait ON jobs (status, type, priority DESC, seq);
+CREATE INDEX jobs_type ON jobs (type, seq);
+CREATE INDEX jobs_slot ON jobs (slot_runner, slot_capability);
+CREATE INDEX jobs_finished ON jobs (updated_at)
+    WHERE status IN ('completed', 'failed', 'cancelled');
+
+CREATE TABLE events (
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    id TEXT COLLATE "C" NOT NULL UNIQUE,
+    job_id TEXT COLLATE "C" NOT NULL,
+    type TEXT COLLATE "C" NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE INDEX events_job ON events (job_id, seq);
+
+CREATE TABLE assertions (
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    id TEXT COLLATE "C" NOT NULL UNIQUE,
+    subject TEXT COLLATE "C" NOT NULL,
+    predicate TEXT COLLATE "C" NOT NULL,
+    object TEXT COLLATE "C" NOT NULL,
+    confidence DOUBLE PRECISION NOT NULL,
+    source TEXT COLLATE "C" NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION,
+    document TEXT NOT NULL
+);
+CREATE INDEX assertions_subject ON assertions (subject, predicate);
+CREATE INDEX assertions_predicate ON assertions (predicate);
+CREATE INDEX assertions_ts ON assertions (ts);
+CREATE INDEX assertions_expires ON assertions (expires) WHERE expires IS NOT NULL;
+
+CREATE TABLE deliveries (
+    job_id TEXT COLLATE "C" NOT NULL,
+    digest TEXT COLLATE "C" NOT NULL,
+    received DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (job_id, digest)
+);
+
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT COLLATE "C" PRIMARY KEY,
+    value TEXT NOT NULL
+)
+"""
+
+#: The schema's history, oldest first; ``MIGRATIONS[i].version == i + 1``. A new step is
+#: appended here, never edited in place: databases out there have run the old ones.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "runners, jobs, events, assertions, deliveries, meta", _V1_SQLITE, _V1_POSTGRES),
+    Migration(
+        2,
+        "runners.token_hash: the SHA-256 of each runner's own runnerToken",
+        "ALTER TABLE runners ADD COLUMN token_hash TEXT",
+        'ALTER TABLE runners ADD COLUMN token_hash TEXT COLLATE "C"',
+    ),
+)
+
+#: The schema version this forge writes and reads.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+class SchemaTooNew(ConfigError):
+    """The database was written by a newer forge: this one refuses to touch it."""
+
+
+def statements(script: str) -> list[str]:
+    """The statements of a migration script (none of them holds a ``;`` of its own)."""
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
+def _stored_version(conn: Conn) -> int | None:
+    """``schema_version`` from ``meta``; None when the table or the key is missing."""
+    try:
+        with conn.savepoint():
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except DatabaseError:
+        return None
+    return None if row is None else int(loads(row[0]))
+
+
+def _legacy_sqlite_version(conn: Conn) -> int:
+    """The version of a SQLite file made before ``schema_version`` was kept (0: empty)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "jobs" not in tables:
+        return 0
+    # Those files were made (and kept up) by idempotent scripts: step 1 again completes
+    # whatever indexes an older release had not made yet.
+    for statement in statements(_V1_SQLITE):
+        conn.execute(statement)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(runners)")}
+    return 2 if "token_hash" in columns else 1
+
+
+def migrate(conn: Conn, where: str) -> tuple[int, int]:
+    """Bring the schema up to :data:`SCHEMA_VERSION` inside the caller's write transaction.
+
+    Returns (version found, version now). A database newer than this forge is refused with
+    :class:`SchemaTooNew` and left as it is.
+    """
+    found = _stored_version(conn)
+    if found is None:
+        found = 0 if conn.postgres else _legacy_sqlite_version(conn)
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the forge database {where} has schema version {found}, newer than this forge "
+            f"understands (version {SCHEMA_VERSION}): it was upgraded by a newer runnerkit. "
+            "Run that release (or newer), or point the forge at another database; this one "
+            "is left untouched."
+        )
+    for migration in MIGRATIONS[found:]:
+        for statement in statements(migration.postgres if conn.postgres else migration.sqlite):
+            conn.execute(statement)
+    if found != SCHEMA_VERSION or _stored_version(conn) is None:
+        set_meta(conn, "schema_version", SCHEMA_VERSION)
+    return found, SCHEMA_VERSION
+
 
 #: Job columns a transition may set (``update_job`` refuses anything else).
 JOB_COLUMNS = frozenset(
@@ -257,13 +488,19 @@ def _canonical(value: Any) -> Any:
 
 
 class ForgeDB:
-    """The forge's database file: schema on first use, pooled connections, transactions."""
+    """The forge's SQLite file: schema on first use, pooled connections, transactions.
+
+    :class:`~runnerkit.forge.postgres.PostgresDB` is the same interface on PostgreSQL;
+    :func:`open_database` picks one from the settings.
+    """
+
+    postgres = False
 
     def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        self._pool: list[Conn] = []
+        self._pool: list[SqliteConn] = []
         self._pid = 0
         self._ready = False
         # Writers of every forge process take turns here before SQLite's own lock.
@@ -271,7 +508,11 @@ class ForgeDB:
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self) -> Conn:
+    def describe(self) -> str:
+        """Where the data lives, for messages (a path; never a password)."""
+        return self.path
+
+    def _connect(self) -> SqliteConn:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         conn = sqlite3.connect(
@@ -279,10 +520,10 @@ class ForgeDB:
             timeout=self.busy_timeout_s,
             isolation_level=None,
             check_same_thread=False,
-            factory=Conn,
+            factory=SqliteConn,
             cached_statements=256,
         )
-        assert isinstance(conn, Conn)
+        assert isinstance(conn, SqliteConn)
         conn.row_factory = sqlite3.Row
         prepare_wal(conn, self._writers, self._setup)
         self._ready = True
@@ -291,13 +532,18 @@ class ForgeDB:
     def _setup(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA foreign_keys=OFF")
         if not self._ready:
-            # Every statement is idempotent (IF NOT EXISTS), and processes starting together
-            # on a new file run them in turn (prepare_wal holds the writers' turn).
-            conn.executescript(_SCHEMA)
-            _add_missing_columns(conn)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # Once per process: processes starting together on a file run the migrations in
+            # turn (prepare_wal holds the writers' turn), each step with its version.
+            assert isinstance(conn, SqliteConn)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                migrate(conn, self.path)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
-    def _checkout(self) -> Conn:
+    def _checkout(self) -> SqliteConn:
         with self._lock:
             if self._pid != os.getpid():
                 # Connections opened by the parent before fork must not be used (or closed)
@@ -307,7 +553,7 @@ class ForgeDB:
                 return self._pool.pop()
         return self._connect()
 
-    def _checkin(self, conn: Conn) -> None:
+    def _checkin(self, conn: SqliteConn) -> None:
         with self._lock:
             if self._pid == os.getpid() and len(self._pool) < 16:
                 self._pool.append(conn)
@@ -316,7 +562,7 @@ class ForgeDB:
             conn.close()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[Conn]:
+    def connection(self) -> Iterator[SqliteConn]:
         """A pooled connection in autocommit mode (each statement is its own transaction)."""
         conn = self._checkout()
         try:
@@ -329,7 +575,7 @@ class ForgeDB:
             self._checkin(conn)
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[Conn]:
+    def tx(self) -> Iterator[SqliteConn]:
         """A write transaction (``BEGIN IMMEDIATE``), committed on success.
 
         Writers take turns first (:class:`~runnerkit.state.WriterTurns`, every process of
@@ -348,7 +594,7 @@ class ForgeDB:
             conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Conn]:
+    def snapshot(self) -> Iterator[SqliteConn]:
         """A read transaction: every statement inside sees the same state."""
         with self.connection() as conn:
             conn.execute("BEGIN")
@@ -370,6 +616,34 @@ class ForgeDB:
         with self.connection() as conn:
             conn.execute("SELECT COUNT(*) FROM meta").fetchone()
             conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchone()
+
+
+class Database(Protocol):
+    """The store's interface: :class:`ForgeDB` (SQLite) or ``postgres.PostgresDB``."""
+
+    postgres: bool
+
+    def describe(self) -> str: ...
+
+    def connection(self) -> contextlib.AbstractContextManager[Conn]: ...
+
+    def tx(self) -> contextlib.AbstractContextManager[Conn]: ...
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Conn]: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_database(settings: Any) -> Database:
+    """The forge's store: PostgreSQL when ``DB_URL`` names it, else the SQLite ``DB_PATH``."""
+    url = str(settings.db_url).strip()
+    if url:
+        from .postgres import PostgresDB
+
+        return PostgresDB(url, pool_size=int(settings.db_pool_size))
+    return ForgeDB(str(settings.db_path))
 
 
 # --------------------------------------------------------------------------- meta
@@ -616,10 +890,13 @@ def eligible_jobs(
             " ORDER BY priority DESC, seq ASC LIMIT ?"
         )
         return conn.execute(sql, (now, now, limit)).fetchall()
+    # In a write transaction on PostgreSQL the rows are claimed as they are read: another
+    # forge instance's claim skips them instead of waiting (or taking them twice).
+    waiting = _WAITING_FOR_CLAIM if conn.postgres and conn.writing else _WAITING
     rows: list[Row] = []
     for job_type in types:
         for status in ("queued", "retrying"):
-            rows.extend(conn.execute(_WAITING, (status, job_type, now, now, limit)))
+            rows.extend(conn.execute(waiting, (status, job_type, now, now, limit)))
     rows.sort(key=_dispatch_order)
     return rows[:limit]
 
@@ -629,6 +906,7 @@ _WAITING = (
     " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
     " ORDER BY priority DESC, seq ASC LIMIT ?"
 )
+_WAITING_FOR_CLAIM = _WAITING + " FOR UPDATE SKIP LOCKED"
 
 
 def _dispatch_order(row: Row) -> tuple[int, int]:
@@ -733,10 +1011,7 @@ def queue_event(conn: Conn, event_id: str, job_id: str, type_: str, document: st
 
 def insert_event(conn: Conn, event: Mapping[str, Any]) -> bool:
     """Store a JobEvent document; False when an event with its id is already stored."""
-    cursor = conn.execute(
-        "INSERT OR IGNORE INTO events (id, job_id, type, document) VALUES (?, ?, ?, ?)",
-        (event["id"], event["jobId"], event["type"], dumps(event)),
-    )
+    cursor = conn.execute(_INSERT_EVENT, (event["id"], event["jobId"], event["type"], dumps(event)))
     return cursor.rowcount > 0
 
 
@@ -745,20 +1020,32 @@ def list_events(conn: Conn, job_id: str, *, limit: int, offset: int) -> tuple[li
     # Oldest first by when each happened (its own timestamp), not by when it arrived: a
     # runner's progress comes through its outbox and may land after the job's end.
     rows = conn.execute(
-        "SELECT * FROM events WHERE job_id = ?"
-        " ORDER BY julianday(json_extract(document, '$.timestamp')), seq LIMIT ? OFFSET ?",
+        f"SELECT * FROM events WHERE job_id = ? ORDER BY {_event_time(conn)}, seq LIMIT ? OFFSET ?",
         (job_id, limit, offset),
     ).fetchall()
     return rows, int(total)
 
 
+def _event_time(conn: Conn) -> str:
+    """An event's own timestamp as a value that orders by time, in the store's dialect."""
+    if conn.postgres:
+        return "CAST(document::jsonb ->> 'timestamp' AS timestamptz)"
+    return "julianday(json_extract(document, '$.timestamp'))"
+
+
 def attempt_at(conn: Conn, job_id: str, timestamp: str) -> int | None:
     """The attempt of ``job_id`` that was running at ``timestamp``: the last one whose
     ``job.started`` event is not later (None when none is, a runner's clock being behind)."""
+    if conn.postgres:
+        attempt, at = (
+            "CAST(document::jsonb #>> '{data,attempt}' AS integer)",
+            "CAST(? AS timestamptz)",
+        )
+    else:
+        attempt, at = "json_extract(document, '$.data.attempt')", "julianday(?)"
     row = conn.execute(
-        "SELECT MAX(json_extract(document, '$.data.attempt')) FROM events"
-        " WHERE job_id = ? AND type = 'job.started'"
-        " AND julianday(json_extract(document, '$.timestamp')) <= julianday(?)",
+        f"SELECT MAX({attempt}) FROM events WHERE job_id = ? AND type = 'job.started'"
+        f" AND {_event_time(conn)} <= {at}",
         (job_id, timestamp),
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
@@ -766,9 +1053,13 @@ def attempt_at(conn: Conn, job_id: str, timestamp: str) -> int | None:
 
 def runner_was_sent(conn: Conn, job_id: str, runner_id: str) -> bool:
     """Whether an attempt of the job was ever sent to ``runner_id`` (its job.started events)."""
+    runner = (
+        "document::jsonb #>> '{data,runnerId}'"
+        if conn.postgres
+        else "json_extract(document, '$.data.runnerId')"
+    )
     row = conn.execute(
-        "SELECT 1 FROM events WHERE job_id = ? AND type = 'job.started'"
-        " AND json_extract(document, '$.data.runnerId') = ? LIMIT 1",
+        f"SELECT 1 FROM events WHERE job_id = ? AND type = 'job.started' AND {runner} = ? LIMIT 1",
         (job_id, runner_id),
     ).fetchone()
     return row is not None

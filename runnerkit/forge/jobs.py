@@ -46,7 +46,6 @@ import functools
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 import uuid
@@ -286,7 +285,7 @@ def _error_summary(envelope: Mapping[str, Any]) -> dict[str, Any]:
 class JobStore:
     """Every job operation of the forge, shared by the HTTP API and the dispatcher."""
 
-    def __init__(self, database: db.ForgeDB, settings: ForgeSettings) -> None:
+    def __init__(self, database: db.Database, settings: ForgeSettings) -> None:
         self.db = database
         self.settings = settings
         self.service: str = settings.service_name
@@ -625,7 +624,7 @@ class JobStore:
             return row
         runner = db.get_runner(conn, runner_id)
         return {
-            **{key: row[key] for key in row.keys()},  # noqa: SIM118 - sqlite3.Row
+            **{key: row[key] for key in row.keys()},  # noqa: SIM118 - a db.Row
             "runner_id": runner_id,
             "runner_name": runner["name"] if runner is not None else None,
             "runner_version": runner["version"] if runner is not None else None,
@@ -808,6 +807,12 @@ class JobStore:
         """
         margin = float(self.settings.dispatch_margin_ms)
         threshold = self.settings.async_threshold_ms
+        # Stamped in the transaction, not when the tick began: a slot freed by a transaction
+        # that committed while this one waited for its turn (an async result) must not be
+        # recorded as freed after this claim took it.
+        fresh = Clock()
+        if fresh.ts > now.ts:
+            now = fresh
         claims: Claims = []
         for row, runner, capability_id in picks:
             timeout_ms = float(row["timeout_ms"])
@@ -1166,7 +1171,7 @@ class JobStore:
         try:
             with conn.savepoint():
                 return step()
-        except sqlite3.Error:
+        except db.DatabaseError:
             raise
         except Exception:
             log.exception("the forge could not handle job %s; it fails", job_id)

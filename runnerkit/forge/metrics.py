@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -129,7 +128,7 @@ class ForgeStateCollector:
                 rows = conn.execute(
                     "SELECT status, COUNT(*) AS n FROM runners GROUP BY status"
                 ).fetchall()
-        except sqlite3.Error as exc:
+        except db.DatabaseError as exc:
             # The scrape still answers (with the HTTP metrics); /health reports the database.
             log.warning("metrics: the database query failed (%s)", type(exc).__name__)
             return

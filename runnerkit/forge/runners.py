@@ -69,7 +69,7 @@ def check_contract_version(version: Mapping[str, Any]) -> None:
 class RunnerRegistry:
     """The runners table, as the HTTP API and the dispatcher see it."""
 
-    def __init__(self, database: db.ForgeDB, settings: ForgeSettings) -> None:
+    def __init__(self, database: db.Database, settings: ForgeSettings) -> None:
         self.db = database
         self.settings = settings
         self.targets = TargetPolicy(str(settings.allowed_runner_networks))

@@ -34,7 +34,23 @@ SETTINGS: tuple[Setting, ...] = (
         "./var/forge.sqlite3",
         parse_str,
         "The SQLite file holding runners, jobs, events and assertions (created on first "
-        "start, with its directory). The dispatcher lock is '<DB_PATH>.dispatcher.lock'.",
+        "start, with its directory). The dispatcher lock is '<DB_PATH>.dispatcher.lock' "
+        "(also with DB_URL: the path names the forge's local files).",
+    ),
+    Setting(
+        "DB_URL",
+        "",
+        parse_str,
+        "A PostgreSQL database for runners, jobs, events and assertions instead of the "
+        "SQLite file (postgresql://user:password@host:5432/dbname; libpq's options such as "
+        "?sslmode=require or ?options=-csearch_path%3Dforge pass through). Empty: SQLite at "
+        "DB_PATH. The schema is created or upgraded at start; see docs/postgresql.md.",
+    ),
+    Setting(
+        "DB_POOL_SIZE",
+        10,
+        parse_positive_int,
+        "With DB_URL: the most PostgreSQL connections each forge process opens.",
     ),
     Setting(
         "TOKEN",
@@ -221,6 +237,12 @@ class ForgeSettings(ResolvedSettings):
         values = resolve(SETTINGS, PREFIX, config, environ, bare_keys=True)
         if not str(values["DB_PATH"]).strip():
             raise ConfigError(f"{PREFIX}DB_PATH must not be empty")
+        url = str(values["DB_URL"]).strip()
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"{PREFIX}DB_URL must be a postgresql:// URL; leave it empty for SQLite at "
+                f"{PREFIX}DB_PATH"
+            )
         for secret_key in ("TOKEN", "RUNNER_TOKEN", "SIGNING_SECRET"):
             refuse_placeholder(PREFIX + secret_key, str(values[secret_key]))
         return cls(values)

@@ -137,7 +137,7 @@ _string = json.JSONEncoder().encode  # a str as db.dumps writes it
 class TruthStore:
     """``POST /assert`` and ``POST /query`` over the forge database."""
 
-    def __init__(self, database: db.ForgeDB, max_limit: int = 500) -> None:
+    def __init__(self, database: db.Database, max_limit: int = 500) -> None:
         self.db = database
         #: A query's ``limit`` above this is cut to it (``hasMore`` says there is more).
         self.max_limit = max_limit

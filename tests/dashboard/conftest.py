@@ -34,10 +34,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
+def app(tmp_path: Path, forge_db_url: str) -> Iterator[Flask]:
+    """The forge behind the pages, on each store (``forge_backend``: SQLite, PostgreSQL)."""
     app = forge_app(
         {
             "DB_PATH": str(tmp_path / "var" / "forge.sqlite3"),
+            "DB_URL": forge_db_url,
             "DISPATCHER": False,
             "HEARTBEAT_INTERVAL_MS": 60_000,
         }

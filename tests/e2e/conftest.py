@@ -1,6 +1,7 @@
 """Fixtures for the end-to-end tests: a real forge and real runners, each under gunicorn.
 
-A :class:`Stack` is one forge (``runnerkit.forge:app`` on a SQLite file in a temporary folder)
+A :class:`Stack` is one forge (``runnerkit.forge:app`` on a SQLite file in a temporary folder,
+or on a PostgreSQL schema of its own: every test here runs on both, ``e2e_backend``)
 plus runner instances serving ``tests/e2e/apps/e2e_app.py`` (2 workers each, the product's
 ``deploy/gunicorn.conf.py``), every one on its own loopback port and state directory, all
 reporting to that forge. Everything is observed over HTTP, from the forge's answers (each
@@ -38,6 +39,7 @@ from runnerkit.contracts import (
     utc_now,
 )
 from tests.support import GunicornProcess, free_port
+from tests.support.postgres import TestDatabase
 from tests.support.waiting import wait_until
 
 T = TypeVar("T")
@@ -184,6 +186,8 @@ class Stack:
 
     root: Path
     forge_workers: int = 1
+    #: The forge's RUNNERKIT_FORGE_DB_URL: empty for its SQLite file, else a PostgreSQL schema.
+    db_url: str = ""
     forge_port: int = field(default_factory=free_port)
     runners: dict[str, RunnerInstance] = field(default_factory=dict)
     processes: list[GunicornProcess] = field(default_factory=list)
@@ -244,6 +248,7 @@ class Stack:
         env.update(
             {
                 "RUNNERKIT_FORGE_DB_PATH": str(self.db_path),
+                "RUNNERKIT_FORGE_DB_URL": self.db_url,
                 "RUNNERKIT_FORGE_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_MS),
                 "RUNNERKIT_FORGE_OFFLINE_AFTER_MISSED": str(OFFLINE_AFTER_MISSED),
                 "RUNNERKIT_FORGE_ASYNC_THRESHOLD_MS": str(ASYNC_THRESHOLD_MS),
@@ -487,14 +492,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def e2e_backend(request: pytest.FixtureRequest) -> str:
+    """The forge's store for a module's stacks: its SQLite file, or PostgreSQL."""
+    backend: str = request.param
+    return backend
+
+
+def _db_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """A fresh store for one forge: empty (SQLite) or a new PostgreSQL schema."""
+    if backend != "postgres":
+        return ""
+    database: TestDatabase = request.getfixturevalue("pg_database")
+    return database.new_schema()
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, e2e_backend: str, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     """A forge (2 workers) and two runners, shared by a module's tests.
 
     Runner A offers alpha, work, solo, flaky, strict; runner B offers beta, work, flaky,
     strict. Tests using it must leave no job running.
     """
-    shared = Stack(tmp_path_factory.mktemp("e2e-stack"), forge_workers=2)
+    db_url = _db_url(e2e_backend, request)
+    shared = Stack(tmp_path_factory.mktemp("e2e-stack"), forge_workers=2, db_url=db_url)
     try:
         shared.start_forge()
         shared.start_runner("A", ("alpha", "work", "solo", "flaky", "strict"), wait=False)
@@ -507,13 +530,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def make_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Stack]]:
+def make_stack(
+    request: pytest.FixtureRequest, tmp_path: Path, e2e_backend: str
+) -> Iterator[Callable[[], Stack]]:
     """``make_stack() -> Stack``: a fresh forge-less stack to start things in; stopped after."""
     made: list[Stack] = []
     request.node.e2e_stacks = made
 
     def make() -> Stack:
-        fresh = Stack(tmp_path / f"stack{len(made)}")
+        fresh = Stack(tmp_path / f"stack{len(made)}", db_url=_db_url(e2e_backend, request))
         made.append(fresh)
         return fresh
 

@@ -1,4 +1,8 @@
-"""Fixtures for the forge tests: a forge on a fresh SQLite file, over a test client or HTTP."""
+"""Fixtures for the forge tests: a forge on a fresh store, over a test client or HTTP.
+
+Every test that takes ``store_config`` (directly, or through ``forge_config``/``make_forge``) runs
+twice: on a SQLite file and on PostgreSQL (``forge_backend``, see ``tests/conftest.py``).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,15 @@ def db_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def forge_config(db_path: str) -> dict[str, Any]:
+def store_config(db_path: str, forge_db_url: str) -> dict[str, str]:
+    """The store settings of the test's forge (DB_URL empty: the SQLite file at DB_PATH)."""
+    return {"DB_PATH": db_path, "DB_URL": forge_db_url}
+
+
+@pytest.fixture
+def forge_config(store_config: dict[str, str]) -> dict[str, Any]:
     """An API-only forge (no dispatcher thread): endpoint semantics without timing."""
-    return {"DB_PATH": db_path, "DISPATCHER": False, "HEARTBEAT_INTERVAL_MS": 60_000}
+    return {**store_config, "DISPATCHER": False, "HEARTBEAT_INTERVAL_MS": 60_000}
 
 
 @pytest.fixture
@@ -53,11 +63,11 @@ FAST = {
 
 
 @pytest.fixture
-def make_forge(db_path: str) -> Iterator[Callable[..., ForgeServer]]:
+def make_forge(store_config: dict[str, str]) -> Iterator[Callable[..., ForgeServer]]:
     servers: list[ForgeServer] = []
 
     def make(**config: Any) -> ForgeServer:
-        server = ForgeServer({"DB_PATH": db_path, **FAST, **config})
+        server = ForgeServer({**store_config, **FAST, **config})
         servers.append(server)
         return server
 

@@ -29,10 +29,16 @@ from werkzeug.test import TestResponse
 
 from runnerkit.contracts import CONTRACT_VERSION, utc_now, validate
 from runnerkit.errors import make_envelope
-from runnerkit.forge import Forge, create_app, get_forge
+from runnerkit.forge import Forge, ForgeSettings, create_app, get_forge
+from runnerkit.forge.db import Database, open_database
 from tests.support.waiting import wait_until
 
 # --------------------------------------------------------------------------- documents
+
+
+def store(config: Mapping[str, Any]) -> Database:
+    """The store a forge with these settings uses (its SQLite file or PostgreSQL schema)."""
+    return open_database(ForgeSettings.load(config, environ={}))
 
 
 def new_id() -> str:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import requests
 from flask.testing import FlaskClient
 
 from runnerkit.contracts import format_timestamp, utc_now
@@ -122,7 +123,7 @@ def test_a_job_whose_answer_cannot_be_recorded_fails_alone(
     expired = expired_job(forge)
     assert forge.wait_status(expired["id"], "failed")["error"]["code"] == "JOB_EXPIRED"
     # The failed job gave its slot back.
-    with forge_db.ForgeDB(forge.forge.settings.db_path).connection() as conn:
+    with forge.forge.db.connection() as conn:
         row = forge_db.get_job(conn, bad["id"])
         assert row is not None and row["slot_runner"] is None
 
@@ -286,3 +287,72 @@ def test_the_dashboard_shows_lone_surrogates_as_replacement_characters() -> None
     for text in (pretty_json(value), compact_json(value)):
         text.encode("utf-8")  # a page can carry it
         assert "\ufffd" in text and "a\ufffdb" in text
+
+
+ODD = ["a\x00b", "\ue000", "\ue0000", "x\ue000\x00y\ue000\ue000", "\x00"]
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_strings_with_nul_and_private_use_characters_come_back_as_sent(
+    client: FlaskClient, odd: str
+) -> None:
+    """A JSON string may hold U+0000 (PostgreSQL's text cannot): every store keeps it."""
+    job = job_request(odd, data={"text": odd}, source=odd)
+    assert client.post("/jobs", json=job).status_code == 202
+    got = client.get(f"/jobs/{job['id']}").get_json()
+    assert got["request"]["type"] == odd
+    assert got["request"]["payload"]["data"]["text"] == odd
+    assert got["request"]["metadata"]["source"] == odd
+    listed = client.get("/jobs", query_string={"type": odd}).get_json()
+    assert [j["id"] for j in listed["items"]] == [job["id"]]
+
+    body = registration(odd, "http://127.0.0.1:9/health", [capability(odd, [odd])])
+    answer = client.post("/runners/register", json=body)
+    assert answer.status_code == 201, answer.get_json()
+    runners = client.get("/runners").get_json()["items"]
+    assert [r["name"] for r in runners] == [odd]
+    assert runners[0]["capabilities"][0]["supportedJobTypes"] == [odd]
+
+    assertion = {
+        "id": new_id(),
+        "subject": odd,
+        "predicate": odd,
+        "object": {odd: odd},
+        "source": odd,
+        "timestamp": utc_now(),
+    }
+    assert client.post("/assert", json=assertion).status_code == 201
+    query = {"id": new_id(), "pattern": {"subject": odd, "object": {odd: odd}}}
+    found = client.post("/query", json=query).get_json()
+    assert [a["id"] for a in found["assertions"]] == [assertion["id"]]
+    assert found["assertions"][0]["source"] == odd
+
+
+def test_every_route_works_with_one_database_connection_per_process(
+    make_forge: MakeForge, make_runner: MakeRunner
+) -> None:
+    """No request takes a second pooled connection while it holds one (DB_POOL_SIZE=1): with
+    a bounded pool, such a request would wait on itself. SQLite's pool is not bounded."""
+    forge = make_forge(DB_POOL_SIZE=1)
+    runner = make_runner("r", [capability("cap", ["type.a"])])
+    runner.register(forge.url)
+    job = forge.submit(sync_request())
+    forge.wait_status(job["id"], "completed")
+    session = requests.Session()
+    for path in (
+        "/health",
+        "/metrics",
+        "/",
+        f"/jobs/{job['id']}/view",
+        f"/jobs/{new_id()}/view",
+        "/jobs",
+        "/runners",
+        f"/jobs/{job['id']}/events",
+    ):
+        answer = session.get(forge.url + path, timeout=(2, 20))
+        assert answer.status_code in (200, 404), (path, answer.status_code, answer.text[:300])
+        # Pages and /health report the database's health: it must not be their own wait.
+        assert "The database query failed" not in answer.text, path
+    query = {"id": new_id(), "pattern": {"subject": job["id"]}}
+    found = session.post(forge.url + "/query", json=query, timeout=(2, 20)).json()
+    assert found["totalCount"] >= 1

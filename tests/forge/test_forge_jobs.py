@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 
 from runnerkit.contracts import JobRequestSchema, parse_timestamp, utc_now
@@ -409,8 +410,8 @@ def test_progress_event_checks(client: FlaskClient, forge: Forge) -> None:
     error_of(client.get(f"/jobs/{other}/events"), 404, "RESOURCE_NOT_FOUND")
 
 
-def test_token_protects_result_and_events(db_path: str) -> None:
-    app = create_app({"DB_PATH": db_path, "DISPATCHER": False, "TOKEN": "t0k"})
+def test_token_protects_result_and_events(store_config: dict[str, str]) -> None:
+    app = create_app({**store_config, "DISPATCHER": False, "TOKEN": "t0k"})
     try:
         client = app.test_client()
         auth = {"Authorization": "Bearer t0k"}
@@ -517,11 +518,13 @@ def test_one_transaction_claims_several_jobs_and_skips_those_that_moved_on(
 
 
 def test_a_result_is_stamped_once_its_transaction_has_its_turn(
-    client: FlaskClient, forge: Forge, db_path: str
+    client: FlaskClient, forge: Forge, db_path: str, forge_backend: str
 ) -> None:
     """A result that waits for another process's write is stamped when it is written, not
     when it arrived: otherwise the dispatcher, stamping first and waiting behind this
     result, records the next job started in the slot it frees before this job completed."""
+    if forge_backend != "sqlite":
+        pytest.skip("holds SQLite's writer-turn lock file (PostgreSQL's turn is an advisory lock)")
     runner_id = register(client)
     job_id = submit(client, job_request("t"))["id"]
     start(forge, job_id, runner_id)
@@ -548,6 +551,31 @@ def test_a_result_is_stamped_once_its_transaction_has_its_turn(
     ]
     stamped_ms = round(parse_timestamp(completed["timestamp"]).timestamp() * 1000)
     assert stamped_ms >= int(released * 1000)
+
+
+def test_a_claim_is_stamped_when_its_transaction_runs_not_when_its_tick_began(
+    client: FlaskClient, forge: Forge
+) -> None:
+    """A slot another transaction freed while the tick waited for its turn is never shown
+    freed after the claim that took it: the claim's times are read inside its transaction."""
+    runner_id = register(client)
+    first = submit(client, job_request("t"))["id"]
+    start(forge, first, runner_id)
+    tick_began = Clock()  # then the tick waits while the first job's result is recorded
+    done = execution_response(first, runner_id)
+    assert client.post(f"/jobs/{first}/result", json=done).status_code == 200
+    completed = client.get(f"/jobs/{first}/events").get_json()["items"][-1]
+    assert completed["type"] == "job.completed"
+    second = submit(client, job_request("t"))["id"]
+    with forge.db.connection() as conn:
+        row, runner = forge_db.get_job(conn, second), forge_db.get_runner(conn, runner_id)
+    assert row is not None and runner is not None
+    with forge.db.tx() as conn:
+        (claim,) = forge.jobs.claim_all(conn, [(row, runner, "cap")], tick_began)
+    started = client.get(f"/jobs/{second}/events").get_json()["items"][-1]
+    assert started["type"] == "job.started"
+    assert started["timestamp"] >= completed["timestamp"]
+    assert forge.jobs.get(second)["status"] == "running" and claim.attempt == 1
 
 
 def test_the_forges_own_documents_are_canonical_json(client: FlaskClient, forge: Forge) -> None:

@@ -63,11 +63,11 @@ def test_heartbeat_known_and_unknown(client: FlaskClient) -> None:
     )
 
 
-def test_heartbeat_of_an_unknown_runner_trusted_by_id_is_404(db_path: str) -> None:
+def test_heartbeat_of_an_unknown_runner_trusted_by_id_is_404(store_config: dict[str, str]) -> None:
     """TRUST_RUNNER_IDS (no per-runner credential): the contract's 404 for an unknown id."""
     app = forge_app(
         {
-            "DB_PATH": db_path,
+            **store_config,
             "DISPATCHER": False,
             "TRUST_RUNNER_IDS": True,
             "HEARTBEAT_INTERVAL_MS": 60_000,
@@ -194,8 +194,8 @@ def test_a_new_dispatcher_gives_runners_a_full_window(client: FlaskClient, forge
     assert forge.jobs.sweep(in_flight={}, grace_from=grace, now=later)["offline"] == 0
 
 
-def test_token_protects_runner_endpoints(db_path: str) -> None:
-    app = create_app({"DB_PATH": db_path, "DISPATCHER": False, "TOKEN": "s3cret"})
+def test_token_protects_runner_endpoints(store_config: dict[str, str]) -> None:
+    app = create_app({**store_config, "DISPATCHER": False, "TOKEN": "s3cret"})
     try:
         client = app.test_client()
         body = registration("r", HEALTH, [])

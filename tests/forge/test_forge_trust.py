@@ -130,11 +130,9 @@ def test_metadata_and_link_local_runners_are_refused_at_registration(
     assert client.get("/runners").get_json()["total"] == 0
 
 
-def test_an_allow_list_is_checked_on_every_resolved_address(db_path: str) -> None:
+def test_an_allow_list_is_checked_on_every_resolved_address(store_config: dict[str, str]) -> None:
     for allowed, status in (("10.0.0.0/8", 400), ("localhost", 201), ("127.0.0.0/8,::1", 201)):
-        app = forge_app(
-            {"DB_PATH": db_path, "DISPATCHER": False, "ALLOWED_RUNNER_NETWORKS": allowed}
-        )
+        app = forge_app({**store_config, "DISPATCHER": False, "ALLOWED_RUNNER_NETWORKS": allowed})
         try:
             body = registration("r", "http://localhost:3000/health", [capability("c", ["t"])])
             response = app.test_client().post("/runners/register", json=body)
@@ -190,8 +188,10 @@ def _stored_ids(forge: Forge) -> set[str]:
 
 
 @pytest.mark.parametrize("hours", [168.0, 0.0])
-def test_assertions_past_retention_or_expiry_are_deleted(db_path: str, hours: float) -> None:
-    app = forge_app({"DB_PATH": db_path, "DISPATCHER": False, "ASSERTION_RETENTION_HOURS": hours})
+def test_assertions_past_retention_or_expiry_are_deleted(
+    store_config: dict[str, str], hours: float
+) -> None:
+    app = forge_app({**store_config, "DISPATCHER": False, "ASSERTION_RETENTION_HOURS": hours})
     forge = get_forge(app)
     try:
         client = app.test_client()
@@ -221,8 +221,8 @@ def test_the_dispatchers_housekeeping_prunes_assertions(
 # --------------------------------------------------------------------------- bodies, redaction
 
 
-def test_the_body_limit_is_a_setting(db_path: str) -> None:
-    app = forge_app({"DB_PATH": db_path, "DISPATCHER": False, "MAX_BODY_BYTES": 1000})
+def test_the_body_limit_is_a_setting(store_config: dict[str, str]) -> None:
+    app = forge_app({**store_config, "DISPATCHER": False, "MAX_BODY_BYTES": 1000})
     try:
         client = app.test_client()
         big = job_request("t", data={"text": "x" * 2000})

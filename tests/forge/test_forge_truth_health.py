@@ -184,10 +184,13 @@ def test_settings_defaults_environment_and_config() -> None:
         ForgeSettings.load({}, environ={"RUNNERKIT_FORGE_DISPATCH_THREADS": "0"})
 
 
-def test_database_is_created_on_first_start_and_kept(make_forge, db_path: str) -> None:
+def test_database_is_created_on_first_start_and_kept(
+    make_forge, db_path: str, forge_backend: str
+) -> None:
+    on_sqlite = forge_backend == "sqlite"
     assert not Path(db_path).exists()
     first = make_forge(DISPATCHER=False)
-    assert Path(db_path).exists()
+    assert Path(db_path).exists() is on_sqlite
     job = first.submit(job_request("t", priority=10))
     first.stop()
     second = make_forge(DISPATCHER=False)

@@ -1,0 +1,322 @@
+"""The forge's store on PostgreSQL (``RUNNERKIT_FORGE_DB_URL=postgresql://…``).
+
+The same interface as :class:`~runnerkit.forge.db.ForgeDB` (``connection``, ``tx``,
+``snapshot``, ``ping``, ``close``) over psycopg 3 and a ``psycopg_pool`` pool per process, so
+every query function of :mod:`.db` runs on either backend:
+
+- SQL is written once in :mod:`.db`, SQLite's dialect; :func:`translate` turns a statement
+  into PostgreSQL's once (``?`` and ``:name`` become ``%s`` and ``%(name)s``, SQLite's
+  ``INDEXED BY`` hints are dropped, ``rowid`` is the runners' ``seq``, ``INSERT OR IGNORE``
+  is ``ON CONFLICT DO NOTHING``) and caches it.
+- Rows (:class:`PgRow`) answer by column name and by position, as ``sqlite3.Row`` does.
+- Write transactions take turns on one transaction-level advisory lock (the counterpart of
+  the SQLite store's writers' turn: the job state machine reads, decides and writes within
+  one turn, whichever forge process or instance holds it); reads run beside them in
+  snapshots (``REPEATABLE READ``) or single statements. Claims read waiting jobs with
+  ``FOR UPDATE SKIP LOCKED``.
+- The schema is migrated (:func:`.db.migrate`) once per process, in its own turn.
+
+Connections must not cross ``fork``: a process that finds a pool made by its parent keeps
+that pool referenced, unused (closing or freeing it would end the parent's sessions), and
+opens its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg.types.string import StrDumperUnknown, TextLoader
+from psycopg_pool import ConnectionPool
+
+from runnerkit.config import ConfigError
+
+from . import db
+
+_TOKEN = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|\s+INDEXED BY \w+|\browid\b")
+
+_translated: dict[str, str] = {}
+_IGNORE = "INSERT OR IGNORE INTO "
+
+
+def _replace(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if text[0] == "'":
+        return text
+    if text == "?":
+        return "%s"
+    if text == "rowid":
+        return "seq"
+    if match.group(1):
+        return f"%({match.group(1)})s"
+    return ""  # an INDEXED BY hint: PostgreSQL's planner picks its own
+
+
+def translate(sql: str) -> str:
+    """A statement of :mod:`.db` (SQLite's dialect) as PostgreSQL reads it (cached)."""
+    found = _translated.get(sql)
+    if found is None:
+        found = _TOKEN.sub(_replace, sql)
+        if found.startswith(_IGNORE):
+            found = f"INSERT INTO {found[len(_IGNORE) :]} ON CONFLICT DO NOTHING"
+        if len(_translated) < 4096:
+            _translated[sql] = found
+    return found
+
+
+# PostgreSQL's text cannot hold NUL, which a JSON string (a job type, a runner's name, an
+# assertion's subject) may: such strings are stored with NUL written as ESC "0" and ESC itself
+# as ESC ESC (ESC a private-use character), and read back as they were. The forge's JSON
+# documents are ASCII (``\u0000`` escaped), so only strings stored raw ever change.
+_ESC = "\ue000"
+_ESCAPED = re.compile(f"{_ESC}(.)", re.DOTALL)
+
+
+def escape_text(value: str) -> str:
+    if "\x00" not in value and _ESC not in value:
+        return value
+    return value.replace(_ESC, _ESC + _ESC).replace("\x00", _ESC + "0")
+
+
+def unescape_text(value: str) -> str:
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "0" else m.group(1), value)
+
+
+class _NulSafeDumper(StrDumperUnknown):
+    def dump(self, obj: str) -> Any:
+        return super().dump(escape_text(obj))
+
+
+class _NulSafeLoader(TextLoader):
+    def load(self, data: Any) -> Any:
+        value = super().load(data)
+        if isinstance(value, str) and _ESC in value:
+            return unescape_text(value)
+        return value
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.adapters.register_dumper(str, _NulSafeDumper)
+    conn.adapters.register_loader("text", _NulSafeLoader)
+
+
+class PgRow:
+    """A result row by column name or position, like ``sqlite3.Row``."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, values: Sequence[Any], names: dict[str, int]) -> None:
+        self._values = values
+        self._names = names
+
+    def __getitem__(self, key: int | str) -> Any:
+        if type(key) is str:
+            return self._values[self._names[key]]
+        return self._values[key]  # type: ignore[index]
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"PgRow({dict(zip(self._names, self._values, strict=True))!r})"
+
+
+def _row_factory(cursor: Any) -> Any:
+    description = cursor.description
+    if description is None:
+        return tuple
+    names = {column.name: index for index, column in enumerate(description)}
+
+    def make(values: Sequence[Any]) -> PgRow:
+        return PgRow(values, names)
+
+    return make
+
+
+class PgConn(db.QueuedWrites):
+    """One pooled psycopg connection (autocommit: transactions are begun explicitly)."""
+
+    postgres = True
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+        self.queued_events = []
+        self.queued_assertions = []
+        self.writing = False
+
+    def execute(self, sql: str, parameters: Any = None, /) -> Any:
+        cursor = self.raw.cursor()
+        cursor.execute(translate(sql), parameters if parameters else None)
+        return cursor
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
+        cursor = self.raw.cursor()
+        cursor.executemany(translate(sql), list(parameters))
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def check_url(url: str) -> None:
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"RUNNERKIT_FORGE_DB_URL must be a postgresql:// URL (got {redact_url(url)!r}); "
+            "leave it empty for the SQLite file of RUNNERKIT_FORGE_DB_PATH"
+        )
+
+
+class PostgresDB:
+    """The forge's PostgreSQL database: schema on first use, a pool per process, transactions."""
+
+    postgres = True
+
+    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout_s: float = 10.0) -> None:
+        check_url(url)
+        self.url = url
+        self.pool_size = pool_size
+        self.connect_timeout_s = connect_timeout_s
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool[Any] | None = None
+        self._pid = 0
+        self._abandoned: list[Any] = []  # the parent's pools after a fork: never used, never freed
+        self._turn_key = 0
+
+    def describe(self) -> str:
+        return redact_url(self.url)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _open(self) -> ConnectionPool[Any]:
+        try:  # first one plain connection: an unreachable server fails at once, and says why
+            psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout_s))).close()
+        except psycopg.OperationalError as exc:
+            raise psycopg.OperationalError(
+                f"the forge cannot reach its PostgreSQL database {self.describe()}: "
+                f"{str(exc).strip()}"
+            ) from None
+        pool: ConnectionPool[Any] = ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, "row_factory": _row_factory},
+            configure=_configure,
+            timeout=self.connect_timeout_s,
+            name="runnerkit-forge",
+            open=False,
+        )
+        pool.open(wait=True, timeout=self.connect_timeout_s)
+        try:
+            with pool.connection() as raw:
+                self._prepare(PgConn(raw))
+        except BaseException:
+            pool.close()
+            raise
+        return pool
+
+    def _prepare(self, conn: PgConn) -> None:
+        """The writers' lock key (one per database and schema), then the migrations."""
+        where = conn.execute("SELECT current_database(), current_schema()").fetchone()
+        digest = hashlib.sha256(f"runnerkit-forge:{where[0]}:{where[1]}".encode()).digest()
+        self._turn_key = int.from_bytes(digest[:8], "big", signed=True)
+        conn.execute("BEGIN")
+        try:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._turn_key,))
+            db.migrate(conn, self.describe())
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _get_pool(self) -> ConnectionPool[Any]:
+        with self._lock:
+            if self._pid != os.getpid():
+                if self._pool is not None:
+                    self._abandoned.append(self._pool)
+                self._pool, self._pid = None, os.getpid()
+            if self._pool is None:
+                self._pool = self._open()
+            return self._pool
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[PgConn]:
+        """A pooled connection in autocommit mode (each statement is its own transaction)."""
+        pool = self._get_pool()
+        raw = pool.getconn()
+        conn = PgConn(raw)
+        try:
+            yield conn
+        finally:
+            if not raw.closed and conn.in_transaction:
+                with contextlib.suppress(psycopg.Error):
+                    raw.execute("ROLLBACK")
+            conn.drop_queued()
+            pool.putconn(raw)
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[PgConn]:
+        """A write transaction, in the writers' turn (an advisory lock), committed on success."""
+        with self.connection() as conn:
+            conn.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({self._turn_key})")
+            conn.writing = True
+            try:
+                yield conn
+                conn.write_queued()
+            except BaseException:
+                conn.drop_queued()
+                with contextlib.suppress(psycopg.Error):
+                    conn.raw.execute("ROLLBACK")
+                raise
+            finally:
+                conn.writing = False
+            conn.raw.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[PgConn]:
+        """A read transaction: every statement inside sees the same state."""
+        with self.connection() as conn:
+            conn.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield conn
+            finally:
+                if not conn.raw.closed:
+                    conn.raw.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this process's pool (a parent's pool is left to the parent)."""
+        with self._lock:
+            pool = self._pool if self._pid == os.getpid() else None
+            self._pool = None
+        if pool is not None:
+            pool.close()
+
+    def ping(self) -> None:
+        """Run a trivial query against the tables (raises psycopg.Error when it cannot)."""
+        with self.connection() as conn:
+            conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+            conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchone()

@@ -3,8 +3,10 @@
 Every forge process runs one dispatcher thread, but only the holder of the ``flock`` on
 ``<DB_PATH>.dispatcher.lock`` dispatches. Under gunicorn with several workers exactly one
 dispatches; when its process dies the kernel frees the lock and another worker's next tick
-takes over. The holder records a heartbeat in the database (``meta.dispatcher``), which
-``/health`` reads.
+takes over. On PostgreSQL the lock is a session-level advisory lock instead
+(:class:`~.postgres.PgLeadership`), held on a connection of its own, so one process of all
+the forge instances on the database dispatches; new jobs reach it with ``NOTIFY``. The
+holder records a heartbeat in the database (``meta.dispatcher``), which ``/health`` reads.
 
 The holder keeps time with ``time.monotonic()`` (see :class:`~.jobs.Clock`): a step of the
 system clock neither stops its housekeeping nor makes every runner look silent.

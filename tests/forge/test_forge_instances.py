@@ -12,6 +12,7 @@ seen in the database: the pid in the heartbeat the dispatching process records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -161,3 +162,40 @@ def test_a_job_submitted_elsewhere_wakes_the_dispatcher_through_notify(
     assert len(runner.calls_for(job_id)) == 1
     record = dispatcher_record(forge_db_url)
     assert record["pid"] == pid and record["notified"] > before, record
+
+
+def lock_holders(db_url: str) -> list[int]:
+    """Backend pids holding the dispatcher's advisory lock (its key: database and schema)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        where = conn.execute("SELECT current_database(), current_schema()").fetchone()
+        assert where is not None
+        digest = hashlib.sha256(f"runnerkit-dispatcher:{where[0]}:{where[1]}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big")
+        rows = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+            (key >> 32, key & 0xFFFFFFFF),
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def test_a_lost_lock_connection_is_lost_leadership(
+    instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
+) -> None:
+    one, two = instances(), instances()
+    runner.register(one.url)
+    dispatching(forge_db_url, one, two)
+    holders = wait_until(lambda: lock_holders(forge_db_url), PATIENCE)
+    assert len(holders) == 1, holders
+    with psycopg.connect(forge_db_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (holders[0],))
+    # Some process takes the lock again on a new connection, and dispatch goes on.
+    wait_until(
+        lambda: (found := lock_holders(forge_db_url)) and found != holders,
+        PATIENCE,
+        lambda: "nobody took the dispatcher lock again\n" + one.proc.log_tail(),
+    )
+    run_jobs([one, two], 6, runner, forge_db_url)
+    assert runner.max_running.get("cap", 0) <= 2, runner.max_running
+    logs = one.proc.log_text() + two.proc.log_text()
+    assert "leadership lost" in logs

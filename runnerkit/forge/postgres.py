@@ -343,6 +343,7 @@ class PgLeadership:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = 0
         self._held = False
+        self._failing = False
         self._key = 0
         self.channel = ""
         #: Notifications received by this process while it held the lock.
@@ -382,11 +383,14 @@ class PgLeadership:
                 )
                 self._pid = os.getpid()
             row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
+            self._failing = False
             if not row or not row[0]:
                 return False
             self._conn.execute(f"LISTEN {self.channel}")
         except psycopg.Error as exc:
-            log.warning("the dispatcher lock cannot be taken: %s", str(exc).strip())
+            if not self._failing:  # once per outage, not once per poll
+                log.warning("the dispatcher lock cannot be taken: %s", str(exc).strip())
+            self._failing = True
             self._drop()
             return False
         self._held = True

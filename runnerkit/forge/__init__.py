@@ -95,9 +95,10 @@ class Forge:
         """New work or freed capacity: let the dispatching process look now.
 
         That may be another process (another gunicorn worker, or this one is an API-only
-        forge): a datagram on the database's wake-up socket (:mod:`.wakeup`) wakes it.
+        forge): a datagram on the database's wake-up socket (:mod:`.wakeup`) wakes it; on
+        PostgreSQL, where it may be another forge instance, a NOTIFY too.
         """
-        self.dispatcher.wake()
+        self.dispatcher.wake(everywhere=True)
 
     def health(self) -> dict[str, Any]:
         """The HealthCheck document."""

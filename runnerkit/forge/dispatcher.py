@@ -3,8 +3,10 @@
 Every forge process runs one dispatcher thread, but only the holder of the ``flock`` on
 ``<DB_PATH>.dispatcher.lock`` dispatches. Under gunicorn with several workers exactly one
 dispatches; when its process dies the kernel frees the lock and another worker's next tick
-takes over. The holder records a heartbeat in the database (``meta.dispatcher``), which
-``/health`` reads.
+takes over. On PostgreSQL the lock is a session-level advisory lock instead
+(:class:`~.postgres.PgLeadership`), held on a connection of its own, so one process of all
+the forge instances on the database dispatches; new jobs reach it with ``NOTIFY``. The
+holder records a heartbeat in the database (``meta.dispatcher``), which ``/health`` reads.
 
 The holder keeps time with ``time.monotonic()`` (see :class:`~.jobs.Clock`): a step of the
 system clock neither stops its housekeeping nor makes every runner look silent.
@@ -241,7 +243,15 @@ class Dispatcher:
         self.db = jobs.db
         self.settings = settings
         self.instance_id = instance_id
-        self.lock = FileLock(f"{settings.db_path}.dispatcher.lock")
+        #: Who dispatches: on SQLite one process of this host (a ``flock`` beside the file);
+        #: on PostgreSQL one process of every forge instance on the database (an advisory
+        #: lock, :class:`~.postgres.PgLeadership`).
+        self.lock: Any = FileLock(f"{settings.db_path}.dispatcher.lock")
+        self.leadership: Any = None
+        if getattr(self.db, "postgres", False):
+            from .postgres import PgLeadership
+
+            self.leadership = self.lock = PgLeadership(self.db)  # type: ignore[arg-type]
         self.dispatched = 0
         #: Requests sent again on a new connection, their kept-alive one found closed.
         self.reconnects = 0
@@ -288,7 +298,7 @@ class Dispatcher:
         """Start the dispatcher thread (idempotent)."""
         if self.running:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.lock.path)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.settings.db_path)), exist_ok=True)
         self._stop.clear()
         self._pool = ThreadPoolExecutor(
             max_workers=int(self.settings.dispatch_threads), thread_name_prefix="forge-dispatch"
@@ -317,10 +327,16 @@ class Dispatcher:
         # Answers that arrived before the stop; later ones are recorded by their send thread.
         self.record_answers()
 
-    def wake(self) -> None:
-        """Look for work now instead of at the next poll, in whichever process dispatches."""
+    def wake(self, everywhere: bool = False) -> None:
+        """Look for work now instead of at the next poll, in whichever process dispatches.
+
+        ``everywhere``: the dispatcher may run in another forge instance on the same
+        PostgreSQL database, so NOTIFY it too (SQLite has one host: the datagram reaches it).
+        """
         self._wake.set()
         self._wakeup.send()
+        if everywhere and self.leadership is not None:
+            self.leadership.notify()
 
     def _wait(self, timeout: float) -> None:
         """Sleep until woken (from this process or another) or ``timeout`` passes."""
@@ -328,7 +344,10 @@ class Dispatcher:
             return
         if self._wakeup.listen():
             # Wakes in this process send a datagram too, so one select serves both.
-            self._wakeup.wait(timeout)
+            if self.leadership is None:
+                self._wakeup.wait(timeout)
+            elif self._wakeup.wait(timeout, also=self.leadership.fileno):
+                self.leadership.consume()
         else:
             # The previous dispatcher has not closed the channel yet: poll briefly.
             self._wake.wait(min(timeout, WAKE_RETRY_S))
@@ -448,6 +467,7 @@ class Dispatcher:
                     "at": now.z,
                     "mono": now.mono,
                     "boot": jobs_module.BOOT_ID,
+                    "notified": self.leadership.notified if self.leadership is not None else 0,
                 },
             )
 

@@ -35,7 +35,8 @@ SETTINGS: tuple[Setting, ...] = (
         parse_str,
         "The SQLite file holding runners, jobs, events and assertions (created on first "
         "start, with its directory). The dispatcher lock is '<DB_PATH>.dispatcher.lock' "
-        "(also with DB_URL: the path names the forge's local files).",
+        "(with DB_URL a PostgreSQL advisory lock instead; the path still names the forge's "
+        "local files).",
     ),
     Setting(
         "DB_URL",

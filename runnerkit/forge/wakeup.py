@@ -15,6 +15,8 @@ import os
 import select
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 
 class Wakeup:
@@ -70,20 +72,26 @@ class Wakeup:
         with contextlib.suppress(OSError):
             sender.sendto(b"!", self.address)
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float, also: Callable[[], int | None] | None = None) -> bool:
         """Sleep until a wake-up arrives or ``timeout`` passes; True when woken.
 
-        Every wake-up queued meanwhile is consumed: one tick serves them all.
+        Every wake-up queued meanwhile is consumed: one tick serves them all. ``also`` gives
+        one more descriptor to wake on (the PostgreSQL dispatcher lock's connection, where
+        other forge instances' NOTIFYs arrive); the caller reads it.
         """
         listener = self._listener
         if listener is None:
             return False
+        watched: list[Any] = [listener]
+        extra = also() if also is not None else None
+        if extra is not None:
+            watched.append(extra)
         try:
-            readable, _, _ = select.select([listener], [], [], max(0.0, timeout))
+            readable, _, _ = select.select(watched, [], [], max(0.0, timeout))
         except (OSError, ValueError):  # closed under us by close()
             return False
-        if not readable:
-            return False
+        if listener not in readable:
+            return bool(readable)
         try:
             while listener.recv(64):
                 pass

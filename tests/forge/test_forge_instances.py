@@ -1,0 +1,201 @@
+"""Several forge instances on one PostgreSQL database: real gunicorn processes, real HTTP.
+
+Each instance is ``runnerkit.forge:app`` under gunicorn with 2 workers and its own DB_PATH
+(as on its own host: its own dispatcher lock file and wake-up socket), all on one schema of
+the real PostgreSQL server. Exactly one process of all of them dispatches (it holds the
+PostgreSQL advisory lock and logs that it took it); jobs submitted to either instance run
+once each within the runner's maxConcurrency; killing the dispatching instance hands dispatch
+to the other; a job submitted to the instance that does not dispatch wakes the other one
+through NOTIFY (its poll is ten minutes, so nothing else would). Who dispatches is
+seen in the database: the pid in the heartbeat the dispatching process records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+
+from tests.forge.helpers import FakeRunner, ForgeHTTP, Reply, capability, sync_request
+from tests.support import GunicornProcess
+from tests.support.waiting import wait_until
+
+#: A loaded machine is slow; none of these waits is a measurement.
+PATIENCE = 60.0
+
+pytestmark = pytest.mark.parametrize("forge_backend", ["postgres"])
+
+
+class Instance(ForgeHTTP):
+    """One forge instance: gunicorn, 2 workers, its own DB_PATH, the shared database."""
+
+    def __init__(self, root: Path, db_url: str, **settings: Any) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        env: dict[str, str | None] = {
+            "RUNNERKIT_FORGE_DB_URL": db_url,
+            "RUNNERKIT_FORGE_DB_PATH": str(root / "forge.sqlite3"),
+            "RUNNERKIT_FORGE_POLL_INTERVAL_MS": "50",
+            "RUNNERKIT_FORGE_HEARTBEAT_INTERVAL_MS": "60000",
+            "RUNNERKIT_FORGE_CONNECT_TIMEOUT_MS": "2000",
+            "RUNNERKIT_FORGE_TOKEN": None,
+            "RUNNERKIT_FORGE_RUNNER_TOKEN": None,
+            "RUNNERKIT_FORGE_SIGNING_SECRET": None,
+            "WEB_CONCURRENCY": None,
+        }
+        env.update({f"RUNNERKIT_FORGE_{k}": str(v) for k, v in settings.items()})
+        self.proc = GunicornProcess(
+            "runnerkit.forge:app",
+            log_dir=root,
+            workers=2,
+            env=env,
+            extra_args=["--worker-class", "gthread", "--threads", "4"],
+            name="forge",
+        )
+        self.url = self.proc.url
+        self.session = requests.Session()
+        self.proc.start()
+        self.proc.wait_ready("/health", timeout=PATIENCE)
+
+    def stop(self) -> None:
+        self.session.close()
+        self.proc.stop(timeout=10)
+
+
+@pytest.fixture
+def instances(tmp_path: Path, forge_db_url: str) -> Iterator[Callable[..., Instance]]:
+    made: list[Instance] = []
+
+    def make(**settings: Any) -> Instance:
+        instance = Instance(tmp_path / f"forge{len(made)}", forge_db_url, **settings)
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        instance.stop()
+
+
+@pytest.fixture
+def runner() -> Iterator[FakeRunner]:
+    fake = FakeRunner(
+        "shared", [capability("cap", ["type.a"], max_concurrency=2)], lambda f, c: Reply(delay=0.05)
+    )
+    yield fake
+    fake.stop()
+
+
+def dispatcher_record(db_url: str) -> dict[str, Any]:
+    """The dispatching process's latest heartbeat record (``meta.dispatcher``)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'dispatcher'").fetchone()
+    return {} if row is None else dict(json.loads(row[0]))
+
+
+def dispatching(db_url: str, *forges: Instance) -> tuple[Instance, int]:
+    """The instance whose worker records the dispatcher's heartbeat now, and its pid."""
+    pid = int(wait_until(lambda: dispatcher_record(db_url).get("pid"), PATIENCE))
+    owners = [f for f in forges if pid in f.proc.worker_pids()]
+    assert len(owners) == 1, (pid, [f.proc.worker_pids() for f in forges])
+    return owners[0], pid
+
+
+def run_jobs(submit_to: list[Instance], count: int, runner: FakeRunner, db_url: str) -> set[int]:
+    """Submit ``count`` jobs round-robin to ``submit_to``; wait until each completed, each
+    run once. Returns the pids seen recording the dispatcher's heartbeat meanwhile."""
+    ids = [submit_to[i % len(submit_to)].submit(sync_request())["id"] for i in range(count)]
+    pids = set()
+    for job_id in ids:
+        submit_to[0].wait_status(job_id, "completed", timeout=PATIENCE)
+        pids.add(int(dispatcher_record(db_url)["pid"]))
+    for job_id in ids:
+        assert len(runner.calls_for(job_id)) == 1, job_id
+    return pids
+
+
+def test_one_dispatcher_over_two_instances_and_failover(
+    instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
+) -> None:
+    one, two = instances(), instances()
+    runner.register(one.url)
+    leader, pid = dispatching(forge_db_url, one, two)
+    other = two if leader is one else one
+
+    # Jobs through both instances: each runs once, within maxConcurrency, and one process
+    # of one instance dispatches them all (it alone records the dispatcher's heartbeat).
+    assert run_jobs([one, two], 24, runner, forge_db_url) == {pid}
+    assert runner.max_running.get("cap", 0) <= 2, runner.max_running
+
+    leader.proc.kill()  # kill -9, its workers with it: PostgreSQL frees the lock
+    wait_until(
+        lambda: int(dispatcher_record(forge_db_url)["pid"]) in other.proc.worker_pids(),
+        PATIENCE,
+        lambda: f"the other instance did not take over\n{other.proc.log_tail()}",
+    )
+    _, new_pid = dispatching(forge_db_url, other)
+    assert run_jobs([other], 12, runner, forge_db_url) == {new_pid}
+    assert runner.max_running.get("cap", 0) <= 2, runner.max_running
+    assert len(runner.calls) == 36
+
+
+def test_a_job_submitted_elsewhere_wakes_the_dispatcher_through_notify(
+    instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
+) -> None:
+    # A ten-minute poll: the dispatcher ticks only when something wakes it.
+    one, two = instances(POLL_INTERVAL_MS=600_000), instances(POLL_INTERVAL_MS=600_000)
+    runner.register(one.url)
+    leader, pid = dispatching(forge_db_url, one, two)
+    other = two if leader is one else one
+    # Once its latest heartbeat is over 1.5 s old it sleeps (its poll is ten minutes), and
+    # the tick a wake-up causes records its heartbeat, with the notifications received.
+    wait_until(lambda: time.time() - float(dispatcher_record(forge_db_url)["ts"]) > 1.5, PATIENCE)
+    before = int(dispatcher_record(forge_db_url)["notified"])
+
+    job_id = other.submit(sync_request())["id"]
+    other.wait_status(job_id, "completed", timeout=PATIENCE)
+    assert len(runner.calls_for(job_id)) == 1
+    record = dispatcher_record(forge_db_url)
+    assert record["pid"] == pid and record["notified"] > before, record
+
+
+def lock_holders(db_url: str) -> list[int]:
+    """Backend pids holding the dispatcher's advisory lock (its key: database and schema)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        where = conn.execute("SELECT current_database(), current_schema()").fetchone()
+        assert where is not None
+        digest = hashlib.sha256(f"runnerkit-dispatcher:{where[0]}:{where[1]}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big")
+        rows = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+            (key >> 32, key & 0xFFFFFFFF),
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def test_a_lost_lock_connection_is_lost_leadership(
+    instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
+) -> None:
+    one, two = instances(), instances()
+    runner.register(one.url)
+    dispatching(forge_db_url, one, two)
+    holders = wait_until(lambda: lock_holders(forge_db_url), PATIENCE)
+    assert len(holders) == 1, holders
+    with psycopg.connect(forge_db_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (holders[0],))
+    # Some process takes the lock again on a new connection, and dispatch goes on.
+    wait_until(
+        lambda: (found := lock_holders(forge_db_url)) and found != holders,
+        PATIENCE,
+        lambda: "nobody took the dispatcher lock again\n" + one.proc.log_tail(),
+    )
+    run_jobs([one, two], 6, runner, forge_db_url)
+    assert runner.max_running.get("cap", 0) <= 2, runner.max_running
+    logs = one.proc.log_text() + two.proc.log_text()
+    assert "leadership lost" in logs

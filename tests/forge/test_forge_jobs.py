@@ -517,14 +517,13 @@ def test_one_transaction_claims_several_jobs_and_skips_those_that_moved_on(
         assert event_types(client, job_id)[-1] == "job.started"
 
 
+@pytest.mark.parametrize("forge_backend", ["sqlite"])  # holds SQLite's writer-turn lock file
 def test_a_result_is_stamped_once_its_transaction_has_its_turn(
-    client: FlaskClient, forge: Forge, db_path: str, forge_backend: str
+    client: FlaskClient, forge: Forge, db_path: str
 ) -> None:
     """A result that waits for another process's write is stamped when it is written, not
     when it arrived: otherwise the dispatcher, stamping first and waiting behind this
     result, records the next job started in the slot it frees before this job completed."""
-    if forge_backend != "sqlite":
-        pytest.skip("holds SQLite's writer-turn lock file (PostgreSQL's turn is an advisory lock)")
     runner_id = register(client)
     job_id = submit(client, job_request("t"))["id"]
     start(forge, job_id, runner_id)

@@ -25,11 +25,11 @@ from tests.forge.helpers import job_request
 
 @pytest.fixture
 def pg_forge(forge: Forge) -> Forge:
-    if not forge.db.postgres:
-        pytest.skip("PostgreSQL only")
+    assert forge.db.postgres
     return forge
 
 
+@pytest.mark.parametrize("forge_backend", ["postgres"])
 def test_a_claim_skips_the_jobs_another_transaction_holds(
     pg_forge: Forge, client: FlaskClient, store_config: dict[str, str]
 ) -> None:

@@ -122,10 +122,9 @@ def test_the_dispatchers_housekeeping_prunes(client: FlaskClient, forge: Forge) 
     assert client.get(f"/jobs/{recent}").status_code == 200
 
 
+@pytest.mark.parametrize("forge_backend", ["sqlite"])  # PostgreSQL plans by its statistics
 def test_the_prune_reads_the_finished_jobs_index(forge: Forge, db_path: str) -> None:
     """Not a scan of every job each minute, however large the history."""
-    if forge.db.postgres:
-        pytest.skip("SQLite's query plan (PostgreSQL plans by its statistics)")
     forge.jobs.prune(_in_hours(2))  # the schema exists
     with sqlite3.connect(db_path) as conn:
         plan = " ".join(

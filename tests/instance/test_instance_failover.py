@@ -1,6 +1,6 @@
 """A runner configured with several JobForge URLs (forges sharing one database) fails over
 when the one it uses is unreachable: heartbeats and async results go to the next, under the
-same runnerId and without registering again."""
+same runnerId and without registering again; the deregistration follows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tests.instance.instance_support import (
     PinnedConnection,
     StubFactory,
     job_request,
+    stop_instance,
 )
 from tests.support.waiting import wait_until
 
@@ -62,4 +63,12 @@ def test_heartbeats_and_results_move_to_the_second_forge_when_the_first_stops(
         lambda: f"now using {second.url}" in instance.proc.log_text(),
         10.0,
         lambda: instance.explain("no log line says the runner moved"),
+    )
+
+    # The sentinel's deregistration, once gunicorn has exited, goes to the second as well.
+    stop_instance(instance)
+    wait_until(
+        lambda: [d for d in second.deletes() if d.path == f"/runners/{runner_id}"],
+        15.0,
+        lambda: instance.explain("the deregistration did not reach the second forge"),
     )

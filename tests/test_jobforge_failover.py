@@ -4,13 +4,17 @@ the next URL when one is unreachable, not when a forge answers with an error."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
+from runnerkit import Runner
 from runnerkit.config import ConfigError, Settings, split_base_urls
 from runnerkit.jobforge import JobForgeClient
 from tests.support import JobForgeStub, free_port
+from tests.support.waiting import wait_until
 
 
 def test_a_comma_separated_list_loads_as_several_base_urls() -> None:
@@ -82,3 +86,43 @@ def test_with_no_forge_reachable_the_last_error_is_raised() -> None:
     with pytest.raises(requests.ConnectionError):
         client.register({"name": "r"})
     assert client.unreachable
+
+
+def test_health_says_degraded_while_no_forge_of_the_list_answers(
+    runner: Runner, tmp_path: Path
+) -> None:
+    first = JobForgeStub(heartbeat_interval_ms=200).start()
+    second = JobForgeStub(heartbeat_interval_ms=200).share_database(first).start()
+    try:
+        app = runner.create_app(
+            {
+                "RUNNERKIT_JOBFORGE_URL": f"{first.url},{second.url}",
+                "RUNNERKIT_STATE_DIR": str(tmp_path / "state"),
+            }
+        )
+        client = app.test_client()
+        lifecycle = runner.lifecycle
+        assert lifecycle is not None
+        wait_until(lambda: lifecycle.current_identity() is not None, 15, "registration")
+        assert client.get("/health").get_json()["status"] == "healthy"
+
+        first.stop()
+        wait_until(lambda: second.heartbeats(), 15, "a heartbeat to the second forge")
+        assert client.get("/health").get_json()["status"] == "healthy"
+        ready = client.get("/health/ready").get_json()["checks"]
+        assert f"JobForge at {second.url} (of 2 URLs)" in [c.get("message") for c in ready]
+
+        second.stop()
+
+        def degraded() -> dict[str, Any] | None:
+            answer = client.get("/health")
+            checks = [c for c in answer.get_json()["checks"] if c["name"] == "registration"]
+            return checks[0] if answer.status_code == 200 and checks else None
+
+        check = wait_until(degraded, 15, "/health to report JobForge unreachable")
+        assert check["status"] == "degraded"
+        assert first.url in check["message"] and second.url in check["message"]
+    finally:
+        runner.close()
+        first.stop()
+        second.stop()

@@ -15,6 +15,7 @@ import click
 import requests
 
 from runnerkit._version import __version__
+from runnerkit.config import split_base_urls
 from runnerkit.contracts import utc_now
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
 from runnerkit.forge.trust import is_loopback
@@ -41,16 +42,22 @@ def load_runner(spec: str) -> Any:
     return runner
 
 
-URL_HELP = "JobForge URL (default $RUNNERKIT_JOBFORGE_URL, else $JOBFORGE_URL, else :3002)."
+URL_HELP = (
+    "JobForge URL (default $RUNNERKIT_JOBFORGE_URL, else $JOBFORGE_URL, else :3002; "
+    "the first of a comma-separated list)."
+)
 
 
 def forge_url(url: str | None) -> str:
-    return (
+    """The forge to call; of a runner's comma-separated URL list, the first (the forges of
+    such a list share one database, so any of them answers alike)."""
+    value = (
         url
         or os.environ.get("RUNNERKIT_JOBFORGE_URL")
         or os.environ.get("JOBFORGE_URL")
         or DEFAULT_FORGE_URL
-    ).rstrip("/")
+    )
+    return (split_base_urls(value) or [DEFAULT_FORGE_URL])[0]
 
 
 def _call(method: str, url: str, **kwargs: Any) -> requests.Response:

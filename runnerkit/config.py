@@ -82,7 +82,9 @@ SETTINGS: tuple[Setting, ...] = (
         "JOBFORGE_URL",
         "",
         parse_str,
-        "Base URL of JobForge; empty runs standalone (no registration).",
+        "Base URL of JobForge; empty runs standalone (no registration). Several base URLs, "
+        "comma-separated (forges sharing one database), make the runner fail over: calls "
+        "go to the URL that last answered and move to the next when it is unreachable.",
         ("JOBFORGE_URL",),
     ),
     Setting(
@@ -349,10 +351,13 @@ class Settings(ResolvedSettings):
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text'")
         for secret_key in ("SIGNING_SECRET", "SIGNING_SECRET_PREVIOUS", "RUNNER_TOKEN"):
             refuse_placeholder(PREFIX + secret_key, str(values[secret_key]))
-        for url_key in ("JOBFORGE_URL", "TRUTHCORE_URL"):
-            values[url_key] = str(values[url_key]).strip().rstrip("/")
-            if values[url_key]:
-                check_base_url(PREFIX + url_key, values[url_key])
+        urls = split_base_urls(str(values["JOBFORGE_URL"]))
+        for url in urls:
+            check_base_url(PREFIX + "JOBFORGE_URL", url)
+        values["JOBFORGE_URL"] = ",".join(urls)
+        values["TRUTHCORE_URL"] = str(values["TRUTHCORE_URL"]).strip().rstrip("/")
+        if values["TRUTHCORE_URL"]:
+            check_base_url(PREFIX + "TRUTHCORE_URL", values["TRUTHCORE_URL"])
         environ = os.environ if environ is None else environ
         port_given = (
             PREFIX + "PORT" in (config or {}) or PREFIX + "PORT" in environ or "PORT" in environ
@@ -380,6 +385,12 @@ def refuse_placeholder(name: str, value: str) -> None:
             f"{name} still holds the example's placeholder ({PLACEHOLDER_PREFIX}…): set a "
             "long random value, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+
+
+def split_base_urls(value: str) -> list[str]:
+    """The base URLs of a comma-separated list, each stripped of blanks and trailing ``/``
+    (empty items are dropped: ``""`` is no URL, a runner running standalone)."""
+    return [url for url in (item.strip().rstrip("/") for item in value.split(",")) if url]
 
 
 def check_base_url(name: str, url: str) -> None:

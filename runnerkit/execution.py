@@ -724,7 +724,7 @@ class Executor:
         outbox = self.runner.outbox
         if outbox is None:
             return
-        url = f"{self.runner.settings.jobforge_url}/jobs/{job_id}/result"
+        url = outbox.client.url_for(f"/jobs/{job_id}/result")
         outbox.add("result", url, body, {"X-Correlation-Id": correlation_id}, send_now=True)
 
     def _record_truth(self, job: _Job, answer: Answer, *, send_now: bool) -> None:
@@ -757,7 +757,7 @@ class Executor:
         outbox = self.runner.outbox
         if outbox is None:
             return None
-        url = f"{self.runner.settings.jobforge_url}/jobs/{job.job_id}/events"
+        url = outbox.client.url_for(f"/jobs/{job.job_id}/events")
         last = [0.0]
 
         def send(update: Progress) -> None:

@@ -498,7 +498,7 @@ class Lifecycle:
                 "unreachable",
                 logging.WARNING,
                 "JobForge unreachable at %s (%s); retrying registration with backoff",
-                self.client.base_url,
+                ", ".join(self.client.base_urls),
                 type(exc).__name__,
             )
             return
@@ -582,7 +582,7 @@ class Lifecycle:
                 "heartbeat-unreachable",
                 logging.WARNING,
                 "heartbeat to %s failed (%s)",
-                self.client.base_url,
+                ", ".join(self.client.base_urls),
                 type(exc).__name__,
             )
             self._save_heartbeat_time(identity)
@@ -695,8 +695,16 @@ class Lifecycle:
             "status": "healthy" if registered else "unhealthy",
             "responseTimeMs": 0,
         }
+        urls = self.client.base_urls
         if not registered:
             item["message"] = "not registered with JobForge yet"
+        elif self.client.unreachable:
+            # Registered, but the last call reached none of the forges: jobs already
+            # dispatched still run; results wait in the outbox.
+            item["status"] = "degraded"
+            item["message"] = "JobForge unreachable at " + ", ".join(urls)
+        elif len(urls) > 1:
+            item["message"] = f"JobForge at {self.client.base_url} (of {len(urls)} URLs)"
         return item
 
 

@@ -144,7 +144,7 @@ class Outbox(SQLiteFile):
             headers = message.headers
             if message.kind in RUNNER_KINDS:  # they speak for the runner: its own credential
                 headers = {**headers, **self.client.runner_headers()}
-            response = self.client.session.post(
+            response = self.client.post(
                 message.url, json=message.body, headers=headers, timeout=self.client.timeout
             )
         except requests.RequestException as exc:

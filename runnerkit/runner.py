@@ -216,6 +216,11 @@ class Runner:
             state = self._state.readiness_item()
             if state["status"] != "healthy":
                 checks.append(state)
+        if self.lifecycle is not None:
+            # JobForge reached by no URL: degraded (200), as jobs already here still run.
+            registration = self.lifecycle.readiness_item()
+            if registration["status"] == "degraded":
+                checks.append(registration)
         status = overall_status(checks)
         return (503 if status == "unhealthy" else 200), self._health_document(status, checks)
 

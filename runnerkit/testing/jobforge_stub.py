@@ -176,6 +176,15 @@ class JobForgeStub:
                 self._results.clear()
         self.start()
 
+    def share_database(self, other: JobForgeStub) -> JobForgeStub:
+        """Keep runners and results in ``other``'s memory from now on, as forges sharing one
+        database do: a runner registered with either is known to both (for failover tests).
+        The request logs stay each stub's own."""
+        self._lock = other._lock
+        self._runners = other._runners
+        self._results = other._results
+        return self
+
     def __enter__(self) -> JobForgeStub:
         if self._server is None:
             self.start()

@@ -311,6 +311,9 @@ def test_the_documented_url_and_token_variables_reach_the_forge(
     monkeypatch.setenv("JOBFORGE_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("RUNNERKIT_JOBFORGE_URL", "http://127.0.0.1:2/")
     assert cli.forge_url(None) == "http://127.0.0.1:2"  # the prefixed name wins
+    # A runner's failover list: the CLI calls the first forge of it.
+    monkeypatch.setenv("RUNNERKIT_JOBFORGE_URL", " http://127.0.0.1:2/ ,http://127.0.0.1:3")
+    assert cli.forge_url(None) == "http://127.0.0.1:2"
     seen: dict[str, object] = {}
 
     def fake_request(method: str, url: str, **kwargs: object) -> object:

@@ -130,15 +130,17 @@ class TestOneRunnerPerInstance:
         runner_id = registration.response["runnerId"]
 
         in_window = [h for h in instance.heartbeats() if serving_since <= h.time <= window_end]
-        # One heartbeat per interval: ~4 in 4.5 s, not 4 x workers.
-        assert 3 <= len(in_window) <= 6, instance.explain(
+        # One heartbeat per interval: ~4 in 4.5 s, not 4 x workers (at least 2 however
+        # loaded the machine: the upper bound is the point).
+        assert 2 <= len(in_window) <= 6, instance.explain(
             f"{len(in_window)} heartbeats in {WINDOW_S}s with {workers} workers, "
             f"gaps {gaps(instance.heartbeats())}"
         )
         # Nor bursts: workers heartbeating on their own would send near-simultaneous pairs
-        # (a late heartbeat is followed by one on the interval's grid, hence not 1.0).
+        # (a late heartbeat is followed by one on the interval's grid, hence not 1.0, and on
+        # a loaded machine a heartbeat can be most of an interval late).
         everything = instance.heartbeats()
-        assert min(gaps(everything)) >= 0.3 * INTERVAL_S, instance.explain(
+        assert min(gaps(everything)) >= 0.1 * INTERVAL_S, instance.explain(
             f"heartbeats too close together: {gaps(everything)}"
         )
         assert_heartbeats_valid(instance, everything, runner_id)

@@ -178,6 +178,20 @@ class Instance:
     def sentinels(self) -> list[psutil.Process]:
         return sentinel_processes(self.state_dir)
 
+    def deregistered_once(self, runner_id: str) -> Recorded:
+        """After SIGTERM: the master exits 0, and once every sentinel is gone (after that
+        nothing can send a DELETE any more) JobForge saw exactly one, of ``runner_id``."""
+        assert self.proc.wait_exit(timeout=30) == 0, self.explain("the master did not exit")
+        sentinels = self.sentinels()
+        wait_until(
+            lambda: all(exited(p) for p in sentinels),
+            15.0,
+            lambda: self.explain(f"sentinel still running: {sentinels}"),
+        )
+        deletes = self.deletes()
+        assert [d.path for d in deletes] == [f"/runners/{runner_id}"], self.explain()
+        return deletes[0]
+
     def job_log(self, job_id: str) -> list[dict[str, Any]]:
         """The ``runnerkit.job`` log records (JSON lines) of ``job_id``."""
         records = []

@@ -24,7 +24,6 @@ from tests.instance.instance_support import (
     InstanceFactory,
     PinnedConnection,
     call,
-    exited,
     job_request,
     pin_to,
 )
@@ -141,19 +140,9 @@ def test_reload_keeps_the_runner_and_sigterm_drains_and_deregisters_once(
     assert error["retryable"] is True, error
     assert late.headers.get("connection", "").lower() == "close", late.headers
 
-    assert instance.proc.wait_exit(timeout=30) == 0, instance.explain("the master did not exit")
-    # Whoever deregisters (the master's on_exit hook, the sentinel) has finished once the
-    # sentinel is gone: after that, nothing can send a DELETE any more.
-    sentinels = instance.sentinels()
-    wait_until(
-        lambda: all(exited(p) for p in sentinels),
-        15.0,
-        lambda: instance.explain(f"sentinel still running: {sentinels}"),
-    )
-    deletes = instance.deletes()
-    assert [d.path for d in deletes] == [f"/runners/{runner_id}"], instance.explain()
-    assert deletes[0].status == 204
-    assert deletes[0].time > terminated
+    delete = instance.deregistered_once(runner_id)
+    assert delete.status == 204
+    assert delete.time > terminated
     assert instance.registrations(since=reloaded) == []
     # ... and the runner's log says so (the master's hook, or the sentinel, wrote it).
     assert f"deregistered runner {runner_id}" in instance.proc.log_text(), instance.explain()
@@ -283,13 +272,4 @@ def test_a_stopped_leader_is_replaced_and_the_instance_still_deregisters_once(
 
     terminated = time.monotonic()
     instance.proc.signal(signal.SIGTERM)
-    assert instance.proc.wait_exit(timeout=30) == 0, instance.explain("the master did not exit")
-    sentinels = instance.sentinels()
-    wait_until(
-        lambda: all(exited(p) for p in sentinels),
-        15.0,
-        lambda: instance.explain(f"sentinel still running: {sentinels}"),
-    )
-    deletes = instance.deletes()
-    assert [d.path for d in deletes] == [f"/runners/{runner_id}"], instance.explain()
-    assert deletes[0].time > terminated
+    assert instance.deregistered_once(runner_id).time > terminated

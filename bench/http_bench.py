@@ -132,6 +132,27 @@ def signed_requests(path: Path, count: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _wrk_threads(concurrency: int) -> int:
+    return 1 if concurrency == 1 else 2
+
+
+def _wrk(concurrency: int, duration: float, script: str, url: str, *script_args: str) -> list[str]:
+    """wrk's command line: one thread per connection up to two, the script's own arguments."""
+    return [
+        "wrk",
+        f"-t{_wrk_threads(concurrency)}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        script,
+        url,
+        "--",
+        *script_args,
+    ]
+
+
 def drive(
     tool: str, url: str, concurrency: int, duration: float, *, signed: bool = False
 ) -> dict[str, Any]:
@@ -142,40 +163,16 @@ def drive(
     if signed:
         if tool != "wrk":
             raise RuntimeError("signed requests need wrk (bench/wrk_signed.lua)")
-        threads = 1 if concurrency == 1 else 2
         with tempfile.TemporaryDirectory(prefix="bench-signed-") as folder:
             requests_file = Path(folder) / "requests.tsv"
             signed_requests(requests_file, int(SIGNED_PER_S * max(1.0, duration)))
-            argv = [
-                "wrk",
-                f"-t{threads}",
-                f"-c{concurrency}",
-                f"-d{max(1, round(duration))}s",
-                "--timeout",
-                "10s",
-                "-s",
-                WRK_SIGNED_SCRIPT,
-                url,
-                "--",
-                str(requests_file),
-                str(threads),
-            ]
+            threads = _wrk_threads(concurrency)
+            argv = _wrk(
+                concurrency, duration, WRK_SIGNED_SCRIPT, url, str(requests_file), str(threads)
+            )
             return run_json(argv, timeout=duration + 120)
     if tool == "wrk":
-        threads = 1 if concurrency == 1 else 2
-        argv = [
-            "wrk",
-            f"-t{threads}",
-            f"-c{concurrency}",
-            f"-d{max(1, round(duration))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            WRK_SCRIPT,
-            url,
-            "--",
-            str(random.getrandbits(31)),
-        ]
+        argv = _wrk(concurrency, duration, WRK_SCRIPT, url, str(random.getrandbits(31)))
     else:
         argv = [
             sys.executable,

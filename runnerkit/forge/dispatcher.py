@@ -338,19 +338,21 @@ class Dispatcher:
         if everywhere and self.leadership is not None:
             self.leadership.notify()
 
-    def _wait(self, timeout: float) -> None:
-        """Sleep until woken (from this process or another) or ``timeout`` passes."""
+    def _wait(self, timeout: float) -> bool:
+        """Sleep until woken (from this process or another) or ``timeout`` passes; True when
+        woken."""
         if self._wake.is_set() or self._stop.is_set():
-            return
+            return True
         if self._wakeup.listen():
             # Wakes in this process send a datagram too, so one select serves both.
             if self.leadership is None:
-                self._wakeup.wait(timeout)
-            elif self._wakeup.wait(timeout, also=self.leadership.fileno):
+                return self._wakeup.wait(timeout)
+            if self._wakeup.wait(timeout, also=self.leadership.fileno):
                 self.leadership.consume()
-        else:
-            # The previous dispatcher has not closed the channel yet: poll briefly.
-            self._wake.wait(min(timeout, WAKE_RETRY_S))
+                return True
+            return False
+        # The previous dispatcher has not closed the channel yet: poll briefly.
+        return self._wake.wait(min(timeout, WAKE_RETRY_S))
 
     def _resign(self) -> None:
         if self.lock.held:
@@ -360,7 +362,16 @@ class Dispatcher:
         self._leader_since = None
 
     def _run(self) -> None:
+        """Tick when woken or every poll interval; between ticks, keep the heartbeat fresh.
+
+        A poll longer than the heartbeat's cadence (a quiet deployment that relies on
+        wake-ups) would otherwise let ``/health`` call a working dispatcher stale, and a
+        follower would wait that long to take a lost lock over.
+        """
         poll = float(self.settings.poll_interval_ms) / 1000.0
+        beat = self._heartbeat_every()
+        step = min(poll, beat)
+        woken, next_tick = True, 0.0
         while not self._stop.is_set():
             try:
                 if self.lock.acquire():
@@ -368,15 +379,20 @@ class Dispatcher:
                         self._leader_since = time.monotonic()
                         log.info("dispatcher %s took the dispatcher lock", self.instance_id)
                         self._take_over()
-                    self.tick()
+                        woken = True
+                    if woken or time.monotonic() >= next_tick:
+                        self.tick()
+                        next_tick = time.monotonic() + poll
+                    else:
+                        self.beat()
                 else:
                     self._leader_since = None
             except Exception:
                 log.exception("dispatcher tick failed")
             if self.lock.held:
-                self._wait(poll)
+                woken = self._wait(step)
             else:
-                self._wake.wait(max(poll, FOLLOWER_POLL_S))
+                woken = self._wake.wait(max(step, FOLLOWER_POLL_S))
             self._wake.clear()
         self._resign()
 
@@ -409,24 +425,14 @@ class Dispatcher:
         """
         now = Clock()
         mono = now.mono
-        if self._last_tick is not None and mono - self._last_tick > STALL_S:
-            # This process was frozen (SIGSTOP, a paused VM): runners could not reach it, so
-            # give them a full heartbeat window again before calling any of them offline.
-            log.warning(
-                "dispatcher stalled for %.1f s; runners get a fresh grace period",
-                mono - self._last_tick,
-            )
-            self._leader_since = mono
-        self._last_tick = mono
+        self._alive(mono)
         offset = now.ts - mono  # the wall clock's offset from the monotonic one
         if self._clock_offset is not None and abs(offset - self._clock_offset) > CLOCK_STEP_S:
             step = offset - self._clock_offset
             log.warning("the system clock stepped %+.1f s", step)
             self.jobs.follow_clock_step(step)
         self._clock_offset = offset
-        every = min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
-        if self._due("heartbeat", mono, every):
-            self._heartbeat(now)
+        self.beat(now)
         if self._due("sweep", mono, SWEEP_EVERY_S):
             grace = self._leader_since if self._leader_since is not None else mono
             summary = self.jobs.sweep(in_flight=self.in_flight, grace_from=grace)
@@ -446,6 +452,30 @@ class Dispatcher:
             if failed:
                 log.warning("housekeeping: %d jobs failed, no runner takes their type", failed)
         return self._match()
+
+    def _heartbeat_every(self) -> float:
+        """Seconds between heartbeat records: well inside DISPATCHER_STALE_MS."""
+        return min(HEARTBEAT_EVERY_S, float(self.settings.dispatcher_stale_ms) / 4000.0)
+
+    def _alive(self, mono: float) -> None:
+        """Note that the holder runs at ``mono``; a long gap since the last note is a stall."""
+        if self._last_tick is not None and mono - self._last_tick > STALL_S:
+            # This process was frozen (SIGSTOP, a paused VM): runners could not reach it, so
+            # give them a full heartbeat window again before calling any of them offline.
+            log.warning(
+                "dispatcher stalled for %.1f s; runners get a fresh grace period",
+                mono - self._last_tick,
+            )
+            self._leader_since = mono
+        self._last_tick = mono
+
+    def beat(self, now: Clock | None = None) -> None:
+        """Record the dispatcher's heartbeat (what ``/health`` reads) when one is due."""
+        if now is None:
+            now = Clock()
+            self._alive(now.mono)
+        if self._due("heartbeat", now.mono, self._heartbeat_every()):
+            self._heartbeat(now)
 
     def _due(self, chore: str, mono: float, every: float) -> bool:
         """Whether ``chore`` is due at ``mono`` (it then counts as run)."""

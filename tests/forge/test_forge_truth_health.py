@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from runnerkit.config import ConfigError
 from runnerkit.contracts import utc_now
-from runnerkit.forge import Forge
+from runnerkit.forge import Forge, db
 from runnerkit.forge.settings import ForgeSettings
 from tests.forge.helpers import error_of, job_request, new_id, valid, wait_for
 
@@ -147,6 +147,23 @@ def test_health_with_a_ticking_dispatcher(make_forge) -> None:
         "database": "healthy",
         "dispatcher": "healthy",
     }
+
+
+def test_a_dispatcher_on_a_long_poll_keeps_its_heartbeat_fresh(make_forge) -> None:
+    """A dispatcher that looks for work only when woken (a ten-minute poll) still records its
+    heartbeat well inside DISPATCHER_STALE_MS, so ``/health`` does not call it stale."""
+    server = make_forge(POLL_INTERVAL_MS=600_000, DISPATCHER_STALE_MS=1_000)
+
+    def heartbeat() -> float:
+        with server.forge.db.connection() as conn:
+            record = db.get_meta(conn, "dispatcher")
+        return float(record["ts"]) if isinstance(record, dict) else 0.0
+
+    wait_for(lambda: heartbeat() > 0, 10, what="a first dispatcher tick")
+    first = heartbeat()
+    # Two stale windows after the first tick, with no work and no wake-up in between.
+    wait_for(lambda: heartbeat() > first + 2.0, 20, what="heartbeats between polls")
+    wait_for(lambda: server.get("/health").status_code == 200, 10, what="a healthy forge")
 
 
 def test_health_reports_a_broken_database(

@@ -60,7 +60,7 @@ from flask import Flask
 from runnerkit.errors import RunnerError
 from runnerkit.http import register_error_handlers
 
-from . import api, metrics, trust
+from . import api, db, metrics, trust
 from .db import open_database
 from .dispatcher import Dispatcher
 from .jobs import JobStore
@@ -130,6 +130,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.blueprint)
     register_error_handlers(app)
     app.register_error_handler(RunnerError, api.handle_runner_error)
+    for unreachable in db.UNAVAILABLE:
+        app.register_error_handler(unreachable, api.handle_store_unavailable)
     metrics.init_app(app, forge)  # GET /metrics, request counts, dispatch latency
     forge.db.ping()  # create the file and schema now, so a bad DB_PATH fails at startup
     if settings.dispatcher:

@@ -7,6 +7,7 @@ registry / job store / truth store, and serialises the answer. Every error leave
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from runnerkit.contracts import (
 )
 from runnerkit.errors import (
     RunnerError,
+    Unavailable,
     ValidationFailed,
     details_from_validation_error,
     make_envelope,
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from . import Forge
 
 blueprint = Blueprint("forge", __name__)
+log = logging.getLogger("runnerkit.forge.api")
 
 #: How each request body contract is loaded: its schema's ``load``, or for JobRequest (every
 #: ``POST /jobs``) the checked shortcut in front of it.
@@ -126,6 +129,24 @@ def _enum_args(name: str, allowed: tuple[str, ...]) -> list[str]:
             ],
         )
     return values
+
+
+def handle_store_unavailable(error: Exception) -> Response:
+    """The database is down or unreachable: a retryable 503, not a 500 with a traceback."""
+    log.warning(
+        "%s %s: the database is unavailable (%s: %s)",
+        request.method,
+        request.path,
+        type(error).__name__,
+        str(error).strip().splitlines()[0] if str(error).strip() else "",
+    )
+    return handle_runner_error(
+        Unavailable(
+            "The forge's database is unavailable; retry later",
+            code="STORE_UNAVAILABLE",
+            retry_after=1.0,
+        )
+    )
 
 
 def handle_runner_error(error: RunnerError) -> Response:

@@ -36,6 +36,10 @@ from runnerkit.state import WriterTurns, prepare_wal
 #: What a database error looks like on either backend (the forge never catches narrower).
 DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
+#: The database cannot be used right now (server down or restarting, connections cut, the
+#: pool exhausted, a file locked or its disk failing): a retry later may succeed.
+UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+
 #: The largest INTEGER SQLite stores (and PostgreSQL's BIGINT); client numbers past it are
 #: cut to it or refused.
 MAX_INTEGER = 2**63 - 1

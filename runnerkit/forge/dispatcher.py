@@ -371,7 +371,7 @@ class Dispatcher:
         poll = float(self.settings.poll_interval_ms) / 1000.0
         beat = self._heartbeat_every()
         step = min(poll, beat)
-        woken, next_tick = True, 0.0
+        woken, next_tick, outage = True, 0.0, False
         while not self._stop.is_set():
             try:
                 if self.lock.acquire():
@@ -387,6 +387,13 @@ class Dispatcher:
                         self.beat()
                 else:
                     self._leader_since = None
+                if outage:
+                    log.warning("dispatcher: the database is back")
+                outage = False
+            except db.UNAVAILABLE as exc:
+                if not outage:  # once per outage, not once per poll
+                    log.warning("dispatcher: the database is unavailable (%s); retrying", exc)
+                outage = True
             except Exception:
                 log.exception("dispatcher tick failed")
             if self.lock.held:

@@ -16,6 +16,10 @@ every query function of :mod:`.db` runs on either backend:
   ``FOR UPDATE SKIP LOCKED``.
 - The schema is migrated (:func:`.db.migrate`) once per process, in its own turn.
 
+A pooled connection the server has closed (a restart, an administrator's
+``pg_terminate_backend``) is found on checkout and replaced, so a server restart costs no
+request an error once the server is back; while it is down, the forge answers 503.
+
 Connections must not cross ``fork``: a process that finds a pool made by its parent keeps
 that pool referenced, unused (closing or freeing it would end the parent's sessions), and
 opens its own.
@@ -28,6 +32,7 @@ import hashlib
 import logging
 import os
 import re
+import select
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -194,6 +199,17 @@ def check_url(url: str) -> None:
         )
 
 
+def _suspect(raw: Any) -> bool:
+    """Whether an idle pooled connection may be dead: closed, or with bytes (or EOF) waiting."""
+    if raw.closed or raw.broken:
+        return True
+    try:
+        readable, _, _ = select.select([raw.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class PostgresDB:
     """The forge's PostgreSQL database: schema on first use, a pool per process, transactions."""
 
@@ -266,11 +282,34 @@ class PostgresDB:
                 self._pool = self._open()
             return self._pool
 
+    def _checkout(self, pool: ConnectionPool[Any]) -> Any:
+        """A pooled connection the server has not closed meanwhile.
+
+        An idle connection's socket has nothing to read; one the server ended holds its
+        goodbye (or EOF). Only such a suspect pays for a round trip (the pool's own check),
+        and is swapped for a new connection when that fails: a zero-timeout ``select`` per
+        checkout instead of a query.
+        """
+        for _ in range(self.pool_size + 1):
+            raw = pool.getconn()
+            if not _suspect(raw):
+                return raw
+            try:
+                ConnectionPool.check_connection(raw)
+            except psycopg.Error:
+                log.info("a pooled PostgreSQL connection was closed by the server; replaced")
+                with contextlib.suppress(psycopg.Error):
+                    raw.close()
+                pool.putconn(raw)  # a closed connection is discarded and replaced
+                continue
+            return raw
+        return pool.getconn()
+
     @contextlib.contextmanager
     def connection(self) -> Iterator[PgConn]:
         """A pooled connection in autocommit mode (each statement is its own transaction)."""
         pool = self._get_pool()
-        raw = pool.getconn()
+        raw = self._checkout(pool)
         conn = PgConn(raw)
         try:
             yield conn

@@ -3,6 +3,7 @@ statement translation, NUL-safe text, and clear refusals of bad or unreachable U
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -88,3 +89,55 @@ def test_an_unreachable_server_stops_the_start_and_the_password_is_not_shown(
         "the forge cannot reach its PostgreSQL database postgresql://forge:***@127.0.0.1:9/forge"
     ), message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("forge_backend", ["postgres"])
+def test_pooled_connections_the_server_ended_are_replaced_on_checkout(
+    pg_forge: Forge, client: FlaskClient, store_config: dict[str, str]
+) -> None:
+    """After a server restart or ``pg_terminate_backend``, the pool's idle connections are
+    dead; each is found on checkout and replaced, so no request gets an error for it."""
+    job = job_request("t.stale")
+    assert client.post("/jobs", json=job).status_code == 202
+    with pg_forge.db.connection() as conn:
+        pooled = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with psycopg.connect(store_config["DB_URL"], autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+        assert pooled in {row[0] for row in ended}
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pooled,)).fetchone():
+            time.sleep(0.01)
+    for _ in range(pg_forge.db.pool_size + 2):
+        response = client.get(f"/jobs/{job['id']}")
+        assert response.status_code == 200, response.get_data(as_text=True)
+    with pg_forge.db.connection() as conn:
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pooled
+
+
+@pytest.mark.parametrize(
+    ("forge_backend", "failure"),
+    [
+        ("sqlite", sqlite3.OperationalError("disk I/O error")),
+        ("postgres", psycopg.OperationalError("server closed the connection unexpectedly")),
+    ],
+)
+def test_an_unavailable_database_is_a_retryable_503_envelope(
+    forge: Forge, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    """The database down (a restart, a cut, a failing disk) is the forge's outage, not its bug:
+    503 SERVICE_UNAVAILABLE with Retry-After, never a 500 or a traceback."""
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(forge.db, "connection", unavailable)
+    monkeypatch.setattr(forge.db, "snapshot", unavailable)
+    monkeypatch.setattr(forge.db, "tx", unavailable)
+    for response in (client.get("/jobs"), client.post("/jobs", json=job_request("t.down"))):
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.headers["Retry-After"] == "1"
+        error = response.get_json()["error"]
+        assert error["category"] == "SERVICE_UNAVAILABLE" and error["retryable"] is True
+        assert error["code"] == "STORE_UNAVAILABLE"

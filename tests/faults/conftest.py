@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,13 +71,14 @@ def fault_summary(request: pytest.FixtureRequest) -> Callable[[Verdict], None]:
 @pytest.fixture
 def fault_stack(
     request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[[], FaultStack]]:
-    """``fault_stack() -> FaultStack``: a fresh, forge-less stack; stopped after the test."""
+) -> Iterator[Callable[..., FaultStack]]:
+    """``fault_stack(**fields) -> FaultStack``: a fresh, forge-less stack (``db_url=`` puts its
+    forge on PostgreSQL); stopped after the test."""
     made: list[FaultStack] = []
     request.node.e2e_stacks = made  # read by the e2e report hook
 
-    def make() -> FaultStack:
-        fresh = FaultStack(tmp_path / f"stack{len(made)}")
+    def make(**fields: Any) -> FaultStack:
+        fresh = FaultStack(tmp_path / f"stack{len(made)}", **fields)
         made.append(fresh)
         return fresh
 

@@ -31,12 +31,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
+import psycopg
 import requests
 
 from runnerkit.contracts import ErrorEnvelopeSchema, JobResponseSchema, parse_timestamp
 from tests.e2e.conftest import FINAL, QUICK, RunnerInstance, Stack, check, job_request
 from tests.support import GunicornProcess
 from tests.support.locks import leader_of
+from tests.support.procs import free_port
 from tests.support.waiting import wait_until
 
 #: The runner app with many sleeping slots and a capability that overruns its deadline.
@@ -66,6 +68,8 @@ class FaultStack(Stack):
     runner_workers: int | None = None
     #: The port the next runner started listens on (a restart at the same address).
     next_runner_port: int | None = None
+    #: Forge instances beyond the first (:meth:`add_forge`), on the same PostgreSQL database.
+    more_forges: list[GunicornProcess] = field(default_factory=list)
 
     def _launch(
         self, make: Callable[[int], GunicornProcess], port: int, *, movable: bool
@@ -87,9 +91,73 @@ class FaultStack(Stack):
 
         return super()._launch(tuned, port, movable=movable)
 
-    def submit_all(self, jobs: Iterable[Mapping[str, Any]]) -> None:
+    # -- several forge instances (a PostgreSQL stack) ----------------------------------------
+
+    def add_forge(self) -> GunicornProcess:
+        """One more forge instance on the stack's PostgreSQL database, on a port of its own.
+
+        ``forge``/``url`` stay the first instance (where the verdict reads jobs) until that
+        one is killed (:meth:`kill_forge`).
+        """
+        assert self.db_url, "several forge instances share a PostgreSQL database"
+        first = (self.forge, self.forge_port)
+        self.forge, self.forge_port = None, free_port()
+        try:
+            proc = self.start_forge()
+        finally:
+            self.forge, self.forge_port = first
+        self.more_forges.append(proc)
+        return proc
+
+    @property
+    def forges(self) -> list[GunicornProcess]:
+        """Every forge instance still running, the first one first."""
+        live = [self.forge, *self.more_forges]
+        return [p for p in live if p is not None and p.returncode is None]
+
+    @property
+    def forge_urls(self) -> str:
+        """What a runner's RUNNERKIT_JOBFORGE_URL lists: every instance, comma-separated."""
+        return ",".join(p.url for p in self.forges)
+
+    def dispatching_forge(self) -> GunicornProcess | None:
+        """The instance whose worker holds the dispatcher lock (by the heartbeat's pid)."""
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'dispatcher'").fetchone()
+        pid = json.loads(row[0]).get("pid") if row is not None else None
+        for proc in self.forges:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                tree = psutil.Process(proc.master_pid).children(recursive=True)
+                if any(child.pid == pid for child in tree):
+                    return proc
+        return None
+
+    def kill_forge(self, proc: GunicornProcess) -> None:
+        """SIGKILL one instance's whole tree; a surviving instance becomes ``forge``/``url``."""
+        proc.kill()
+        proc.wait_exit(10)
+        if proc in self.more_forges:
+            self.more_forges.remove(proc)
+            self.processes.remove(proc)
+        if proc is self.forge:
+            survivor = self.more_forges.pop(0)
+            self.processes.remove(proc)
+            self.forge, self.forge_port = survivor, survivor.port
+
+    def submit_all(self, jobs: Iterable[Mapping[str, Any]], *, spread: bool = False) -> None:
+        """Submit every job (8 at a time); ``spread``: to each forge instance in turn."""
+        urls = [p.url for p in self.forges]
+
+        def submit(item: tuple[int, Mapping[str, Any]]) -> None:
+            index, job = item
+            if not spread:
+                self.submit(job)
+                return
+            response = requests.post(f"{urls[index % len(urls)]}/jobs", json=job, timeout=QUICK)
+            assert response.status_code == 202, f"{response.status_code} {response.text[:500]}"
+
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(self.submit, jobs))
+            list(pool.map(submit, enumerate(jobs)))
 
     def started(self, jobs: Iterable[Mapping[str, Any]]) -> set[str]:
         """Ids of these jobs whose capability has started at least once."""

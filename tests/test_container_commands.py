@@ -93,3 +93,39 @@ def test_compose_files_restart_a_service_that_exits() -> None:
         services = yaml.safe_load(text)["services"]
         restart = {name: service.get("restart") for name, service in services.items()}
         assert restart == {"forge": "unless-stopped", "runner": "unless-stopped"}, origin
+
+
+def test_the_postgresql_compose_file_runs_two_forges_on_one_database_behind_one_url_list() -> None:
+    """deploy/docker-compose.postgres.yml: a ``postgres`` service, two forge instances on its
+    database (each with local files of its own), and a runner given both forges' URLs."""
+    import yaml
+
+    from runnerkit.forge.settings import ForgeSettings
+
+    single = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())["services"]
+    text = (ROOT / "deploy" / "docker-compose.postgres.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    assert set(services) == {"postgres", "forge-a", "forge-b", "runner"}
+    assert {s.get("restart") for s in services.values()} == {"unless-stopped"}
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    forges = [services["forge-a"], services["forge-b"]]
+    urls = {f["environment"]["RUNNERKIT_FORGE_DB_URL"] for f in forges}
+    assert len(urls) == 1, urls
+    url = urls.pop().replace("${POSTGRES_PASSWORD:-runnerkit}", "runnerkit")
+    assert url.startswith("postgresql://runnerkit:runnerkit@postgres:5432/"), url
+    for forge in forges:
+        # The same command and health check as the single forge's, on the shared database.
+        assert forge["command"] == single["forge"]["command"]
+        assert forge["healthcheck"]["test"] == single["forge"]["healthcheck"]["test"]
+        assert forge["depends_on"]["postgres"]["condition"] == "service_healthy"
+        environ = {**forge["environment"], "RUNNERKIT_FORGE_DB_URL": url}
+        settings = ForgeSettings.load({}, environ=environ)
+        assert settings.db_url == url
+    assert len({f["ports"][0].split(":")[0] for f in forges}) == 2  # published apart
+    assert len({f["volumes"][0].split(":")[0] for f in forges}) == 2  # local files apart
+    runner = services["runner"]
+    port = single["forge"]["command"][-1]
+    assert runner["environment"]["RUNNERKIT_JOBFORGE_URL"] == (
+        f"http://forge-a:{port},http://forge-b:{port}"
+    )
+    assert set(runner["depends_on"]) == {"forge-a", "forge-b"}

@@ -176,11 +176,17 @@ def _string(schema: Mapping[str, Any]) -> str:
 
 
 def _number(schema: Mapping[str, Any], *, integer: bool) -> float | int:
-    low = schema.get("minimum")
-    exclusive_low = schema.get("exclusiveMinimum")
-    high = schema.get("maximum")
-    exclusive_high = schema.get("exclusiveMaximum")
-    step = schema.get("multipleOf")
+    # Draft 4's boolean exclusiveMinimum/Maximum are not bounds of their own.
+    low, exclusive_low, high, exclusive_high, step = (
+        None if isinstance(v, bool) else v
+        for v in (
+            schema.get("minimum"),
+            schema.get("exclusiveMinimum"),
+            schema.get("maximum"),
+            schema.get("exclusiveMaximum"),
+            schema.get("multipleOf"),
+        )
+    )
     if isinstance(low, (int, float)):
         value: float = low
     elif isinstance(exclusive_low, (int, float)):

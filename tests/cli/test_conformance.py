@@ -295,3 +295,14 @@ def test_capabilities_come_from_the_forge_the_runner_registered_with(tmp_path: P
 def _registered(forge_url: str) -> bool:
     items = requests.get(forge_url + "/runners", timeout=5).json()["items"]
     return bool(items)
+
+
+def test_the_suite_that_cannot_run_exits_2(tmp_path: Path) -> None:
+    assert conformance("localhost:3000")[0] == 2
+    manifest = tmp_path / "runner.json"
+    manifest.write_text(json.dumps(MANIFEST))
+    assert conformance("http://127.0.0.1:9", "--manifest", str(manifest), "--forge", "x")[0] == 2
+    # Nothing listens on port 9 (discard): no GET /capabilities, and no other source given.
+    result = CliRunner().invoke(main, ["conformance", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert "--manifest FILE or --forge URL" in result.stderr

@@ -16,6 +16,7 @@ import requests
 
 from runnerkit._version import __version__
 from runnerkit.config import split_base_urls
+from runnerkit.conformance.command import conformance
 from runnerkit.contracts import utc_now
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
 from runnerkit.forge.trust import is_loopback
@@ -498,3 +499,6 @@ def up(
 
     port = runner_port or int(os.environ.get("PORT", "3000"))
     sys.exit(run_stack(app, samples, forge_port, port, state_dir, exit_after_samples))
+
+
+main.add_command(conformance)

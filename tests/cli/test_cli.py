@@ -42,7 +42,18 @@ def run(*args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize(
     "command",
-    ["new", "manifest", "validate", "forge", "submit", "call", "runners", "jobs", "up"],
+    [
+        "new",
+        "manifest",
+        "validate",
+        "conformance",
+        "forge",
+        "submit",
+        "call",
+        "runners",
+        "jobs",
+        "up",
+    ],
 )
 def test_every_command_has_help_with_an_example(command: str) -> None:
     code, out, _ = run(command, "--help")

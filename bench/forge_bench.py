@@ -298,6 +298,10 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         party: median([r["cpu_ms_per_job"][party] for r in rounds])
         for party in rounds[0]["cpu_ms_per_job"]
     }
+    if all("accepted_by_instance" in r for r in rounds):
+        summary["accepted_by_instance"] = [
+            sum(taken) for taken in zip(*(r["accepted_by_instance"] for r in rounds), strict=True)
+        ]
     if "pg_whole_server_ms_per_job" in rounds[0]:
         summary["pg_whole_server_ms_per_job"] = median(
             [r["pg_whole_server_ms_per_job"] for r in rounds]

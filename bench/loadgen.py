@@ -230,7 +230,9 @@ def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def _submit_burst(urls: list[str], total: int, threads: int) -> tuple[dict[str, float], int]:
+def _submit_burst(
+    urls: list[str], total: int, threads: int, accepted: dict[str, int]
+) -> tuple[dict[str, float], int]:
     submitted: dict[str, float] = {}
     failures = [0]
     lock = threading.Lock()
@@ -251,6 +253,7 @@ def _submit_burst(urls: list[str], total: int, threads: int) -> tuple[dict[str, 
             with lock:
                 if status == 202:
                     submitted[job_id] = at
+                    accepted[url] += 1
                 else:
                     failures[0] += 1
         conn.close()
@@ -259,7 +262,9 @@ def _submit_burst(urls: list[str], total: int, threads: int) -> tuple[dict[str, 
     return submitted, failures[0]
 
 
-def _submit_burst_wrk(urls: list[str], total: int, connections: int) -> tuple[tuple[str, ...], int]:
+def _submit_burst_wrk(
+    urls: list[str], total: int, connections: int, accepted: dict[str, int]
+) -> tuple[tuple[str, ...], int]:
     """Submit ``total`` jobs (or a few more) with one wrk per instance, all at once;
     (the run's job id prefixes, failures)."""
     runs: list[tuple[str, subprocess.Popen[str], int]] = []
@@ -294,17 +299,18 @@ def _submit_burst_wrk(urls: list[str], total: int, connections: int) -> tuple[tu
     for thread in followers:
         thread.join()
     failures = 0
-    for (_, wrk, _), result in zip(runs, results, strict=True):
+    for url, (_, wrk, _), result in zip(urls, runs, results, strict=True):
         if result is None:
             raise RuntimeError(
                 f"wrk exited {wrk.returncode}: {wrk.stderr.read()[-1000:] if wrk.stderr else ''}"
             )
         failures += sum(result["non202"].values()) + result["socket_errors"]
+        accepted[url] += result["requests"] - sum(result["non202"].values())
     return tuple(prefix for prefix, _, _ in runs), failures
 
 
 def _submit_paced(
-    urls: list[str], rate: float, duration: float, threads: int
+    urls: list[str], rate: float, duration: float, threads: int, accepted: dict[str, int]
 ) -> tuple[dict[str, float], int, int]:
     """Open loop: job i is due at start + i/rate, to instance i mod n; a thread sends the
     next due job."""
@@ -336,6 +342,7 @@ def _submit_paced(
             with lock:
                 if status == 202:
                     submitted[job_id] = at
+                    accepted[url] += 1
                 else:
                     failures[0] += 1
         for conn in conns.values():
@@ -345,7 +352,9 @@ def _submit_paced(
     return submitted, failures[0], late[0]
 
 
-def _submit_serial(urls: list[str], total: int, poll_s: float) -> tuple[dict[str, float], int]:
+def _submit_serial(
+    urls: list[str], total: int, poll_s: float, accepted: dict[str, int]
+) -> tuple[dict[str, float], int]:
     """One job at a time, each submitted on a new connection (so on any forge worker), job i
     to instance i mod n."""
     submitted: dict[str, float] = {}
@@ -353,7 +362,8 @@ def _submit_serial(urls: list[str], total: int, poll_s: float) -> tuple[dict[str
     poller = _connection(urls[0])
     for index in range(total):
         job_id = str(uuid.uuid4())
-        conn = _connection(urls[index % len(urls)])
+        url = urls[index % len(urls)]
+        conn = _connection(url)
         at = time.time()
         try:
             status, _ = _call(conn, "POST", "/jobs", job_request(job_id))
@@ -363,6 +373,7 @@ def _submit_serial(urls: list[str], total: int, poll_s: float) -> tuple[dict[str
             failures += 1
             continue
         submitted[job_id] = at
+        accepted[url] += 1
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             _, job = _call(poller, "GET", f"/jobs/{job_id}")
@@ -437,16 +448,19 @@ def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     prefix: tuple[str, ...] = ()
     tool = "python"
     urls = [url.strip() for url in args.url.split(",") if url.strip()]
+    accepted = dict.fromkeys(urls, 0)  # jobs each instance took (202)
     if args.pattern == "burst" and use_wrk(args.tool):
         tool = "wrk"
-        prefix, failures = _submit_burst_wrk(urls, args.count, args.threads)
+        prefix, failures = _submit_burst_wrk(urls, args.count, args.threads, accepted)
         submitted: dict[str, float] = {}
     elif args.pattern == "burst":
-        submitted, failures = _submit_burst(urls, args.count, args.threads)
+        submitted, failures = _submit_burst(urls, args.count, args.threads, accepted)
     elif args.pattern == "paced":
-        submitted, failures, late = _submit_paced(urls, args.rate, args.duration, args.threads)
+        submitted, failures, late = _submit_paced(
+            urls, args.rate, args.duration, args.threads, accepted
+        )
     else:
-        submitted, failures = _submit_serial(urls, args.count, args.poll_ms / 1000.0)
+        submitted, failures = _submit_serial(urls, args.count, args.poll_ms / 1000.0, accepted)
     submit_s = time.time() - began
     idle = _wait_idle(urls[0], args.wait)
     # Tells the caller to read CPU counters now: reading the results back costs the forge too.
@@ -485,6 +499,7 @@ def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "pattern": args.pattern,
         "submitter": tool,
+        "accepted_by_instance": list(accepted.values()),
         "submitted": len(submitted),
         "submit_failures": failures,
         "submit_s": submit_s,

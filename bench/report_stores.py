@@ -129,6 +129,14 @@ def section(forge: dict[str, Any]) -> list[str]:
         )
     for name, reason in (notes.get("not_measured") or {}).items():
         lines.append(f"| {name} | PostgreSQL | - | - | not measured: {_one_line(reason)} |")
+    lines.append("")
+    for name, data in (forge.get("burst") or {}).items():
+        taken = data.get("accepted_by_instance") or []
+        if len(taken) > 1:
+            lines.append(
+                f"{name}: the instances took {' / '.join(f'{n:,}' for n in taken)} of the "
+                "bursts' jobs."
+            )
     lines += ["", "Targets (median over rounds of the per-round ratio; stacks take turns):", ""]
     for what, value, target, met in ratios(forge):
         verdict = "not measured" if met is None else ("met" if met else "not met")

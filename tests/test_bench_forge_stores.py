@@ -176,3 +176,19 @@ def test_results_from_before_the_postgresql_stacks_still_render() -> None:
 
     assert "| forge ≥ 500 jobs/s end to end (1 runner) | 600 jobs/s | PASS |" in text
     assert "### SQLite and PostgreSQL" not in text
+
+
+def test_the_report_says_how_the_jobs_were_spread_over_two_forge_instances() -> None:
+    forge = {
+        "forge_workers": 3,
+        "burst": {"PostgreSQL, 2 forges": {**_burst(250.0), "accepted_by_instance": [1501, 1499]}},
+        "paced": {},
+        "serial": {},
+        "stacks": {"PostgreSQL, 2 forges": {"store": "PostgreSQL", "forges": 2, "runners": 1}},
+        "postgres": {"stacks": list(PG_STACKS), "baseline": "1 runner"},
+    }
+
+    text = report.markdown(_results(forge))
+
+    assert "PostgreSQL, 2 forges: the instances took 1,501 / 1,499 of the bursts' jobs." in text
+    assert "| PostgreSQL, 2 forges | PostgreSQL | 2 | 1 | 250 |" in text

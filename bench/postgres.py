@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import psutil
 import psycopg
 
+from runnerkit.forge.postgres import redact_url
 from tests.support.postgres import unreachable_reason, with_database
 
 #: The server's admin URL: a database that exists, a user that may create databases.
@@ -78,8 +79,12 @@ class BenchPostgres:
         self._postmaster: int | None = None
 
     def unreachable(self) -> str | None:
-        """None when the server answers a query, else why not."""
-        return unreachable_reason(self.admin_url)
+        """None when the server answers a query, else why not (the URL without its password:
+        the reason goes into the report)."""
+        reason = unreachable_reason(self.admin_url)
+        return (
+            None if reason is None else reason.replace(self.admin_url, redact_url(self.admin_url))
+        )
 
     def create_database(self, slug: str) -> tuple[str, str]:
         """A fresh empty database; (its name, the URL a forge uses to reach it)."""

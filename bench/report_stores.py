@@ -22,6 +22,12 @@ def _f(value: Any, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _x(value: Any) -> str:
+    """A ratio, or why there is none."""
+    text = _f(value, 2)
+    return "not measured" if text == "n/a" else f"{text}x"
+
+
 def _ratio_ok(value: Any, target: float) -> bool | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -67,7 +73,7 @@ def target_rows(forge: dict[str, Any], ok: Any) -> list[str]:
     if "postgres" not in forge:
         return []
     rows = [
-        f"| {what} ≥ {target:.1f}x (the forge on PostgreSQL) | {_f(value, 2)}x | {ok(met)} |"
+        f"| {what} ≥ {target:.1f}x (the forge on PostgreSQL) | {_x(value)} | {ok(met)} |"
         for what, value, target, met in ratios(forge)
     ]
     twice = dispatched_twice(forge)
@@ -140,7 +146,7 @@ def section(forge: dict[str, Any]) -> list[str]:
     lines += ["", "Targets (median over rounds of the per-round ratio; stacks take turns):", ""]
     for what, value, target, met in ratios(forge):
         verdict = "not measured" if met is None else ("met" if met else "not met")
-        lines.append(f"- {what}: {_f(value, 2)}x, target ≥ {target:.1f}x: **{verdict}**")
+        lines.append(f"- {what}: {_x(value)}, target ≥ {target:.1f}x: **{verdict}**")
     twice_all = dispatched_twice(forge)
     if twice_all is not None:
         lines.append(

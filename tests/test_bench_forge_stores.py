@@ -71,14 +71,17 @@ def test_a_replay_from_the_ledger_is_a_second_dispatch(tmp_path: Path) -> None:
 
 
 def test_the_postgresql_stacks_say_why_when_the_server_does_not_answer(tmp_path: Path) -> None:
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    port = free_port()
+    closed = f"postgresql://postgres:hunter2@127.0.0.1:{port}/postgres"
     notes: dict[str, Any] = {}
 
     started = postgres_stacks(BenchPostgres(closed), tmp_path, notes)
 
     assert started == []
     assert set(notes["not_measured"]) == set(PG_STACKS)
-    assert all(closed in reason for reason in notes["not_measured"].values())
+    for reason in notes["not_measured"].values():
+        assert f"postgres:***@127.0.0.1:{port}/postgres does not answer" in reason
+        assert "hunter2" not in reason
 
 
 def _burst(jobs_per_s: float, **cpu: float) -> dict[str, Any]:
@@ -156,7 +159,10 @@ def test_the_report_has_a_row_per_stack_and_the_ratios_against_their_targets() -
         "- PostgreSQL, 1 forge / 1 runner (SQLite) burst jobs/s: 0.75x, target ≥ 0.7x: **met**"
         in text
     )
-    assert "target ≥ 1.0x: **not measured**" in text
+    assert (
+        "- PostgreSQL, 2 forges / PostgreSQL, 1 forge burst jobs/s: not measured, target ≥ 1.0x: "
+        "**not measured**" in text
+    )
     assert "- jobs dispatched twice: 2 of 1,900 jobs, target 0: **not met**" in text
     assert "| 0 jobs dispatched twice (every stack) | 2 of 1,900 | FAIL |" in text
     # The SQLite-era absolute target does not judge the PostgreSQL stack.

@@ -14,6 +14,9 @@ A burst is submitted by wrk (bench/wrk_submit.lua) when it is installed, unless
 ``--tool python``: on 2 shared cores the Python submitter's own CPU would come out of the
 forge's and the runners' share. The submit time of a wrk job is the ``metadata.createdAt``
 wrk stamped it with (milliseconds).
+``--url`` may name several forge instances that share one database (comma-separated): the
+jobs are spread over them in turn (a burst by wrk: one wrk per instance, each with its share
+of the connections and of the jobs), and they are read back through the first.
 """
 
 from __future__ import annotations
@@ -227,13 +230,19 @@ def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float], int]:
+def _submit_burst(
+    urls: list[str], total: int, threads: int, accepted: dict[str, int]
+) -> tuple[dict[str, float], int]:
     submitted: dict[str, float] = {}
     failures = [0]
     lock = threading.Lock()
     remaining = [total]
+    started = [0]
 
     def loop() -> None:
+        with lock:  # thread i submits to instance i mod n
+            url = urls[started[0] % len(urls)]
+            started[0] += 1
         conn = _connection(url)
         while True:
             with lock:
@@ -244,6 +253,7 @@ def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float],
             with lock:
                 if status == 202:
                     submitted[job_id] = at
+                    accepted[url] += 1
                 else:
                     failures[0] += 1
         conn.close()
@@ -252,36 +262,58 @@ def _submit_burst(url: str, total: int, threads: int) -> tuple[dict[str, float],
     return submitted, failures[0]
 
 
-def _submit_burst_wrk(url: str, total: int, connections: int) -> tuple[str, int]:
-    """Submit ``total`` jobs (or a few more) with wrk; (the run's job id prefix, failures)."""
-    nonce = random.getrandbits(32)
-    threads = 2 if connections > 1 else 1
-    share = max(1, -(-total // threads))
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", "-d600s", "--timeout", "30s"]
-    argv += ["-s", WRK_SUBMIT, url, "--", str(nonce), str(share)]
-    wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wrk.stdout is not None
-    finished = 0
-    result = None
-    for line in wrk.stdout:
-        if line.startswith("BENCH_THREAD_DONE"):
-            finished += 1
-            if finished == threads:  # wrk would otherwise wait out its -d
-                wrk.send_signal(signal.SIGINT)
-        elif line.startswith("BENCH_JSON "):
-            result = json.loads(line[len("BENCH_JSON ") :])
-    wrk.wait(timeout=30)
-    if result is None:
-        raise RuntimeError(
-            f"wrk exited {wrk.returncode}: {wrk.stderr.read()[-1000:] if wrk.stderr else ''}"
-        )
-    return f"{nonce:08x}", sum(result["non202"].values()) + result["socket_errors"]
+def _submit_burst_wrk(
+    urls: list[str], total: int, connections: int, accepted: dict[str, int]
+) -> tuple[tuple[str, ...], int]:
+    """Submit ``total`` jobs (or a few more) with one wrk per instance, all at once;
+    (the run's job id prefixes, failures)."""
+    runs: list[tuple[str, subprocess.Popen[str], int]] = []
+    for index, url in enumerate(urls):
+        nonce = random.getrandbits(32)
+        mine = connections // len(urls) + (1 if index < connections % len(urls) else 0)
+        jobs = total // len(urls) + (1 if index < total % len(urls) else 0)
+        threads = 2 if mine > 1 else 1
+        share = max(1, -(-jobs // threads))
+        argv = ["wrk", f"-t{threads}", f"-c{max(1, mine)}", "-d600s", "--timeout", "30s"]
+        argv += ["-s", WRK_SUBMIT, url, "--", str(nonce), str(share)]
+        wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs.append((f"{nonce:08x}", wrk, threads))
+    results: list[dict[str, Any] | None] = [None] * len(runs)
+
+    def follow(index: int) -> None:
+        _, wrk, threads = runs[index]
+        assert wrk.stdout is not None
+        finished = 0
+        for line in wrk.stdout:
+            if line.startswith("BENCH_THREAD_DONE"):
+                finished += 1
+                if finished == threads:  # wrk would otherwise wait out its -d
+                    wrk.send_signal(signal.SIGINT)
+            elif line.startswith("BENCH_JSON "):
+                results[index] = json.loads(line[len("BENCH_JSON ") :])
+        wrk.wait(timeout=30)
+
+    followers = [threading.Thread(target=follow, args=(i,)) for i in range(len(runs))]
+    for thread in followers:
+        thread.start()
+    for thread in followers:
+        thread.join()
+    failures = 0
+    for url, (_, wrk, _), result in zip(urls, runs, results, strict=True):
+        if result is None:
+            raise RuntimeError(
+                f"wrk exited {wrk.returncode}: {wrk.stderr.read()[-1000:] if wrk.stderr else ''}"
+            )
+        failures += sum(result["non202"].values()) + result["socket_errors"]
+        accepted[url] += result["requests"] - sum(result["non202"].values())
+    return tuple(prefix for prefix, _, _ in runs), failures
 
 
 def _submit_paced(
-    url: str, rate: float, duration: float, threads: int
+    urls: list[str], rate: float, duration: float, threads: int, accepted: dict[str, int]
 ) -> tuple[dict[str, float], int, int]:
-    """Open loop: job i is due at start + i/rate; a thread sends the next due job."""
+    """Open loop: job i is due at start + i/rate, to instance i mod n; a thread sends the
+    next due job."""
     submitted: dict[str, float] = {}
     failures = [0]
     late = [0]
@@ -291,7 +323,7 @@ def _submit_paced(
     start = time.time() + 0.05
 
     def loop() -> None:
-        conn = _connection(url)
+        conns = {url: _connection(url) for url in urls}
         while True:
             with lock:
                 index = next_index[0]
@@ -305,25 +337,32 @@ def _submit_paced(
             elif wait < -0.005:
                 with lock:
                     late[0] += 1
-            conn, job_id, at, status = _submit_one(conn, url)
+            url = urls[index % len(urls)]
+            conns[url], job_id, at, status = _submit_one(conns[url], url)
             with lock:
                 if status == 202:
                     submitted[job_id] = at
+                    accepted[url] += 1
                 else:
                     failures[0] += 1
-        conn.close()
+        for conn in conns.values():
+            conn.close()
 
     _run_threads(loop, threads)
     return submitted, failures[0], late[0]
 
 
-def _submit_serial(url: str, total: int, poll_s: float) -> tuple[dict[str, float], int]:
-    """One job at a time, each submitted on a new connection (so on either forge worker)."""
+def _submit_serial(
+    urls: list[str], total: int, poll_s: float, accepted: dict[str, int]
+) -> tuple[dict[str, float], int]:
+    """One job at a time, each submitted on a new connection (so on any forge worker), job i
+    to instance i mod n."""
     submitted: dict[str, float] = {}
     failures = 0
-    poller = _connection(url)
-    for _ in range(total):
+    poller = _connection(urls[0])
+    for index in range(total):
         job_id = str(uuid.uuid4())
+        url = urls[index % len(urls)]
         conn = _connection(url)
         at = time.time()
         try:
@@ -334,6 +373,7 @@ def _submit_serial(url: str, total: int, poll_s: float) -> tuple[dict[str, float
             failures += 1
             continue
         submitted[job_id] = at
+        accepted[url] += 1
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             _, job = _call(poller, "GET", f"/jobs/{job_id}")
@@ -378,8 +418,9 @@ def _collect(url: str, ids: set[str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _collect_prefix(url: str, prefix: str) -> dict[str, dict[str, Any]]:
-    """The JobResponses whose id starts with ``prefix`` (one run's jobs: the newest ones)."""
+def _collect_prefix(url: str, prefix: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The JobResponses whose id starts with one of ``prefix`` (one run's jobs: the newest
+    ones)."""
     found: dict[str, dict[str, Any]] = {}
     conn = _connection(url)
     offset = 0
@@ -404,29 +445,33 @@ def use_wrk(tool: str) -> bool:
 def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     began = time.time()
     late = 0
-    prefix = ""
+    prefix: tuple[str, ...] = ()
     tool = "python"
+    urls = [url.strip() for url in args.url.split(",") if url.strip()]
+    accepted = dict.fromkeys(urls, 0)  # jobs each instance took (202)
     if args.pattern == "burst" and use_wrk(args.tool):
         tool = "wrk"
-        prefix, failures = _submit_burst_wrk(args.url, args.count, args.threads)
+        prefix, failures = _submit_burst_wrk(urls, args.count, args.threads, accepted)
         submitted: dict[str, float] = {}
     elif args.pattern == "burst":
-        submitted, failures = _submit_burst(args.url, args.count, args.threads)
+        submitted, failures = _submit_burst(urls, args.count, args.threads, accepted)
     elif args.pattern == "paced":
-        submitted, failures, late = _submit_paced(args.url, args.rate, args.duration, args.threads)
+        submitted, failures, late = _submit_paced(
+            urls, args.rate, args.duration, args.threads, accepted
+        )
     else:
-        submitted, failures = _submit_serial(args.url, args.count, args.poll_ms / 1000.0)
+        submitted, failures = _submit_serial(urls, args.count, args.poll_ms / 1000.0, accepted)
     submit_s = time.time() - began
-    idle = _wait_idle(args.url, args.wait)
+    idle = _wait_idle(urls[0], args.wait)
     # Tells the caller to read CPU counters now: reading the results back costs the forge too.
     print("BENCH_MARK finished", flush=True)
     if prefix:
-        jobs = _collect_prefix(args.url, prefix)
+        jobs = _collect_prefix(urls[0], prefix)
         submitted = {
             job_id: _epoch(job["request"]["metadata"]["createdAt"]) for job_id, job in jobs.items()
         }
     else:
-        jobs = _collect(args.url, set(submitted))
+        jobs = _collect(urls[0], set(submitted))
     latencies: list[float] = []
     queue_waits: list[float] = []
     runs: list[float] = []
@@ -454,6 +499,7 @@ def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "pattern": args.pattern,
         "submitter": tool,
+        "accepted_by_instance": list(accepted.values()),
         "submitted": len(submitted),
         "submit_failures": failures,
         "submit_s": submit_s,
@@ -489,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--count", type=int, default=0, help="total requests (instead of duration)")
     ex.add_argument("--processes", type=int, default=2)
     fg = sub.add_parser("forge", help="jobs through the forge")
-    fg.add_argument("--url", required=True)
+    fg.add_argument("--url", required=True, help="the forge; several: comma-separated")
     fg.add_argument("--pattern", choices=["burst", "paced", "serial"], default="burst")
     fg.add_argument("--count", type=int, default=1000)
     fg.add_argument("--threads", type=int, default=8, help="connections (burst, paced)")

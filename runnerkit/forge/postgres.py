@@ -392,6 +392,9 @@ class PgLeadership:
         self.channel = ""
         #: Notifications received by this process while it held the lock.
         self.notified = 0
+        self._wanted = threading.Condition()
+        self._notify_wanted = False
+        self._notifier_pid = 0
 
     def _names(self) -> None:
         if self.channel:
@@ -484,8 +487,37 @@ class PgLeadership:
         return count
 
     def notify(self) -> None:
-        """Wake the dispatcher, whichever forge instance it runs in (errors only logged:
-        its poll finds the work anyway)."""
+        """Wake the dispatcher, whichever forge instance it runs in, without waiting.
+
+        This process's notifier thread sends the NOTIFY: requests made while it is not yet
+        sending are served by its next one (what they announce is committed before they
+        ask), so under load one round trip wakes the dispatcher for many submissions
+        instead of one each, and no request waits for it. Errors are only logged: the
+        dispatcher's poll finds the work anyway.
+        """
+        pid = os.getpid()
+        if self._notifier_pid != pid:  # no notifier yet, or the parent's before a fork
+            # Made anew: a parent's condition could be held by a thread that did not fork.
+            self._wanted = threading.Condition()
+            self._notifier_pid = pid
+            threading.Thread(
+                target=self._notifier, name="runnerkit-forge-notify", daemon=True
+            ).start()
+        with self._wanted:
+            self._notify_wanted = True
+            self._wanted.notify()
+
+    def _notifier(self) -> None:
+        while True:
+            wanted = self._wanted
+            with wanted:
+                while not self._notify_wanted:
+                    wanted.wait()
+                self._notify_wanted = False
+            self.notify_now()
+
+    def notify_now(self) -> None:
+        """Send one NOTIFY on the dispatcher's channel, from this thread."""
         try:
             self._names()
             with self.database.connection() as conn:

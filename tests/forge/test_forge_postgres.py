@@ -4,6 +4,7 @@ statement translation, NUL-safe text, and clear refusals of bad or unreachable U
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from runnerkit.config import ConfigError
 from runnerkit.forge import Forge, ForgeSettings, create_app
 from runnerkit.forge import db as forge_db
 from runnerkit.forge.postgres import (
+    PgLeadership,
     PostgresDB,
     escape_text,
     redact_url,
@@ -141,3 +143,36 @@ def test_an_unavailable_database_is_a_retryable_503_envelope(
         error = response.get_json()["error"]
         assert error["category"] == "SERVICE_UNAVAILABLE" and error["retryable"] is True
         assert error["code"] == "STORE_UNAVAILABLE"
+
+
+def test_notifications_asked_for_together_share_one_notify_and_none_is_lost() -> None:
+    """notify() never waits for PostgreSQL: the process's notifier thread sends one NOTIFY for
+    every request made before it starts sending, and always one more after the last request."""
+    leadership = PgLeadership(PostgresDB("postgresql://nobody@127.0.0.1:9/none"))
+    sends: list[float] = []
+    asked: list[float] = []
+    lock = threading.Lock()
+
+    def slow_send() -> None:
+        with lock:
+            sends.append(time.monotonic())
+        time.sleep(0.02)  # a round trip to the server
+
+    leadership.notify_now = slow_send  # type: ignore[method-assign]
+
+    def ask() -> None:
+        for _ in range(25):
+            with lock:
+                asked.append(time.monotonic())
+            leadership.notify()
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not sends or sends[-1] < asked[-1]):
+        time.sleep(0.01)
+    assert sends and sends[-1] >= max(asked), "the last request was never served"
+    assert len(sends) < len(asked), f"{len(sends)} NOTIFYs for {len(asked)} requests"

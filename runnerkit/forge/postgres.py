@@ -28,6 +28,7 @@ opens its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -155,19 +156,56 @@ def _row_factory(cursor: Any) -> Any:
     return make
 
 
+class _StatementRows:
+    """The row factory of one statement: its column names read from its first result, then
+    reused (building them from ``cursor.description`` makes a Column object per column, a
+    few percent of the forge's CPU when done for every query)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self) -> None:
+        self.make: Any = None
+
+    def __call__(self, cursor: Any) -> Any:
+        make = self.make
+        if make is None:
+            description = cursor.description
+            if description is None:
+                return tuple
+            names = {column.name: index for index, column in enumerate(description)}
+            make = self.make = functools.partial(PgRow, names=names)
+        return make
+
+
 class PgConn(db.QueuedWrites):
-    """One pooled psycopg connection (autocommit: transactions are begun explicitly)."""
+    """One pooled psycopg connection (autocommit: transactions are begun explicitly).
+
+    ``rows`` caches each statement's row factory: one per database once it is migrated (a
+    statement's columns are then fixed); without it each result reads its own columns.
+    """
 
     postgres = True
 
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self, raw: psycopg.Connection[Any], rows: dict[str, _StatementRows] | None = None
+    ) -> None:
         self.raw = raw
+        self.rows = rows
         self.queued_events = []
         self.queued_assertions = []
         self.writing = False
 
     def execute(self, sql: str, parameters: Any = None, /) -> Any:
-        cursor = self.raw.cursor()
+        rows = self.rows
+        if rows is None:
+            cursor = self.raw.cursor()
+        else:
+            factory = rows.get(sql)
+            if factory is None:
+                factory = _StatementRows()
+                if len(rows) < 4096:  # statements are few; a bound all the same
+                    rows[sql] = factory
+            cursor = self.raw.cursor(row_factory=factory)
         cursor.execute(translate(sql), parameters if parameters else None)
         return cursor
 
@@ -225,6 +263,8 @@ class PostgresDB:
         self._pid = 0
         self._abandoned: list[Any] = []  # the parent's pools after a fork: never used, never freed
         self._turn_key = 0
+        #: Each statement's row factory (:class:`_StatementRows`), once the schema is migrated.
+        self._rows: dict[str, _StatementRows] = {}
 
     def describe(self) -> str:
         return redact_url(self.url)
@@ -310,7 +350,7 @@ class PostgresDB:
         """A pooled connection in autocommit mode (each statement is its own transaction)."""
         pool = self._get_pool()
         raw = self._checkout(pool)
-        conn = PgConn(raw)
+        conn = PgConn(raw, self._rows)
         try:
             yield conn
         finally:

@@ -167,6 +167,8 @@ def handle_runner_error(error: RunnerError) -> Response:
     headers: dict[str, str] = {}
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="jobforge"'
+        if request.endpoint == "forge.heartbeat":  # the runner's row says why
+            _forge().referee.unauthenticated(error)
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return _json(error.status, {"success": False, "error": envelope}, headers)

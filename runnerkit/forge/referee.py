@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from flask import g, request
 
 from runnerkit.contracts import is_uuid, utc_now
-from runnerkit.errors import ValidationFailed, make_envelope
+from runnerkit.errors import RunnerError, ValidationFailed, make_envelope
 from runnerkit.testing.validator import ContractValidator
 
 from . import db, violations
@@ -196,6 +196,30 @@ class Referee:
             more,
             extra={"contract": contract, "runnerId": runner_id, "jobId": job_id},
         )
+
+    def unauthenticated(self, error: RunnerError) -> None:
+        """A heartbeat refused before its body was read (401: no runnerToken, or an unknown
+        one): not a contract violation, but the runner's row says why (rate-limited)."""
+        peer = str(request.remote_addr or "?")
+        if self.gate.admit((peer, "401")) is None:
+            return
+        raw = request.get_json(silent=True)
+        runner_id, _source = self._sender(
+            "RunnerHeartbeat", None, raw if isinstance(raw, dict) else {}, peer
+        )
+        reason = (
+            "heartbeat refused: it carries no runnerToken (send Authorization: Bearer "
+            "<runnerToken from the registration answer>)"
+            if error.code == "MISSING_TOKEN"
+            else f"heartbeat refused: {error.message}"
+        )
+        if runner_id is not None:
+            try:
+                with self.db.tx() as conn:
+                    violations.note_refusal(conn, runner_id, reason, time.time())
+            except Exception:  # the 401 itself must still be answered
+                log.exception("recording a refused heartbeat failed")
+        log.warning("%s (from %s)", reason, f"runner {runner_id}" if runner_id else peer)
 
     def _sender(
         self, contract: str, job_id: str | None, raw: Mapping[str, Any], peer: str

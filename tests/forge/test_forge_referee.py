@@ -364,3 +364,38 @@ def test_the_nonconforming_flask_runner_is_refereed(
         assert done["result"]["data"]["sum"] == 5
     counted = forge.get(f"/runners/{row['id']}").json()["contractViolations"]
     assert counted >= 2  # its heartbeats (one a second at most) and the answer
+
+
+def test_runnerkit_runners_shows_the_count_and_the_refusal(make_forge: MakeForge) -> None:
+    from click.testing import CliRunner
+
+    from runnerkit.cli import main
+
+    forge = make_forge()
+    client = forge.app.test_client()
+    runner_id = register(client)
+    token = {"Authorization": f"Bearer {client.tokens[runner_id]}"}  # type: ignore[attr-defined]
+    bad = {**heartbeat(runner_id), "runnerId": "unknown"}
+    assert client.post("/runners/heartbeat", json=bad, headers=token).status_code == 400
+    result = CliRunner().invoke(
+        main, ["runners", "--url", forge.url], env={"RUNNERKIT_FORGE_TOKEN": ""}
+    )
+    assert result.exit_code == 0, result.output
+    header, row, *notes = result.output.splitlines()
+    assert header.split()[5:7] == ["HEARTBEAT", "VIOLATIONS"]
+    assert row.split()[5] == "1"
+    assert notes[0] == (
+        f"r1 {runner_id}: heartbeat refused: runnerId: not a valid UUID (got 'unknown')"
+    )
+    assert "GET /violations?runnerId=" in notes[1]
+
+
+def test_a_heartbeat_without_its_runner_token_says_why_on_the_runner(client: FlaskClient) -> None:
+    runner_id = register(client)
+    refused = client.post(
+        "/runners/heartbeat", json=heartbeat(runner_id), headers={"Authorization": ""}
+    )
+    assert refused.status_code == 401
+    runner = client.get(f"/runners/{runner_id}").get_json()
+    assert runner["refusal"].startswith("heartbeat refused: it carries no runnerToken")
+    assert runner["contractViolations"] == 0  # the forge's rule, not the contract's

@@ -11,7 +11,9 @@ JSON objects: 415 otherwise, 400 for invalid JSON):
   ``POST /runners/heartbeat`` (Bearer runnerToken) → 200, 404 for an unknown runner;
   ``DELETE /runners/<id>`` (Bearer runnerToken or TOKEN) → 204;
   ``GET /runners[?status=&limit=&offset=]`` → PaginatedResponse of RunnerMetadata;
-  ``GET /runners/<id>`` → RunnerMetadata;
+  ``GET /runners/<id>`` → RunnerMetadata (plus ``contractViolations``, and ``refusal`` while
+  its heartbeats are refused); ``GET /violations[?runnerId=|?jobId=]`` → what runners sent
+  that broke a contract (see ``referee``);
 - jobs: ``POST /jobs`` → 202 JobResponse (same id and body again → 200, different body →
   409); ``GET /jobs/<id>``; ``GET /jobs[?status=a,b&type=&limit=&offset=]`` →
   PaginatedResponse of JobResponse, newest first; ``POST /jobs/<id>/cancel``;

@@ -115,12 +115,15 @@ def _violations(
     return found
 
 
-def refusal_text(contract: str, found: Sequence[Violation]) -> str:
-    """``heartbeat refused: runnerId: not a valid UUID (got 'unknown')`` (the first one)."""
-    first = found[0]
-    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-    where = f"{first.path}: " if first.path else ""
-    return f"{WHAT.get(contract, contract)} refused: {where}{first.message}{more}"
+def describe(found: Sequence[Violation], limit: int = 5) -> str:
+    """``runnerId: not a valid UUID (got 'unknown'); status: …`` (``limit`` of them)."""
+    said = "; ".join(f"{v.path}: {v.message}" if v.path else v.message for v in found[:limit])
+    return said + (f" (and {len(found) - limit} more)" if len(found) > limit else "")
+
+
+def refusal_text(contract: str, found: Sequence[Violation], limit: int = 1) -> str:
+    """``heartbeat refused: runnerId: not a valid UUID (got 'unknown')``."""
+    return f"{WHAT.get(contract, contract)} refused: {describe(found, limit)}"
 
 
 def _host(url: str) -> str:
@@ -166,13 +169,16 @@ class Referee:
         found = _violations(contract, exc.details or [])
         if not found:
             found = [Violation(contract, "", _text({"message": exc.message})[1])]
-        raw = g.get("forge_body")
-        raw = raw if isinstance(raw, dict) else {}
         peer = str(request.remote_addr or "?")
-        runner_id, source = self._sender(contract, job_id, raw, peer)
-        held = self.gate.admit((runner_id or source, contract))
+        holder = g.get("forge_runner")
+        # Rate-limited before anything is read: by the runner its credential names, else by
+        # the address it came from.
+        held = self.gate.admit((holder if holder and holder != ANY_RUNNER else peer, contract))
         if held is None:
             return
+        raw = g.get("forge_body")
+        raw = raw if isinstance(raw, dict) else {}
+        runner_id, source = self._sender(contract, job_id, raw, peer)
         ts = time.time()
         with self.db.tx() as conn:
             violations.record(
@@ -189,10 +195,9 @@ class Referee:
                 violations.note_refusal(conn, runner_id, refusal_text(contract, found), ts)
         more = f" ({held} more like it not logged)" if held else ""
         log.warning(
-            "%s from %s: %s%s",
-            refusal_text(contract, found),
-            f"runner {runner_id}" if runner_id else f"unidentified sender {source}",
-            "; ".join(f"{v.path or '(body)'}: {v.message}" for v in found[:5]),
+            "%s (from %s)%s",
+            refusal_text(contract, found, limit=5),
+            f"runner {runner_id}" if runner_id else f"an unidentified sender, {source}",
             more,
             extra={"contract": contract, "runnerId": runner_id, "jobId": job_id},
         )
@@ -332,7 +337,7 @@ class Referee:
                 claim.job_id,
                 claim.attempt,
                 found[0].contract,
-                "; ".join(f"{v.path or '(body)'}: {v.message}" for v in found[:5]),
+                describe(found),
                 more,
                 extra={"runnerId": claim.runner_id, "jobId": claim.job_id},
             )

@@ -114,6 +114,15 @@ def current_refusal(row: db.Row) -> str | None:
     return str(refusal) if float(row["refusal_ts"]) >= float(row["last_seen"]) else None
 
 
+def offline_reason(conn: db.Conn, runner_id: str) -> str:
+    """`` (heartbeat refused: …)`` when the runner's latest heartbeat was refused, else ''."""
+    row = conn.execute(
+        "SELECT refusal, refusal_ts, last_seen FROM runners WHERE id = ?", (runner_id,)
+    ).fetchone()
+    refusal = None if row is None else current_refusal(row)
+    return f" ({refusal})" if refusal else ""
+
+
 def move(conn: db.Conn, old_runner: str, new_runner: str) -> None:
     """A runner re-registered under a new id: its violations and count follow it."""
     conn.execute(

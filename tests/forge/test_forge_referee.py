@@ -399,3 +399,25 @@ def test_a_heartbeat_without_its_runner_token_says_why_on_the_runner(client: Fla
     runner = client.get(f"/runners/{runner_id}").get_json()
     assert runner["refusal"].startswith("heartbeat refused: it carries no runnerToken")
     assert runner["contractViolations"] == 0  # the forge's rule, not the contract's
+
+
+def test_a_runner_marked_offline_for_refused_heartbeats_is_logged_with_the_reason(
+    make_forge: MakeForge, caplog: pytest.LogCaptureFixture
+) -> None:
+    forge = make_forge(HEARTBEAT_INTERVAL_MS=200, OFFLINE_AFTER_MISSED=1)
+    client = forge.app.test_client()
+    runner_id = register(client)
+    token = {"Authorization": f"Bearer {client.tokens[runner_id]}"}  # type: ignore[attr-defined]
+    caplog.set_level("WARNING", logger="runnerkit.forge")
+    bad = {**heartbeat(runner_id), "runnerId": "unknown"}
+    assert client.post("/runners/heartbeat", json=bad, headers=token).status_code == 400
+    wait_for(lambda: forge.get(f"/runners/{runner_id}").json()["status"] == "offline")
+    offline = [r.getMessage() for r in caplog.records if "is offline" in r.getMessage()]
+    assert offline == [
+        f"runner {runner_id} missed its heartbeats and is offline (heartbeat refused: "
+        "runnerId: not a valid UUID (got 'unknown'))"
+    ]
+    refused = [r.getMessage() for r in caplog.records if r.name == "runnerkit.forge.referee"]
+    assert refused == [
+        f"heartbeat refused: runnerId: not a valid UUID (got 'unknown') (from runner {runner_id})"
+    ]

@@ -2,7 +2,8 @@
 
 Tables: ``runners`` (registrations and heartbeats), ``jobs`` (requests, status, attempts, the
 runner slot a job holds, results), ``deliveries`` (digests of async results already received),
-``events`` (JobEvents), ``assertions`` (TruthCore) and ``meta`` (the dispatcher's heartbeat).
+``events`` (JobEvents), ``assertions`` (TruthCore), ``meta`` (the dispatcher's heartbeat) and
+``violations`` (what runners sent that broke a contract: its queries are :mod:`.violations`').
 Wire values are stored as JSON text; instants the forge compares are stored twice, as the
 contract's ``...Z`` string and as epoch seconds.
 

@@ -416,11 +416,20 @@ def runners(url: str | None, as_json: bool) -> None:
             r["version"],
             r["status"],
             r["lastHeartbeatAt"],
+            str(r.get("contractViolations", "-")),  # runnerkit's forge counts them
             ",".join(c["id"] for c in r["capabilities"]),
         ]
         for r in items
     ]
-    click.echo(_table(rows, ["ID", "NAME", "VERSION", "STATUS", "LAST HEARTBEAT", "CAPABILITIES"]))
+    headers = ["ID", "NAME", "VERSION", "STATUS", "LAST HEARTBEAT", "VIOLATIONS", "CAPABILITIES"]
+    click.echo(_table(rows, headers))
+    for r in items:
+        if r.get("refusal"):
+            click.echo(f"{r['name']} {r['id']}: {r['refusal']}")
+    if any(r.get("contractViolations") for r in items):
+        click.echo(
+            "What broke which contract: the forge's dashboard, or GET /violations?runnerId=<id>"
+        )
 
 
 @main.command()

@@ -11,7 +11,9 @@ JSON objects: 415 otherwise, 400 for invalid JSON):
   ``POST /runners/heartbeat`` (Bearer runnerToken) → 200, 404 for an unknown runner;
   ``DELETE /runners/<id>`` (Bearer runnerToken or TOKEN) → 204;
   ``GET /runners[?status=&limit=&offset=]`` → PaginatedResponse of RunnerMetadata;
-  ``GET /runners/<id>`` → RunnerMetadata;
+  ``GET /runners/<id>`` → RunnerMetadata (plus ``contractViolations``, and ``refusal`` while
+  its heartbeats are refused); ``GET /violations[?runnerId=|?jobId=]`` → what runners sent
+  that broke a contract (see ``referee``);
 - jobs: ``POST /jobs`` → 202 JobResponse (same id and body again → 200, different body →
   409); ``GET /jobs/<id>``; ``GET /jobs[?status=a,b&type=&limit=&offset=]`` →
   PaginatedResponse of JobResponse, newest first; ``POST /jobs/<id>/cancel``;
@@ -31,7 +33,8 @@ DB_URL, DB_POOL_SIZE, TOKEN, RUNNER_TOKEN, SIGNING_SECRET, TRUST_RUNNER_IDS,
 ALLOWED_RUNNER_NETWORKS, HEARTBEAT_INTERVAL_MS, OFFLINE_AFTER_MISSED, ASYNC_THRESHOLD_MS,
 DISPATCH_MARGIN_MS, CONNECT_TIMEOUT_MS, DISPATCH_THREADS, POLL_INTERVAL_MS, DISPATCHER,
 DISPATCHER_STALE_MS, SERVICE_NAME, MAX_PAGE_SIZE, RETRY_AFTER_CAP_S, MAX_BODY_BYTES,
-MAX_ANSWER_BYTES, HISTORY_RETENTION_HOURS, ASSERTION_RETENTION_HOURS, UNMATCHED_JOB_EXPIRY_S.
+MAX_ANSWER_BYTES, HISTORY_RETENTION_HOURS, ASSERTION_RETENTION_HOURS, UNMATCHED_JOB_EXPIRY_S,
+STRICT.
 
 Who may call (``trust``): with TOKEN set, every route but ``/health`` needs it (a bearer
 header, or the dashboard's session cookie from ``POST /login``); without one, only loopback
@@ -43,7 +46,8 @@ Modules: ``settings`` (every knob and its default), ``db`` (schema and queries),
 (registration, heartbeats), ``jobs`` (the job state machine, retries, events), ``truth``
 (assertions and queries), ``dispatcher`` (matching jobs to runners, sending them), ``api``
 (the Flask routes, health and the dashboard), ``metrics`` (``/metrics``, across workers),
-``trust`` (who may call what), ``targets`` (the addresses runners may have).
+``trust`` (who may call what), ``targets`` (the addresses runners may have), ``referee``
+(what runners send, checked against the contracts) and ``violations`` (what broke them).
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class Forge:
         self.runners = RunnerRegistry(self.db, settings)
         self.truth = TruthStore(self.db, max_limit=int(self.settings.max_page_size))
         self.dispatcher = Dispatcher(self.jobs, settings, instance_id=self.instance_id)
+        #: Checks what runners send against the contracts (see :mod:`.referee`).
+        self.referee = self.dispatcher.referee
 
     def wake_dispatcher(self) -> None:
         """New work or freed capacity: let the dispatching process look now.

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 
@@ -31,6 +31,7 @@ from runnerkit.contracts import (
     utc_now,
 )
 from runnerkit.errors import (
+    NotFound,
     RunnerError,
     Unavailable,
     ValidationFailed,
@@ -40,7 +41,7 @@ from runnerkit.errors import (
 from runnerkit.http import read_body
 from runnerkit.jsonbody import check_json_limits, parse_json_object
 
-from . import dashboard, db, trust
+from . import dashboard, db, trust, violations
 from .jobs import monotonic_of
 from .openapi import openapi_document
 
@@ -85,6 +86,7 @@ def _body(contract: str) -> dict[str, Any]:
     try:
         loaded: dict[str, Any] = _LOADERS[contract](raw)
     except ValidationError as exc:
+        g.forge_body = raw  # for the referee: who sent it (see referee.Referee.watch)
         raise ValidationFailed(
             f"The request body does not match {contract}",
             details=details_from_validation_error(exc, data=raw),
@@ -165,6 +167,8 @@ def handle_runner_error(error: RunnerError) -> Response:
     headers: dict[str, str] = {}
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="jobforge"'
+        if request.endpoint == "forge.heartbeat":  # the runner's row says why
+            _forge().referee.unauthenticated(error)
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return _json(error.status, {"success": False, "error": envelope}, headers)
@@ -177,13 +181,16 @@ def handle_runner_error(error: RunnerError) -> Response:
 def register_runner() -> Response:
     """201 RunnerRegistrationResponse, plus ``runnerToken``: the runner's own credential for
     its later calls (contract peers drop unknown keys)."""
-    answer = _forge().runners.register(_body("RunnerRegistrationRequest"))
+    forge = _forge()
+    with forge.referee.watch("RunnerRegistrationRequest"):
+        answer = forge.runners.register(_body("RunnerRegistrationRequest"))
     return _json(201, answer)
 
 
 @blueprint.post("/runners/heartbeat")
 def heartbeat() -> Response:
-    body = _body("RunnerHeartbeat")
+    with _forge().referee.watch("RunnerHeartbeat"):
+        body = _body("RunnerHeartbeat")
     trust.require_runner(body["runnerId"])
     return _json(200, _forge().runners.heartbeat(body))
 
@@ -222,6 +229,26 @@ def list_runners() -> Response:
 def get_runner(runner_id: str) -> Response:
     _not_an_action(runner_id)
     return _json(200, _forge().runners.get(runner_id))
+
+
+@blueprint.get("/violations")
+def list_violations() -> Response:
+    """What runners sent that broke a contract, newest first (see :mod:`.referee`): a
+    runner's (``?runnerId=``, ``total`` its count), a job's answers' (``?jobId=``), or by
+    default those the forge could tie to no runner (``total`` how many there have been)."""
+    runner_id, job_id = request.args.get("runnerId"), request.args.get("jobId")
+    with _forge().db.snapshot() as conn:
+        if runner_id:
+            row = db.get_runner(conn, runner_id)
+            if row is None:
+                raise NotFound(f"No runner {runner_id} is registered", code="RUNNER_NOT_FOUND")
+            items, total = violations.of_runner(conn, runner_id), int(row["violations"])
+        elif job_id:
+            items = violations.of_job(conn, job_id)
+            total = len(items)
+        else:
+            items, total = violations.unattributed(conn)
+    return _json(200, {"items": items, "total": total})
 
 
 # --------------------------------------------------------------------------- jobs
@@ -264,9 +291,10 @@ def cancel_job(job_id: str) -> Response:
 @blueprint.post("/jobs/<job_id>/result")
 def job_result(job_id: str) -> Response:
     forge = _forge()
-    body = _body("RunnerExecutionResponse")
-    trust.require_runner(forge.jobs.runner_of(job_id))  # the runnerId in the body proves nothing
-    what, job = forge.jobs.deliver_result(job_id, body)
+    with forge.referee.watch("RunnerExecutionResponse", job_id):
+        body = _body("RunnerExecutionResponse")
+        trust.require_runner(forge.jobs.runner_of(job_id))  # the body's runnerId proves nothing
+        what, job = forge.jobs.deliver_result(job_id, body)
     if what == "recorded":
         forge.wake_dispatcher()
     return _json(200, job, {"X-Result-Outcome": what})
@@ -274,9 +302,10 @@ def job_result(job_id: str) -> Response:
 
 @blueprint.post("/jobs/<job_id>/events")
 def post_job_event(job_id: str) -> Response:
-    event = _body("JobEvent")
-    trust.require_runner(_forge().jobs.runner_of(job_id))
-    recorded = _forge().jobs.add_progress(job_id, event)
+    with _forge().referee.watch("JobEvent", job_id):
+        event = _body("JobEvent")
+        trust.require_runner(_forge().jobs.runner_of(job_id))
+        recorded = _forge().jobs.add_progress(job_id, event)
     return _json(202, {"id": event["id"], "jobId": job_id, "recorded": recorded})
 
 

@@ -34,7 +34,7 @@ from runnerkit._version import __version__
 from runnerkit.contracts import JOB_STATUSES, parse_timestamp, utc_now
 from runnerkit.redaction import redact
 
-from . import db
+from . import db, violations
 
 if TYPE_CHECKING:
     from . import Forge
@@ -57,6 +57,8 @@ MAX_RUNNERS = 200
 #: Newest events and assertions shown on a job's page.
 MAX_EVENTS = 300
 MAX_ASSERTIONS = 200
+#: Violations shown per runner, and from senders tied to no runner.
+RECENT_VIOLATIONS = 10
 #: Characters of a job's outcome shown in the job table.
 SUMMARY_CHARS = 140
 
@@ -192,6 +194,10 @@ class RunnerView:
     heartbeat: When | None
     active_jobs: int
     reported_active: int | None
+    #: Contract violations (:mod:`.referee`): how many, the newest few, a refused heartbeat.
+    violations: int = 0
+    recent_violations: list[dict[str, Any]] = field(default_factory=list)
+    refusal: str = ""
 
 
 @dataclass
@@ -234,6 +240,8 @@ class JobDetail:
     events_total: int = 0
     assertions: list[dict[str, Any]] = field(default_factory=list)
     assertions_total: int = 0
+    #: What its runners' answers broke (:mod:`.referee`), newest first.
+    violations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _forge() -> Forge:
@@ -296,7 +304,21 @@ def _runner_view(forge: Forge, row: db.Row, running: Mapping[str, int], now: flo
         heartbeat=When.of(meta.get("lastHeartbeatAt"), now),
         active_jobs=running.get(str(meta["id"]), 0),
         reported_active=None if reported is None else int(reported),
+        violations=int(row["violations"]),
+        refusal=violations.current_refusal(row) or "",
     )
+
+
+def _violation_views(items: Sequence[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    return [{**item, "when": When.of(item["at"], now)} for item in items]
+
+
+def _attach_violations(conn: db.Conn, runners: Sequence[RunnerView], now: float) -> None:
+    """The newest few violations of each runner that has any."""
+    for runner in runners:
+        if runner.violations:
+            recent = violations.of_runner(conn, runner.id, limit=RECENT_VIOLATIONS)
+            runner.recent_violations = _violation_views(recent, now)
 
 
 def _job_view(forge: Forge, row: db.Row, now: float) -> JobView:
@@ -485,6 +507,8 @@ def index() -> Response:
         jobs = [_job_view(forge, r, now) for r in job_rows]
         _attach_progress(conn, jobs)
         _attach_waiting(forge, conn, jobs, now)
+        _attach_violations(conn, runners, now)
+        unknown, unknown_total = violations.unattributed(conn, limit=RECENT_VIOLATIONS)
     filters = [
         {
             "status": status,
@@ -503,6 +527,8 @@ def index() -> Response:
         runners=runners,
         runners_total=runners_total,
         runners_healthy=sum(1 for r in runners if r.status == "healthy"),
+        unattributed=_violation_views(unknown, now),
+        unattributed_total=unknown_total,
         jobs=jobs,
         jobs_total=jobs_total,
         all_jobs=sum(counts.values()),
@@ -540,6 +566,7 @@ def job_page(job_id: str) -> Response:
             assertion_rows, assertions_total = db.query_assertions(
                 conn, now=now, subject=job_id, limit=MAX_ASSERTIONS
             )
+            job_violations = violations.of_job(conn, job_id)
     if row is None:  # the page is made outside the snapshot (it reads the health too)
         return _problem(
             404,
@@ -567,6 +594,7 @@ def job_page(job_id: str) -> Response:
         correlation_id=str((job_request.get("metadata") or {}).get("correlationId") or ""),
         events_total=event_total,
         assertions_total=assertions_total,
+        violations=_violation_views(job_violations, now),
     )
     for event_row in event_rows:
         event = redact(db.loads(event_row["document"]))

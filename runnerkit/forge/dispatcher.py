@@ -69,6 +69,7 @@ from runnerkit.state import FileLock
 from . import db
 from . import jobs as jobs_module
 from .jobs import Claim, Clock, JobStore, Outcome
+from .referee import Referee
 from .settings import ForgeSettings
 from .targets import TargetPolicy
 from .wakeup import Wakeup
@@ -277,6 +278,7 @@ class Dispatcher:
         self._http = threading.local()  # each send thread's connections, by runner
         self.targets = TargetPolicy(str(settings.allowed_runner_networks))
         self.max_answer = int(settings.max_answer_bytes)
+        self.referee = Referee(self.db, settings)  # checks every answer against its contract
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -917,21 +919,25 @@ class Dispatcher:
             body = None
         if status == 202:
             return Outcome(success=False, accepted=True)
+        found = None
         if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is True:
             execution = body.get("executionTimeMs")
-            return Outcome(
+            outcome = Outcome(
                 success=True,
                 data=body.get("data"),
                 has_data="data" in body,
                 execution_ms=float(execution) if isinstance(execution, int | float) else None,
             )
-        envelope = _envelope_in(body)
-        retry_after = _retry_after_header(headers)
-        if envelope is None:
-            envelope = self._envelope_for_status(claim, status, retry_after)
-        elif retry_after is not None and "retryAfter" not in envelope:
-            envelope = {**envelope, "retryAfter": retry_after}
-        return Outcome(success=False, error=envelope)
+        else:
+            envelope = found = _envelope_in(body)
+            retry_after = _retry_after_header(headers)
+            if envelope is None:
+                envelope = self._envelope_for_status(claim, status, retry_after)
+            elif retry_after is not None and "retryAfter" not in envelope:
+                envelope = {**envelope, "retryAfter": retry_after}
+            outcome = Outcome(success=False, error=envelope)
+        # The answer against its contract: recorded when it breaks it (see referee.py).
+        return self.referee.answer(claim, status, body, outcome, found)
 
     def _envelope_for_status(
         self, claim: Claim, status: int, retry_after: float | None

@@ -66,7 +66,7 @@ from runnerkit.errors import (
 )
 from runnerkit.redaction import might_hold_secrets, redact, redact_job
 
-from . import db, truth
+from . import db, truth, violations
 from .settings import ForgeSettings
 
 log = logging.getLogger("runnerkit.forge.jobs")
@@ -1218,7 +1218,8 @@ class JobStore:
             db.mark_runners_offline(conn, offline)
             summary["offline"] = len(offline)
             for runner_id in offline:
-                log.warning("runner %s missed its heartbeats and is offline", runner_id)
+                why = violations.offline_reason(conn, runner_id)  # a refused heartbeat's reason
+                log.warning("runner %s missed its heartbeats and is offline%s", runner_id, why)
             holding = db.jobs_holding_slots(conn)
             self.leases.keep({row["id"] for row in holding})
             for row in holding:

@@ -131,6 +131,18 @@ def openapi_document(service: str = "jobforge") -> dict[str, Any]:
             "get": _op("One runner", {"200": _json(_ref("RunnerMetadata"), "RunnerMetadata")}),
             "delete": _op("Deregister a runner", {"204": {"description": "Deregistered"}}),
         },
+        "/violations": {
+            "get": _op(
+                "What runners sent that broke a contract (?runnerId=, ?jobId=; by default "
+                "what no runner could be tied to)",
+                {
+                    "200": {
+                        "description": "{items: [{runnerId, jobId, attempt, source, contract,"
+                        " path, message, at}], total}"
+                    }
+                },
+            )
+        },
         "/jobs": {
             "post": _op(
                 "Submit a job",

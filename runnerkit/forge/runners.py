@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from runnerkit.contracts import CONTRACT_VERSION, format_version, is_compatible
 from runnerkit.errors import NotFound, ValidationFailed
 
-from . import db
+from . import db, violations
 from .jobs import Clock
 from .settings import ForgeSettings
 from .targets import TargetPolicy
@@ -75,9 +75,11 @@ class RunnerRegistry:
         self.targets = TargetPolicy(str(settings.allowed_runner_networks))
 
     def metadata(self, row: db.Row) -> dict[str, Any]:
-        """The RunnerMetadata of a runner row."""
+        """The RunnerMetadata of a runner row, plus ``contractViolations`` (how many things
+        it sent broke a contract, :mod:`.referee`) and, while its latest heartbeat was
+        refused, ``refusal`` (why); contract peers drop both."""
         document = db.loads(row["document"])
-        return {
+        metadata = {
             "id": row["id"],
             "name": document["name"],
             "version": document["version"],
@@ -89,7 +91,12 @@ class RunnerRegistry:
             "lastHeartbeatAt": row["last_heartbeat_at"],
             "status": row["status"],
             "tags": document["tags"],
+            "contractViolations": int(row["violations"]),
         }
+        refusal = violations.current_refusal(row)
+        if refusal:
+            metadata["refusal"] = refusal
+        return metadata
 
     def register(self, registration: Mapping[str, Any]) -> dict[str, Any]:
         """Store a loaded RunnerRegistrationRequest; the RunnerRegistrationResponse with the
@@ -140,6 +147,7 @@ class RunnerRegistry:
             )
             for old in previous:
                 db.move_slots(conn, old, runner_id)
+                violations.move(conn, old, runner_id)
                 db.delete_runner(conn, old)
         if previous:
             log.info("runner %s re-registered as %s", ", ".join(previous), runner_id)
@@ -183,6 +191,7 @@ class RunnerRegistry:
         with self.db.tx() as conn:
             if not db.delete_runner(conn, runner_id):
                 raise NotFound(f"No runner {runner_id} is registered", code="RUNNER_NOT_FOUND")
+            violations.forget(conn, runner_id)
 
     def get(self, runner_id: str) -> dict[str, Any]:
         with self.db.connection() as conn:

@@ -212,6 +212,16 @@ SETTINGS: tuple[Setting, ...] = (
         "that cannot keep the runnerToken given at registration.",
     ),
     Setting(
+        "STRICT",
+        False,
+        parse_bool,
+        "Fail an attempt whose answer to POST /execute breaks the RunnerExecutionResponse "
+        "(or ErrorEnvelope) contract, with SCHEMA_MISMATCH / CONTRACT_VIOLATION (not "
+        "retried). Off: the answer is used and the violation recorded and shown (dashboard, "
+        "runnerkit runners, the forge's log), as every refused registration, heartbeat, "
+        "event and result always is.",
+    ),
+    Setting(
         "RETRY_AFTER_CAP_S",
         3600.0,
         parse_positive_float,

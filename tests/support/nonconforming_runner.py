@@ -8,13 +8,20 @@ its health document is not a HealthCheck. A few things it gets right (a missing 
 refused with a proper envelope), so the suite is seen to tell the two apart.
 
 ``NONCONFORMING_HEALTH_DELAY_S`` makes ``/health`` answer that many seconds late.
+
+With ``NONCONFORMING_FORGE_URL`` it also talks to a forge as the guide's runner does: it
+registers (its ``healthCheckEndpoint`` is ``NONCONFORMING_HEALTH_URL``) and then heartbeats
+every ``NONCONFORMING_HEARTBEAT_S`` seconds as ``runnerId: "unknown"``, never keeping the id
+or the ``runnerToken`` the forge answered with.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -61,7 +68,7 @@ _runs = 0
 def _envelope(category: str, message: str) -> dict[str, Any]:
     return {
         "id": str(uuid.uuid4()),
-        "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        "timestamp": _now(),
         "category": category,
         "severity": "error",
         "code": category,
@@ -70,6 +77,38 @@ def _envelope(category: str, message: str) -> dict[str, Any]:
         "retryable": False,
         "contractVersion": {"major": 1, "minor": 0, "patch": 0},
     }
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _post(url: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            answer.read()
+    except OSError:  # refused (HTTPError included) or unreachable: it carries on regardless
+        pass
+
+
+def _talk_to_forge(forge_url: str) -> None:
+    """Register once, then heartbeat as "unknown" for as long as the process lives."""
+    manifest = {**MANIFEST, "healthCheckEndpoint": os.environ["NONCONFORMING_HEALTH_URL"]}
+    _post(f"{forge_url}/runners/register", manifest)
+    every = float(os.environ.get("NONCONFORMING_HEARTBEAT_S", "1"))
+    while True:
+        beat = {"runnerId": "unknown", "timestamp": _now(), "status": "healthy", "activeJobs": 0}
+        _post(f"{forge_url}/runners/heartbeat", beat)
+        time.sleep(every)
+
+
+if os.environ.get("NONCONFORMING_FORGE_URL"):
+    threading.Thread(
+        target=_talk_to_forge, args=(os.environ["NONCONFORMING_FORGE_URL"],), daemon=True
+    ).start()
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:

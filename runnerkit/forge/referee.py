@@ -290,7 +290,9 @@ class Referee:
             self._record_answer(claim, found)
         except Exception:  # the answer is still the job's outcome
             log.exception("recording the violations of job %s's answer failed", claim.job_id)
-        if not self.strict:
+        if not self.strict or type(body) is not dict:
+            # Not a JSON object (a proxy's HTML 502, a cut connection's scraps) need not be
+            # the runner's own answer: recorded, and the attempt keeps its outcome (retries).
             return outcome
         first = found[0]
         return Outcome(

@@ -217,7 +217,8 @@ SETTINGS: tuple[Setting, ...] = (
         parse_bool,
         "Fail an attempt whose answer to POST /execute breaks the RunnerExecutionResponse "
         "(or ErrorEnvelope) contract, with SCHEMA_MISMATCH / CONTRACT_VIOLATION (not "
-        "retried). Off: the answer is used and the violation recorded and shown (dashboard, "
+        "retried; an answer that is not JSON at all, a proxy's HTML 502 say, keeps its "
+        "retries). Off: the answer is used and the violation recorded and shown (dashboard, "
         "runnerkit runners, the forge's log), as every refused registration, heartbeat, "
         "event and result always is.",
     ),

@@ -292,7 +292,8 @@ class ForgeServer(ForgeHTTP):
 class Reply:
     """How a fake runner answers one /execute call.
 
-    ``body=None`` means a successful RunnerExecutionResponse echoing the payload. ``delay``
+    ``body=None`` means a successful RunnerExecutionResponse echoing the payload (bytes are
+    sent as they are, as text/html). ``delay``
     seconds pass (or ``hold`` is set) before answering. ``async_result``: answer 202, then
     POST this RunnerExecutionResponse (``None``: a success) to the forge after
     ``async_delay`` seconds.
@@ -349,10 +350,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, answer_headers)
 
     def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = b"" if body is None else json.dumps(body).encode()
+        raw = isinstance(body, bytes)  # sent as it is, as an HTML page (a proxy's, say)
+        data = b"" if body is None else body if raw else json.dumps(body).encode()
         self.send_response(status)
         if body is not None:
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/html" if raw else "application/json")
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))

@@ -299,6 +299,28 @@ def test_strict_fails_the_attempt_with_schema_mismatch(
     assert len(runner.calls_for(job["id"])) == 1  # not retried
 
 
+def test_strict_leaves_an_answer_that_is_not_json_to_its_retries(
+    make_forge: MakeForge, make_runner: MakeRunner
+) -> None:
+    """An HTML 502 (a proxy in front of the runner, say) is recorded, but under STRICT too it
+    fails the attempt as any 502 does: retryable, so the next attempt can succeed."""
+    forge = make_forge(STRICT=True)
+
+    def proxy_then_runner(fake: FakeRunner, call: Call) -> Reply:
+        if call.index == 0:
+            return Reply(status=502, body=b"<html><body>Bad Gateway</body></html>")
+        return Reply()
+
+    runner = make_runner("proxied", [capability("cap", ["type.a"])], proxy_then_runner)
+    runner.register(forge.url)
+    policy = {"maxRetries": 2, "backoffMs": 50}
+    job = forge.submit(sync_request(retry_policy=policy))
+    done = forge.wait_status(job["id"], "completed", "failed")
+    assert done["status"] == "completed", done
+    assert len(runner.calls_for(job["id"])) == 2
+    assert forge.get(f"/runners/{runner.runner_id}").json()["contractViolations"] == 1
+
+
 def test_a_conforming_runner_is_never_flagged_not_even_when_it_fails(
     make_forge: MakeForge, make_runner: MakeRunner
 ) -> None:

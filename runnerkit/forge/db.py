@@ -522,16 +522,35 @@ def loads(text: str | None) -> Any:
 _PLAIN = (str, int, bool, type(None))
 
 
+def _settled(value: Any) -> bool:
+    """Whether ``value`` already encodes canonically: str keys, no integral floats, plain
+    dicts and lists all the way down (then it is encoded as it is, without a copy)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _PLAIN and not _settled(item)):
+                return False
+        return True
+    if kind is list:
+        return all(type(item) in _PLAIN or _settled(item) for item in value)
+    if kind is float:
+        return not value.is_integer()
+    return False
+
+
 def _canonical(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return value
-    if kind is dict:
-        # The common case, string keys and plain values, is returned as it is (no copy).
-        for key, item in value.items():
-            if type(key) is not str or type(item) not in _PLAIN:
-                return {str(k): _canonical(v) for k, v in value.items()}
-        return value
+    if kind is dict or kind is list:
+        # The common case, a document that needs no change, is returned as it is (no copy).
+        if _settled(value):
+            return value
+        if kind is list:
+            return [_canonical(v) for v in value]
+        return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, float):
         return int(value) if value.is_integer() else value
     if isinstance(value, Mapping):

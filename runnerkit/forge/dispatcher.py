@@ -68,6 +68,7 @@ from runnerkit.state import FileLock
 
 from . import db
 from . import jobs as jobs_module
+from .answers import Answer, AnswerHeaders
 from .jobs import Claim, Clock, JobStore, Outcome
 from .referee import Referee
 from .settings import ForgeSettings
@@ -77,7 +78,7 @@ from .wakeup import Wakeup
 log = logging.getLogger("runnerkit.forge.dispatcher")
 
 #: A runner's response headers (``get`` ignores case).
-Headers = http.client.HTTPMessage | Mapping[str, str]
+Headers = AnswerHeaders | http.client.HTTPMessage | Mapping[str, str]
 
 _ENVELOPE_SCHEMA = ErrorEnvelopeSchema()
 
@@ -169,9 +170,13 @@ class _AnswerTooLarge(Exception):
 def _connection(base_url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urlsplit(base_url)
     host, port = parts.hostname or "", parts.port
+    conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls())
-    return http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.response_class = Answer  # headers read without the email package
+    return conn
 
 
 def _peer(conn: http.client.HTTPConnection) -> str:
@@ -756,7 +761,7 @@ class Dispatcher:
 
     def _post(
         self, base_url: str, body: bytes, headers: dict[str, str], connect_s: float, read_s: float
-    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+    ) -> tuple[int, Headers, bytes]:
         """``POST <base_url>/execute`` on this thread's keep-alive connection to that runner.
 
         http.client directly (neither requests nor urllib3): the forge sends every job this
@@ -836,7 +841,7 @@ class Dispatcher:
         read_s: float,
         *,
         reused: bool = True,
-    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+    ) -> tuple[int, Headers, bytes]:
         """One request and its answer on ``conn``; kept in ``connections`` if reusable.
 
         On a ``reused`` connection, :class:`_NotTaken` (its cause the error) when the runner

@@ -91,8 +91,12 @@ def read_body(
     if sock is not None:
         sock.settimeout(idle_timeout_s)
     try:
-        if length is not None or limit is None:
-            raw: bytes = request.get_data(cache=False)
+        if length is not None and "stream" not in request.__dict__:
+            # Nothing has read the body yet: read it straight from the server's stream (the
+            # WSGI server stops at Content-Length), without werkzeug's stream wrappers.
+            raw: bytes = request.environ["wsgi.input"].read(length)
+        elif length is not None or limit is None:
+            raw = request.get_data(cache=False)
         else:
             raw = request.environ["wsgi.input"].read(limit + 1)
     except RequestEntityTooLarge:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 
 from runnerkit import Runner
 from runnerkit.signing import sign
@@ -95,6 +95,22 @@ def test_a_host_route_keeps_flasks_error_pages_and_exceptions(host: Flask) -> No
     assert missing.mimetype == "text/html"
     with pytest.raises(LookupError, match="the host's own bug"):
         client.get("/broken")  # under TESTING, the test sees the exception
+
+
+def test_a_body_the_host_read_first_still_reaches_execute(host: Flask) -> None:
+    """A host's ``before_request`` that reads (and caches) the body leaves /execute its body:
+    runnerkit reads the server's stream directly only when nothing has touched it."""
+    seen: list[int] = []
+
+    @host.before_request
+    def _peek() -> None:
+        if request.method == "POST":
+            seen.append(len(request.get_data()))
+
+    answer = _run(host.test_client(), "config-inline")
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["data"]["value"] == GREETING
+    assert seen and seen[0] > 0
 
 
 def test_runnerkit_routes_under_the_prefix_answer_with_envelopes(host: Flask) -> None:

@@ -75,7 +75,7 @@ class Answer(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:  # skip interim 100 Continue answers
-            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            version, status, reason = self._read_status()
             if status != http.client.CONTINUE:
                 break
             read_headers(self.fp)
@@ -88,11 +88,11 @@ class Answer(http.client.HTTPResponse):
         else:
             raise http.client.UnknownProtocol(version)
         headers = read_headers(self.fp)
-        self.headers = self.msg = headers  # type: ignore[assignment]
+        self.headers = self.msg = headers
         encoding = headers.get("transfer-encoding")
         self.chunked = bool(encoding) and encoding.lower() == "chunked"
         self.chunk_left = None
-        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.will_close = self._check_close()
         self.length = None
         length = headers.get("content-length")
         if length and not self.chunked:
@@ -106,7 +106,7 @@ class Answer(http.client.HTTPResponse):
         if (
             status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED)
             or 100 <= status < 200
-            or self._method == "HEAD"  # type: ignore[attr-defined]
+            or self._method == "HEAD"
         ):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:

@@ -223,6 +223,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Made once: ``json.dumps``/``json.loads`` with arguments build a new coder on every call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 #: A gap this long between two ticks means the process was frozen, not merely slow.
 STALL_S = 5.0
 
@@ -686,7 +691,7 @@ class Dispatcher:
 
     def execute(self, claim: Claim) -> Outcome:
         """Send one attempt to its runner and read the answer (never raises)."""
-        raw = json.dumps(execution_request(claim), separators=(",", ":")).encode()
+        raw = _encode(execution_request(claim)).encode()
         headers = {
             "User-Agent": f"runnerkit-forge/{__version__}",
             "Content-Type": "application/json",
@@ -916,7 +921,7 @@ class Dispatcher:
     def interpret(self, claim: Claim, status: int, headers: Headers, content: bytes) -> Outcome:
         """Turn a runner's HTTP answer (status, headers, body) into an Outcome."""
         try:
-            body = json.loads(content.decode("utf-8"), parse_constant=_reject_constant)
+            body = _decode(content.decode("utf-8"))
             if isinstance(body, dict):
                 settings = self.settings
                 check_json_limits(body, settings.max_json_depth, settings.max_json_keys, content)

@@ -75,17 +75,17 @@ def serve() -> Iterator[list[CannedServer]]:
 
 def _exchange(
     servers: list[CannedServer], *answers: bytes
-) -> tuple[http.client.HTTPConnection, list[http.client.HTTPResponse]]:
+) -> tuple[http.client.HTTPConnection, list[tuple[http.client.HTTPResponse, bytes]]]:
+    """Send one request per canned answer on one dispatcher connection: (response, body)."""
     server = CannedServer(list(answers))
     servers.append(server)
     conn = dispatcher._connection(server.url, 5.0)
-    responses = []
+    read = []
     for _ in answers:
         conn.request("POST", "/execute", b"{}", {"Content-Type": "application/json"})
         response = conn.getresponse()
-        response.body = response.read()  # type: ignore[attr-defined]
-        responses.append(response)
-    return conn, responses
+        read.append((response, response.read()))
+    return conn, read
 
 
 def test_the_dispatchers_connections_read_answers_with_the_forges_class() -> None:
@@ -105,10 +105,10 @@ def test_header_names_in_any_case_repeated_and_folded_fields(serve: list[CannedS
         b"\ttwo\r\n"
         b"not a header line\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
     )
-    conn, (response,) = _exchange(serve, answer)
+    conn, [(response, read)] = _exchange(serve, answer)
 
     assert (response.status, response.reason, response.version) == (429, "Too Many Requests", 11)
-    assert response.body == body  # type: ignore[attr-defined]
+    assert read == body
     assert response.headers.get("retry-after") == "7"
     assert response.getheader("Content-Type") == "application/json"
     assert response.getheader("x-note") == "first, second"
@@ -128,12 +128,15 @@ def test_keep_alive_answers_chunked_and_after_100_continue(serve: list[CannedSer
     )
     interim = b"HTTP/1.1 100 Continue\r\nX-Ignored: yes\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
     sized = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    conn, responses = _exchange(serve, chunked, interim, sized)
+    conn, read = _exchange(serve, chunked, interim, sized)
 
-    assert [r.status for r in responses] == [200, 204, 200]
-    assert [r.body for r in responses] == [b"hello world", b"", b"ok"]  # type: ignore[attr-defined]
-    assert responses[1].getheader("X-Ignored") is None
-    assert not any(r.will_close for r in responses)
+    assert [(r.status, body) for r, body in read] == [
+        (200, b"hello world"),
+        (204, b""),
+        (200, b"ok"),
+    ]
+    assert read[1][0].getheader("X-Ignored") is None
+    assert not any(r.will_close for r, _body in read)
     assert serve[0].requests == 3  # one connection carried all three
     conn.close()
 
@@ -141,12 +144,11 @@ def test_keep_alive_answers_chunked_and_after_100_continue(serve: list[CannedSer
 def test_answers_that_end_the_connection(serve: list[CannedServer]) -> None:
     old = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
     closing = b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\nbroken"
-    _, (first,) = _exchange(serve, old)
-    _, (second,) = _exchange(serve, closing)
+    _, [(first, first_body)] = _exchange(serve, old)
+    _, [(second, second_body)] = _exchange(serve, closing)
 
-    assert (first.version, first.will_close, first.body) == (10, True, b"ok")  # type: ignore[attr-defined]
-    assert (second.status, second.will_close) == (500, True)
-    assert second.body == b"broken"  # type: ignore[attr-defined]
+    assert (first.version, first.will_close, first_body) == (10, True, b"ok")
+    assert (second.status, second.will_close, second_body) == (500, True, b"broken")
 
 
 @pytest.mark.parametrize(

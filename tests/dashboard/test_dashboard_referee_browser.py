@@ -19,12 +19,12 @@ import pytest
 import requests
 
 from runnerkit.cli import job_request
-from tests.dashboard.test_dashboard_browser import (
+from tests.dashboard.chromium import (
     DESKTOP,
     PHONE,
-    _clean_env,
     assert_fits,
     browser,
+    gunicorn_forge,
     new_page,
     shoot,
 )
@@ -34,7 +34,7 @@ from tests.support.waiting import wait_until
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
-__all__ = ["browser"]  # the module-scoped Chromium fixture, shared with the dashboard test
+__all__ = ["browser"]  # the module-scoped Chromium fixture (tests/dashboard/chromium.py)
 
 pytestmark = pytest.mark.integration
 
@@ -43,23 +43,10 @@ REFUSAL = "heartbeat refused: runnerId: not a valid UUID (got 'unknown')"
 
 @pytest.fixture
 def forge(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[GunicornProcess]:
-    proc = GunicornProcess(
-        "runnerkit.forge:app",
-        log_dir=tmp_path,
-        workers=2,
-        name="forge",
-        env=_clean_env(
-            RUNNERKIT_FORGE_DB_PATH=str(tmp_path / "forge" / "forge.sqlite3"),
-            RUNNERKIT_FORGE_TRUST_RUNNER_IDS="1",  # the guide's runner keeps no runnerToken
-            RUNNERKIT_FORGE_HEARTBEAT_INTERVAL_MS="60000",
-            RUNNERKIT_FORGE_POLL_INTERVAL_MS="50",
-        ),
-        extra_args=["--worker-class", "gthread", "--threads", "8", "--graceful-timeout", "5"],
+    # The guide's runner keeps no runnerToken: the forge trusts the runnerId it sends.
+    yield from gunicorn_forge(
+        tmp_path, request, TRUST_RUNNER_IDS="1", HEARTBEAT_INTERVAL_MS="60000"
     )
-    request.node.gunicorn_processes = [*getattr(request.node, "gunicorn_processes", []), proc]
-    with proc:
-        proc.wait_ready("/health", timeout=30)
-        yield proc
 
 
 @pytest.fixture

@@ -85,7 +85,8 @@ class Gate:
             if second != self._second:
                 self._second, self._in_second = second, 0
             if now < self._next.get(key, 0.0) or self._in_second >= self.per_second:
-                self._held[key] = self._held.get(key, 0) + 1
+                if key in self._held or len(self._held) < self.max_keys:  # bounded too
+                    self._held[key] = self._held.get(key, 0) + 1
                 return None
             if len(self._next) >= self.max_keys:
                 self._next.clear()

@@ -211,6 +211,17 @@ def test_the_gate_admits_one_per_sender_a_second_and_counts_the_rest() -> None:
     assert gate.admit("s4", now=13.1) == 1
 
 
+def test_the_gate_keeps_bounded_memory_under_a_flood_of_senders() -> None:
+    """Senders held back by the overall limit are counted only up to ``max_keys`` of them:
+    a flood from ever new addresses cannot grow the forge's memory."""
+    gate = Gate(every_s=1.0, per_second=1, max_keys=50)
+    assert gate.admit("first", now=1.0) == 0
+    for i in range(10_000):
+        assert gate.admit(f"flood{i}", now=1.5) is None
+    assert len(gate._held) <= 50 and len(gate._next) <= 50
+    assert gate.admit("flood0", now=2.0) == 1  # still counted: among the first 50
+
+
 # --------------------------------------------------------------------------- answers
 
 

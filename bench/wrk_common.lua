@@ -1,4 +1,4 @@
--- Shared by bench/wrk_execute.lua and bench/wrk_submit.lua (each loads it with dofile):
+-- Shared by bench/wrk_execute.lua, wrk_signed.lua and wrk_submit.lua (each loads it with dofile):
 -- wrk's threads, each with its own count of unexpected statuses, and the JSON of their sum.
 
 local common = {threads = {}}
@@ -40,6 +40,21 @@ function common.statuses_json()
       table.insert(parts, string.format('"%s":%d', status, count))
    end
    return table.concat(parts, ",")
+end
+
+-- done() of the /execute scripts: one "BENCH_JSON {...}" line (requests, duration, every
+-- status but 200, socket errors, timeouts and latency percentiles) for bench/http_bench.py.
+function common.report_execute(summary, latency)
+   local e = summary.errors
+   io.write(string.format(
+      'BENCH_JSON {"requests":%d,"duration_us":%d,"non200":{%s},'
+         .. '"socket_errors":%d,"timeouts":%d,'
+         .. '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
+      summary.requests, summary.duration, common.statuses_json(),
+      e.connect + e.read + e.write, e.timeout,
+      latency:percentile(50), latency:percentile(90), latency:percentile(99),
+      latency.max, latency.mean
+   ))
 end
 
 return common

@@ -33,14 +33,5 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-   local e = summary.errors
-   io.write(string.format(
-      'BENCH_JSON {"requests":%d,"duration_us":%d,"non200":{%s},'
-         .. '"socket_errors":%d,"timeouts":%d,'
-         .. '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
-      summary.requests, summary.duration, common.statuses_json(),
-      e.connect + e.read + e.write, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max, latency.mean
-   ))
+   common.report_execute(summary, latency)
 end

@@ -7,7 +7,7 @@
 --
 --   wrk -t2 -c16 -d5s -s bench/wrk_signed.lua http://127.0.0.1:PORT -- FILE THREADS
 --
--- done() prints the same "BENCH_JSON {...}" as wrk_execute.lua; a thread that runs out of
+-- done() prints the same "BENCH_JSON {...}" as wrk_execute.lua (common.report_execute); a thread that runs out of
 -- requests sends its last one again (counted as the replay it is: a non-200).
 
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
@@ -46,14 +46,5 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-   local e = summary.errors
-   io.write(string.format(
-      'BENCH_JSON {"requests":%d,"duration_us":%d,"non200":{%s},'
-         .. '"socket_errors":%d,"timeouts":%d,'
-         .. '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
-      summary.requests, summary.duration, common.statuses_json(),
-      e.connect + e.read + e.write, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max, latency.mean
-   ))
+   common.report_execute(summary, latency)
 end

@@ -23,6 +23,10 @@ from runnerkit.forge.db import ForgeDB
 from runnerkit.state import Ledger, WriterTurns, _ofd_lock
 
 CTX = multiprocessing.get_context("fork")
+#: Children forked from a fresh server process, not from this one: pytest's process runs
+#: threads left by other tests, and a fork taken while one of them holds SQLite's global
+#: mutex leaves the child's ``sqlite3.connect`` waiting for ever (seen in a full run).
+FRESH = multiprocessing.get_context("forkserver")
 
 
 def _hold_until_told(path: str, held: object, release: object, released_at: object) -> None:
@@ -173,8 +177,7 @@ def test_database_writes_wait_for_the_writers_turn(tmp_path: Path, store: str) -
 
 
 def _open_and_write(kind: str, path: str, start: object, errors: object) -> None:
-    # A child forked from this many-threaded test process that hangs shows where, in the
-    # test's output (seen once in a full run, under heavy load: one child never exited).
+    # A child that hangs shows where, in the test's output.
     faulthandler.dump_traceback_later(40, exit=True)
     start.wait(30)  # type: ignore[attr-defined]
     try:
@@ -202,9 +205,10 @@ def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path, k
     for round_ in range(5):
         path = str(tmp_path / f"{round_}" / f"{kind}.sqlite3")
         os.makedirs(os.path.dirname(path))
-        start, errors = CTX.Event(), CTX.Value("i", 0)
+        start, errors = FRESH.Event(), FRESH.Value("i", 0)
         children = [
-            CTX.Process(target=_open_and_write, args=(kind, path, start, errors)) for _ in range(6)
+            FRESH.Process(target=_open_and_write, args=(kind, path, start, errors))
+            for _ in range(6)
         ]
         for child in children:
             child.start()

@@ -141,7 +141,7 @@ def reap_sentinels(state_dir: Path | str, timeout: float = 8.0) -> None:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if "runnerkit.sentinel" in cmdline and str(state_dir) in cmdline:
+        if "runnerkit.runner.sentinel" in cmdline and str(state_dir) in cmdline:
             found.append(proc)
     _, alive = psutil.wait_procs(found, timeout=timeout)
     for proc in alive:

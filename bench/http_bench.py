@@ -39,7 +39,7 @@ from bench.common import (
     say,
     server,
 )
-from runnerkit.affinity import PIN_WORKERS_ENV
+from runnerkit.service.affinity import PIN_WORKERS_ENV
 
 WRK_SCRIPT = str(Path(__file__).resolve().parent / "wrk_execute.lua")
 WRK_SIGNED_SCRIPT = str(Path(__file__).resolve().parent / "wrk_signed.lua")
@@ -118,7 +118,7 @@ def signed_requests(path: Path, count: int) -> None:
     """Write ``count`` signed /execute requests for ``wrk_signed.lua``, each a fresh jobId."""
     import uuid
 
-    from runnerkit.signing import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+    from runnerkit.service.signing import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
     lines = []
     for _ in range(count):

@@ -1,7 +1,6 @@
 """runnerkit: write ControlPlane job runners on Flask, gunicorn and marshmallow."""
 
 from runnerkit._version import __version__
-from runnerkit.capability import Capability, CapabilityDefinitionError, Context
 from runnerkit.contracts import CONTRACT_VERSION
 from runnerkit.errors import (
     Conflict,
@@ -16,7 +15,8 @@ from runnerkit.errors import (
     retry_delay,
     should_retry,
 )
-from runnerkit.runner import Runner
+from runnerkit.runner.app import Runner
+from runnerkit.runner.capability import Capability, CapabilityDefinitionError, Context
 
 __all__ = [
     "CONTRACT_VERSION",

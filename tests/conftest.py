@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from runnerkit import Runner  # noqa: E402
-from runnerkit.logs import JsonFormatter  # noqa: E402
+from runnerkit.service.logs import JsonFormatter  # noqa: E402
 from tests.helpers import RELEASE, TEST_CAPABILITIES, JobLog  # noqa: E402
 from tests.support.postgres import TestDatabase, require_server  # noqa: E402
 

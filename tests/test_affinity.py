@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from runnerkit.affinity import pin_requested, pin_worker
+from runnerkit.service.affinity import pin_requested, pin_worker
 
 _FORK = multiprocessing.get_context("fork")
 

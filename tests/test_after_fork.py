@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from runnerkit.jobforge import JobForgeClient
-from runnerkit.state import STORAGE, JobLocks, LeaderLease, Ledger, SlotTable, WriterTurns
+from runnerkit.runner.jobforge import JobForgeClient
+from runnerkit.runner.state import STORAGE, JobLocks, LeaderLease, Ledger, SlotTable, WriterTurns
 
 _FORK = multiprocessing.get_context("fork")
 #: A child that has not finished by then is stuck on a lock it inherited held.

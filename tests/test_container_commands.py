@@ -84,7 +84,7 @@ def test_compose_files_restart_a_service_that_exits() -> None:
     compose file and the one ``runnerkit new`` writes)."""
     import yaml
 
-    from runnerkit.scaffold import TEMPLATES
+    from runnerkit.cli.scaffold import TEMPLATES
 
     for origin, text in (
         ("deploy/docker-compose.yml", (ROOT / "deploy" / "docker-compose.yml").read_text()),

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.jobforge import JobForgeClient
-from runnerkit.lifecycle import deregister_instance, undelivered
-from runnerkit.outbox import Outbox
-from runnerkit.state import write_json_atomic
+from runnerkit.runner.jobforge import JobForgeClient
+from runnerkit.runner.lifecycle import deregister_instance, undelivered
+from runnerkit.runner.outbox import Outbox
+from runnerkit.runner.state import write_json_atomic
 from tests.support import JobForgeStub
 
 

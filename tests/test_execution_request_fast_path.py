@@ -18,7 +18,7 @@ from marshmallow import ValidationError
 from runnerkit.contracts import RunnerExecutionRequestSchema, load_execution_request
 from runnerkit.contracts.runners import _load_execution_request_fast
 from runnerkit.errors import ValidationFailed
-from runnerkit.execution import check_json_limits
+from runnerkit.runner.execution import check_json_limits
 from tests.json_strategies import anything, json_scalars, schema_result, uuids
 
 SCHEMA = RunnerExecutionRequestSchema()

@@ -20,7 +20,7 @@ import pytest
 from flask import Flask, request
 
 from runnerkit import Runner
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from runnerkit.testing import JobForgeStub, RunnerClient
 from tests.helpers import JOB_ID, TEST_CAPABILITIES, assert_envelope, assert_failure, request_body
 from tests.integration.flask_host_app import CAPABILITIES, GREETING, PREFIX, make_host_app
@@ -167,7 +167,7 @@ def test_a_stricter_app_limit_still_applies_to_runnerkit_routes(tmp_path: Path) 
 
 @pytest.mark.parametrize("prefix", ["runner", "/runner/", "/"])
 def test_a_malformed_url_prefix_is_refused(prefix: str, tmp_path: Path) -> None:
-    from runnerkit.config import ConfigError
+    from runnerkit.runner.config import ConfigError
 
     with pytest.raises(ConfigError, match="url_prefix"):
         make_host_app({**STANDALONE, "RUNNERKIT_STATE_DIR": str(tmp_path)}, url_prefix=prefix)

@@ -22,8 +22,8 @@ from flask.testing import FlaskClient
 from marshmallow import Schema, fields
 
 from runnerkit import Capability, Context, Runner
-from runnerkit.capability import CapabilityDefinitionError, Progress
-from runnerkit.isolation import run_isolated
+from runnerkit.runner.capability import CapabilityDefinitionError, Progress
+from runnerkit.runner.isolation import run_isolated
 from tests.helpers import (
     Echo,
     assert_execution_response,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.state import JobLocks, Ledger
+from runnerkit.runner.state import JobLocks, Ledger
 
 _FORK = multiprocessing.get_context("fork")
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runnerkit.logs import _HANDLER_MARK, JsonFormatter, emit, log_context
+from runnerkit.service.logs import _HANDLER_MARK, JsonFormatter, emit, log_context
 
 FIELDS = {
     "jobId": "6f1c0f7e-7a4e-4b8e-9a3b-1e0b7b0c9d11",

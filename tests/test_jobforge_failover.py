@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from runnerkit import Runner
-from runnerkit.config import ConfigError, Settings, split_base_urls
-from runnerkit.jobforge import JobForgeClient
+from runnerkit.runner.config import ConfigError, Settings, split_base_urls
+from runnerkit.runner.jobforge import JobForgeClient
 from tests.support import JobForgeStub, free_port
 from tests.support.waiting import wait_until
 

@@ -20,9 +20,9 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from runnerkit.jobforge import JobForgeClient
-from runnerkit.outbox import Outbox
-from runnerkit.state import Ledger
+from runnerkit.runner.jobforge import JobForgeClient
+from runnerkit.runner.outbox import Outbox
+from runnerkit.runner.state import Ledger
 from tests.support.locks import lock_lines
 
 CTX = multiprocessing.get_context("spawn")

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit import metrics
-from runnerkit.runner import Runner
-from runnerkit.state import STORAGE
+from runnerkit.runner.app import Runner
+from runnerkit.runner.state import STORAGE
+from runnerkit.service import metrics
 from tests.security.stack import samples, value
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r"""
 import json, os, sys, time
-from runnerkit import metrics as m
+from runnerkit.service import metrics as m
 from tests.security.stack import samples
 
 m.prepare_snapshot_dir(sys.argv[1], (os.getpid(), 0.0))

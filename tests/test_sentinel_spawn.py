@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runnerkit.lifecycle import spawn_detached
+from runnerkit.runner.lifecycle import spawn_detached
 from tests.support.waiting import wait_until
 
 
@@ -48,7 +48,7 @@ def test_entries_of_masters_that_are_gone_are_forgotten(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A master without the product's on_exit hook (plain `gunicorn app:app`) leaves its entry.
-    from runnerkit import lifecycle
+    from runnerkit.runner import lifecycle
 
     monkeypatch.setattr(lifecycle, "masters_dir", lambda: str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

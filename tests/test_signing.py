@@ -13,8 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from runnerkit import Runner
-from runnerkit.config import ConfigError
-from runnerkit.signing import SignatureError, sign, verify
+from runnerkit.runner.config import ConfigError
+from runnerkit.service.signing import SignatureError, sign, verify
 from tests.helpers import TEST_CAPABILITIES, assert_failure, request_body
 from tests.support.waiting import wait_until
 
@@ -277,7 +277,7 @@ def test_under_gunicorn_the_warning_comes_when_the_worker_loads_the_app(
     # is left out: it would stay installed in the test process. A worker's runnerkit logger
     # does not propagate, so the capture sits on it (runnerkit_caplog).
     monkeypatch.setenv("SERVER_SOFTWARE", "gunicorn/23.0.0")
-    monkeypatch.setattr("runnerkit.runner.install_drain_handler", lambda runner: None)
+    monkeypatch.setattr("runnerkit.runner.app.install_drain_handler", lambda runner: None)
     runner = Runner("served", capabilities=TEST_CAPABILITIES)
     app = runner.create_app({"RUNNERKIT_STATE_DIR": str(tmp_path)})
     assert _signing_warnings(runnerkit_caplog) == 1

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runnerkit import Runner
-from runnerkit.signing import sign
-from runnerkit.state import InstanceState
+from runnerkit.runner.state import InstanceState
+from runnerkit.service.signing import sign
 from runnerkit.testing import JobForgeStub
 from tests.helpers import assert_execution_response, assert_failure, request_body
 from tests.support.waiting import wait_until

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from runnerkit.forge.db import ForgeDB
-from runnerkit.state import Ledger, WriterTurns, _ofd_lock
+from runnerkit.runner.state import Ledger, WriterTurns, _ofd_lock
 
 CTX = multiprocessing.get_context("fork")
 #: Children forked from a fresh server process, not from this one: pytest's process runs

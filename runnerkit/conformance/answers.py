@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runnerkit.testing.validator import ContractValidator
+from runnerkit.contracts.validator import ContractValidator
 
 from .probe import Reply
 from .report import Check

@@ -309,7 +309,7 @@ class Suite:
 
             self._check(f"{name}: refused with AUTHENTICATION_ERROR", run, required=required)
 
-        from runnerkit.signing import TIMESTAMP_HEADER, sign
+        from runnerkit.service.signing import TIMESTAMP_HEADER, sign
 
         refused("an unsigned request", lambda raw: {}, True)
         refused(

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 
 #: The most of an answer body that is read; the rest is a finding, not memory spent.
 MAX_BODY_BYTES = 4 * 1024 * 1024

@@ -62,7 +62,7 @@ from typing import Any
 from flask import Flask
 
 from runnerkit.errors import RunnerError
-from runnerkit.http import register_error_handlers
+from runnerkit.service.http import register_error_handlers
 
 from . import api, db, metrics, trust
 from .db import open_database

@@ -38,8 +38,8 @@ from runnerkit.errors import (
     details_from_validation_error,
     make_envelope,
 )
-from runnerkit.http import read_body
-from runnerkit.jsonbody import check_json_limits, parse_json_object
+from runnerkit.service.http import read_body
+from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 
 from . import dashboard, db, trust, violations
 from .jobs import monotonic_of

@@ -32,7 +32,7 @@ from flask import Blueprint, Response, current_app, render_template, request, ur
 
 from runnerkit._version import __version__
 from runnerkit.contracts import JOB_STATUSES, parse_timestamp, utc_now
-from runnerkit.redaction import redact
+from runnerkit.errors.redaction import redact
 
 from . import db, violations
 

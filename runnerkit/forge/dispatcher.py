@@ -62,9 +62,9 @@ from marshmallow import ValidationError
 from runnerkit._version import __version__
 from runnerkit.contracts import ErrorEnvelopeSchema
 from runnerkit.errors import ValidationFailed
-from runnerkit.jsonbody import check_json_limits
-from runnerkit.signing import sign
-from runnerkit.state import FileLock
+from runnerkit.runner.state import FileLock
+from runnerkit.service.jsonbody import check_json_limits
+from runnerkit.service.signing import sign
 
 from . import db
 from . import jobs as jobs_module

@@ -64,7 +64,7 @@ from runnerkit.errors import (
     retry_delay,
     should_retry,
 )
-from runnerkit.redaction import might_hold_secrets, redact, redact_job
+from runnerkit.errors.redaction import might_hold_secrets, redact, redact_job
 
 from . import db, truth, violations
 from .settings import ForgeSettings

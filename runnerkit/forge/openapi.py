@@ -20,7 +20,7 @@ from runnerkit.contracts import (
     TruthQueryResultSchema,
     TruthQuerySchema,
 )
-from runnerkit.schema_export import new_spec
+from runnerkit.contracts.json_schema import new_spec
 
 _COMPONENTS = (
     ("ErrorEnvelope", ErrorEnvelopeSchema),

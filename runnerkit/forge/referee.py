@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 from flask import g, request
 
 from runnerkit.contracts import is_uuid, utc_now
+from runnerkit.contracts.validator import ContractValidator
 from runnerkit.errors import RunnerError, ValidationFailed, make_envelope
-from runnerkit.testing.validator import ContractValidator
 
 from . import db, violations
 from .jobs import Claim, Outcome

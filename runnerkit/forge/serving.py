@@ -19,7 +19,7 @@ WORKERS = 3
 #: are bounded by their own HTTP timeouts).
 OPTIONS = (
     "--worker-class",
-    "runnerkit.gunicorn_worker.ThreadWorker",  # gthread; its own errors as ErrorEnvelopes
+    "runnerkit.service.gunicorn_worker.ThreadWorker",  # gthread; its own errors as ErrorEnvelopes
     "--threads",
     "16",
     "--graceful-timeout",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from runnerkit.config import (
+from runnerkit.runner.config import (
     ConfigError,
     ResolvedSettings,
     Setting,
@@ -23,7 +23,7 @@ from runnerkit.config import (
     refuse_placeholder,
     resolve,
 )
-from runnerkit.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
+from runnerkit.service.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
 
 PREFIX = "RUNNERKIT_FORGE_"
 

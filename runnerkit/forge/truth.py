@@ -19,7 +19,7 @@ from typing import Any
 
 from runnerkit.contracts import TruthAssertionSchema, parse_timestamp, utc_now
 from runnerkit.errors import Conflict
-from runnerkit.redaction import redact_job
+from runnerkit.errors.redaction import redact_job
 
 from . import db
 

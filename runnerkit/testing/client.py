@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from runnerkit.testing.documents import execution_request
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from runnerkit.contracts.validator import ContractValidator
 from runnerkit.testing.client import RunnerClient
 from runnerkit.testing.jobforge_stub import JobForgeStub
-from runnerkit.testing.validator import ContractValidator
 
 
 def _free_port() -> int:

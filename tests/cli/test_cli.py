@@ -251,7 +251,7 @@ def test_a_fixed_job_id_runs_on_every_test_run(runner_client: RunnerClient) -> N
 def test_a_new_projects_tests_pass_run_after_run(tmp_path: Path) -> None:
     """Its test fixture's app keeps its ledger in the test's tmp_path, not in the state
     directory of the app that ``app.py`` made at import: a fixed jobId is new every run."""
-    from runnerkit.scaffold import create_project
+    from runnerkit.cli.scaffold import create_project
 
     project = tmp_path / "hello-runner"
     create_project("hello-runner", project, runnerkit_spec="runnerkit")

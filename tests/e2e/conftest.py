@@ -131,7 +131,7 @@ def _sentinels(state_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if "runnerkit.sentinel" in cmdline and str(state_dir) in cmdline:
+        if "runnerkit.runner.sentinel" in cmdline and str(state_dir) in cmdline:
             found.append(proc)
     return found
 

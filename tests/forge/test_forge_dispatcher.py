@@ -25,7 +25,7 @@ import pytest
 from runnerkit.contracts import format_timestamp, parse_timestamp
 from runnerkit.errors import retry_delay
 from runnerkit.forge import db as forge_db
-from runnerkit.signing import verify
+from runnerkit.service.signing import verify
 from tests.forge.helpers import (
     Call,
     FakeRunner,

@@ -12,7 +12,6 @@ import psycopg
 import pytest
 from flask.testing import FlaskClient
 
-from runnerkit.config import ConfigError
 from runnerkit.forge import Forge, ForgeSettings, create_app
 from runnerkit.forge import db as forge_db
 from runnerkit.forge.postgres import (
@@ -23,6 +22,7 @@ from runnerkit.forge.postgres import (
     translate,
     unescape_text,
 )
+from runnerkit.runner.config import ConfigError
 from tests.forge.helpers import job_request
 
 

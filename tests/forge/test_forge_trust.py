@@ -13,11 +13,11 @@ import pytest
 from flask.testing import FlaskClient
 
 from runnerkit.contracts import utc_now
+from runnerkit.errors.redaction import redact
 from runnerkit.forge import Forge, get_forge
 from runnerkit.forge.jobs import Clock
 from runnerkit.forge.targets import TargetPolicy
 from runnerkit.forge.trust import token_hash
-from runnerkit.redaction import redact
 from tests.forge.helpers import (
     FakeRunner,
     ForgeServer,

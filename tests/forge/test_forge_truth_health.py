@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from runnerkit.config import ConfigError
 from runnerkit.contracts import utc_now
 from runnerkit.forge import Forge, db
 from runnerkit.forge.settings import ForgeSettings
+from runnerkit.runner.config import ConfigError
 from tests.forge.helpers import error_of, job_request, new_id, valid, wait_for
 
 

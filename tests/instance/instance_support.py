@@ -305,11 +305,11 @@ def end_processes(processes: list[psutil.Process], timeout: float) -> None:
 
 
 def sentinel_processes(state_dir: Path) -> list[psutil.Process]:
-    """Live ``python -m runnerkit.sentinel <state_dir> ...`` processes of this state dir."""
+    """Live ``python -m runnerkit.runner.sentinel <state_dir> ...`` processes of this state dir."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if "runnerkit.sentinel" in cmdline and str(state_dir) in cmdline:
+        if "runnerkit.runner.sentinel" in cmdline and str(state_dir) in cmdline:
             with contextlib.suppress(psutil.Error):
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)

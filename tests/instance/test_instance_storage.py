@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from tests.instance.instance_support import (
     Instance,
     InstanceFactory,

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import requests
 
-from runnerkit.config import ConfigError, Settings, unknown_settings
+from runnerkit.cli.scaffold import create_project
 from runnerkit.forge.settings import ForgeSettings
-from runnerkit.scaffold import create_project
+from runnerkit.runner.config import ConfigError, Settings, unknown_settings
 from tests.support import REPO_ROOT
 
 

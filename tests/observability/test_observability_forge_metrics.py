@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent(
         "forge": forge_client.get("/metrics").get_data(as_text=True),
         "runner": runner_client.get("/metrics").get_data(as_text=True),
         "second": second_forge.test_client().get("/metrics").status_code,
-        "mode": __import__("runnerkit.metrics").metrics.snapshot_dir() or "",
+        "mode": __import__("runnerkit.service.metrics").service.metrics.snapshot_dir() or "",
         "mmap": __import__("os").environ.get("PROMETHEUS_MULTIPROC_DIR", ""),
     }
     print("RESULT" + json.dumps(out))

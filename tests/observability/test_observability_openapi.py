@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 
 from runnerkit import Runner
-from runnerkit.schema_export import json_schema
+from runnerkit.contracts.json_schema import json_schema
 from tests.security.echo_app import make_runner
 
 

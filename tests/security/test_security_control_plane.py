@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from runnerkit.errors import should_retry
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from tests.forge.helpers import job_request, valid
 from tests.security.stack import QUICK, Stack, failure_envelope
 from tests.support import GunicornProcess

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from tests.security.stack import QUICK, Stack, failure_envelope
 from tests.support import GunicornProcess
 

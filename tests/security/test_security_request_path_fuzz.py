@@ -24,7 +24,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from tests.security.stack import QUICK, Stack
 from tests.support import GunicornProcess
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from runnerkit.signing import sign
+from runnerkit.service.signing import sign
 from tests.security.stack import QUICK, Stack, failure_envelope
 from tests.support import GunicornProcess
 

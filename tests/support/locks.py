@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from runnerkit.state import LeaderLease
+from runnerkit.runner.state import LeaderLease
 
 
 def lock_lines(path: Path) -> Iterator[list[str]]:

@@ -19,9 +19,9 @@ from jsonschema import SchemaError
 from jsonschema.validators import validator_for
 from marshmallow import ValidationError
 
-from runnerkit.capability import Capability, Context
+from runnerkit.contracts.validator import ContractValidator
 from runnerkit.errors import RunnerError
-from runnerkit.testing.validator import ContractValidator
+from runnerkit.runner.capability import Capability, Context
 
 
 @dataclass

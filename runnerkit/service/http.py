@@ -17,8 +17,8 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from runnerkit.errors import PayloadTooLarge, ValidationFailed, make_envelope
-from runnerkit.metrics import exposition, labelled, metrics
-from runnerkit.openapi import openapi_document
+from runnerkit.runner.openapi import openapi_document
+from runnerkit.service.metrics import exposition, labelled, metrics
 
 log = logging.getLogger("runnerkit.http")
 

@@ -15,12 +15,12 @@ import click
 import requests
 
 from runnerkit._version import __version__
-from runnerkit.config import split_base_urls
 from runnerkit.conformance.command import conformance
 from runnerkit.contracts import utc_now
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
 from runnerkit.forge.trust import is_loopback
-from runnerkit.signing import sign
+from runnerkit.runner.config import split_base_urls
+from runnerkit.service.signing import sign
 
 DEFAULT_FORGE_URL = "http://127.0.0.1:3002"
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -28,7 +28,7 @@ TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 
 def load_runner(spec: str) -> Any:
     """Import ``module:variable`` as gunicorn does and find its Runner."""
-    from runnerkit.runner import EXTENSION_KEY, Runner
+    from runnerkit.runner.app import EXTENSION_KEY, Runner
 
     module_name, _, attr = spec.partition(":")
     if "" not in sys.path:
@@ -120,7 +120,7 @@ def new(name: str, directory: str | None, runnerkit_spec: str | None) -> None:
 
     Example: runnerkit new image-resizer && cd image-resizer && make test
     """
-    from runnerkit.scaffold import create_project
+    from runnerkit.cli.scaffold import create_project
 
     target = Path(directory or name)
     try:
@@ -139,8 +139,8 @@ def validate(app: str, as_json: bool, junit_path: str | None) -> None:
 
     Example: runnerkit validate app:app --junit reports/contract.xml
     """
-    from runnerkit.capability import CapabilityDefinitionError
-    from runnerkit.validate import Check, Report, validate_runner
+    from runnerkit.cli.validate import Check, Report, validate_runner
+    from runnerkit.runner.capability import CapabilityDefinitionError
 
     try:
         runner = load_runner(app)
@@ -504,7 +504,7 @@ def up(
 
     Example: runnerkit up app:app
     """
-    from runnerkit.devstack import run_stack
+    from runnerkit.cli.devstack import run_stack
 
     port = runner_port or int(os.environ.get("PORT", "3000"))
     sys.exit(run_stack(app, samples, forge_port, port, state_dir, exit_after_samples))

@@ -13,23 +13,23 @@ from typing import Any, TypeVar
 
 from flask import Flask
 
-from runnerkit.capability import Capability, CapabilityDefinitionError
-from runnerkit.config import ConfigError, Settings, default_state_dir, unknown_settings
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
-from runnerkit.gunicorn_settings import gunicorn_config, problems
-from runnerkit.health import CheckFunction, HealthChecks, overall_status
-from runnerkit.lifecycle import (
+from runnerkit.runner.capability import Capability, CapabilityDefinitionError
+from runnerkit.runner.config import ConfigError, Settings, default_state_dir, unknown_settings
+from runnerkit.runner.health import CheckFunction, HealthChecks, overall_status
+from runnerkit.runner.lifecycle import (
     Lifecycle,
     install_drain_handler,
     instance_key,
     instance_owner,
     under_gunicorn,
 )
-from runnerkit.logs import configure_logging
-from runnerkit.metrics import prepare_snapshot_dir
-from runnerkit.outbox import Outbox
-from runnerkit.preload import in_gunicorn_master, start_in_workers
-from runnerkit.state import STORAGE, InstanceState, secure_directory
+from runnerkit.runner.outbox import Outbox
+from runnerkit.runner.preload import in_gunicorn_master, start_in_workers
+from runnerkit.runner.state import STORAGE, InstanceState, secure_directory
+from runnerkit.service.gunicorn_settings import gunicorn_config, problems
+from runnerkit.service.logs import configure_logging
+from runnerkit.service.metrics import prepare_snapshot_dir
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
@@ -103,7 +103,7 @@ class Runner:
         self.unsigned_warning_due = False
         #: When (time.monotonic()) a drain must be done: the graceful timeout less a margin.
         self.drain_deadline = 0.0
-        from runnerkit.execution import Executor
+        from runnerkit.runner.execution import Executor
 
         self.executor = Executor(self)
 
@@ -297,7 +297,7 @@ class Runner:
         return runner
 
     def _serve(self, app: Flask, url_prefix: str, whole_app: bool) -> None:
-        from runnerkit.http import (
+        from runnerkit.service.http import (
             blueprint,
             register_error_handlers,
             register_request_metrics,

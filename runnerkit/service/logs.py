@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from runnerkit.redaction import redact
+from runnerkit.errors.redaction import redact
 
 _LEVELS = {"WARNING": "warn", "CRITICAL": "fatal"}
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from runnerkit.errors import TRACEBACK_ATTR, RunnerError, Timeout, traceback_text
 
 if TYPE_CHECKING:
-    from runnerkit.capability import Capability, Context, Progress
+    from runnerkit.runner.capability import Capability, Context, Progress
 
 #: The ``isolation`` values a Capability may declare (see ``Capability.isolation``).
 MODES = ("thread", "process", "inline")

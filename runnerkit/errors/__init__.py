@@ -18,7 +18,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from runnerkit.contracts import CONTRACT_VERSION, utc_now
-from runnerkit.redaction import REDACTED, is_secret_key, redact
+from runnerkit.errors.redaction import REDACTED, is_secret_key, redact
 
 log = logging.getLogger("runnerkit.errors")
 

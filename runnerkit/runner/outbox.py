@@ -19,8 +19,8 @@ from typing import Any
 
 import requests
 
-from runnerkit.jobforge import JobForgeClient
-from runnerkit.state import LedgerIdentity, SQLiteFile
+from runnerkit.runner.jobforge import JobForgeClient
+from runnerkit.runner.state import LedgerIdentity, SQLiteFile
 
 log = logging.getLogger("runnerkit.outbox")
 

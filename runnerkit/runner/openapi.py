@@ -16,10 +16,10 @@ from runnerkit.contracts import (
     RunnerExecutionResponseSchema,
     RunnerRegistrationRequestSchema,
 )
-from runnerkit.schema_export import json_schema, new_spec
+from runnerkit.contracts.json_schema import json_schema, new_spec
 
 if TYPE_CHECKING:
-    from runnerkit.runner import Runner
+    from runnerkit.runner.app import Runner
 
 
 def _error(description: str) -> dict[str, Any]:

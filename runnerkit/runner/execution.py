@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from marshmallow import ValidationError
 
-from runnerkit.capability import Capability, Context, Progress
 from runnerkit.contracts import is_uuid, load_execution_request, utc_now
 from runnerkit.errors import (
     Conflict,
@@ -41,15 +40,16 @@ from runnerkit.errors import (
     traceback_text,
     unexpected_envelope,
 )
-from runnerkit.isolation import run_isolated
-from runnerkit.jsonbody import check_json_limits, parse_json_object
-from runnerkit.logs import emit, log_context
-from runnerkit.metrics import labelled, metrics
-from runnerkit.signing import SignatureError, request_digest, verify
-from runnerkit.state import STORAGE_ERRORS, LedgerReplaced, Slot
+from runnerkit.runner.capability import Capability, Context, Progress
+from runnerkit.runner.isolation import run_isolated
+from runnerkit.runner.state import STORAGE_ERRORS, LedgerReplaced, Slot
+from runnerkit.service.jsonbody import check_json_limits, parse_json_object
+from runnerkit.service.logs import emit, log_context
+from runnerkit.service.metrics import labelled, metrics
+from runnerkit.service.signing import SignatureError, request_digest, verify
 
 if TYPE_CHECKING:
-    from runnerkit.runner import Runner
+    from runnerkit.runner.app import Runner
 
 job_log = logging.getLogger("runnerkit.job")
 

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from runnerkit.config import ConfigError
+from runnerkit.runner.config import ConfigError
 
 log = logging.getLogger("runnerkit.state")
 

@@ -46,7 +46,7 @@ pytest: $(STAMP)
 test: lint pytest
 
 docs: $(STAMP)
-	$(BIN)/python -c "from runnerkit.runner.config import write_settings_doc as w; w('docs/configuration.md')"
+	$(BIN)/python -c "from runnerkit.cli.settings_doc import write_settings_doc as w; w('docs/configuration.md')"
 
 docker:
 	docker build -f deploy/Dockerfile -t runnerkit-example .

@@ -1,16 +1,22 @@
-"""Kept import path: the code lives in :mod:`runnerkit.runner.config`."""
+"""Kept import path: the code lives in :mod:`runnerkit.runner.config` (the runner's table),
+:mod:`runnerkit.service.settings` (the machinery) and :mod:`runnerkit.cli.settings_doc`."""
 
+from runnerkit.cli.settings_doc import write_settings_doc
 from runnerkit.runner.config import (
-    PLACEHOLDER_PREFIX,
     PREFIX,
     SETTINGS,
+    Settings,
+    default_state_dir,
+    gunicorn_port,
+    setting,
+    unknown_settings,
+)
+from runnerkit.service.settings import (
+    PLACEHOLDER_PREFIX,
     ConfigError,
     ResolvedSettings,
     Setting,
-    Settings,
     check_base_url,
-    default_state_dir,
-    gunicorn_port,
     parse_bool,
     parse_nonnegative_float,
     parse_nonnegative_int,
@@ -19,11 +25,8 @@ from runnerkit.runner.config import (
     parse_str,
     refuse_placeholder,
     resolve,
-    setting,
     settings_table,
     split_base_urls,
-    unknown_settings,
-    write_settings_doc,
 )
 
 __all__ = [

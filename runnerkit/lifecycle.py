@@ -11,13 +11,12 @@ from runnerkit.runner.lifecycle import (
     deregister_instance,
     install_drain_handler,
     instance_key,
-    instance_owner,
     masters_dir,
     on_master_exit,
     spawn_detached,
     undelivered,
-    under_gunicorn,
 )
+from runnerkit.service.process import instance_owner, under_gunicorn
 
 __all__ = [
     "DEFAULT_GRACEFUL_S",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from runnerkit.runner.config import SETTINGS, settings_table
+from runnerkit.runner.config import SETTINGS
+from runnerkit.service.settings import settings_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

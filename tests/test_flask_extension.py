@@ -167,7 +167,7 @@ def test_a_stricter_app_limit_still_applies_to_runnerkit_routes(tmp_path: Path) 
 
 @pytest.mark.parametrize("prefix", ["runner", "/runner/", "/"])
 def test_a_malformed_url_prefix_is_refused(prefix: str, tmp_path: Path) -> None:
-    from runnerkit.runner.config import ConfigError
+    from runnerkit.service.settings import ConfigError
 
     with pytest.raises(ConfigError, match="url_prefix"):
         make_host_app({**STANDALONE, "RUNNERKIT_STATE_DIR": str(tmp_path)}, url_prefix=prefix)

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from runnerkit import Runner
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.settings import ConfigError
 from tests.helpers import (
     JOB_ID,
     SECRET,

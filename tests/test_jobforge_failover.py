@@ -11,8 +11,9 @@ import pytest
 import requests
 
 from runnerkit import Runner
-from runnerkit.runner.config import ConfigError, Settings, split_base_urls
+from runnerkit.runner.config import Settings
 from runnerkit.runner.jobforge import JobForgeClient
+from runnerkit.service.settings import ConfigError, split_base_urls
 from tests.support import JobForgeStub, free_port
 from tests.support.waiting import wait_until
 

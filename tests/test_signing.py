@@ -13,7 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from runnerkit import Runner
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.settings import ConfigError
 from runnerkit.service.signing import SignatureError, sign, verify
 from tests.helpers import TEST_CAPABILITIES, assert_failure, request_body
 from tests.support.waiting import wait_until

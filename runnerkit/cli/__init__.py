@@ -19,7 +19,7 @@ from runnerkit.conformance.command import conformance
 from runnerkit.contracts import utc_now
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
 from runnerkit.forge.trust import is_loopback
-from runnerkit.runner.config import split_base_urls
+from runnerkit.service.settings import split_base_urls
 from runnerkit.service.signing import sign
 
 DEFAULT_FORGE_URL = "http://127.0.0.1:3002"

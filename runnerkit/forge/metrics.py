@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response
 
 from runnerkit.contracts import JOB_STATUSES, RUNNER_STATUSES
-from runnerkit.runner.lifecycle import instance_owner
 from runnerkit.service.http import register_request_metrics
 from runnerkit.service.metrics import exposition as instance_exposition
 from runnerkit.service.metrics import family, import_prometheus, prepare_snapshot_dir
 from runnerkit.service.metrics import metrics as runner_metrics
+from runnerkit.service.process import instance_owner
 
 from . import db
 

@@ -44,7 +44,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.string import StrDumperUnknown, TextLoader
 from psycopg_pool import ConnectionPool
 
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.settings import ConfigError
 
 from . import db
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from runnerkit.runner.config import (
+from runnerkit.service.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
+from runnerkit.service.settings import (
     ConfigError,
     ResolvedSettings,
     Setting,
@@ -23,7 +24,6 @@ from runnerkit.runner.config import (
     refuse_placeholder,
     resolve,
 )
-from runnerkit.service.jsonbody import DEFAULT_MAX_DEPTH, DEFAULT_MAX_KEYS
 
 PREFIX = "RUNNERKIT_FORGE_"
 

@@ -15,14 +15,12 @@ from flask import Flask
 
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.runner.capability import Capability, CapabilityDefinitionError
-from runnerkit.runner.config import ConfigError, Settings, default_state_dir, unknown_settings
+from runnerkit.runner.config import Settings, default_state_dir, unknown_settings
 from runnerkit.runner.health import CheckFunction, HealthChecks, overall_status
 from runnerkit.runner.lifecycle import (
     Lifecycle,
     install_drain_handler,
     instance_key,
-    instance_owner,
-    under_gunicorn,
 )
 from runnerkit.runner.outbox import Outbox
 from runnerkit.runner.preload import in_gunicorn_master, start_in_workers
@@ -30,6 +28,8 @@ from runnerkit.runner.state import STORAGE, InstanceState, secure_directory
 from runnerkit.service.gunicorn_settings import gunicorn_config, problems
 from runnerkit.service.logs import configure_logging
 from runnerkit.service.metrics import prepare_snapshot_dir
+from runnerkit.service.process import instance_owner, under_gunicorn
+from runnerkit.service.settings import ConfigError
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")
@@ -297,12 +297,8 @@ class Runner:
         return runner
 
     def _serve(self, app: Flask, url_prefix: str, whole_app: bool) -> None:
-        from runnerkit.service.http import (
-            blueprint,
-            register_error_handlers,
-            register_request_metrics,
-            register_routing_errors,
-        )
+        from runnerkit.runner.blueprint import blueprint, register_routing_errors
+        from runnerkit.service.http import register_error_handlers, register_request_metrics
 
         if url_prefix and (not url_prefix.startswith("/") or url_prefix.endswith("/")):
             raise ConfigError(

@@ -50,13 +50,13 @@ from runnerkit.runner.state import (
     InstanceState,
     LeaderLease,
     lease_expiry_s,
-    process_start_time,
     read_json,
     secure_directory,
     write_json_atomic,
 )
 from runnerkit.service.logs import configure_logging
 from runnerkit.service.metrics import metrics
+from runnerkit.service.process import instance_owner, under_gunicorn
 
 if TYPE_CHECKING:
     from runnerkit.runner.app import Runner
@@ -74,17 +74,6 @@ DEFAULT_GRACEFUL_S = 30.0
 #: How often a draining worker looks whether its jobs are done and the outbox delivered.
 DRAIN_POLL_S = 0.1
 _REGISTRATION_SCHEMA = RunnerRegistrationResponseSchema()
-
-
-def under_gunicorn() -> bool:
-    """Whether this process is a gunicorn worker (gunicorn's master sets SERVER_SOFTWARE)."""
-    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")
-
-
-def instance_owner() -> tuple[int, float]:
-    """The process whose exit ends the instance: the gunicorn master, else this process."""
-    pid = os.getppid() if under_gunicorn() else os.getpid()
-    return pid, process_start_time(pid) or 0.0
 
 
 def instance_key(owner: tuple[int, float]) -> str:

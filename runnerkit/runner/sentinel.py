@@ -19,8 +19,9 @@ import sys
 import time
 
 from runnerkit.runner.lifecycle import deregister_instance
-from runnerkit.runner.state import FileLock, process_alive, process_start_time
+from runnerkit.runner.state import FileLock
 from runnerkit.service.logs import configure_logging
+from runnerkit.service.process import process_alive, process_start_time
 
 
 def wait_for_exit(pid: int) -> None:

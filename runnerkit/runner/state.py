@@ -54,9 +54,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import psutil
-
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.process import process_alive, process_start_time
+from runnerkit.service.settings import ConfigError
 
 log = logging.getLogger("runnerkit.state")
 
@@ -311,27 +310,6 @@ def read_json(path: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def process_start_time(pid: int) -> float | None:
-    """When ``pid`` started, or None when no such process exists."""
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-
-
-def process_alive(pid: int, started: float | None) -> bool:
-    """Whether the process recorded as ``(pid, started)`` is still that same process."""
-    now_started = process_start_time(pid)
-    if now_started is None:
-        return False
-    try:
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except psutil.Error:
-        return False
-    return started is None or abs(now_started - started) < 0.5
 
 
 class FileLock:

@@ -51,8 +51,8 @@ from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
-from runnerkit.runner.config import PREFIX, resolve, setting
 from runnerkit.service.http import CLIENT_IDLE_TIMEOUT_S, HTTP_ERRORS
+from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 
 #: The settings the worker reads (from the runner's settings, or the environment for the forge).
 _TIMEOUTS = ("CLIENT_IDLE_TIMEOUT_S", "CLIENT_HEADER_TIMEOUT_S", "CLIENT_BODY_TIMEOUT_S")
@@ -525,7 +525,7 @@ class ThreadWorker(gthread.ThreadWorker):
         if runner is not None:
             values = {name: getattr(runner.settings, name.lower()) for name in _TIMEOUTS}
         else:
-            values = resolve(tuple(setting(name) for name in _TIMEOUTS), PREFIX)
+            values = resolve(CLIENT_TIMEOUT_SETTINGS, PREFIX)
         return tuple(float(values[name]) for name in _TIMEOUTS)  # type: ignore[return-value]
 
     def _app_body_cap(self) -> int:

@@ -1,7 +1,7 @@
-"""The Flask adapter: the runner's blueprint and the JSON error handlers.
+"""HTTP for Flask apps served here: bodies read within limits, JSON answers, request metrics and
+the error handlers, shared by the runner and the forge.
 
-Thin on purpose: each route hands the request to the Runner/Executor and serialises what comes
-back. Every error the app can produce, from a 404 route to an unhandled exception, leaves as
+Every error the app can produce, from a 404 route to an unhandled exception, leaves as
 the contract's ErrorEnvelope, never as an HTML page.
 """
 
@@ -13,16 +13,13 @@ import logging
 import time
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from runnerkit.errors import PayloadTooLarge, ValidationFailed, make_envelope
-from runnerkit.runner.openapi import openapi_document
-from runnerkit.service.metrics import exposition, labelled, metrics
+from runnerkit.errors import ValidationFailed, make_envelope
+from runnerkit.service.metrics import labelled, metrics
 
 log = logging.getLogger("runnerkit.http")
-
-blueprint = Blueprint("runnerkit", __name__)
 
 #: The category and code each HTTP error becomes (Flask's and gunicorn's own alike).
 HTTP_ERRORS: dict[int, tuple[str, str]] = {
@@ -43,15 +40,13 @@ HTTP_ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-def _runner() -> Any:
-    return current_app.extensions["runnerkit"]
-
-
 #: runnerkit's own JSON text, whatever the host app's ``app.json`` provider does.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
-def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         _ENCODER.encode(body), status=status, headers=headers, mimetype="application/json"
     )
@@ -123,66 +118,6 @@ def read_body(
     return raw
 
 
-@blueprint.post("/execute")
-def execute() -> Response:
-    runner = _runner()
-    if runner.unsigned_warning_due:  # served by something other than gunicorn
-        runner.warn_unsigned()
-    try:
-        raw = read_body(runner.settings.client_idle_timeout_s, runner.settings.max_body_bytes)
-    except RequestEntityTooLarge:
-        app_limit = request.max_content_length
-        limit = runner.settings.max_body_bytes
-        if app_limit is not None and app_limit < limit:
-            limit = app_limit
-        error = PayloadTooLarge(f"The request body is larger than {limit} bytes")
-        answer = runner.executor.reject(error, request.headers)
-        answer.headers["Connection"] = "close"
-    except ValidationFailed as unreadable:
-        answer = runner.executor.reject(unreadable, request.headers)
-        answer.headers["Connection"] = "close"
-    else:
-        answer = runner.executor.execute(raw, request.headers.get("Content-Type"), request.headers)
-    # The executor has the body's JSON text already (the ledger stores the same text).
-    return Response(
-        answer.json(), status=answer.status, headers=answer.headers, mimetype="application/json"
-    )
-
-
-@blueprint.get("/health")
-def health() -> Response:
-    status, body = _runner().health()
-    return _json(status, body)
-
-
-@blueprint.get("/health/live")
-def live() -> Response:
-    status, body = _runner().liveness()
-    return _json(status, body)
-
-
-@blueprint.get("/health/ready")
-def ready() -> Response:
-    status, body = _runner().readiness()
-    return _json(status, body)
-
-
-@blueprint.get("/openapi.json")
-def openapi() -> Response:
-    return _json(200, openapi_document(_runner()))
-
-
-@blueprint.get("/metrics")
-def prometheus_metrics() -> Response:
-    body, content_type = exposition()
-    return Response(body, status=200, content_type=content_type)
-
-
-@blueprint.get("/capabilities")
-def capabilities() -> Response:
-    return _json(200, _runner().registration_document())
-
-
 #: Method label values; any other method a client invents is counted as "other", so callers
 #: cannot grow /metrics without bound.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -210,35 +145,8 @@ def register_request_metrics(app: Flask) -> None:
 def register_error_handlers(app: Flask) -> None:
     """Make every HTTP error and unhandled exception of ``app`` a JSON ErrorEnvelope (an
     app runnerkit made; in a host's app only runnerkit's routes answer so)."""
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unhandled)
-
-
-def register_routing_errors(app: Flask) -> None:
-    """In a host's app: a 404 under runnerkit's ``url_prefix`` and a 405 on one of its
-    routes as ErrorEnvelopes, every other routing error left to the host.
-
-    Flask raises routing errors before any blueprint is chosen, so the blueprint's own
-    handlers never see them; a ``before_request`` of the app does, ahead of the view.
-    """
-
-    @app.before_request
-    def _runnerkit_routing_error() -> Response | None:
-        error = request.routing_exception
-        if error is None or not isinstance(error, (NotFound, MethodNotAllowed)):
-            return None
-        runner = _runner()
-        path = request.path
-        if isinstance(error, MethodNotAllowed):
-            ours = any(
-                rule.rule == path
-                for rule in current_app.url_map.iter_rules()
-                if rule.endpoint.startswith(f"{blueprint.name}.")
-            )
-        else:
-            prefix = runner.url_prefix
-            ours = bool(prefix) and (path == prefix or path.startswith(f"{prefix}/"))
-        return _http_error(error) if ours else None
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unhandled_error)
 
 
 def _service() -> str:
@@ -246,7 +154,7 @@ def _service() -> str:
     return runner.name if runner is not None else current_app.name
 
 
-def _http_error(exc: HTTPException) -> Response:
+def http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     category, code = HTTP_ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
     message = exc.description or exc.name
@@ -263,12 +171,12 @@ def _http_error(exc: HTTPException) -> Response:
         operation=f"{request.method} {request.path}",
     )
     headers = {k: v for k, v in exc.get_headers() if k.lower() not in ("content-type",)}
-    return _json(status, {"success": False, "error": envelope}, headers)
+    return json_response(status, {"success": False, "error": envelope}, headers)
 
 
-def _unhandled(exc: Exception) -> Response:
+def unhandled_error(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
-        return _http_error(exc)
+        return http_error(exc)
     log.error(
         "unhandled %s on %s %s", type(exc).__name__, request.method, request.path, exc_info=exc
     )
@@ -280,9 +188,4 @@ def _unhandled(exc: Exception) -> Response:
         retryable=True,
         operation=f"{request.method} {request.path}",
     )
-    return _json(500, {"success": False, "error": envelope})
-
-
-# runnerkit's own routes answer every error as an envelope, in any app.
-blueprint.register_error_handler(HTTPException, _http_error)
-blueprint.register_error_handler(Exception, _unhandled)
+    return json_response(500, {"success": False, "error": envelope})

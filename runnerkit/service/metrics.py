@@ -41,7 +41,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from runnerkit.runner.state import STORAGE, process_alive, process_start_time
+from runnerkit.runner.state import STORAGE
+from runnerkit.service.process import process_alive, process_start_time
 
 log = logging.getLogger("runnerkit.metrics")
 

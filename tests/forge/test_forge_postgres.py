@@ -22,7 +22,7 @@ from runnerkit.forge.postgres import (
     translate,
     unescape_text,
 )
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.settings import ConfigError
 from tests.forge.helpers import job_request
 
 

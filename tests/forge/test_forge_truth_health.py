@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from runnerkit.contracts import utc_now
 from runnerkit.forge import Forge, db
 from runnerkit.forge.settings import ForgeSettings
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.settings import ConfigError
 from tests.forge.helpers import error_of, job_request, new_id, valid, wait_for
 
 

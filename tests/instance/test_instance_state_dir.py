@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from runnerkit import Runner
-from runnerkit.runner.config import ConfigError
+from runnerkit.service.settings import ConfigError
 from tests.helpers import Echo
 from tests.instance.instance_support import CLEAN_ENV, GUNICORN_CONF, call, job_request
 from tests.support import GunicornProcess, JobForgeStub, free_port

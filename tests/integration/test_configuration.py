@@ -10,7 +10,8 @@ import requests
 
 from runnerkit.cli.scaffold import create_project
 from runnerkit.forge.settings import ForgeSettings
-from runnerkit.runner.config import ConfigError, Settings, unknown_settings
+from runnerkit.runner.config import Settings, unknown_settings
+from runnerkit.service.settings import ConfigError
 from tests.support import REPO_ROOT
 
 

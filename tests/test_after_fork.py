@@ -22,7 +22,11 @@ from typing import Any
 import pytest
 
 from runnerkit.runner.jobforge import JobForgeClient
-from runnerkit.runner.state import STORAGE, JobLocks, LeaderLease, Ledger, SlotTable, WriterTurns
+from runnerkit.runner.lease import LeaderLease
+from runnerkit.runner.ledger import Ledger
+from runnerkit.runner.locks import JobLocks, SlotTable
+from runnerkit.service.sqlite import WriterTurns
+from runnerkit.service.write_failures import STORAGE
 
 _FORK = multiprocessing.get_context("fork")
 #: A child that has not finished by then is stuck on a lock it inherited held.

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.runner.state import JobLocks, Ledger
+from runnerkit.runner.ledger import Ledger
+from runnerkit.runner.locks import JobLocks
 
 _FORK = multiprocessing.get_context("fork")
 

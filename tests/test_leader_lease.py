@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from runnerkit.runner.lease import LeaderLease, lease_expiry_s
 from runnerkit.runner.lifecycle import deregister_instance
-from runnerkit.runner.state import LeaderLease, lease_expiry_s, write_json_atomic
+from runnerkit.runner.statefiles import write_json_atomic
 from tests.support import JobForgeStub
 from tests.support.locks import leader_of, ofd_locked_bytes
 from tests.support.waiting import wait_until
@@ -27,7 +28,7 @@ from tests.support.waiting import wait_until
 #: A child that takes the lease, then renews it every 50 ms and prints whether it leads.
 CHILD = """
 import sys, time
-from runnerkit.runner.state import LeaderLease
+from runnerkit.runner.lease import LeaderLease
 lease = LeaderLease(sys.argv[1], expiry_s=float(sys.argv[2]))
 while not lease.acquire():
     time.sleep(0.05)
@@ -165,7 +166,7 @@ def _hold_byte(path: Path, generation: int) -> int:
     worker that has just taken the lease and not yet written its record does."""
     import fcntl
 
-    from runnerkit.runner.state import _ofd_lock
+    from runnerkit.service.filelocks import _ofd_lock
 
     fd = os.open(path / "leader.lock", os.O_RDWR | os.O_CREAT, 0o600)
     _ofd_lock(fd, fcntl.F_WRLCK, generation)

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 
 from runnerkit.runner.jobforge import JobForgeClient
+from runnerkit.runner.ledger import Ledger
 from runnerkit.runner.outbox import Outbox
-from runnerkit.runner.state import Ledger
 from tests.support.locks import lock_lines
 
 CTX = multiprocessing.get_context("spawn")

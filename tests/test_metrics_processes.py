@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from runnerkit.runner.app import Runner
-from runnerkit.runner.state import STORAGE
 from runnerkit.service import metrics
+from runnerkit.service.write_failures import STORAGE
 from tests.security.stack import samples, value
 
 ROOT = Path(__file__).resolve().parents[1]

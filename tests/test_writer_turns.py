@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from runnerkit.forge.db import ForgeDB
-from runnerkit.runner.state import Ledger, WriterTurns, _ofd_lock
+from runnerkit.runner.ledger import Ledger
+from runnerkit.service.filelocks import _ofd_lock
+from runnerkit.service.sqlite import WriterTurns
 
 CTX = multiprocessing.get_context("fork")
 #: Children forked from a fresh server process, not from this one: pytest's process runs

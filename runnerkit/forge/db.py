@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import psycopg
 
-from runnerkit.runner.state import WriterTurns, prepare_wal
 from runnerkit.service.settings import ConfigError
+from runnerkit.service.sqlite import WriterTurns, prepare_wal
 
 #: What a database error looks like on either backend (the forge never catches narrower).
 DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)

@@ -62,7 +62,7 @@ from marshmallow import ValidationError
 from runnerkit._version import __version__
 from runnerkit.contracts import ErrorEnvelopeSchema
 from runnerkit.errors import ValidationFailed
-from runnerkit.runner.state import FileLock
+from runnerkit.service.filelocks import FileLock
 from runnerkit.service.jsonbody import check_json_limits
 from runnerkit.service.signing import sign
 

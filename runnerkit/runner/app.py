@@ -24,12 +24,14 @@ from runnerkit.runner.lifecycle import (
 )
 from runnerkit.runner.outbox import Outbox
 from runnerkit.runner.preload import in_gunicorn_master, start_in_workers
-from runnerkit.runner.state import STORAGE, InstanceState, secure_directory
+from runnerkit.runner.state import InstanceState
+from runnerkit.runner.statefiles import secure_directory
 from runnerkit.service.gunicorn_settings import gunicorn_config, problems
 from runnerkit.service.logs import configure_logging
 from runnerkit.service.metrics import prepare_snapshot_dir
 from runnerkit.service.process import instance_owner, under_gunicorn
 from runnerkit.service.settings import ConfigError
+from runnerkit.service.write_failures import STORAGE
 
 EXTENSION_KEY = "runnerkit"
 _RUNNER_ID_NAMESPACE = uuid.UUID("6f1c2d1e-5b0a-4f4e-9a53-0c6f2b7d9e11")

@@ -42,7 +42,8 @@ from runnerkit.errors import (
 )
 from runnerkit.runner.capability import Capability, Context, Progress
 from runnerkit.runner.isolation import run_isolated
-from runnerkit.runner.state import STORAGE_ERRORS, LedgerReplaced, Slot
+from runnerkit.runner.locks import Slot
+from runnerkit.runner.storage import STORAGE_ERRORS, LedgerReplaced
 from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 from runnerkit.service.logs import emit, log_context
 from runnerkit.service.metrics import labelled, metrics

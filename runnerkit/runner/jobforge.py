@@ -11,7 +11,7 @@ from typing import Any
 import requests
 
 from runnerkit._version import __version__
-from runnerkit.runner.state import renew_after_fork
+from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.settings import split_base_urls
 
 log = logging.getLogger("runnerkit.jobforge")

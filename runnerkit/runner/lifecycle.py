@@ -43,20 +43,15 @@ from runnerkit.contracts import (
 from runnerkit.errors import make_envelope
 from runnerkit.runner.execution import JobThreads
 from runnerkit.runner.jobforge import JobForgeClient
-from runnerkit.runner.state import (
-    STORAGE,
-    STORAGE_ERRORS,
-    FileLock,
-    InstanceState,
-    LeaderLease,
-    lease_expiry_s,
-    read_json,
-    secure_directory,
-    write_json_atomic,
-)
+from runnerkit.runner.lease import LeaderLease, lease_expiry_s
+from runnerkit.runner.state import InstanceState
+from runnerkit.runner.statefiles import read_json, secure_directory, write_json_atomic
+from runnerkit.runner.storage import STORAGE_ERRORS
+from runnerkit.service.filelocks import FileLock
 from runnerkit.service.logs import configure_logging
 from runnerkit.service.metrics import metrics
 from runnerkit.service.process import instance_owner, under_gunicorn
+from runnerkit.service.write_failures import STORAGE
 
 if TYPE_CHECKING:
     from runnerkit.runner.app import Runner

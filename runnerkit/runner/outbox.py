@@ -20,7 +20,8 @@ from typing import Any
 import requests
 
 from runnerkit.runner.jobforge import JobForgeClient
-from runnerkit.runner.state import LedgerIdentity, SQLiteFile
+from runnerkit.runner.sqlitefile import SQLiteFile
+from runnerkit.runner.storage import LedgerIdentity
 
 log = logging.getLogger("runnerkit.outbox")
 

@@ -41,8 +41,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from runnerkit.runner.state import STORAGE
 from runnerkit.service.process import process_alive, process_start_time
+from runnerkit.service.write_failures import STORAGE
 
 log = logging.getLogger("runnerkit.metrics")
 

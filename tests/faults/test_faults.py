@@ -33,7 +33,7 @@ import pytest
 import requests
 
 from runnerkit.contracts import parse_timestamp
-from runnerkit.runner.state import LeaderLease
+from runnerkit.runner.lease import LeaderLease
 from tests.e2e.conftest import QUICK, START_TIMEOUT, RunnerInstance, job_request
 from tests.faults.harness import (
     ASYNC_MS,

@@ -21,7 +21,7 @@ from runnerkit.errors import Conflict
 from runnerkit.forge import Forge, create_app, get_forge, truth
 from runnerkit.forge import db as forge_db
 from runnerkit.forge.jobs import Claim, Clock
-from runnerkit.runner.state import WriterTurns
+from runnerkit.service.sqlite import WriterTurns
 from tests.forge.helpers import (
     capability,
     envelope,

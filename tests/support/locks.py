@@ -1,7 +1,7 @@
 """Locks as the kernel reports them, and the worker that leads a runner instance.
 
 Shared by the one-instance tests and the fault-injection suite: both must find the leader
-the way the runner defines it (:class:`runnerkit.state.LeaderLease`), not by a guess.
+the way the runner defines it (:class:`runnerkit.runner.lease.LeaderLease`), not by a guess.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from runnerkit.runner.state import LeaderLease
+from runnerkit.runner.lease import LeaderLease
 
 
 def lock_lines(path: Path) -> Iterator[list[str]]:

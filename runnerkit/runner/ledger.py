@@ -1,0 +1,377 @@
+"""The idempotency ledger (:class:`Ledger`): which jobs ran, their answers, and the queue.
+
+One row per jobId in ``ledger.sqlite3``, shared by every worker: a finished job's stored
+answer is replayed to a redelivery, an asynchronous job's row says where it waits or runs,
+and a job whose worker died is found and answered. Signed requests' digests are kept here
+too, so a replayed request is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from runnerkit.runner.locks import JobLocks
+from runnerkit.runner.sqlitefile import SQLiteFile
+from runnerkit.runner.storage import LedgerIdentity, LedgerReplaced
+from runnerkit.service.process import process_alive, process_start_time
+
+log = logging.getLogger("runnerkit.state")
+
+
+LEDGER_COLUMNS = frozenset(
+    {
+        "job_id",
+        "state",
+        "owner_pid",
+        "owner_started",
+        "attempt",
+        "http_status",
+        "response",
+        "created",
+        "finished",
+        "async",
+        "correlation_id",
+    }
+)
+
+
+#: The rows of jobs not finished yet; the same text in the partial index and its queries, so
+#: SQLite can use the index.
+_UNFINISHED = "state IN ('running', 'queued')"
+
+
+@dataclass
+class Claim:
+    """The ledger's answer to "may this worker run jobId now?"."""
+
+    outcome: str  # "run" | "replay" | "running"
+    status: int = 0
+    body: dict[str, Any] | None = None
+    attempt: int = 1
+    #: A "run" claim that wrote a row (asynchronous, or a new attempt); a first synchronous
+    #: claim writes nothing, so giving it back (:meth:`Ledger.release`) writes nothing either.
+    recorded: bool = False
+
+
+#: Default memory of signed requests' digests: beyond the 300 s age and 60 s future window.
+EVENT_MEMORY_S = 900.0
+
+
+class Ledger(SQLiteFile):
+    """The idempotency ledger: one row per jobId, shared by every worker through SQLite.
+
+    A finished job's answer is replayed when it was a success or a failure that a retry
+    cannot change; after a retryable failure a new delivery is a new attempt and runs again.
+    A job whose owner process died mid-run is taken over by the next delivery.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        retention_s: float,
+        max_entries: int = 100_000,
+        identity: LedgerIdentity | None = None,
+    ) -> None:
+        super().__init__(path, identity)
+        self.running = JobLocks(os.path.splitext(path)[0] + ".running.lock")
+        self.retention_s = retention_s
+        #: How long a signed request's digest is remembered: past a signature's validity.
+        self.event_memory_s = EVENT_MEMORY_S
+        self.max_entries = max_entries
+        self._me = (0, 0.0)
+        self._since_prune = 0
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if columns and not columns >= LEDGER_COLUMNS:
+            # A ledger from an older runnerkit: its rows only serve replays, start afresh.
+            conn.execute("DROP TABLE jobs")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS jobs ("
+            " job_id TEXT PRIMARY KEY, state TEXT NOT NULL, owner_pid INTEGER,"
+            " owner_started REAL, attempt INTEGER NOT NULL DEFAULT 1, http_status INTEGER,"
+            " response TEXT, created REAL NOT NULL, finished REAL,"
+            " async INTEGER NOT NULL DEFAULT 0, correlation_id TEXT, capability TEXT,"
+            " queue_seq INTEGER)"
+        )
+        # Where an asynchronous job stands in its capability's line for a slot (see
+        # :meth:`ahead`); added to a ledger of an older runnerkit, whose rows are kept.
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for column, kind in (("capability", "TEXT"), ("queue_seq", "INTEGER")):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
+        # Signed requests that reached a run (the SHA-256 of what their signature covers), for
+        # as long as a signature is valid. Older ledgers keyed them on the unsigned event id.
+        conn.execute("DROP TABLE IF EXISTS events")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS signed_requests"
+            " (digest BLOB PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS signed_requests_seen ON signed_requests(seen)")
+        # Only unfinished (asynchronous) jobs, a handful: housekeeping looks for orphans among
+        # them twice a second, which must not cost a scan of every answer kept.
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs(state) WHERE {_UNFINISHED}"
+        )
+        # One row, rewritten by :meth:`probe` to learn whether writes work again.
+        conn.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
+        self._me = (os.getpid(), process_start_time(os.getpid()) or 0.0)
+
+    def claim(
+        self,
+        job_id: str,
+        *,
+        queued: bool = False,
+        correlation_id: str = "",
+        capability: str = "",
+    ) -> Claim:
+        """Decide whether this process runs ``job_id``; a "run" claim holds its job lock
+        until :meth:`complete` or :meth:`release`.
+
+        The job lock (:class:`JobLocks`) settles who runs it; the rows settle what happened
+        before. A synchronous job never seen before, the common case, costs one read here
+        and one write at :meth:`complete`. ``queued`` records an asynchronous job that waits
+        for a slot of ``capability`` before it runs: its row exists from now on, for
+        recovery and counting, and takes the next place in the instance's line for that
+        capability's slots (:meth:`ahead`).
+        """
+        if self.identity is not None and self.identity.broken:
+            raise LedgerReplaced(self.identity.broken)
+        if not self.running.acquire(job_id):
+            return Claim("running")
+        try:
+            claim = self._claim_locked(job_id, queued, correlation_id, capability)
+        except BaseException:
+            self.running.release(job_id)
+            raise
+        if claim.outcome != "run":
+            self.running.release(job_id)
+        return claim
+
+    def _claim_locked(
+        self, job_id: str, queued: bool, correlation_id: str, capability: str
+    ) -> Claim:
+        if not queued:
+            with self._connection() as conn:
+                known = conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if known is None:
+                return Claim("run")
+        now = time.time()
+        state = "queued" if queued else "running"
+        with self._transaction() as conn:
+            pid, started = self._me
+            # The line's next place, in the writers' turn: one order for every process. Only
+            # unfinished rows are looked at (the partial index), the line is made of them.
+            seq = None
+            if queued:
+                (last,) = conn.execute(
+                    f"SELECT MAX(queue_seq) FROM jobs WHERE {_UNFINISHED}"
+                ).fetchone()
+                seq = int(last or 0) + 1
+            row = conn.execute(
+                "SELECT state, owner_pid, owner_started, attempt, http_status, response"
+                " FROM jobs WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                values = (job_id, state, pid, started, now, int(queued), correlation_id)
+                conn.execute(
+                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, created, async,"
+                    " correlation_id, capability, queue_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*values, capability, seq),
+                )
+                return Claim("run", recorded=True)
+            _, owner_pid, owner_started, attempt, http_status, response = row
+            if row[0] in ("running", "queued") and process_alive(owner_pid, owner_started):
+                # The job lock is ours, so nobody runs the job: the row is one whose answer
+                # (or release) could not be written, e.g. on a full disk. Left alone, it
+                # would answer 409 for as long as its worker lives; it is a new attempt.
+                log.warning(
+                    "job %s: its %s entry of live pid %s has no answer; running it again "
+                    "as attempt %s",
+                    job_id,
+                    row[0],
+                    owner_pid,
+                    attempt + 1,
+                )
+            if row[0] == "done":
+                body = json.loads(response)
+                if body.get("success") or not (body.get("error") or {}).get("retryable"):
+                    return Claim("replay", http_status, body, attempt)
+            conn.execute(
+                "UPDATE jobs SET state = ?, owner_pid = ?, owner_started = ?, async = ?,"
+                " correlation_id = ?, attempt = attempt + 1, http_status = NULL,"
+                " response = NULL, finished = NULL, capability = ?, queue_seq = ?"
+                " WHERE job_id = ?",
+                (state, pid, started, int(queued), correlation_id, capability, seq, job_id),
+            )
+            return Claim("run", attempt=attempt + 1, recorded=True)
+
+    def release(self, job_id: str, *, recorded: bool = True) -> None:
+        """Forget a claim that never ran (rejected before the capability started).
+
+        ``recorded=False`` (``Claim.recorded``) frees only the job lock: a first synchronous
+        claim wrote no row, and a runner refusing jobs at capacity (429) should not queue in
+        the writers' turn to delete nothing.
+        """
+        if not recorded:
+            self.running.release(job_id)
+            return
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "DELETE FROM jobs WHERE job_id = ? AND state IN ('running', 'queued')"
+                    " AND owner_pid = ?",
+                    (job_id, self._me[0]),
+                )
+        finally:
+            self.running.release(job_id)
+
+    def start(self, job_id: str) -> None:
+        """A queued asynchronous job got its slot and runs now."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
+
+    def ahead(self, job_id: str, capability: str) -> int:
+        """How many asynchronous jobs wait for a slot of ``capability`` ahead of ``job_id``
+        (accepted before it by any worker of the instance), not counting those of dead
+        workers (their orphaned rows are the leader's to answer). A waiting job takes a free
+        slot only when fewer jobs are ahead of it than slots are free: first come, first
+        served across the instance, whichever worker accepted each job."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT owner_pid, owner_started FROM jobs WHERE {_UNFINISHED}"
+                " AND state = 'queued' AND capability = ? AND queue_seq <"
+                " (SELECT queue_seq FROM jobs WHERE job_id = ?)",
+                (capability, job_id),
+            ).fetchall()
+        alive = {(self._me[0], self._me[1]): True}  # a few workers own them all
+        for owner in rows:
+            if owner not in alive:
+                alive[owner] = process_alive(*owner)
+        return sum(1 for owner in rows if alive[owner])
+
+    def queued(self) -> int:
+        """Asynchronous jobs accepted but still waiting for a slot."""
+        with self._connection() as conn:
+            (count,) = conn.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE {_UNFINISHED} AND state = 'queued'"
+            ).fetchone()
+        return int(count)
+
+    def orphans(self) -> list[tuple[str, bool, str, int]]:
+        """Unfinished jobs whose owner has died: ``(jobId, async, correlationId, ownerPid)``."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
+                f" WHERE {_UNFINISHED}"
+            ).fetchall()
+        return [
+            (job_id, bool(is_async), correlation or "", pid)
+            for job_id, is_async, pid, started, correlation in rows
+            if not process_alive(pid, started)
+        ]
+
+    def complete(self, job_id: str, http_status: int, body_json: str) -> None:
+        """Store the answer of a finished job, as the JSON text sent, then free its job lock.
+
+        In that order: a redelivery that gets the lock next is sure to find the answer.
+        """
+        now = time.time()
+        try:
+            with self._write() as conn:
+                pid, started = self._me
+                conn.execute(
+                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
+                    " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
+                    " http_status = excluded.http_status, response = excluded.response,"
+                    " finished = excluded.finished",
+                    (job_id, pid, started, http_status, body_json, now, now),
+                )
+        finally:
+            self.running.release(job_id)
+        self._since_prune += 1
+        if self._since_prune >= 1000:
+            self.prune()
+
+    def forget(self, job_id: str, owner_pid: int) -> None:
+        """Drop an orphaned synchronous claim: its caller saw the connection fail.
+
+        Only while the dead owner still holds it: a redelivery may have claimed it meanwhile.
+        """
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM jobs WHERE job_id = ? AND state != 'done' AND owner_pid = ?",
+                (job_id, owner_pid),
+            )
+
+    def fail_orphan(
+        self, job_id: str, owner_pid: int, http_status: int, body: dict[str, Any]
+    ) -> bool:
+        """Store a failure for a job whose owner died, unless someone else took it since."""
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'done', http_status = ?, response = ?, finished = ?"
+                " WHERE job_id = ? AND state != 'done' AND owner_pid = ?",
+                (http_status, json.dumps(body), time.time(), job_id, owner_pid),
+            )
+        return cur.rowcount > 0
+
+    def first_sight(self, digest: bytes) -> bool:
+        """Record a signed request's digest (:func:`runnerkit.signing.request_digest`); False
+        if it was recorded before."""
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
+                (digest, time.time()),
+            )
+        return cur.rowcount > 0
+
+    def probe(self) -> None:
+        """One tiny write: raises when the ledger cannot be written (disk full, I/O error)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+
+    def prune(self) -> int:
+        """Drop finished entries past retention, and the oldest beyond ``max_entries``."""
+        self._since_prune = 0
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM signed_requests WHERE seen < ?",
+                (time.time() - self.event_memory_s,),
+            )
+            cur = conn.execute(
+                "DELETE FROM jobs WHERE state = 'done' AND finished < ?",
+                (time.time() - self.retention_s,),
+            )
+            removed = cur.rowcount
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            if count > self.max_entries:
+                cur = conn.execute(
+                    "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs"
+                    " WHERE state = 'done' ORDER BY finished LIMIT ?)",
+                    (count - self.max_entries,),
+                )
+                removed += cur.rowcount
+        return int(removed)
+
+    def completed_since(self, since: float) -> int:
+        """Jobs finished after the wall-clock time ``since`` (for jobThroughput)."""
+        with self._connection() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?", (since,)
+            ).fetchone()
+        return int(count)
+
+    def size(self) -> int:
+        with self._connection() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+        return int(count)

@@ -1,0 +1,119 @@
+"""One SQLite file shared by the instance's processes (:class:`SQLiteFile`).
+
+The base of the idempotency ledger and the result outbox: one connection per process, made
+anew after fork (a parent's is kept, never closed in the child), WAL mode, and writes in the
+writers' turn (:class:`~runnerkit.service.sqlite.WriterTurns`). It checks the file is the
+instance's own ledger (:class:`~runnerkit.runner.storage.LedgerIdentity`) before it opens it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+from runnerkit.runner.statefiles import private_file
+from runnerkit.runner.storage import LedgerIdentity
+from runnerkit.service.afterfork import renew_after_fork
+from runnerkit.service.sqlite import WriterTurns, prepare_wal
+
+#: SQLite connections a forked child inherited. Never closed there: closing one in a child
+#: could checkpoint and delete the WAL under the parent (SQLite: no connection across fork).
+_INHERITED: list[sqlite3.Connection] = []
+
+
+#: This process's id, kept current across fork: ``os.getpid()`` is a system call, and the
+#: job path asks several times per job whether a descriptor or connection is this process's.
+#: Each module that asks keeps its own copy: its own global is read faster than another's.
+_PID = os.getpid()
+
+
+def _note_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_note_pid)
+
+
+class SQLiteFile:
+    """One SQLite file shared by the instance's processes: a connection per process, WAL.
+
+    A connection must not cross ``fork``, so a process that finds one made by its parent opens
+    its own. Writes go through :meth:`_transaction` (``BEGIN IMMEDIATE``) or :meth:`_write`
+    (one statement), both in the writers' turn (:class:`WriterTurns`, ``<name>.writer.lock``)
+    so a writer of one worker waits for another's exactly as long as it writes.
+    """
+
+    def __init__(self, path: str, identity: LedgerIdentity | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
+        #: Which file this must be for the running instance (None: any, e.g. in a test).
+        self.identity = identity
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        """The child opens its own connection; the parent's is kept, never closed here."""
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn, self._pid = None, 0
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        """Create the tables this store needs (called once per process)."""
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the tables (:func:`prepare_wal`)."""
+        prepare_wal(conn, self._writers, self._setup)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != _PID:
+            if self._conn is not None:
+                _INHERITED.append(self._conn)  # a parent's (see renew_after_fork)
+                self._conn = None
+            # Checked before anything could create the file: a worker started after the
+            # running instance's ledger vanished must not begin a fresh, empty one.
+            if self.identity is not None:
+                self.identity.before_open()
+            private_file(self.path)
+            conn = sqlite3.connect(
+                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            try:
+                self._initialise(conn)
+                if self.identity is not None:
+                    self.identity.after_open()
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self._pid = conn, _PID
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._writers.hold():
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """The process's connection, for reads."""
+        with self._lock:
+            yield self._db()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """The process's connection for one autocommitted write, in the writers' turn."""
+        with self._lock, self._writers.hold():
+            yield self._db()

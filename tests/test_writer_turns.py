@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.forge.db import ForgeDB
+from runnerkit.forge.db.sqlite import ForgeDB
 from runnerkit.runner.state import Ledger, WriterTurns, _ofd_lock
 
 CTX = multiprocessing.get_context("fork")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import psutil
 import psycopg
 
-from runnerkit.forge.postgres import redact_url
+from runnerkit.forge.db.postgres import redact_url
 from tests.support.postgres import unreachable_reason, with_database
 
 #: The server's admin URL: a database that exists, a user that may create databases.

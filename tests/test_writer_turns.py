@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.forge.db import ForgeDB
+from runnerkit.forge.db.sqlite import ForgeDB
 from runnerkit.runner.ledger import Ledger
 from runnerkit.service.filelocks import _ofd_lock
 from runnerkit.service.sqlite import WriterTurns

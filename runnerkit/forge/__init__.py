@@ -65,7 +65,7 @@ from runnerkit.errors import RunnerError
 from runnerkit.service.http import register_error_handlers
 
 from . import api, db, metrics, trust
-from .db import open_database
+from .db.factory import open_database
 from .dispatcher import Dispatcher
 from .jobs import JobStore
 from .runners import RunnerRegistry

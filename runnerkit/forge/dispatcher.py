@@ -260,7 +260,7 @@ class Dispatcher:
         self.lock: Any = FileLock(f"{settings.db_path}.dispatcher.lock")
         self.leadership: Any = None
         if getattr(self.db, "postgres", False):
-            from .postgres import PgLeadership
+            from .db.leadership import PgLeadership
 
             self.leadership = self.lock = PgLeadership(self.db)  # type: ignore[arg-type]
         self.dispatched = 0

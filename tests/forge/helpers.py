@@ -30,7 +30,8 @@ from werkzeug.test import TestResponse
 from runnerkit.contracts import CONTRACT_VERSION, utc_now, validate
 from runnerkit.errors import make_envelope
 from runnerkit.forge import Forge, ForgeSettings, create_app, get_forge
-from runnerkit.forge.db import Database, open_database
+from runnerkit.forge.db.factory import open_database
+from runnerkit.forge.db.interface import Database
 from tests.support.waiting import wait_until
 
 # --------------------------------------------------------------------------- documents

@@ -14,8 +14,8 @@ from flask.testing import FlaskClient
 
 from runnerkit.forge import Forge, ForgeSettings, create_app
 from runnerkit.forge import db as forge_db
-from runnerkit.forge.postgres import (
-    PgLeadership,
+from runnerkit.forge.db.leadership import PgLeadership
+from runnerkit.forge.db.postgres import (
     PostgresDB,
     escape_text,
     redact_url,

@@ -14,7 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from runnerkit.forge import Forge, get_forge
-from runnerkit.forge.db import PRUNE_QUERY
+from runnerkit.forge.db.jobs import PRUNE_QUERY
 from runnerkit.forge.jobs import Clock
 from runnerkit.testing import documents
 from tests.forge.helpers import forge_app, job_request

@@ -16,7 +16,7 @@ import pytest
 from runnerkit.contracts import utc_now
 from runnerkit.forge import create_app, get_forge
 from runnerkit.forge import db as forge_db
-from runnerkit.forge.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, statements
+from runnerkit.forge.db.schema import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, statements
 from tests.forge.helpers import capability, registration, store
 from tests.support import GunicornProcess
 from tests.support.waiting import wait_until

@@ -1,0 +1,252 @@
+"""Queries on jobs: insertion, the dispatch order, transitions, sweeps, pruning, deliveries.
+
+Every function runs inside the caller's connection or transaction (:class:`~.interface.Conn`).
+A transition sets only :data:`JOB_COLUMNS`, and only while the job is still in the status
+(and attempt) it was read in. Waiting jobs are read along ``jobs_wait``, one ordered walk per
+status and job type; on PostgreSQL, a claim in a write transaction locks what it reads
+(``FOR UPDATE SKIP LOCKED``) so two forge instances never take one job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .codec import loads
+from .interface import Conn, Row
+
+#: Job columns a transition may set (``update_job`` refuses anything else).
+JOB_COLUMNS = frozenset(
+    {
+        "status",
+        "updated_at",
+        "not_before",
+        "attempts",
+        "runner_id",
+        "runner_name",
+        "runner_version",
+        "capability_id",
+        "first_started_at",
+        "attempt_started_at",
+        "slot_runner",
+        "slot_capability",
+        "lease_until",
+        "async",
+        "result",
+        "error",
+        "last_error",
+    }
+)
+
+
+def insert_job(conn: Conn, values: Mapping[str, Any]) -> bool:
+    """Insert a job; False (and nothing written) when a job with its id exists."""
+    cursor = conn.execute(
+        "INSERT INTO jobs (id, type, priority, status, request, submitted, updated_at,"
+        " not_before, expires, timeout_ms)"
+        " VALUES (:id, :type, :priority, :status, :request, :submitted, :updated_at,"
+        " :not_before, :expires, :timeout_ms) ON CONFLICT (id) DO NOTHING",
+        values,
+    )
+    return cursor.rowcount > 0
+
+
+#: The finished jobs a prune deletes, oldest first: along the ``jobs_finished`` partial index
+#: (its condition repeated word for word, and named: left to itself the planner may walk
+#: ``jobs_slot`` for ``slot_runner IS NULL``, nearly every job, and sort them all).
+PRUNE_QUERY = (
+    "SELECT seq, id FROM jobs INDEXED BY jobs_finished"
+    " WHERE status IN ('completed', 'failed', 'cancelled')"
+    " AND updated_at < ? AND slot_runner IS NULL ORDER BY updated_at LIMIT ?"
+)
+
+
+def prune_finished_jobs(conn: Conn, *, before: str, limit: int) -> int:
+    """Delete up to ``limit`` finished jobs last updated before ``before`` (a Z timestamp),
+    oldest first, with their events and delivery records; how many were deleted.
+
+    A cancelled job whose runner has not answered yet still holds its slot
+    (``slot_runner``): it stays until the answer frees it.
+    """
+    rows = conn.execute(PRUNE_QUERY, (before, limit)).fetchall()
+    ids = [(row["id"],) for row in rows]
+    conn.executemany("DELETE FROM events WHERE job_id = ?", ids)
+    conn.executemany("DELETE FROM deliveries WHERE job_id = ?", ids)
+    conn.executemany("DELETE FROM jobs WHERE seq = ?", [(row["seq"],) for row in rows])
+    return len(rows)
+
+
+def queued_types(conn: Conn) -> list[str]:
+    """The job types of queued jobs (one walk of ``jobs_wait``'s ``queued`` range)."""
+    return [r[0] for r in conn.execute("SELECT DISTINCT type FROM jobs WHERE status = 'queued'")]
+
+
+def taken_types(conn: Conn) -> set[str]:
+    """Every job type some registered runner that is not offline lists."""
+    types: set[str] = set()
+    for row in conn.execute("SELECT document FROM runners WHERE status != 'offline'"):
+        for capability in loads(row[0]).get("capabilities", []):
+            types.update(capability.get("supportedJobTypes", []))
+    return types
+
+
+def queued_since(conn: Conn, job_type: str, *, before: float, limit: int) -> list[Row]:
+    """Jobs of ``job_type`` queued (never sent) since before ``before`` (epoch seconds)."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE status = 'queued' AND type = ? AND submitted <= ?"
+        " ORDER BY seq LIMIT ?",
+        (job_type, before, limit),
+    ).fetchall()
+
+
+def get_job(conn: Conn, job_id: str) -> Row | None:
+    row: Row | None = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row
+
+
+def list_jobs(
+    conn: Conn,
+    *,
+    statuses: Sequence[str] = (),
+    job_type: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Row], int]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if statuses:
+        clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+        args.extend(statuses)
+    if job_type is not None:
+        clauses.append("type = ?")
+        args.append(job_type)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    total = conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+    rows = conn.execute(
+        f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+    ).fetchall()
+    return rows, int(total)
+
+
+def eligible_jobs(
+    conn: Conn, *, now: float, limit: int, types: Sequence[str] | None = None
+) -> list[Row]:
+    """Jobs waiting for a runner, in dispatch order: priority desc, then age.
+
+    ``types`` limits the answer to job types some runner can take right now. With types,
+    each (status, type) is one ordered walk of the ``jobs_wait`` index that stops after
+    ``limit`` rows, however long the history of the type.
+    """
+    if types is None:
+        sql = (
+            "SELECT * FROM jobs WHERE status IN ('queued', 'retrying')"
+            " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
+            " ORDER BY priority DESC, seq ASC LIMIT ?"
+        )
+        return conn.execute(sql, (now, now, limit)).fetchall()
+    # In a write transaction on PostgreSQL the rows are claimed as they are read: another
+    # forge instance's claim skips them instead of waiting (or taking them twice).
+    waiting = _WAITING_FOR_CLAIM if conn.postgres and conn.writing else _WAITING
+    rows: list[Row] = []
+    for job_type in types:
+        for status in ("queued", "retrying"):
+            rows.extend(conn.execute(waiting, (status, job_type, now, now, limit)))
+    rows.sort(key=_dispatch_order)
+    return rows[:limit]
+
+
+_WAITING = (
+    "SELECT * FROM jobs WHERE status = ? AND type = ?"
+    " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
+    " ORDER BY priority DESC, seq ASC LIMIT ?"
+)
+_WAITING_FOR_CLAIM = _WAITING + " FOR UPDATE SKIP LOCKED"
+
+
+def _dispatch_order(row: Row) -> tuple[int, int]:
+    return -int(row["priority"]), int(row["seq"])
+
+
+def expired_jobs(conn: Conn, *, now: float) -> list[Row]:
+    """Waiting jobs whose ``expiresAt`` has passed."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE status IN ('pending', 'queued', 'retrying')"
+        " AND expires IS NOT NULL AND expires <= ?",
+        (now,),
+    ).fetchall()
+
+
+def shift_waits(conn: Conn, step_s: float) -> None:
+    """Move the forge's own wall-clock marks by ``step_s`` (the clock stepped): queued jobs'
+    submission times, retries' due times and attempts' leases."""
+    conn.execute("UPDATE jobs SET submitted = submitted + ? WHERE status = 'queued'", (step_s,))
+    conn.execute(
+        "UPDATE jobs SET not_before = not_before + ? WHERE status = 'retrying'"
+        " AND not_before IS NOT NULL",
+        (step_s,),
+    )
+    conn.execute(
+        "UPDATE jobs SET lease_until = lease_until + ? WHERE seq IN"
+        " (SELECT seq FROM jobs WHERE slot_runner IS NOT NULL) AND lease_until IS NOT NULL",
+        (step_s,),
+    )
+
+
+def retries_due_after(conn: Conn, when: float) -> list[Row]:
+    """Jobs waiting to be retried that are not due before ``when``."""
+    return conn.execute(
+        "SELECT * FROM jobs WHERE status = 'retrying' AND not_before > ?", (when,)
+    ).fetchall()
+
+
+def jobs_holding_slots(conn: Conn) -> list[Row]:
+    """Running jobs and jobs that still hold a runner slot, with their runner's status.
+
+    ``runner_status`` is NULL when the runner is no longer registered.
+    """
+    # Two index searches, not a scan of every job ever submitted (this runs every sweep).
+    return conn.execute(
+        "SELECT jobs.*, runners.status AS runner_status FROM jobs"
+        " LEFT JOIN runners ON runners.id = COALESCE(jobs.slot_runner, jobs.runner_id)"
+        " WHERE jobs.seq IN (SELECT seq FROM jobs WHERE status = 'running'"
+        " UNION SELECT seq FROM jobs WHERE slot_runner IS NOT NULL)"
+    ).fetchall()
+
+
+def update_job(
+    conn: Conn,
+    job_id: str,
+    values: Mapping[str, Any],
+    *,
+    statuses: Iterable[str] | None = None,
+    attempts: int | None = None,
+) -> bool:
+    """Set ``values`` on a job, only while it is in one of ``statuses`` / at ``attempts``."""
+    unknown = set(values) - JOB_COLUMNS
+    if unknown:
+        raise ValueError(f"not job columns: {sorted(unknown)}")
+    assignments = ", ".join(f'"{k}" = ?' for k in values)
+    sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
+    args: list[Any] = [*values.values(), job_id]
+    if statuses is not None:
+        wanted = list(statuses)
+        sql += f" AND status IN ({', '.join('?' * len(wanted))})"
+        args.extend(wanted)
+    if attempts is not None:
+        sql += " AND attempts = ?"
+        args.append(attempts)
+    return conn.execute(sql, args).rowcount > 0
+
+
+def count_jobs_by_status(conn: Conn) -> dict[str, int]:
+    rows = conn.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
+def record_delivery(conn: Conn, job_id: str, digest: str, received: float) -> bool:
+    """Remember one delivered result; False when this exact delivery was seen before."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO deliveries (job_id, digest, received) VALUES (?, ?, ?)",
+        (job_id, digest, received),
+    )
+    return cursor.rowcount > 0

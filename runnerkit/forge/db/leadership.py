@@ -34,7 +34,8 @@ class PgLeadership:
     is lost leadership: :attr:`held` turns false and the dispatcher stops ticking until it
     takes the lock again. The same connection ``LISTEN``\\ s on the database's wake-up
     channel, where every forge process ``NOTIFY``\\ s new jobs and results (:meth:`notify`).
-    Same interface as :class:`runnerkit.service.filelocks.FileLock` (``held``, ``acquire``, ``release``).
+    Same interface as :class:`runnerkit.service.filelocks.FileLock` (``held``, ``acquire``,
+    ``release``).
     """
 
     def __init__(self, database: PostgresDB) -> None:

@@ -1,8 +1,9 @@
 """Reading jobs for the API: one job, a page of them, their events, counts by status,
 and which runner a job was sent to (whose credential may report on it).
 
-Everything answered here is redacted as the dashboard shows it (:meth:`~.job_records.
-JobRecords.response`). Lists come from a snapshot, so a page and its total agree.
+Everything answered here is redacted as the dashboard shows it
+(:meth:`~.job_records.JobRecords.response`). Lists come from a snapshot, so a page and its
+total agree.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Finished jobs older than HISTORY_RETENTION_HOURS are deleted with their events, TruthCore
 assertions past ASSERTION_RETENTION_HOURS (or their own ``expiresAt``) too, and jobs queued
-for UNMATCHED_JOB_EXPIRY_S whose type no runner lists fail rather than wait for ever. Each
-pass is one transaction of at most PRUNE_BATCH rows, run by the dispatcher's housekeeping.
+for UNMATCHED_JOB_EXPIRY_S whose type no runner lists fail rather than wait for ever. The
+dispatcher's housekeeping runs each pass, at most PRUNE_BATCH rows to a transaction.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Retries: applying a job's RetryPolicy to a failed attempt, and giving back an attempt a
 runner refused.
 
-A refusal (:func:`is_refusal`: the runner runs this job already, is at capacity, is busy or
+A refusal (:func:`~.jobs.is_refusal`: the runner runs this job already, is at capacity, is busy or
 shutting down, or answered 429) is not a failed attempt: the runner did not run the job. The
 attempt is given back and the job waits the retryAfter the runner asked for (capped by
 RETRY_AFTER_CAP_S), at least its policy's backoff, then is sent again; for

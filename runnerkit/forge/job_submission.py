@@ -1,5 +1,5 @@
 """Submitting and cancelling jobs: what a client asks of the queue (``POST /jobs``,
-``DELETE /jobs/<id>``).
+``POST /jobs/<id>/cancel``).
 
 A new job is queued (a ``job.created`` and a ``job.queued`` event, a ``queued`` assertion);
 the same request again answers the stored job, another request with its id is a 409.

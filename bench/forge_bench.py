@@ -244,15 +244,15 @@ def load(stack: Stack, pattern: str, **options: Any) -> dict[str, Any]:
 FORGE_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     (
         "POST /jobs: submit transaction (group commit: job, 2 events, assertion)",
-        ("JobStore.submit",),
+        ("JobSubmission.submit",),
     ),
     ("POST /jobs: body parse + JobRequest marshmallow load", ("_body (runnerkit/forge/api.py",)),
-    ("dispatcher: claims (update, event, assertion per job)", ("JobStore.claim",)),
-    ("dispatcher: answers recorded (update, event, 2 assertions per job)", ("JobStore.finish",)),
-    ("dispatcher: housekeeping sweep", ("JobStore.sweep",)),
+    ("dispatcher: claims (update, event, assertion per job)", ("JobClaims.claim",)),
+    ("dispatcher: answers recorded (update, event, 2 assertions per job)", ("JobResults.finish",)),
+    ("dispatcher: housekeeping sweep", ("JobSweep.sweep",)),
     ("dispatcher: HTTP to the runner (http.client)", ("Dispatcher.execute",)),
     ("dispatcher: matching queries, tick transaction, heartbeat", ("Dispatcher.",)),
-    ("benchmark's polling (GET /jobs?status=... count)", ("JobStore.list",)),
+    ("benchmark's polling (GET /jobs?status=... count)", ("JobReads.list",)),
     ("Flask / Werkzeug request handling", ("flask/", "werkzeug/")),
     ("gunicorn (HTTP parsing, socket I/O, thread pool)", ("gunicorn/",)),
 ]

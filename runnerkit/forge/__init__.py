@@ -67,7 +67,7 @@ from runnerkit.service.http import register_error_handlers
 from . import api, db, metrics, trust
 from .db.factory import open_database
 from .dispatcher import Dispatcher
-from .jobs import JobStore
+from .job_store import JobStore
 from .runners import RunnerRegistry
 from .settings import PREFIX, SETTINGS, ForgeSettings
 from .truth import TruthStore

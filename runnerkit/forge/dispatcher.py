@@ -69,7 +69,8 @@ from runnerkit.service.signing import sign
 from . import db
 from . import jobs as jobs_module
 from .answers import Answer, AnswerHeaders
-from .jobs import Claim, Clock, JobStore, Outcome
+from .job_store import JobStore
+from .jobs import Claim, Clock, Outcome
 from .referee import Referee
 from .settings import ForgeSettings
 from .targets import TargetPolicy

@@ -63,6 +63,19 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SESSION_COOKIE = "forge_session"
 _SESSION_LABEL = b"runnerkit-forge-dashboard-session-v1"
 
+#: Response headers of every page for people (the dashboard's pages and the login page): no
+#: script may run, nothing is cached. Decided here, with who may see a page; the dashboard
+#: imports them (a page's protection does not depend on the pages).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
 
 class Forbidden(RunnerError):
     """The caller is known (or its address is) but may not do this: 403."""
@@ -254,8 +267,6 @@ def login() -> Response:
     body = render_template(
         "dashboard/login.html", service=str(forge.settings.service_name), next=target, failed=failed
     )
-    from .dashboard import SECURITY_HEADERS
-
     page = Response(body, status=status, mimetype="text/html")
     page.headers.update(SECURITY_HEADERS)
     return page

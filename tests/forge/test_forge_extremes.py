@@ -15,9 +15,10 @@ from flask.testing import FlaskClient
 
 from runnerkit.contracts import format_timestamp, utc_now
 from runnerkit.forge import db as forge_db
-from runnerkit.forge.dashboard import compact_json, pretty_json
+from runnerkit.forge.dashboard_format import compact_json, pretty_json
 from runnerkit.forge.dispatcher import Dispatcher
-from runnerkit.forge.jobs import MAX_WAIT_MS, JobStore
+from runnerkit.forge.job_store import JobStore
+from runnerkit.forge.jobs import MAX_WAIT_MS
 from tests.forge.helpers import (
     Call,
     FakeRunner,

@@ -1,0 +1,187 @@
+"""Submitting and cancelling jobs: what a client asks of the queue (``POST /jobs``,
+``POST /jobs/<id>/cancel``).
+
+A new job is queued (a ``job.created`` and a ``job.queued`` event, a ``queued`` assertion);
+the same request again answers the stored job, another request with its id is a 409.
+``POST /jobs`` requests arriving together in one process share one transaction (a group
+commit, :meth:`JobSubmission._commit_submissions`): under load they would otherwise queue on
+the database's write lock one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from runnerkit.errors import Conflict
+from runnerkit.errors.redaction import might_hold_secrets, redact
+
+from . import db, truth
+from .job_records import JobRecords, json_string
+from .jobs import ACTIVE_STATUSES, FINAL_STATUSES, Clock
+
+log = logging.getLogger("runnerkit.forge.jobs")
+
+
+class _Submission:
+    """One ``POST /jobs`` waiting for its group commit."""
+
+    __slots__ = ("answer", "done", "error", "lead", "now", "values")
+
+    def __init__(self, values: dict[str, Any], now: Clock) -> None:
+        self.values = values
+        self.now = now
+        self.done = threading.Event()
+        self.lead = False  # set with ``done``: write the waiting group instead
+        self.answer: tuple[int, str] | None = None
+        self.error: Exception | None = None
+
+
+class JobSubmission(JobRecords):
+    """Queue new jobs (many to a transaction) and cancel them."""
+
+    def submit(self, request: Mapping[str, Any]) -> tuple[int, str]:
+        """Queue a loaded JobRequest: (202, JobResponse); the same request again → (200, ...).
+
+        The JobResponse comes as JSON text: a new job's is written around the request
+        document just stored, without encoding the request again.
+
+        The same id with a different request is a 409 RESOURCE_CONFLICT. Submissions arriving
+        together in this process share one transaction (see :meth:`_commit_submissions`).
+        """
+        metadata = request["metadata"]
+        now = Clock()
+        scheduled = metadata.get("scheduledAt")
+        expires = metadata.get("expiresAt")
+        document = db.dumps(request)
+        item = _Submission(
+            {
+                "id": request["id"],
+                "type": request["type"],
+                "priority": request["priority"],
+                "status": "queued",
+                "request": document,
+                "submitted": now.ts,
+                "updated_at": now.z,
+                "not_before": truth.epoch(scheduled) if scheduled else None,
+                "expires": truth.epoch(expires) if expires else None,
+                "timeout_ms": float(request["timeoutMs"]),
+            },
+            now,
+        )
+        self._commit_submissions(item)
+        if item.error is not None:
+            raise item.error
+        assert item.answer is not None
+        return item.answer
+
+    def _commit_submissions(self, item: _Submission) -> None:
+        """Group commit: the first waiting thread writes every queued submission at once.
+
+        Under load several request threads submit at the same moment; rather than queue on
+        the database lock one transaction each, they queue here and one of them (the leader)
+        writes them all in one transaction. A leader writes one group, then hands the lead
+        to the oldest submission still waiting, so no request waits for more than the group
+        ahead of it. Alone, a submission is its own leader and waits for nothing.
+        """
+        with self._group_lock:
+            self._group.append(item)
+            lead = not self._group_writing
+            self._group_writing = True
+        if not lead:
+            item.done.wait()
+            if not item.lead:
+                return
+        with self._group_lock:
+            group, self._group = self._group, []
+        try:
+            self._write_submissions(group)
+        finally:
+            for waiting in group:
+                if waiting.answer is None and waiting.error is None:
+                    waiting.error = RuntimeError("the submission was not written")
+                waiting.done.set()
+            with self._group_lock:
+                if self._group:
+                    successor = self._group[0]
+                    successor.lead = True
+                    successor.done.set()
+                else:
+                    self._group_writing = False
+
+    def _write_submissions(self, group: list[_Submission]) -> None:
+        """One transaction for ``group``; if it fails, one transaction per submission."""
+        answers: list[tuple[_Submission, tuple[int, str] | None, Exception | None]]
+        answers = []
+        try:
+            with self.db.tx() as conn:
+                for item in group:
+                    try:
+                        answers.append((item, self._insert(conn, item), None))
+                    except Conflict as exc:  # nothing was written for it
+                        answers.append((item, None, exc))
+        except Exception as exc:  # noqa: BLE001 - each request gets its own error
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            log.warning("writing %d submissions together failed; one at a time", len(group))
+            for item in group:
+                self._write_submissions([item])
+            return
+        for item, answer, error in answers:
+            item.answer, item.error = answer, error
+
+    def _insert(self, conn: db.Conn, item: _Submission) -> tuple[int, str]:
+        values, now = item.values, item.now
+        job_id = values["id"]
+        if not db.insert_job(conn, values):
+            existing = self._get(conn, job_id)
+            if existing["request"] != values["request"]:
+                raise Conflict(
+                    f"Job {job_id} was already submitted with a different request",
+                    code="JOB_ID_CONFLICT",
+                    details=[{"message": "A different job has this id", "path": ["id"]}],
+                )
+            return 200, json.dumps(self.response(existing), separators=(",", ":"))
+        created = {"type": values["type"], "priority": values["priority"]}
+        self._emit(conn, job_id, "job.created", now, created)
+        self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
+        self._assert_status(conn, job_id, "queued", now)
+        # What GET /jobs/<id> answers for the row just written (the request as stored).
+        if might_hold_secrets(values["request"]):
+            body = {"id": job_id, "status": "queued", "request": db.loads(values["request"])}
+            body["updatedAt"] = now.z
+            return 202, json.dumps(redact(body), separators=(",", ":"))
+        answer = (
+            f'{{"id":{json_string(job_id)},"status":"queued","request":{values["request"]},'
+            f'"updatedAt":"{now.z}"}}'
+        )
+        return 202, answer
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """queued/retrying/running → cancelled; cancelling a cancelled job changes nothing.
+
+        A completed or failed job is a 409 RESOURCE_CONFLICT.
+        """
+        with self.db.tx() as conn:
+            now = Clock()
+            row = self._get(conn, job_id)
+            if row["status"] == "cancelled":
+                return self.response(row)
+            if row["status"] in FINAL_STATUSES:
+                raise Conflict(
+                    f"Job {job_id} is already {row['status']} and cannot be cancelled",
+                    code="JOB_FINISHED",
+                )
+            db.update_job(
+                conn,
+                job_id,
+                {"status": "cancelled", "updated_at": now.z, "not_before": None},
+                statuses=ACTIVE_STATUSES,
+            )
+            self._emit(conn, job_id, "job.cancelled", now, {"previousStatus": row["status"]})
+            self._assert_status(conn, job_id, "cancelled", now)
+            return self.response(self._get(conn, job_id))

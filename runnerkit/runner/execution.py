@@ -45,7 +45,8 @@ from runnerkit.runner.isolation import run_isolated
 from runnerkit.runner.state import STORAGE_ERRORS, LedgerReplaced, Slot
 from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 from runnerkit.service.logs import emit, log_context
-from runnerkit.service.metrics import labelled, metrics
+from runnerkit.service.metric_families import metrics
+from runnerkit.service.metrics import labelled
 from runnerkit.service.signing import SignatureError, request_digest, verify
 
 if TYPE_CHECKING:

@@ -55,7 +55,7 @@ from runnerkit.runner.state import (
     write_json_atomic,
 )
 from runnerkit.service.logs import configure_logging
-from runnerkit.service.metrics import metrics
+from runnerkit.service.metric_families import metrics
 from runnerkit.service.process import instance_owner, under_gunicorn
 
 if TYPE_CHECKING:

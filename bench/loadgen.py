@@ -210,7 +210,7 @@ def run_execute(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def job_request(job_id: str) -> dict[str, Any]:
-    """A JobRequest for the echo capability (as runnerkit.cli.job_request makes them)."""
+    """A JobRequest for the echo capability (as runnerkit.cli.forge_client.job_request makes)."""
     return {
         "id": job_id,
         "type": "bench.echo",

@@ -11,7 +11,7 @@ from gunicorn.http.parser import RequestParser
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runnerkit.service.gunicorn_worker import (
+from runnerkit.service.chunked_framing import (
     CHUNKED_MALFORMED,
     CHUNKED_MORE,
     CHUNKED_TOO_LARGE,

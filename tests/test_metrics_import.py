@@ -18,12 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = """
 import os, sys, tempfile, threading
-from runnerkit import metrics as runner
+from runnerkit.service import metrics as store
+from runnerkit.service.metric_families import metrics
+from runnerkit.service.metrics_exposition import exposition
 from runnerkit.forge import metrics as forge
-runner.prepare_snapshot_dir(tempfile.mkdtemp(), (os.getpid(), 0.0))
+store.prepare_snapshot_dir(tempfile.mkdtemp(), (os.getpid(), 0.0))
 assert "prometheus_client" not in sys.modules
-calls = [runner.metrics, runner.publish, runner.exposition,
-         forge.forge_metrics, runner.metrics, runner.exposition]
+calls = [metrics, store.publish, exposition,
+         forge.forge_metrics, metrics, exposition]
 barrier = threading.Barrier(len(calls))
 errors = []
 def call(function):

@@ -17,6 +17,8 @@ import pytest
 
 from runnerkit.runner.app import Runner
 from runnerkit.service import metrics
+from runnerkit.service.metric_families import metrics as runner_metrics
+from runnerkit.service.metrics_exposition import exposition
 from runnerkit.service.write_failures import STORAGE
 from tests.security.stack import samples, value
 
@@ -25,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = r"""
 import json, os, sys, time
 from runnerkit.service import metrics as m
+from runnerkit.service.metric_families import metrics as runner_metrics
+from runnerkit.service.metrics_exposition import exposition
 from tests.security.stack import samples
 
 m.prepare_snapshot_dir(sys.argv[1], (os.getpid(), 0.0))
-current = m.metrics()
+current = runner_metrics()
 m.labelled(current.jobs_received, "cap", "unknown").inc(100)  # the parent's, before forking
 
 
@@ -36,7 +40,7 @@ def child(count, active, how):
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        mine = m.metrics()
+        mine = runner_metrics()
         m.labelled(mine.jobs_received, "cap", "unknown").inc(count)
         m.labelled(mine.active_jobs, "cap").inc(active)
         mine.http_duration.observe(0.2)
@@ -59,11 +63,11 @@ def child(count, active, how):
 exited = child(3, 2, "exits")
 stays = child(4, 5, "stays")
 at_exit = child(6, 7, "atexit")
-scrape = samples(m.exposition()[0].decode())
+scrape = samples(exposition()[0].decode())
 files = sorted(os.listdir(m.snapshot_dir()))
 os.kill(stays, 9)
 os.waitpid(stays, 0)
-after_kill = samples(m.exposition()[0].decode())
+after_kill = samples(exposition()[0].decode())
 out = {
     "scrape": [[k[0], dict(k[1]), v] for k, v in scrape.items()],
     "after_kill": [[k[0], dict(k[1]), v] for k, v in after_kill.items()],
@@ -113,7 +117,7 @@ def test_a_failed_publication_is_counted_not_raised(
     blocker.write_text("not a directory")
     monkeypatch.setattr(metrics, "_DIR", str(blocker / "metrics"))
     before = metrics._PUBLISHER.failures
-    metrics.labelled(metrics.metrics().jobs_received, "cap", "unknown").inc()
+    metrics.labelled(runner_metrics().jobs_received, "cap", "unknown").inc()
 
     assert metrics.publish() is False  # no exception
     assert metrics._PUBLISHER.failures == before + 1
@@ -122,7 +126,7 @@ def test_a_failed_publication_is_counted_not_raised(
     storage = next(c for c in body["checks"] if c["name"] == "storage")
     assert (status, storage["status"]) == (503, "unhealthy")
     assert "metrics" in storage["message"], storage
-    text = metrics.exposition()[0].decode()
+    text = exposition()[0].decode()
     assert value(samples(text), "runnerkit_metrics_publish_failures_total") >= 1
 
     monkeypatch.setattr(metrics, "_DIR", str(tmp_path / "metrics"))

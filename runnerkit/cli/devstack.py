@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import requests
 
-from runnerkit.cli import job_request, wait_for_job
+from runnerkit.cli.forge_client import job_request, wait_for_job
 from runnerkit.forge.serving import gunicorn_argv, no_control_socket
 
 

@@ -36,9 +36,10 @@ from flask import Flask, Response
 
 from runnerkit.contracts import JOB_STATUSES, RUNNER_STATUSES
 from runnerkit.service.http import register_request_metrics
-from runnerkit.service.metrics import exposition as instance_exposition
-from runnerkit.service.metrics import family, import_prometheus, prepare_snapshot_dir
-from runnerkit.service.metrics import metrics as runner_metrics
+from runnerkit.service.metric_families import metrics as runner_metrics
+from runnerkit.service.metrics import family, prepare_snapshot_dir
+from runnerkit.service.metrics_exposition import exposition as instance_exposition
+from runnerkit.service.metrics_exposition import import_prometheus
 from runnerkit.service.process import instance_owner
 
 from . import db

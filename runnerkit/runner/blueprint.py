@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 from runnerkit.errors import PayloadTooLarge, ValidationFailed
 from runnerkit.runner.openapi import openapi_document
 from runnerkit.service.http import http_error, json_response, read_body, unhandled_error
-from runnerkit.service.metrics import exposition
+from runnerkit.service.metrics_exposition import exposition
 
 blueprint = Blueprint("runnerkit", __name__)
 # runnerkit's own routes answer every error as an envelope, in any app.

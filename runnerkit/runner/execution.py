@@ -46,7 +46,8 @@ from runnerkit.runner.locks import Slot
 from runnerkit.runner.storage import STORAGE_ERRORS, LedgerReplaced
 from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 from runnerkit.service.logs import emit, log_context
-from runnerkit.service.metrics import labelled, metrics
+from runnerkit.service.metric_families import metrics
+from runnerkit.service.metrics import labelled
 from runnerkit.service.signing import SignatureError, request_digest, verify
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ from runnerkit.runner.statefiles import read_json, secure_directory, write_json_
 from runnerkit.runner.storage import STORAGE_ERRORS
 from runnerkit.service.filelocks import FileLock
 from runnerkit.service.logs import configure_logging
-from runnerkit.service.metrics import metrics
+from runnerkit.service.metric_families import metrics
 from runnerkit.service.process import instance_owner, under_gunicorn
 from runnerkit.service.write_failures import STORAGE
 

@@ -33,31 +33,32 @@
   memory instead of reading the socket.
 
 ``deploy/gunicorn.conf.py`` and the forge's command use it (``worker_class``).
+
+The socket wrappers are :mod:`runnerkit.service.client_sockets`, the walk over a chunked body
+:mod:`runnerkit.service.chunked_framing`; sizing a runner's threads is
+:mod:`runnerkit.runner.thread_fitting`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import html
 import json
-import re
 import selectors
 import socket
 import time
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
-from runnerkit.service.http import CLIENT_IDLE_TIMEOUT_S, HTTP_ERRORS
+from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
+from runnerkit.service.client_sockets import _EnvelopeSocket, _TimedSocket
 from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 
 #: The settings the worker reads (from the runner's settings, or the environment for the forge).
 _TIMEOUTS = ("CLIENT_IDLE_TIMEOUT_S", "CLIENT_HEADER_TIMEOUT_S", "CLIENT_BODY_TIMEOUT_S")
-#: A body of unknown limit is buffered up to this many bytes (a Flask app's default is none).
-DEFAULT_BODY_CAP = 1_048_576
 #: How often the main loop looks for connections past their deadline (seconds).
 SWEEP_INTERVAL_S = 0.25
 #: Largest single non-blocking read while buffering a request.
@@ -67,167 +68,8 @@ READ_SIZE = 65536
 #: so many clients sending large bodies at once cost threads, as before, not memory.
 BUFFER_BUDGET = 64 * 1024 * 1024
 
-#: A chunk-size line (RFC 9112 7.1): hex digits, then optional extensions (whitespace only
-#: before their ``;``, as gunicorn allows; their syntax is gunicorn's to judge), then CRLF.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?\r\n")
-#: :func:`scan_chunked`'s verdicts other than "complete at offset N" (N >= 0).
-CHUNKED_MORE = -1  # not whole yet: resume at the offset it gives
-CHUNKED_MALFORMED = -2  # framing gunicorn's parser refuses (400)
-CHUNKED_TOO_LARGE = -3  # its data exceed the cap (the app answers 413)
-
-_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
-#: gunicorn's page: <html>…<h1><p>reason</p></h1> message </body></html>.
-_MESSAGE = re.compile(r"</h1>(.*?)</body>", re.DOTALL)
-
-
-def scan_chunked(
-    buf: bytes | bytearray,
-    pos: int,
-    data: int = 0,
-    *,
-    cap: int = DEFAULT_BODY_CAP,
-    line_cap: int = 8190,
-    trailer_cap: int = 8190 * 32,
-) -> tuple[int, int, int]:
-    """Walk a chunked body in ``buf`` from ``pos`` (the start of a chunk-size line), over as
-    many whole chunks as are there: ``(verdict, pos, data)``.
-
-    ``verdict`` is the offset just past the body (its last chunk, trailers and blank line)
-    when it is whole, else :data:`CHUNKED_MORE` (call again from the ``pos`` returned, with
-    the ``data`` returned, once more bytes are in: a chunk is walked once however many reads
-    bring it), :data:`CHUNKED_MALFORMED` or :data:`CHUNKED_TOO_LARGE` (the chunks' ``data``
-    bytes would exceed ``cap``). It checks framing only as far as it must to find the end,
-    and never waits where gunicorn's parser would already refuse: a bad size, a missing CRLF
-    after a chunk's data, a line over ``line_cap`` or trailers over ``trailer_cap``.
-    """
-    end = len(buf)
-    while True:
-        line = _CHUNK_LINE.match(buf, pos, pos + line_cap + 2)
-        if line is None:
-            # Not a whole line yet, or never a valid one (ended, too long, a bare LF).
-            if (
-                buf.find(b"\r\n", pos, pos + line_cap + 2) >= 0
-                or end - pos > line_cap
-                or buf.find(b"\n", pos) >= 0
-            ):
-                return CHUNKED_MALFORMED, pos, data
-            return CHUNKED_MORE, pos, data
-        size = int(line.group(1), 16)
-        start = line.end()
-        if size == 0:
-            # Trailers: none (a blank line at once), or header lines up to a blank one.
-            if buf.startswith(b"\r\n", start):
-                return start + 2, pos, data
-            stop = buf.find(b"\r\n\r\n", start)
-            if stop >= 0:
-                return stop + 4, pos, data
-            if end - start > trailer_cap or buf.count(b"\n", start) != buf.count(b"\r\n", start):
-                return CHUNKED_MALFORMED, pos, data
-            return CHUNKED_MORE, pos, data
-        if data + size > cap:
-            return CHUNKED_TOO_LARGE, pos, data
-        stop = start + size
-        if end < stop + 2:
-            return CHUNKED_MORE, pos, data
-        if not buf.startswith(b"\r\n", stop):
-            return CHUNKED_MALFORMED, pos, data
-        pos = stop + 2
-        data += size
-
-
-class _EnvelopeSocket:
-    """The client socket as gunicorn's error writer sees it: its HTML page becomes JSON."""
-
-    def __init__(self, sock: Any, service: str) -> None:
-        self._sock = sock
-        self._service = service
-
-    def sendall(self, data: bytes) -> None:
-        self._sock.sendall(envelope_response(data, self._service))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-def envelope_response(page: bytes, service: str) -> bytes:
-    """gunicorn's HTML error response ``page`` as the same status with an ErrorEnvelope."""
-    match = _STATUS_LINE.match(page)
-    if match is None:  # not an error page of gunicorn's: leave it alone
-        return page
-    status, reason = int(match.group(1)), match.group(2).decode("latin-1")
-    _, _, body = page.partition(b"\r\n\r\n")
-    found = _MESSAGE.search(body.decode("latin-1"))
-    detail = " ".join(html.unescape(found.group(1)).split()) if found else ""
-    category, code = HTTP_ERRORS.get(status, ("INTERNAL_ERROR", f"HTTP_{status}"))
-    message = f"{reason}: {detail}" if detail and detail != reason else reason
-    envelope = make_envelope(category, code, message, service=service, retryable=status >= 500)
-    payload = json.dumps({"success": False, "error": envelope}, separators=(",", ":")).encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    return head.encode("latin-1") + payload
-
-
-class _TimedSocket(socket.socket):
-    """A client socket whose blocking mode has a timeout (gthread switches a connection
-    between non-blocking, for its poller, and blocking, for the thread serving it).
-
-    Accepted sockets become this class in place (``__class__``), so everything but these two
-    methods stays the C socket's own; a read that timed out is remembered by ``id`` until the
-    worker closes the connection. A socket whose body a request thread reads (behind ``Expect:
-    100-continue``, or handed over before it was whole) has a total deadline in
-    :attr:`deadlines`: a read after it raises a timeout as an idle one does.
-    """
-
-    __slots__ = ()
-    timeout_s = CLIENT_IDLE_TIMEOUT_S  # the worker sets its own
-    timed_out: ClassVar[set[int]] = set()
-    #: ``id`` → monotonic time after which no more of the request may be read.
-    deadlines: ClassVar[dict[int, float]] = {}
-
-    def setblocking(self, flag: bool) -> None:
-        if flag:
-            self.settimeout(self.timeout_s)
-        else:
-            super().setblocking(False)
-
-    def recv(self, *args: Any) -> bytes:
-        deadline = _TimedSocket.deadlines.get(id(self))
-        if deadline is not None and time.monotonic() > deadline:
-            _TimedSocket.timed_out.add(id(self))
-            raise TimeoutError("the request was not complete within its deadline")
-        try:
-            return super().recv(*args)
-        except TimeoutError:
-            _TimedSocket.timed_out.add(id(self))
-            raise
-
-
 #: ``rk_need`` of a chunked body not yet whole: beyond any buffer, so it is not "all in".
 _UNKNOWN = 1 << 62
-
-
-def fit_threads(worker: Any, runner: Any) -> int:
-    """Give a worker enough request threads for every job its runner advertises; the count.
-
-    ``maxConcurrency`` is per instance and gunicorn decides which worker takes a connection,
-    so one worker may be handed every job the instance can run: it needs the sum of its
-    capabilities' ``max_concurrency`` in job threads, plus the threads kept for health checks
-    (``RUNNERKIT_RESERVED_THREADS``). Called once the app is loaded (``post_worker_init``)
-    and before the pool has started a thread; a pool that is already large enough, or not a
-    ``ThreadPoolExecutor``, is left as it is.
-    """
-    have = int(worker.cfg.threads)
-    need = runner.settings.reserved_threads + sum(
-        int(c.max_concurrency) for c in runner.capabilities.values()
-    )
-    pool: Any = getattr(worker, "tpool", None)
-    if need <= have or not hasattr(pool, "_max_workers"):
-        return have
-    pool._max_workers = need
-    runner.executor.worker_threads = need
-    return need
 
 
 class ThreadWorker(gthread.ThreadWorker):

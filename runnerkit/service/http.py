@@ -17,7 +17,8 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from runnerkit.errors import ValidationFailed, make_envelope
-from runnerkit.service.metrics import labelled, metrics
+from runnerkit.service.metric_families import metrics
+from runnerkit.service.metrics import labelled
 
 log = logging.getLogger("runnerkit.http")
 

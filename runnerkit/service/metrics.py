@@ -1,4 +1,10 @@
-"""Prometheus metrics with the observability contract's names, summed across gunicorn workers.
+"""Metric values in plain memory, and their publication by each process for the instance.
+
+These are the multiprocess plumbing under every metric of the runner and the forge: families
+and their labelled series (:func:`family`), the process's snapshot of them, the instance's
+directory and the thread that publishes the snapshot there. Adding them up for a scrape is
+:mod:`runnerkit.service.metrics_exposition`; the metrics the runner defines are
+:mod:`runnerkit.service.metric_families`.
 
 Counting is plain memory: each process keeps its counters, gauges and histogram buckets in
 Python objects, and an update is an addition under one process-wide lock (no file, no
@@ -10,14 +16,6 @@ not ready while its state directory cannot be written) and tried again a second 
 never reaches the code that counted. Nothing is memory-mapped: prometheus-client's
 multiprocess mode kept each value in an mmap'd file, whose pages a full disk turned into
 SIGBUS for every worker.
-
-A scrape (``/metrics``) adds up the files of the instance's processes and this process's live
-values, and renders them with prometheus-client's exposition, with the semantics of its
-multiprocess mode: counters and histograms of processes that have exited stay in the totals
-(their last file stays); gauges count only processes alive (``active_jobs`` is their sum,
-``runner_heartbeat_timestamp`` their maximum). Another process's values are those of its last
-publication, at most a second old; what a process counted in the second before it was
-SIGKILLed is lost with it.
 
 The directory is one per runner instance, ``<state dir>/metrics/<owner pid>-<start>``;
 directories of instances whose owner is gone are removed when a new instance starts, so a
@@ -34,11 +32,10 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from runnerkit.service.process import process_alive, process_start_time
@@ -69,7 +66,6 @@ PUBLISH_EVERY_S = 1.0
 #: A failing publication is logged at most this often.
 FAILURE_LOG_EVERY_S = 60.0
 
-_SNAPSHOT_RE = re.compile(r"^(\d+)-(\d+(?:\.\d+)?)\.json$")
 
 #: Every update takes this lock (made anew in a forked child: a thread of the parent may
 #: have held it at the fork).
@@ -439,193 +435,12 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# --------------------------------------------------------------------------- scraping
-
-
-def _merged() -> dict[str, dict[str, Any]]:
-    """Every family of the instance with its series summed over processes (see module doc)."""
-    mine = snapshot()["families"]
-    sources: list[tuple[dict[str, Any], bool]] = [(mine, True)]
-    directory = _DIR
-    own = _PUBLISHER.identity
-    if directory is not None:
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(directory):
-                match = _SNAPSHOT_RE.match(entry)
-                if match is None or entry == f"{own}.json":
-                    continue
-                try:
-                    with open(os.path.join(directory, entry), "rb") as handle:
-                        data = json.loads(handle.read())
-                    families = data["families"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue  # vanished, or not ours
-                alive = process_alive(int(match.group(1)), float(match.group(2)))
-                sources.append((families, alive))
-    merged: dict[str, dict[str, Any]] = {}
-    for families, alive in sources:
-        for name, entry in families.items():
-            target = merged.setdefault(name, {**entry, "values": {}})
-            if entry["kind"] == "gauge" and not alive:
-                continue
-            values = target["values"]
-            for item in entry["series"]:
-                key = tuple(item[0])
-                if entry["kind"] == "histogram":
-                    if len(item[1]) != len(target["buckets"]):
-                        continue  # other buckets: another version of the code
-                    counts, total = values.get(key, ([0] * len(item[1]), 0.0))
-                    summed = [a + b for a, b in zip(counts, item[1], strict=True)]
-                    values[key] = (summed, total + item[2])
-                elif entry["kind"] == "gauge" and entry.get("mode") == "max":
-                    values[key] = max(values.get(key, -math.inf), item[1])
-                else:
-                    values[key] = values.get(key, 0.0) + item[1]
-    return merged
-
-
-class InstanceCollector:
-    """A prometheus-client collector yielding the instance's families (see :func:`_merged`)."""
-
-    def __init__(self, names: Sequence[str] | None = None) -> None:
-        self.names = names
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        import_prometheus()
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
-        for name, entry in _merged().items():
-            if self.names is not None and name not in self.names:
-                continue
-            labels = entry["labels"]
-            kind = entry["kind"]
-            if kind == "counter":
-                metric: Any = CounterMetricFamily(name, entry["help"], labels=labels)
-                for key, total in entry["values"].items():
-                    metric.add_metric(list(key), total)
-            elif kind == "gauge":
-                metric = GaugeMetricFamily(name, entry["help"], labels=labels)
-                for key, current in entry["values"].items():
-                    metric.add_metric(list(key), current)
-            else:
-                metric = HistogramMetricFamily(name, entry["help"], labels=labels)
-                for key, (counts, total) in entry["values"].items():
-                    cumulative, buckets = 0, []
-                    for bound, count in zip(entry["buckets"], counts, strict=True):
-                        cumulative += count
-                        buckets.append((_go_bound(bound), cumulative))
-                    metric.add_metric(list(key), buckets, total)
-            yield metric
-
-
-def _go_bound(text: str) -> str:
-    from prometheus_client.utils import floatToGoString
-
-    return "+Inf" if text == "+Inf" else str(floatToGoString(float(text)))
-
-
-_IMPORT_LOCK = threading.Lock()
-_IMPORTED = False
-
-
-def import_prometheus() -> None:
-    """Import prometheus-client's modules once, one thread at a time.
-
-    Only a scrape needs them (for the exposition); two threads importing its modules at once
-    can meet a half-initialised module ("cannot import name 'Counter'").
-    """
-    global _IMPORTED
-    if _IMPORTED:
-        return
-    with _IMPORT_LOCK:
-        if not _IMPORTED:
-            import prometheus_client.core
-            import prometheus_client.exposition
-            import prometheus_client.utils  # noqa: F401
-
-            _IMPORTED = True
-
-
-def exposition(*collectors: Any) -> tuple[bytes, str]:
-    """The scrape body and its content type: the instance's metrics, then ``collectors``."""
-    import_prometheus()
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-    metrics()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(InstanceCollector())
-    for collector in collectors:
-        registry.register(collector)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-# --------------------------------------------------------------------------- the runner's
-
-
-class Metrics:
-    """The runner's metrics (one set per process).
-
-    The job metrics carry the contract's names, but their first label is ``capability`` (the
-    capability id), not the contract's ``job_type``: a runner never sees a job's type (the
-    execution request names only the capability, which may serve several types), so it could
-    not fill ``job_type`` truthfully. The forge, which does know job types, labels by them.
-    """
-
-    def __init__(self) -> None:
-        self.jobs_received = family(
-            "counter", "jobs_received", "Jobs received", ["capability", "priority"]
-        )
-        self.jobs_completed = family(
-            "counter", "jobs_completed", "Jobs finished", ["capability", "status"]
-        )
-        self.jobs_failed = family(
-            "counter", "jobs_failed", "Jobs failed", ["capability", "error_code"]
-        )
-        self.job_duration = family(
-            "histogram", "job_duration_seconds", "Job duration", ["capability"]
-        )
-        self.active_jobs = family("gauge", "active_jobs", "Jobs running", ["capability"])
-        self.heartbeat_timestamp = family(
-            "gauge",
-            "runner_heartbeat_timestamp",
-            "Unix time of the last heartbeat JobForge accepted",
-            ["runner_id"],
-            mode="max",
-        )
-        self.http_requests = family(
-            "counter", "http_requests", "HTTP requests", ["method", "status", "path"]
-        )
-        self.http_duration = family(
-            "histogram", "http_request_duration_seconds", "HTTP request duration"
-        )
-
-
 #: Publications of a process's metric values that failed (a full or broken state directory).
 failures = family(
     "counter",
     "runnerkit_metrics_publish_failures",
     "Failed writes of a process's metric values to the state directory",
 )
-
-_METRICS: Metrics | None = None
-_METRICS_LOCK = threading.Lock()
-
-
-def metrics() -> Metrics:
-    """The process's runner metrics."""
-    global _METRICS
-    if _METRICS is None:
-        with _METRICS_LOCK:
-            if _METRICS is None:
-                _METRICS = Metrics()
-    return _METRICS
 
 
 @functools.lru_cache(maxsize=4096)

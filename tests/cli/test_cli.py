@@ -317,7 +317,7 @@ def assert_the_project_ships(project: Path, env: dict[str, str], tmp_path: Path)
 def test_the_documented_url_and_token_variables_reach_the_forge(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from runnerkit import cli
+    from runnerkit.cli import forge_client as cli
 
     monkeypatch.setenv("JOBFORGE_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("RUNNERKIT_JOBFORGE_URL", "http://127.0.0.1:2/")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from runnerkit.cli import job_request
+from runnerkit.cli.forge_client import job_request
 from tests.dashboard.chromium import (
     DESKTOP,
     PHONE,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runnerkit.runner.lifecycle import deregister_instance
+from runnerkit.runner.deregistration import deregister_instance
 from runnerkit.runner.state import LeaderLease, lease_expiry_s, write_json_atomic
 from tests.support import JobForgeStub
 from tests.support.locks import leader_of, ofd_locked_bytes

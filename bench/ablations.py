@@ -13,7 +13,9 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from runnerkit import Runner, execution, http, state
+from runnerkit import Runner
+from runnerkit.runner import execution, job_answers, job_running, job_threads, state
+from runnerkit.service import http
 
 
 @contextlib.contextmanager
@@ -59,7 +61,7 @@ def no_ledger() -> Iterator[None]:
 
 @contextlib.contextmanager
 def no_job_thread() -> Iterator[None]:
-    with patched(execution._JobThread, "start", lambda self: self._run()):
+    with patched(job_threads._JobThread, "start", lambda self: self._run()):
         yield
 
 
@@ -79,8 +81,12 @@ def no_metrics() -> Iterator[None]:
     none = _NoMetrics()
     with (
         patched(execution, "metrics", lambda: none),
+        patched(job_running, "metrics", lambda: none),
+        patched(job_answers, "metrics", lambda: none),
         patched(http, "metrics", lambda: none),
         patched(execution, "labelled", lambda metric, *values: metric),
+        patched(job_running, "labelled", lambda metric, *values: metric),
+        patched(job_answers, "labelled", lambda metric, *values: metric),
         patched(http, "labelled", lambda metric, *values: metric),
     ):
         yield

@@ -6,7 +6,8 @@ hands it to its :class:`~runnerkit.runner.execution.Executor` and
 that change while the runner serves (the settings read when an app is served, the drain flag
 SIGTERM sets, the outbox made once JobForge is configured) as plain attributes of this small
 object. That is the cheapest live read on the ``/execute`` path (no call, no property), and it
-keeps :mod:`runnerkit.runner.app` the only module that knows the Runner.
+keeps the pipeline and the lifecycle free of the Runner (only :mod:`runnerkit.runner.app`
+builds them from it).
 """
 
 from __future__ import annotations

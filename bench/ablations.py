@@ -13,7 +13,9 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from runnerkit import Runner, execution, http, state
+from runnerkit import Runner
+from runnerkit.runner import execution, job_answers, job_running, job_threads, ledger, locks
+from runnerkit.service import http
 
 
 @contextlib.contextmanager
@@ -51,15 +53,15 @@ class _NoMetrics:
 @contextlib.contextmanager
 def no_ledger() -> Iterator[None]:
     with (
-        patched(state.Ledger, "claim", lambda self, job_id, **kw: state.Claim("run")),
-        patched(state.Ledger, "complete", lambda self, *a, **kw: None),
+        patched(ledger.Ledger, "claim", lambda self, job_id, **kw: ledger.Claim("run")),
+        patched(ledger.Ledger, "complete", lambda self, *a, **kw: None),
     ):
         yield
 
 
 @contextlib.contextmanager
 def no_job_thread() -> Iterator[None]:
-    with patched(execution._JobThread, "start", lambda self: self._run()):
+    with patched(job_threads._JobThread, "start", lambda self: self._run()):
         yield
 
 
@@ -79,8 +81,12 @@ def no_metrics() -> Iterator[None]:
     none = _NoMetrics()
     with (
         patched(execution, "metrics", lambda: none),
+        patched(job_running, "metrics", lambda: none),
+        patched(job_answers, "metrics", lambda: none),
         patched(http, "metrics", lambda: none),
         patched(execution, "labelled", lambda metric, *values: metric),
+        patched(job_running, "labelled", lambda metric, *values: metric),
+        patched(job_answers, "labelled", lambda metric, *values: metric),
         patched(http, "labelled", lambda metric, *values: metric),
     ):
         yield
@@ -89,8 +95,8 @@ def no_metrics() -> Iterator[None]:
 @contextlib.contextmanager
 def no_slots() -> Iterator[None]:
     with (
-        patched(state.SlotTable, "acquire", lambda self, cap: state.Slot(cap, 0)),
-        patched(state.SlotTable, "release", lambda self, slot: None),
+        patched(locks.SlotTable, "acquire", lambda self, cap: locks.Slot(cap, 0)),
+        patched(locks.SlotTable, "release", lambda self, slot: None),
     ):
         yield
 

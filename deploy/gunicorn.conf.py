@@ -50,6 +50,6 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
 
 def on_exit(server):  # type: ignore[no-untyped-def]
     """Deregister from JobForge before the master exits (in a container, its exit ends all)."""
-    from runnerkit.runner.lifecycle import on_master_exit
+    from runnerkit.runner.deregistration import on_master_exit
 
     on_master_exit()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from runnerkit.runner.deregistration import deregister_instance, undelivered
 from runnerkit.runner.jobforge import JobForgeClient
-from runnerkit.runner.lifecycle import deregister_instance, undelivered
 from runnerkit.runner.outbox import Outbox
 from runnerkit.runner.statefiles import write_json_atomic
 from tests.support import JobForgeStub

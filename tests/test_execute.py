@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from runnerkit import Runner
 from runnerkit.contracts import is_uuid
-from runnerkit.runner.execution import _JobThread
+from runnerkit.runner.job_threads import _JobThread
 from tests.helpers import (
     CORRELATION_ID,
     JOB_ID,

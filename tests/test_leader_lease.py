@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from runnerkit.runner.deregistration import deregister_instance
 from runnerkit.runner.lease import LeaderLease, lease_expiry_s
-from runnerkit.runner.lifecycle import deregister_instance
 from runnerkit.runner.statefiles import write_json_atomic
 from tests.support import JobForgeStub
 from tests.support.locks import leader_of, ofd_locked_bytes

@@ -48,16 +48,16 @@ def test_entries_of_masters_that_are_gone_are_forgotten(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A master without the product's on_exit hook (plain `gunicorn app:app`) leaves its entry.
-    from runnerkit.runner import lifecycle
+    from runnerkit.runner import deregistration
 
-    monkeypatch.setattr(lifecycle, "masters_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(deregistration, "masters_dir", lambda: str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (tmp_path / f"{gone.pid}.json").write_text("{}")
     (tmp_path / f"{os.getpid()}.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("not an entry")
 
-    lifecycle._forget_dead_masters()
+    deregistration._forget_dead_masters()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"{os.getpid()}.json", "notes.txt"]

@@ -181,7 +181,7 @@ def post_fork(server, worker):
 
 
 def on_exit(server):
-    from runnerkit.runner.lifecycle import on_master_exit
+    from runnerkit.runner.deregistration import on_master_exit
 
     on_master_exit()
 ''',

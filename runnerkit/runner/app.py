@@ -16,14 +16,14 @@ from flask import Flask
 from runnerkit.contracts import CONTRACT_VERSION, SEMVER_RE, utc_now
 from runnerkit.runner.capability import Capability, CapabilityDefinitionError
 from runnerkit.runner.config import Settings, default_state_dir, unknown_settings
+from runnerkit.runner.deregistration import instance_key
+from runnerkit.runner.draining import install_drain_handler
+from runnerkit.runner.execution import Executor
 from runnerkit.runner.health import CheckFunction, HealthChecks, overall_status
-from runnerkit.runner.lifecycle import (
-    Lifecycle,
-    install_drain_handler,
-    instance_key,
-)
+from runnerkit.runner.lifecycle import Lifecycle
 from runnerkit.runner.outbox import Outbox
 from runnerkit.runner.preload import in_gunicorn_master, start_in_workers
+from runnerkit.runner.serving import Serving
 from runnerkit.runner.state import InstanceState
 from runnerkit.runner.statefiles import secure_directory
 from runnerkit.service.gunicorn_settings import gunicorn_config, problems
@@ -91,23 +91,53 @@ class Runner:
         #: Where the blueprint is mounted in :attr:`app` (``""``: at the root).
         self.url_prefix = ""
         self.settings: Settings = Settings.load()
+        #: What the executor and the lifecycle read live (settings, draining, the outbox);
+        #: :attr:`settings` is replaced together with ``serving.settings``.
+        self.serving = Serving(self.settings)
         self.started_at = time.time()
         self._runner_id_override: str | None = None
         self._fallback_id: tuple[str, str] | None = None
         self._readiness: list[Callable[[], dict[str, Any]]] = [self._accepting, self._storage]
         self._state: InstanceState | None = None
         self.lifecycle: Lifecycle | None = None
-        #: Durable delivery of async results, progress and assertions (with JobForge only).
-        self.outbox: Outbox | None = None
-        #: True once the instance is shutting down: ready turns 503, new jobs get 503.
-        self.draining = False
         #: Signing is off and nobody has been told yet (see :meth:`warn_unsigned`).
         self.unsigned_warning_due = False
-        #: When (time.monotonic()) a drain must be done: the graceful timeout less a margin.
-        self.drain_deadline = 0.0
-        from runnerkit.runner.execution import Executor
+        self.executor = Executor(
+            serving=self.serving,
+            state=self._instance_state,
+            capabilities=self.capabilities,
+            name=self.name,
+            version=self.version,
+            runner_id=self._current_runner_id,
+            app_context=self.app_context,
+        )
 
-        self.executor = Executor(self)
+    @property
+    def outbox(self) -> Outbox | None:
+        """Durable delivery of async results, progress and assertions (with JobForge only)."""
+        return self.serving.outbox
+
+    @outbox.setter
+    def outbox(self, value: Outbox | None) -> None:
+        self.serving.outbox = value
+
+    @property
+    def draining(self) -> bool:
+        """True once the instance is shutting down: ready turns 503, new jobs get 503."""
+        return self.serving.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.serving.draining = value
+
+    @property
+    def drain_deadline(self) -> float:
+        """When (time.monotonic()) a drain must be done: the graceful timeout less a margin."""
+        return self.serving.drain_deadline
+
+    @drain_deadline.setter
+    def drain_deadline(self, value: float) -> None:
+        self.serving.drain_deadline = value
 
     # -- the registry -------------------------------------------------------------------
 
@@ -155,6 +185,10 @@ class Runner:
     @property
     def state(self) -> InstanceState:
         """The instance state shared by every worker (created on first use)."""
+        return self._instance_state()
+
+    def _instance_state(self) -> InstanceState:
+        """:attr:`state`, as a method: what the executor calls for it on a job's path."""
         if self._state is None:
             limits = {c.id: c.max_concurrency for c in self.capabilities.values()}
             if not self.settings.state_dir:
@@ -179,6 +213,16 @@ class Runner:
     @property
     def runner_id(self) -> str:
         """The id in execution responses: JobForge's once assigned, else a stable uuid."""
+        return self._current_runner_id()
+
+    @runner_id.setter
+    def runner_id(self, value: str | None) -> None:
+        self._runner_id_override = value
+
+    def _current_runner_id(self) -> str:
+        """:attr:`runner_id`, as a method: what the executor and the lifecycle call for it
+        (JobForge's id is read from the instance's identity file, which any worker's
+        registration may change)."""
         if self._runner_id_override:
             return self._runner_id_override
         if self.lifecycle is not None:
@@ -189,10 +233,6 @@ class Runner:
         if self._fallback_id is None or self._fallback_id[0] != key:
             self._fallback_id = (key, str(uuid.uuid5(_RUNNER_ID_NAMESPACE, key)))
         return self._fallback_id[1]
-
-    @runner_id.setter
-    def runner_id(self, value: str | None) -> None:
-        self._runner_id_override = value
 
     @property
     def health_check_url(self) -> str:
@@ -309,7 +349,7 @@ class Runner:
             )
         self.app = app
         self.url_prefix = url_prefix
-        self.settings = Settings.load(app.config)
+        self.settings = self.serving.settings = Settings.load(app.config)
         configure_logging(
             self.name,
             self.version,
@@ -342,16 +382,25 @@ class Runner:
         if preloaded:
             # Read again in the worker: the port gunicorn bound since, the threads its
             # post_fork hook set.
-            self.settings = Settings.load(app.config)
+            self.settings = self.serving.settings = Settings.load(app.config)
         # The state directory is checked (and made) before anything is put in it.
         self.state  # noqa: B018
         prepare_snapshot_dir(os.path.join(self.state_dir, "metrics"), instance_owner())
         if under_gunicorn():
-            install_drain_handler(self)
+            install_drain_handler(self.serving)
             self._say_how_it_is_configured()
             self.warn_unsigned()
         if self.settings.jobforge_url and self.lifecycle is None:
-            self.lifecycle = Lifecycle(self, self.state)
+            self.lifecycle = Lifecycle(
+                self.state,
+                serving=self.serving,
+                name=self.name,
+                version=self.version,
+                runner_id=self._current_runner_id,
+                registration_document=self.registration_document,
+                health=self.health,
+                deliver_result=self.executor.deliver_result,
+            )
             self.outbox = Outbox(
                 os.path.join(self.state.directory, "ledger.sqlite3"),
                 self.lifecycle.client,

@@ -7,7 +7,8 @@ sees exactly what the runner accepts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from runnerkit.contracts import (
     ErrorEnvelopeSchema,
@@ -17,9 +18,20 @@ from runnerkit.contracts import (
     RunnerRegistrationRequestSchema,
 )
 from runnerkit.contracts.json_schema import json_schema, new_spec
+from runnerkit.runner.capability import Capability
 
-if TYPE_CHECKING:
-    from runnerkit.runner.app import Runner
+
+class Described(Protocol):
+    """What the document is made from (a :class:`~runnerkit.runner.app.Runner` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def capabilities(self) -> Mapping[str, Capability]: ...
+    @property
+    def url_prefix(self) -> str: ...
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -45,7 +57,7 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
-def openapi_document(runner: Runner) -> dict[str, Any]:
+def openapi_document(runner: Described) -> dict[str, Any]:
     """The OpenAPI document of ``runner``'s routes."""
     spec, _ = new_spec(title=runner.name, version=runner.version)
     for name, schema in (

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from runnerkit.runner.lifecycle import deregister_instance
+from runnerkit.runner.deregistration import deregister_instance
 from runnerkit.service.filelocks import FileLock
 from runnerkit.service.logs import configure_logging
 from runnerkit.service.process import process_alive, process_start_time

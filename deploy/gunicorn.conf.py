@@ -11,9 +11,9 @@ import os
 bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gthread, with gunicorn's own error pages (414, 431, malformed requests) as ErrorEnvelopes.
-worker_class = "runnerkit.service.gunicorn_worker.ThreadWorker"
+worker_class = "runnerkit.gunicorn_worker.ThreadWorker"
 # gunicorn's own lines as JSON, like the runner's (unless RUNNERKIT_LOG_FORMAT=text).
-logger_class = "runnerkit.service.gunicorn_logging.JsonLogger"
+logger_class = "runnerkit.gunicorn_logging.JsonLogger"
 # Request threads per worker. Unless GUNICORN_THREADS is set, a runner's workers grow this
 # to fit their capabilities (post_worker_init): a job within maxConcurrency gets a thread.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
@@ -39,8 +39,8 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     """Pin the worker to a CPU when asked; size its threads to the capabilities (unless
     GUNICORN_THREADS says how many). The runner itself says at startup when these settings
     cannot hold a capability's timeout (runnerkit.gunicorn_settings)."""
-    from runnerkit.runner.thread_fitting import fit_threads
-    from runnerkit.service.affinity import pin_worker
+    from runnerkit.gunicorn_worker import fit_threads
+    from runnerkit.affinity import pin_worker
 
     pin_worker(worker.age)
     runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")
@@ -50,6 +50,6 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
 
 def on_exit(server):  # type: ignore[no-untyped-def]
     """Deregister from JobForge before the master exits (in a container, its exit ends all)."""
-    from runnerkit.runner.deregistration import on_master_exit
+    from runnerkit.lifecycle import on_master_exit
 
     on_master_exit()

@@ -167,8 +167,8 @@ import os
 
 bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '3000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "runnerkit.service.gunicorn_worker.ThreadWorker"  # gthread, JSON error pages
-logger_class = "runnerkit.service.gunicorn_logging.JsonLogger"  # gunicorn's own lines as JSON too
+worker_class = "runnerkit.gunicorn_worker.ThreadWorker"  # gthread, JSON error pages
+logger_class = "runnerkit.gunicorn_logging.JsonLogger"  # gunicorn's own lines as JSON too
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
@@ -181,7 +181,7 @@ def post_fork(server, worker):
 
 
 def on_exit(server):
-    from runnerkit.runner.deregistration import on_master_exit
+    from runnerkit.lifecycle import on_master_exit
 
     on_master_exit()
 ''',

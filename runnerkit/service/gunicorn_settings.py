@@ -42,7 +42,7 @@ def problems(cfg: Any, max_timeout_s: float, reserved_threads: int) -> list[str]
             f"gunicorn serves with the {cfg.worker_class_str!r} worker class: a job cannot be "
             "answered 504 TIMEOUT at its deadline nor /health while jobs run; serve with "
             "-c deploy/gunicorn.conf.py, or --worker-class "
-            "runnerkit.service.gunicorn_worker.ThreadWorker --threads 8"
+            "runnerkit.gunicorn_worker.ThreadWorker --threads 8"
         )
     elif cfg.threads <= reserved_threads:
         lines.append(

@@ -250,8 +250,11 @@ FORGE_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("dispatcher: claims (update, event, assertion per job)", ("JobClaims.claim",)),
     ("dispatcher: answers recorded (update, event, 2 assertions per job)", ("JobResults.finish",)),
     ("dispatcher: housekeeping sweep", ("JobSweep.sweep",)),
-    ("dispatcher: HTTP to the runner (http.client)", ("Dispatcher.execute",)),
-    ("dispatcher: matching queries, tick transaction, heartbeat", ("Dispatcher.",)),
+    ("dispatcher: HTTP to the runner (http.client)", ("Sending.execute",)),
+    (
+        "dispatcher: matching queries, tick transaction, heartbeat",
+        ("Dispatcher.", "InFlight.", "Matching."),
+    ),
     ("benchmark's polling (GET /jobs?status=... count)", ("JobReads.list",)),
     ("Flask / Werkzeug request handling", ("flask/", "werkzeug/")),
     ("gunicorn (HTTP parsing, socket I/O, thread pool)", ("gunicorn/",)),

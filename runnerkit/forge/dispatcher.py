@@ -4,9 +4,9 @@ Every forge process runs one dispatcher thread, but only the holder of the ``flo
 ``<DB_PATH>.dispatcher.lock`` dispatches. Under gunicorn with several workers exactly one
 dispatches; when its process dies the kernel frees the lock and another worker's next tick
 takes over. On PostgreSQL the lock is a session-level advisory lock instead
-(:class:`~.postgres.PgLeadership`), held on a connection of its own, so one process of all
-the forge instances on the database dispatches; new jobs reach it with ``NOTIFY``. The
-holder records a heartbeat in the database (``meta.dispatcher``), which ``/health`` reads.
+(:class:`~.db.leadership.PgLeadership`), held on a connection of its own, so one process
+of all the forge instances on the database dispatches; new jobs reach it with ``NOTIFY``.
+The holder records a heartbeat in the database (``meta.dispatcher``), which ``/health`` reads.
 
 The holder keeps time with ``time.monotonic()`` (see :class:`~.jobs.Clock`): a step of the
 system clock neither stops its housekeeping nor makes every runner look silent.
@@ -38,37 +38,30 @@ One tick of the holder:
    HTTP: it queues the answer and wakes the dispatcher, whose next tick records it. An
    answer stays "in flight" (the sweep leaves its job alone) until it is recorded; answers
    arriving after :meth:`stop` are recorded by their own send thread.
+
+This module holds the lock holder's loop: leadership, the tick and the cadence of its
+chores, the heartbeat, the clock, wake-ups. The rest of :class:`Dispatcher` comes from its
+base classes, one concern a module (base classes rather than objects it calls, so the
+per-job path costs no extra lookup): :mod:`.inflight` (the tick's transaction, the send
+pool, answers queued and recorded), :mod:`.matching` (which job goes to which runner),
+:mod:`.sending` (one attempt's request, and its answer made an Outcome) and
+:mod:`.connections` (the HTTP to runners).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
-import math
 import os
-import select
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
-from marshmallow import ValidationError
-
-from runnerkit._version import __version__
-from runnerkit.contracts import ErrorEnvelopeSchema
-from runnerkit.errors import ValidationFailed
 from runnerkit.service.filelocks import FileLock
-from runnerkit.service.jsonbody import check_json_limits
-from runnerkit.service.signing import sign
 
 from . import db
 from . import jobs as jobs_module
-from .answers import Answer, AnswerHeaders
+from .inflight import InFlight
 from .job_store import JobStore
 from .jobs import Claim, Clock, Outcome
 from .referee import Referee
@@ -77,11 +70,6 @@ from .targets import TargetPolicy
 from .wakeup import Wakeup
 
 log = logging.getLogger("runnerkit.forge.dispatcher")
-
-#: A runner's response headers (``get`` ignores case).
-Headers = AnswerHeaders | http.client.HTTPMessage | Mapping[str, str]
-
-_ENVELOPE_SCHEMA = ErrorEnvelopeSchema()
 
 #: How often the lock holder records its heartbeat (at most; and at least 4 times per
 #: DISPATCHER_STALE_MS) and runs housekeeping.
@@ -93,151 +81,8 @@ PRUNE_EVERY_S = 60.0
 FOLLOWER_POLL_S = 0.25
 
 
-def execution_request(claim: Claim) -> dict[str, Any]:
-    """The RunnerExecutionRequest of one attempt."""
-    request = claim.request
-    metadata: dict[str, Any] = {"correlationId": claim.correlation_id}
-    user_id = request["metadata"].get("userId")
-    if user_id is not None:
-        metadata["userId"] = user_id
-    return {
-        "jobId": claim.job_id,
-        "moduleId": claim.runner_name,
-        "capabilityId": claim.capability_id,
-        "payload": request["payload"]["data"],
-        "timeoutMs": request["timeoutMs"],
-        "metadata": metadata,
-    }
-
-
-def _retry_after_header(headers: Headers) -> float | None:
-    value = (headers.get("Retry-After") or "").strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-class _ConnectFailed(Exception):
-    """No connection to the runner could be made (the cause says why)."""
-
-
-class _TargetRefused(Exception):
-    """The connection reached an address runners may not have (``args[0]``)."""
-
-
-class _NotTaken(Exception):
-    """The runner closed the connection without reading the request (the cause says how)."""
-
-
-def _await_answer(conn: http.client.HTTPConnection, read_s: float) -> None:
-    """Wait for the first byte of the answer on a reused plain connection.
-
-    :class:`_NotTaken` when the runner had closed the connection without reading the request:
-    a peer that closed its socket resets the connection when the request reaches it, at
-    once or just after the end of the stream shows. An end of the stream with no reset is
-    a runner that read the request and then closed (a worker that died running the job):
-    that is left to ``getresponse`` (``RemoteDisconnected``, the attempt's failure).
-    """
-    sock = conn.sock
-    if sock is None or isinstance(sock, ssl.SSLSocket):  # TLS records cannot be peeked
-        return
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-    if not poller.poll(read_s * 1000.0):
-        raise TimeoutError("no answer")
-    try:
-        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
-            return  # the answer is arriving
-    except BlockingIOError:
-        return
-    except OSError as exc:  # reset: the request was not read
-        raise _NotTaken() from exc
-    deadline = time.monotonic() + RESET_WAIT_S
-    while True:
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            raise _NotTaken() from OSError(error, os.strerror(error))
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(RESET_WAIT_S / 10)
-
-
-class _AnswerTooLarge(Exception):
-    """The runner's answer is longer than MAX_ANSWER_BYTES (``args[0]`` says how it showed)."""
-
-
-def _connection(base_url: str, timeout: float) -> http.client.HTTPConnection:
-    parts = urlsplit(base_url)
-    host, port = parts.hostname or "", parts.port
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_tls())
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.response_class = Answer  # headers read without the email package
-    return conn
-
-
-def _peer(conn: http.client.HTTPConnection) -> str:
-    """The IP address a connection's socket is connected to ('' when unknown)."""
-    try:
-        return str(conn.sock.getpeername()[0]) if conn.sock is not None else ""
-    except (OSError, IndexError):
-        return ""
-
-
-def _path(base_url: str) -> str:
-    return urlsplit(base_url).path.rstrip("/")
-
-
-_TLS: ssl.SSLContext | None = None
-
-
-def _tls() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        try:
-            import certifi  # what requests verified with
-
-            _TLS = ssl.create_default_context(cafile=certifi.where())
-        except ImportError:
-            _TLS = ssl.create_default_context()
-    return _TLS
-
-
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """Whether an idle keep-alive connection was closed (or sent something unasked)."""
-    sock = conn.sock
-    if sock is None:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return True
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Made once: ``json.dumps``/``json.loads`` with arguments build a new coder on every call.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
-
-
 #: A gap this long between two ticks means the process was frozen, not merely slow.
 STALL_S = 5.0
-
-#: How long a probe's new connection to a runner must stay open to count (see _connects).
-PROBE_HOLD_S = 0.25
-
-#: How long a reused connection that ended without an answer is watched for the reset that
-#: shows the request reached a closed socket (a round trip, on the failure path only).
-RESET_WAIT_S = 0.05
 
 #: A change of the wall clock against the monotonic one this large between two ticks is a
 #: step of the system clock (NTP slews by 0.5 ms a second at most).
@@ -247,7 +92,7 @@ CLOCK_STEP_S = 1.0
 WAKE_RETRY_S = 0.01
 
 
-class Dispatcher:
+class Dispatcher(InFlight):
     """The background dispatcher of one forge app (see the module docstring)."""
 
     def __init__(self, jobs: JobStore, settings: ForgeSettings, *, instance_id: str) -> None:
@@ -257,7 +102,7 @@ class Dispatcher:
         self.instance_id = instance_id
         #: Who dispatches: on SQLite one process of this host (a ``flock`` beside the file);
         #: on PostgreSQL one process of every forge instance on the database (an advisory
-        #: lock, :class:`~.postgres.PgLeadership`).
+        #: lock, :class:`~.db.leadership.PgLeadership`).
         self.lock: Any = FileLock(f"{settings.db_path}.dispatcher.lock")
         self.leadership: Any = None
         if getattr(self.db, "postgres", False):
@@ -301,11 +146,6 @@ class Dispatcher:
     def leader(self) -> bool:
         """Whether this dispatcher holds the dispatcher lock now."""
         return self.lock.held
-
-    @property
-    def in_flight(self) -> dict[str, int]:
-        with self._in_flight_lock:
-            return dict(self._in_flight)
 
     def start(self) -> None:
         """Start the dispatcher thread (idempotent)."""
@@ -520,515 +360,3 @@ class Dispatcher:
                     "notified": self.leadership.notified if self.leadership is not None else 0,
                 },
             )
-
-    def _match(self) -> int:
-        """Record the answers that arrived, then take waiting jobs: one transaction.
-
-        Returns how many executions were handed to the send pool.
-        """
-        pool = self._pool
-        with self._record_lock:
-            with self._in_flight_lock:
-                answers = list(self._answers)
-                free = int(self.settings.dispatch_threads) - self._busy
-            if not answers and (pool is None or free <= 0):
-                return 0
-            try:
-                with self.db.tx() as conn:
-                    # Stamped now that the transaction has its turn: a slot freed by a
-                    # result another worker recorded meanwhile is taken after that result.
-                    now = Clock()
-                    self._record_in(conn, answers, now)
-                    claims = self._claim_in(conn, now, free) if pool is not None else []
-            except Exception:
-                if not answers:
-                    raise
-                # Record the answers one transaction each; a broken one cannot hold the others
-                # back (it fails its own job).
-                log.exception("recording %d answers with the next claims failed", len(answers))
-                self._record_each(answers)
-                return 0
-            self._recorded(answers)
-        sent = 0
-        for claim in claims:
-            with self._in_flight_lock:
-                self._in_flight[claim.job_id] = claim.attempt
-                self._busy += 1
-            try:
-                assert pool is not None
-                pool.submit(self._send, claim)
-            except RuntimeError:  # the pool was shut down under us: the leases recover them
-                with self._in_flight_lock:
-                    self._busy -= 1
-                    del self._in_flight[claim.job_id]
-                break
-            sent += 1
-            self.dispatched += 1
-        return sent
-
-    def _claim_in(self, conn: db.Conn, now: Clock, free: int) -> list[Claim]:
-        """Match waiting jobs to free runner slots and claim them (the caller's transaction)."""
-        runners = db.dispatchable_runners(conn)
-        used = db.slot_counts(conn)
-        offers = self._offers(runners, used)
-        capacity: dict[str, int] = {}
-        for offer in offers:
-            for job_type in offer.types if offer.free > 0 else ():
-                capacity[job_type] = capacity.get(job_type, 0) + offer.free
-        if not capacity:
-            return []
-        # Per type, at most as many jobs as could start: a backlog of one saturated type
-        # must not hide the jobs of another type behind it.
-        rows = [
-            row
-            for job_type, slots in sorted(capacity.items())
-            for row in db.eligible_jobs(conn, now=now.ts, limit=min(slots, free), types=[job_type])
-        ]
-        rows.sort(key=lambda r: (-int(r["priority"]), int(r["seq"])))
-        runner_load: dict[str, int] = {}
-        for (runner_id, _capability), count in used.items():
-            runner_load[runner_id] = runner_load.get(runner_id, 0) + count
-        picks: list[jobs_module.Pick] = []
-        for row in rows:
-            if len(picks) >= free:
-                break
-            choices = [o for o in offers if o.free > 0 and row["type"] in o.types]
-            if not choices:
-                continue
-            offer = min(choices, key=lambda o: (runner_load.get(o.runner["id"], 0), o.order))
-            picks.append((row, offer.runner, offer.capability_id))
-            offer.free -= 1
-            runner_load[offer.runner["id"]] = runner_load.get(offer.runner["id"], 0) + 1
-        return self.jobs.claim_all(conn, picks, now) if picks else []
-
-    def _offers(self, runners: list[db.Row], used: dict[tuple[str, str], int]) -> list[_Offer]:
-        """The free slots of every capability of ``runners``, in registration order."""
-        offers: list[_Offer] = []
-        cache = self._capabilities
-        for order, runner in enumerate(runners):
-            document = runner["document"]
-            cached = cache.get(runner["id"])
-            if cached is None or cached[0] != document:
-                cached = (document, _capabilities(document))
-                cache[runner["id"]] = cached
-            for capability_id, limit, types in cached[1]:
-                free = limit - used.get((runner["id"], capability_id), 0)
-                offers.append(_Offer(runner, capability_id, types, free, order))
-        if len(cache) > 4 * len(runners) + 64:  # forget runners long gone
-            current = {r["id"] for r in runners}
-            for runner_id in [k for k in cache if k not in current]:
-                del cache[runner_id]
-        return offers
-
-    # -- answers ------------------------------------------------------------------------------
-
-    def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]], now: Clock) -> None:
-        for claim, outcome in answers:
-            result = self.jobs.finish_in(
-                conn, claim.job_id, claim.attempt, outcome, now, runner_id=claim.runner_id
-            )
-            _log_answer(claim, outcome, result)
-
-    def _record_each(self, answers: list[tuple[Claim, Outcome]]) -> None:
-        """Record answers one transaction each (the fallback, and after the dispatcher stopped).
-
-        An answer the forge cannot record fails its job (:meth:`JobStore.finish`) instead of
-        leaving it running until its lease passes.
-        """
-        for claim, outcome in answers:
-            try:
-                result = self.jobs.finish(
-                    claim.job_id, claim.attempt, outcome, runner_id=claim.runner_id
-                )
-                _log_answer(claim, outcome, result)
-            except Exception:
-                log.exception("recording the answer for job %s failed", claim.job_id)
-        self._recorded(answers)
-
-    def _recorded(self, answers: list[tuple[Claim, Outcome]]) -> None:
-        """Forget answers just recorded (the oldest ones: only one thread records at a time)."""
-        with self._in_flight_lock:
-            del self._answers[: len(answers)]
-            for claim, _outcome in answers:
-                if self._in_flight.get(claim.job_id) == claim.attempt:
-                    del self._in_flight[claim.job_id]
-
-    def record_answers(self) -> None:
-        """Record every answer that arrived, now, without claiming anything."""
-        with self._record_lock:
-            with self._in_flight_lock:
-                answers = list(self._answers)
-            if answers:
-                self._record_each(answers)
-
-    # -- one execution -----------------------------------------------------------------------
-
-    def _send(self, claim: Claim) -> None:
-        try:
-            outcome = self.execute(claim)
-        except Exception:
-            # A fault of the forge's own: the attempt fails with the reason (its RetryPolicy
-            # decides on another), rather than waiting out its lease with nobody listening.
-            log.exception("dispatch of job %s failed", claim.job_id)
-            outcome = Outcome(
-                success=False,
-                error=self.jobs.envelope(
-                    "INTERNAL_ERROR",
-                    "DISPATCH_FAILED",
-                    f"The forge failed to send attempt {claim.attempt} of job {claim.job_id} "
-                    "(see the forge's log)",
-                    retryable=True,
-                    correlation_id=claim.correlation_id,
-                ),
-            )
-        # The dispatcher thread records the answer in its next transaction, with the claims
-        # that take the slot it frees; after stop() nobody ticks, so record it here.
-        with self._in_flight_lock:
-            self._answers.append((claim, outcome))
-            self._busy -= 1
-        if self._stop.is_set():
-            self.record_answers()
-        self.wake()
-
-    def execute(self, claim: Claim) -> Outcome:
-        """Send one attempt to its runner and read the answer (never raises)."""
-        raw = _encode(execution_request(claim)).encode()
-        headers = {
-            "User-Agent": f"runnerkit-forge/{__version__}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "X-Correlation-Id": claim.correlation_id,
-        }
-        if claim.asynchronous:
-            headers["Prefer"] = "respond-async"
-        if self.settings.runner_token:
-            headers["Authorization"] = f"Bearer {self.settings.runner_token}"
-        if self.settings.signing_secret:
-            headers.update(sign(raw, self.settings.signing_secret))
-        timeout_ms = min(
-            float(claim.request["timeoutMs"]) + float(self.settings.dispatch_margin_ms),
-            jobs_module.MAX_WAIT_MS,
-        )
-        connect_timeout = float(self.settings.connect_timeout_ms) / 1000.0
-        url = f"{claim.base_url}/execute"
-        try:
-            answer = self._post(claim.base_url, raw, headers, connect_timeout, timeout_ms / 1000.0)
-        except _ConnectFailed as exc:
-            self._suspect(claim.runner_id)
-            if isinstance(exc.__cause__, TimeoutError):
-                return self._network_failure(claim, f"Connecting to {url} timed out")
-            return self._network_failure(claim, f"ConnectionError calling {url}")
-        except _TargetRefused as exc:
-            self._disable(claim.runner_id, str(exc.args[0]))
-            return Outcome(
-                success=False,
-                error=self.jobs.envelope(
-                    "NETWORK_ERROR",
-                    "RUNNER_ADDRESS_REFUSED",
-                    f"Runner {claim.runner_id} is at {exc.args[0]}, an address runners may "
-                    "not have here (RUNNERKIT_FORGE_ALLOWED_RUNNER_NETWORKS); nothing was sent",
-                    retryable=True,
-                    correlation_id=claim.correlation_id,
-                ),
-            )
-        except _AnswerTooLarge as exc:
-            return Outcome(
-                success=False,
-                error=self.jobs.envelope(
-                    "RUNNER_ERROR",
-                    "ANSWER_TOO_LARGE",
-                    f"Runner {claim.runner_id} answered with {exc.args[0]}, more than "
-                    f"RUNNERKIT_FORGE_MAX_ANSWER_BYTES ({self.max_answer} bytes); "
-                    "the answer was not read",
-                    retryable=False,
-                    correlation_id=claim.correlation_id,
-                ),
-            )
-        except TimeoutError:
-            return Outcome(
-                success=False,
-                error=self.jobs.envelope(
-                    "TIMEOUT",
-                    "DISPATCH_TIMEOUT",
-                    f"Runner {claim.runner_id} did not answer within {timeout_ms:g} ms",
-                    retryable=True,
-                    correlation_id=claim.correlation_id,
-                ),
-            )
-        except (OSError, http.client.HTTPException) as exc:  # the connection broke
-            # Only a failed connect takes a runner out of dispatch: one that died (its
-            # port closed) is, one that merely broke this answer (or a connection it had
-            # kept open) is not.
-            if not self._connects(claim.base_url, connect_timeout):
-                self._suspect(claim.runner_id)
-            name = "SSLError" if isinstance(exc, ssl.SSLError) else "ConnectionError"
-            return self._network_failure(claim, f"{name} calling {url}")
-        return self.interpret(claim, *answer)
-
-    def _post(
-        self, base_url: str, body: bytes, headers: dict[str, str], connect_s: float, read_s: float
-    ) -> tuple[int, Headers, bytes]:
-        """``POST <base_url>/execute`` on this thread's keep-alive connection to that runner.
-
-        http.client directly (neither requests nor urllib3): the forge sends every job this
-        way and their layers above http.client (request preparation, hooks, the proxy and
-        netrc look-ups, pool keys, retry objects) cost more CPU than the request itself.
-        What those gave that is kept: keep-alive connections (one per send thread and runner),
-        a connection the runner closed while idle is not reused, separate connect and read
-        timeouts, certificates checked for https (certifi's bundle when it is installed).
-        Redirects are not followed and proxies from the environment are not used.
-
-        A runner may close an idle keep-alive connection just as the forge sends on it (its
-        idle timeout): when a reused connection shows the runner closed it without reading
-        the request (see :meth:`_exchange`), the request is sent once more on a new
-        connection (``/execute`` is idempotent per ``jobId`` in any case). Nothing else is
-        retried here (an attempt is retried by the job's RetryPolicy): a request the runner
-        read before the connection ended may have run, so that is the attempt's failure.
-
-        Raises :class:`_ConnectFailed` when no connection could be made, ``TimeoutError`` when
-        the runner did not answer in ``read_s``, ``OSError`` or ``HTTPException`` when the
-        connection broke.
-        """
-        connections: dict[str, http.client.HTTPConnection] = self._http.__dict__.setdefault(
-            "connections", {}
-        )
-        conn = connections.pop(base_url, None)
-        if conn is not None and _dropped(conn):
-            conn.close()
-            conn = None
-        if conn is not None:
-            try:
-                return self._exchange(connections, base_url, conn, body, headers, read_s)
-            except _NotTaken:
-                self.reconnects += 1
-                log.info("a kept-alive connection to %s was closed; sending again", base_url)
-        conn = self._connect(base_url, connect_s)
-        return self._exchange(connections, base_url, conn, body, headers, read_s, reused=False)
-
-    def _connect(self, base_url: str, connect_s: float) -> http.client.HTTPConnection:
-        """A new connection to the runner, its peer checked (see :meth:`_post`)."""
-        conn = _connection(base_url, connect_s)
-        try:
-            conn.connect()
-        except OSError as exc:
-            conn.close()
-            raise _ConnectFailed() from exc
-        # The address really connected to, not the one a name resolved to before.
-        peer = _peer(conn)
-        if not self.targets.allows(peer, conn.host):
-            conn.close()
-            raise _TargetRefused(f"{conn.host} ({peer})")
-        return conn
-
-    def _connects(self, base_url: str, connect_s: float) -> bool:
-        """Whether a new TCP connection to the runner can be made, and stays open a moment.
-
-        A runner dying as it is probed may still complete the handshake from its listening
-        socket's backlog, then reset it as the socket closes: a connection that is closed
-        (or sent anything unasked) within PROBE_HOLD_S counts as failed.
-        """
-        parts = urlsplit(base_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parts.hostname or "", port), connect_s) as sock:
-                poller = select.poll()
-                poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-                return not poller.poll(PROBE_HOLD_S * 1000.0)
-        except (OSError, ValueError):
-            return False
-
-    def _exchange(
-        self,
-        connections: dict[str, http.client.HTTPConnection],
-        base_url: str,
-        conn: http.client.HTTPConnection,
-        body: bytes,
-        headers: dict[str, str],
-        read_s: float,
-        *,
-        reused: bool = True,
-    ) -> tuple[int, Headers, bytes]:
-        """One request and its answer on ``conn``; kept in ``connections`` if reusable.
-
-        On a ``reused`` connection, :class:`_NotTaken` (its cause the error) when the runner
-        closed it without reading the request: the request could not be written, or the
-        peer reset the connection (see :func:`_await_answer`). A connection that just ends,
-        the runner having read the request (a worker that died running the job), is not:
-        that attempt may have run.
-        """
-        limit = self.max_answer
-        try:
-            assert conn.sock is not None
-            conn.sock.settimeout(read_s)
-            try:
-                conn.request("POST", _path(base_url) + "/execute", body, headers)
-            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
-                if reused:
-                    raise _NotTaken() from exc
-                raise
-            if reused:
-                _await_answer(conn, read_s)
-            try:
-                response = conn.getresponse()
-            except http.client.RemoteDisconnected:  # the end of the stream, no reset
-                raise
-            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
-                if reused:  # reset: the request was not read
-                    raise _NotTaken() from exc
-                raise
-            declared = response.getheader("Content-Length", "")
-            if declared.strip().isdigit() and int(declared) > limit:
-                raise _AnswerTooLarge(f"Content-Length {int(declared)}")
-            data = response.read(limit + 1)
-            if len(data) > limit:
-                raise _AnswerTooLarge(f"more than {limit} bytes")
-        except BaseException:
-            conn.close()  # an unread or half-read answer: the connection is not reused
-            raise
-        if response.will_close or not response.isclosed():
-            conn.close()
-        else:
-            connections[base_url] = conn
-        return response.status, response.headers, data
-
-    def _disable(self, runner_id: str, where: str) -> None:
-        """A runner at a refused address gets no work until it registers again."""
-        with self.db.tx() as conn:
-            db.disable_runner_dispatch(conn, runner_id)
-        log.warning("runner %s is at %s, a refused address; it gets no work", runner_id, where)
-
-    def _suspect(self, runner_id: str) -> None:
-        """A runner that cannot be reached gets no more work until it heartbeats again.
-
-        Otherwise the retry of its job would go straight back to it (it still counts as
-        healthy until it misses OFFLINE_AFTER_MISSED heartbeats), while a live runner idles.
-        """
-        with self.db.tx() as conn:
-            db.mark_runner_unreachable(conn, runner_id)
-        log.warning("runner %s is unreachable; no work for it until its next heartbeat", runner_id)
-
-    def _network_failure(self, claim: Claim, message: str) -> Outcome:
-        return Outcome(
-            success=False,
-            error=self.jobs.envelope(
-                "NETWORK_ERROR",
-                "RUNNER_UNREACHABLE",
-                message,
-                retryable=True,
-                correlation_id=claim.correlation_id,
-            ),
-        )
-
-    def interpret(self, claim: Claim, status: int, headers: Headers, content: bytes) -> Outcome:
-        """Turn a runner's HTTP answer (status, headers, body) into an Outcome."""
-        try:
-            body = _decode(content.decode("utf-8"))
-            if isinstance(body, dict):
-                settings = self.settings
-                check_json_limits(body, settings.max_json_depth, settings.max_json_keys, content)
-        except (UnicodeDecodeError, ValueError, RecursionError, ValidationFailed):
-            body = None
-        if status == 202:
-            return Outcome(success=False, accepted=True)
-        found = None
-        if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is True:
-            execution = body.get("executionTimeMs")
-            outcome = Outcome(
-                success=True,
-                data=body.get("data"),
-                has_data="data" in body,
-                execution_ms=float(execution) if isinstance(execution, int | float) else None,
-            )
-        else:
-            envelope = found = _envelope_in(body)
-            retry_after = _retry_after_header(headers)
-            if envelope is None:
-                envelope = self._envelope_for_status(claim, status, retry_after)
-            elif retry_after is not None and "retryAfter" not in envelope:
-                envelope = {**envelope, "retryAfter": retry_after}
-            outcome = Outcome(success=False, error=envelope)
-        # The answer against its contract: recorded when it breaks it (see referee.py).
-        return self.referee.answer(claim, status, body, outcome, found)
-
-    def _envelope_for_status(
-        self, claim: Claim, status: int, retry_after: float | None
-    ) -> dict[str, Any]:
-        name = f"Runner {claim.runner_id} answered HTTP {status}"
-        category, code, retryable = {
-            429: ("RATE_LIMITED", "RATE_LIMITED", True),
-            503: ("SERVICE_UNAVAILABLE", "SERVICE_UNAVAILABLE", True),
-            408: ("TIMEOUT", "RUNNER_TIMEOUT", True),
-            504: ("TIMEOUT", "RUNNER_TIMEOUT", True),
-            401: ("AUTHENTICATION_ERROR", "RUNNER_REFUSED_CREDENTIALS", False),
-            403: ("AUTHORIZATION_ERROR", "RUNNER_FORBIDDEN", False),
-            404: ("RESOURCE_NOT_FOUND", "RUNNER_HAS_NO_EXECUTE", False),
-        }.get(status, ("", "", False))
-        if not category:
-            if 200 <= status < 300:
-                category, code, retryable = "RUNNER_ERROR", "INVALID_RUNNER_RESPONSE", True
-                name = f"Runner {claim.runner_id} answered {status} without a valid result"
-            elif status < 500:
-                category, code, retryable = "VALIDATION_ERROR", "RUNNER_REJECTED", False
-            else:
-                category, code, retryable = "RUNNER_ERROR", "RUNNER_FAILED", True
-        return self.jobs.envelope(
-            category,
-            code,
-            name,
-            retryable=retryable,
-            retry_after=retry_after,
-            correlation_id=claim.correlation_id,
-        )
-
-
-def _envelope_in(body: Any) -> dict[str, Any] | None:
-    """The contract-valid ErrorEnvelope in a runner's answer (``body.error`` or the body)."""
-    if not isinstance(body, dict):
-        return None
-    for candidate in (body.get("error"), body):
-        if isinstance(candidate, dict):
-            try:
-                loaded: dict[str, Any] = _ENVELOPE_SCHEMA.load(candidate)
-            except ValidationError:
-                continue
-            return loaded
-    return None
-
-
-class _Offer:
-    """Free slots of one capability of one runner, during one matching round."""
-
-    __slots__ = ("capability_id", "free", "order", "runner", "types")
-
-    def __init__(
-        self, runner: db.Row, capability_id: str, types: frozenset[str], free: int, order: int
-    ) -> None:
-        self.runner = runner
-        self.capability_id = capability_id
-        self.types = types
-        self.free = free
-        self.order = order
-
-
-def _capabilities(document: str) -> list[tuple[str, int, frozenset[str]]]:
-    """(capability id, maxConcurrency, supportedJobTypes) of a registration document."""
-    return [
-        (
-            capability["id"],
-            int(capability.get("maxConcurrency", 1)),
-            frozenset(capability.get("supportedJobTypes", [])),
-        )
-        for capability in db.loads(document).get("capabilities", [])
-    ]
-
-
-def _log_answer(claim: Claim, outcome: Outcome, result: str) -> None:
-    if log.isEnabledFor(logging.INFO):
-        log.info(
-            "job %s attempt %d on %s: %s",
-            claim.job_id,
-            claim.attempt,
-            claim.runner_id,
-            "success" if outcome.success else ("accepted" if outcome.accepted else "failure"),
-            extra={"jobId": claim.job_id, "recorded": result},
-        )

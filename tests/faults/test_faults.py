@@ -845,7 +845,7 @@ def test_a_full_state_disk_degrades_the_runner_and_every_job_completes_once_spac
 
 
 def _redelivery(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunnerExecutionRequest the forge sent for ``job`` (see forge.dispatcher)."""
+    """The RunnerExecutionRequest the forge sent for ``job`` (see forge.sending)."""
     return {
         "jobId": job["id"],
         "moduleId": "R",

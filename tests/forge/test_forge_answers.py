@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runnerkit.forge import dispatcher
+from runnerkit.forge import connections, sending
 from runnerkit.forge.answers import MAX_HEADERS, MAX_LINE, Answer
 
 
@@ -79,7 +79,7 @@ def _exchange(
     """Send one request per canned answer on one dispatcher connection: (response, body)."""
     server = CannedServer(list(answers))
     servers.append(server)
-    conn = dispatcher._connection(server.url, 5.0)
+    conn = connections._connection(server.url, 5.0)
     read = []
     for _ in answers:
         conn.request("POST", "/execute", b"{}", {"Content-Type": "application/json"})
@@ -89,8 +89,8 @@ def _exchange(
 
 
 def test_the_dispatchers_connections_read_answers_with_the_forges_class() -> None:
-    assert dispatcher._connection("http://127.0.0.1:1", 1.0).response_class is Answer
-    assert dispatcher._connection("https://127.0.0.1:1", 1.0).response_class is Answer
+    assert connections._connection("http://127.0.0.1:1", 1.0).response_class is Answer
+    assert connections._connection("https://127.0.0.1:1", 1.0).response_class is Answer
 
 
 def test_header_names_in_any_case_repeated_and_folded_fields(serve: list[CannedServer]) -> None:
@@ -117,7 +117,7 @@ def test_header_names_in_any_case_repeated_and_folded_fields(serve: list[CannedS
     assert response.getheader("Missing", "none") == "none"
     assert "x-note" in response.headers and "not a header line" not in response.headers
     assert not response.will_close
-    assert dispatcher._retry_after_header(response.headers) == 7.0
+    assert sending._retry_after_header(response.headers) == 7.0
     conn.close()
 
 
@@ -164,7 +164,7 @@ def test_header_blocks_past_http_clients_limits_are_refused(
 ) -> None:
     server = CannedServer([b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n"])
     serve.append(server)
-    conn = dispatcher._connection(server.url, 5.0)
+    conn = connections._connection(server.url, 5.0)
     conn.request("POST", "/execute", b"{}")
     with pytest.raises(error):
         conn.getresponse()
@@ -174,7 +174,7 @@ def test_header_blocks_past_http_clients_limits_are_refused(
 def test_a_status_line_of_another_protocol_is_refused(serve: list[CannedServer]) -> None:
     server = CannedServer([b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"])
     serve.append(server)
-    conn = dispatcher._connection(server.url, 5.0)
+    conn = connections._connection(server.url, 5.0)
     conn.request("POST", "/execute", b"{}")
     with pytest.raises(http.client.HTTPException):
         conn.getresponse()

@@ -356,9 +356,9 @@ def test_a_kept_alive_connection_closed_as_it_is_reused_costs_no_attempt(
     connection came just before); ``unread``, closed as the request arrived, unread. The
     request goes again on a new connection, the job completes on its first attempt and the
     runner stays in dispatch."""
-    from runnerkit.forge import dispatcher
+    from runnerkit.forge import connections
 
-    monkeypatch.setattr(dispatcher, "_dropped", lambda conn: False)  # the look came too soon
+    monkeypatch.setattr(connections, "_dropped", lambda conn: False)  # the look came too soon
     forge = make_forge(DISPATCH_THREADS=1)  # one send thread: one connection, reused
     runner = make_runner("idle-closer", [capability("cap", ["type.a"])], drop_reused=how)
     runner.register(forge.url)

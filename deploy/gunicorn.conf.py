@@ -39,8 +39,8 @@ def post_worker_init(worker):  # type: ignore[no-untyped-def]
     """Pin the worker to a CPU when asked; size its threads to the capabilities (unless
     GUNICORN_THREADS says how many). The runner itself says at startup when these settings
     cannot hold a capability's timeout (runnerkit.gunicorn_settings)."""
-    from runnerkit.gunicorn_worker import fit_threads
     from runnerkit.affinity import pin_worker
+    from runnerkit.gunicorn_worker import fit_threads
 
     pin_worker(worker.age)
     runner = getattr(worker.wsgi, "extensions", {}).get("runnerkit")

@@ -61,7 +61,7 @@ def no_ledger() -> Iterator[None]:
 
 @contextlib.contextmanager
 def no_job_thread() -> Iterator[None]:
-    with patched(job_threads._JobThread, "start", lambda self: self._run()):
+    with patched(job_threads.JobThread, "start", lambda self: self._run()):
         yield
 
 

@@ -85,7 +85,7 @@ STEP_CONNECTIONS = 16
 #: Cost buckets of the profile, first match wins; each is (name, frame substrings).
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("idempotency ledger (SQLite: claim + complete)", ("Ledger.",)),
-    ("concurrency slot (OFD byte-range locks)", ("SlotTable.", "_ofd_lock")),
+    ("concurrency slot (OFD byte-range locks)", ("SlotTable.", "ofd_lock")),
     (
         "metrics (in-memory counters)",
         ("runnerkit/metrics.py", "Executor._count", "_record (runnerkit/http.py", "_start_timer"),
@@ -95,7 +95,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("Context (deadline, cancellation, logger)", ("(runnerkit/capability.py",)),
     (
         "job thread (spawn, hand-off, wait)",
-        ("_JobThread.", "Executor._execute", "Thread.start"),
+        ("JobThread.", "Executor._execute", "Thread.start"),
     ),
     ("JSON body parse and limits", ("parse_json_object", "check_json_limits")),
     ("JSON response (jsonify)", ("jsonify", "_json (runnerkit/http.py")),

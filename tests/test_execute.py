@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from runnerkit import Runner
 from runnerkit.contracts import is_uuid
-from runnerkit.runner.job_threads import _JobThread
+from runnerkit.runner.job_threads import JobThread
 from tests.helpers import (
     CORRELATION_ID,
     JOB_ID,
@@ -464,14 +464,14 @@ def test_example_slow_count_completes(example_client: FlaskClient) -> None:
 def test_example_slow_count_stopped_by_its_deadline_is_a_timeout(
     example_client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = _JobThread.wait
+    original = JobThread.wait
 
-    def late_wait(self: _JobThread, timeout_s: float) -> bool:
+    def late_wait(self: JobThread, timeout_s: float) -> bool:
         finished = original(self, timeout_s)
         time.sleep(0.1)  # the request thread is scheduled a moment late, as on a busy worker
         return finished
 
-    monkeypatch.setattr(_JobThread, "wait", late_wait)
+    monkeypatch.setattr(JobThread, "wait", late_wait)
 
     response = post_execute(
         example_client, "slow-count", {"steps": 100, "step_ms": 50}, timeoutMs=150

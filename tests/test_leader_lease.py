@@ -166,10 +166,10 @@ def _hold_byte(path: Path, generation: int) -> int:
     worker that has just taken the lease and not yet written its record does."""
     import fcntl
 
-    from runnerkit.service.filelocks import _ofd_lock
+    from runnerkit.service.filelocks import ofd_lock
 
     fd = os.open(path / "leader.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    _ofd_lock(fd, fcntl.F_WRLCK, generation)
+    ofd_lock(fd, fcntl.F_WRLCK, generation)
     return fd
 
 

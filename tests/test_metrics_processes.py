@@ -116,11 +116,11 @@ def test_a_failed_publication_is_counted_not_raised(
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setattr(metrics, "_DIR", str(blocker / "metrics"))
-    before = metrics._PUBLISHER.failures
+    before = metrics.PUBLISHER.failures
     metrics.labelled(runner_metrics().jobs_received, "cap", "unknown").inc()
 
     assert metrics.publish() is False  # no exception
-    assert metrics._PUBLISHER.failures == before + 1
+    assert metrics.PUBLISHER.failures == before + 1
     assert "metrics" in STORAGE.problems()
     status, body = Runner("storage-probe").readiness()
     storage = next(c for c in body["checks"] if c["name"] == "storage")
@@ -134,5 +134,5 @@ def test_a_failed_publication_is_counted_not_raised(
     assert "metrics" not in STORAGE.problems()
     assert Runner("storage-probe").readiness()[0] == 200
     assert [p.name for p in (tmp_path / "metrics").iterdir()] == [
-        f"{metrics._PUBLISHER.identity}.json"
+        f"{metrics.PUBLISHER.identity}.json"
     ]

@@ -57,7 +57,7 @@ def test_entries_of_masters_that_are_gone_are_forgotten(
     (tmp_path / f"{os.getpid()}.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("not an entry")
 
-    deregistration._forget_dead_masters()
+    deregistration.forget_dead_masters()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"{os.getpid()}.json", "notes.txt"]

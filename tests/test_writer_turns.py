@@ -21,7 +21,7 @@ import pytest
 
 from runnerkit.forge.db.sqlite import ForgeDB
 from runnerkit.runner.ledger import Ledger
-from runnerkit.service.filelocks import _ofd_lock
+from runnerkit.service.filelocks import ofd_lock
 from runnerkit.service.sqlite import WriterTurns
 
 CTX = multiprocessing.get_context("fork")
@@ -52,7 +52,7 @@ def _taken_elsewhere(path: str) -> bool:
     """Whether a writer's turn on ``path`` is held, seen from a descriptor of its own."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        return _ofd_lock(fd, fcntl.F_WRLCK, 0, query=True) != fcntl.F_UNLCK
+        return ofd_lock(fd, fcntl.F_WRLCK, 0, query=True) != fcntl.F_UNLCK
     finally:
         os.close(fd)
 

@@ -39,7 +39,7 @@ def forge_url(url: str | None) -> str:
     return (split_base_urls(value) or [DEFAULT_FORGE_URL])[0]
 
 
-def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
+def forge_call(method: str, url: str, **kwargs: Any) -> requests.Response:
     kwargs.setdefault("timeout", (3, 30))
     # The forge's own token, else the runner's (the same value when both are set up).
     token = next(
@@ -61,7 +61,7 @@ def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
 def runner_job_types(base: str) -> set[str] | None:
     """Job types that runners not offline list, or None when JobForge will not say."""
     try:
-        response = _call("GET", f"{base}/runners?limit=500")
+        response = forge_call("GET", f"{base}/runners?limit=500")
         items = response.json().get("items", []) if response.status_code == 200 else None
     except (click.ClickException, ValueError, AttributeError):
         return None
@@ -100,7 +100,7 @@ def wait_for_job(base: str, job_id: str, timeout_s: float) -> dict[str, Any]:
     """Poll ``GET /jobs/{id}`` until the job is finished or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
-        response = _call("GET", f"{base}/jobs/{job_id}")
+        response = forge_call("GET", f"{base}/jobs/{job_id}")
         if response.status_code != 200:
             raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
         job: dict[str, Any] = response.json()

@@ -12,13 +12,13 @@ import click
 
 from runnerkit.cli.forge_client import (
     URL_HELP,
-    _call,
+    forge_call,
     forge_url,
     job_request,
     runner_job_types,
     wait_for_job,
 )
-from runnerkit.cli.options import _json_object_arg
+from runnerkit.cli.options import json_object_arg
 from runnerkit.forge.serving import WORKERS, gunicorn_argv
 from runnerkit.forge.trust import is_loopback
 
@@ -86,10 +86,10 @@ def submit(
     Example: runnerkit submit --type text.stats --data '{"text": "Hello"}' --wait
     (or --data @payload.json, or --data - to read it from standard input, as curl does).
     """
-    payload_data = _json_object_arg(data, "--data")
+    payload_data = json_object_arg(data, "--data")
     job = job_request(job_type, payload_data, priority=priority, timeout_ms=timeout_ms)
     base = forge_url(url)
-    response = _call("POST", f"{base}/jobs", json=job)
+    response = forge_call("POST", f"{base}/jobs", json=job)
     if response.status_code >= 300:
         raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
     result = response.json()
@@ -124,7 +124,7 @@ def runners(url: str | None, as_json: bool) -> None:
 
     Example: runnerkit runners --json
     """
-    response = _call("GET", f"{forge_url(url)}/runners")
+    response = forge_call("GET", f"{forge_url(url)}/runners")
     if response.status_code != 200:
         raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
     items = response.json().get("items", [])
@@ -172,7 +172,7 @@ def jobs(
         params["status"] = status
     if job_type:
         params["type"] = job_type
-    response = _call("GET", f"{forge_url(url)}/jobs", params=params)
+    response = forge_call("GET", f"{forge_url(url)}/jobs", params=params)
     if response.status_code != 200:
         raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
     items = response.json().get("items", [])

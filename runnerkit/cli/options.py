@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 
-def _json_object_arg(value: str, option: str) -> dict[str, Any]:
+def json_object_arg(value: str, option: str) -> dict[str, Any]:
     """An option's JSON object: inline, ``@FILE`` or ``-`` for standard input (like curl).
 
     A payload too big for the shell's argument list still fits in a file or a pipe.

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import requests
 
-from runnerkit.cli.options import _json_object_arg
+from runnerkit.cli.options import json_object_arg
 from runnerkit.service.signing import sign
 
 
@@ -114,7 +114,7 @@ def call(
 
     Example: runnerkit call text-stats --data '{"text": "Hello"}'
     """
-    payload = _json_object_arg(data, "--data")
+    payload = json_object_arg(data, "--data")
     base = (runner_url or f"http://127.0.0.1:{os.environ.get('PORT', '3000')}").rstrip("/")
     body = json.dumps(
         {

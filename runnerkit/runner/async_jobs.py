@@ -17,7 +17,7 @@ from typing import Any
 
 from runnerkit.contracts import utc_now
 from runnerkit.errors import RunnerError, Timeout, Unavailable, build_envelope, traceback_text
-from runnerkit.runner.job_answers import Answer, _Job, job_log
+from runnerkit.runner.job_answers import Answer, PipelineJob, job_log
 from runnerkit.runner.job_running import JobRunning
 from runnerkit.runner.storage import STORAGE_ERRORS
 from runnerkit.service.logs import emit
@@ -29,7 +29,7 @@ QUEUE_POLL_S = 0.05
 class AsyncJobs(JobRunning):
     """Accepted jobs and the outbox's deliveries (see the module docstring)."""
 
-    def _accept_async(self, job: _Job) -> Answer:
+    def _accept_async(self, job: PipelineJob) -> Answer:
         """Answer 202 now; run when a slot frees up; deliver the result through the outbox.
 
         The thread is not a daemon: a worker that is told to stop waits for it (within
@@ -41,12 +41,12 @@ class AsyncJobs(JobRunning):
         body = {"jobId": job.job_id, "accepted": True, "runnerId": self._runner_id()}
         return Answer(202, body, {"Preference-Applied": "respond-async"})
 
-    def _run_async(self, job: _Job) -> None:
+    def _run_async(self, job: PipelineJob) -> None:
         # The request that accepted the job has ended: the job gets an app context of its own.
         with self._app_context():
             self._run_async_job(job)
 
-    def _run_async_job(self, job: _Job) -> None:
+    def _run_async_job(self, job: PipelineJob) -> None:
         state = self._state()
         try:
             answer = self._run_queued(job)
@@ -83,7 +83,7 @@ class AsyncJobs(JobRunning):
                 {"jobId": job.job_id, "error": log_error},
             )
 
-    def _run_queued(self, job: _Job) -> Answer:
+    def _run_queued(self, job: PipelineJob) -> Answer:
         """Wait for a slot, then run: the accepted job's claim is given back on any
         exception raised before its code owns the slot.
 
@@ -141,7 +141,7 @@ class AsyncJobs(JobRunning):
         url = outbox.client.url_for(f"/jobs/{job_id}/result")
         outbox.add("result", url, body, {"X-Correlation-Id": correlation_id}, send_now=True)
 
-    def _record_truth(self, job: _Job, answer: Answer, *, send_now: bool) -> None:
+    def _record_truth(self, job: PipelineJob, answer: Answer, *, send_now: bool) -> None:
         """Record a finished job in TruthCore (status and result) through the outbox."""
         outbox = self._serving.outbox
         base = self._serving.settings.truthcore_url

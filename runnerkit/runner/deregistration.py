@@ -36,7 +36,7 @@ def masters_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "runnerkit", "masters")
 
 
-def _forget_dead_masters() -> None:
+def forget_dead_masters() -> None:
     """Remove the entries of masters that are gone.
 
     A master served with ``deploy/gunicorn.conf.py`` removes its own entry in ``on_exit``;

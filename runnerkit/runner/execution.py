@@ -37,9 +37,9 @@ from runnerkit.runner.job_answers import (
     REPLAY_HEADER,
     UNKNOWN_CAPABILITY,
     Answer,
-    _Job,
-    _or_new,
-    _Rejection,
+    PipelineJob,
+    Rejection,
+    or_new_id,
 )
 from runnerkit.runner.locks import Slot
 from runnerkit.runner.serving import Serving
@@ -117,17 +117,17 @@ class Executor(AsyncJobs):
             request = self._load_request(body, job_id)
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
-            correlation_id = _or_new(request["metadata"].get("correlationId") or correlation_id)
+            correlation_id = or_new_id(request["metadata"].get("correlationId") or correlation_id)
             answer = self._run(request, correlation_id, started, headers, signed)
-        except _Rejection as rejection:
+        except Rejection as rejection:
             job_id = rejection.job_id or job_id
-            correlation_id = _or_new(correlation_id)
+            correlation_id = or_new_id(correlation_id)
             answer = self._failure(rejection.error, job_id, correlation_id, started)
         except RunnerError as error:
-            correlation_id = _or_new(correlation_id)
+            correlation_id = or_new_id(correlation_id)
             answer = self._failure(error, job_id, correlation_id, started)
         except STORAGE_ERRORS as exc:
-            correlation_id = _or_new(correlation_id)
+            correlation_id = or_new_id(correlation_id)
             answer = self._failure(self.storage_error(exc), job_id, correlation_id, started)
         answer.headers.setdefault("X-Correlation-Id", correlation_id)
         self._log(answer, job_id, capability_id, correlation_id, started)
@@ -136,7 +136,7 @@ class Executor(AsyncJobs):
     def reject(self, error: RunnerError, headers: Mapping[str, str]) -> Answer:
         """Answer a request refused before its body could be read (e.g. too large)."""
         started = time.monotonic()
-        correlation_id = _or_new(_given_correlation(headers))
+        correlation_id = or_new_id(_given_correlation(headers))
         answer = self._failure(error, None, correlation_id, started)
         answer.headers.setdefault("X-Correlation-Id", correlation_id)
         self._log(answer, None, "", correlation_id, started)
@@ -165,7 +165,7 @@ class Executor(AsyncJobs):
         try:
             request = load_execution_request(body)
         except ValidationError as exc:
-            raise _Rejection(
+            raise Rejection(
                 ValidationFailed(
                     "The execution request does not match RunnerExecutionRequest",
                     details=details_from_validation_error(exc, data=body),
@@ -190,7 +190,7 @@ class Executor(AsyncJobs):
         labelled(metrics().jobs_received, label, NO_PRIORITY).inc()
         if capability is None:
             known = ", ".join(sorted(self._capabilities)) or "none"
-            raise _Rejection(
+            raise Rejection(
                 NotFound(
                     f"Unknown capability {request['capabilityId']!r} (this runner has: {known})",
                     code="CAPABILITY_NOT_FOUND",
@@ -201,7 +201,7 @@ class Executor(AsyncJobs):
         try:
             payload = capability.load_input(request["payload"])
         except ValidationError as exc:
-            raise _Rejection(
+            raise Rejection(
                 ValidationFailed(
                     f"The payload does not match the input schema of {capability.id!r}",
                     code="PAYLOAD_INVALID",
@@ -212,7 +212,7 @@ class Executor(AsyncJobs):
                 job_id,
             ) from None
         if self._serving.draining:
-            raise _Rejection(
+            raise Rejection(
                 Unavailable(
                     "The runner is shutting down and takes no new jobs",
                     code="SHUTTING_DOWN",
@@ -221,7 +221,7 @@ class Executor(AsyncJobs):
                 job_id,
             )
         timeout_ms = min(float(request["timeoutMs"]), float(capability.timeout_ms))
-        job = _Job(capability, payload, job_id, correlation_id, timeout_ms, started)
+        job = PipelineJob(capability, payload, job_id, correlation_id, timeout_ms, started)
         asynchronous = self._serving.outbox is not None and wants_async(headers)
         state = self._state()
         claim = state.ledger.claim(
@@ -231,7 +231,7 @@ class Executor(AsyncJobs):
             assert claim.body is not None
             return Answer(claim.status, claim.body, {REPLAY_HEADER: "true"})
         if claim.outcome == "running":
-            raise _Rejection(
+            raise Rejection(
                 Conflict(
                     f"Job {job_id} is already running on this runner",
                     code="JOB_ALREADY_RUNNING",
@@ -250,7 +250,7 @@ class Executor(AsyncJobs):
             if asynchronous:
                 limit = self._serving.settings.max_queued_jobs
                 if state.ledger.queued() > limit:  # this job included
-                    raise _Rejection(
+                    raise Rejection(
                         RateLimited(
                             f"This runner already holds {limit} asynchronous jobs waiting to start",
                             code="QUEUE_FULL",
@@ -264,7 +264,7 @@ class Executor(AsyncJobs):
                 return answer
             slot = state.slots.acquire(capability.id)
             if slot is None:
-                raise _Rejection(
+                raise Rejection(
                     RateLimited(
                         f"{capability.id!r} is running its maximum of "
                         f"{capability.max_concurrency} concurrent jobs",
@@ -306,7 +306,7 @@ class Executor(AsyncJobs):
         """
         if not signed or self._state().ledger.first_sight(signed):
             return
-        raise _Rejection(
+        raise Rejection(
             Unauthenticated(
                 "This signed request (its timestamp and body) was delivered before; "
                 "a new attempt is signed anew",
@@ -322,7 +322,7 @@ class Executor(AsyncJobs):
         limit = threads - settings.reserved_threads if threads else 0
         with self._in_flight_lock:
             if threads and self._in_flight >= max(1, limit):
-                raise _Rejection(
+                raise Rejection(
                     Unavailable(
                         "This worker is busy; its remaining threads are reserved for health checks",
                         code="WORKER_BUSY",

@@ -44,7 +44,7 @@ REPLAY_HEADER = "Idempotent-Replayed"
 
 
 @dataclass
-class _Job:
+class PipelineJob:
     """A validated job on its way through the pipeline."""
 
     capability: Capability
@@ -85,7 +85,7 @@ class Answer:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
-class _Rejection(Exception):
+class Rejection(Exception):
     """Internal: stop the pipeline with this error and whatever is known of the job."""
 
     def __init__(self, error: RunnerError, job_id: str | None = None) -> None:
@@ -229,6 +229,6 @@ _JOB_MESSAGES = {
 }
 
 
-def _or_new(correlation_id: str | None) -> str:
+def or_new_id(correlation_id: str | None) -> str:
     """``correlation_id``, or a new one when there is none."""
     return correlation_id or str(uuid.uuid4())

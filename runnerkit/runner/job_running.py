@@ -26,8 +26,8 @@ from runnerkit.errors import (
 )
 from runnerkit.runner.capability import Context, Progress
 from runnerkit.runner.isolation import run_isolated
-from runnerkit.runner.job_answers import Answer, JobAnswers, _Job, job_log
-from runnerkit.runner.job_threads import _JobThread
+from runnerkit.runner.job_answers import Answer, JobAnswers, PipelineJob, job_log
+from runnerkit.runner.job_threads import JobThread
 from runnerkit.runner.locks import Slot
 from runnerkit.runner.storage import STORAGE_ERRORS
 from runnerkit.service.logs import emit, log_context
@@ -49,7 +49,7 @@ class JobRunning(JobAnswers):
         with self._in_flight_lock:
             self._in_flight -= 1
 
-    def _execute(self, job: _Job, slot: Slot) -> Answer:
+    def _execute(self, job: PipelineJob, slot: Slot) -> Answer:
         """Run a claimed job holding ``slot``; answer at its deadline at the latest.
 
         The ledger entry is completed with the answer given; after a timeout that happens only
@@ -81,13 +81,13 @@ class JobRunning(JobAnswers):
                 return capability.dump_output(capability.run(payload, ctx))
 
         if capability.isolation == "inline":
-            thread = _JobThread(call, release)
+            thread = JobThread(call, release)
             thread.run_here()
         else:
             # The code runs in this thread's context, the app's context included: Flask's
             # ``current_app`` and the extensions built on it work on the job thread (and in
             # a process-isolated child, forked from it) as they do in the request.
-            thread = _JobThread(functools.partial(contextvars.copy_context().run, call), release)
+            thread = JobThread(functools.partial(contextvars.copy_context().run, call), release)
             try:
                 thread.start()
             except BaseException:
@@ -143,7 +143,7 @@ class JobRunning(JobAnswers):
         if state.storage.failure:
             state.storage.recovered()
 
-    def _encodable(self, answer: Answer, job: _Job) -> Answer:
+    def _encodable(self, answer: Answer, job: PipelineJob) -> Answer:
         """``answer``, or SCHEMA_MISMATCH when its data cannot be sent as JSON."""
         try:
             answer.json()
@@ -157,7 +157,7 @@ class JobRunning(JobAnswers):
         return answer
 
     def _outcome(
-        self, thread: _JobThread, job_id: str, correlation_id: str, started: float
+        self, thread: JobThread, job_id: str, correlation_id: str, started: float
     ) -> Answer:
         if thread.error is None:
             return self._answer(200, job_id, True, started, data=thread.result)
@@ -177,7 +177,7 @@ class JobRunning(JobAnswers):
         answer.exception = traceback_text(thread.error)
         return answer
 
-    def _progress_sender(self, job: _Job) -> Callable[[Progress], None] | None:
+    def _progress_sender(self, job: PipelineJob) -> Callable[[Progress], None] | None:
         """Report ``ctx.progress`` to JobForge as job.progress events, at most one a second."""
         outbox = self._serving.outbox
         if outbox is None:

@@ -1,7 +1,7 @@
 """The threads capability code runs on, so a request can answer at a job's deadline.
 
 :class:`JobThreads` is a small pool of reusable daemon threads (the lifecycle's scheduler runs
-on one too); :class:`_JobThread` runs one job's code on it and lets the request thread wait
+on one too); :class:`JobThread` runs one job's code on it and lets the request thread wait
 for it with a timeout, then walk away while the code runs on. Kept apart from the
 ``/execute`` pipeline because nothing here knows about jobs, ledgers or answers.
 """
@@ -71,7 +71,7 @@ def _forget_pool_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-class _JobThread:
+class JobThread:
     """Runs one capability call on a job thread so the request can answer at the deadline.
 
     Python cannot kill a thread: when the deadline passes the request answers ``TIMEOUT`` and

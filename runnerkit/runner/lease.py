@@ -17,7 +17,7 @@ import time
 
 from runnerkit.runner.statefiles import read_json, write_json_atomic
 from runnerkit.service.afterfork import renew_after_fork
-from runnerkit.service.filelocks import _ofd_lock
+from runnerkit.service.filelocks import ofd_lock
 from runnerkit.service.process import process_alive
 from runnerkit.service.write_failures import STORAGE
 
@@ -125,7 +125,7 @@ class LeaderLease:
 
     def _lock(self, generation: int) -> bool:
         try:
-            _ofd_lock(self._descriptor(), fcntl.F_WRLCK, generation)
+            ofd_lock(self._descriptor(), fcntl.F_WRLCK, generation)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
@@ -179,7 +179,7 @@ class LeaderLease:
             if not self._try_write(successor):
                 # Unrecorded, the stalled holder would never learn it was replaced.
                 with contextlib.suppress(OSError):
-                    _ofd_lock(self._fd, fcntl.F_UNLCK, successor)
+                    ofd_lock(self._fd, fcntl.F_UNLCK, successor)
                 return False
             self._generation = successor
             log.warning(
@@ -229,7 +229,7 @@ class LeaderLease:
         with self._guard:
             if self.held and self._generation is not None:
                 with contextlib.suppress(OSError):
-                    _ofd_lock(self._fd, fcntl.F_UNLCK, self._generation)
+                    ofd_lock(self._fd, fcntl.F_UNLCK, self._generation)
             self._generation = None
 
     def close(self) -> None:

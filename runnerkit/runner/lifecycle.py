@@ -34,7 +34,7 @@ from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from runnerkit.errors import make_envelope
-from runnerkit.runner.deregistration import _forget_dead_masters, instance_key, masters_dir
+from runnerkit.runner.deregistration import forget_dead_masters, instance_key, masters_dir
 from runnerkit.runner.draining import DEFAULT_GRACEFUL_S, DRAIN_POLL_S
 from runnerkit.runner.heartbeat import Heartbeats
 from runnerkit.runner.job_threads import JobThreads
@@ -252,7 +252,7 @@ class Lifecycle(Heartbeats):
             return
         secure_directory(os.path.dirname(masters_dir()))
         secure_directory(masters_dir())
-        _forget_dead_masters()
+        forget_dead_masters()
         path = os.path.join(masters_dir(), f"{self.owner[0]}.json")
         entry = read_json(path) or {}
         dirs = entry.get("stateDirs", [])

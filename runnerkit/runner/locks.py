@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from runnerkit.service.afterfork import renew_after_fork
-from runnerkit.service.filelocks import _ofd_lock
+from runnerkit.service.filelocks import ofd_lock
 
 #: This process's id, kept current across fork: ``os.getpid()`` is a system call, and the
 #: job path asks several times per job whether a descriptor or connection is this process's.
@@ -84,7 +84,7 @@ class SlotTable:
                 if index in mine:
                     continue
                 try:
-                    _ofd_lock(hold, fcntl.F_WRLCK, index)
+                    ofd_lock(hold, fcntl.F_WRLCK, index)
                 except OSError as exc:
                     if exc.errno in (errno.EAGAIN, errno.EACCES):
                         continue
@@ -99,14 +99,14 @@ class SlotTable:
                 return
             hold, _ = self._fds(slot.capability_id)
             self._held[slot.capability_id].discard(slot.index)
-            _ofd_lock(hold, fcntl.F_UNLCK, slot.index)
+            ofd_lock(hold, fcntl.F_UNLCK, slot.index)
 
     def in_use(self, capability_id: str) -> int:
         """How many of the capability's slots are held right now, by any process."""
         with self._lock:
             _, query = self._fds(capability_id)
             return sum(
-                _ofd_lock(query, fcntl.F_WRLCK, i, query=True) != fcntl.F_UNLCK
+                ofd_lock(query, fcntl.F_WRLCK, i, query=True) != fcntl.F_UNLCK
                 for i in range(self.limits[capability_id])
             )
 
@@ -156,7 +156,7 @@ class JobLocks:
                 # This process holds it: the same job (or, at odds of 2^-56, a namesake).
                 return False
             try:
-                _ofd_lock(fd, fcntl.F_WRLCK, offset)
+                ofd_lock(fd, fcntl.F_WRLCK, offset)
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     return False
@@ -170,4 +170,4 @@ class JobLocks:
             if self._pid != _PID or self._mine.get(offset) != job_id:
                 return
             del self._mine[offset]
-            _ofd_lock(self._fd, fcntl.F_UNLCK, offset)
+            ofd_lock(self._fd, fcntl.F_UNLCK, offset)

@@ -1,9 +1,9 @@
 """The client socket as the gunicorn worker wraps it: JSON error pages, reads with a timeout.
 
 gunicorn answers requests that never reach the app (a malformed head, 414, 431, 501) with a
-small HTML page; :class:`_EnvelopeSocket` rewrites it as an ErrorEnvelope on its way out
+small HTML page; :class:`EnvelopeSocket` rewrites it as an ErrorEnvelope on its way out
 (:func:`envelope_response`). gthread reads a request on a blocking socket with no timeout;
-:class:`_TimedSocket` gives the blocking mode a timeout and a total deadline per request, so
+:class:`TimedSocket` gives the blocking mode a timeout and a total deadline per request, so
 a stalled client cannot hold a thread for ever. Both are :class:`ThreadWorker`'s
 (:mod:`runnerkit.service.gunicorn_worker`).
 """
@@ -25,7 +25,7 @@ _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
 _MESSAGE = re.compile(r"</h1>(.*?)</body>", re.DOTALL)
 
 
-class _EnvelopeSocket:
+class EnvelopeSocket:
     """The client socket as gunicorn's error writer sees it: its HTML page becomes JSON."""
 
     def __init__(self, sock: Any, service: str) -> None:
@@ -59,7 +59,7 @@ def envelope_response(page: bytes, service: str) -> bytes:
     return head.encode("latin-1") + payload
 
 
-class _TimedSocket(socket.socket):
+class TimedSocket(socket.socket):
     """A client socket whose blocking mode has a timeout (gthread switches a connection
     between non-blocking, for its poller, and blocking, for the thread serving it).
 
@@ -83,12 +83,12 @@ class _TimedSocket(socket.socket):
             super().setblocking(False)
 
     def recv(self, *args: Any) -> bytes:
-        deadline = _TimedSocket.deadlines.get(id(self))
+        deadline = TimedSocket.deadlines.get(id(self))
         if deadline is not None and time.monotonic() > deadline:
-            _TimedSocket.timed_out.add(id(self))
+            TimedSocket.timed_out.add(id(self))
             raise TimeoutError("the request was not complete within its deadline")
         try:
             return super().recv(*args)
         except TimeoutError:
-            _TimedSocket.timed_out.add(id(self))
+            TimedSocket.timed_out.add(id(self))
             raise

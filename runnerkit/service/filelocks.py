@@ -1,7 +1,7 @@
 """File locks between the processes of one machine: whole-file ``flock`` and OFD byte locks.
 
 :class:`FileLock` is a non-blocking ``flock`` a process holds until it lets go or dies (the
-runner's sentinel and exit hook, the forge's dispatcher). :func:`_ofd_lock` is one
+runner's sentinel and exit hook, the forge's dispatcher). :func:`ofd_lock` is one
 open-file-description byte-range lock call (``F_OFD_SETLK`` and friends), the primitive of
 the leader lease, the concurrency slots, the job locks and the SQLite writers' turns: the
 kernel drops such a lock when its holder dies, and any process can test a byte without
@@ -56,7 +56,7 @@ def _gil_holding_fcntl() -> Any:
 _FCNTL = _gil_holding_fcntl()
 
 
-def _ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False, wait: bool = False) -> int:
+def ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False, wait: bool = False) -> int:
     """One OFD byte-range lock call on byte ``offset``; returns the resulting ``l_type``.
 
     ``wait`` blocks until the lock is granted (the GIL is released meanwhile); a call that

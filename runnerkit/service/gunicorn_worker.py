@@ -54,7 +54,7 @@ from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
-from runnerkit.service.client_sockets import _EnvelopeSocket, _TimedSocket
+from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
 from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 
 #: The settings the worker reads (from the runner's settings, or the environment for the forge).
@@ -116,14 +116,14 @@ class ThreadWorker(gthread.ThreadWorker):
         super().load_wsgi()
         # The app's settings, once it is loaded.
         idle, header, body = self._client_timeouts()
-        _TimedSocket.timeout_s = idle
+        TimedSocket.timeout_s = idle
         self._header_timeout_s, self._body_timeout_s = header, body
         self._body_cap = self._app_body_cap()
 
     def enqueue_req(self, conn: Any) -> None:
         sock = conn.sock
         if type(sock) is socket.socket and not self.cfg.is_ssl:
-            sock.__class__ = _TimedSocket
+            sock.__class__ = TimedSocket
         if not self._buffers:
             super().enqueue_req(conn)
             return
@@ -136,7 +136,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self._buffered += len(buf)
         now = time.monotonic()
         conn.rk_deadline = now + self._header_timeout_s
-        conn.rk_idle = now + _TimedSocket.timeout_s
+        conn.rk_idle = now + TimedSocket.timeout_s
         self._buffering[conn] = False
         if buf and self._whole(conn):
             self._hand_over(conn)
@@ -173,7 +173,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 buf += data
             conn.rk_buf = buf
             self._buffered += len(data)
-            conn.rk_idle = time.monotonic() + _TimedSocket.timeout_s
+            conn.rk_idle = time.monotonic() + TimedSocket.timeout_s
             if self._whole(conn):
                 self._hand_over(conn)
                 return
@@ -286,11 +286,11 @@ class ThreadWorker(gthread.ThreadWorker):
         if buf:
             conn.parser.unreader.unread(buf if type(buf) is bytes else bytes(buf))
         if conn.rk_need >= 0 and conn.rk_stream:
-            _TimedSocket.deadlines[id(conn.sock)] = time.monotonic() + self._body_timeout_s
+            TimedSocket.deadlines[id(conn.sock)] = time.monotonic() + self._body_timeout_s
         elif conn.rk_need < 0 or len(buf) < conn.rk_need:
             # Handed over before it was whole (the client closed its side, a head over the
             # limit, the budget): the thread's reads keep the deadline it had here.
-            _TimedSocket.deadlines[id(conn.sock)] = conn.rk_deadline
+            TimedSocket.deadlines[id(conn.sock)] = conn.rk_deadline
         conn.data_ready = True
         super().enqueue_req(conn)
 
@@ -333,7 +333,7 @@ class ThreadWorker(gthread.ThreadWorker):
             "VALIDATION_ERROR",
             "BODY_UNREADABLE",
             f"The request body did not arrive within {self._body_timeout_s:g} s "
-            f"(or {_TimedSocket.timeout_s:g} s passed without a byte)",
+            f"(or {TimedSocket.timeout_s:g} s passed without a byte)",
             service=self._service(),
         )
         payload = json.dumps({"success": False, "error": envelope}, separators=(",", ":"))
@@ -346,15 +346,15 @@ class ThreadWorker(gthread.ThreadWorker):
     # -- gthread's hooks ----------------------------------------------------------------
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        super().handle_error(req, _EnvelopeSocket(client, self._service()), addr, exc)
+        super().handle_error(req, EnvelopeSocket(client, self._service()), addr, exc)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
         sock = conn.sock
-        _TimedSocket.deadlines.pop(id(sock), None)
-        if id(sock) in _TimedSocket.timed_out:
+        TimedSocket.deadlines.pop(id(sock), None)
+        if id(sock) in TimedSocket.timed_out:
             # gthread would close "gracefully", waiting up to 2 s on its main loop for the
             # client to close first: a client that stopped talking would stall the worker.
-            _TimedSocket.timed_out.discard(id(sock))
+            TimedSocket.timed_out.discard(id(sock))
             self.nr_conns -= 1
             util.close(sock)
             return

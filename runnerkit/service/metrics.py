@@ -170,7 +170,7 @@ class Family:
         """The series for these label values (as strings), created on first use."""
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        _PUBLISHER.ensure_running()
+        PUBLISHER.ensure_running()
         key = tuple(str(v) for v in values)
         child = self.children.get(key)
         return child if child is not None else self._make(key)
@@ -178,7 +178,7 @@ class Family:
     def _only(self) -> Any:
         if self._solo is None:
             raise ValueError(f"{self.name} has labels {self.labelnames}: call labels() first")
-        _PUBLISHER.ensure_running()
+        PUBLISHER.ensure_running()
         return self._solo
 
     def inc(self, amount: float = 1.0) -> None:
@@ -401,19 +401,19 @@ class Publisher:
         self._wake = threading.Event()
 
 
-_PUBLISHER = Publisher()
+PUBLISHER = Publisher()
 
 
 def publish() -> bool:
     """Publish this process's values now (tests; the thread does it every second)."""
-    return _PUBLISHER.publish()
+    return PUBLISHER.publish()
 
 
 @atexit.register
 def _publish_at_exit() -> None:
     """A process that exits publishes its last values (its counters stay in the totals)."""
-    if _PUBLISHER.running:
-        _PUBLISHER.publish()
+    if PUBLISHER.running:
+        PUBLISHER.publish()
 
 
 def _after_fork_in_child() -> None:
@@ -428,7 +428,7 @@ def _after_fork_in_child() -> None:
                 child.sum = 0.0
             else:
                 child.value = 0.0
-    _PUBLISHER.after_fork()
+    PUBLISHER.after_fork()
     labelled.cache_clear()  # the next lookup starts the child's publisher
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from runnerkit.service.metric_families import metrics
-from runnerkit.service.metrics import _PUBLISHER, snapshot, snapshot_dir
+from runnerkit.service.metrics import PUBLISHER, snapshot, snapshot_dir
 from runnerkit.service.process import process_alive
 
 _SNAPSHOT_RE = re.compile(r"^(\d+)-(\d+(?:\.\d+)?)\.json$")
@@ -35,7 +35,7 @@ def _merged() -> dict[str, dict[str, Any]]:
     mine = snapshot()["families"]
     sources: list[tuple[dict[str, Any], bool]] = [(mine, True)]
     directory = snapshot_dir()
-    own = _PUBLISHER.identity
+    own = PUBLISHER.identity
     if directory is not None:
         with contextlib.suppress(OSError):
             for entry in os.listdir(directory):

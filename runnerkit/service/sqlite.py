@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from runnerkit.service.afterfork import renew_after_fork
-from runnerkit.service.filelocks import _ofd_lock
+from runnerkit.service.filelocks import ofd_lock
 
 #: This process's id, kept current across fork: ``os.getpid()`` is a system call, and the
 #: job path asks several times per job whether a descriptor or connection is this process's.
@@ -81,18 +81,18 @@ class WriterTurns:
             if outer:
                 try:
                     # Mostly free: taken without giving up the GIL; else wait for it.
-                    _ofd_lock(fd, fcntl.F_WRLCK, 0)
+                    ofd_lock(fd, fcntl.F_WRLCK, 0)
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    _ofd_lock(fd, fcntl.F_WRLCK, 0, wait=True)
+                    ofd_lock(fd, fcntl.F_WRLCK, 0, wait=True)
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
                 if outer:
-                    _ofd_lock(fd, fcntl.F_UNLCK, 0)
+                    ofd_lock(fd, fcntl.F_UNLCK, 0)
 
 
 def prepare_wal(

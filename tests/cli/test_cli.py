@@ -334,7 +334,7 @@ def test_the_documented_url_and_token_variables_reach_the_forge(
     monkeypatch.setattr(cli.requests, "request", fake_request)
     monkeypatch.delenv("RUNNERKIT_FORGE_TOKEN", raising=False)
     monkeypatch.setenv("RUNNERKIT_RUNNER_TOKEN", "sekrit")
-    cli._call("GET", "http://127.0.0.1:2/runners")
+    cli.forge_call("GET", "http://127.0.0.1:2/runners")
     assert seen["headers"] == {"Authorization": "Bearer sekrit"}
 
 

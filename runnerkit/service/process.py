@@ -39,3 +39,19 @@ def instance_owner() -> tuple[int, float]:
     """The process whose exit ends the instance: the gunicorn master, else this process."""
     pid = os.getppid() if under_gunicorn() else os.getpid()
     return pid, process_start_time(pid) or 0.0
+
+
+def keep_pid_current(namespace: dict[str, object], name: str = "_PID") -> int:
+    """Set ``namespace[name]`` to this process's id now and again in every forked child.
+
+    The job path asks several times per job whether a descriptor or connection belongs to
+    this process; ``os.getpid()`` is a system call, and a module's own global is read faster
+    than another module's attribute, so each module that asks keeps its own copy, kept
+    current by this one hook. Returns the id, for the module's first assignment.
+    """
+
+    def note() -> None:
+        namespace[name] = os.getpid()
+
+    os.register_at_fork(after_in_child=note)
+    return os.getpid()

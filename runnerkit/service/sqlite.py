@@ -20,19 +20,10 @@ from collections.abc import Callable, Iterator
 
 from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.filelocks import ofd_lock
+from runnerkit.service.process import keep_pid_current
 
-#: This process's id, kept current across fork: ``os.getpid()`` is a system call, and the
-#: job path asks several times per job whether a descriptor or connection is this process's.
-#: Each module that asks keeps its own copy: its own global is read faster than another's.
-_PID = os.getpid()
-
-
-def _note_pid() -> None:
-    global _PID
-    _PID = os.getpid()
-
-
-os.register_at_fork(after_in_child=_note_pid)
+#: This process's id, kept current in forked children (a module global: read per job).
+_PID = keep_pid_current(globals())
 
 
 class WriterTurns:

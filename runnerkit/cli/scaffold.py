@@ -264,7 +264,7 @@ the project (or replace the pin in `setup.cfg` with a published runnerkit and de
 
 def checkout_root() -> Path | None:
     """The runnerkit checkout this module runs from, or None when it is installed."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # <root>/runnerkit/cli/scaffold.py
     if (root / "setup.cfg").exists() and (root / "runnerkit" / "__init__.py").exists():
         return root
     return None

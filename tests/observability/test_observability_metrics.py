@@ -88,13 +88,26 @@ def settled(proc: GunicornProcess, *wanted: Wanted, timeout: float = 10.0) -> li
     """Every worker's scrape, once they all agree on the ``wanted`` samples.
 
     Each worker publishes its values once a second: a scrape sees another worker's counts
-    of the last second only after that.
+    of the last second only after that. Agreement alone is not enough: when every worker
+    still holds back its last second's counts, each one's scrape (its own live counts plus
+    the others' files) can come to the same stale sum. So the workers must agree on the same
+    values for longer than a publication interval.
     """
+    first: tuple[tuple[float, ...], float] | None = None
 
     def agreed() -> list[Scrape] | None:
+        nonlocal first
         scrapes = scrape_every_worker(proc)
         same = all(len({value(s, name, **labels) for s in scrapes}) == 1 for name, labels in wanted)
-        return scrapes if same else None
+        if not same:
+            first = None
+            return None
+        reading = tuple(value(scrapes[0], name, **labels) for name, labels in wanted)
+        now = time.monotonic()
+        if first is None or first[0] != reading:
+            first = (reading, now)
+            return None
+        return scrapes if now - first[1] >= 1.5 else None
 
     found = wait_until(agreed, timeout, f"workers never agreed on {wanted}", interval=0.2)
     assert found is not None

@@ -32,6 +32,8 @@ class Config:
     out_dir: Path = RESULTS_DIR
     # part 1
     concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64])
+    #: Another checkout whose runner joins part 1's rounds (``--against``).
+    against: str | None = None
     rounds: int = 5
     http_duration: float = 4.0
     warmup: float = 2.0
@@ -124,9 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", default=quick_env)
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="another checkout (with its own .venv: make venv there) whose runner joins "
+        "part 1's rounds, so a change's CPU per request is measured before and after at once",
+    )
     args = parser.parse_args(argv)
     cfg = Config.quick_mode() if args.quick else Config()
     cfg.out_dir = Path(args.out).resolve()
+    cfg.against = args.against
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)

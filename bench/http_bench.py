@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CLEAN_ENV,
     FLASK_APP,
     REPO_ROOT,
     RUNNER_APP,
@@ -62,12 +63,43 @@ STRIPPED = "runnerkit stripped"
 #: (with wrk only: the requests are signed beforehand, see ``wrk_signed.lua``).
 SIGNED = "runnerkit signed"
 
+#: With ``--against DIR``: the same runner served from another checkout (its own ``.venv``),
+#: so a change's cost per request is measured before and after in the same rounds.
+AGAINST = "runnerkit against"
+
 #: Each extra contender: its key for the ratio in a level's result, and the app's environment.
 EXTRAS: dict[str, tuple[str, dict[str, str]]] = {
     INLINE: ("inline_ratio", {"BENCH_ECHO_ISOLATION": "inline"}),
     STRIPPED: ("stripped_ratio", {"BENCH_ECHO_STRIPPED": "1"}),
     SIGNED: ("signed_ratio", {"RUNNERKIT_SIGNING_SECRET": BENCH_SECRET}),
+    AGAINST: ("against_ratio", {}),
 }
+
+
+class CheckoutProcess(GunicornProcess):
+    """A gunicorn process of another runnerkit checkout, with that checkout's own Python."""
+
+    def __init__(self, checkout: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, cwd=checkout, **kwargs)
+        self.python = str(checkout / ".venv" / "bin" / "python")
+
+    def command(self) -> list[str]:
+        return [self.python, *super().command()[1:]]
+
+
+def against_checkout(directory: str) -> dict[str, str]:
+    """Where the ``--against`` checkout is and which commit it holds (for the report)."""
+    checkout = Path(directory).resolve()
+    if not (checkout / ".venv" / "bin" / "python").exists():
+        raise SystemExit(f"--against {checkout}: no .venv there (run make venv in it first)")
+    rev = subprocess.run(
+        ["git", "-C", str(checkout), "log", "-1", "--format=%h"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {"dir": str(checkout), "rev": rev or "(not a git checkout)"}
+
 
 #: The step-price pass: each promise's step taken away alone (``BENCH_ECHO_WITHOUT``, see
 #: ``bench.ablations.steps``), by its name in the report.
@@ -295,14 +327,30 @@ def compare(tool: str, contenders: dict[str, GunicornProcess], cfg: Any) -> dict
                         for r, f in zip(rounds[name], rounds["flask"], strict=True)
                     ]
                 )
+        if AGAINST in rounds:
+            # This checkout's CPU per request over the other's, round by round (the two
+            # served in the same round, so the machine's state weighs on both alike).
+            levels[str(concurrency)]["cpu_change_vs_against"] = median(
+                [
+                    r["cpu_us_per_req"] / a["cpu_us_per_req"] - 1.0
+                    for r, a in zip(rounds["runnerkit"], rounds[AGAINST], strict=True)
+                    if a["cpu_us_per_req"]
+                ]
+            )
     return levels
 
 
 def _servers(
-    log_dir: Path, suffix: str, env: dict[str, str], *, extras: bool = False, tool: str = "wrk"
+    log_dir: Path,
+    suffix: str,
+    env: dict[str, str],
+    *,
+    extras: bool = False,
+    tool: str = "wrk",
+    against: str | None = None,
 ) -> dict[str, GunicornProcess]:
     """runnerkit and bare Flask; with ``extras``, also the runners of ``EXTRAS`` (the signed
-    one only with wrk)."""
+    one only with wrk; the other checkout's only when ``against`` names one)."""
     state_dir = tempfile.mkdtemp(prefix="bench-http-state-")
     runner_env = {"RUNNERKIT_STATE_DIR": state_dir, **env}
     servers = {
@@ -311,7 +359,7 @@ def _servers(
     }
     if extras:
         for name, (_, extra_env) in EXTRAS.items():
-            if name == SIGNED and tool != "wrk":
+            if (name == SIGNED and tool != "wrk") or name == AGAINST:
                 continue
             proc_env = {
                 **env,
@@ -320,6 +368,23 @@ def _servers(
             }
             label = f"runner-{name.split()[-1]}{suffix}"
             servers[name] = server(RUNNER_APP, log_dir, name=label, env=proc_env)
+        if against:
+            checkout = Path(against)
+            servers[AGAINST] = CheckoutProcess(
+                checkout,
+                RUNNER_APP,
+                log_dir=log_dir,
+                workers=2,
+                config=str(checkout / "deploy" / "gunicorn.conf.py"),
+                env={
+                    **CLEAN_ENV,
+                    "RUNNERKIT_LOG_LEVEL": "INFO",
+                    **env,
+                    "PYTHONPATH": str(checkout),
+                    "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
+                },
+                name=f"runner-against{suffix}",
+            )
     return servers
 
 
@@ -327,7 +392,10 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
     """The default settings, then both contenders again with GUNICORN_PIN_WORKERS=1."""
     tool = load_tool()
     result: dict[str, Any] = {"load_tool": tool, "duration_s": cfg.http_duration, "levels": {}}
-    contenders = _servers(log_dir, "", {}, extras=True, tool=tool)
+    against = getattr(cfg, "against", None)
+    if against:
+        result["against"] = against_checkout(against)
+    contenders = _servers(log_dir, "", {}, extras=True, tool=tool, against=against)
     runner = contenders["runnerkit"]
     with running(*contenders.values()):
         for proc in contenders.values():

@@ -121,6 +121,10 @@ def _extra_contender(
     return [*lines, ""]
 
 
+def _signed_pct(change: float) -> str:
+    return f"{change * 100:+.1f} %"
+
+
 def _summary(results: dict[str, Any]) -> list[str]:
     lines = ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
     http = results.get("http") or {}
@@ -137,6 +141,14 @@ def _summary(results: dict[str, Any]) -> list[str]:
                 f"| /execute throughput ≥ {THROUGHPUT_TARGET}x bare Flask, {level} connections "
                 f"| {_f(ratio, 2)}x | {_ok(ratio >= THROUGHPUT_TARGET)} |"
             )
+        if http.get("against"):
+            for level, data in http["levels"].items():
+                if "cpu_change_vs_against" in data:
+                    lines.append(
+                        f"| /execute CPU per request against {http['against']['rev'][:7]} "
+                        f"(same rounds), {level} connections "
+                        f"| {_signed_pct(data['cpu_change_vs_against'])} | info |"
+                    )
         for level, data in http["levels"].items():
             refused = data["runnerkit"]["non200_total"]
             lines.append(
@@ -345,6 +357,24 @@ def _http(http: dict[str, Any]) -> list[str]:
         "event id; signed beforehand, `bench/wrk_signed.lua`): the HMAC check and the record "
         "of each signed request that reaches a run.",
     )
+    against = http.get("against")
+    if against:
+        lines += _extra_contender(
+            http,
+            "runnerkit against",
+            "against_ratio",
+            "against",
+            f"**Against another checkout** (`--against`, a sixth contender in the same rounds): "
+            f"the same runner served from `{against['dir']}` (commit {against['rev']}) with its "
+            "own virtualenv. This checkout's CPU per request over that one's, the median of "
+            "the rounds' ratios: "
+            + ", ".join(
+                f"{_signed_pct(data['cpu_change_vs_against'])} at {level}"
+                for level, data in http["levels"].items()
+                if "cpu_change_vs_against" in data
+            )
+            + " connections.",
+        )
     lines += _steps(http)
     pinned = http.get("pinned") or {}
     if pinned.get("levels"):

@@ -320,7 +320,7 @@ def _http(http: dict[str, Any]) -> list[str]:
         "",
         "The runner's workers size their request threads to its capabilities (the echo's "
         "maxConcurrency 64 plus 2 reserved for health checks; `fit_threads` in "
-        "`runnerkit/gunicorn_worker.py`), so every job within maxConcurrency gets a thread; "
+        "`runnerkit/runner/thread_fitting.py`), so every job within maxConcurrency gets a thread; "
         "any non-200 would be a refusal (excluded from 'ok req/s').",
         "",
     ]
@@ -380,8 +380,9 @@ def _http(http: dict[str, Any]) -> list[str]:
     if pinned.get("levels"):
         lines += [
             f"**With `{pinned['env']}`** (each gunicorn worker pinned to one CPU, for both "
-            "contenders; off by default, see `runnerkit/affinity.py`): a worker's request and "
-            "job threads then hand the GIL to each other on one CPU instead of across CPUs.",
+            "contenders; off by default, see `runnerkit/service/affinity.py`): a worker's "
+            "request and job threads then hand the GIL to each other on one CPU instead of "
+            "across CPUs.",
             "",
             "| conns | runnerkit ok req/s | Flask req/s | ratio | runnerkit p50 / p99 ms "
             "| Flask p50 / p99 ms | runnerkit non-200 | CPU µs/req runnerkit / Flask |",

@@ -23,6 +23,18 @@ from runnerkit.forge.serving import WORKERS, gunicorn_argv
 from runnerkit.forge.trust import is_loopback
 
 
+def _listed(url: str, params: dict[str, Any], as_json: bool) -> list[dict[str, Any]] | None:
+    """A list endpoint's items; None once they are printed as JSON (``--json``)."""
+    response = forge_call("GET", url, params=params)
+    if response.status_code != 200:
+        raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
+    items: list[dict[str, Any]] = response.json().get("items", [])
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return None
+    return items
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
@@ -124,12 +136,8 @@ def runners(url: str | None, as_json: bool) -> None:
 
     Example: runnerkit runners --json
     """
-    response = forge_call("GET", f"{forge_url(url)}/runners")
-    if response.status_code != 200:
-        raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
-    items = response.json().get("items", [])
-    if as_json:
-        click.echo(json.dumps(items, indent=2))
+    items = _listed(f"{forge_url(url)}/runners", {}, as_json)
+    if items is None:
         return
     rows = [
         [
@@ -172,12 +180,8 @@ def jobs(
         params["status"] = status
     if job_type:
         params["type"] = job_type
-    response = forge_call("GET", f"{forge_url(url)}/jobs", params=params)
-    if response.status_code != 200:
-        raise click.ClickException(f"JobForge answered {response.status_code}: {response.text}")
-    items = response.json().get("items", [])
-    if as_json:
-        click.echo(json.dumps(items, indent=2))
+    items = _listed(f"{forge_url(url)}/jobs", params, as_json)
+    if items is None:
         return
     rows = []
     for job in items:

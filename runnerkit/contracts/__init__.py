@@ -65,6 +65,7 @@ from .jobs import (
     JobResultSchema,
     PaginatedResponseSchema,
     load_job_request,
+    paginated,
     paginated_schema,
 )
 from .runners import (
@@ -207,6 +208,7 @@ __all__ = [
     "load_execution_request",
     "load_job_request",
     "one_of",
+    "paginated",
     "paginated_schema",
     "parse_timestamp",
     "parse_version",

@@ -39,6 +39,7 @@ __all__ = [
     "JobResultSchema",
     "PaginatedResponseSchema",
     "load_job_request",
+    "paginated",
     "paginated_schema",
 ]
 
@@ -270,6 +271,17 @@ class PaginatedResponseSchema(ContractSchema):
     limit = StrictInteger(required=True, validate=NONNEGATIVE)
     offset = StrictInteger(required=True, validate=NONNEGATIVE)
     hasMore = StrictBoolean(required=True)
+
+
+def paginated(items: list[Any], total: int, limit: int, offset: int) -> dict[str, Any]:
+    """The PaginatedResponse of one page: ``items`` from ``offset`` of ``total``."""
+    return {
+        "items": items,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "hasMore": offset + len(items) < total,
+    }
 
 
 @cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from runnerkit.contracts import paginated
 from runnerkit.errors import NotFound
 from runnerkit.errors.redaction import redact_job
 
@@ -43,13 +44,7 @@ class JobReads(JobRecords):
                 conn, statuses=statuses, job_type=job_type, limit=limit, offset=offset
             )
         items = [self.response(r) for r in rows]
-        return {
-            "items": items,
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-            "hasMore": offset + len(items) < total,
-        }
+        return paginated(items, total, limit, offset)
 
     def events(self, job_id: str, *, limit: int, offset: int) -> dict[str, Any]:
         """A PaginatedResponse of the job's JobEvents, oldest first (redacted as the
@@ -58,13 +53,7 @@ class JobReads(JobRecords):
             self._get(conn, job_id)
             rows, total = db.list_events(conn, job_id, limit=limit, offset=offset)
         items = [redact_job(db.loads(r["document"]), r["document"]) for r in rows]
-        return {
-            "items": items,
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-            "hasMore": offset + len(items) < total,
-        }
+        return paginated(items, total, limit, offset)
 
     def counts(self) -> dict[str, int]:
         with self.db.connection() as conn:

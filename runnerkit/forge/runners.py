@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from runnerkit.contracts import CONTRACT_VERSION, format_version, is_compatible
+from runnerkit.contracts import CONTRACT_VERSION, format_version, is_compatible, paginated
 from runnerkit.errors import NotFound, ValidationFailed
 
 from . import db, violations
@@ -205,10 +205,4 @@ class RunnerRegistry:
         with self.db.snapshot() as conn:
             rows, total = db.list_runners(conn, status=status, limit=limit, offset=offset)
         items = [self.metadata(r) for r in rows]
-        return {
-            "items": items,
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-            "hasMore": offset + len(items) < total,
-        }
+        return paginated(items, total, limit, offset)

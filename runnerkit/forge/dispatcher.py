@@ -184,11 +184,13 @@ class Dispatcher(InFlight):
         """Look for work now instead of at the next poll, in whichever process dispatches.
 
         ``everywhere``: the dispatcher may run in another forge instance on the same
-        PostgreSQL database, so NOTIFY it too (SQLite has one host: the datagram reaches it).
+        PostgreSQL database, so NOTIFY it, unless the datagram found it listening in this
+        instance (SQLite has one host: the datagram reaches it). A NOTIFY is a transaction
+        of its own: skipping it when the dispatcher is local saves one per submitted job.
         """
         self._wake.set()
-        self._wakeup.send()
-        if everywhere and self.leadership is not None:
+        if not self._wakeup.send() and everywhere and self.leadership is not None:
+            # Nobody of this instance listens, so the dispatcher is another instance's.
             self.leadership.notify()
 
     def _wait(self, timeout: float) -> bool:
@@ -238,7 +240,11 @@ class Dispatcher(InFlight):
                         next_tick = time.monotonic() + poll
                     else:
                         self.beat()
-                else:
+                elif self._leader_since is not None:
+                    # The lock is lost (its connection cut): stop listening, so a wake-up
+                    # from this instance goes to whichever instance dispatches now.
+                    log.info("dispatcher %s lost the dispatcher lock", self.instance_id)
+                    self._wakeup.close()
                     self._leader_since = None
                 if outage:
                     log.warning("dispatcher: the database is back")

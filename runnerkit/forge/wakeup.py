@@ -9,7 +9,6 @@ on it, so it wakes at once and costs nothing while idle.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import select
@@ -60,17 +59,26 @@ class Wakeup:
         if listener is not None:
             listener.close()
 
-    def send(self) -> None:
-        """Wake whichever process listens; nothing happens when none does (its poll will)."""
+    def send(self) -> bool:
+        """Wake whichever process listens; nothing happens when none does (its poll will).
+
+        True when a process of this host listens (the dispatcher, which binds the channel
+        only while it holds the dispatcher lock): it has the news, so nobody else needs
+        telling. A full queue counts: the listener has wake-ups waiting already.
+        """
         with self._lock:
             self._own()
             if self._sender is None:
                 self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._sender.setblocking(False)
             sender = self._sender
-        # Nobody listening, or a full queue (it is awake already), is no error.
-        with contextlib.suppress(OSError):
+        try:
             sender.sendto(b"!", self.address)
+        except BlockingIOError:
+            return True
+        except OSError:  # nobody listening (ECONNREFUSED): no error, its poll will see
+            return False
+        return True
 
     def wait(self, timeout: float, also: Callable[[], int | None] | None = None) -> bool:
         """Sleep until a wake-up arrives or ``timeout`` passes; True when woken.

@@ -165,6 +165,28 @@ def test_a_job_submitted_elsewhere_wakes_the_dispatcher_through_notify(
     assert dispatcher_record(forge_db_url)["pid"] == pid
 
 
+def test_a_job_submitted_to_the_dispatching_instance_wakes_it_without_notify(
+    instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
+) -> None:
+    # The local datagram reaches the dispatcher: a NOTIFY (a transaction on the database)
+    # would be one more per submitted job for nothing.
+    one, two = instances(POLL_INTERVAL_MS=600_000), instances(POLL_INTERVAL_MS=600_000)
+    runner.register(one.url)
+    leader, pid = dispatching(forge_db_url, one, two)
+    first = dispatcher_record(forge_db_url)
+    wait_until(lambda: dispatcher_record(forge_db_url)["ts"] > first["ts"], PATIENCE)
+    before = int(dispatcher_record(forge_db_url)["notified"])
+
+    job_ids = [leader.submit(sync_request())["id"] for _ in range(3)]
+    for job_id in job_ids:
+        leader.wait_status(job_id, "completed", timeout=PATIENCE)
+    done = dispatcher_record(forge_db_url)
+    wait_until(lambda: dispatcher_record(forge_db_url)["ts"] > done["ts"], PATIENCE)
+    record = dispatcher_record(forge_db_url)
+    assert record["pid"] == pid
+    assert int(record["notified"]) == before, "a local submission sent a NOTIFY"
+
+
 def lock_holders(db_url: str) -> list[int]:
     """Backend pids holding the dispatcher's advisory lock (its key: database and schema)."""
     with psycopg.connect(db_url, autocommit=True) as conn:

@@ -71,6 +71,20 @@ def test_only_one_process_listens_per_database_until_it_closes(tmp_path: Path) -
 def test_sending_with_nobody_listening_is_harmless(tmp_path: Path) -> None:
     channel = Wakeup(str(tmp_path / "forge.sqlite3"))
 
-    channel.send()
+    assert channel.send() is False, "nobody listens: the sender must know to tell others"
 
     assert not channel.wait(0), "a process that does not listen is never woken"
+
+
+def test_send_says_whether_a_listener_took_it(tmp_path: Path) -> None:
+    db_path = str(tmp_path / "forge.sqlite3")
+    listener, sender = Wakeup(db_path), Wakeup(db_path)
+    assert listener.listen()
+    try:
+        assert sender.send() is True
+        # A queue already full of wake-ups counts too: the listener will wake.
+        assert all(sender.send() for _ in range(2000))
+        assert listener.wait(10)
+    finally:
+        listener.close()
+    assert sender.send() is False, "the listener closed: nobody of this host dispatches"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 from . import db
 from .jobs import Claim, Clock, Outcome
@@ -64,9 +65,12 @@ class InFlight(Sending, Matching):
             if not answers and (pool is None or free <= 0):
                 return 0
             try:
-                with self.db.tx() as conn:
+                with self.db.tx() as conn, conn.pipeline():
                     # Stamped now that the transaction has its turn: a slot freed by a
                     # result another worker recorded meanwhile is taken after that result.
+                    # In a pipeline (PostgreSQL), writes whose answer nobody reads now go
+                    # out with the next read: a tick costs a few round trips, not a few
+                    # per job.
                     now = Clock()
                     self._record_in(conn, answers, now)
                     claims = self._claim_in(conn, now, free) if pool is not None else []
@@ -99,9 +103,18 @@ class InFlight(Sending, Matching):
     # -- answers ------------------------------------------------------------------------------
 
     def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]], now: Clock) -> None:
+        # The answered jobs' rows in one query; a job answered twice in this batch (an
+        # earlier attempt's late answer) is read again after the first answer changed it.
+        rows = db.get_jobs(conn, list({claim.job_id for claim, _outcome in answers}))
+        fresh: set[str] = set()
         for claim, outcome in answers:
+            job_id = claim.job_id
+            row: db.Row | Literal[False] | None = False
+            if job_id not in fresh:
+                fresh.add(job_id)
+                row = rows.get(job_id)
             result = self.jobs.finish_in(
-                conn, claim.job_id, claim.attempt, outcome, now, runner_id=claim.runner_id
+                conn, job_id, claim.attempt, outcome, now, runner_id=claim.runner_id, row=row
             )
             _log_answer(claim, outcome, result)
 

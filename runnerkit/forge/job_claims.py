@@ -43,36 +43,42 @@ class JobClaims(JobRecords):
         if fresh.ts > now.ts:
             now = fresh
         claims: Claims = []
-        for row, runner, capability_id in picks:
-            timeout_ms = float(row["timeout_ms"])
-            asynchronous = timeout_ms > threshold
-            lease_ms = min(timeout_ms + margin * (2 if asynchronous else 1), MAX_WAIT_MS)
-            lease_until = now.ts + lease_ms / 1000.0
-            attempt = int(row["attempts"]) + 1
-            taken = db.update_job(
-                conn,
-                row["id"],
-                {
-                    "status": "running",
-                    "updated_at": now.z,
-                    "attempts": attempt,
-                    "not_before": None,
-                    "runner_id": runner["id"],
-                    "runner_name": runner["name"],
-                    "runner_version": runner["version"],
-                    "capability_id": capability_id,
-                    "first_started_at": row["first_started_at"] or now.z,
-                    "attempt_started_at": now.z,
-                    "slot_runner": runner["id"],
-                    "slot_capability": capability_id,
-                    "lease_until": lease_until,
-                    "async": int(asynchronous),
-                },
-                statuses=("queued", "retrying"),
-                attempts=int(row["attempts"]),
-            )
-            if not taken:
+        sent = []
+        # Every claim's UPDATE is sent before any is read: on PostgreSQL, one round trip.
+        with conn.pipeline():
+            for row, runner, capability_id in picks:
+                timeout_ms = float(row["timeout_ms"])
+                asynchronous = timeout_ms > threshold
+                lease_ms = min(timeout_ms + margin * (2 if asynchronous else 1), MAX_WAIT_MS)
+                lease_until = now.ts + lease_ms / 1000.0
+                attempt = int(row["attempts"]) + 1
+                cursor = db.update_job_sent(
+                    conn,
+                    row["id"],
+                    {
+                        "status": "running",
+                        "updated_at": now.z,
+                        "attempts": attempt,
+                        "not_before": None,
+                        "runner_id": runner["id"],
+                        "runner_name": runner["name"],
+                        "runner_version": runner["version"],
+                        "capability_id": capability_id,
+                        "first_started_at": row["first_started_at"] or now.z,
+                        "attempt_started_at": now.z,
+                        "slot_runner": runner["id"],
+                        "slot_capability": capability_id,
+                        "lease_until": lease_until,
+                        "async": int(asynchronous),
+                    },
+                    statuses=("queued", "retrying"),
+                    attempts=int(row["attempts"]),
+                )
+                sent.append((row, runner, capability_id, asynchronous, lease_ms, attempt, cursor))
+        for row, runner, capability_id, asynchronous, lease_ms, attempt, cursor in sent:
+            if cursor.rowcount <= 0:  # the job moved on meanwhile
                 continue
+            lease_until = now.ts + lease_ms / 1000.0
             self.leases.note(row["id"], attempt, lease_until, now.mono + lease_ms / 1000.0)
             started = {
                 "attempt": attempt,

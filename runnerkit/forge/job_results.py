@@ -20,7 +20,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from runnerkit.errors import Conflict, ValidationFailed, should_retry
 
@@ -194,9 +194,15 @@ class JobResults(JobRetries):
         now: Clock,
         *,
         runner_id: str | None = None,
+        row: db.Row | Literal[False] | None = False,
     ) -> str:
-        """:meth:`finish` inside the caller's transaction."""
-        row = db.get_job(conn, job_id)
+        """:meth:`finish` inside the caller's transaction.
+
+        ``row``: the job's row as read in this transaction (None: there is no such job), when
+        the caller read many at once; else it is read here.
+        """
+        if row is False:
+            row = db.get_job(conn, job_id)
         if row is None:
             return "ignored"
         if row["status"] != "running" or int(row["attempts"]) != attempt:

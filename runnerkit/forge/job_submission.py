@@ -118,9 +118,12 @@ class JobSubmission(JobRecords):
         answers = []
         try:
             with self.db.tx() as conn:
-                for item in group:
+                # Every row is sent before any count is read: one round trip on PostgreSQL.
+                with conn.pipeline():
+                    inserted = [db.insert_job(conn, item.values) for item in group]
+                for item, cursor in zip(group, inserted, strict=True):
                     try:
-                        answers.append((item, self._insert(conn, item), None))
+                        answers.append((item, self._insert(conn, item, cursor.rowcount > 0), None))
                     except Conflict as exc:  # nothing was written for it
                         answers.append((item, None, exc))
         except Exception as exc:  # noqa: BLE001 - each request gets its own error
@@ -134,10 +137,12 @@ class JobSubmission(JobRecords):
         for item, answer, error in answers:
             item.answer, item.error = answer, error
 
-    def _insert(self, conn: db.Conn, item: _Submission) -> tuple[int, str]:
+    def _insert(self, conn: db.Conn, item: _Submission, inserted: bool) -> tuple[int, str]:
+        """The answer to one submission whose row was just inserted (``inserted``) or found
+        there already; a new job's events and assertion are queued."""
         values, now = item.values, item.now
         job_id = values["id"]
-        if not db.insert_job(conn, values):
+        if not inserted:
             existing = self._get(conn, job_id)
             if existing["request"] != values["request"]:
                 raise Conflict(

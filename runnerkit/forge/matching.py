@@ -67,12 +67,12 @@ class Matching:
             return []
         # Per type, at most as many jobs as could start: a backlog of one saturated type
         # must not hide the jobs of another type behind it.
-        rows = [
-            row
-            for job_type, slots in sorted(capacity.items())
-            for row in db.eligible_jobs(conn, now=now.ts, limit=min(slots, free), types=[job_type])
-        ]
-        rows.sort(key=lambda r: (-int(r["priority"]), int(r["seq"])))
+        # In dispatch order: priority desc, then age.
+        rows = db.waiting_jobs(
+            conn,
+            now=now.ts,
+            limits=[(job_type, min(slots, free)) for job_type, slots in sorted(capacity.items())],
+        )
         runner_load: dict[str, int] = {}
         for (runner_id, _capability), count in used.items():
             runner_load[runner_id] = runner_load.get(runner_id, 0) + count

@@ -50,6 +50,53 @@ def test_a_claim_skips_the_jobs_another_transaction_holds(
     assert [r["id"] for r in waiting] == [first["id"], second["id"]]
 
 
+@pytest.mark.parametrize("forge_backend", ["postgres"])
+def test_queued_rows_are_written_in_order_with_odd_text_and_mixed_numbers(
+    pg_forge: Forge,
+) -> None:
+    """A transaction's queued events and assertions go in as one array insert per table:
+    NUL and private-use characters survive, ints and floats mix, NULLs stay NULL, and
+    ``seq`` follows the order they were queued in."""
+    odd = ["a\x00b", "\ue000", "x\ue000\x00y", "plain"]
+    job_id = "job-" + "\x00"
+    with pg_forge.db.tx() as conn:
+        for index, text in enumerate(odd):
+            forge_db.queue_event(conn, f"ev-{index}", job_id, text, f'{{"n":{index}}}')
+            forge_db.queue_assertion(
+                conn,
+                {
+                    "id": f"as-{index}",
+                    "subject": text,
+                    "predicate": "status",
+                    "object": text,
+                    "confidence": 1 if index % 2 else 0.5,
+                    "source": text,
+                    "ts": 1700000000000 + index,
+                    "expires": None if index % 2 else 1800000000.5,
+                    "document": "{}",
+                },
+            )
+    with pg_forge.db.snapshot() as conn:
+        events = conn.execute("SELECT id, job_id, type FROM events ORDER BY seq").fetchall()
+        facts = conn.execute(
+            "SELECT id, subject, object, confidence, source, ts, expires FROM assertions"
+            " WHERE predicate = 'status' AND id LIKE 'as-%' ORDER BY seq"
+        ).fetchall()
+    assert [tuple(r) for r in events] == [(f"ev-{i}", job_id, text) for i, text in enumerate(odd)]
+    assert [tuple(r) for r in facts] == [
+        (
+            f"as-{i}",
+            text,
+            text,
+            1.0 if i % 2 else 0.5,
+            text,
+            1700000000000.0 + i,
+            None if i % 2 else 1800000000.5,
+        )
+        for i, text in enumerate(odd)
+    ]
+
+
 def test_statements_are_translated_once_and_literals_left_alone() -> None:
     sql = (
         "SELECT * FROM runners INDEXED BY x WHERE a = ? AND b = :name AND c = '?:x'"

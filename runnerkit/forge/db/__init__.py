@@ -34,6 +34,7 @@ from .jobs import (
     eligible_jobs,
     expired_jobs,
     get_job,
+    get_jobs,
     insert_job,
     jobs_holding_slots,
     list_jobs,
@@ -45,6 +46,8 @@ from .jobs import (
     shift_waits,
     taken_types,
     update_job,
+    update_job_sent,
+    waiting_jobs,
 )
 from .runners import (
     delete_runner,
@@ -81,6 +84,7 @@ __all__ = [
     "expired_jobs",
     "get_assertion",
     "get_job",
+    "get_jobs",
     "get_meta",
     "get_runner",
     "insert_assertion",
@@ -114,5 +118,7 @@ __all__ = [
     "taken_types",
     "time_ordered_id",
     "update_job",
+    "update_job_sent",
+    "waiting_jobs",
     "watched_runners",
 ]

@@ -68,6 +68,8 @@ class Conn(Protocol):
 
     def savepoint(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def pipeline(self) -> contextlib.AbstractContextManager[Any]: ...
+
 
 class Database(Protocol):
     """The store's interface: :class:`~.sqlite.ForgeDB` or :class:`~.postgres.PostgresDB`."""
@@ -126,6 +128,15 @@ class QueuedWrites:
 
     def drop_queued(self) -> None:
         self.queued_events, self.queued_assertions = [], []
+
+    def pipeline(self) -> contextlib.AbstractContextManager[Any]:
+        """Statements sent inside are not waited for one by one (PostgreSQL's pipeline mode).
+
+        A result is read when asked for (``fetchone``, iterating, ``rowcount``) or when the
+        block ends, so a batch of writes costs one round trip to the server instead of one
+        each. SQLite runs in this process: nothing to save, so nothing changes there.
+        """
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:

@@ -39,16 +39,16 @@ JOB_COLUMNS = frozenset(
 )
 
 
-def insert_job(conn: Conn, values: Mapping[str, Any]) -> bool:
-    """Insert a job; False (and nothing written) when a job with its id exists."""
-    cursor = conn.execute(
+def insert_job(conn: Conn, values: Mapping[str, Any]) -> Any:
+    """Insert a job; its cursor's ``rowcount`` is 0 (and nothing written) when a job with
+    its id exists. In a pipeline (PostgreSQL) the count is known once the block ends."""
+    return conn.execute(
         "INSERT INTO jobs (id, type, priority, status, request, submitted, updated_at,"
         " not_before, expires, timeout_ms)"
         " VALUES (:id, :type, :priority, :status, :request, :submitted, :updated_at,"
         " :not_before, :expires, :timeout_ms) ON CONFLICT (id) DO NOTHING",
         values,
     )
-    return cursor.rowcount > 0
 
 
 #: The finished jobs a prune deletes, oldest first: along the ``jobs_finished`` partial index
@@ -104,6 +104,17 @@ def get_job(conn: Conn, job_id: str) -> Row | None:
     return row
 
 
+def get_jobs(conn: Conn, job_ids: Sequence[str]) -> dict[str, Row]:
+    """The rows of ``job_ids`` that exist, by id: one query, not one per job."""
+    found: dict[str, Row] = {}
+    for start in range(0, len(job_ids), 500):  # SQLite's bound on parameters is far above
+        chunk = job_ids[start : start + 500]
+        sql = f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})"
+        for row in conn.execute(sql, chunk):
+            found[row["id"]] = row
+    return found
+
+
 def list_jobs(
     conn: Conn,
     *,
@@ -146,13 +157,34 @@ def eligible_jobs(
         return conn.execute(sql, (now, now, limit)).fetchall()
     # In a write transaction on PostgreSQL the rows are claimed as they are read: another
     # forge instance's claim skips them instead of waiting (or taking them twice).
+    return waiting_jobs(conn, now=now, limits=[(job_type, limit) for job_type in types])[:limit]
+
+
+def waiting_jobs(conn: Conn, *, now: float, limits: Sequence[tuple[str, int]]) -> list[Row]:
+    """Jobs waiting for a runner, at most ``limit`` of each (job type, limit), in dispatch
+    order (priority desc, then age).
+
+    Each (status, type) is one ordered walk of the ``jobs_wait`` index that stops after its
+    limit. Every query is sent before any is read: in a pipeline (PostgreSQL) they all cost
+    one round trip.
+    """
+    # In a write transaction on PostgreSQL the rows are claimed as they are read: another
+    # forge instance's claim skips them instead of waiting (or taking them twice).
     waiting = _WAITING_FOR_CLAIM if conn.postgres and conn.writing else _WAITING
+    sent = [
+        (limit, [conn.execute(waiting, (status, job_type, now, now, limit)) for status in _WAITS])
+        for job_type, limit in limits
+    ]
     rows: list[Row] = []
-    for job_type in types:
-        for status in ("queued", "retrying"):
-            rows.extend(conn.execute(waiting, (status, job_type, now, now, limit)))
+    for limit, cursors in sent:
+        of_type = [row for cursor in cursors for row in cursor]
+        of_type.sort(key=_dispatch_order)
+        rows.extend(of_type[:limit])
     rows.sort(key=_dispatch_order)
-    return rows[:limit]
+    return rows
+
+
+_WAITS = ("queued", "retrying")
 
 
 _WAITING = (
@@ -222,6 +254,19 @@ def update_job(
     attempts: int | None = None,
 ) -> bool:
     """Set ``values`` on a job, only while it is in one of ``statuses`` / at ``attempts``."""
+    return update_job_sent(conn, job_id, values, statuses=statuses, attempts=attempts).rowcount > 0
+
+
+def update_job_sent(
+    conn: Conn,
+    job_id: str,
+    values: Mapping[str, Any],
+    *,
+    statuses: Iterable[str] | None = None,
+    attempts: int | None = None,
+) -> Any:
+    """:func:`update_job`, answering its cursor: in a pipeline its ``rowcount`` (1 when the
+    job was changed) is known once the pipeline block ends, so many go in one round trip."""
     unknown = set(values) - JOB_COLUMNS
     if unknown:
         raise ValueError(f"not job columns: {sorted(unknown)}")
@@ -235,7 +280,7 @@ def update_job(
     if attempts is not None:
         sql += " AND attempts = ?"
         args.append(attempts)
-    return conn.execute(sql, args).rowcount > 0
+    return conn.execute(sql, args)
 
 
 def count_jobs_by_status(conn: Conn) -> dict[str, int]:

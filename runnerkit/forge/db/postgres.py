@@ -179,6 +179,27 @@ class _StatementRows:
         return make
 
 
+_INSERT_EVENTS = (
+    "INSERT INTO events (id, job_id, type, document)"
+    " SELECT id, job_id, type, document FROM unnest(%s::text[], %s::text[], %s::text[],"
+    " %s::text[]) WITH ORDINALITY AS queued (id, job_id, type, document, n)"
+    " ORDER BY n ON CONFLICT DO NOTHING"
+)
+
+_ASSERTION_COLUMNS = (
+    "id", "subject", "predicate", "object", "confidence", "source", "ts", "expires", "document"
+)  # fmt: skip
+
+_NUMBER_COLUMNS = tuple(_ASSERTION_COLUMNS.index(name) for name in ("confidence", "ts", "expires"))
+
+_INSERT_ASSERTIONS = (
+    f"INSERT INTO assertions ({', '.join(_ASSERTION_COLUMNS)})"
+    f" SELECT {', '.join(_ASSERTION_COLUMNS)} FROM unnest(%s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::float8[], %s::text[], %s::float8[], %s::float8[], %s::text[])"
+    f" WITH ORDINALITY AS queued ({', '.join(_ASSERTION_COLUMNS)}, n) ORDER BY n"
+)
+
+
 class PgConn(QueuedWrites):
     """One pooled psycopg connection (autocommit: transactions are begun explicitly).
 
@@ -215,6 +236,25 @@ class PgConn(QueuedWrites):
         cursor = self.raw.cursor()
         cursor.executemany(translate(sql), list(parameters))
         return cursor
+
+    def write_queued(self) -> None:
+        """Insert the queued events and assertions: one statement per table, however many
+        rows (arrays, ``unnest``), instead of one execution per row as ``executemany``
+        makes; in queue order (``WITH ORDINALITY``), so ``seq`` follows it."""
+        events, self.queued_events = self.queued_events, []
+        assertions, self.queued_assertions = self.queued_assertions, []
+        if events:
+            self.raw.execute(_INSERT_EVENTS, [list(column) for column in zip(*events, strict=True)])
+        if assertions:
+            columns = [[row[name] for row in assertions] for name in _ASSERTION_COLUMNS]
+            for index in _NUMBER_COLUMNS:  # one element type per array: ints become floats
+                columns[index] = [None if v is None else float(v) for v in columns[index]]
+            self.raw.execute(_INSERT_ASSERTIONS, columns)
+
+    def pipeline(self) -> contextlib.AbstractContextManager[Any]:
+        """psycopg's pipeline mode (see :meth:`.interface.QueuedWrites.pipeline`); a
+        ``rowcount`` is known once the block ends."""
+        return self.raw.pipeline()
 
     @property
     def in_transaction(self) -> bool:

@@ -64,7 +64,7 @@ from flask import Flask
 from runnerkit.errors import RunnerError
 from runnerkit.service.http import register_error_handlers
 
-from . import api, db, metrics, trust
+from . import api, db, metrics, submit_lane, trust
 from .db.factory import open_database
 from .dispatcher import Dispatcher
 from .job_store import JobStore
@@ -139,6 +139,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for unreachable in db.UNAVAILABLE:
         app.register_error_handler(unreachable, api.handle_store_unavailable)
     metrics.init_app(app, forge)  # GET /metrics, request counts, dispatch latency
+    submit_lane.install(app, forge)  # plain POST /jobs without Flask's machinery, once all is set
     forge.db.ping()  # create the file and schema now, so a bad DB_PATH fails at startup
     if settings.dispatcher:
         forge.dispatcher.start()

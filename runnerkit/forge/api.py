@@ -44,6 +44,7 @@ from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 from . import dashboard, db, trust, violations
 from .jobs import monotonic_of
 from .openapi import openapi_document
+from .submit_lane import SUBMIT_ERROR
 
 if TYPE_CHECKING:
     from . import Forge
@@ -258,6 +259,9 @@ def list_violations() -> Response:
 def submit_job() -> Response:
     forge = _forge()
     request_body = _body("JobRequest")
+    failed = request.environ.pop(SUBMIT_ERROR, None)
+    if failed is not None:  # the submission lane's store call failed: the app's handlers answer
+        raise failed
     status, job = forge.jobs.submit(request_body)  # the JobResponse as JSON text
     if status == 202:
         forge.wake_dispatcher()

@@ -31,7 +31,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request
@@ -186,6 +186,25 @@ def check_request() -> Response | None:
             code="UNSUPPORTED_MEDIA_TYPE",
         )
     return None
+
+
+def admits_plainly(environ: dict[str, Any], token: str) -> bool:
+    """True when :func:`check_request` would let this JSON request to an operator's route
+    (``POST /jobs``) through, judged from its WSGI environ alone; False means only "ask
+    :func:`check_request`", which words the refusal (or accepts a session cookie).
+
+    The same rules, in their plainest case: the TOKEN as a bearer header (without a TOKEN, a
+    loopback peer), and no sign of another site (no ``Origin`` at all, no ``Sec-Fetch-Site:
+    cross-site``). The caller has checked the content type is JSON, so not a form's.
+    """
+    if "HTTP_ORIGIN" in environ:
+        return False
+    if environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "cross-site":
+        return False
+    if not token:
+        return is_loopback(environ.get("REMOTE_ADDR"))
+    scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    return scheme.lower() == "bearer" and _is_token(given.strip(), token)
 
 
 #: ``g.forge_runner`` when the caller may speak for any runner (the TOKEN where allowed).

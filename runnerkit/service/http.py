@@ -135,12 +135,39 @@ def register_request_metrics(app: Flask) -> None:
     def _record(response: Response) -> Response:
         started = g.pop("runnerkit_started", None)
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        current = metrics()
-        method = request.method if request.method in _METHODS else "other"
-        labelled(current.http_requests, method, str(response.status_code), rule).inc()
-        if started is not None:
-            current.http_duration.observe(time.perf_counter() - started)
+        count_request(request.method, response.status_code, rule, started)
         return response
+
+
+def count_request(method: str, status: int, rule: str, started: float | None) -> None:
+    """One request in the HTTP metrics: by method, status and route template, and its
+    duration since ``started`` (``time.perf_counter``). The after-request hook of
+    :func:`register_request_metrics` and routes served without Flask count alike."""
+    current = metrics()
+    labelled(
+        current.http_requests, method if method in _METHODS else "other", str(status), rule
+    ).inc()
+    if started is not None:
+        current.http_duration.observe(time.perf_counter() - started)
+
+
+def read_input(environ: dict[str, Any], length: int, idle_timeout_s: float) -> bytes:
+    """``length`` bytes of a WSGI request's body, read as :func:`read_body` reads them (under
+    ``idle_timeout_s`` on gunicorn's socket) but without Flask; the server's errors
+    propagate as they are."""
+    sock = environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    if previous == idle_timeout_s:
+        sock = None  # the runnerkit worker class set it for the whole connection
+    if sock is not None:
+        sock.settimeout(idle_timeout_s)
+    try:
+        raw: bytes = environ["wsgi.input"].read(length)
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
+    return raw
 
 
 def register_error_handlers(app: Flask) -> None:

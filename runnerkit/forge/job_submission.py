@@ -20,10 +20,14 @@ from runnerkit.errors import Conflict
 from runnerkit.errors.redaction import might_hold_secrets, redact
 
 from . import db, truth
+from .db.postgres import PgConn
 from .job_records import JobRecords, json_string
 from .jobs import ACTIVE_STATUSES, FINAL_STATUSES, Clock
 
 log = logging.getLogger("runnerkit.forge.jobs")
+
+#: A submission and its answer: (status, JobResponse JSON) or the error to raise.
+_Answer = tuple["_Submission", tuple[int, str] | None, Exception | None]
 
 
 class _Submission:
@@ -115,17 +119,8 @@ class JobSubmission(JobRecords):
     def _write_submissions(self, group: list[_Submission]) -> None:
         """One transaction for ``group``; if it fails, one transaction per submission."""
         answers: list[tuple[_Submission, tuple[int, str] | None, Exception | None]]
-        answers = []
         try:
-            with self.db.tx() as conn:
-                # Every row is sent before any count is read: one round trip on PostgreSQL.
-                with conn.pipeline():
-                    inserted = [db.insert_job(conn, item.values) for item in group]
-                for item, cursor in zip(group, inserted, strict=True):
-                    try:
-                        answers.append((item, self._insert(conn, item, cursor.rowcount > 0), None))
-                    except Conflict as exc:  # nothing was written for it
-                        answers.append((item, None, exc))
+            answers = self._write_at_once(group) if self.db.postgres else self._write_in_tx(group)
         except Exception as exc:  # noqa: BLE001 - each request gets its own error
             if len(group) == 1:
                 group[0].error = exc
@@ -137,25 +132,71 @@ class JobSubmission(JobRecords):
         for item, answer, error in answers:
             item.answer, item.error = answer, error
 
-    def _insert(self, conn: db.Conn, item: _Submission, inserted: bool) -> tuple[int, str]:
-        """The answer to one submission whose row was just inserted (``inserted``) or found
-        there already; a new job's events and assertion are queued."""
+    def _write_in_tx(self, group: list[_Submission]) -> list[_Answer]:
+        """``group`` in one write transaction (SQLite): each job inserted, and its records
+        queued, in its turn."""
+        answers: list[_Answer] = []
+        with self.db.tx() as conn:
+            for item in group:
+                if db.insert_job(conn, item.values).rowcount > 0:
+                    self._queue_records(conn, item)
+                    answers.append((item, self._new_answer(item), None))
+                else:
+                    answers.append(self._existing_answer(conn, item))
+        return answers
+
+    def _write_at_once(self, group: list[_Submission]) -> list[_Answer]:
+        """``group`` in one statement (PostgreSQL): the jobs, their events and assertions.
+
+        A statement is a transaction of its own, so this needs neither ``BEGIN``/``COMMIT``
+        nor the writers' turn: it only adds rows (an id already taken adds nothing), which
+        no other writer reads, decides on and changes meanwhile. One statement instead of
+        six: psycopg's Python costs tens of microseconds a statement.
+        """
+        firsts: dict[str, _Submission] = {}
+        for item in group:  # a second submission of an id in the group finds the first's
+            firsts.setdefault(item.values["id"], item)
+        with self.db.connection() as conn:
+            assert isinstance(conn, PgConn)
+            for item in firsts.values():
+                self._queue_records(conn, item)
+            inserted = conn.insert_jobs([item.values for item in firsts.values()])
+            answers: list[_Answer] = []
+            for item in group:
+                job_id = item.values["id"]
+                if firsts[job_id] is item and job_id in inserted:
+                    answers.append((item, self._new_answer(item), None))
+                else:
+                    answers.append(self._existing_answer(conn, item))
+        return answers
+
+    def _existing_answer(self, conn: db.Conn, item: _Submission) -> _Answer:
+        """A submission whose id is taken: the stored job (200) if it is the same request,
+        else a 409 (nothing was written for it)."""
+        job_id = item.values["id"]
+        existing = self._get(conn, job_id)
+        if existing["request"] != item.values["request"]:
+            conflict = Conflict(
+                f"Job {job_id} was already submitted with a different request",
+                code="JOB_ID_CONFLICT",
+                details=[{"message": "A different job has this id", "path": ["id"]}],
+            )
+            return item, None, conflict
+        return item, (200, json.dumps(self.response(existing), separators=(",", ":"))), None
+
+    def _queue_records(self, conn: db.Conn, item: _Submission) -> None:
+        """A new job's ``job.created`` and ``job.queued`` events and ``queued`` assertion."""
         values, now = item.values, item.now
         job_id = values["id"]
-        if not inserted:
-            existing = self._get(conn, job_id)
-            if existing["request"] != values["request"]:
-                raise Conflict(
-                    f"Job {job_id} was already submitted with a different request",
-                    code="JOB_ID_CONFLICT",
-                    details=[{"message": "A different job has this id", "path": ["id"]}],
-                )
-            return 200, json.dumps(self.response(existing), separators=(",", ":"))
         created = {"type": values["type"], "priority": values["priority"]}
         self._emit(conn, job_id, "job.created", now, created)
         self._emit(conn, job_id, "job.queued", now, {"status": "queued"})
         self._assert_status(conn, job_id, "queued", now)
-        # What GET /jobs/<id> answers for the row just written (the request as stored).
+
+    def _new_answer(self, item: _Submission) -> tuple[int, str]:
+        """What ``GET /jobs/<id>`` answers for the row just written (the request as stored)."""
+        values, now = item.values, item.now
+        job_id = values["id"]
         if might_hold_secrets(values["request"]):
             body = {"id": job_id, "status": "queued", "request": db.loads(values["request"])}
             body["updatedAt"] = now.z

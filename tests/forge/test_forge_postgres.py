@@ -15,13 +15,8 @@ from flask.testing import FlaskClient
 from runnerkit.forge import Forge, ForgeSettings, create_app
 from runnerkit.forge import db as forge_db
 from runnerkit.forge.db.leadership import PgLeadership
-from runnerkit.forge.db.postgres import (
-    PostgresDB,
-    escape_text,
-    redact_url,
-    translate,
-    unescape_text,
-)
+from runnerkit.forge.db.pg_text import escape_text, unescape_text
+from runnerkit.forge.db.postgres import PostgresDB, redact_url, translate
 from runnerkit.service.settings import ConfigError
 from tests.forge.helpers import job_request
 

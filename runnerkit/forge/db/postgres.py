@@ -36,18 +36,19 @@ import os
 import re
 import select
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from psycopg.types.string import StrDumperUnknown, TextLoader
 from psycopg_pool import ConnectionPool
 
 from runnerkit.service.settings import ConfigError
 
+from . import pg_rows
 from .interface import QueuedWrites
+from .pg_text import configure as _configure
 from .schema import migrate
 
 log = logging.getLogger("runnerkit.forge.postgres")
@@ -81,42 +82,6 @@ def translate(sql: str) -> str:
         if len(_translated) < 4096:
             _translated[sql] = found
     return found
-
-
-# PostgreSQL's text cannot hold NUL, which a JSON string (a job type, a runner's name, an
-# assertion's subject) may: such strings are stored with NUL written as ESC "0" and ESC itself
-# as ESC ESC (ESC a private-use character), and read back as they were. The forge's JSON
-# documents are ASCII (``\u0000`` escaped), so only strings stored raw ever change.
-_ESC = "\ue000"
-_ESCAPED = re.compile(f"{_ESC}(.)", re.DOTALL)
-
-
-def escape_text(value: str) -> str:
-    if "\x00" not in value and _ESC not in value:
-        return value
-    return value.replace(_ESC, _ESC + _ESC).replace("\x00", _ESC + "0")
-
-
-def unescape_text(value: str) -> str:
-    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "0" else m.group(1), value)
-
-
-class _NulSafeDumper(StrDumperUnknown):
-    def dump(self, obj: str) -> Any:
-        return super().dump(escape_text(obj))
-
-
-class _NulSafeLoader(TextLoader):
-    def load(self, data: Any) -> Any:
-        value = super().load(data)
-        if isinstance(value, str) and _ESC in value:
-            return unescape_text(value)
-        return value
-
-
-def _configure(conn: psycopg.Connection[Any]) -> None:
-    conn.adapters.register_dumper(str, _NulSafeDumper)
-    conn.adapters.register_loader("text", _NulSafeLoader)
 
 
 class PgRow:
@@ -179,27 +144,6 @@ class _StatementRows:
         return make
 
 
-_INSERT_EVENTS = (
-    "INSERT INTO events (id, job_id, type, document)"
-    " SELECT id, job_id, type, document FROM unnest(%s::text[], %s::text[], %s::text[],"
-    " %s::text[]) WITH ORDINALITY AS queued (id, job_id, type, document, n)"
-    " ORDER BY n ON CONFLICT DO NOTHING"
-)
-
-_ASSERTION_COLUMNS = (
-    "id", "subject", "predicate", "object", "confidence", "source", "ts", "expires", "document"
-)  # fmt: skip
-
-_NUMBER_COLUMNS = tuple(_ASSERTION_COLUMNS.index(name) for name in ("confidence", "ts", "expires"))
-
-_INSERT_ASSERTIONS = (
-    f"INSERT INTO assertions ({', '.join(_ASSERTION_COLUMNS)})"
-    f" SELECT {', '.join(_ASSERTION_COLUMNS)} FROM unnest(%s::text[], %s::text[], %s::text[],"
-    " %s::text[], %s::float8[], %s::text[], %s::float8[], %s::float8[], %s::text[])"
-    f" WITH ORDINALITY AS queued ({', '.join(_ASSERTION_COLUMNS)}, n) ORDER BY n"
-)
-
-
 class PgConn(QueuedWrites):
     """One pooled psycopg connection (autocommit: transactions are begun explicitly).
 
@@ -238,18 +182,18 @@ class PgConn(QueuedWrites):
         return cursor
 
     def write_queued(self) -> None:
-        """Insert the queued events and assertions: one statement per table, however many
-        rows (arrays, ``unnest``), instead of one execution per row as ``executemany``
-        makes; in queue order (``WITH ORDINALITY``), so ``seq`` follows it."""
-        events, self.queued_events = self.queued_events, []
-        assertions, self.queued_assertions = self.queued_assertions, []
-        if events:
-            self.raw.execute(_INSERT_EVENTS, [list(column) for column in zip(*events, strict=True)])
-        if assertions:
-            columns = [[row[name] for row in assertions] for name in _ASSERTION_COLUMNS]
-            for index in _NUMBER_COLUMNS:  # one element type per array: ints become floats
-                columns[index] = [None if v is None else float(v) for v in columns[index]]
-            self.raw.execute(_INSERT_ASSERTIONS, columns)
+        """Insert the queued events and assertions in one statement, however many rows
+        (:mod:`.pg_rows`), instead of one execution per row as ``executemany`` makes."""
+        parameters = pg_rows.queued_parameters(self)
+        if parameters is not None:
+            self.raw.execute(pg_rows.INSERT_QUEUED, parameters)
+
+    def insert_jobs(self, jobs: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Insert ``jobs`` (new submissions, ids distinct) with the events and assertions
+        queued for them, in one statement, which is its own transaction outside ``tx``:
+        the ids inserted (an id already taken inserts nothing of its job's)."""
+        cursor = self.raw.execute(pg_rows.INSERT_JOBS, pg_rows.jobs_parameters(self, jobs))
+        return {row[0] for row in cursor.fetchall()}  # text comes back unescaped
 
     def pipeline(self) -> contextlib.AbstractContextManager[Any]:
         """psycopg's pipeline mode (see :meth:`.interface.QueuedWrites.pipeline`); a

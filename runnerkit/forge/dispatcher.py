@@ -77,7 +77,7 @@ HEARTBEAT_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.25
 #: How often the holder deletes finished jobs past HISTORY_RETENTION_HOURS (a batch a time).
 PRUNE_EVERY_S = 60.0
-#: A non-holder tries to take the lock this often (at least).
+#: A non-holder tries to take the lock this often (wake-ups do not hurry it).
 FOLLOWER_POLL_S = 0.25
 
 
@@ -258,7 +258,10 @@ class Dispatcher(InFlight):
             if self.lock.held:
                 woken = self._wait(step)
             else:
-                woken = self._wake.wait(max(step, FOLLOWER_POLL_S))
+                # New work is the holder's to see: a follower only tries for the lock now and
+                # then, not at every wake-up (each try is a query on PostgreSQL; under load
+                # this process's requests wake it once per job).
+                woken = self._stop.wait(max(step, FOLLOWER_POLL_S))
             self._wake.clear()
         self._resign()
 

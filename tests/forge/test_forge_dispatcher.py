@@ -582,6 +582,28 @@ def test_only_one_of_two_forges_sharing_a_database_dispatches(
     assert follower.dispatched == 1
 
 
+def test_a_follower_does_not_try_for_the_lock_at_every_wake_up(make_forge: MakeForge) -> None:
+    # Every job a follower's process takes wakes its dispatcher; on PostgreSQL each try for
+    # the lock is a query, so a follower tries at its own pace, not once per job.
+    first, second = make_forge(), make_forge()
+    dispatchers = [first.forge.dispatcher, second.forge.dispatcher]
+    wait_for(lambda: any(d.leader for d in dispatchers), 5, what="a leader")
+    follower = dispatchers[1] if dispatchers[0].leader else dispatchers[0]
+    tries = []
+    acquire = follower.lock.acquire
+
+    def counted() -> bool:
+        tries.append(1)
+        return bool(acquire())
+
+    follower.lock.acquire = counted
+    for _ in range(200):
+        follower.wake()
+        time.sleep(0.002)
+    assert not follower.leader
+    assert len(tries) < 20, f"{len(tries)} tries for the lock over 200 wake-ups"
+
+
 def test_a_restarted_forge_keeps_its_queue_and_requeues_orphans(
     make_forge: MakeForge, make_runner: MakeRunner
 ) -> None:

@@ -43,42 +43,37 @@ class JobClaims(JobRecords):
         if fresh.ts > now.ts:
             now = fresh
         claims: Claims = []
-        sent = []
-        # Every claim's UPDATE is sent before any is read: on PostgreSQL, one round trip.
-        with conn.pipeline():
-            for row, runner, capability_id in picks:
-                timeout_ms = float(row["timeout_ms"])
-                asynchronous = timeout_ms > threshold
-                lease_ms = min(timeout_ms + margin * (2 if asynchronous else 1), MAX_WAIT_MS)
-                lease_until = now.ts + lease_ms / 1000.0
-                attempt = int(row["attempts"]) + 1
-                cursor = db.update_job_sent(
-                    conn,
-                    row["id"],
+        planned = []
+        for row, runner, capability_id in picks:
+            timeout_ms = float(row["timeout_ms"])
+            asynchronous = timeout_ms > threshold
+            lease_ms = min(timeout_ms + margin * (2 if asynchronous else 1), MAX_WAIT_MS)
+            planned.append(
+                (
+                    row,
+                    runner,
+                    capability_id,
+                    asynchronous,
+                    lease_ms,
                     {
-                        "status": "running",
+                        "id": row["id"],
+                        "attempts": int(row["attempts"]) + 1,
                         "updated_at": now.z,
-                        "attempts": attempt,
-                        "not_before": None,
                         "runner_id": runner["id"],
                         "runner_name": runner["name"],
                         "runner_version": runner["version"],
                         "capability_id": capability_id,
                         "first_started_at": row["first_started_at"] or now.z,
-                        "attempt_started_at": now.z,
-                        "slot_runner": runner["id"],
-                        "slot_capability": capability_id,
-                        "lease_until": lease_until,
+                        "lease_until": now.ts + lease_ms / 1000.0,
                         "async": int(asynchronous),
                     },
-                    statuses=("queued", "retrying"),
-                    attempts=int(row["attempts"]),
                 )
-                sent.append((row, runner, capability_id, asynchronous, lease_ms, attempt, cursor))
-        for row, runner, capability_id, asynchronous, lease_ms, attempt, cursor in sent:
-            if cursor.rowcount <= 0:  # the job moved on meanwhile
+            )
+        taken = db.claim_jobs(conn, [claim for *_, claim in planned])
+        for row, runner, capability_id, asynchronous, lease_ms, claim in planned:
+            if row["id"] not in taken:  # the job moved on meanwhile
                 continue
-            lease_until = now.ts + lease_ms / 1000.0
+            attempt, lease_until = claim["attempts"], claim["lease_until"]
             self.leases.note(row["id"], attempt, lease_until, now.mono + lease_ms / 1000.0)
             started = {
                 "attempt": attempt,

@@ -30,6 +30,7 @@ from .codec import dumps, loads, time_ordered_id
 from .events import attempt_at, insert_event, list_events, queue_event, runner_was_sent
 from .interface import MAX_INTEGER, UNAVAILABLE, Conn, Database, DatabaseError, Row
 from .jobs import (
+    claim_jobs,
     count_jobs_by_status,
     eligible_jobs,
     expired_jobs,
@@ -46,7 +47,6 @@ from .jobs import (
     shift_waits,
     taken_types,
     update_job,
-    update_job_sent,
     waiting_jobs,
 )
 from .runners import (
@@ -75,6 +75,7 @@ __all__ = [
     "DatabaseError",
     "Row",
     "attempt_at",
+    "claim_jobs",
     "count_jobs_by_status",
     "delete_runner",
     "disable_runner_dispatch",
@@ -118,7 +119,6 @@ __all__ = [
     "taken_types",
     "time_ordered_id",
     "update_job",
-    "update_job_sent",
     "waiting_jobs",
     "watched_runners",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from .codec import loads
 from .interface import Conn, Row
+from .pg_rows import CLAIM_JOBS, claim_rows
 
 #: Job columns a transition may set (``update_job`` refuses anything else).
 JOB_COLUMNS = frozenset(
@@ -170,11 +171,17 @@ def waiting_jobs(conn: Conn, *, now: float, limits: Sequence[tuple[str, int]]) -
     """
     # In a write transaction on PostgreSQL the rows are claimed as they are read: another
     # forge instance's claim skips them instead of waiting (or taking them twice).
-    waiting = _WAITING_FOR_CLAIM if conn.postgres and conn.writing else _WAITING
-    sent = [
-        (limit, [conn.execute(waiting, (status, job_type, now, now, limit)) for status in _WAITS])
-        for job_type, limit in limits
-    ]
+    if conn.postgres and conn.writing:
+        # Both statuses' walks in one statement; the rows they find are locked as read.
+        sent = [
+            (limit, [conn.execute(_WAITING_FOR_CLAIM, (job_type, now, now, limit) * 2)])
+            for job_type, limit in limits
+        ]
+    else:
+        sent = [
+            (limit, [conn.execute(_WAITING, (s, job_type, now, now, limit)) for s in _WAITS])
+            for job_type, limit in limits
+        ]
     rows: list[Row] = []
     for limit, cursors in sent:
         of_type = [row for cursor in cursors for row in cursor]
@@ -192,7 +199,17 @@ _WAITING = (
     " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
     " ORDER BY priority DESC, seq ASC LIMIT ?"
 )
-_WAITING_FOR_CLAIM = _WAITING + " FOR UPDATE SKIP LOCKED"
+_WAITING_SEQ = (
+    "SELECT seq FROM jobs WHERE status = '{}' AND type = ?"
+    " AND (not_before IS NULL OR not_before <= ?) AND (expires IS NULL OR expires > ?)"
+    " ORDER BY priority DESC, seq ASC LIMIT ?"
+)
+#: PostgreSQL, claiming: each status's ordered walk, stopped at the limit, in one statement;
+#: another forge instance's transaction holding a row makes this one skip it, never wait.
+_WAITING_FOR_CLAIM = (
+    f"SELECT * FROM jobs WHERE seq IN (({_WAITING_SEQ.format('queued')}) UNION ALL"
+    f" ({_WAITING_SEQ.format('retrying')})) FOR UPDATE SKIP LOCKED"
+)
 
 
 def _dispatch_order(row: Row) -> tuple[int, int]:
@@ -253,20 +270,9 @@ def update_job(
     statuses: Iterable[str] | None = None,
     attempts: int | None = None,
 ) -> bool:
-    """Set ``values`` on a job, only while it is in one of ``statuses`` / at ``attempts``."""
-    return update_job_sent(conn, job_id, values, statuses=statuses, attempts=attempts).rowcount > 0
-
-
-def update_job_sent(
-    conn: Conn,
-    job_id: str,
-    values: Mapping[str, Any],
-    *,
-    statuses: Iterable[str] | None = None,
-    attempts: int | None = None,
-) -> Any:
-    """:func:`update_job`, answering its cursor: in a pipeline its ``rowcount`` (1 when the
-    job was changed) is known once the pipeline block ends, so many go in one round trip."""
+    """Set ``values`` on a job, only while it is in one of ``statuses`` / at ``attempts``;
+    whether it was. Inside a pipeline (PostgreSQL) that answer is not known yet: there it
+    is always False, so only a caller that does not read it may update there."""
     unknown = set(values) - JOB_COLUMNS
     if unknown:
         raise ValueError(f"not job columns: {sorted(unknown)}")
@@ -280,7 +286,43 @@ def update_job_sent(
     if attempts is not None:
         sql += " AND attempts = ?"
         args.append(attempts)
-    return conn.execute(sql, args)
+    return conn.execute(sql, args).rowcount > 0
+
+
+def claim_jobs(conn: Conn, claims: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Start the next attempt of each claimed job still waiting (``queued``/``retrying``) at
+    the attempt before it; the ids taken.
+
+    A claim holds ``id``, ``attempts`` (the new attempt's number), ``updated_at`` (also the
+    attempt's start), ``runner_id``/``slot_runner``, ``runner_name``, ``runner_version``,
+    ``capability_id``/``slot_capability``, ``first_started_at``, ``lease_until``, ``async``.
+    On PostgreSQL all of them are one statement (:data:`.pg_rows.CLAIM_JOBS`).
+    """
+    if conn.postgres:
+        cursor = conn.execute(CLAIM_JOBS, (claim_rows(claims),))
+        return {row[0] for row in cursor.fetchall()}
+    taken: set[str] = set()
+    for claim in claims:
+        values = {
+            "status": "running",
+            "updated_at": claim["updated_at"],
+            "attempts": claim["attempts"],
+            "not_before": None,
+            "runner_id": claim["runner_id"],
+            "runner_name": claim["runner_name"],
+            "runner_version": claim["runner_version"],
+            "capability_id": claim["capability_id"],
+            "first_started_at": claim["first_started_at"],
+            "attempt_started_at": claim["updated_at"],
+            "slot_runner": claim["runner_id"],
+            "slot_capability": claim["capability_id"],
+            "lease_until": claim["lease_until"],
+            "async": claim["async"],
+        }
+        statuses = ("queued", "retrying")
+        if update_job(conn, claim["id"], values, statuses=statuses, attempts=claim["attempts"] - 1):
+            taken.add(claim["id"])
+    return taken
 
 
 def count_jobs_by_status(conn: Conn) -> dict[str, int]:

@@ -74,6 +74,25 @@ def _as_is(text: str) -> str:
     return text
 
 
+#: The columns of a claim, in the order its row is sent (:func:`claim_rows`).
+CLAIM_COLUMNS = (
+    "id", "updated_at", "attempts", "runner_id", "runner_name", "runner_version",
+    "capability_id", "first_started_at", "lease_until", "async",
+)  # fmt: skip
+
+#: Claims: every picked job still waiting at the attempt before its claim starts its next
+#: one, in one statement; it answers the ids taken.
+CLAIM_JOBS = (
+    "UPDATE jobs SET status = 'running', updated_at = r->>1, attempts = (r->>2)::bigint,"
+    " not_before = NULL, runner_id = r->>3, runner_name = r->>4, runner_version = r->>5,"
+    " capability_id = r->>6, first_started_at = r->>7, attempt_started_at = r->>1,"
+    " slot_runner = r->>3, slot_capability = r->>6, lease_until = (r->>8)::float8,"
+    " async = (r->>9)::bigint FROM json_array_elements(%s::json) AS q(r)"
+    " WHERE jobs.id = (r->>0) COLLATE \"C\" AND jobs.status IN ('queued', 'retrying')"
+    " AND jobs.attempts = (r->>2)::bigint - 1 RETURNING jobs.id"
+)
+
+
 def json_rows(rows: Iterable[Sequence[Any]]) -> Json:
     """``rows`` as one JSON array of arrays, every string escaped for PostgreSQL's text,
     sent as ``json`` (the text dumper would escape the escapes again)."""
@@ -102,3 +121,8 @@ def jobs_parameters(conn: QueuedWrites, jobs: Sequence[Mapping[str, Any]]) -> tu
     assertions, conn.queued_assertions = conn.queued_assertions, []
     job_rows = json_rows([[job[name] for name in JOB_COLUMNS] for job in jobs])
     return job_rows, json_rows(events), assertion_rows(assertions)
+
+
+def claim_rows(claims: Sequence[Mapping[str, Any]]) -> Json:
+    """The parameter of :data:`CLAIM_JOBS`: each claim's CLAIM_COLUMNS values."""
+    return json_rows([[claim[name] for name in CLAIM_COLUMNS] for claim in claims])

@@ -57,6 +57,7 @@ class JobClaims(JobRecords):
                     lease_ms,
                     {
                         "id": row["id"],
+                        "seq": row["seq"],
                         "attempts": int(row["attempts"]) + 1,
                         "updated_at": now.z,
                         "runner_id": runner["id"],

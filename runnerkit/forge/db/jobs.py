@@ -14,7 +14,7 @@ from typing import Any
 
 from .codec import loads
 from .interface import Conn, Row
-from .pg_rows import CLAIM_JOBS, claim_rows
+from .pg_rows import CLAIM_JOBS, claim_parameters
 
 #: Job columns a transition may set (``update_job`` refuses anything else).
 JOB_COLUMNS = frozenset(
@@ -206,9 +206,11 @@ _WAITING_SEQ = (
 )
 #: PostgreSQL, claiming: each status's ordered walk, stopped at the limit, in one statement;
 #: another forge instance's transaction holding a row makes this one skip it, never wait.
+#: ``= ANY(ARRAY(...))``, not ``IN (...)``: a prepared statement's generic plan cannot know
+#: the limit, and for ``IN`` it would scan every job to join the few found.
 _WAITING_FOR_CLAIM = (
-    f"SELECT * FROM jobs WHERE seq IN (({_WAITING_SEQ.format('queued')}) UNION ALL"
-    f" ({_WAITING_SEQ.format('retrying')})) FOR UPDATE SKIP LOCKED"
+    f"SELECT * FROM jobs WHERE seq = ANY(ARRAY(({_WAITING_SEQ.format('queued')}) UNION ALL"
+    f" ({_WAITING_SEQ.format('retrying')}))) FOR UPDATE SKIP LOCKED"
 )
 
 
@@ -293,13 +295,13 @@ def claim_jobs(conn: Conn, claims: Sequence[Mapping[str, Any]]) -> set[str]:
     """Start the next attempt of each claimed job still waiting (``queued``/``retrying``) at
     the attempt before it; the ids taken.
 
-    A claim holds ``id``, ``attempts`` (the new attempt's number), ``updated_at`` (also the
+    A claim holds ``id``, ``seq``, ``attempts`` (the new attempt's number), ``updated_at`` (also the
     attempt's start), ``runner_id``/``slot_runner``, ``runner_name``, ``runner_version``,
     ``capability_id``/``slot_capability``, ``first_started_at``, ``lease_until``, ``async``.
     On PostgreSQL all of them are one statement (:data:`.pg_rows.CLAIM_JOBS`).
     """
     if conn.postgres:
-        cursor = conn.execute(CLAIM_JOBS, (claim_rows(claims),))
+        cursor = conn.execute(CLAIM_JOBS, claim_parameters(claims))
         return {row[0] for row in cursor.fetchall()}
     taken: set[str] = set()
     for claim in claims:

@@ -421,6 +421,8 @@ def run(cfg: Any, log_dir: Path) -> dict[str, Any]:
         result["stacks"] = {stack.name: stack.describe() for stack in stacks}
         for stack in stacks:
             load(stack, "burst", count=cfg.forge_warmup, threads=8)
+            if stack.postgres is not None:  # steady state: the statistics autovacuum keeps
+                stack.postgres.analyze(stack.database)
         say(f"forge burst: {cfg.forge_jobs} jobs x {cfg.forge_rounds} rounds per stack")
         bursts = interleaved(
             stacks, cfg.forge_rounds, lambda s: load(s, "burst", count=cfg.forge_jobs, threads=8)

@@ -97,6 +97,15 @@ class BenchPostgres:
         self.databases.append(name)
         return name, with_database(self.admin_url, name)
 
+    def analyze(self, name: str) -> None:
+        """Statistics for every table of database ``name``, as autovacuum gathers them within
+        its first minute: a fresh database's first plans assume empty tables (a sequential
+        scan of ``jobs`` per dispatch round), and psycopg keeps them prepared until then."""
+        with psycopg.connect(
+            with_database(self.admin_url, name), autocommit=True, connect_timeout=10
+        ) as conn:
+            conn.execute("ANALYZE")
+
     def drop_all(self) -> None:
         """Drop every database this run created, whoever is still connected to it."""
         for name in self.databases:

@@ -97,6 +97,19 @@ class Forge:
         #: Checks what runners send against the contracts (see :mod:`.referee`).
         self.referee = self.dispatcher.referee
 
+    def submit(self, request: Mapping[str, Any]) -> tuple[int, str]:
+        """Queue a loaded JobRequest (:meth:`JobStore.submit`) and wake the dispatcher.
+
+        On PostgreSQL, when the dispatcher looks like another instance's, the statement that
+        queues the job also NOTIFYs it (:meth:`Dispatcher.remote_channel`): no transaction
+        of its own for the wake-up, which is then only the local datagram.
+        """
+        channel = self.dispatcher.remote_channel()
+        status, job = self.jobs.submit(request, notify=channel)
+        if status == 202:
+            self.dispatcher.wake(everywhere=channel is None)
+        return status, job
+
     def wake_dispatcher(self) -> None:
         """New work or freed capacity: let the dispatching process look now.
 

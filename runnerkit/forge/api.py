@@ -262,9 +262,7 @@ def submit_job() -> Response:
     failed = request.environ.pop(SUBMIT_ERROR, None)
     if failed is not None:  # the submission lane's store call failed: the app's handlers answer
         raise failed
-    status, job = forge.jobs.submit(request_body)  # the JobResponse as JSON text
-    if status == 202:
-        forge.wake_dispatcher()
+    status, job = forge.submit(request_body)  # the JobResponse as JSON text
     return Response(
         job + "\n",
         status=status,

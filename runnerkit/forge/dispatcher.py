@@ -193,6 +193,18 @@ class Dispatcher(InFlight):
             # Nobody of this instance listens, so the dispatcher is another instance's.
             self.leadership.notify()
 
+    def remote_channel(self) -> str | None:
+        """The channel to NOTIFY within a write (PostgreSQL), when the dispatcher looks like
+        another instance's: this process's last wake-up found no local listener.
+
+        A NOTIFY sent by the statement that queues new jobs costs no transaction of its own;
+        :meth:`wake` then only sends the datagram. Should the guess be wrong (the lock moved
+        here meanwhile), the datagram reaches the new holder all the same.
+        """
+        if self.leadership is None or self._wakeup.heard is not False:
+            return None
+        return self.leadership.channel or None
+
     def _wait(self, timeout: float) -> bool:
         """Sleep until woken (from this process or another) or ``timeout`` passes; True when
         woken."""

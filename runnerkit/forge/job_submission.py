@@ -33,11 +33,12 @@ _Answer = tuple["_Submission", tuple[int, str] | None, Exception | None]
 class _Submission:
     """One ``POST /jobs`` waiting for its group commit."""
 
-    __slots__ = ("answer", "done", "error", "lead", "now", "values")
+    __slots__ = ("answer", "done", "error", "lead", "notify", "now", "values")
 
-    def __init__(self, values: dict[str, Any], now: Clock) -> None:
+    def __init__(self, values: dict[str, Any], now: Clock, notify: str | None) -> None:
         self.values = values
         self.now = now
+        self.notify = notify
         self.done = threading.Event()
         self.lead = False  # set with ``done``: write the waiting group instead
         self.answer: tuple[int, str] | None = None
@@ -47,7 +48,7 @@ class _Submission:
 class JobSubmission(JobRecords):
     """Queue new jobs (many to a transaction) and cancel them."""
 
-    def submit(self, request: Mapping[str, Any]) -> tuple[int, str]:
+    def submit(self, request: Mapping[str, Any], notify: str | None = None) -> tuple[int, str]:
         """Queue a loaded JobRequest: (202, JobResponse); the same request again → (200, ...).
 
         The JobResponse comes as JSON text: a new job's is written around the request
@@ -55,6 +56,7 @@ class JobSubmission(JobRecords):
 
         The same id with a different request is a 409 RESOURCE_CONFLICT. Submissions arriving
         together in this process share one transaction (see :meth:`_commit_submissions`).
+        ``notify``: a channel the transaction NOTIFYs when it queues a job (PostgreSQL).
         """
         metadata = request["metadata"]
         now = Clock()
@@ -75,6 +77,7 @@ class JobSubmission(JobRecords):
                 "timeout_ms": float(request["timeoutMs"]),
             },
             now,
+            notify,
         )
         self._commit_submissions(item)
         if item.error is not None:
@@ -160,7 +163,8 @@ class JobSubmission(JobRecords):
             assert isinstance(conn, PgConn)
             for item in firsts.values():
                 self._queue_records(conn, item)
-            inserted = conn.insert_jobs([item.values for item in firsts.values()])
+            channel = next((item.notify for item in group if item.notify), None)
+            inserted = conn.insert_jobs([item.values for item in firsts.values()], channel)
             answers: list[_Answer] = []
             for item in group:
                 job_id = item.values["id"]

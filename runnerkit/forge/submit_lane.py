@@ -146,9 +146,7 @@ class SubmitLane:
             environ["wsgi.input"] = io.BytesIO(raw)
             return None
         try:
-            status, job = self.forge.jobs.submit(request)
-            if status == 202:
-                self.forge.wake_dispatcher()
+            status, job = self.forge.submit(request)
         except Exception as exc:  # noqa: BLE001 - the route raises it, to the app's handlers
             environ["wsgi.input"] = io.BytesIO(raw)
             environ[SUBMIT_ERROR] = exc

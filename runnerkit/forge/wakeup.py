@@ -28,6 +28,8 @@ class Wakeup:
         self._listener: socket.socket | None = None
         self._sender: socket.socket | None = None
         self._pid = 0
+        #: Whether the last :meth:`send` found a listener on this host (None: none sent yet).
+        self.heard: bool | None = None
 
     def _own(self) -> None:
         """Sockets do not cross fork: a child makes its own."""
@@ -75,10 +77,12 @@ class Wakeup:
         try:
             sender.sendto(b"!", self.address)
         except BlockingIOError:
-            return True
+            self.heard = True
         except OSError:  # nobody listening (ECONNREFUSED): no error, its poll will see
-            return False
-        return True
+            self.heard = False
+        else:
+            self.heard = True
+        return self.heard
 
     def wait(self, timeout: float, also: Callable[[], int | None] | None = None) -> bool:
         """Sleep until a wake-up arrives or ``timeout`` passes; True when woken.

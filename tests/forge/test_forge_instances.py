@@ -163,6 +163,12 @@ def test_a_job_submitted_elsewhere_wakes_the_dispatcher_through_notify(
     # The heartbeat records the notifications received, the one that woke it among them.
     wait_until(lambda: dispatcher_record(forge_db_url)["notified"] > before, PATIENCE)
     assert dispatcher_record(forge_db_url)["pid"] == pid
+    # Once a process of this instance has found nobody local to wake, the statement that
+    # queues its next jobs NOTIFYs itself: those are dispatched without a poll too.
+    more = [other.submit(sync_request())["id"] for _ in range(4)]
+    for job_id in more:
+        other.wait_status(job_id, "completed", timeout=PATIENCE)
+        assert len(runner.calls_for(job_id)) == 1
 
 
 def test_a_job_submitted_to_the_dispatching_instance_wakes_it_without_notify(

@@ -12,11 +12,13 @@ import psycopg
 import pytest
 from flask.testing import FlaskClient
 
+from runnerkit.contracts import load_job_request
 from runnerkit.forge import Forge, ForgeSettings, create_app
 from runnerkit.forge import db as forge_db
+from runnerkit.forge.db import pg_rows
 from runnerkit.forge.db.leadership import PgLeadership
 from runnerkit.forge.db.pg_text import escape_text, unescape_text
-from runnerkit.forge.db.postgres import PostgresDB, redact_url, translate
+from runnerkit.forge.db.postgres import PgConn, PostgresDB, redact_url, translate
 from runnerkit.service.settings import ConfigError
 from tests.forge.helpers import job_request
 
@@ -90,6 +92,42 @@ def test_queued_rows_are_written_in_order_with_odd_text_and_mixed_numbers(
         )
         for i, text in enumerate(odd)
     ]
+
+
+@pytest.mark.parametrize("forge_backend", ["postgres"])
+def test_queuing_jobs_notifies_the_channel_given_once_and_only_for_new_jobs(
+    pg_forge: Forge, client: FlaskClient, store_config: dict[str, str]
+) -> None:
+    """The statement that queues a group of jobs NOTIFYs the dispatcher's channel itself (at
+    its commit, once) when asked to and a job was new; a group of known ids wakes nobody."""
+    channel = "runnerkit_forge_test_channel"
+    listener = psycopg.connect(store_config["DB_URL"], autocommit=True)
+    try:
+        listener.execute(f"LISTEN {channel}")
+
+        def heard() -> int:
+            return sum(1 for _ in listener.notifies(timeout=0.5, stop_after=10))
+
+        first, second = (load_job_request(job_request("t.notify")) for _ in range(2))
+        assert pg_forge.jobs.submit(first, notify=channel)[0] == 202
+        assert heard() == 1
+        assert pg_forge.jobs.submit(second, notify=None)[0] == 202
+        assert heard() == 0
+        assert pg_forge.jobs.submit(first, notify=channel)[0] == 200  # already queued
+        assert heard() == 0
+        with pg_forge.db.connection() as conn:
+            queued = [job_request("t.notify"), job_request("t.notify")]
+            assert isinstance(conn, PgConn)
+            values = [
+                {**dict.fromkeys(pg_rows.JOB_COLUMNS), "id": job["id"], "type": job["type"],
+                 "priority": 0, "status": "queued", "request": "{}", "submitted": 0.0,
+                 "updated_at": "x", "timeout_ms": 1000.0}
+                for job in queued
+            ]  # fmt: skip
+            assert conn.insert_jobs(values, channel) == {job["id"] for job in queued}
+        assert heard() == 1, "two jobs in one statement: one notification"
+    finally:
+        listener.close()
 
 
 def test_statements_are_translated_once_and_literals_left_alone() -> None:

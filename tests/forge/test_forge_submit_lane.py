@@ -124,7 +124,7 @@ def test_a_store_error_meets_the_apps_handlers_without_a_second_submit(
 ) -> None:
     calls: list[str] = []
 
-    def refuse(request: dict[str, Any]) -> tuple[int, str]:
+    def refuse(request: dict[str, Any], notify: str | None = None) -> tuple[int, str]:
         calls.append(request["id"])
         raise Conflict("no", code="JOB_ID_CONFLICT") if len(calls) == 1 else RuntimeError("x")
 

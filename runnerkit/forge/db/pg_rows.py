@@ -56,7 +56,8 @@ INSERT_QUEUED = (
 )
 
 #: New jobs, and the events and assertions of those actually inserted (an id already taken
-#: inserts nothing), in one statement: it answers the ids inserted.
+#: inserts nothing), in one statement: it answers the ids inserted. Its last two parameters
+#: name a channel to NOTIFY (at commit, once) when a job was inserted, or are NULL.
 INSERT_JOBS = (
     "WITH new_jobs AS (INSERT INTO jobs (" + ", ".join(JOB_COLUMNS) + ")"
     " SELECT r->>0, r->>1, (r->>2)::bigint, r->>3, r->>4, (r->>5)::float8, r->>6,"
@@ -67,7 +68,8 @@ INSERT_JOBS = (
     ' WHERE (r->>1) COLLATE "C" IN (SELECT id FROM new_jobs) ORDER BY n),'
     f" new_assertions AS ({_INTO_ASSERTIONS}{_ASSERTIONS_FROM.format('%s')}"
     ' WHERE (r->>1) COLLATE "C" IN (SELECT id FROM new_jobs) ORDER BY n)'
-    " SELECT id FROM new_jobs"
+    " SELECT new_jobs.id FROM new_jobs LEFT JOIN LATERAL"
+    " (SELECT pg_notify(%s, '') WHERE %s::text IS NOT NULL) AS woken ON true"
 )
 
 

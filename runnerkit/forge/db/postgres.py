@@ -188,11 +188,13 @@ class PgConn(QueuedWrites):
         if parameters is not None:
             self.raw.execute(pg_rows.INSERT_QUEUED, parameters)
 
-    def insert_jobs(self, jobs: Sequence[Mapping[str, Any]]) -> set[str]:
+    def insert_jobs(self, jobs: Sequence[Mapping[str, Any]], notify: str | None) -> set[str]:
         """Insert ``jobs`` (new submissions, ids distinct) with the events and assertions
         queued for them, in one statement, which is its own transaction outside ``tx``:
-        the ids inserted (an id already taken inserts nothing of its job's)."""
-        cursor = self.raw.execute(pg_rows.INSERT_JOBS, pg_rows.jobs_parameters(self, jobs))
+        the ids inserted (an id already taken inserts nothing of its job's). ``notify``: a
+        channel to NOTIFY (at commit) when a job was inserted."""
+        parameters = (*pg_rows.jobs_parameters(self, jobs), notify, notify)
+        cursor = self.raw.execute(pg_rows.INSERT_JOBS, parameters)
         return {row[0] for row in cursor.fetchall()}  # text comes back unescaped
 
     def pipeline(self) -> contextlib.AbstractContextManager[Any]:

@@ -143,19 +143,27 @@ def test_one_dispatcher_over_two_instances_and_failover(
     assert len(runner.calls) == 36
 
 
+def polling_seldom(
+    instances: Callable[..., Instance], runner: FakeRunner, db_url: str
+) -> tuple[Instance, Instance, int, int]:
+    """Two instances with a ten-minute poll: the dispatcher looks for work only when something
+    wakes it (between polls it only records its heartbeat, so both instances' /health stay
+    healthy). (dispatching instance, the other, the dispatching pid, notifications received
+    so far), once the dispatcher has recorded a heartbeat."""
+    one, two = instances(POLL_INTERVAL_MS=600_000), instances(POLL_INTERVAL_MS=600_000)
+    runner.register(one.url)
+    leader, pid = dispatching(db_url, one, two)
+    first = dispatcher_record(db_url)
+    wait_until(lambda: dispatcher_record(db_url)["ts"] > first["ts"], PATIENCE)
+    other = two if leader is one else one
+    return leader, other, pid, int(dispatcher_record(db_url)["notified"])
+
+
 def test_a_job_submitted_elsewhere_wakes_the_dispatcher_through_notify(
     instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
 ) -> None:
-    # A ten-minute poll: the dispatcher looks for work only when something wakes it (between
-    # polls it only records its heartbeat, so both instances' /health stay healthy).
-    one, two = instances(POLL_INTERVAL_MS=600_000), instances(POLL_INTERVAL_MS=600_000)
-    runner.register(one.url)
-    leader, pid = dispatching(forge_db_url, one, two)
-    other = two if leader is one else one
-    first = dispatcher_record(forge_db_url)
-    wait_until(lambda: dispatcher_record(forge_db_url)["ts"] > first["ts"], PATIENCE)
+    _leader, other, pid, before = polling_seldom(instances, runner, forge_db_url)
     assert other.get("/health").status_code == 200
-    before = int(dispatcher_record(forge_db_url)["notified"])
 
     job_id = other.submit(sync_request())["id"]
     other.wait_status(job_id, "completed", timeout=PATIENCE)
@@ -176,12 +184,7 @@ def test_a_job_submitted_to_the_dispatching_instance_wakes_it_without_notify(
 ) -> None:
     # The local datagram reaches the dispatcher: a NOTIFY (a transaction on the database)
     # would be one more per submitted job for nothing.
-    one, two = instances(POLL_INTERVAL_MS=600_000), instances(POLL_INTERVAL_MS=600_000)
-    runner.register(one.url)
-    leader, pid = dispatching(forge_db_url, one, two)
-    first = dispatcher_record(forge_db_url)
-    wait_until(lambda: dispatcher_record(forge_db_url)["ts"] > first["ts"], PATIENCE)
-    before = int(dispatcher_record(forge_db_url)["notified"])
+    leader, _other, pid, before = polling_seldom(instances, runner, forge_db_url)
 
     job_ids = [leader.submit(sync_request())["id"] for _ in range(3)]
     for job_id in job_ids:

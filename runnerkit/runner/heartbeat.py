@@ -26,9 +26,14 @@ from runnerkit.service.write_failures import STORAGE
 
 log = logging.getLogger("runnerkit.lifecycle")
 
+#: How long a heartbeat waits for the ledger's connection before it sends the last count.
+LEDGER_WAIT_S = 0.25
+
 
 class Heartbeats(Registration):
     """Sends the RunnerHeartbeat (see the module docstring)."""
+
+    _last_queued = 0  # the ledger's last count of queued jobs (see _queued_jobs)
 
     def heartbeat(self, identity: dict[str, Any]) -> None:
         body = self.heartbeat_body(identity["runnerId"])
@@ -103,7 +108,7 @@ class Heartbeats(Registration):
             "timestamp": utc_now(),
             "status": status,
             "activeJobs": self.state.slots.total_in_use(),
-            "queuedJobs": self._ledger_count(self.state.ledger.queued),
+            "queuedJobs": self._queued_jobs(),
             "metrics": self.metrics(),
         }
 
@@ -115,6 +120,23 @@ class Heartbeats(Registration):
             return count()
         except STORAGE_ERRORS:
             return 0
+
+    def _queued_jobs(self) -> int:
+        """The ledger's count of queued jobs, 0 when it cannot be read: a heartbeat saying the
+        runner is unhealthy (its ``state`` check) beats no heartbeat at all.
+
+        Never waited for long: a writer of this process may hold the ledger's connection
+        while it waits for the writers' turn, and a stalled worker (a SIGSTOPped former
+        leader) can hold that turn for as long as it is stopped. A heartbeat late by that
+        long would have JobForge call the instance offline; it carries the last count read.
+        """
+        try:
+            self._last_queued = self.state.ledger.queued(wait=LEDGER_WAIT_S)
+        except TimeoutError:
+            pass
+        except STORAGE_ERRORS:
+            return 0
+        return self._last_queued
 
     def metrics(self) -> dict[str, float]:
         """CPU and memory of the instance's processes (%), and jobs completed per second."""
@@ -136,8 +158,9 @@ class Heartbeats(Registration):
             live[proc.pid] = cached
         self._processes = live
         total_memory = psutil.virtual_memory().total or 1
+        # Not waited for long either (see _queued_jobs); 0 when the ledger is busy.
         completed = self._ledger_count(
-            lambda: self.state.ledger.completed_since(time.time() - 60.0)
+            lambda: self.state.ledger.completed_since(time.time() - 60.0, wait=LEDGER_WAIT_S)
         )
         return {
             "cpuUsage": round(min(100.0, cpu / (psutil.cpu_count() or 1)), 2),

@@ -258,9 +258,10 @@ class Ledger(SQLiteFile):
                 alive[owner] = process_alive(*owner)
         return sum(1 for owner in rows if alive[owner])
 
-    def queued(self) -> int:
-        """Asynchronous jobs accepted but still waiting for a slot."""
-        with self._connection() as conn:
+    def queued(self, wait: float | None = None) -> int:
+        """Asynchronous jobs accepted but still waiting for a slot (``wait``: see
+        :meth:`~.sqlitefile.SQLiteFile._connection`)."""
+        with self._connection(wait) as conn:
             (count,) = conn.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE {_UNFINISHED} AND state = 'queued'"
             ).fetchone()
@@ -363,9 +364,10 @@ class Ledger(SQLiteFile):
                 removed += cur.rowcount
         return int(removed)
 
-    def completed_since(self, since: float) -> int:
-        """Jobs finished after the wall-clock time ``since`` (for jobThroughput)."""
-        with self._connection() as conn:
+    def completed_since(self, since: float, wait: float | None = None) -> int:
+        """Jobs finished after the wall-clock time ``since`` (for jobThroughput; ``wait``: see
+        :meth:`~.sqlitefile.SQLiteFile._connection`)."""
+        with self._connection(wait) as conn:
             (count,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND finished >= ?", (since,)
             ).fetchone()

@@ -98,10 +98,19 @@ class SQLiteFile:
             conn.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """The process's connection, for reads."""
-        with self._lock:
+    def _connection(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
+        """The process's connection, for reads.
+
+        ``wait``: give up (``TimeoutError``) after that many seconds. A writer of this process
+        holds the connection while it waits for the writers' turn, which a stalled process
+        (a SIGSTOPped leader) may hold for as long as it is stopped.
+        """
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            raise TimeoutError(f"{self.path} is busy: a writer of this process waits its turn")
+        try:
             yield self._db()
+        finally:
+            self._lock.release()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

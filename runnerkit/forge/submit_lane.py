@@ -21,15 +21,21 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, signals
-from werkzeug.wrappers import Response as WerkzeugResponse
+from flask import Flask
 
 from runnerkit.contracts import load_job_request
 from runnerkit.service.http import CLIENT_IDLE_TIMEOUT_S, count_request, read_input
 from runnerkit.service.jsonbody import check_json_limits, is_json_content_type, parse_json_object
+from runnerkit.service.wsgi_lanes import (
+    StartResponse,
+    Unreadable,
+    WSGIApp,
+    flask_adds_nothing,
+    status_line,
+)
 
 from . import trust
 
@@ -41,33 +47,6 @@ SUBMIT_ERROR = "runnerkit.forge.submit_error"
 
 _ENDPOINT = "forge.submit_job"
 _RULE = "/jobs"
-#: Signals a host may connect to; the lane sends none, so one with receivers sends the
-#: request through Flask.
-_SIGNALS = (
-    signals.request_started,
-    signals.request_finished,
-    signals.request_tearing_down,
-    signals.got_request_exception,
-    signals.appcontext_pushed,
-    signals.appcontext_popped,
-    signals.appcontext_tearing_down,
-)
-#: Status lines as werkzeug writes them ("202 ACCEPTED"), for the two a submission answers.
-_STATUS = {code: WerkzeugResponse(status=code).status for code in (200, 202)}
-
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-
-class _Unreadable:
-    """A request input whose read fails as the server's did, for Flask's ``read_body`` to
-    word (the bytes that did arrive are gone)."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def read(self, *_args: Any) -> bytes:
-        raise self.error
 
 
 class SubmitLane:
@@ -98,18 +77,13 @@ class SubmitLane:
     def _plain_app(self) -> bool:
         """Whether Flask would do no more for ``POST /jobs`` than the lane does."""
         app = self.app
-        config = app.config
         return (
             app.before_request_funcs == self.before
             and app.after_request_funcs == self.after
             and not app.teardown_request_funcs
-            and not app.teardown_appcontext_funcs
             and not app.url_value_preprocessors
             and app.view_functions.get(_ENDPOINT) is self.view
-            and config["SERVER_NAME"] is None
-            and config["TRUSTED_HOSTS"] is None
-            and app.secret_key is None  # no Flask session cookie to refresh
-            and not any(signal.receivers for signal in _SIGNALS)
+            and flask_adds_nothing(app)
         )
 
     def _submit(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes] | None:
@@ -134,7 +108,7 @@ class SubmitLane:
         try:
             raw = read_input(environ, length, CLIENT_IDLE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - Flask's read_body words any of them
-            environ["wsgi.input"] = _Unreadable(exc)
+            environ["wsgi.input"] = Unreadable(exc)
             return None
         try:
             if len(raw) < length:
@@ -153,7 +127,7 @@ class SubmitLane:
             return None
         data = (job + "\n").encode()
         start_response(
-            _STATUS.get(status) or WerkzeugResponse(status=status).status,
+            status_line(status),
             [
                 ("Location", f"/jobs/{request['id']}"),
                 ("Content-Type", "application/json"),

@@ -125,18 +125,26 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def register_request_metrics(app: Flask) -> None:
-    """Count every request by method, status and route template (not raw path: bounded)."""
+    """Count every request by method, status and route template (not raw path: bounded).
 
-    @app.before_request
-    def _start_timer() -> None:
-        g.runnerkit_started = time.perf_counter()
+    The hooks are module-level, the same functions in every app, so a WSGI lane in front of
+    the app can tell them from a host's own.
+    """
+    app.before_request(start_request_timer)
+    app.after_request(record_request)
 
-    @app.after_request
-    def _record(response: Response) -> Response:
-        started = g.pop("runnerkit_started", None)
-        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        count_request(request.method, response.status_code, rule, started)
-        return response
+
+def start_request_timer() -> None:
+    """The ``before_request`` hook of :func:`register_request_metrics`: the clock starts."""
+    g.runnerkit_started = time.perf_counter()
+
+
+def record_request(response: Response) -> Response:
+    """The ``after_request`` hook of :func:`register_request_metrics`: the request counted."""
+    started = g.pop("runnerkit_started", None)
+    rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    count_request(request.method, response.status_code, rule, started)
+    return response
 
 
 def count_request(method: str, status: int, rule: str, started: float | None) -> None:

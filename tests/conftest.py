@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 from runnerkit import Runner  # noqa: E402
 from runnerkit.service.logs import JsonFormatter  # noqa: E402
-from tests.helpers import RELEASE, TEST_CAPABILITIES, JobLog  # noqa: E402
+from tests.helpers import RELEASE, TEST_CAPABILITIES, JobLog, flask_dispatches  # noqa: E402
 from tests.support.postgres import TestDatabase, require_server  # noqa: E402
 
 # --------------------------------------------------------------------------- fixtures
@@ -64,6 +64,12 @@ def app(runner: Runner, base_config: dict[str, Any], app_config: dict[str, Any])
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def through_flask(app: Flask) -> list[str]:
+    """The paths of the requests Flask dispatched (a WSGI lane's are not among them)."""
+    return flask_dispatches(app)
 
 
 @pytest.fixture(scope="session")

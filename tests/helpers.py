@@ -13,6 +13,7 @@ import uuid
 from typing import Any, ClassVar
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from marshmallow import Schema, ValidationError, fields, validate
 from werkzeug.test import TestResponse
@@ -311,3 +312,19 @@ def strict_json(response: TestResponse) -> Any:
 
 def new_uuid() -> str:
     return str(uuid.uuid4())
+
+
+def flask_dispatches(app: Flask) -> list[str]:
+    """The paths of the requests ``app``'s Flask dispatches from now on: a WSGI lane in front
+    of it (the forge's submission lane, the runner's execute lane) serves the others."""
+    seen: list[str] = []
+    original = app.full_dispatch_request
+
+    def counted() -> Any:
+        from flask import request
+
+        seen.append(request.path)
+        return original()
+
+    app.full_dispatch_request = counted  # type: ignore[method-assign]
+    return seen

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,22 +21,6 @@ from tests.forge.helpers import forge_app, job_request
 
 #: A header that keeps the request out of the lane (check_request still accepts it).
 SAME_ORIGIN = {"Origin": "http://localhost"}
-
-
-@pytest.fixture
-def through_flask(app: Flask) -> Iterator[list[str]]:
-    """The paths of the requests Flask dispatched (the lane's are not among them)."""
-    seen: list[str] = []
-    original = app.full_dispatch_request
-
-    def counted() -> Any:
-        from flask import request
-
-        seen.append(request.path)
-        return original()
-
-    app.full_dispatch_request = counted  # type: ignore[method-assign]
-    yield seen
 
 
 def _answer(response: Any) -> tuple[str, list[tuple[str, str]], bytes]:

@@ -339,6 +339,7 @@ class Runner:
         return runner
 
     def _serve(self, app: Flask, url_prefix: str, whole_app: bool) -> None:
+        from runnerkit.runner import execute_lane
         from runnerkit.runner.blueprint import blueprint, register_routing_errors
         from runnerkit.service.http import register_error_handlers, register_request_metrics
 
@@ -370,6 +371,7 @@ class Runner:
             register_routing_errors(app)
         register_request_metrics(app)
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
+        execute_lane.install(app, self)  # plain POST <prefix>/execute without Flask's machinery
         if in_gunicorn_master():
             # --preload: this process only forks the workers; each starts its own.
             start_in_workers(lambda: self._start_process(app, preloaded=True))

@@ -2,7 +2,9 @@
 and ``/metrics``, as one Flask blueprint the :class:`~runnerkit.runner.app.Runner` registers.
 
 The routes are thin: each hands the request to the runner's executor or health checks and
-writes the JSON they return. Error pages come from :mod:`runnerkit.service.http`.
+writes the JSON they return. Error pages come from :mod:`runnerkit.service.http`. The plainest
+``POST /execute`` requests never reach :func:`execute`: :mod:`~runnerkit.runner.execute_lane`
+answers them in front of Flask, as this route would.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from runnerkit.runner.openapi import openapi_document
 from runnerkit.service.http import http_error, json_response, read_body, unhandled_error
 from runnerkit.service.metrics_exposition import exposition
 
+#: The environ key under which the execute lane (:mod:`~runnerkit.runner.execute_lane`) hands
+#: the route an exception ``Executor.execute`` raised, for the route to raise once more.
+EXECUTE_ERROR = "runnerkit.runner.execute_error"
+
 blueprint = Blueprint("runnerkit", __name__)
 # runnerkit's own routes answer every error as an envelope, in any app.
 blueprint.register_error_handler(HTTPException, http_error)
@@ -29,6 +35,9 @@ def _runner() -> Any:
 
 @blueprint.post("/execute")
 def execute() -> Response:
+    failed = request.environ.pop(EXECUTE_ERROR, None)
+    if failed is not None:  # the execute lane's executor call failed: the app's handlers answer
+        raise failed
     runner = _runner()
     if runner.unsigned_warning_due:  # served by something other than gunicorn
         runner.warn_unsigned()
@@ -94,21 +103,24 @@ def register_routing_errors(app: Flask) -> None:
     Flask raises routing errors before any blueprint is chosen, so the blueprint's own
     handlers never see them; a ``before_request`` of the app does, ahead of the view.
     """
+    app.before_request(routing_error)
 
-    @app.before_request
-    def _runnerkit_routing_error() -> Response | None:
-        error = request.routing_exception
-        if error is None or not isinstance(error, (NotFound, MethodNotAllowed)):
-            return None
-        runner = _runner()
-        path = request.path
-        if isinstance(error, MethodNotAllowed):
-            ours = any(
-                rule.rule == path
-                for rule in current_app.url_map.iter_rules()
-                if rule.endpoint.startswith(f"{blueprint.name}.")
-            )
-        else:
-            prefix = runner.url_prefix
-            ours = bool(prefix) and (path == prefix or path.startswith(f"{prefix}/"))
-        return http_error(error) if ours else None
+
+def routing_error() -> Response | None:
+    """The ``before_request`` hook of :func:`register_routing_errors` (module-level, so the
+    execute lane can tell it from a host's own hook)."""
+    error = request.routing_exception
+    if error is None or not isinstance(error, (NotFound, MethodNotAllowed)):
+        return None
+    runner = _runner()
+    path = request.path
+    if isinstance(error, MethodNotAllowed):
+        ours = any(
+            rule.rule == path
+            for rule in current_app.url_map.iter_rules()
+            if rule.endpoint.startswith(f"{blueprint.name}.")
+        )
+    else:
+        prefix = runner.url_prefix
+        ours = bool(prefix) and (path == prefix or path.startswith(f"{prefix}/"))
+    return http_error(error) if ours else None

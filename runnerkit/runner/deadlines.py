@@ -1,0 +1,130 @@
+"""Jobs' deadlines, watched by one thread per process, so a job can run on its request's thread.
+
+Handing every job to a thread of its own, so the request thread can stop waiting at the
+deadline, costs two thread switches per job, and under load each one is a GIL hand-over to
+whichever thread wants it next: about as much CPU as the rest of a trivial job's path. With a
+server that lets an answer be written while the request is still in the app (gunicorn's
+``write`` callable), the code runs on the request's thread instead and :class:`Deadlines` acts
+only when a deadline passes first: it calls the job's ``at_deadline``, which answers
+``TIMEOUT`` at once, while the code runs on.
+
+A job costs a heap push and a lock to watch and one lock when it ends; the thread wakes only
+for a deadline, not for each job: a job that ends first is dropped from the heap when its
+deadline comes up, and a new deadline wakes the thread only when it is sooner than the one
+it sleeps towards.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("runnerkit.job")
+
+_RUNNING, _ENDED, _FIRED = 0, 1, 2
+
+
+class Watch:
+    """One job's deadline; :meth:`end` it when the code returns."""
+
+    __slots__ = ("_at_deadline", "_deadlines", "_settled", "_state")
+
+    def __init__(self, deadlines: Deadlines, at_deadline: Callable[[], None]) -> None:
+        self._deadlines = deadlines
+        self._at_deadline = at_deadline
+        self._state = _RUNNING
+        #: Held while ``at_deadline`` runs (made only for a watch that fires).
+        self._settled: threading.Lock | None = None
+
+    def end(self) -> bool:
+        """The code returned: True if that was before the deadline fired, else False once
+        ``at_deadline`` has finished (its answer is sent: the request may end now)."""
+        with self._deadlines._lock:
+            if self._state == _RUNNING:
+                self._state = _ENDED
+                return True
+            settled = self._settled
+        if settled is not None:
+            with settled:
+                pass
+        return False
+
+
+class Deadlines:
+    """The process's deadline watcher (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._heap: list[tuple[float, int, Watch]] = []
+        self._order = itertools.count()
+        #: When the thread wakes next (monotonic), ``inf`` while it waits for a first watch.
+        self._waking_at = float("inf")
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, at_deadline: Callable[[], None]) -> Watch:
+        """Call ``at_deadline`` (on the watcher's thread) at ``deadline`` (monotonic) unless the
+        returned watch has ended by then."""
+        watch = Watch(self, at_deadline)
+        with self._lock:
+            heapq.heappush(self._heap, (deadline, next(self._order), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="runnerkit-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif deadline < self._waking_at:
+                self._wake.notify()
+        return watch
+
+    def _run(self) -> None:
+        heap = self._heap
+        while True:
+            with self._lock:
+                while True:
+                    while heap and heap[0][2]._state != _RUNNING:
+                        heapq.heappop(heap)  # ended in time: nothing to do
+                    now = time.monotonic()
+                    if heap and heap[0][0] <= now:
+                        break
+                    self._waking_at = heap[0][0] if heap else float("inf")
+                    self._wake.wait(None if not heap else self._waking_at - now)
+                _, _, watch = heapq.heappop(heap)
+                watch._state = _FIRED
+                watch._settled = settled = threading.Lock()
+                settled.acquire()
+            try:
+                watch._at_deadline()
+            except Exception:  # one job's failed answer must not stop the watch
+                log.exception("answering a job at its deadline failed")
+            finally:
+                settled.release()
+
+
+_DEADLINES: Deadlines | None = None
+_DEADLINES_LOCK = threading.Lock()
+
+
+def deadlines() -> Deadlines:
+    """The process's watcher (made anew after fork: its thread does not survive it)."""
+    global _DEADLINES
+    current = _DEADLINES
+    if current is None:
+        with _DEADLINES_LOCK:
+            if _DEADLINES is None:
+                _DEADLINES = Deadlines()
+            current = _DEADLINES
+    return current
+
+
+def _forget_after_fork() -> None:
+    global _DEADLINES, _DEADLINES_LOCK
+    _DEADLINES, _DEADLINES_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,77 @@
+"""The process's deadline watcher: it acts only for a job still running at its deadline.
+
+No timing asserts: what is checked is which callbacks ran, in which order, and that a job's
+``end`` waits for a callback that has started.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from runnerkit.runner.deadlines import Deadlines
+
+
+def test_a_watch_ended_in_time_never_fires() -> None:
+    watcher = Deadlines()
+    fired: list[str] = []
+    watch = watcher.watch(time.monotonic() + 0.05, lambda: fired.append("late"))
+    assert watch.end() is True
+    marker = threading.Event()
+    watcher.watch(time.monotonic() + 0.1, marker.set)
+    assert marker.wait(10), "the watcher never fired the later deadline"
+    assert fired == []
+
+
+def test_a_running_job_is_answered_at_its_deadline_and_its_end_waits_for_that() -> None:
+    watcher = Deadlines()
+    inside, finish = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def at_deadline() -> None:
+        inside.set()
+        finish.wait(10)
+        order.append("answered")
+
+    watch = watcher.watch(time.monotonic() + 0.01, at_deadline)
+    assert inside.wait(10), "the deadline never fired"
+    ended: list[bool] = []
+    ender = threading.Thread(target=lambda: ended.append(watch.end()))
+    ender.start()
+    ender.join(0.2)
+    assert ender.is_alive(), "end() returned while the answer was still being sent"
+    finish.set()
+    ender.join(10)
+    assert ended == [False]
+    order.append("ended")
+    assert order == ["answered", "ended"]
+
+
+def test_a_sooner_deadline_wakes_the_watcher_sleeping_towards_a_later_one() -> None:
+    watcher = Deadlines()
+    fired: list[str] = []
+    soon = threading.Event()
+    late = watcher.watch(time.monotonic() + 60, lambda: fired.append("late"))
+    time.sleep(0.05)  # the watcher now sleeps towards the 60 s deadline
+
+    def first() -> None:
+        fired.append("soon")
+        soon.set()
+
+    watcher.watch(time.monotonic() + 0.05, first)
+    assert soon.wait(10), "the sooner deadline waited for the later one"
+    assert late.end() is True
+    assert fired == ["soon"]
+
+
+def test_a_failing_answer_does_not_stop_the_watcher() -> None:
+    watcher = Deadlines()
+    done = threading.Event()
+
+    def broken() -> None:
+        raise OSError("the client is gone")
+
+    first = watcher.watch(time.monotonic() + 0.01, broken)
+    watcher.watch(time.monotonic() + 0.05, done.set)
+    assert done.wait(10), "the watcher stopped after a failed answer"
+    assert first.end() is False

@@ -33,6 +33,7 @@ from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
 from runnerkit.runner.blueprint import EXECUTE_ERROR, blueprint, execute, routing_error
+from runnerkit.runner.job_answers import Answer, SendEarly
 from runnerkit.service.http import count_request, read_input, record_request, start_request_timer
 from runnerkit.service.wsgi_lanes import (
     StartResponse,
@@ -156,23 +157,50 @@ class ExecuteLane:
         # What Flask's request.headers is too: read with .get, case-insensitive, nothing
         # copied (werkzeug does not declare it a Mapping).
         headers = cast("Mapping[str, str]", EnvironHeaders(environ))
+        early = self._early(start_response, started)
         try:
             with self.app.app_context():
-                answer = runner.executor.execute(raw, environ.get("CONTENT_TYPE"), headers)
+                answer = runner.executor.execute(raw, environ.get("CONTENT_TYPE"), headers, early)
+            if answer.sent:
+                return []  # sent at the job's deadline, on the connection it closes
             data = answer.json().encode()
         except Exception as exc:  # noqa: BLE001 - the route raises it, to the app's handlers
             environ[EXECUTE_ERROR] = exc
             return None
-        start_response(
-            status_line(answer.status),
-            [
-                *answer.headers.items(),
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(data))),
-            ],
-        )
+        start_response(status_line(answer.status), self._headers(answer, data))
         count_request("POST", answer.status, self.rule, started)
         return [data]
+
+    @staticmethod
+    def _headers(answer: Answer, data: bytes) -> list[tuple[str, str]]:
+        return [
+            *answer.headers.items(),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+        ]
+
+    def _early(self, start_response: StartResponse, started: float) -> SendEarly | None:
+        """How a job's ``TIMEOUT`` is sent at its deadline while its code runs on in the
+        request's thread, or None where that cannot be done (the job then runs on a job
+        thread of its own, as through Flask).
+
+        gunicorn writes through WSGI's ``write`` callable at once, from any thread; its
+        response (``start_response.__self__``) is told to close the connection after this
+        answer, since the request's thread stays with the job's code until it returns.
+        """
+        response = getattr(start_response, "__self__", None)
+        close = getattr(response, "force_close", None)
+        if close is None or type(response).__module__ != "gunicorn.http.wsgi":
+            return None
+
+        def send(answer: Answer) -> None:  # on the deadline watcher's thread
+            data = answer.json().encode()
+            close()
+            write = start_response(status_line(answer.status), self._headers(answer, data))
+            write(data)
+            count_request("POST", answer.status, self.rule, started)
+
+        return send
 
 
 def install(app: Flask, runner: Runner) -> None:

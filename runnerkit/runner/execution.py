@@ -39,6 +39,7 @@ from runnerkit.runner.job_answers import (
     Answer,
     PipelineJob,
     Rejection,
+    SendEarly,
     or_new_id,
 )
 from runnerkit.runner.locks import Slot
@@ -97,8 +98,19 @@ class Executor(AsyncJobs):
         """Jobs whose code is still running in this worker (including timed-out ones)."""
         return self._in_flight
 
-    def execute(self, raw: bytes, content_type: str | None, headers: Mapping[str, str]) -> Answer:
-        """Answer one ``POST /execute``."""
+    def execute(
+        self,
+        raw: bytes,
+        content_type: str | None,
+        headers: Mapping[str, str],
+        send_early: SendEarly | None = None,
+    ) -> Answer:
+        """Answer one ``POST /execute``.
+
+        ``send_early``: the server can send an answer while the request is still in the app
+        (see :meth:`~.job_running.JobRunning._execute`); an answer it sent comes back with
+        ``sent`` set, logged already.
+        """
         started = time.monotonic()
         job_id: str | None = None
         # A new id is made only when neither the body nor the header brings one.
@@ -118,7 +130,9 @@ class Executor(AsyncJobs):
             job_id = request["jobId"]
             capability_id = request["capabilityId"]
             correlation_id = or_new_id(request["metadata"].get("correlationId") or correlation_id)
-            answer = self._run(request, correlation_id, started, headers, signed)
+            answer = self._run(request, correlation_id, started, headers, signed, send_early)
+            if answer.sent:
+                return answer
         except Rejection as rejection:
             job_id = rejection.job_id or job_id
             correlation_id = or_new_id(correlation_id)
@@ -181,6 +195,7 @@ class Executor(AsyncJobs):
         started: float,
         headers: Mapping[str, str],
         signed: bytes = b"",
+        send_early: SendEarly | None = None,
     ) -> Answer:
         job_id = request["jobId"]
         capability = self._capabilities.get(request["capabilityId"])
@@ -286,13 +301,26 @@ class Executor(AsyncJobs):
                         state.slots.release(slot)
                 finally:
                     state.ledger.release(job_id, recorded=claim.recorded)
-        answer = self._execute(job, slot)
+        if send_early is not None:
+            send_early = self._sending(send_early, job)
+        answer = self._execute(job, slot, send_early)
         try:
             self._record_truth(job, answer, send_now=False)
         except STORAGE_ERRORS as exc:
             # The job ran and its caller is owed its answer; TruthCore misses this record.
             self._state().storage.failed(exc)
         return answer
+
+    def _sending(self, send_early: SendEarly, job: PipelineJob) -> SendEarly:
+        """``send_early`` for an answer sent before the request ends: finished and logged as
+        :meth:`execute` finishes the answers it returns."""
+
+        def send(answer: Answer) -> None:
+            answer.headers.setdefault("X-Correlation-Id", job.correlation_id)
+            self._log(answer, job.job_id, job.capability.id, job.correlation_id, job.started)
+            send_early(answer)
+
+        return send
 
     def _first_delivery(self, signed: bytes, job_id: str) -> None:
         """Refuse a signed request that already reached a run (401 EVENT_REPLAYED).

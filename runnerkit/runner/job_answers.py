@@ -58,6 +58,11 @@ class PipelineJob:
         return max(0.0, self.timeout_ms - (time.monotonic() - self.started) * 1000.0)
 
 
+#: Sends an answer while the request is still in the app (from another thread): given by
+#: a server that allows it (:mod:`~runnerkit.runner.execute_lane` under gunicorn).
+SendEarly = Callable[["Answer"], None]
+
+
 @dataclass
 class Answer:
     """What the HTTP layer sends back."""
@@ -68,6 +73,9 @@ class Answer:
     _json: str | None = field(default=None, repr=False, compare=False)
     #: The traceback of an unexpected exception, for the job's log line (never sent).
     exception: str | None = field(default=None, repr=False, compare=False)
+    #: Sent (and logged) already, at the job's deadline while its code ran on: the request
+    #: ends with nothing more to write (:class:`~runnerkit.runner.deadlines.Deadlines`).
+    sent: bool = field(default=False, repr=False, compare=False)
 
     def json(self) -> str:
         """The body as JSON text, encoded once for both the ledger and the response.

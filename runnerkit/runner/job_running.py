@@ -25,8 +25,9 @@ from runnerkit.errors import (
     unexpected_envelope,
 )
 from runnerkit.runner.capability import Context, Progress
+from runnerkit.runner.deadlines import deadlines
 from runnerkit.runner.isolation import run_isolated
-from runnerkit.runner.job_answers import Answer, JobAnswers, PipelineJob, job_log
+from runnerkit.runner.job_answers import Answer, JobAnswers, PipelineJob, SendEarly, job_log
 from runnerkit.runner.job_threads import JobThread
 from runnerkit.runner.locks import Slot
 from runnerkit.runner.storage import STORAGE_ERRORS
@@ -49,11 +50,15 @@ class JobRunning(JobAnswers):
         with self._in_flight_lock:
             self._in_flight -= 1
 
-    def _execute(self, job: PipelineJob, slot: Slot) -> Answer:
+    def _execute(self, job: PipelineJob, slot: Slot, send_early: SendEarly | None = None) -> Answer:
         """Run a claimed job holding ``slot``; answer at its deadline at the latest.
 
         The ledger entry is completed with the answer given; after a timeout that happens only
         when the code really stops, so a redelivery meanwhile is told the job still runs.
+        ``send_early``: the server can send an answer while the request is still in the app, so
+        a job of ``isolation = "thread"`` runs on the request's thread, watched by
+        :func:`~runnerkit.runner.deadlines.deadlines` (its ``TIMEOUT`` sent at the deadline
+        through ``send_early``), instead of on a job thread of its own.
         """
         state = self._state()
         ctx = Context(
@@ -80,6 +85,9 @@ class JobRunning(JobAnswers):
                     return run_isolated(capability, payload, ctx)
                 return capability.dump_output(capability.run(payload, ctx))
 
+        if send_early is not None and capability.isolation == "thread":
+            in_context = contextvars.copy_context().run
+            return self._execute_watched(job, ctx, in_context, call, release, send_early)
         if capability.isolation == "inline":
             thread = JobThread(call, release)
             thread.run_here()
@@ -104,11 +112,7 @@ class JobRunning(JobAnswers):
             # Past the deadline the caller is owed a TIMEOUT, also when the code returned just
             # then because ctx.wait/ctx.cancelled cut it short: never its partial result.
             ctx.cancel()
-            timeout = Timeout(
-                f"{capability.id!r} did not finish within {job.timeout_ms:g} ms",
-                code="DEADLINE_EXCEEDED",
-            )
-            answer = self._failure(timeout, job.job_id, job.correlation_id, job.started)
+            answer = self._timeout(job)
             complete = functools.partial(self._store, job.job_id, answer)
             if not thread.abandon(complete):
                 complete()
@@ -118,6 +122,55 @@ class JobRunning(JobAnswers):
         )
         self._store(job.job_id, answer)
         return answer
+
+    def _execute_watched(
+        self,
+        job: PipelineJob,
+        ctx: Context,
+        in_context: Callable[[Callable[[], Any]], Any],
+        call: Callable[[], Any],
+        release: Callable[[], None],
+        send_early: SendEarly,
+    ) -> Answer:
+        """Run the code on this thread; at the deadline the watcher sends ``TIMEOUT``.
+
+        The answer sent at the deadline is stored once the code returns, as after a job
+        thread's timeout, and the request then ends with nothing more to send
+        (``Answer.sent``); the slot is held until then.
+        """
+        sent: list[Answer] = []
+
+        def at_deadline() -> None:  # on the watcher's thread
+            ctx.cancel()
+            answer = self._timeout(job)
+            sent.append(answer)
+            send_early(answer)
+
+        watch = deadlines().watch(ctx.deadline_monotonic, at_deadline)
+        thread = JobThread(functools.partial(in_context, call), release)
+        thread.run_here()
+        if not watch.end() and sent:
+            answer = sent[0]
+            answer.sent = True
+            self._store(job.job_id, answer)
+            return answer
+        if thread.finished_at >= ctx.deadline_monotonic:
+            ctx.cancel()
+            answer = self._timeout(job)
+        else:
+            answer = self._encodable(
+                self._outcome(thread, job.job_id, job.correlation_id, job.started), job
+            )
+        self._store(job.job_id, answer)
+        return answer
+
+    def _timeout(self, job: PipelineJob) -> Answer:
+        """The ``TIMEOUT`` answer of a job past its deadline."""
+        timeout = Timeout(
+            f"{job.capability.id!r} did not finish within {job.timeout_ms:g} ms",
+            code="DEADLINE_EXCEEDED",
+        )
+        return self._failure(timeout, job.job_id, job.correlation_id, job.started)
 
     def _store(self, job_id: str, answer: Answer) -> None:
         """Record a finished job's answer in the ledger, which frees its job lock.

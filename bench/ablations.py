@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from runnerkit import Runner
-from runnerkit.runner import execution, job_answers, job_running, job_threads, ledger, locks
+from runnerkit.runner import (
+    deadlines,
+    execution,
+    job_answers,
+    job_running,
+    job_threads,
+    ledger,
+    locks,
+)
 from runnerkit.service import http
 
 
@@ -59,9 +67,21 @@ def no_ledger() -> Iterator[None]:
         yield
 
 
+class _InTime:
+    """A deadline watch that never fires."""
+
+    def end(self) -> bool:
+        return True
+
+
 @contextlib.contextmanager
 def no_job_thread() -> Iterator[None]:
-    with patched(job_threads.JobThread, "start", lambda self: self._run()):
+    """No answer at the deadline: no job thread (off the lane) and no deadline watch (the
+    lane under gunicorn runs the code on the request's thread, watched)."""
+    with (
+        patched(job_threads.JobThread, "start", lambda self: self._run()),
+        patched(deadlines.Deadlines, "watch", lambda self, deadline, call: _InTime()),
+    ):
         yield
 
 

@@ -105,7 +105,7 @@ def against_checkout(directory: str) -> dict[str, str]:
 #: ``bench.ablations.steps``), by its name in the report.
 STEPS: dict[str, str] = {
     "idempotency ledger (claim + answer stored)": "ledger",
-    "job thread (hand-off, answer at the deadline)": "job-thread",
+    "answer at the deadline (deadline watch; a job thread off the lane)": "job-thread",
     "concurrency slot (cross-worker lock)": "slot",
     "validation (request, payload, output)": "validation",
     "job log line": "log-line",
@@ -131,8 +131,8 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("marshmallow (request, payload, output dump+load)", ("marshmallow/",)),
     ("Context (deadline, cancellation, logger)", ("(runnerkit/runner/capability.py",)),
     (
-        "job thread (spawn, hand-off, wait)",
-        ("JobThread.", "JobRunning._execute", "Thread.start"),
+        "answer at the deadline (deadline watch, job thread)",
+        ("JobThread.", "JobRunning._execute", "Thread.start", "runnerkit/runner/deadlines.py"),
     ),
     ("JSON body parse and limits", ("parse_json_object", "check_json_limits")),
     ("JSON response (jsonify)", ("jsonify", "json_response (runnerkit/service/http.py")),

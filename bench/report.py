@@ -22,9 +22,12 @@ HALF_LOAD_P50_TARGET_MS = 10.0
 SUGGESTIONS: dict[str, tuple[str, str]] = {
     "no job thread (run inline)": (
         "the job thread",
-        "The price of answering at the deadline: the capability runs on a pooled job thread "
-        "so the request thread can answer `TIMEOUT` when the code overruns. Each job is two "
-        "cross-thread wake-ups (about 40 µs of CPU in a bare Python round trip), and the "
+        "The price of answering at the deadline off gunicorn (this in-process pass calls the "
+        "app without a server's `write` callable): the capability runs on a pooled job thread "
+        "so the request thread can answer `TIMEOUT` when the code overruns. Under gunicorn the "
+        "execute lane runs it on the request's thread instead, its deadline watched by one "
+        "thread per process (`runnerkit/runner/deadlines.py`), priced in section 1. Each job "
+        "is two cross-thread wake-ups (about 40 µs of CPU in a bare Python round trip), and the "
         "rest is the job running on the other core (see the one-CPU pass above). Done: "
         "reused daemon threads, a held lock instead of an Event, `GUNICORN_PIN_WORKERS=1` "
         '(opt-in), `isolation = "inline"` (opt-in per capability, for code that never '

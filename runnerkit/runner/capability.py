@@ -21,6 +21,7 @@ from runnerkit.contracts.json_schema import json_schema
 from runnerkit.errors import SchemaMismatch, details_from_validation_error
 from runnerkit.runner.isolation import MODES
 from runnerkit.runner.outputs import OutputCheck
+from runnerkit.runner.plain_schemas import PlainLoader, plain_loader
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
@@ -206,10 +207,14 @@ class Capability:
         cls._input_schema = cls.Input()
         cls._output_schema = cls.Output()
         cls._output_check = OutputCheck.of(cls._output_schema)
+        cls._plain = (plain_loader(cls._input_schema), plain_loader(cls._output_schema))
 
     _input_schema: ClassVar[Schema]
     _output_schema: ClassVar[Schema]
     _output_check: ClassVar[OutputCheck]
+    #: ``Input``'s and ``Output``'s quicker loads of plain values, for plain schemas
+    #: (:mod:`.plain_schemas`): a tuple, so neither is bound as a method.
+    _plain: ClassVar[tuple[PlainLoader | None, PlainLoader | None]]
 
     def run(self, payload: dict[str, Any], ctx: Context) -> Mapping[str, Any]:
         """Do the work. ``payload`` has passed ``Input``; the result must pass ``Output``."""
@@ -217,6 +222,11 @@ class Capability:
 
     def load_input(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Validate and load a job's payload; raises marshmallow's ValidationError."""
+        plain_input = self._plain[0]
+        if plain_input is not None:
+            plain = plain_input(payload)
+            if plain is not None:
+                return plain
         loaded: dict[str, Any] = self._input_schema.load(payload)
         return loaded
 
@@ -240,7 +250,9 @@ class Capability:
             raise self._mismatch(ValidationError(problems), result)
         try:
             data: dict[str, Any] = self._output_schema.dump(result)
-            self._output_schema.load(data)
+            plain_output = self._plain[1]
+            if plain_output is None or plain_output(data) is None:
+                self._output_schema.load(data)
         except ValidationError as exc:
             raise self._mismatch(exc, data) from exc
         except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:

@@ -131,7 +131,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("marshmallow (request, payload, output dump+load)", ("marshmallow/",)),
     ("Context (deadline, cancellation, logger)", ("(runnerkit/runner/capability.py",)),
     (
-        "answer at the deadline (deadline watch, job thread)",
+        "running the job (job thread or deadline watch, the code, its answer)",
         ("JobThread.", "JobRunning._execute", "Thread.start", "runnerkit/runner/deadlines.py"),
     ),
     ("JSON body parse and limits", ("parse_json_object", "check_json_limits")),

@@ -176,3 +176,24 @@ def test_a_child_owns_none_of_its_parents_job_locks_slots_or_leadership(
     assert slots.in_use("cap") == 1
     assert ledger.claim(job_id).outcome == "running"  # still the parent's
     lease.close()
+
+
+def test_a_child_makes_its_own_deadline_watcher_and_it_fires() -> None:
+    """The deadline watcher's thread does not survive fork: a child forked while the parent's
+    watcher holds its lock makes a watcher of its own, which still answers at a deadline."""
+    from runnerkit.runner.deadlines import deadlines
+
+    parent = deadlines()
+    parent.watch(10**9, lambda: None).end()  # the parent's thread is running
+
+    def work() -> None:
+        import time
+
+        own = deadlines()
+        assert own is not parent
+        fired = threading.Event()
+        own.watch(time.monotonic() + 0.01, fired.set)
+        assert fired.wait(DEADLINE_S)
+
+    with held_by_a_thread(parent._lock):
+        run_in_child(work)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
+
+from runnerkit.service.afterfork import PerProcess
 
 log = logging.getLogger("runnerkit.job")
 
@@ -106,25 +107,5 @@ class Deadlines:
                 settled.release()
 
 
-_DEADLINES: Deadlines | None = None
-_DEADLINES_LOCK = threading.Lock()
-
-
-def deadlines() -> Deadlines:
-    """The process's watcher (made anew after fork: its thread does not survive it)."""
-    global _DEADLINES
-    current = _DEADLINES
-    if current is None:
-        with _DEADLINES_LOCK:
-            if _DEADLINES is None:
-                _DEADLINES = Deadlines()
-            current = _DEADLINES
-    return current
-
-
-def _forget_after_fork() -> None:
-    global _DEADLINES, _DEADLINES_LOCK
-    _DEADLINES, _DEADLINES_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
+#: The process's watcher (made anew after fork: its thread does not survive it).
+deadlines = PerProcess(Deadlines)

@@ -8,12 +8,13 @@ for it with a timeout, then walk away while the code runs on. Kept apart from th
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from runnerkit.service.afterfork import PerProcess
 
 
 class JobThreads:
@@ -47,28 +48,8 @@ class JobThreads:
                 self._idle += 1
 
 
-_POOL: JobThreads | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _job_pool() -> JobThreads:
-    """The process's job threads (made anew after fork: threads do not survive it)."""
-    global _POOL
-    pool = _POOL
-    if pool is None:
-        with _POOL_LOCK:
-            if _POOL is None:
-                _POOL = JobThreads()
-            pool = _POOL
-    return pool
-
-
-def _forget_pool_after_fork() -> None:
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+#: The process's job threads (made anew after fork: threads do not survive it).
+_job_pool = PerProcess(JobThreads)
 
 
 class JobThread:

@@ -11,8 +11,12 @@ database, hence on the shared floor.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
-from typing import Protocol
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class _Renewable(Protocol):
@@ -34,6 +38,29 @@ def renew_after_fork(obj: _Renewable) -> None:
     its own on first use.
     """
     _RENEWABLE.add(obj)
+
+
+class PerProcess(Generic[T]):
+    """``make()``'s result, made once per process on first use: a forked child makes its
+    own (a thread, a pool of them: threads do not survive ``fork``)."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self.renew_after_fork()
+        renew_after_fork(self)
+
+    def renew_after_fork(self) -> None:
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        value = self._value
+        if value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._make()
+                value = self._value
+        return value
 
 
 def _renew_in_child() -> None:

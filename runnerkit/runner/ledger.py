@@ -236,7 +236,7 @@ class Ledger(SQLiteFile):
 
     def start(self, job_id: str) -> None:
         """A queued asynchronous job got its slot and runs now."""
-        with self._transaction() as conn:
+        with self._write() as conn:
             conn.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
 
     def ahead(self, job_id: str, capability: str) -> int:
@@ -328,8 +328,8 @@ class Ledger(SQLiteFile):
 
     def first_sight(self, digest: bytes) -> bool:
         """Record a signed request's digest (:func:`runnerkit.signing.request_digest`); False
-        if it was recorded before."""
-        with self._transaction() as conn:
+        if it was recorded before. One autocommitted statement: a signed job's second write."""
+        with self._write() as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
                 (digest, time.time()),

@@ -159,8 +159,7 @@ class Ledger(SQLiteFile):
         self, job_id: str, queued: bool, correlation_id: str, capability: str
     ) -> Claim:
         if not queued:
-            with self._connection() as conn:
-                known = conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            known = self._read_one("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,))
             if known is None:
                 return Claim("run")
         now = time.time()
@@ -236,8 +235,7 @@ class Ledger(SQLiteFile):
 
     def start(self, job_id: str) -> None:
         """A queued asynchronous job got its slot and runs now."""
-        with self._write() as conn:
-            conn.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
+        self._write_one("UPDATE jobs SET state = 'running' WHERE job_id = ?", (job_id,))
 
     def ahead(self, job_id: str, capability: str) -> int:
         """How many asynchronous jobs wait for a slot of ``capability`` ahead of ``job_id``
@@ -286,17 +284,16 @@ class Ledger(SQLiteFile):
         In that order: a redelivery that gets the lock next is sure to find the answer.
         """
         now = time.time()
+        pid, started = self._me
         try:
-            with self._write() as conn:
-                pid, started = self._me
-                conn.execute(
-                    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
-                    " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
-                    " http_status = excluded.http_status, response = excluded.response,"
-                    " finished = excluded.finished",
-                    (job_id, pid, started, http_status, body_json, now, now),
-                )
+            self._write_one(
+                "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
+                " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
+                " http_status = excluded.http_status, response = excluded.response,"
+                " finished = excluded.finished",
+                (job_id, pid, started, http_status, body_json, now, now),
+            )
         finally:
             self.running.release(job_id)
         self._since_prune += 1
@@ -329,12 +326,11 @@ class Ledger(SQLiteFile):
     def first_sight(self, digest: bytes) -> bool:
         """Record a signed request's digest (:func:`runnerkit.signing.request_digest`); False
         if it was recorded before. One autocommitted statement: a signed job's second write."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
-                (digest, time.time()),
-            )
-        return cur.rowcount > 0
+        changed = self._write_one(
+            "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
+            (digest, time.time()),
+        )
+        return changed > 0
 
     def probe(self) -> None:
         """One tiny write: raises when the ledger cannot be written (disk full, I/O error)."""

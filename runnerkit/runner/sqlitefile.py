@@ -13,12 +13,14 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from runnerkit.runner.statefiles import private_file
 from runnerkit.runner.storage import LedgerIdentity
 from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.process import keep_pid_current
 from runnerkit.service.sqlite import WriterTurns, prepare_wal
+from runnerkit.service.sqlite_gil import Busy, open_gil_statements
 
 #: SQLite connections a forked child inherited. Never closed there: closing one in a child
 #: could checkpoint and delete the WAL under the parent (SQLite: no connection across fork).
@@ -27,6 +29,10 @@ _INHERITED: list[sqlite3.Connection] = []
 
 #: This process's id, kept current in forked children (a module global: read per job).
 _PID = keep_pid_current(globals())
+
+#: Writes made through the GIL-keeping connection between two checkpoints (a few pages
+#: each: about SQLite's own automatic checkpoint of 1,000 pages).
+CHECKPOINT_EVERY = 256
 
 
 class SQLiteFile:
@@ -46,6 +52,8 @@ class SQLiteFile:
         self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
         #: Which file this must be for the running instance (None: any, e.g. in a test).
         self.identity = identity
+        #: The job path's statements, on a connection that keeps the GIL (None: not here).
+        self._gil = open_gil_statements(path)
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
@@ -111,6 +119,47 @@ class SQLiteFile:
             yield self._db()
         finally:
             self._lock.release()
+
+    def _read_one(self, sql: str, parameters: tuple[Any, ...]) -> Any:
+        """One read's first row (None: none), on the GIL-keeping connection when this process
+        has set the file up and no lock is in the way; else on the process's connection."""
+        if self._gil is not None and self._conn is not None and self._pid == _PID:
+            try:
+                return self._gil.query_one(sql, parameters)
+            except Busy:
+                pass
+        with self._connection() as conn:
+            return conn.execute(sql, parameters).fetchone()
+
+    def _write_one(self, sql: str, parameters: tuple[Any, ...]) -> int:
+        """One autocommitted write in the writers' turn; how many rows it changed.
+
+        On the GIL-keeping connection when the turn is free right now (see :meth:`_read_one`);
+        else the ordinary way, which waits for it. That connection checkpoints nothing: every
+        :data:`CHECKPOINT_EVERY` writes, this process makes a passive checkpoint through its
+        own connection, out of the writers' turn, GIL released.
+        """
+        gil = self._gil
+        if (
+            gil is not None
+            and self._conn is not None
+            and self._pid == _PID
+            and self._writers.try_take()
+        ):
+            try:
+                changed: int | None = gil.execute(sql, parameters)
+            except Busy:
+                changed = None
+            finally:
+                self._writers.give_back()
+            if changed is not None:
+                if gil.written >= CHECKPOINT_EVERY:
+                    gil.written = 0
+                    with self._connection() as conn:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                return changed
+        with self._write() as conn:
+            return int(conn.execute(sql, parameters).rowcount)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

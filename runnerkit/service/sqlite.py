@@ -55,6 +55,8 @@ class WriterTurns:
         self._fd, self._pid = -1, 0
 
     def _current(self) -> tuple[threading.RLock, int]:
+        if self._pid == _PID:
+            return self._turn, self._fd
         with self._guard:
             if self._pid != _PID:
                 self._turn, self._depth = threading.RLock(), 0
@@ -84,6 +86,33 @@ class WriterTurns:
                 self._depth -= 1
                 if outer:
                     ofd_lock(fd, fcntl.F_UNLCK, 0)
+
+    def try_take(self) -> bool:
+        """Take this process's and the file's turn if both are free right now; never waits.
+
+        For a write that must not wait (:mod:`runnerkit.service.sqlite_gil`): False sends it
+        the ordinary way, to :meth:`hold`. True must be followed by :meth:`give_back`.
+        """
+        turn, fd = self._current()
+        if not turn.acquire(blocking=False):
+            return False
+        if self._depth == 0:
+            try:
+                ofd_lock(fd, fcntl.F_WRLCK, 0)
+            except OSError as exc:
+                turn.release()
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                return False
+        self._depth += 1
+        return True
+
+    def give_back(self) -> None:
+        """End a turn :meth:`try_take` took."""
+        self._depth -= 1
+        if self._depth == 0:
+            ofd_lock(self._fd, fcntl.F_UNLCK, 0)
+        self._turn.release()
 
 
 def prepare_wal(

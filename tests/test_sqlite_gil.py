@@ -1,0 +1,222 @@
+"""The job path's SQLite statements that keep the GIL (runnerkit.service.sqlite_gil).
+
+They must give what ``sqlite3`` gives, never wait (a lock sends the caller the ordinary
+way), raise ``sqlite3``'s errors, keep the GIL for the whole call, leave checkpoints to the
+owner, and work after fork; the ledger must fall back to ``sqlite3`` whenever they cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runnerkit.runner.ledger import Ledger
+from runnerkit.runner.sqlitefile import CHECKPOINT_EVERY
+from runnerkit.service import sqlite_gil
+from runnerkit.service.sqlite_gil import Busy, GILStatements, open_gil_statements
+
+
+def _wal_file(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, i INTEGER, f REAL, b BLOB, n TEXT)")
+    return conn
+
+
+@pytest.fixture
+def statements(tmp_path: Path) -> GILStatements:
+    _wal_file(tmp_path / "t.sqlite3").close()
+    gil = open_gil_statements(str(tmp_path / "t.sqlite3"))
+    # This project's Python (Debian's and the official images') runs sqlite3 on a shared
+    # libsqlite3: the fast path must be there, not silently off.
+    assert gil is not None
+    return gil
+
+
+def test_values_go_in_and_come_out_as_sqlite3_gives_them(
+    statements: GILStatements, tmp_path: Path
+) -> None:
+    row = ("ключ ✓", 2**62, 1.25, b"\x00\x01\xff", None)
+    assert statements.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)", row) == 1
+    assert statements.query_one("SELECT k, i, f, b, n FROM t WHERE k = ?", (row[0],)) == row
+    with sqlite3.connect(tmp_path / "t.sqlite3") as conn:
+        assert conn.execute("SELECT k, i, f, b, n FROM t").fetchone() == row
+    assert statements.query_one("SELECT 1 FROM t WHERE k = ?", ("absent",)) is None
+    assert statements.execute("UPDATE t SET i = i + 1 WHERE k = ?", ("absent",)) == 0
+    assert statements.execute("UPDATE t SET i = 7 WHERE k = ?", (row[0],)) == 1
+
+
+def test_the_connection_never_syncs_a_commit_nor_checkpoints_by_itself(
+    statements: GILStatements,
+) -> None:
+    assert statements.query_one("PRAGMA synchronous") == (1,)  # NORMAL
+    assert statements.query_one("PRAGMA wal_autocheckpoint") == (0,)
+
+
+def test_a_statement_that_would_wait_for_a_lock_says_so_at_once(
+    statements: GILStatements, tmp_path: Path
+) -> None:
+    other = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(Busy):
+        statements.execute("INSERT INTO t (k) VALUES (?)", ("x",))
+    assert time.monotonic() - started < 1.0  # no busy handler: it did not wait
+    other.execute("ROLLBACK")
+    assert statements.execute("INSERT INTO t (k) VALUES (?)", ("x",)) == 1
+
+
+def test_errors_are_sqlite3s_own(statements: GILStatements) -> None:
+    statements.execute("INSERT INTO t (k) VALUES (?)", ("dup",))
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        statements.execute("INSERT INTO t (k) VALUES (?)", ("dup",))
+    with pytest.raises(sqlite3.ProgrammingError):
+        statements.execute("INSERT INTO t (k) VALUES (?)", (object(),))
+    # A full disk: the file may not grow past its current pages.
+    (pages,) = statements.query_one("PRAGMA page_count") or (0,)
+    statements.query_one(f"PRAGMA max_page_count = {pages + 1}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for index in range(100):
+            statements.execute("INSERT INTO t (k, b) VALUES (?, ?)", (f"big{index}", b"x" * 3000))
+    # The statement is usable again afterwards.
+    assert statements.query_one("SELECT k FROM t WHERE k = ?", ("dup",)) == ("dup",)
+
+
+_SLOW = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000000)"
+    " SELECT COUNT(*) FROM c"
+)
+
+
+def _share_of_time_others_ran(call: Callable[[], object]) -> float:
+    """How much of ``call``'s time another Python thread got to run, against its pace alone
+    (about 1.0 when the call gives the GIL up throughout, 0 when it never does)."""
+    ticks = [0]
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        before, started = ticks[0], time.monotonic()
+        time.sleep(0.2)
+        pace = (ticks[0] - before) / (time.monotonic() - started)
+        before, started = ticks[0], time.monotonic()
+        call()
+        took, during = time.monotonic() - started, ticks[0] - before
+    finally:
+        stop.set()
+        counter.join()
+    assert took > 0.1  # many switch intervals (5 ms) long
+    return during / (pace * took)
+
+
+def test_a_call_keeps_the_gil_from_start_to_end(statements: GILStatements, tmp_path: Path) -> None:
+    """While one long statement runs, another Python thread runs only around it (a switch
+    interval or two), where through sqlite3 it runs throughout."""
+    assert _share_of_time_others_ran(lambda: statements.query_one(_SLOW)) < 0.2
+    ordinary = sqlite3.connect(tmp_path / "t.sqlite3", check_same_thread=False)
+    assert _share_of_time_others_ran(lambda: ordinary.execute(_SLOW).fetchone()) > 0.4
+
+
+def test_threads_never_share_a_statement(statements: GILStatements) -> None:
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for index in range(300):
+                key = f"{worker}-{index}"
+                statements.execute("INSERT INTO t (k, i) VALUES (?, ?)", (key, index))
+                assert statements.query_one("SELECT i FROM t WHERE k = ?", (key,)) == (index,)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert statements.query_one("SELECT COUNT(*) FROM t") == (2400,)
+
+
+def test_a_forked_child_opens_its_own_connection(statements: GILStatements) -> None:
+    statements.execute("INSERT INTO t (k) VALUES (?)", ("parent",))
+    parents = statements._db
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's outcome is its exit status
+        try:
+            ok = statements.query_one("SELECT k FROM t WHERE k = ?", ("parent",)) == ("parent",)
+            statements.execute("INSERT INTO t (k) VALUES (?)", ("child",))
+            os._exit(0 if ok and statements._db != parents else 1)
+        except BaseException:  # noqa: BLE001 - the child reports by exit status
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert statements._db == parents
+    assert statements.query_one("SELECT COUNT(*) FROM t") == (2,)
+
+
+def test_no_fast_path_where_sqlite3_runs_on_no_shared_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sqlite_gil, "_loaded_library", lambda: None)
+    assert sqlite_gil._library() is None
+
+
+def test_the_ledger_falls_back_to_sqlite3_while_another_writer_holds_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600)
+    assert ledger.claim("first").outcome == "run"
+    ordinary = []
+    write = ledger._write
+
+    def counted_write() -> Any:
+        ordinary.append(1)
+        return write()
+
+    monkeypatch.setattr(ledger, "_write", counted_write)
+    ledger.complete("first", 200, '{"success": true}')
+    assert ordinary == []  # the fast path wrote it
+    # Another writer holds SQLite's lock (not the writers' turn: only the file's own lock).
+    other = sqlite3.connect(
+        tmp_path / "ledger.sqlite3", isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    assert ledger.claim("second").outcome == "run"
+    ledger.complete("second", 200, '{"success": true, "n": 2}')  # waits the ordinary way
+    assert ordinary == [1]
+    replay = ledger.claim("second")
+    assert (replay.outcome, replay.body) == ("replay", {"success": True, "n": 2})
+
+
+def test_the_ledger_checkpoints_what_the_fast_path_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(str(path), retention_s=3600, max_entries=10**6)
+    wal = Path(str(path) + "-wal")
+    for index in range(CHECKPOINT_EVERY - 1):
+        assert ledger.claim(f"job-{index}").outcome == "run"
+        ledger.complete(f"job-{index}", 200, '{"success": true}')
+    assert ledger._gil is not None and ledger._gil.written == CHECKPOINT_EVERY - 1
+    with sqlite3.connect(path) as conn:
+        (_, frames, done) = conn.execute("PRAGMA wal_checkpoint(NOOP)").fetchone() or (0, 0, 0)
+    assert frames > 0
+    ledger.claim("last")
+    ledger.complete("last", 200, '{"success": true}')
+    assert ledger._gil.written == 0
+    with sqlite3.connect(path) as conn:
+        (_, frames, done) = conn.execute("PRAGMA wal_checkpoint(NOOP)").fetchone() or (0, 0, 0)
+    assert done == frames > 0  # every frame copied into the database
+    assert wal.exists()

@@ -12,11 +12,12 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runnerkit.runner.ledger import Ledger
-from runnerkit.runner.locks import JobLocks
+from runnerkit.runner.locks import JobLocks, Slot, SlotTable
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -219,3 +220,86 @@ def test_a_waiting_job_counts_the_jobs_of_its_capability_accepted_before_it(
     with ledger._transaction() as conn:  # the second's worker died while it waited
         conn.execute("UPDATE jobs SET owner_pid = ? WHERE job_id = ?", (_dead_child_pid(), second))
     assert ledger.ahead(third, "a") == 0
+
+
+def _hammer(take: Any, give: Any, keys: list[str], threads: int = 8) -> int:
+    """Threads take and give back ``keys`` at random, switching often; returns the most
+    holders of one key seen at once (a thread lock no longer keeps them apart)."""
+    import random
+    import sys
+    import threading
+
+    holders: dict[str, int] = dict.fromkeys(keys, 0)
+    most = [0]
+    count = threading.Lock()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # hand the GIL over as often as possible
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def run() -> None:
+        for _ in range(400):
+            key = random.choice(keys)
+            token = take(key)
+            if token is None:
+                continue
+            with count:
+                holders[key] += 1
+                most[0] = max(most[0], holders[key])
+            with count:
+                holders[key] -= 1
+            give(key, token)
+
+    try:
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert all(held == 0 for held in holders.values())
+    return most[0]
+
+
+def test_threads_of_one_process_never_hold_the_same_job_at_once(tmp_path: Path) -> None:
+    locks = JobLocks(str(tmp_path / "ledger.running.lock"))
+    most = _hammer(
+        lambda key: key if locks.acquire(key) else None,
+        lambda key, _token: locks.release(key),
+        ["a", "b", "c"],
+    )
+    assert most == 1
+    assert all(locks.acquire(key) for key in "abc")  # every lock was given back
+
+
+def test_threads_of_one_process_never_hold_more_slots_than_the_limit(tmp_path: Path) -> None:
+    import threading
+
+    slots = SlotTable(str(tmp_path), {"cap": 3})
+    held: dict[int, int] = {}
+    bookkeeping = threading.Lock()
+
+    def take(_key: str) -> Slot | None:
+        slot = slots.acquire("cap")
+        if slot is not None:
+            with bookkeeping:
+                held[slot.index] = held.get(slot.index, 0) + 1
+                assert held[slot.index] == 1, "two threads got the same slot"
+        return slot
+
+    def give(_key: str, slot: Slot) -> None:
+        with bookkeeping:
+            held[slot.index] -= 1
+        slots.release(slot)
+
+    assert _hammer(take, give, ["cap"]) <= 3
+    assert slots.in_use("cap") == 0
+    assert [slots.acquire("cap") is not None for _ in range(4)] == [True, True, True, False]

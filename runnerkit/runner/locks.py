@@ -33,7 +33,13 @@ class Slot:
 
 
 class SlotTable:
-    """maxConcurrency per capability, enforced across every process of the instance."""
+    """maxConcurrency per capability, enforced across every process of the instance.
+
+    Taking and giving back a slot takes no thread lock: a thread marks an index as its own
+    in this process's dict (``setdefault`` is atomic) before it locks the byte, and drops
+    the mark only after unlocking it. A thread lock here was held across the lock's system
+    call, where a thread can lose the GIL, and under load the others then queued on it.
+    """
 
     def __init__(self, directory: str, limits: dict[str, int]) -> None:
         self.directory = directory
@@ -42,7 +48,7 @@ class SlotTable:
         self._pid = 0
         self._hold: dict[str, int] = {}
         self._query: dict[str, int] = {}
-        self._held: dict[str, set[int]] = {}
+        self._held: dict[str, dict[int, object]] = {}
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
@@ -50,56 +56,59 @@ class SlotTable:
         self._lock = threading.Lock()
         self._pid, self._hold, self._query, self._held = 0, {}, {}, {}
 
-    def _fds(self, capability_id: str) -> tuple[int, int]:
-        if self._pid != _PID:
-            # After fork the descriptors (and the locks on them) belong to the parent.
-            self._hold, self._query, self._held = {}, {}, {}
-            self._pid = _PID
-        if capability_id not in self._hold:
-            path = os.path.join(self.directory, f"{capability_id}.lock")
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            self._hold[capability_id] = os.open(path, flags, 0o600)
-            self._query[capability_id] = os.open(path, flags, 0o600)
-            self._held[capability_id] = set()
-        return self._hold[capability_id], self._query[capability_id]
+    def _fds(self, capability_id: str) -> tuple[int, int, dict[int, object]]:
+        if self._pid == _PID and capability_id in self._held:
+            return self._hold[capability_id], self._query[capability_id], self._held[capability_id]
+        with self._lock:  # the first use in this process
+            if self._pid != _PID:
+                # After fork the descriptors (and the locks on them) belong to the parent.
+                self._hold, self._query, self._held = {}, {}, {}
+                self._pid = _PID
+            if capability_id not in self._held:
+                path = os.path.join(self.directory, f"{capability_id}.lock")
+                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                self._hold[capability_id] = os.open(path, flags, 0o600)
+                self._query[capability_id] = os.open(path, flags, 0o600)
+                self._held[capability_id] = {}
+            return self._hold[capability_id], self._query[capability_id], self._held[capability_id]
 
     def acquire(self, capability_id: str) -> Slot | None:
         """Take a free slot, or None when every slot is held somewhere in the instance."""
         limit = self.limits[capability_id]
-        with self._lock:
-            hold, _ = self._fds(capability_id)
-            mine = self._held[capability_id]
-            start = random.randrange(limit)
-            for step in range(limit):
-                index = (start + step) % limit
-                if index in mine:
+        hold, _, mine = self._fds(capability_id)
+        start = random.randrange(limit)
+        mark = object()
+        for step in range(limit):
+            index = (start + step) % limit
+            if mine.setdefault(index, mark) is not mark:
+                continue  # another thread of this process holds it, or is taking it
+            try:
+                ofd_lock(hold, fcntl.F_WRLCK, index)
+            except OSError as exc:
+                del mine[index]
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
                     continue
-                try:
-                    ofd_lock(hold, fcntl.F_WRLCK, index)
-                except OSError as exc:
-                    if exc.errno in (errno.EAGAIN, errno.EACCES):
-                        continue
-                    raise
-                mine.add(index)
-                return Slot(capability_id, index)
+                raise
+            return Slot(capability_id, index)
         return None
 
     def release(self, slot: Slot) -> None:
-        with self._lock:
-            if self._pid != _PID:
-                return
-            hold, _ = self._fds(slot.capability_id)
-            self._held[slot.capability_id].discard(slot.index)
+        if self._pid != _PID:
+            return
+        hold, _, mine = self._fds(slot.capability_id)
+        if slot.index in mine:
+            # Unlocked before the mark goes: a thread of this process that marked it after
+            # would lock a byte this process still holds, and lose it to this unlock.
             ofd_lock(hold, fcntl.F_UNLCK, slot.index)
+            mine.pop(slot.index, None)
 
     def in_use(self, capability_id: str) -> int:
         """How many of the capability's slots are held right now, by any process."""
-        with self._lock:
-            _, query = self._fds(capability_id)
-            return sum(
-                ofd_lock(query, fcntl.F_WRLCK, i, query=True) != fcntl.F_UNLCK
-                for i in range(self.limits[capability_id])
-            )
+        _, query, _ = self._fds(capability_id)
+        return sum(
+            ofd_lock(query, fcntl.F_WRLCK, i, query=True) != fcntl.F_UNLCK
+            for i in range(self.limits[capability_id])
+        )
 
     def total_in_use(self) -> int:
         return sum(self.in_use(cap) for cap in self.limits)
@@ -119,7 +128,7 @@ class JobLocks:
         self._lock = threading.Lock()
         self._fd = -1
         self._pid = 0
-        self._mine: dict[int, str] = {}
+        self._mine: dict[int, list[str]] = {}
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
@@ -131,34 +140,45 @@ class JobLocks:
     def offset(job_id: str) -> int:
         return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=7).digest(), "big")
 
-    def _descriptor(self) -> int:
-        if self._pid != _PID:
-            # After fork the descriptor (and the locks on it) belong to the parent.
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._pid, self._mine = _PID, {}
-        return self._fd
+    def _descriptor(self) -> tuple[int, dict[int, list[str]]]:
+        if self._pid == _PID:
+            return self._fd, self._mine
+        with self._lock:  # the first use in this process
+            if self._pid != _PID:
+                # After fork the descriptor (and the locks on it) belong to the parent.
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._mine = {}
+                self._pid = _PID
+            return self._fd, self._mine
 
     def acquire(self, job_id: str) -> bool:
-        """Claim ``job_id`` for this process; False when it runs already (here or elsewhere)."""
+        """Claim ``job_id`` for this process; False when it runs already (here or elsewhere).
+
+        No thread lock (see :class:`SlotTable`): the job's offset is marked as this thread's
+        (an atomic ``setdefault``) before its byte is locked.
+        """
         offset = self.offset(job_id)
-        with self._lock:
-            fd = self._descriptor()
-            if offset in self._mine:
-                # This process holds it: the same job (or, at odds of 2^-56, a namesake).
+        fd, mine = self._descriptor()
+        mark = [job_id]
+        if mine.setdefault(offset, mark) is not mark:
+            # This process holds it: the same job (or, at odds of 2^-56, a namesake).
+            return False
+        try:
+            ofd_lock(fd, fcntl.F_WRLCK, offset)
+        except OSError as exc:
+            del mine[offset]
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
-            try:
-                ofd_lock(fd, fcntl.F_WRLCK, offset)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                raise
-            self._mine[offset] = job_id
-            return True
+            raise
+        return True
 
     def release(self, job_id: str) -> None:
+        if self._pid != _PID:
+            return
         offset = self.offset(job_id)
-        with self._lock:
-            if self._pid != _PID or self._mine.get(offset) != job_id:
-                return
-            del self._mine[offset]
-            ofd_lock(self._fd, fcntl.F_UNLCK, offset)
+        mark = self._mine.get(offset)
+        if mark is None or mark[0] != job_id:
+            return
+        # Unlocked before the mark goes (see SlotTable.release).
+        ofd_lock(self._fd, fcntl.F_UNLCK, offset)
+        self._mine.pop(offset, None)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -92,3 +95,63 @@ def test_a_filter_or_another_handler_still_sees_the_record(stream: io.StringIO) 
         job.removeHandler(extra)
     assert len(other.getvalue().splitlines()) == 1
     assert len(stream.getvalue().splitlines()) == 1
+
+
+def test_lines_go_straight_to_a_file_descriptor_whole_from_many_threads() -> None:
+    """Over a plain pipe the line is one ``write()`` of its own, taken without the handler's
+    lock; a line too long for one whole write takes the handler's way. Either way, with many
+    threads writing at once, every line arrives whole."""
+    read_fd, write_fd = os.pipe()
+    pipe = open(write_fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115 - closed below
+    logger = logging.getLogger("runnerkit")
+    handler = logging.StreamHandler(pipe)
+    handler.setFormatter(JsonFormatter("svc", "1.0.0"))
+    setattr(handler, _HANDLER_MARK, True)
+    saved = logger.handlers[:], logger.propagate, logger.level
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    locked: list[int] = []
+    lock: Any = handler.lock
+
+    class CountingLock:
+        def __enter__(self) -> None:
+            locked.append(1)
+            lock.__enter__()
+
+        def __exit__(self, *exc: Any) -> None:
+            lock.__exit__(*exc)
+
+    handler.lock = CountingLock()  # type: ignore[assignment]
+    received = bytearray()
+    reader = threading.Thread(target=lambda: _drain(read_fd, received))
+    reader.start()
+    job_log = logging.getLogger("runnerkit.job")
+
+    def write(worker: int) -> None:
+        for index in range(200):
+            size = 5000 if index % 50 == 0 else 10  # a few lines beyond PIPE_BUF
+            fields = {"jobId": f"{worker}-{index}", "pad": "é" * size}
+            emit(job_log, logging.INFO, "job completed", fields, trusted=True)
+
+    try:
+        writers = [threading.Thread(target=write, args=(n,)) for n in range(6)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join()
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+        pipe.close()
+        reader.join()
+    lines = received.decode().splitlines()
+    ids = sorted(json.loads(line)["jobId"] for line in lines)  # every line parses whole
+    assert ids == sorted(f"{w}-{i}" for w in range(6) for i in range(200))
+    assert len(locked) == 6 * 4  # only the lines longer than PIPE_BUF took the lock
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    with open(fd, "rb", buffering=0) as source:
+        while chunk := source.read(65536):
+            into.extend(chunk)

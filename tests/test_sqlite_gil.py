@@ -124,9 +124,11 @@ def _share_of_time_others_ran(call: Callable[[], object]) -> float:
 def test_a_call_keeps_the_gil_from_start_to_end(statements: GILStatements, tmp_path: Path) -> None:
     """While one long statement runs, another Python thread runs only around it (a switch
     interval or two), where through sqlite3 it runs throughout."""
-    assert _share_of_time_others_ran(lambda: statements.query_one(_SLOW)) < 0.2
+    kept = _share_of_time_others_ran(lambda: statements.query_one(_SLOW))
     ordinary = sqlite3.connect(tmp_path / "t.sqlite3", check_same_thread=False)
-    assert _share_of_time_others_ran(lambda: ordinary.execute(_SLOW).fetchone()) > 0.4
+    given_up = _share_of_time_others_ran(lambda: ordinary.execute(_SLOW).fetchone())
+    assert kept < 0.2
+    assert kept * 4 < given_up
 
 
 def test_threads_never_share_a_statement(statements: GILStatements) -> None:
@@ -220,3 +222,24 @@ def test_the_ledger_checkpoints_what_the_fast_path_wrote(tmp_path: Path) -> None
         (_, frames, done) = conn.execute("PRAGMA wal_checkpoint(NOOP)").fetchone() or (0, 0, 0)
     assert done == frames > 0  # every frame copied into the database
     assert wal.exists()
+
+
+def test_a_failed_checkpoint_does_not_fail_the_write_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600)
+    assert ledger.claim("warm").outcome == "run"
+    ledger.complete("warm", 200, '{"success": true}')
+    assert ledger._gil is not None
+    ledger._gil.written = CHECKPOINT_EVERY - 1
+
+    def no_checkpoint(wait: float | None = None) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(ledger, "_connection", no_checkpoint)
+    assert ledger.claim("job").outcome == "run"
+    ledger.complete("job", 200, '{"success": true, "n": 1}')  # stored; the checkpoint failed
+    assert "checkpoint failed" in caplog.text
+    monkeypatch.undo()
+    replay = ledger.claim("job")
+    assert (replay.outcome, replay.body) == ("replay", {"success": True, "n": 1})

@@ -9,6 +9,7 @@ instance's own ledger (:class:`~runnerkit.runner.storage.LedgerIdentity`) before
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.process import keep_pid_current
 from runnerkit.service.sqlite import WriterTurns, prepare_wal
 from runnerkit.service.sqlite_gil import Busy, open_gil_statements
+
+log = logging.getLogger("runnerkit.state")
 
 #: SQLite connections a forked child inherited. Never closed there: closing one in a child
 #: could checkpoint and delete the WAL under the parent (SQLite: no connection across fork).
@@ -155,11 +158,23 @@ class SQLiteFile:
             if changed is not None:
                 if gil.written >= CHECKPOINT_EVERY:
                     gil.written = 0
-                    with self._connection() as conn:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._checkpoint()
                 return changed
         with self._write() as conn:
             return int(conn.execute(sql, parameters).rowcount)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL's frames into the file as far as readers allow (never waits).
+
+        The write before it is stored already, so a failure here (another checkpoint under
+        way, a full disk) is only logged: the next one, or any ordinary commit's automatic
+        checkpoint, catches up.
+        """
+        try:
+            with self._connection() as conn:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("%s: checkpoint failed (%s); the next one catches up", self.path, exc)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

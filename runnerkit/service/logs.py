@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import io
 import json
 import logging
-import os
-import select
 import sys
 import time
 from collections.abc import Iterator
@@ -78,59 +75,16 @@ def emit(
         handler = _only_json_handler(logger, level)
         if handler is not None:
             try:
-                _write_line(handler, handler.formatter.line(level, message, logger.name, fields))
+                line = handler.formatter.line(level, message, logger.name, fields)
+                with handler.lock:
+                    handler.stream.write(line + handler.terminator)
+                    handler.stream.flush()
                 return
             except RecursionError:
                 raise
             except Exception:  # noqa: BLE001 - logging's own path reports the failure
                 pass
     logger.handle(logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields))
-
-
-def _write_line(handler: Any, line: str) -> None:
-    """Write one formatted line of runnerkit's JSON handler to its stream.
-
-    A line that fits one ``write()`` the system keeps whole (``PIPE_BUF`` bytes: a pipe's
-    guarantee; a file's too, a terminal's in practice) goes straight to the stream's file
-    descriptor, without the handler's lock: that lock is held across the system call, with
-    the GIL given up, and under load every other thread that logs queues on it and then on
-    the GIL (a convoy of context switches, measured at several per job). Anything else, or a
-    stream that is not a plain file (pytest's capture), takes ``logging``'s way.
-    """
-    data = line + handler.terminator
-    fd = _stream_fd(handler)
-    if fd is not None:
-        stream = handler.stream
-        encoded = data.encode(stream.encoding or "utf-8", stream.errors or "strict")
-        if len(encoded) <= select.PIPE_BUF:
-            written = os.write(fd, encoded)
-            if written == len(encoded):
-                return
-            data = encoded[written:].decode(stream.encoding or "utf-8", "replace")
-    with handler.lock:
-        handler.stream.write(data)
-        handler.stream.flush()
-
-
-def _stream_fd(handler: Any) -> int | None:
-    """The descriptor under a handler's stream when nothing is kept back in between (a text
-    stream over a plain file, flushed at every line or written through), or None; kept per
-    stream."""
-    stream = handler.stream
-    cached = getattr(handler, "_runnerkit_fd", None)
-    if cached is not None and cached[0] is stream:
-        return cached[1]
-    fd = None
-    binary = getattr(stream, "buffer", None)
-    if (
-        isinstance(stream, io.TextIOWrapper)
-        and (stream.line_buffering or stream.write_through)
-        and isinstance(getattr(binary, "raw", binary), io.FileIO)
-    ):
-        with contextlib.suppress(OSError, ValueError):
-            fd = stream.fileno()
-    handler._runnerkit_fd = (stream, fd)
-    return fd
 
 
 def _only_json_handler(logger: logging.Logger, level: int) -> Any:

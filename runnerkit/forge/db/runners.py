@@ -105,20 +105,31 @@ def mark_runners_offline(conn: Conn, runner_ids: Sequence[str]) -> None:
     )
 
 
-def dispatchable_runners(conn: Conn) -> list[Row]:
-    """Runners the dispatcher may send work to: healthy or degraded, with an HTTP base URL."""
-    return conn.execute(
-        "SELECT * FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != ''"
-        " ORDER BY rowid"
-    ).fetchall()
+_DISPATCHABLE = (
+    "SELECT * FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != ''"
+    " ORDER BY rowid"
+)
+_SLOT_COUNTS = (
+    "SELECT slot_runner, slot_capability, COUNT(*) AS n FROM jobs"
+    " WHERE slot_runner IS NOT NULL GROUP BY slot_runner, slot_capability"
+)
+
+
+def runners_and_slots(conn: Conn) -> tuple[list[Row], dict[tuple[str, str], int]]:
+    """The runners the dispatcher may send work to (healthy or degraded, with an HTTP base
+    URL), in registration order, and :func:`slot_counts`: both queries are sent before
+    either is read, so in a pipeline (PostgreSQL) they cost one round trip."""
+    runners = conn.execute(_DISPATCHABLE)
+    slots = conn.execute(_SLOT_COUNTS)
+    return runners.fetchall(), _counted(slots.fetchall())
 
 
 def slot_counts(conn: Conn) -> dict[tuple[str, str], int]:
     """Held runner slots, by (runner id, capability id)."""
-    rows = conn.execute(
-        "SELECT slot_runner, slot_capability, COUNT(*) AS n FROM jobs"
-        " WHERE slot_runner IS NOT NULL GROUP BY slot_runner, slot_capability"
-    ).fetchall()
+    return _counted(conn.execute(_SLOT_COUNTS).fetchall())
+
+
+def _counted(rows: list[Row]) -> dict[tuple[str, str], int]:
     return {(r["slot_runner"], r["slot_capability"]): int(r["n"]) for r in rows}
 
 

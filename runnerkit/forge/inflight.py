@@ -65,14 +65,14 @@ class InFlight(Sending, Matching):
             if not answers and (pool is None or free <= 0):
                 return 0
             try:
-                with self.db.tx() as conn, conn.pipeline():
-                    # Stamped now that the transaction has its turn: a slot freed by a
-                    # result another worker recorded meanwhile is taken after that result.
+                with self.db.tx(pipeline=True) as conn:
                     # In a pipeline (PostgreSQL), writes whose answer nobody reads now go
-                    # out with the next read: a tick costs a few round trips, not a few
-                    # per job.
-                    now = Clock()
-                    self._record_in(conn, answers, now)
+                    # out with the next read, the BEGIN with the first and the COMMIT with
+                    # the last writes: a tick costs a few round trips, not a few per job.
+                    # Each step stamps its time after its first read, which the turn
+                    # precedes: a slot freed by a result another worker recorded meanwhile
+                    # is taken after that result.
+                    now = self._record_in(conn, answers) if answers else Clock()
                     claims = self._claim_in(conn, now, free) if pool is not None else []
             except Exception:
                 if not answers:
@@ -102,10 +102,13 @@ class InFlight(Sending, Matching):
 
     # -- answers ------------------------------------------------------------------------------
 
-    def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]], now: Clock) -> None:
+    def _record_in(self, conn: db.Conn, answers: list[tuple[Claim, Outcome]]) -> Clock:
+        """Record ``answers`` in the caller's transaction; the time they were recorded at
+        (taken once their rows are read: in the transaction's turn)."""
         # The answered jobs' rows in one query; a job answered twice in this batch (an
         # earlier attempt's late answer) is read again after the first answer changed it.
         rows = db.get_jobs(conn, list({claim.job_id for claim, _outcome in answers}))
+        now = Clock()
         fresh: set[str] = set()
         for claim, outcome in answers:
             job_id = claim.job_id
@@ -117,6 +120,7 @@ class InFlight(Sending, Matching):
                 conn, job_id, claim.attempt, outcome, now, runner_id=claim.runner_id, row=row
             )
             _log_answer(claim, outcome, result)
+        return now
 
     def _record_each(self, answers: list[tuple[Claim, Outcome]]) -> None:
         """Record answers one transaction each (the fallback, and after the dispatcher stopped).

@@ -56,8 +56,10 @@ class Matching:
 
     def _claim_in(self, conn: db.Conn, now: Clock, free: int) -> list[Claim]:
         """Match waiting jobs to free runner slots and claim them (the caller's transaction)."""
-        runners = db.dispatchable_runners(conn)
-        used = db.slot_counts(conn)
+        runners, used = db.runners_and_slots(conn)
+        fresh = Clock()  # read in the transaction's turn (see InFlight._match)
+        if fresh.ts > now.ts:
+            now = fresh
         offers = self._offers(runners, used)
         capacity: dict[str, int] = {}
         for offer in offers:

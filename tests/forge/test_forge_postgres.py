@@ -3,6 +3,7 @@ statement translation, NUL-safe text, and clear refusals of bad or unreachable U
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -91,6 +92,59 @@ def test_queued_rows_are_written_in_order_with_odd_text_and_mixed_numbers(
             None if i % 2 else 1800000000.5,
         )
         for i, text in enumerate(odd)
+    ]
+
+
+def _job_row(job_id: str) -> dict[str, object]:
+    return {
+        "id": job_id, "type": "t.later", "priority": 50, "status": "running", "request": "{}",
+        "submitted": 1.0, "updated_at": "2026-01-01T00:00:00.000Z", "not_before": None,
+        "expires": None, "timeout_ms": 1000.0,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("forge_backend", ["postgres"])
+def test_a_pipelined_transactions_updates_go_together_in_order_and_a_rollback_drops_them(
+    pg_forge: Forge,
+) -> None:
+    """In ``tx(pipeline=True)`` a job's guarded update waits for the next statement and
+    updates of one shape next to each other are one statement: each still only while its
+    job is in the statuses and attempt named, a job updated twice in a row ends with the
+    second, text with NUL survives, a read sees what came before it, and what a savepoint
+    or the transaction rolls back is never written."""
+    ids = [f"later-{index}" for index in range(4)]
+    with pg_forge.db.connection() as conn:
+        for job_id in ids:
+            forge_db.insert_job(conn, _job_row(job_id))
+    done = {"status": "completed", "lease_until": 2.5, "result": "a\x00b", "error": None}
+    with pg_forge.db.tx(pipeline=True) as conn:
+        for job_id in ids[:3]:
+            forge_db.update_job(conn, job_id, done, statuses=("running",), attempts=0)
+        failed = {**done, "status": "failed", "lease_until": None, "result": "second"}
+        forge_db.update_job(conn, ids[0], failed, statuses=("completed",), attempts=0)
+        forge_db.update_job(conn, ids[3], done, statuses=("running",), attempts=7)  # not met
+        row = forge_db.get_job(conn, ids[1])
+        assert row is not None and (row["status"], row["result"]) == ("completed", "a\x00b")
+        forge_db.update_job(conn, ids[1], {"async": 1}, attempts=0)
+        forge_db.update_job(conn, ids[2], {"async": 1}, attempts=0)
+        with contextlib.suppress(ValueError), conn.savepoint():
+            forge_db.update_job(conn, ids[3], {"status": "cancelled"}, attempts=0)
+            forge_db.update_job(conn, ids[2], {"status": "cancelled"}, attempts=0)
+            raise ValueError("undone")
+    with contextlib.suppress(RuntimeError), pg_forge.db.tx(pipeline=True) as conn:
+        forge_db.update_job(conn, ids[3], {"status": "cancelled"}, attempts=0)
+        raise RuntimeError("rolled back")
+    with pg_forge.db.connection() as conn:
+        rows = forge_db.get_jobs(conn, ids)
+    seen = [
+        (rows[i]["status"], rows[i]["result"], rows[i]["lease_until"], rows[i]["async"])
+        for i in ids
+    ]
+    assert seen == [
+        ("failed", "second", None, 0),
+        ("completed", "a\x00b", 2.5, 1),
+        ("completed", "a\x00b", 2.5, 1),
+        ("running", None, None, 0),
     ]
 
 

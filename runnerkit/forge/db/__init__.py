@@ -52,7 +52,6 @@ from .jobs import (
 from .runners import (
     delete_runner,
     disable_runner_dispatch,
-    dispatchable_runners,
     get_runner,
     insert_runner,
     list_runners,
@@ -62,6 +61,7 @@ from .runners import (
     record_heartbeat,
     runner_by_token_hash,
     runner_ids_with_health_url,
+    runners_and_slots,
     slot_counts,
     watched_runners,
 )
@@ -79,7 +79,6 @@ __all__ = [
     "count_jobs_by_status",
     "delete_runner",
     "disable_runner_dispatch",
-    "dispatchable_runners",
     "dumps",
     "eligible_jobs",
     "expired_jobs",
@@ -113,6 +112,7 @@ __all__ = [
     "runner_by_token_hash",
     "runner_ids_with_health_url",
     "runner_was_sent",
+    "runners_and_slots",
     "set_meta",
     "shift_waits",
     "slot_counts",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import psycopg
@@ -70,6 +70,14 @@ class Conn(Protocol):
 
     def pipeline(self) -> contextlib.AbstractContextManager[Any]: ...
 
+    def update_later(
+        self,
+        job_id: str,
+        values: Mapping[str, Any],
+        statuses: tuple[str, ...] | None,
+        attempts: int | None,
+    ) -> bool: ...
+
 
 class Database(Protocol):
     """The store's interface: :class:`~.sqlite.ForgeDB` or :class:`~.postgres.PostgresDB`."""
@@ -80,7 +88,7 @@ class Database(Protocol):
 
     def connection(self) -> contextlib.AbstractContextManager[Conn]: ...
 
-    def tx(self) -> contextlib.AbstractContextManager[Conn]: ...
+    def tx(self, *, pipeline: bool = False) -> contextlib.AbstractContextManager[Conn]: ...
 
     def snapshot(self) -> contextlib.AbstractContextManager[Conn]: ...
 
@@ -128,6 +136,18 @@ class QueuedWrites:
 
     def drop_queued(self) -> None:
         self.queued_events, self.queued_assertions = [], []
+
+    def update_later(
+        self,
+        job_id: str,
+        values: Mapping[str, Any],
+        statuses: tuple[str, ...] | None,
+        attempts: int | None,
+    ) -> bool:
+        """Take a job's guarded update (:func:`.jobs.update_job`) to send with the updates
+        next to it, in one statement, before any other statement; False when this
+        connection sends it now (SQLite; PostgreSQL outside a pipelined transaction)."""
+        return False
 
     def pipeline(self) -> contextlib.AbstractContextManager[Any]:
         """Statements sent inside are not waited for one by one (PostgreSQL's pipeline mode).

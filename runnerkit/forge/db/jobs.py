@@ -274,15 +274,19 @@ def update_job(
 ) -> bool:
     """Set ``values`` on a job, only while it is in one of ``statuses`` / at ``attempts``;
     whether it was. Inside a pipeline (PostgreSQL) that answer is not known yet: there it
-    is always False, so only a caller that does not read it may update there."""
+    is always False, so only a caller that does not read it may update there. In a
+    pipelined transaction the update waits for the next statement, and updates of one
+    shape next to each other go out as one (:meth:`.interface.QueuedWrites.update_later`)."""
     unknown = set(values) - JOB_COLUMNS
     if unknown:
         raise ValueError(f"not job columns: {sorted(unknown)}")
+    wanted = None if statuses is None else tuple(statuses)
+    if conn.update_later(job_id, values, wanted, attempts):
+        return False  # sent with the next statement, as in a pipeline
     assignments = ", ".join(f'"{k}" = ?' for k in values)
     sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
     args: list[Any] = [*values.values(), job_id]
-    if statuses is not None:
-        wanted = list(statuses)
+    if wanted is not None:
         sql += f" AND status IN ({', '.join('?' * len(wanted))})"
         args.extend(wanted)
     if attempts is not None:

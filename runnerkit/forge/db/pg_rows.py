@@ -134,3 +134,69 @@ def claim_parameters(claims: Sequence[Mapping[str, Any]]) -> tuple[Jsonb, list[i
     claimed jobs' ``seq``s."""
     rows = json_rows([[claim[name] for name in CLAIM_COLUMNS] for claim in claims])
     return rows, [int(claim["seq"]) for claim in claims]
+
+
+#: How a job column's value is read from a JSON row: text unless cast here.
+_JOB_COLUMN_CASTS = {
+    "not_before": "::float8",
+    "lease_until": "::float8",
+    "attempts": "::bigint",
+    "async": "::bigint",
+}
+
+#: An UPDATE of jobs' ``columns``, guarded by ``statuses`` (or not) and by each job's attempt
+#: (or not): (columns, statuses, by attempt) → one job's statement, or many jobs'.
+UpdateShape = tuple[tuple[str, ...], tuple[str, ...] | None, bool]
+
+_update_statements: dict[tuple[UpdateShape, bool], str] = {}
+
+
+def update_statement(shape: UpdateShape, many: bool) -> str:
+    """The statement that updates one job (parameters: its values, its id, ``statuses``, its
+    attempt: what :func:`.jobs.update_job` sends) or many (:func:`update_parameters`) of
+    ``shape``, each only while in ``statuses`` and at its attempt.
+
+    Many jobs are one statement: their values as JSON rows, found by id (``= ANY``, an index
+    look-up each, as :data:`CLAIM_JOBS` finds its jobs by ``seq``).
+    """
+    found = _update_statements.get((shape, many))
+    if found is not None:
+        return found
+    columns, statuses, by_attempt = shape
+    guard = "" if statuses is None else f" AND status IN ({', '.join(['%s'] * len(statuses))})"
+    if not many:  # what update_job sends, translated
+        assignments = ", ".join(f'"{column}" = %s' for column in columns)
+        sql = f"UPDATE jobs SET {assignments} WHERE id = %s{guard}"
+        sql += " AND attempts = %s" if by_attempt else ""
+    else:
+        assignments = ", ".join(
+            f'"{column}" = (r->>{index}){_JOB_COLUMN_CASTS.get(column, "")}'
+            for index, column in enumerate(columns, start=1)
+        )
+        sql = (
+            f"UPDATE jobs SET {assignments} FROM jsonb_array_elements(%s::jsonb) AS q(r)"
+            f' WHERE jobs.id = ANY(%s::text[]) AND jobs.id = (r->>0) COLLATE "C"'
+            + guard.replace(" status IN", " jobs.status IN")
+        )
+        if by_attempt:
+            sql += f" AND jobs.attempts = (r->>{len(columns) + 1})::bigint"
+    if len(_update_statements) < 256:  # shapes are few; a bound all the same
+        _update_statements[(shape, many)] = sql
+    return sql
+
+
+def update_parameters(
+    shape: UpdateShape, updates: Sequence[tuple[str, Sequence[Any], int | None]]
+) -> tuple[Any, ...]:
+    """The parameters of :func:`update_statement` for ``updates`` (job id, the values of the
+    shape's columns, attempt) of one shape, the ids distinct."""
+    _columns, statuses, _by_attempt = shape
+    if len(updates) == 1:
+        job_id, values, attempt = updates[0]
+        single = [*values, job_id, *(statuses or ())]
+        return (*single, attempt) if attempt is not None else tuple(single)
+    rows = json_rows(
+        [job_id, *values, *((attempt,) if attempt is not None else ())]
+        for job_id, values, attempt in updates
+    )
+    return (rows, [job_id for job_id, _values, _attempt in updates], *(statuses or ()))

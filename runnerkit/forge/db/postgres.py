@@ -161,8 +161,52 @@ class PgConn(QueuedWrites):
         self.queued_events = []
         self.queued_assertions = []
         self.writing = False
+        #: Updates taken by :meth:`update_later`, all of one shape, not sent yet; None: this
+        #: connection sends each update at once (outside a pipelined transaction).
+        self.later: list[tuple[str, tuple[Any, ...], int | None]] | None = None
+        self._later_shape: pg_rows.UpdateShape | None = None
+        self._later_ids: set[str] = set()
+
+    def update_later(
+        self,
+        job_id: str,
+        values: Mapping[str, Any],
+        statuses: tuple[str, ...] | None,
+        attempts: int | None,
+    ) -> bool:
+        later = self.later
+        if later is None:
+            return False
+        shape = (tuple(values), statuses, attempts is not None)
+        if later and (shape != self._later_shape or job_id in self._later_ids):
+            self.send_later()  # one statement per shape, and a job's updates in order
+        self._later_shape = shape
+        self._later_ids.add(job_id)
+        later.append((job_id, tuple(values.values()), attempts))
+        return True
+
+    def send_later(self) -> None:
+        """Send the updates :meth:`update_later` took, one statement (in the pipeline)."""
+        later, shape = self.later, self._later_shape
+        if not later or shape is None:
+            return
+        updates = list(later)
+        later.clear()
+        self._later_ids.clear()
+        self.raw.execute(
+            pg_rows.update_statement(shape, len(updates) > 1),
+            pg_rows.update_parameters(shape, updates),
+        )
+
+    def drop_queued(self) -> None:
+        super().drop_queued()
+        if self.later:
+            self.later.clear()
+            self._later_ids.clear()
 
     def execute(self, sql: str, parameters: Any = None, /) -> Any:
+        if self.later:
+            self.send_later()
         rows = self.rows
         if rows is None:
             cursor = self.raw.cursor()
@@ -177,6 +221,8 @@ class PgConn(QueuedWrites):
         return cursor
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
+        if self.later:
+            self.send_later()
         cursor = self.raw.cursor()
         cursor.executemany(translate(sql), list(parameters))
         return cursor
@@ -184,6 +230,8 @@ class PgConn(QueuedWrites):
     def write_queued(self) -> None:
         """Insert the queued events and assertions in one statement, however many rows
         (:mod:`.pg_rows`), instead of one execution per row as ``executemany`` makes."""
+        if self.later:
+            self.send_later()
         parameters = pg_rows.queued_parameters(self)
         if parameters is not None:
             self.raw.execute(pg_rows.INSERT_QUEUED, parameters)
@@ -349,8 +397,19 @@ class PostgresDB:
             pool.putconn(raw)
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[PgConn]:
-        """A write transaction, in the writers' turn (an advisory lock), committed on success."""
+    def tx(self, *, pipeline: bool = False) -> Iterator[PgConn]:
+        """A write transaction, in the writers' turn (an advisory lock), committed on success.
+
+        ``pipeline``: the whole transaction in one pipeline (see
+        :meth:`.interface.QueuedWrites.pipeline`; for a body that reads no ``rowcount``):
+        its ``BEGIN`` and turn go out with its first read, and its queued rows and ``COMMIT``
+        in one round trip at the end, instead of a round trip each for ``BEGIN``, the
+        pipeline's end and the ``COMMIT``.
+        """
+        if pipeline:
+            with self._pipelined_tx() as conn:
+                yield conn
+            return
         with self.connection() as conn:
             conn.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({self._turn_key})")
             conn.writing = True
@@ -370,6 +429,37 @@ class PostgresDB:
                 raise
             finally:
                 conn.writing = False
+
+    @contextlib.contextmanager
+    def _pipelined_tx(self) -> Iterator[PgConn]:
+        """:meth:`tx` in one pipeline: the same statements (``BEGIN`` and the turn are two in
+        a pipeline, which takes no multi-statement string), fewer waits for the server.
+
+        The turn is taken before any statement of the body runs (a pipeline runs its
+        statements in order), so the body reads and decides within its turn as before.
+        A job's guarded update waits for the statement after it (:meth:`PgConn.update_later`):
+        the updates the body makes one after another are one statement, still sent before
+        anything the body does next, in their order.
+        """
+        with self.connection() as conn:
+            raw = conn.raw
+            try:
+                with raw.pipeline():
+                    raw.execute("BEGIN")
+                    raw.execute(f"SELECT pg_advisory_xact_lock({self._turn_key})")
+                    conn.writing = True
+                    conn.later = []
+                    yield conn
+                    conn.write_queued()  # sends the updates still taken first
+                    raw.execute("COMMIT")
+            except BaseException:
+                conn.drop_queued()
+                with contextlib.suppress(psycopg.Error):
+                    raw.execute("ROLLBACK")
+                raise
+            finally:
+                conn.writing = False
+                conn.later = None
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[PgConn]:

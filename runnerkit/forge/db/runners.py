@@ -105,20 +105,53 @@ def mark_runners_offline(conn: Conn, runner_ids: Sequence[str]) -> None:
     )
 
 
-def dispatchable_runners(conn: Conn) -> list[Row]:
-    """Runners the dispatcher may send work to: healthy or degraded, with an HTTP base URL."""
-    return conn.execute(
-        "SELECT * FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != ''"
-        " ORDER BY rowid"
-    ).fetchall()
+_DISPATCHABLE = (
+    "SELECT * FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != ''"
+    " ORDER BY rowid"
+)
+_SLOT_COUNTS = (
+    "SELECT slot_runner, slot_capability, COUNT(*) AS n FROM jobs"
+    " WHERE slot_runner IS NOT NULL GROUP BY slot_runner, slot_capability"
+)
+
+
+#: PostgreSQL: the dispatchable runners, each with the slots it holds by capability
+#: (``[[capability, count], ...]`` or NULL), in one statement: an index search of
+#: ``jobs_slot`` per runner.
+_DISPATCHABLE_WITH_SLOTS = (
+    "SELECT runners.*, (SELECT json_agg(json_build_array(slot_capability, n)) FROM"
+    " (SELECT slot_capability, COUNT(*) AS n FROM jobs WHERE slot_runner = runners.id"
+    " GROUP BY slot_capability) AS held) AS held_slots"
+    " FROM runners WHERE status IN ('healthy', 'degraded') AND base_url != '' ORDER BY seq"
+)
+
+
+def runners_and_slots(conn: Conn) -> tuple[list[Row], dict[tuple[str, str], int]]:
+    """The runners the dispatcher may send work to (healthy or degraded, with an HTTP base
+    URL), in registration order, and the slots they hold, by (runner id, capability id):
+    :func:`slot_counts` for these runners (the only ones matching asks about).
+
+    On PostgreSQL one statement; on SQLite both queries are sent before either is read.
+    """
+    if conn.postgres:
+        runners = conn.execute(_DISPATCHABLE_WITH_SLOTS).fetchall()
+        held = {
+            (runner["id"], capability): int(count)
+            for runner in runners
+            for capability, count in runner["held_slots"] or ()
+        }
+        return runners, held
+    cursor = conn.execute(_DISPATCHABLE)
+    slots = conn.execute(_SLOT_COUNTS)
+    return cursor.fetchall(), _counted(slots.fetchall())
 
 
 def slot_counts(conn: Conn) -> dict[tuple[str, str], int]:
     """Held runner slots, by (runner id, capability id)."""
-    rows = conn.execute(
-        "SELECT slot_runner, slot_capability, COUNT(*) AS n FROM jobs"
-        " WHERE slot_runner IS NOT NULL GROUP BY slot_runner, slot_capability"
-    ).fetchall()
+    return _counted(conn.execute(_SLOT_COUNTS).fetchall())
+
+
+def _counted(rows: list[Row]) -> dict[tuple[str, str], int]:
     return {(r["slot_runner"], r["slot_capability"]): int(r["n"]) for r in rows}
 
 

@@ -127,8 +127,11 @@ class ForgeDB:
             self._checkin(conn)
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[SqliteConn]:
+    def tx(self, *, pipeline: bool = False) -> Iterator[SqliteConn]:
         """A write transaction (``BEGIN IMMEDIATE``), committed on success.
+
+        ``pipeline`` changes nothing here: SQLite runs in this process, with no round trips
+        to save (see :meth:`.interface.QueuedWrites.pipeline`).
 
         Writers take turns first (:class:`~runnerkit.service.sqlite.WriterTurns`, every process of
         the forge): waiting there ends the moment the other transaction commits, while

@@ -345,8 +345,9 @@ def test_replayed_signed_requests_with_other_event_ids_never_run(
     """Signing on. A proxy sends the first signed POST /execute of each job on, then the
     same bytes again with a new, an empty and no event id (the signature does not cover it).
     Flaky jobs fail their first attempt retryably, so nothing in the ledger answers the
-    copies: each is refused 401 EVENT_REPLAYED, and each job runs once per attempt the forge
-    made (its retry is signed anew and runs). Quick jobs' copies are replayed answers."""
+    copies: each is refused 401 EVENT_REPLAYED (or, when it arrives while the worker is full,
+    for capacity first), and each job runs once per attempt the forge made (its retry is
+    signed anew and runs). Quick jobs' copies are replayed answers."""
     started = time.monotonic()
     stack = fault_stack()
     stack.forge_env["RUNNERKIT_FORGE_SIGNING_SECRET"] = REPLAY_SECRET
@@ -371,16 +372,27 @@ def test_replayed_signed_requests_with_other_event_ids_never_run(
     finally:
         proxy.close()
     all_completed(verdict)
+    refused = []
     for report in verdict.reports:
         copies = [d for d in proxy.copies(report.job_id) if not d.answered_forge]
         assert len(copies) == 3, (report.describe(), copies)
         assert len(report.starts) == report.attempts, (report.describe(), copies)
         if report.job_id in {j["id"] for j in flaky}:
             assert report.attempts == 2, report.describe()
-            assert [(d.status, d.code) for d in copies] == [(401, "EVENT_REPLAYED")] * 3, copies
+            # A copy that arrives while the worker's job threads or the capability's slots
+            # are all taken is refused for capacity first (retryable, and it did not run).
+            answers = [(d.status, d.code) for d in copies]
+            assert set(answers) <= {_REPLAYED, *_CAPACITY_REFUSED}, copies
+            refused += answers
         else:
             assert len(report.starts) == 1, report.describe()
             assert all(d.status == 200 and d.replayed for d in copies), copies
+    # The replay check answered most copies (the capacity refusals are a race with the load).
+    assert refused.count(_REPLAYED) * 2 > len(refused), refused
+
+
+_REPLAYED = (401, "EVENT_REPLAYED")
+_CAPACITY_REFUSED = {(503, "WORKER_BUSY"), (429, "CAPACITY_EXCEEDED")}
 
 
 # --------------------------------------------------------------------------- 6c

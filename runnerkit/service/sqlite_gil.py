@@ -279,17 +279,6 @@ class GILStatements:
         error.sqlite_errorcode = self._lib.sqlite3_extended_errcode(db)
         return error
 
-    def close(self) -> None:
-        """Close this process's connection (a parent's is left alone); for tests and tools,
-        with no statement running."""
-        with self._guard:
-            if self._db is not None and self._pid == _PID:
-                for statements in self._idle.values():
-                    for statement in statements:
-                        self._lib.sqlite3_finalize(statement)
-                self._lib.sqlite3_close_v2(self._db)
-            self._db, self._idle = None, {}
-
 
 def open_gil_statements(path: str) -> GILStatements | None:
     """A :class:`GILStatements` for ``path``, or None where it cannot be used safely (see the

@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,22 @@ _PID = keep_pid_current(globals())
 #: Writes made through the GIL-keeping connection between two checkpoints (a few pages
 #: each: about SQLite's own automatic checkpoint of 1,000 pages).
 CHECKPOINT_EVERY = 256
+
+#: How long an ordinary statement waits for SQLite's own locks (``sqlite3``'s busy timeout).
+BUSY_TIMEOUT_S = 10.0
+
+#: How a fast write waits for a turn another writer holds: pauses (seconds) doubling from the
+#: first to the longest, for at most this many tries, holding nothing meanwhile; then it goes
+#: the ordinary way, which queues for the turn (about 8.5 ms of pauses in all).
+WRITE_PAUSE_FIRST_S = 50e-6
+WRITE_PAUSE_LONGEST_S = 1e-3
+WRITE_TRIES = 12
+
+#: WAL frames (pages) beyond which a checkpoint starts the WAL over (about 4 MiB).
+RESTART_FRAMES = 1000
+
+#: How long a checkpoint waits for readers to leave the WAL so it can start it over (ms).
+CHECKPOINT_WAIT_MS = 50
 
 
 class SQLiteFile:
@@ -84,7 +101,7 @@ class SQLiteFile:
                 self.identity.before_open()
             private_file(self.path)
             conn = sqlite3.connect(
-                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
             try:
                 self._initialise(conn)
@@ -137,44 +154,71 @@ class SQLiteFile:
     def _write_one(self, sql: str, parameters: tuple[Any, ...]) -> int:
         """One autocommitted write in the writers' turn; how many rows it changed.
 
-        On the GIL-keeping connection when the turn is free right now (see :meth:`_read_one`);
-        else the ordinary way, which waits for it. That connection checkpoints nothing: every
-        :data:`CHECKPOINT_EVERY` writes, this process makes a passive checkpoint through its
-        own connection, out of the writers' turn, GIL released.
+        On the GIL-keeping connection whenever it gets the turn without waiting (see
+        :meth:`_read_one`). A turn another process holds is waited for with short pauses
+        that hold nothing, neither the GIL nor this file's lock: waiting the ordinary way
+        (:meth:`_write`) holds this file's lock and then the turn across every step that
+        gives the GIL up, so under load a holder waits for the GIL while every other
+        writer of the instance waits for it (a lock convoy). Only after
+        :data:`WRITE_TRIES` pauses does it go the ordinary way. That connection checkpoints
+        nothing by itself: every :data:`CHECKPOINT_EVERY` writes, this process makes one
+        (:meth:`_checkpoint`).
         """
         gil = self._gil
-        if (
-            gil is not None
-            and self._conn is not None
-            and self._pid == _PID
-            and self._writers.try_take()
-        ):
-            try:
-                changed: int | None = gil.execute(sql, parameters)
-            except Busy:
-                changed = None
-            finally:
-                self._writers.give_back()
-            if changed is not None:
-                if gil.written >= CHECKPOINT_EVERY:
-                    gil.written = 0
-                    self._checkpoint()
-                return changed
+        if gil is not None and self._conn is not None and self._pid == _PID:
+            pause = WRITE_PAUSE_FIRST_S
+            for _ in range(WRITE_TRIES):
+                if self._writers.try_take():
+                    try:
+                        changed: int | None = gil.execute(sql, parameters)
+                    except Busy:  # a writer that does not take turns, e.g. the sqlite3 shell
+                        changed = None
+                    finally:
+                        self._writers.give_back()
+                    if changed is not None:
+                        if gil.written >= CHECKPOINT_EVERY and self._checkpoint():
+                            gil.written = 0
+                        return changed
+                time.sleep(pause)
+                pause = min(2 * pause, WRITE_PAUSE_LONGEST_S)
         with self._write() as conn:
             return int(conn.execute(sql, parameters).rowcount)
 
-    def _checkpoint(self) -> None:
-        """Copy the WAL's frames into the file as far as readers allow (never waits).
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the file; start the WAL over when it has grown. False: the file
+        was busy in this process, the next write tries again.
 
-        The write before it is stored already, so a failure here (another checkpoint under
-        way, a full disk) is only logged: the next one, or any ordinary commit's automatic
-        checkpoint, catches up.
+        The copy is a passive checkpoint outside the writers' turn, so writes go on while
+        it copies and syncs. Under a steady stream of writes from several processes that
+        never leaves the WAL wholly copied when the next write comes, so SQLite never
+        starts it over and it grows without bound ("checkpoint starvation"). So when more
+        than :data:`RESTART_FRAMES` frames remain, a second checkpoint takes the turn, if
+        free, copies the last few frames and starts the WAL over, empty. It waits up to
+        :data:`CHECKPOINT_WAIT_MS` for readers to leave the WAL (the job path's statements
+        are short). The write before it is stored already, so a failure here (a reader that
+        stays, a full disk) is only logged: the next checkpoint catches up.
         """
+        if not self._lock.acquire(blocking=False):
+            return False
         try:
-            with self._connection() as conn:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn = self._db()
+            (_, frames, _) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames > RESTART_FRAMES and self._writers.try_take():
+                try:
+                    conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+                    try:
+                        (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    finally:
+                        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                finally:
+                    self._writers.give_back()
+                if busy:
+                    log.debug("%s: readers stayed in the WAL; it starts over later", self.path)
         except sqlite3.Error as exc:
             log.warning("%s: checkpoint failed (%s); the next one catches up", self.path, exc)
+        finally:
+            self._lock.release()
+        return True
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from runnerkit.runner import sqlitefile
 from runnerkit.runner.ledger import Ledger
 from runnerkit.runner.sqlitefile import CHECKPOINT_EVERY
 from runnerkit.service import sqlite_gil
@@ -270,6 +271,38 @@ def test_the_wal_is_started_over_while_other_writers_and_readers_keep_coming(
     assert writers[1].claim("job-0").outcome == "replay"
 
 
+def test_a_reader_that_stays_is_waited_for_once_not_at_every_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that keeps the WAL (a stopped process): the checkpoint that would start the
+    WAL over waits for it once, then leaves the writers alone for RESTART_BACKOFF_S."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(str(path), retention_s=3600)
+    monkeypatch.setattr(sqlitefile, "RESTART_FRAMES", 0)
+    ledger.claim("a")
+    ledger.complete("a", 200, '{"success": true}')
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    ledger.claim("b")
+    ledger.complete("b", 200, '{"success": true}')  # a frame newer than the reader's view
+    takes: list[int] = []
+    take = ledger._writers.try_take
+    monkeypatch.setattr(ledger._writers, "try_take", lambda: takes.append(1) or take())
+    assert ledger._checkpoint()
+    assert takes == [1]  # it tried to start the WAL over; the reader stayed
+    assert ledger._restart_from > time.monotonic()
+    assert ledger._checkpoint()
+    assert takes == [1]  # not again while it backs off
+    reader.execute("COMMIT")
+    reader.close()
+    monkeypatch.setattr(ledger, "_restart_from", 0.0)
+    assert ledger._checkpoint()
+    assert takes == [1, 1]
+    assert Path(str(path) + "-wal").stat().st_size == 0
+    assert ledger.claim("b").outcome == "replay"
+
+
 def test_a_fast_write_waits_for_a_turn_held_elsewhere_without_holding_anything(
     tmp_path: Path,
 ) -> None:
@@ -284,6 +317,7 @@ def test_a_fast_write_waits_for_a_turn_held_elsewhere_without_holding_anything(
     fast_before = ledger._gil.written
     lock_free: list[bool] = []
     with other._writers.hold():
+
         def write() -> None:
             ledger.claim("job")
             ledger.complete("job", 200, '{"success": true}')

@@ -54,6 +54,9 @@ RESTART_FRAMES = 1000
 #: How long a checkpoint waits for readers to leave the WAL so it can start it over (ms).
 CHECKPOINT_WAIT_MS = 50
 
+#: After readers stayed that long, how long until a checkpoint waits for them again (s).
+RESTART_BACKOFF_S = 5.0
+
 
 class SQLiteFile:
     """One SQLite file shared by the instance's processes: a connection per process, WAL.
@@ -70,6 +73,8 @@ class SQLiteFile:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._writers = WriterTurns(os.path.splitext(path)[0] + ".writer.lock")
+        #: When a checkpoint may next wait for readers to start the WAL over (monotonic).
+        self._restart_from = 0.0
         #: Which file this must be for the running instance (None: any, e.g. in a test).
         self.identity = identity
         #: The job path's statements, on a connection that keeps the GIL (None: not here).
@@ -203,7 +208,11 @@ class SQLiteFile:
         try:
             conn = self._db()
             (_, frames, _) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames > RESTART_FRAMES and self._writers.try_take():
+            if (
+                frames > RESTART_FRAMES
+                and time.monotonic() >= self._restart_from
+                and self._writers.try_take()
+            ):
                 try:
                     conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
                     try:
@@ -213,6 +222,9 @@ class SQLiteFile:
                 finally:
                     self._writers.give_back()
                 if busy:
+                    # A reader stayed (a stopped process, a long read): the writers waited
+                    # for it once; they do not again for a while.
+                    self._restart_from = time.monotonic() + RESTART_BACKOFF_S
                     log.debug("%s: readers stayed in the WAL; it starts over later", self.path)
         except sqlite3.Error as exc:
             log.warning("%s: checkpoint failed (%s); the next one catches up", self.path, exc)

@@ -6,6 +6,7 @@ No timing asserts: what is checked is which callbacks ran, in which order, and t
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -75,3 +76,47 @@ def test_a_failing_answer_does_not_stop_the_watcher() -> None:
     watcher.watch(time.monotonic() + 0.05, done.set)
     assert done.wait(10), "the watcher stopped after a failed answer"
     assert first.end() is False
+
+
+def test_every_watch_either_ends_in_time_or_fires_once_from_many_threads() -> None:
+    """Eight threads watch and end jobs whose deadlines fall around the moment they end,
+    with thread switches forced every 10 µs. Each watch is settled exactly one way: ended in
+    time (never fired), or fired once and ``end`` returning only after the callback
+    finished."""
+    watcher = Deadlines()
+    fired: dict[tuple[int, int], int] = {}
+    finished: set[tuple[int, int]] = set()
+    wrong: list[str] = []
+
+    def job(thread: int) -> None:
+        for index in range(400):
+            key = (thread, index)
+
+            def at_deadline(key: tuple[int, int] = key) -> None:
+                fired[key] = fired.get(key, 0) + 1
+                time.sleep(0.0005)
+                finished.add(key)
+
+            watch = watcher.watch(time.monotonic() + 0.0005 * (index % 3), at_deadline)
+            if index % 2:
+                time.sleep(0.0005)
+            if watch.end():
+                if key in fired:
+                    wrong.append(f"{key} ended in time but fired")
+            elif key not in finished:
+                wrong.append(f"{key}: end returned before its callback finished")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=job, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
+    assert all(count == 1 for count in fired.values())
+    assert fired, "no deadline fired: the test exercised only one side"
+    assert len(fired) < 8 * 400, "every deadline fired: the test exercised only one side"

@@ -6,9 +6,11 @@ No timing asserts: what is checked is which callbacks ran, in which order, and t
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
+import weakref
 
 from runnerkit.runner.deadlines import Deadlines
 
@@ -120,3 +122,22 @@ def test_every_watch_either_ends_in_time_or_fires_once_from_many_threads() -> No
     assert all(count == 1 for count in fired.values())
     assert fired, "no deadline fired: the test exercised only one side"
     assert len(fired) < 8 * 400, "every deadline fired: the test exercised only one side"
+
+
+def test_a_watch_ended_in_time_lets_go_of_its_job_before_its_deadline() -> None:
+    """The heap keeps an ended watch until its deadline; the job's objects (request,
+    payload, answer: whatever ``at_deadline`` holds) must not live on with it."""
+
+    class Job:
+        pass
+
+    watcher = Deadlines()
+    job = Job()
+    gone = weakref.ref(job)
+    watch = watcher.watch(time.monotonic() + 3600, lambda job=job: None)
+    del job
+    gc.collect()
+    assert gone() is not None  # held while the job runs
+    assert watch.end() is True
+    gc.collect()
+    assert gone() is None

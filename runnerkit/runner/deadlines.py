@@ -30,6 +30,10 @@ log = logging.getLogger("runnerkit.job")
 _RUNNING, _ENDED, _FIRED = 0, 1, 2
 
 
+def _nothing() -> None:
+    """What an ended watch would do at its deadline (it is never called)."""
+
+
 class Watch:
     """One job's deadline; :meth:`end` it when the code returns."""
 
@@ -48,6 +52,10 @@ class Watch:
         with self._deadlines._lock:
             if self._state == _RUNNING:
                 self._state = _ENDED
+                # The watch stays in the heap until its deadline: it must not keep the
+                # job's request, payload and answer alive that long (the cyclic GC walks
+                # every object alive, and under load that was seconds of requests).
+                self._at_deadline = _nothing
                 return True
             settled = self._settled
         if settled is not None:

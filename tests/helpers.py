@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pytest
@@ -328,3 +330,24 @@ def flask_dispatches(app: Flask) -> list[str]:
 
     app.full_dispatch_request = counted  # type: ignore[method-assign]
     return seen
+
+
+def run_in_threads(
+    target: Callable[[int], None], count: int, *, switch_interval: float | None = None
+) -> None:
+    """Run ``target(0)`` … ``target(count - 1)`` on as many threads at once and wait for all.
+
+    ``switch_interval`` (seconds): the interpreter hands the GIL over that often meanwhile
+    (``sys.setswitchinterval``), so races between the threads show up.
+    """
+    interval = sys.getswitchinterval()
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
+    try:
+        threads = [threading.Thread(target=target, args=(index,)) for index in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)

@@ -7,12 +7,12 @@ No timing asserts: what is checked is which callbacks ran, in which order, and t
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 import time
 import weakref
 
 from runnerkit.runner.deadlines import Deadlines
+from tests.helpers import run_in_threads
 
 
 def test_a_watch_ended_in_time_never_fires() -> None:
@@ -108,16 +108,7 @@ def test_every_watch_either_ends_in_time_or_fires_once_from_many_threads() -> No
             elif key not in finished:
                 wrong.append(f"{key}: end returned before its callback finished")
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=job, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_in_threads(job, 8, switch_interval=1e-5)
     assert wrong == []
     assert all(count == 1 for count in fired.values())
     assert fired, "no deadline fired: the test exercised only one side"

@@ -18,6 +18,7 @@ import pytest
 
 from runnerkit.runner.ledger import Ledger
 from runnerkit.runner.locks import JobLocks, Slot, SlotTable
+from tests.helpers import run_in_threads
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -226,14 +227,11 @@ def _hammer(take: Any, give: Any, keys: list[str], threads: int = 8) -> int:
     """Threads take and give back ``keys`` at random, switching often; returns the most
     holders of one key seen at once (a thread lock no longer keeps them apart)."""
     import random
-    import sys
     import threading
 
     holders: dict[str, int] = dict.fromkeys(keys, 0)
     most = [0]
     count = threading.Lock()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # hand the GIL over as often as possible
 
     errors: list[BaseException] = []
 
@@ -256,14 +254,8 @@ def _hammer(take: Any, give: Any, keys: list[str], threads: int = 8) -> int:
                 holders[key] -= 1
             give(key, token)
 
-    try:
-        workers = [threading.Thread(target=work) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-    finally:
-        sys.setswitchinterval(interval)
+    # The GIL handed over as often as possible.
+    run_in_threads(lambda _: work(), threads, switch_interval=1e-5)
     assert errors == []
     assert all(held == 0 for held in holders.values())
     return most[0]

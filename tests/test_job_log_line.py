@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from runnerkit.service.logs import _HANDLER_MARK, JsonFormatter, emit, log_context
+from tests.helpers import run_in_threads
 
 FIELDS = {
     "jobId": "6f1c0f7e-7a4e-4b8e-9a3b-1e0b7b0c9d11",
@@ -123,11 +124,7 @@ def test_lines_from_many_threads_arrive_whole_through_a_pipe() -> None:
             emit(job_log, logging.INFO, "job completed", fields, trusted=True)
 
     try:
-        writers = [threading.Thread(target=write, args=(n,)) for n in range(6)]
-        for writer in writers:
-            writer.start()
-        for writer in writers:
-            writer.join()
+        run_in_threads(write, 6)
     finally:
         logger.handlers[:], logger.propagate = saved[0], saved[1]
         logger.setLevel(saved[2])

@@ -237,11 +237,16 @@ def test_ctx_logger_keeps_the_capabilitys_extra_fields(echo_runner: GunicornProc
 
 
 def test_runnerkits_startup_warnings_are_json_lines(echo_runner: GunicornProcess) -> None:
-    # Jobs first: the warning is a worker's startup line, not one per request.
+    def warnings() -> list[dict[str, Any]]:
+        lines = echo_runner.log_text().splitlines()
+        return [json.loads(x) for x in lines if "REQUEST SIGNING IS OFF" in x]
+
+    # Each worker warns as it loads the app; the second may boot after the first answers.
+    wait_until(lambda: len(warnings()) >= 2, 30, "both workers' startup warnings")
+    # Jobs next: the warning is a worker's startup line, not one per request.
     for _ in range(4):
         assert execute(echo_runner)[1].status_code == 200
-    lines = [x for x in echo_runner.log_text().splitlines() if "REQUEST SIGNING IS OFF" in x]
-    entries = [json.loads(line) for line in lines]
+    entries = warnings()
     assert len(entries) == 2, "a runner without a secret warns once in each of its 2 workers"
     for entry in entries:
         assert entry["level"] == "warn" and entry["service"] == SERVICE

@@ -132,3 +132,17 @@ def test_a_watch_ended_in_time_lets_go_of_its_job_before_its_deadline() -> None:
     assert watch.end() is True
     gc.collect()
     assert gone() is None
+
+
+def test_one_wake_settles_every_deadline_of_its_span() -> None:
+    """Jobs ending in time, one per millisecond: the watcher must not wake for each of their
+    deadlines (under load that was a thread switch and a GIL hand-over per job)."""
+    watcher = Deadlines()
+    done = threading.Event()
+    for _ in range(300):
+        watcher.watch(time.monotonic() + 0.05, lambda: None).end()
+        time.sleep(0.001)  # the watcher has time to run between two jobs
+    watcher.watch(time.monotonic() + 0.05, done.set)
+    assert done.wait(10), "the last, running, watch never fired"
+    # 300 deadlines over 0.3 s or more: a wake per 10 ms span (SLACK_S), not one per job.
+    assert watcher.wakes < 100, f"{watcher.wakes} wakes for 300 deadlines"

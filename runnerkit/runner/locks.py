@@ -8,6 +8,7 @@ one byte per concurrency slot of each capability (``slots/<capability>.lock``),
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -52,7 +53,14 @@ class SlotTable:
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
-        """No slot is the child's: its parent's descriptors and locks stay the parent's."""
+        """No slot is the child's: its parent's descriptors and locks stay the parent's.
+
+        The child closes its copies of them: a lock belongs to the open file, so a copy kept
+        open in a child would keep the parent's slots taken after the parent died.
+        """
+        if self._pid:  # opened by the parent: this is the child's copy
+            for fd in (*self._hold.values(), *self._query.values()):
+                _close_quietly(fd)
         self._lock = threading.Lock()
         self._pid, self._hold, self._query, self._held = 0, {}, {}, {}
 
@@ -114,6 +122,11 @@ class SlotTable:
         return sum(self.in_use(cap) for cap in self.limits)
 
 
+#: The bytes of ``ledger.running.lock`` from here up are held one per process for its life
+#: (:meth:`JobLocks.hold_for_life`); jobIds hash below (56 bits).
+LIFE_MARKS = 1 << 60
+
+
 class JobLocks:
     """Which jobIds run right now anywhere in the instance: one OFD lock per running job.
 
@@ -132,7 +145,10 @@ class JobLocks:
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
-        """No job is the child's: its parent's descriptor and locks stay the parent's."""
+        """No job is the child's: its parent's descriptor and locks stay the parent's (and
+        the child closes its copy, as :meth:`SlotTable.renew_after_fork` says why)."""
+        if self._pid:  # opened by the parent: this is the child's copy
+            _close_quietly(self._fd)
         self._lock = threading.Lock()
         self._fd, self._pid, self._mine = -1, 0, {}
 
@@ -182,3 +198,22 @@ class JobLocks:
         # Unlocked before the mark goes (see SlotTable.release).
         ofd_lock(self._fd, fcntl.F_UNLCK, offset)
         self._mine.pop(offset, None)
+
+    def hold_for_life(self, offset: int) -> None:
+        """Lock byte ``offset`` (at or above :data:`LIFE_MARKS`, beyond any jobId's) until
+        this process dies. The kernel drops every lock on one open file at once, so another
+        process that gets a dead worker's job lock finds this byte free too: the ledger's
+        journal says by it whether its owner lives (:mod:`.journal`)."""
+        fd, _ = self._descriptor()
+        ofd_lock(fd, fcntl.F_WRLCK, offset)
+
+    def held_elsewhere(self, offset: int) -> bool:
+        """Whether another process holds byte ``offset`` (:meth:`hold_for_life`)."""
+        fd, _ = self._descriptor()
+        return ofd_lock(fd, fcntl.F_WRLCK, offset, query=True) != fcntl.F_UNLCK
+
+
+def _close_quietly(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -164,6 +164,7 @@ def test_database_writes_wait_for_the_writers_turn(tmp_path: Path, store: str) -
 
         def write() -> None:
             ledger.complete("0b6e7b83-6d46-4a8c-9b53-1f0f0f9e0f01", 200, '{"success":true}')
+            ledger.journal.flush()  # the answer's way into the file
 
     else:
         forge_db = ForgeDB(str(tmp_path / "forge.sqlite3"))

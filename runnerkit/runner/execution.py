@@ -332,7 +332,7 @@ class Executor(AsyncJobs):
         answered from the ledger or with 409, and a request refused at capacity (429/503) may
         be sent again as it was.
         """
-        if not signed or self._state().ledger.first_sight(signed):
+        if not signed or self._state().ledger.first_sight(signed, job_id):
             return
         raise Rejection(
             Unauthenticated(

@@ -182,9 +182,9 @@ class JobRunning(JobAnswers):
         """
         state = self._state()
         try:
-            state.ledger.complete(job_id, answer.status, answer.json())
+            written = state.ledger.complete(job_id, answer.status, answer.json())
         except STORAGE_ERRORS as exc:
-            state.ledger.running.release(job_id)  # if the failure came before complete's own
+            state.ledger.unlock(job_id)  # if the failure came before complete's own
             state.storage.failed(exc)
             emit(
                 job_log,
@@ -193,7 +193,7 @@ class JobRunning(JobAnswers):
                 {"jobId": job_id, "status": answer.status, "error": f"{type(exc).__name__}"},
             )
             return
-        if state.storage.failure:
+        if written and state.storage.failure:  # (a journal's fold says so for its answers)
             state.storage.recovered()
 
     def _encodable(self, answer: Answer, job: PipelineJob) -> Answer:

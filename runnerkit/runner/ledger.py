@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from runnerkit.runner.journal import Journal, Record
 from runnerkit.runner.locks import JobLocks
-from runnerkit.runner.sqlitefile import SQLiteFile
+from runnerkit.runner.sqlitefile import CHECKPOINT_EVERY, SQLiteFile
 from runnerkit.runner.storage import LedgerIdentity, LedgerReplaced
 from runnerkit.service.process import process_alive, process_start_time
 
@@ -62,6 +63,23 @@ class Claim:
 #: Default memory of signed requests' digests: beyond the 300 s age and 60 s future window.
 EVENT_MEMORY_S = 900.0
 
+#: A finished job's answer. Only over an unfinished row of the same owner (the row a claim
+#: wrote), never over a finished one: folding a journal twice changes nothing.
+_STORE_ANSWER = (
+    "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status, response,"
+    " created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT(job_id) DO UPDATE SET state = 'done', http_status = excluded.http_status,"
+    " response = excluded.response, finished = excluded.finished"
+    " WHERE jobs.state != 'done' AND jobs.owner_pid = excluded.owner_pid"
+    " AND jobs.owner_started = excluded.owner_started"
+)
+_STORE_DIGEST = "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)"
+
+#: How long a claim waits for another worker's lock on a job before it answers "running": a
+#: finished job's lock is held until its journal is folded (:data:`~.journal.FOLD_DELAY_S`).
+CLAIM_WAIT_S = 0.05
+CLAIM_POLL_S = 0.002
+
 
 class Ledger(SQLiteFile):
     """The idempotency ledger: one row per jobId, shared by every worker through SQLite.
@@ -80,12 +98,15 @@ class Ledger(SQLiteFile):
     ) -> None:
         super().__init__(path, identity)
         self.running = JobLocks(os.path.splitext(path)[0] + ".running.lock")
+        #: This process's answers and digests on their way here (see :mod:`.journal`).
+        self.journal = Journal(os.path.splitext(path)[0] + ".journal", self._fold, self.running)
         self.retention_s = retention_s
         #: How long a signed request's digest is remembered: past a signature's validity.
         self.event_memory_s = EVENT_MEMORY_S
         self.max_entries = max_entries
         self._me = (0, 0.0)
         self._since_prune = 0
+        self._folded = 0
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -144,16 +165,38 @@ class Ledger(SQLiteFile):
         """
         if self.identity is not None and self.identity.broken:
             raise LedgerReplaced(self.identity.broken)
-        if not self.running.acquire(job_id):
+        if not self._lock_job(job_id):
             return Claim("running")
         try:
+            # With the lock: a worker that held it and died has left it free, its journal too.
+            self.journal.fold_dead()
             claim = self._claim_locked(job_id, queued, correlation_id, capability)
+            failure = self.journal.failure
+            if claim.outcome == "run" and failure is not None and not self.journal.fold_or_fail():
+                # Answers already wait for the file: take no job whose answer would join them.
+                raise sqlite3.OperationalError(f"the ledger cannot be written: {failure}")
         except BaseException:
             self.running.release(job_id)
             raise
         if claim.outcome != "run":
             self.running.release(job_id)
         return claim
+
+    def _lock_job(self, job_id: str) -> bool:
+        """Take ``job_id``'s lock. Held by this process for an answer not folded yet: fold
+        now and take it. Held elsewhere: wait up to :data:`CLAIM_WAIT_S`, as long as another
+        worker takes to fold a finished job's answer; a job that still runs keeps it."""
+        if self.running.acquire(job_id):
+            return True
+        if self.journal.holds(job_id):
+            self.journal.flush()
+            return self.running.acquire(job_id)
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(CLAIM_POLL_S)
+            if self.running.acquire(job_id):
+                return True
+        return False
 
     def _claim_locked(
         self, job_id: str, queued: bool, correlation_id: str, capability: str
@@ -221,7 +264,7 @@ class Ledger(SQLiteFile):
         the writers' turn to delete nothing.
         """
         if not recorded:
-            self.running.release(job_id)
+            self.unlock(job_id)
             return
         try:
             with self._transaction() as conn:
@@ -231,6 +274,12 @@ class Ledger(SQLiteFile):
                     (job_id, self._me[0]),
                 )
         finally:
+            self.unlock(job_id)
+
+    def unlock(self, job_id: str) -> None:
+        """Free ``job_id``'s lock, unless records of it wait in the journal: the fold frees
+        it then (a signed request's digest must be in the file before anyone may claim it)."""
+        if self.journal.release(job_id):
             self.running.release(job_id)
 
     def start(self, job_id: str) -> None:
@@ -266,7 +315,10 @@ class Ledger(SQLiteFile):
         return int(count)
 
     def orphans(self) -> list[tuple[str, bool, str, int]]:
-        """Unfinished jobs whose owner has died: ``(jobId, async, correlationId, ownerPid)``."""
+        """Unfinished jobs whose owner has died: ``(jobId, async, correlationId, ownerPid)``.
+
+        A dead owner's journal is folded first: its finished jobs are not orphans."""
+        self.journal.fold_dead()
         with self._connection() as conn:
             rows = conn.execute(
                 "SELECT job_id, async, owner_pid, owner_started, correlation_id FROM jobs"
@@ -278,25 +330,41 @@ class Ledger(SQLiteFile):
             if not process_alive(pid, started)
         ]
 
-    def complete(self, job_id: str, http_status: int, body_json: str) -> None:
+    def complete(self, job_id: str, http_status: int, body_json: str) -> bool:
         """Store the answer of a finished job, as the JSON text sent, then free its job lock.
 
-        In that order: a redelivery that gets the lock next is sure to find the answer.
+        In that order: a redelivery that gets the lock next is sure to find the answer. The
+        answer goes to this process's journal, and its lock is freed once the journal is
+        folded into the file; when the journal cannot be written, straight into the file.
+        True when it went straight into the file (a write that succeeded there).
         """
         now = time.time()
         pid, started = self._me
+        record = ["answer", job_id, pid, started, http_status, body_json, now]
         try:
-            self._write_one(
-                "INSERT INTO jobs (job_id, state, owner_pid, owner_started, http_status,"
-                " response, created, finished) VALUES (?, 'done', ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(job_id) DO UPDATE SET state = 'done',"
-                " http_status = excluded.http_status, response = excluded.response,"
-                " finished = excluded.finished",
-                (job_id, pid, started, http_status, body_json, now, now),
-            )
+            self.journal.append(record)
+            return False
+        except OSError:
+            pass
+        try:
+            self._write_one(_STORE_ANSWER, (job_id, pid, started, http_status, body_json, now, now))
         finally:
-            self.running.release(job_id)
-        self._since_prune += 1
+            self.unlock(job_id)
+        return True
+
+    def _fold(self, records: list[Record]) -> None:
+        """Write journal records into the file, in one transaction (see :mod:`.journal`)."""
+        answers = [(r[1], r[2], r[3], r[4], r[5], r[6], r[6]) for r in records if r[0] == "answer"]
+        digests = [(bytes.fromhex(r[2]), r[3]) for r in records if r[0] == "seen"]
+        with self._transaction() as conn:
+            conn.executemany(_STORE_ANSWER, answers)
+            conn.executemany(_STORE_DIGEST, digests)
+        # As the job path's own writes do (see SQLiteFile._write_one): without it, the WAL of
+        # a ledger written by several workers without a pause is never started over.
+        self._folded += len(records)
+        if self._folded >= CHECKPOINT_EVERY and self._checkpoint():
+            self._folded = 0
+        self._since_prune += len(answers)
         if self._since_prune >= 1000:
             self.prune()
 
@@ -323,14 +391,24 @@ class Ledger(SQLiteFile):
             )
         return cur.rowcount > 0
 
-    def first_sight(self, digest: bytes) -> bool:
-        """Record a signed request's digest (:func:`runnerkit.signing.request_digest`); False
-        if it was recorded before. One autocommitted statement: a signed job's second write."""
-        changed = self._write_one(
-            "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)",
-            (digest, time.time()),
-        )
-        return changed > 0
+    def first_sight(self, digest: bytes, job_id: str) -> bool:
+        """Record a signed request's digest (:func:`runnerkit.signing.request_digest`) for
+        ``job_id``, whose lock this process holds; False if it was recorded before.
+
+        Recorded in the journal, so ``job_id``'s lock stays held until the digest is in the
+        file: a copy of the request sent to another worker meanwhile waits for it there.
+        """
+        digest_hex = digest.hex()
+        if self.journal.saw(digest_hex):
+            return False
+        if self._read_one("SELECT 1 FROM signed_requests WHERE digest = ?", (digest,)):
+            return False
+        now = time.time()
+        try:
+            self.journal.append(["seen", job_id, digest_hex, now])
+            return True
+        except OSError:
+            return self._write_one(_STORE_DIGEST, (digest, now)) > 0
 
     def probe(self) -> None:
         """One tiny write: raises when the ledger cannot be written (disk full, I/O error)."""

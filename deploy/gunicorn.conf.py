@@ -14,8 +14,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "runnerkit.gunicorn_worker.ThreadWorker"
 # gunicorn's own lines as JSON, like the runner's (unless RUNNERKIT_LOG_FORMAT=text).
 logger_class = "runnerkit.gunicorn_logging.JsonLogger"
-# Request threads per worker. Unless GUNICORN_THREADS is set, a runner's workers grow this
-# to fit their capabilities (post_worker_init): a job within maxConcurrency gets a thread.
+# Request threads per worker kept busy. Unless GUNICORN_THREADS is set, a runner's workers
+# may start more, up to what their capabilities need (post_worker_init), while long jobs hold
+# these: a job within maxConcurrency gets a thread, short requests queue for these.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Above the largest capability timeout (the example's is 60 s); the runner checks at startup.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))

@@ -36,7 +36,10 @@ class AsyncJobs(JobRunning):
         gunicorn's graceful timeout) instead of dropping an accepted job.
         """
         threading.Thread(
-            target=self._run_async, args=(job,), name=f"runnerkit-async-{job.job_id}"
+            target=self._run_async,
+            args=(job,),
+            name=f"runnerkit-async-{job.job_id}",
+            daemon=False,  # whatever the accepting thread is
         ).start()
         body = {"jobId": job.job_id, "accepted": True, "runnerId": self._runner_id()}
         return Answer(202, body, {"Preference-Applied": "respond-async"})

@@ -55,6 +55,7 @@ from gunicorn.workers import gthread
 from runnerkit.errors import make_envelope
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
 from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
+from runnerkit.service.request_threads import RequestThreads
 from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 
 #: The settings the worker reads (from the runner's settings, or the environment for the forge).
@@ -111,6 +112,10 @@ class ThreadWorker(gthread.ThreadWorker):
             False,
             None,
         )
+
+    def get_thread_pool(self) -> RequestThreads:
+        """``threads`` kept hot; a runner raises the ceiling to fit its capabilities."""
+        return RequestThreads(int(self.cfg.threads))
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -410,15 +410,17 @@ def test_health_answers_promptly_while_every_worker_is_busy(
 
 
 def test_a_worker_has_a_thread_for_every_job_its_capabilities_advertise(
-    start_gunicorn: Any,
+    start_gunicorn: Any, tmp_path: Path
 ) -> None:
     # nap advertises maxConcurrency 10; one worker; GUNICORN_THREADS unset, so the worker sizes
     # its threads to the capabilities (10 + stubborn's 2 + 2 reserved) instead of gunicorn's 8,
-    # which left 6 for jobs and refused the rest as 503 WORKER_BUSY.
+    # which left 6 for jobs and refused the rest as 503 WORKER_BUSY. Its 8 core threads are
+    # all taken by naps: the other two get threads of their own as soon as the queue stalls.
+    runs = tmp_path / "runs.jsonl"
     proc: GunicornProcess = start_gunicorn(
         app_spec="tests.faults.apps.fault_runner:app",
         workers=1,
-        env={"FAULT_NAP_SLOTS": "10", "GUNICORN_THREADS": None},
+        env={"FAULT_NAP_SLOTS": "10", "GUNICORN_THREADS": None, "E2E_EXEC_LOG": str(runs)},
     )
     naps = [
         send_in_background(proc, job_request("nap", {"ms": 3000}), timeout=60) for _ in range(10)
@@ -432,6 +434,9 @@ def test_a_worker_has_a_thread_for_every_job_its_capabilities_advertise(
             job.thread.join(timeout=60)
     answers = [(job.status, job.answer, job.error) for job in naps]
     assert all(status == 200 for status, _, _ in answers), f"{answers}\n{proc.log_tail()}"
+    # All ten ran at once: every nap started before the first one ended.
+    events = [json.loads(line)["event"] for line in runs.read_text().splitlines()]
+    assert events[:10] == ["start"] * 10 and events[10:] == ["end"] * 10, events
 
 
 def test_gunicorn_pin_workers_puts_each_worker_on_its_own_cpu(start_gunicorn: Any) -> None:

@@ -381,3 +381,73 @@ def test_a_failed_checkpoint_does_not_fail_the_write_before_it(
     monkeypatch.undo()
     replay = ledger.claim("job")
     assert (replay.outcome, replay.body) == ("replay", {"success": True, "n": 1})
+
+
+def test_a_transaction_stores_all_of_its_writes_or_none(
+    statements: GILStatements, tmp_path: Path
+) -> None:
+    statements.transaction([("INSERT INTO t (k, i) VALUES (?, ?)", (f"k{n}", n)) for n in range(3)])
+    with pytest.raises(sqlite3.IntegrityError):
+        # The third write meets the first's key: the two before it go too.
+        statements.transaction(
+            [("INSERT INTO t (k, i) VALUES (?, ?)", (k, 9)) for k in ("a", "b", "k0")]
+        )
+    with sqlite3.connect(tmp_path / "t.sqlite3") as conn:
+        assert conn.execute("SELECT k, i FROM t ORDER BY k").fetchall() == [
+            ("k0", 0),
+            ("k1", 1),
+            ("k2", 2),
+        ]
+    # The connection is out of the failed transaction: the next one works.
+    statements.transaction([("INSERT INTO t (k, i) VALUES (?, ?)", ("a", 1))])
+    assert statements.query_one("SELECT i FROM t WHERE k = ?", ("a",)) == (1,)
+
+
+def test_a_transaction_that_would_wait_says_so_and_leaves_nothing(
+    statements: GILStatements, tmp_path: Path
+) -> None:
+    other = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(Busy):
+        statements.transaction([("INSERT INTO t (k) VALUES (?)", ("x",))])
+    other.execute("ROLLBACK")
+    statements.transaction([("INSERT INTO t (k) VALUES (?)", ("x",))])
+    assert statements.query_one("SELECT count(*) FROM t", ()) == (1,)
+
+
+@pytest.mark.parametrize("obstacle", ["another writer", "another batch of this process"])
+def test_a_fold_goes_the_ordinary_way_when_the_fast_one_would_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, obstacle: str
+) -> None:
+    ledger = Ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600)
+    ordinary = []
+    transaction = ledger._transaction
+
+    def counted_transaction() -> Any:
+        ordinary.append(1)
+        return transaction()
+
+    monkeypatch.setattr(ledger, "_transaction", counted_transaction)
+    assert ledger.claim("first").outcome == "run"
+    ledger.complete("first", 200, '{"success": true}')
+    ledger.journal.flush()
+    assert ordinary == []  # folded on the GIL-keeping connection
+    if obstacle == "another writer":
+        other = sqlite3.connect(
+            tmp_path / "ledger.sqlite3", isolation_level=None, check_same_thread=False
+        )
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    else:
+        ledger._batching.acquire()
+    try:
+        assert ledger.claim("second").outcome == "run"
+        ledger.complete("second", 200, '{"success": true, "n": 2}')
+        ledger.journal.flush()
+    finally:
+        if obstacle != "another writer":
+            ledger._batching.release()
+    assert ordinary == [1]
+    for job_id, body in (("first", {"success": True}), ("second", {"success": True, "n": 2})):
+        replay = ledger.claim(job_id)
+        assert (replay.outcome, replay.body) == ("replay", body)

@@ -354,17 +354,20 @@ class Ledger(SQLiteFile):
 
     def _fold(self, records: list[Record]) -> None:
         """Write journal records into the file, in one transaction (see :mod:`.journal`)."""
-        answers = [(r[1], r[2], r[3], r[4], r[5], r[6], r[6]) for r in records if r[0] == "answer"]
-        digests = [(bytes.fromhex(r[2]), r[3]) for r in records if r[0] == "seen"]
-        with self._transaction() as conn:
-            conn.executemany(_STORE_ANSWER, answers)
-            conn.executemany(_STORE_DIGEST, digests)
+        statements = [
+            (_STORE_ANSWER, (r[1], r[2], r[3], r[4], r[5], r[6], r[6]))
+            if r[0] == "answer"
+            else (_STORE_DIGEST, (bytes.fromhex(r[2]), r[3]))
+            for r in records
+        ]
+        self._write_many(statements)
+        answers = len(records) - sum(1 for r in records if r[0] == "seen")
         # As the job path's own writes do (see SQLiteFile._write_one): without it, the WAL of
         # a ledger written by several workers without a pause is never started over.
         self._folded += len(records)
         if self._folded >= CHECKPOINT_EVERY and self._checkpoint():
             self._folded = 0
-        self._since_prune += len(answers)
+        self._since_prune += answers
         if self._since_prune >= 1000:
             self.prune()
 

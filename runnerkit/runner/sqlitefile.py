@@ -79,11 +79,15 @@ class SQLiteFile:
         self.identity = identity
         #: The job path's statements, on a connection that keeps the GIL (None: not here).
         self._gil = open_gil_statements(path)
+        #: :meth:`_write_many`'s transactions, on a GIL-keeping connection of their own.
+        self._gil_batches = open_gil_statements(path)
+        self._batching = threading.Lock()
         renew_after_fork(self)
 
     def renew_after_fork(self) -> None:
         """The child opens its own connection; the parent's is kept, never closed here."""
         self._lock = threading.Lock()
+        self._batching = threading.Lock()
         if self._conn is not None:
             _INHERITED.append(self._conn)
         self._conn, self._pid = None, 0
@@ -188,6 +192,42 @@ class SQLiteFile:
                 pause = min(2 * pause, WRITE_PAUSE_LONGEST_S)
         with self._write() as conn:
             return int(conn.execute(sql, parameters).rowcount)
+
+    def _write_many(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Writes in one transaction, in the writers' turn.
+
+        On a GIL-keeping connection (:meth:`_write_one` says why) whenever the turn is free
+        without waiting, with the same pauses; its ``BEGIN``, statements and ``COMMIT`` then
+        never give the GIL up. Through ``sqlite3`` each step gives it up, and under load
+        each of a batch's steps waited for it again, every other writer of the instance
+        waiting meanwhile for the turn this one held. Else, or when another thread of this
+        process is making such a transaction, the ordinary way (:meth:`_transaction`).
+        """
+        gil = self._gil_batches
+        if (
+            gil is not None
+            and self._conn is not None
+            and self._pid == _PID
+            and self._batching.acquire(blocking=False)
+        ):
+            try:
+                pause = WRITE_PAUSE_FIRST_S
+                for _ in range(WRITE_TRIES):
+                    if self._writers.try_take():
+                        try:
+                            gil.transaction(statements)
+                        except Busy:  # a writer that does not take turns
+                            break
+                        finally:
+                            self._writers.give_back()
+                        return
+                    time.sleep(pause)
+                    pause = min(2 * pause, WRITE_PAUSE_LONGEST_S)
+            finally:
+                self._batching.release()
+        with self._transaction() as conn:
+            for sql, parameters in statements:
+                conn.execute(sql, parameters)
 
     def _checkpoint(self) -> bool:
         """Copy the WAL into the file; start the WAL over when it has grown. False: the file

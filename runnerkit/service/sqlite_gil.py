@@ -29,6 +29,7 @@ None and the store does everything the ordinary way.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sqlite3
@@ -196,6 +197,24 @@ class GILStatements:
         _, changes = self._step(sql, parameters)
         self.written += 1
         return changes
+
+    def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run writes in one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), or none of
+        them: any failure rolls back and is raised (:class:`Busy` included).
+
+        Only on a connection of its own, used by one thread at a time: a transaction spans
+        the connection, so a statement another thread ran on it meanwhile would join it.
+        """
+        self._step("BEGIN IMMEDIATE", ())
+        try:
+            for sql, parameters in statements:
+                self._step(sql, parameters)
+            self._step("COMMIT", ())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._step("ROLLBACK", ())
+            raise
+        self.written += len(statements)
 
     def _step(self, sql: str, parameters: Sequence[Any]) -> tuple[tuple[Any, ...] | None, int]:
         """Bind, step and reset one prepared statement of this thread's own.

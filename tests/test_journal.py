@@ -272,3 +272,18 @@ def test_the_journals_write_says_why_it_failed(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == b"line\n"
+
+
+def test_the_journals_truncate_cuts_and_says_why_it_failed(tmp_path: Path) -> None:
+    """Cutting the journal (its lock held) keeps the GIL too; a failure is an ``OSError``."""
+    with pytest.raises(OSError) as failure:
+        journal_module._TRUNCATE(-1, 0)
+    assert failure.value.errno == errno.EBADF
+    path = tmp_path / "f"
+    path.write_bytes(b"one\ntwo\n")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        journal_module._TRUNCATE(fd, 4)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"one\n"

@@ -87,6 +87,28 @@ def _gil_holding_write() -> Callable[[int, bytes], int]:
 
 _WRITE = _gil_holding_write()
 
+
+def _gil_holding_truncate() -> Callable[[int, int], None]:
+    """libc's ``ftruncate`` called without releasing the GIL, else ``os.ftruncate``: the
+    journal is cut with its lock held, and appends that found the lock taken would wait
+    while this thread waited for the GIL again (see :func:`_gil_holding_write`)."""
+    try:
+        call = ctypes.PyDLL(None, use_errno=True).ftruncate
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
+        return os.ftruncate
+    call.argtypes = [ctypes.c_int, ctypes.c_int64]
+    call.restype = ctypes.c_int
+
+    def truncate(fd: int, length: int) -> None:
+        if call(fd, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return truncate
+
+
+_TRUNCATE = _gil_holding_truncate()
+
 #: The byte of a journal file held while a dead owner's journal is folded, so two processes
 #: never fold one file at once.
 _FOLDING = 0
@@ -169,7 +191,7 @@ class Journal:
             except OSError:
                 # Cut what may have been written, or the next record would be torn with it.
                 with contextlib.suppress(OSError):
-                    os.ftruncate(fd, self._size)
+                    _TRUNCATE(fd, self._size)
                 raise
             self._size += len(line)
             self._records.append(record)
@@ -246,7 +268,7 @@ class Journal:
             if emptying or not self._records:
                 # Nothing in the file is unfolded: start it over (appends wait on the lock).
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, 0)
+                    _TRUNCATE(self._fd, 0)
                     self._size = 0
         for job_id in done:
             self._locks.release(job_id)

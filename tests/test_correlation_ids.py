@@ -1,0 +1,40 @@
+"""Correlation ids made for jobs that came without one: version 4 uuids, never repeated,
+different in every forked worker (the ``random`` generator they come from is reseeded)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from runnerkit.runner.job_answers import or_new_id
+
+
+def test_a_given_correlation_id_is_kept() -> None:
+    given = str(uuid.uuid4())
+    assert or_new_id(given) == given
+
+
+def test_new_ids_are_distinct_version_4_uuids() -> None:
+    made = [or_new_id(None) for _ in range(20_000)]
+    assert len(set(made)) == len(made)
+    for text in made[:2000]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+def test_forked_workers_make_different_ids() -> None:
+    read, write = os.pipe()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.write(write, (or_new_id("") + "\n").encode())
+            os._exit(0)
+        children.append(pid)
+    os.close(write)
+    for pid in children:
+        os.waitpid(pid, 0)
+    with os.fdopen(read) as lines:
+        ids = lines.read().split()
+    ids.append(or_new_id(""))
+    assert len(ids) == 3 and len(set(ids)) == 3, ids

@@ -422,3 +422,44 @@ def test_a_request_refused_at_capacity_may_be_sent_again_as_it_was(
     finally:
         release.set()
         holder.join(10)
+
+
+def test_the_replay_key_leads_with_the_signed_timestamp() -> None:
+    from runnerkit.service.signing import TIMESTAMP_HEADER, replay_key, request_digest
+
+    body = b'{"jobId": "x"}'
+    first = sign(body, "s", timestamp_ms=1_800_000_000_000)
+    later = sign(body, "s", timestamp_ms=1_800_000_000_001)
+    key = replay_key(first, body)
+    assert key == (1_800_000_000_000).to_bytes(8, "big") + request_digest(first, body)
+    assert int(first[TIMESTAMP_HEADER]) == int.from_bytes(key[:8], "big")
+    # Keys of later requests sort after: the ledger's index grows at its end.
+    assert replay_key(later, body) > key
+
+
+def test_a_ledger_with_an_older_runnerkits_digests_still_refuses_their_replays(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from runnerkit.runner.ledger import Ledger
+    from runnerkit.service.signing import replay_key, request_digest
+
+    path = str(tmp_path / "ledger.sqlite3")
+    Ledger(path, retention_s=3600).probe()  # the tables, as a worker makes them
+    body = b'{"jobId": "y"}'
+    headers = sign(body, "s")
+    with sqlite3.connect(path) as conn:  # what an older runnerkit recorded: the bare digest
+        conn.execute(
+            "INSERT INTO signed_requests (digest, seen) VALUES (?, ?)",
+            (request_digest(headers, body), time.time()),
+        )
+    ledger = Ledger(path, retention_s=3600)
+    assert ledger.first_sight(replay_key(headers, body), "y") is False
+    fresh = sign(b'{"jobId": "z"}', "s")
+    assert ledger.first_sight(replay_key(fresh, b'{"jobId": "z"}'), "z") is True
+    ledger.journal.flush()
+    # Once the old digests are past their memory, the second look is not made any more.
+    ledger.event_memory_s = -1.0
+    ledger.prune()
+    assert ledger._legacy_digests is False

@@ -49,7 +49,7 @@ from runnerkit.runner.storage import STORAGE_ERRORS
 from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 from runnerkit.service.metric_families import metrics
 from runnerkit.service.metrics import labelled
-from runnerkit.service.signing import SignatureError, request_digest, verify
+from runnerkit.service.signing import SignatureError, replay_key, verify
 
 
 def wants_async(headers: Mapping[str, str]) -> bool:
@@ -173,7 +173,7 @@ class Executor(AsyncJobs):
             )
         except SignatureError as exc:
             raise Unauthenticated(exc.message, code=exc.code) from None
-        return request_digest(headers, raw)
+        return replay_key(headers, raw)
 
     def _load_request(self, body: dict[str, Any], job_id: str | None) -> dict[str, Any]:
         try:

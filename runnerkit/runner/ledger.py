@@ -107,6 +107,8 @@ class Ledger(SQLiteFile):
         self._me = (0, 0.0)
         self._since_prune = 0
         self._folded = 0
+        #: Whether signed_requests may hold an older runnerkit's keys (see first_sight).
+        self._legacy_digests = False
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -136,6 +138,7 @@ class Ledger(SQLiteFile):
             " (digest BLOB PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID"
         )
         conn.execute("CREATE INDEX IF NOT EXISTS signed_requests_seen ON signed_requests(seen)")
+        self._legacy_digests = _has_legacy_digests(conn)
         # Only unfinished (asynchronous) jobs, a handful: housekeeping looks for orphans among
         # them twice a second, which must not cost a scan of every answer kept.
         conn.execute(
@@ -395,16 +398,22 @@ class Ledger(SQLiteFile):
         return cur.rowcount > 0
 
     def first_sight(self, digest: bytes, job_id: str) -> bool:
-        """Record a signed request's digest (:func:`runnerkit.signing.request_digest`) for
+        """Record a signed request's key (:func:`runnerkit.service.signing.replay_key`) for
         ``job_id``, whose lock this process holds; False if it was recorded before.
 
         Recorded in the journal, so ``job_id``'s lock stays held until the digest is in the
         file: a copy of the request sent to another worker meanwhile waits for it there.
+        While the ledger still holds digests of an older runnerkit (the bare SHA-256, without
+        the timestamp in front), the key's digest is looked for among them too.
         """
         digest_hex = digest.hex()
         if self.journal.saw(digest_hex):
             return False
         if self._read_one("SELECT 1 FROM signed_requests WHERE digest = ?", (digest,)):
+            return False
+        if self._legacy_digests and self._read_one(
+            "SELECT 1 FROM signed_requests WHERE digest = ?", (digest[8:],)
+        ):
             return False
         now = time.time()
         try:
@@ -426,6 +435,7 @@ class Ledger(SQLiteFile):
                 "DELETE FROM signed_requests WHERE seen < ?",
                 (time.time() - self.event_memory_s,),
             )
+            self._legacy_digests = _has_legacy_digests(conn)
             cur = conn.execute(
                 "DELETE FROM jobs WHERE state = 'done' AND finished < ?",
                 (time.time() - self.retention_s,),
@@ -454,3 +464,17 @@ class Ledger(SQLiteFile):
         with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
         return int(count)
+
+
+#: Every key of :func:`~runnerkit.service.signing.replay_key` sorts below this (its
+#: timestamp below 2**44 ms, the year 2527); an older runnerkit's bare SHA-256 digests are
+#: spread over every value, so all but one in a million of them sort at or above it.
+_LEGACY_FROM = bytes([0, 0, 0x10])
+
+
+def _has_legacy_digests(conn: sqlite3.Connection) -> bool:
+    """Whether ``signed_requests`` holds digests of an older runnerkit (one index probe)."""
+    row = conn.execute(
+        "SELECT 1 FROM signed_requests WHERE digest >= ? LIMIT 1", (_LEGACY_FROM,)
+    ).fetchone()
+    return row is not None

@@ -188,3 +188,28 @@ def test_threads_a_request_starts_are_not_daemons(make_pool: Callable[..., Reque
     # worker's exit until the job is done: it inherits the daemon flag of its creator.
     pool = make_pool(1)
     assert pool.submit(lambda: threading.Thread(target=int).daemon).result(timeout=10) is False
+
+
+def test_a_thread_done_with_a_long_job_serves_a_waiting_request_before_it_leaves(
+    make_pool: Callable[..., RequestThreads],
+) -> None:
+    # The pool is at its ceiling, every thread held by a long job, a request waits: the first
+    # thread whose job ends takes it, though the pool is over its core.
+    pool = make_pool(1, 3, stall_s=0.01)
+    releases = [threading.Event() for _ in range(3)]
+    started: list[int] = []
+
+    def hold(n: int) -> int:
+        started.append(n)
+        assert releases[n].wait(30)
+        return n
+
+    held = [pool.submit(hold, n) for n in range(3)]
+    wait_until(lambda: len(started) == 3, 10, lambda: f"{started} started")
+    waiting = pool.submit(lambda: "served")
+    releases[0].set()
+    assert held[0].result(timeout=10) == 0
+    assert waiting.result(timeout=10) == "served"
+    for release in releases:
+        release.set()
+    assert [f.result(timeout=10) for f in held] == [0, 1, 2]

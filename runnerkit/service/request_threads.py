@@ -20,7 +20,7 @@ pool, 412 µs with 10 threads, where requests queue for a thread instead.
   it starts threads until ``core`` of them are free of such work, up to ``max_workers``. A
   job within ``maxConcurrency`` therefore waits for a thread at most about 2 x STALL_S.
 - A thread whose request ran longer than :data:`STALL_S` leaves the pool when it is done if
-  the pool is over ``core``: it was probably replaced meanwhile.
+  the pool is over ``core`` and no request waits: it was probably replaced meanwhile.
 
 The interface is the part of ``concurrent.futures.Executor`` gthread uses (``submit`` returns
 a ``Future``; ``shutdown``), plus ``max_workers``, which a runner's worker raises once its app
@@ -186,7 +186,9 @@ class RequestThreads:
             del item, future, fn, args
             if time.monotonic() - started >= self.stall_s and self._threads > self.core:
                 with lock:
-                    if self._threads > self.core:
+                    # Never with requests waiting: with the pool at its ceiling nothing else
+                    # would start a thread for them.
+                    if self._threads > self.core and not queue:
                         self._threads -= 1
                         return
 

@@ -91,3 +91,23 @@ def test_workers_see_each_others_outbox_rows_after_another_worker_exits(tmp_path
     assert staying.exitcode == 0
     assert seen.value == 3, "the staying worker does not see every worker's rows"
     assert os.path.exists(path + "-wal")  # the live workers' WAL, one for all
+
+
+def test_past_its_cap_the_ledger_drops_its_oldest_answers_in_one_go(tmp_path: Path) -> None:
+    ledger = Ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600, max_entries=50)
+    jobs = [f"job-{n:03d}" for n in range(60)]
+    for job_id in jobs:
+        assert ledger.claim(job_id).outcome == "run"
+        ledger.complete(job_id, 200, f'{{"success": true, "n": "{job_id}"}}')
+        ledger.journal.flush()  # one answer at a time: "finished" follows the list
+    assert ledger.size() == 60
+
+    assert ledger.prune() == 15  # down to 90 % of the cap, not just to the cap
+    assert ledger.size() == 45
+    # The oldest went; the newest are still replayed.
+    assert ledger.claim(jobs[14]).outcome == "run"
+    ledger.release(jobs[14], recorded=False)
+    replay = ledger.claim(jobs[15])
+    assert (replay.outcome, replay.body) == ("replay", {"success": True, "n": jobs[15]})
+    # Under the cap nothing more goes.
+    assert ledger.prune() == 0

@@ -75,6 +75,12 @@ _STORE_ANSWER = (
 )
 _STORE_DIGEST = "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)"
 
+#: Past its cap the ledger drops its oldest answers down to this share of it, in one go.
+#: Their keys (jobIds) are random, so each dropped row changes a random page of the index:
+#: dropping a thousand rows at every prune rewrote most of its pages each time (measured
+#: in-process at the cap of 100,000: 104 µs of CPU per job in all, 61 below the cap).
+PRUNE_TO = 0.9
+
 #: How long a claim waits for another worker's lock on a job before it answers "running": a
 #: finished job's lock is held until its journal is folded (:data:`~.journal.FOLD_DELAY_S`).
 CLAIM_WAIT_S = 0.05
@@ -428,7 +434,8 @@ class Ledger(SQLiteFile):
             conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
 
     def prune(self) -> int:
-        """Drop finished entries past retention, and the oldest beyond ``max_entries``."""
+        """Drop finished entries past retention and, beyond ``max_entries``, the oldest down
+        to :data:`PRUNE_TO` of it."""
         self._since_prune = 0
         with self._transaction() as conn:
             conn.execute(
@@ -446,7 +453,7 @@ class Ledger(SQLiteFile):
                 cur = conn.execute(
                     "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs"
                     " WHERE state = 'done' ORDER BY finished LIMIT ?)",
-                    (count - self.max_entries,),
+                    (count - int(self.max_entries * PRUNE_TO),),
                 )
                 removed += cur.rowcount
         return int(removed)

@@ -32,6 +32,19 @@ def _wal_file(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def counted(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> list[int]:
+    """Count the calls of ``target.name`` (the list grows by one per call)."""
+    calls: list[int] = []
+    original = getattr(target, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+    return calls
+
+
 @pytest.fixture
 def statements(tmp_path: Path) -> GILStatements:
     _wal_file(tmp_path / "t.sqlite3").close()
@@ -196,14 +209,7 @@ def test_the_ledger_falls_back_to_sqlite3_while_another_writer_holds_the_file(
 ) -> None:
     ledger = direct_ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600)
     assert ledger.claim("first").outcome == "run"
-    ordinary = []
-    write = ledger._write
-
-    def counted_write() -> Any:
-        ordinary.append(1)
-        return write()
-
-    monkeypatch.setattr(ledger, "_write", counted_write)
+    ordinary = counted(monkeypatch, ledger, "_write")
     ledger.complete("first", 200, '{"success": true}')
     assert ordinary == []  # the fast path wrote it
     # Another writer holds SQLite's lock (not the writers' turn: only the file's own lock).
@@ -420,14 +426,7 @@ def test_a_fold_goes_the_ordinary_way_when_the_fast_one_would_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, obstacle: str
 ) -> None:
     ledger = Ledger(str(tmp_path / "ledger.sqlite3"), retention_s=3600)
-    ordinary = []
-    transaction = ledger._transaction
-
-    def counted_transaction() -> Any:
-        ordinary.append(1)
-        return transaction()
-
-    monkeypatch.setattr(ledger, "_transaction", counted_transaction)
+    ordinary = counted(monkeypatch, ledger, "_transaction")
     assert ledger.claim("first").outcome == "run"
     ledger.complete("first", 200, '{"success": true}')
     ledger.journal.flush()

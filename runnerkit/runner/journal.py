@@ -44,6 +44,7 @@ from typing import Any
 from runnerkit.runner.locks import LIFE_MARKS, JobLocks
 from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.filelocks import ofd_lock
+from runnerkit.service.libc_calls import errno_error, keeping_gil
 from runnerkit.service.process import keep_pid_current
 
 log = logging.getLogger("runnerkit.state")
@@ -63,51 +64,31 @@ TRUNCATE_AT = 1 << 20
 RESCAN_S = 1.0
 
 
-def _gil_holding_write() -> Callable[[int, bytes], int]:
-    """libc's ``write`` called *without* releasing the GIL (``ctypes.PyDLL``), else
-    ``os.write``. A line appended to a file is a few microseconds in the page cache; under
-    load, giving the GIL up around it costs more: another thread takes it meanwhile, and
-    this one waits for it again (see :func:`runnerkit.service.filelocks.ofd_lock`)."""
-    try:
-        call = ctypes.PyDLL(None, use_errno=True).write
-    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
-        return os.write
-    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-    call.restype = ctypes.c_ssize_t
-
-    def write(fd: int, data: bytes) -> int:
-        written = int(call(fd, data, len(data)))
-        if written < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-        return written
-
-    return write
+_LIBC_WRITE = keeping_gil(
+    "write", [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_ssize_t
+)
+_LIBC_FTRUNCATE = keeping_gil("ftruncate", [ctypes.c_int, ctypes.c_int64], ctypes.c_int)
 
 
-_WRITE = _gil_holding_write()
+def _WRITE(fd: int, data: bytes) -> int:
+    """``os.write`` keeping the GIL (:mod:`runnerkit.service.libc_calls`): a line appended to
+    a file is a few microseconds in the page cache."""
+    if _LIBC_WRITE is None:  # pragma: no cover - not glibc/Linux
+        return os.write(fd, data)
+    written = int(_LIBC_WRITE(fd, data, len(data)))
+    if written < 0:
+        raise errno_error()
+    return written
 
 
-def _gil_holding_truncate() -> Callable[[int, int], None]:
-    """libc's ``ftruncate`` called without releasing the GIL, else ``os.ftruncate``: the
-    journal is cut with its lock held, and appends that found the lock taken would wait
-    while this thread waited for the GIL again (see :func:`_gil_holding_write`)."""
-    try:
-        call = ctypes.PyDLL(None, use_errno=True).ftruncate
-    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
-        return os.ftruncate
-    call.argtypes = [ctypes.c_int, ctypes.c_int64]
-    call.restype = ctypes.c_int
+def _TRUNCATE(fd: int, length: int) -> None:
+    """``os.ftruncate`` keeping the GIL: the journal is cut with its lock held, and appends
+    that found the lock taken would wait while this thread waited for the GIL again."""
+    if _LIBC_FTRUNCATE is None:  # pragma: no cover - not glibc/Linux
+        os.ftruncate(fd, length)
+    elif _LIBC_FTRUNCATE(fd, length) != 0:
+        raise errno_error()
 
-    def truncate(fd: int, length: int) -> None:
-        if call(fd, length) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    return truncate
-
-
-_TRUNCATE = _gil_holding_truncate()
 
 #: The byte of a journal file held while a dead owner's journal is folded, so two processes
 #: never fold one file at once.

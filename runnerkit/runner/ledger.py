@@ -370,7 +370,7 @@ class Ledger(SQLiteFile):
             for r in records
         ]
         self._write_many(statements)
-        answers = len(records) - sum(1 for r in records if r[0] == "seen")
+        answers = sum(1 for r in records if r[0] == "answer")
         # As the job path's own writes do (see SQLiteFile._write_one): without it, the WAL of
         # a ledger written by several workers without a pause is never started over.
         self._folded += len(records)

@@ -174,24 +174,31 @@ class SQLiteFile:
         (:meth:`_checkpoint`).
         """
         gil = self._gil
-        if gil is not None and self._conn is not None and self._pid == _PID:
-            pause = WRITE_PAUSE_FIRST_S
-            for _ in range(WRITE_TRIES):
-                if self._writers.try_take():
-                    try:
-                        changed: int | None = gil.execute(sql, parameters)
-                    except Busy:  # a writer that does not take turns, e.g. the sqlite3 shell
-                        changed = None
-                    finally:
-                        self._writers.give_back()
-                    if changed is not None:
-                        if gil.written >= CHECKPOINT_EVERY and self._checkpoint():
-                            gil.written = 0
-                        return changed
-                time.sleep(pause)
-                pause = min(2 * pause, WRITE_PAUSE_LONGEST_S)
+        if gil is not None and self._conn is not None and self._pid == _PID and self._quick_turn():
+            try:
+                changed: int | None = gil.execute(sql, parameters)
+            except Busy:  # a writer that does not take turns, e.g. the sqlite3 shell
+                changed = None
+            finally:
+                self._writers.give_back()
+            if changed is not None:
+                if gil.written >= CHECKPOINT_EVERY and self._checkpoint():
+                    gil.written = 0
+                return changed
         with self._write() as conn:
             return int(conn.execute(sql, parameters).rowcount)
+
+    def _quick_turn(self) -> bool:
+        """Take the writers' turn for a GIL-keeping write: at once if free, else after short
+        pauses that hold nothing (up to :data:`WRITE_TRIES`). False: go the ordinary way. The
+        caller gives a taken turn back."""
+        pause = WRITE_PAUSE_FIRST_S
+        for _ in range(WRITE_TRIES):
+            if self._writers.try_take():
+                return True
+            time.sleep(pause)
+            pause = min(2 * pause, WRITE_PAUSE_LONGEST_S)
+        return False
 
     def _write_many(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Writes in one transaction, in the writers' turn.
@@ -211,18 +218,14 @@ class SQLiteFile:
             and self._batching.acquire(blocking=False)
         ):
             try:
-                pause = WRITE_PAUSE_FIRST_S
-                for _ in range(WRITE_TRIES):
-                    if self._writers.try_take():
-                        try:
-                            gil.transaction(statements)
-                        except Busy:  # a writer that does not take turns
-                            break
-                        finally:
-                            self._writers.give_back()
+                if self._quick_turn():
+                    try:
+                        gil.transaction(statements)
                         return
-                    time.sleep(pause)
-                    pause = min(2 * pause, WRITE_PAUSE_LONGEST_S)
+                    except Busy:  # a writer that does not take turns
+                        pass
+                    finally:
+                        self._writers.give_back()
             finally:
                 self._batching.release()
         with self._transaction() as conn:

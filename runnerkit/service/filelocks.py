@@ -5,7 +5,7 @@ runner's sentinel and exit hook, the forge's dispatcher). :func:`ofd_lock` is on
 open-file-description byte-range lock call (``F_OFD_SETLK`` and friends), the primitive of
 the leader lease, the concurrency slots, the job locks and the SQLite writers' turns: the
 kernel drops such a lock when its holder dies, and any process can test a byte without
-taking it. A call that never waits keeps the GIL (:func:`_gil_holding_fcntl`), since the
+taking it. A call that never waits keeps the GIL (:mod:`runnerkit.service.libc_calls`), since the
 job path makes several per job.
 """
 
@@ -18,7 +18,8 @@ import fcntl
 import os
 import struct
 import time
-from typing import Any
+
+from runnerkit.service.libc_calls import errno_error, keeping_gil
 
 _FLOCK_STRUCT = "hhqqi"
 _FLOCK_PAD = b"\0" * 8
@@ -36,31 +37,15 @@ class _Flock(ctypes.Structure):
     ]
 
 
-def _gil_holding_fcntl() -> Any:
-    """libc's ``fcntl`` called *without* releasing the GIL (``ctypes.PyDLL``), or None.
-
-    A lock call that never waits is one short system call, and releasing the GIL around it
-    costs more than the call: under load another thread takes the GIL meanwhile, and this
-    one must wait for it again (two context switches). The job path makes several such
-    calls per job (job lock, slot, writers' turn), so they keep the GIL.
-    """
-    try:
-        call = ctypes.PyDLL(None, use_errno=True).fcntl
-    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    call.restype = ctypes.c_int
-    return call
-
-
-_FCNTL = _gil_holding_fcntl()
+#: libc's ``fcntl`` keeping the GIL (:mod:`runnerkit.service.libc_calls`), or None.
+_FCNTL = keeping_gil("fcntl", [ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int)
 
 
 def ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False, wait: bool = False) -> int:
     """One OFD byte-range lock call on byte ``offset``; returns the resulting ``l_type``.
 
     ``wait`` blocks until the lock is granted (the GIL is released meanwhile); a call that
-    does not wait keeps the GIL (:func:`_gil_holding_fcntl`). A refused lock raises
+    does not wait keeps the GIL (:mod:`runnerkit.service.libc_calls`). A refused lock raises
     ``OSError`` (``EAGAIN``/``EACCES``) either way.
     """
     command = fcntl.F_OFD_GETLK if query else fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
@@ -70,8 +55,7 @@ def ofd_lock(fd: int, kind: int, offset: int, *, query: bool = False, wait: bool
         return int(struct.unpack(_FLOCK_STRUCT, result[: struct.calcsize(_FLOCK_STRUCT)])[0])
     lock = _Flock(kind, os.SEEK_SET, offset, 1, 0)
     if _FCNTL(fd, command, ctypes.byref(lock)) == -1:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+        raise errno_error()
     return int(lock.l_type)
 
 

@@ -1,0 +1,33 @@
+"""libc calls made *without* releasing the GIL (``ctypes.PyDLL``), for short system calls
+on the job path.
+
+A call that never waits (a lock that is not blocking, a line appended to a file, a file cut)
+is one short system call, and releasing the GIL around it costs more than the call: under
+load another thread takes the GIL meanwhile, and this one must wait for it again (two context
+switches). The job path makes several per job (job lock, slot, writers' turn, journal), so
+they keep the GIL. Never for a call that may wait.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+
+def keeping_gil(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """libc's ``name`` as a function that keeps the GIL, or None where there is no such libc
+    (the caller then uses the ``os`` module's call)."""
+    try:
+        call = getattr(ctypes.PyDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
+        return None
+    call.argtypes = argtypes
+    call.restype = restype
+    return call
+
+
+def errno_error() -> OSError:
+    """The ``OSError`` of the last failed call made through :func:`keeping_gil`."""
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))

@@ -213,3 +213,25 @@ def test_a_thread_done_with_a_long_job_serves_a_waiting_request_before_it_leaves
     for release in releases:
         release.set()
     assert [f.result(timeout=10) for f in held] == [0, 1, 2]
+
+
+def test_a_thread_that_cannot_start_is_tried_again_not_counted(
+    make_pool: Callable[..., RequestThreads], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At the system's thread limit Thread.start raises: the request stays queued, the pool
+    # does not count a thread it has not got, and the next try (the watcher's) serves it.
+    start = threading.Thread.start
+    refusals = [1]
+
+    def start_or_refuse(thread: threading.Thread) -> None:
+        if refusals and thread.name.startswith("request-") and "watch" not in thread.name:
+            refusals.pop()
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_refuse)
+    pool = make_pool(1, 2, stall_s=0.01)
+    future = pool.submit(lambda: "served")
+    assert refusals == []
+    assert future.result(timeout=10) == "served"
+    assert pool.threads == 1

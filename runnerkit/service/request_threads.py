@@ -30,6 +30,7 @@ is loaded.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -45,6 +46,7 @@ STALL_S = 0.02
 IDLE_S = 10.0
 
 _names = itertools.count()
+log = logging.getLogger("runnerkit.threads")
 
 
 class _Idle:
@@ -118,9 +120,12 @@ class RequestThreads:
                     self._watching = watch = True
         if idle is not None:
             idle.wake.release()
-        elif start:
-            self._start_thread()
-        elif watch:
+        elif start and not self._start_thread():
+            # No thread for it now (the system's limit): the watcher tries again each stall.
+            with self._lock:
+                watch = not self._watching
+                self._watching = True
+        if watch:
             self._start_watching()
         return future
 
@@ -146,11 +151,18 @@ class RequestThreads:
 
     # -- the threads --------------------------------------------------------------------
 
-    def _start_thread(self) -> None:
+    def _start_thread(self) -> bool:
         # Not daemons, like the executor's: a process that exits waits for the requests in
         # flight (gunicorn's graceful timeout bounds that), and threads a request starts
         # (an asynchronous job's) inherit the flag.
-        threading.Thread(target=self._work, name=self._name, daemon=False).start()
+        try:
+            threading.Thread(target=self._work, name=self._name, daemon=False).start()
+        except RuntimeError as exc:  # can't start new thread: the process's or system's limit
+            with self._lock:
+                self._threads -= 1
+            log.warning("cannot start a request thread (%s); %d running", exc, self._threads)
+            return False
+        return True
 
     def _work(self) -> None:
         ident = threading.get_ident()
@@ -213,13 +225,18 @@ class RequestThreads:
     # -- growing when the work stalls ---------------------------------------------------
 
     def _start_watching(self) -> None:
-        if self._watcher is None:
-            self._watcher = threading.Thread(
-                target=self._watch_stalls, name=f"{self._name}-watch", daemon=True
-            )
-            self._watcher.start()
-        else:
+        if self._watcher is not None:
             self._watch.release()
+            return
+        self._watcher = threading.Thread(
+            target=self._watch_stalls, name=f"{self._name}-watch", daemon=True
+        )
+        try:
+            self._watcher.start()
+        except RuntimeError as exc:  # the next request that finds the pool full tries again
+            with self._lock:
+                self._watcher, self._watching = None, False
+            log.warning("cannot start the request threads' watcher (%s)", exc)
 
     def _watch_stalls(self) -> None:
         while True:

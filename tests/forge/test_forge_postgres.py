@@ -4,12 +4,15 @@ statement translation, NUL-safe text, and clear refusals of bad or unreachable U
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 from flask.testing import FlaskClient
 
@@ -182,6 +185,72 @@ def test_queuing_jobs_notifies_the_channel_given_once_and_only_for_new_jobs(
         assert heard() == 1, "two jobs in one statement: one notification"
     finally:
         listener.close()
+
+
+def _jobs_rows_read(raw: psycopg.Connection[Any], sql: str, *parameters: str) -> tuple[int, int]:
+    """(rows of ``jobs`` the generic plan of ``sql`` reads, rows it changes) when run with
+    the literal ``parameters`` (rolled back)."""
+    raw.execute("BEGIN")
+    try:
+        raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        marks = iter(range(1, 100))
+        numbered = re.sub(r"%s", lambda _match: f"${next(marks)}", sql)
+        raw.execute(psycopg.sql.SQL("PREPARE keyed AS {}").format(psycopg.sql.SQL(numbered)))
+        literals = psycopg.sql.SQL(", ").join(psycopg.sql.Literal(p) for p in parameters)
+        explain = psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE keyed({})")
+        row = raw.execute(explain.format(literals)).fetchone()
+        assert row is not None
+        plan = row[0][0]["Plan"]
+    finally:
+        raw.execute("ROLLBACK")
+        raw.execute("DEALLOCATE ALL")
+
+    def read(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "jobs" and "Scan" in node["Node Type"]:
+            own = int(node["Actual Rows"]) + int(node.get("Rows Removed by Filter", 0))
+        return own + sum(read(child) for child in node.get("Plans", ()))
+
+    return read(plan), int(plan["Plans"][0]["Actual Rows"])
+
+
+@pytest.mark.parametrize("forge_backend", ["postgres"])
+def test_keyed_updates_read_the_rows_they_change_whatever_the_statistics_say(
+    pg_forge: Forge, store_config: dict[str, str]
+) -> None:
+    """The claim and the batched update find their jobs by key. With statistics taken while
+    no job waited or ran, and then a backlog of 3,000 in those statuses, a status guard the
+    planner could look up would walk the whole backlog per statement; checked on the rows
+    the key finds, it reads the one row it changes."""
+    backlog = 3000
+    with psycopg.connect(store_config["DB_URL"], autocommit=True) as raw:
+        raw.execute(
+            "INSERT INTO jobs (id, type, priority, status, request, submitted, updated_at,"
+            " timeout_ms, attempts) SELECT 'backlog-' || g, 't.backlog', 50, 'completed', '{}',"
+            " 1.0, '2026-01-01T00:00:00.000Z', 1000, 0 FROM generate_series(1, %s) AS g",
+            (backlog,),
+        )
+        raw.execute("ANALYZE jobs")  # a quiet moment: nothing waits, nothing runs
+        first = raw.execute("SELECT seq FROM jobs WHERE id = 'backlog-1'").fetchone()
+        assert first is not None
+        for status, sql, parameters in [
+            (
+                "queued",
+                translate(pg_rows.CLAIM_JOBS),
+                (
+                    '[["backlog-1", "2026", 1, "r", "n", "v", "c", "2026", 1.0, 0]]',
+                    f"{{{first[0]}}}",
+                ),
+            ),
+            (
+                "running",
+                pg_rows.update_statement((("status",), ("running",), True), True),
+                ('[["backlog-1", "completed", 0]]', "{backlog-1}", "running"),
+            ),
+        ]:
+            raw.execute("UPDATE jobs SET status = %s", (status,))  # the backlog, unanalysed
+            read, changed = _jobs_rows_read(raw, sql, *parameters)
+            assert (read, changed) == (1, 1), f"{read} {status} jobs read to update one"
 
 
 def test_statements_are_translated_once_and_literals_left_alone() -> None:

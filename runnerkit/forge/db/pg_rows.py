@@ -83,6 +83,13 @@ CLAIM_COLUMNS = (
     "capability_id", "first_started_at", "lease_until", "async",
 )  # fmt: skip
 
+#: The status guard of a statement that finds its jobs by key: ``status || ''`` is no
+#: column an index holds, so the guard is checked on the rows the key finds. Written as
+#: ``status IN (...)``, a generic plan made while few jobs waited (the statistics of a quiet
+#: moment) walks ``jobs_wait`` over every job in those statuses instead: under a backlog of
+#: 3,000 queued jobs, 2.3 ms of the server's CPU per claim where the key takes 0.2.
+_GUARD = "jobs.status || '' IN ({})"
+
 #: Claims: every picked job still waiting at the attempt before its claim starts its next
 #: one, in one statement; it answers the ids taken. The jobs are found by their ``seq``s
 #: (``= ANY``, an index look-up each): joined on the JSON rows alone, the planner, which
@@ -94,8 +101,9 @@ CLAIM_JOBS = (
     " slot_runner = r->>3, slot_capability = r->>6, lease_until = (r->>8)::float8,"
     " async = (r->>9)::bigint FROM jsonb_array_elements(%s::jsonb) AS q(r)"
     ' WHERE jobs.seq = ANY(%s::bigint[]) AND jobs.id = (r->>0) COLLATE "C"'
-    " AND jobs.status IN ('queued', 'retrying')"
-    " AND jobs.attempts = (r->>2)::bigint - 1 RETURNING jobs.id"
+    " AND "
+    + _GUARD.format("'queued', 'retrying'")
+    + " AND jobs.attempts = (r->>2)::bigint - 1 RETURNING jobs.id"
 )
 
 
@@ -163,10 +171,11 @@ def update_statement(shape: UpdateShape, many: bool) -> str:
     if found is not None:
         return found
     columns, statuses, by_attempt = shape
-    guard = "" if statuses is None else f" AND status IN ({', '.join(['%s'] * len(statuses))})"
-    if not many:  # what update_job sends, translated
+    marks = "" if statuses is None else ", ".join(["%s"] * len(statuses))
+    if not many:  # what update_job sends, translated (``id`` is unique: no plan walks more)
         assignments = ", ".join(f'"{column}" = %s' for column in columns)
-        sql = f"UPDATE jobs SET {assignments} WHERE id = %s{guard}"
+        sql = f"UPDATE jobs SET {assignments} WHERE id = %s"
+        sql += "" if statuses is None else f" AND status IN ({marks})"
         sql += " AND attempts = %s" if by_attempt else ""
     else:
         assignments = ", ".join(
@@ -176,7 +185,7 @@ def update_statement(shape: UpdateShape, many: bool) -> str:
         sql = (
             f"UPDATE jobs SET {assignments} FROM jsonb_array_elements(%s::jsonb) AS q(r)"
             f' WHERE jobs.id = ANY(%s::text[]) AND jobs.id = (r->>0) COLLATE "C"'
-            + guard.replace(" status IN", " jobs.status IN")
+            + ("" if statuses is None else f" AND {_GUARD.format(marks)}")
         )
         if by_attempt:
             sql += f" AND jobs.attempts = (r->>{len(columns) + 1})::bigint"

@@ -3,12 +3,14 @@ for anything that must see the record (a filter, another handler)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +141,89 @@ def _drain(fd: int, into: bytearray) -> None:
     with open(fd, "rb", buffering=0) as source:
         while chunk := source.read(65536):
             into.extend(chunk)
+
+
+class _CountingStream(io.TextIOWrapper):
+    """A text stream that counts the lines written through it (not past it)."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@contextlib.contextmanager
+def _json_handler_on(stream: io.TextIOBase) -> Iterator[logging.Logger]:
+    logger = logging.getLogger("runnerkit")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("svc", "1.0.0"))
+    setattr(handler, _HANDLER_MARK, True)
+    saved = logger.handlers[:], logger.propagate, logger.level
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield logging.getLogger("runnerkit.job")
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+
+
+def test_a_line_goes_past_the_stream_into_a_pipe_with_room_and_through_it_when_full() -> None:
+    """With room in the pipe, a line is written to its descriptor directly (the stream's
+    write, which gives the GIL up, is not called). When the pipe is full the line waits in
+    the stream's write for the reader, and arrives whole, after what was there before."""
+    read_fd, write_fd = os.pipe()
+    pipe = _CountingStream(open(write_fd, "wb", buffering=0), encoding="utf-8", line_buffering=True)  # noqa: SIM115 - closed below
+    try:
+        with _json_handler_on(pipe) as job_log:
+            emit(job_log, logging.INFO, "job completed", {"jobId": "roomy"}, trusted=True)
+            assert pipe.writes == 0
+            assert json.loads(os.read(read_fd, 65536))["jobId"] == "roomy"
+            os.set_blocking(write_fd, False)
+            filler = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    filler += os.write(write_fd, b"#" * 4096)
+            os.set_blocking(write_fd, True)
+            writer = threading.Thread(
+                target=emit,
+                args=(job_log, logging.INFO, "job completed", {"jobId": "waited"}),
+                kwargs={"trusted": True},
+            )
+            writer.start()
+            received = bytearray()
+            while len(received) < filler or b"\n" not in received[filler:]:
+                received += os.read(read_fd, 65536)
+            writer.join(10)
+            assert not writer.is_alive()
+        assert pipe.writes == 1
+        assert received[:filler] == b"#" * filler
+        assert json.loads(received[filler:])["jobId"] == "waited"
+    finally:
+        pipe.close()
+        os.close(read_fd)
+
+
+def test_lines_past_the_stream_and_through_it_keep_their_order_in_a_file(
+    tmp_path: Path,
+) -> None:
+    """Appended to a file directly or through ``logging`` (another component's record), the
+    lines of one thread follow each other in order, whole, at the stream's offset."""
+    path = tmp_path / "lines.log"
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write("before\n")  # still in the stream's buffer: written first
+        with _json_handler_on(stream) as job_log:
+            for index in range(50):
+                emit(job_log, logging.INFO, "job completed", {"n": index}, trusted=True)
+                if index % 10 == 0:
+                    logging.getLogger("runnerkit.other").info("between", extra={"n": index})
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "before"
+    entries = [json.loads(line) for line in lines[1:]]
+    assert [(e["message"], e["n"]) for e in entries] == [
+        pair
+        for index in range(50)
+        for pair in [("job completed", index)] + ([("between", index)] if index % 10 == 0 else [])
+    ]

@@ -4,8 +4,9 @@ on the job path.
 A call that never waits (a lock that is not blocking, a line appended to a file, a line
 to a pipe with room for it, a file cut) is one short system call, and releasing the GIL
 around it costs more than the call: under load another thread takes the GIL meanwhile, and
-this one must wait for it again (two context switches). The job path makes several per job (job lock, slot, writers' turn, journal), so
-they keep the GIL, and so does the job's log line. Never for a call that may wait.
+this one must wait for it again (two context switches). The job path makes several per job
+(job lock, slot, writers' turn, journal, log line), so they keep the GIL. Never for a call
+that may wait.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from runnerkit.runner.journal import FOLD_RETRY_S
 from runnerkit.service.signing import sign
 from tests.instance.instance_support import (
     Instance,
@@ -149,9 +150,20 @@ def test_an_unwritable_ledger_answers_503_and_the_runner_recovers(
         assert reply.status == 200, instance.explain(f"{body['jobId']} answered {reply}")
         assert reply.body["success"] is True
         assert REPLAYED not in reply.headers, reply
-    # The answers given while the ledger could not be written reached it since: replayed.
+    # The answers given while the ledger could not be written reach it at their worker's next
+    # fold (tried again every FOLD_RETRY_S, whatever the traffic): until then the job is still
+    # that worker's, and a redelivery is told so (a retryable 409, as a forge retries it);
+    # from then on it is replayed.
     for body in accepted:
-        reply = signed(instance, body)
+        replies: list[Any] = []
+
+        def answered(job: dict[str, Any] = body, seen: list[Any] = replies) -> bool:
+            seen.append(signed(instance, job))
+            error = seen[-1].body.get("error") or {}
+            return not (error.get("code") == "JOB_ALREADY_RUNNING" and error.get("retryable"))
+
+        wait_until(answered, 5 + 2 * FOLD_RETRY_S, lambda seen=replies: f"{seen[-1]}")
+        reply = replies[-1]
         assert reply.status == 200 and REPLAYED in reply.headers, instance.explain(f"{reply}")
     assert not any(instance.held_slots().values()), instance.held_slots()
     assert "Traceback" not in instance.proc.log_text()

@@ -106,18 +106,9 @@ def test_lines_from_many_threads_arrive_whole_through_a_pipe() -> None:
     lands inside a long one whenever the pipe is full."""
     read_fd, write_fd = os.pipe()
     pipe = open(write_fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115 - closed below
-    logger = logging.getLogger("runnerkit")
-    handler = logging.StreamHandler(pipe)
-    handler.setFormatter(JsonFormatter("svc", "1.0.0"))
-    setattr(handler, _HANDLER_MARK, True)
-    saved = logger.handlers[:], logger.propagate, logger.level
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
     received = bytearray()
     reader = threading.Thread(target=lambda: _drain(read_fd, received))
     reader.start()
-    job_log = logging.getLogger("runnerkit.job")
 
     def write(worker: int) -> None:
         for index in range(200):
@@ -126,10 +117,9 @@ def test_lines_from_many_threads_arrive_whole_through_a_pipe() -> None:
             emit(job_log, logging.INFO, "job completed", fields, trusted=True)
 
     try:
-        run_in_threads(write, 6)
+        with _json_handler_on(pipe) as job_log:
+            run_in_threads(write, 6)
     finally:
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
         pipe.close()
         reader.join()
     lines = received.decode().splitlines()

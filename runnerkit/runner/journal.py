@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runnerkit.runner.locks import LIFE_MARKS, JobLocks
+from runnerkit.service import libc_calls
 from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.filelocks import ofd_lock
 from runnerkit.service.libc_calls import errno_error, keeping_gil
@@ -64,21 +65,9 @@ TRUNCATE_AT = 1 << 20
 RESCAN_S = 1.0
 
 
-_LIBC_WRITE = keeping_gil(
-    "write", [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_ssize_t
-)
 _LIBC_FTRUNCATE = keeping_gil("ftruncate", [ctypes.c_int, ctypes.c_int64], ctypes.c_int)
-
-
-def _WRITE(fd: int, data: bytes) -> int:
-    """``os.write`` keeping the GIL (:mod:`runnerkit.service.libc_calls`): a line appended to
-    a file is a few microseconds in the page cache."""
-    if _LIBC_WRITE is None:  # pragma: no cover - not glibc/Linux
-        return os.write(fd, data)
-    written = int(_LIBC_WRITE(fd, data, len(data)))
-    if written < 0:
-        raise errno_error()
-    return written
+#: A record appended to the journal, the GIL kept (:mod:`runnerkit.service.libc_calls`).
+_WRITE = libc_calls.write
 
 
 def _TRUNCATE(fd: int, length: int) -> None:

@@ -32,3 +32,21 @@ def errno_error() -> OSError:
     """The ``OSError`` of the last failed call made through :func:`keeping_gil`."""
     code = ctypes.get_errno()
     return OSError(code, os.strerror(code))
+
+
+_LIBC_WRITE = keeping_gil(
+    "write", [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_ssize_t
+)
+
+
+def write(fd: int, data: bytes) -> int:
+    """``os.write`` keeping the GIL: how many bytes were written; ``OSError`` on failure.
+
+    For a write that does not wait: a line appended to a file (a few microseconds in the
+    page cache), or to a pipe known to have room for it."""
+    if _LIBC_WRITE is None:  # pragma: no cover - not glibc/Linux
+        return os.write(fd, data)
+    written = int(_LIBC_WRITE(fd, data, len(data)))
+    if written < 0:
+        raise errno_error()
+    return written

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from runnerkit.errors.redaction import redact
+from runnerkit.service import libc_calls
 from runnerkit.service.libc_calls import keeping_gil
 
 _LEVELS = {"WARNING": "warn", "CRITICAL": "fatal"}
@@ -90,17 +91,11 @@ def emit(
     logger.handle(logger.makeRecord(logger.name, level, "", 0, message, (), None, extra=fields))
 
 
-#: libc's ``write`` and ``poll``, called without giving up the GIL (None where there is no
-#: such libc).
-_LIBC_WRITE = keeping_gil(
-    "write", [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_ssize_t
-)
-
-
 class _PollFD(ctypes.Structure):
     _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
 
 
+#: libc's ``poll``, called without giving up the GIL (None where there is no such libc).
 _LIBC_POLL = keeping_gil(
     "poll", [ctypes.POINTER(_PollFD), ctypes.c_ulong, ctypes.c_int], ctypes.c_int
 )
@@ -139,10 +134,10 @@ def _write_line(handler: Any, text: str) -> None:
         if kind != _NONE:
             data = text.encode(stream.encoding, stream.errors or "strict")
             if kind == _FILE:
-                written = int(_LIBC_WRITE(fd, data, len(data)))
-                if written > 0:
-                    _write_all(fd, data[written:])  # the rest of a short write, if any
-                    return
+                written = libc_calls.write(fd, data)
+                if written < len(data):  # a short write (a full disk): the rest, or its error
+                    _write_all(fd, data[written:])
+                return
             elif len(data) <= select.PIPE_BUF and _pipe_write(fd, data):
                 return
         stream.write(text)
@@ -164,12 +159,12 @@ def _pipe_write(fd: int, data: bytes) -> bool:
     ready = _PollFD(fd, select.POLLOUT, 0)
     if int(_LIBC_POLL(ctypes.byref(ready), 1, 0)) != 1 or ready.revents != select.POLLOUT:
         return False
-    return int(_LIBC_WRITE(fd, data, len(data))) == len(data)
+    return libc_calls.write(fd, data) == len(data)
 
 
 def _direct_target(stream: Any) -> tuple[int, int]:
     """(kind, descriptor) of where ``stream``'s lines can go past it (see :data:`_FILE`)."""
-    if _LIBC_WRITE is None or _LIBC_POLL is None:
+    if _LIBC_POLL is None:  # pragma: no cover - not glibc/Linux
         return _NONE, -1
     try:
         fd = stream.fileno()

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
+import select
 import socket
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from runnerkit.errors import make_envelope
+from runnerkit.service import libc_calls
 from runnerkit.service.http import CLIENT_IDLE_TIMEOUT_S, HTTP_ERRORS
 
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ([^\r\n]*)")
@@ -60,35 +63,132 @@ def envelope_response(page: bytes, service: str) -> bytes:
 
 
 class TimedSocket(socket.socket):
-    """A client socket whose blocking mode has a timeout (gthread switches a connection
-    between non-blocking, for its poller, and blocking, for the thread serving it).
+    """A client socket whose blocking mode has a timeout, switched without system calls.
 
-    Accepted sockets become this class in place (``__class__``), so everything but these two
-    methods stays the C socket's own; a read that timed out is remembered by ``id`` until the
-    worker closes the connection. A socket whose body a request thread reads (behind ``Expect:
-    100-continue``, or handed over before it was whole) has a total deadline in
-    :attr:`deadlines`: a read after it raises a timeout as an idle one does.
+    gthread switches a connection between non-blocking (for its poller) and blocking (for
+    the thread serving it), and gunicorn sets a timeout around every drain of a request's
+    body: four mode changes per request. CPython makes each one an ``ioctl`` with the GIL
+    given up, and under load every release of the GIL costs the thread two context switches
+    to get it back. So here the descriptor stays non-blocking for the connection's life and
+    the mode is this object's own (:attr:`_rk_timeout`: 0 non-blocking, ``None`` blocking, a
+    number the longest wait without progress). A read or write that would block waits in
+    ``poll`` for that long (a timeout then raises ``TimeoutError``, as the socket's own
+    would), so a stalled client cannot hold a thread for ever. The response goes out in one
+    ``send`` that keeps the GIL (it never waits: the descriptor does not block); what does
+    not fit waits for room as above.
+
+    A socket whose body a request thread reads (behind ``Expect: 100-continue``, or handed
+    over before it was whole) has a total deadline (:attr:`rk_deadline`): a read after it,
+    or a wait that would pass it, raises a timeout as an idle one does. :attr:`timed_out`
+    says a read timed out, for the worker to close the connection at once.
     """
 
-    __slots__ = ()
+    __slots__ = ("_rk_timeout", "rk_deadline", "timed_out")
     timeout_s = CLIENT_IDLE_TIMEOUT_S  # the worker sets its own
-    timed_out: ClassVar[set[int]] = set()
-    #: ``id`` → monotonic time after which no more of the request may be read.
-    deadlines: ClassVar[dict[int, float]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        super().settimeout(0.0)  # the descriptor's mode, once for the connection
+        self._rk_timeout: float | None = 0.0
+        #: Monotonic time after which no more of the request may be read (None: no deadline).
+        self.rk_deadline: float | None = None
+        self.timed_out = False
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> TimedSocket:
+        """``sock``'s connection as a TimedSocket, in non-blocking mode (``sock`` is
+        detached: it no longer owns the descriptor)."""
+        family, kind, proto = sock.family, sock.type, sock.proto
+        return cls(family, kind, proto, sock.detach())
+
+    # -- the mode, without system calls ------------------------------------------------
 
     def setblocking(self, flag: bool) -> None:
-        if flag:
-            self.settimeout(self.timeout_s)
-        else:
-            super().setblocking(False)
+        self._rk_timeout = self.timeout_s if flag else 0.0
 
-    def recv(self, *args: Any) -> bytes:
-        deadline = TimedSocket.deadlines.get(id(self))
-        if deadline is not None and time.monotonic() > deadline:
-            TimedSocket.timed_out.add(id(self))
-            raise TimeoutError("the request was not complete within its deadline")
+    def getblocking(self) -> bool:
+        return self._rk_timeout != 0.0
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if value < 0.0:
+                raise ValueError("Timeout value out of range")
+        self._rk_timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._rk_timeout
+
+    # -- reads and writes that wait in poll when the mode says so -----------------------
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        while True:
+            self._check_deadline()
+            try:
+                return super().recv(bufsize, flags)
+            except BlockingIOError:
+                if self._rk_timeout == 0.0:
+                    raise
+            self._wait(select.POLLIN, reading=True)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        while True:
+            self._check_deadline()
+            try:
+                return super().recv_into(buffer, nbytes, flags)
+            except BlockingIOError:
+                if self._rk_timeout == 0.0:
+                    raise
+            self._wait(select.POLLIN, reading=True)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        while True:
+            try:
+                return super().send(data, flags)
+            except BlockingIOError:
+                if self._rk_timeout == 0.0:
+                    raise
+            self._wait(select.POLLOUT)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._rk_timeout == 0.0:
+            super().sendall(data, flags)  # the non-blocking socket's own: may raise
+            return
+        if type(data) is not bytes:
+            data = bytes(data)
         try:
-            return super().recv(*args)
-        except TimeoutError:
-            TimedSocket.timed_out.add(id(self))
-            raise
+            # The usual case: all of it fits in the socket's buffer, in one call.
+            sent = libc_calls.send(self.fileno(), data, flags)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        rest = memoryview(data)[sent:]
+        while rest:
+            try:
+                sent = super().send(rest, flags)
+            except (BlockingIOError, InterruptedError):
+                self._wait(select.POLLOUT)
+                continue
+            rest = rest[sent:]
+
+    def _check_deadline(self) -> None:
+        if self.rk_deadline is not None and time.monotonic() > self.rk_deadline:
+            self.timed_out = True
+            raise TimeoutError("the request was not complete within its deadline")
+
+    def _wait(self, events: int, *, reading: bool = False) -> None:
+        """Wait until the socket is ready for ``events``, at most the mode's timeout (and,
+        for a read, until the request's deadline); ``TimeoutError`` if it is not."""
+        timeout = self._rk_timeout
+        if reading and self.rk_deadline is not None:
+            left = self.rk_deadline - time.monotonic()
+            timeout = left if timeout is None else min(timeout, left)
+        poller = select.poll()
+        poller.register(self, events)
+        if timeout is not None and (
+            timeout <= 0.0 or not poller.poll(max(1, math.ceil(timeout * 1000)))
+        ):
+            if reading:
+                self.timed_out = True
+            raise TimeoutError("timed out")
+        if timeout is None:
+            poller.poll()

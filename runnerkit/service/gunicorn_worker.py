@@ -53,6 +53,7 @@ from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
+from runnerkit.service import libc_calls
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
 from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
 from runnerkit.service.request_threads import RequestThreads
@@ -73,6 +74,20 @@ BUFFER_BUDGET = 64 * 1024 * 1024
 _UNKNOWN = 1 << 62
 
 
+class MethodQueue(gthread.PollableMethodQueue):
+    """gthread's queue of work for the main loop, its wake-up byte written keeping the GIL.
+
+    Every request ends with one (its connection goes back to the main loop); ``os.write``
+    would give the GIL up around a write to a non-blocking pipe, which never waits, and
+    under load the request thread would then wait for the GIL again (two context switches).
+    """
+
+    def defer(self, callback: Any, *args: Any) -> None:
+        self._queue.put(partial(callback, *args))
+        with contextlib.suppress(OSError):  # a full pipe: the main loop drains the queue anyway
+            libc_calls.write(self._write_fd, b"\x00")
+
+
 class ThreadWorker(gthread.ThreadWorker):
     """gthread, with its own error pages as ErrorEnvelopes, a timeout for stalled clients and
     requests buffered on the main loop until they are whole (see the module's docstring).
@@ -90,6 +105,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.method_queue = MethodQueue()
         self._buffering: dict[Any, bool] = {}  # conn → registered with the poller
         self._buffered = 0  # bytes held in their rk_buf, all together
         self._next_sweep = 0.0
@@ -126,9 +142,8 @@ class ThreadWorker(gthread.ThreadWorker):
         self._body_cap = self._app_body_cap()
 
     def enqueue_req(self, conn: Any) -> None:
-        sock = conn.sock
-        if type(sock) is socket.socket and not self.cfg.is_ssl:
-            sock.__class__ = TimedSocket
+        if type(conn.sock) is socket.socket and not self.cfg.is_ssl:
+            conn.sock = TimedSocket.adopt(conn.sock)  # a new connection (not yet polled)
         if not self._buffers:
             super().enqueue_req(conn)
             return
@@ -291,11 +306,11 @@ class ThreadWorker(gthread.ThreadWorker):
         if buf:
             conn.parser.unreader.unread(buf if type(buf) is bytes else bytes(buf))
         if conn.rk_need >= 0 and conn.rk_stream:
-            TimedSocket.deadlines[id(conn.sock)] = time.monotonic() + self._body_timeout_s
+            conn.sock.rk_deadline = time.monotonic() + self._body_timeout_s
         elif conn.rk_need < 0 or len(buf) < conn.rk_need:
             # Handed over before it was whole (the client closed its side, a head over the
             # limit, the budget): the thread's reads keep the deadline it had here.
-            TimedSocket.deadlines[id(conn.sock)] = conn.rk_deadline
+            conn.sock.rk_deadline = conn.rk_deadline
         conn.data_ready = True
         super().enqueue_req(conn)
 
@@ -355,14 +370,14 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def finish_request(self, conn: Any, fs: Any) -> None:
         sock = conn.sock
-        TimedSocket.deadlines.pop(id(sock), None)
-        if id(sock) in TimedSocket.timed_out:
-            # gthread would close "gracefully", waiting up to 2 s on its main loop for the
-            # client to close first: a client that stopped talking would stall the worker.
-            TimedSocket.timed_out.discard(id(sock))
-            self.nr_conns -= 1
-            util.close(sock)
-            return
+        if type(sock) is TimedSocket:
+            sock.rk_deadline = None
+            if sock.timed_out:
+                # gthread would close "gracefully", waiting up to 2 s on its main loop for
+                # the client to close first: a client that stopped talking would stall it.
+                self.nr_conns -= 1
+                util.close(sock)
+                return
         super().finish_request(conn, fs)
 
     def _client_timeouts(self) -> tuple[float, float, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from typing import Any
 
 
@@ -50,3 +51,20 @@ def write(fd: int, data: bytes) -> int:
     if written < 0:
         raise errno_error()
     return written
+
+
+_LIBC_SEND = keeping_gil(
+    "send", [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_ssize_t
+)
+
+
+def send(fd: int, data: bytes, flags: int = 0) -> int:
+    """``send(2)`` keeping the GIL, for a socket that does not block (``O_NONBLOCK``): how
+    many bytes went; ``BlockingIOError`` when none fit, ``OSError`` on failure. ``SIGPIPE``
+    is never raised (``MSG_NOSIGNAL``): a closed peer is ``BrokenPipeError``."""
+    if _LIBC_SEND is None:  # pragma: no cover - not glibc/Linux
+        return os.write(fd, data)
+    sent = int(_LIBC_SEND(fd, data, len(data), flags | socket.MSG_NOSIGNAL))
+    if sent < 0:
+        raise errno_error()
+    return sent

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from runnerkit.runner import directory_epoch
 from runnerkit.runner import journal as journal_module
 from runnerkit.runner.ledger import Ledger
 from runnerkit.runner.locks import JobLocks as LedgerLocks
@@ -108,6 +109,47 @@ def test_a_dead_workers_answers_are_folded_before_the_next_claim(
     assert (claim.outcome, claim.body) == ("replay", json.loads(OK))
     assert ledger.claim("retry").attempt == 2  # a new attempt, as after a stored failure
     assert journal_files(tmp_path) == [], "the dead worker's journal was not removed"
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["epoch", "epoch-not-mapped"])
+def test_a_siblings_new_journal_is_seen_by_the_next_claim_without_a_look_at_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool
+) -> None:
+    """A claim learns of a journal created since its last look through the 8 bytes its
+    creator changed (a memory read): no ``stat`` of the directory, no periodic rescan. Where
+    that file cannot be mapped, the directory's modification time says it instead."""
+    if not mapped:
+        monkeypatch.setattr(directory_epoch, "_mapped", lambda path: None)
+    monkeypatch.setattr(journal_module, "FOLD_DELAY_S", 3600.0)
+    monkeypatch.setattr(journal_module, "RESCAN_S", 3600.0)
+    ledger = ledger_at(tmp_path)
+    ledger.claim("mine")
+    ledger.complete("mine", 200, OK)  # this worker's journal: the directory exists
+    ledger.journal.flush()
+    assert ledger.claim("before").outcome == "run"  # a look at the list: nobody else's
+    ledger.release("before", recorded=False)
+    pid = os.fork()
+    if pid == 0:  # a sibling that starts, answers a job and dies before its fold
+        try:
+            worker = ledger_at(tmp_path)
+            worker.claim("done")
+            worker.complete("done", 200, OK)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    directory = os.path.realpath(ledger.journal.directory)
+    looks: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str) and os.path.realpath(path) == directory:
+            looks.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    claim = ledger.claim("done")
+    assert (claim.outcome, claim.body) == ("replay", json.loads(OK))
+    assert (looks == []) is mapped
 
 
 def test_folding_a_journal_again_changes_no_later_answer(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from runnerkit.runner.directory_epoch import DirectoryEpoch
 from runnerkit.runner.locks import LIFE_MARKS, JobLocks
 from runnerkit.service import libc_calls
 from runnerkit.service.afterfork import renew_after_fork
@@ -60,8 +61,8 @@ FOLD_DELAY_S = 0.005
 FOLD_RETRY_S = 0.5
 #: A journal larger than this is emptied at its next fold, appends waiting meanwhile.
 TRUNCATE_AT = 1 << 20
-#: How often the list of other processes' journals is read again though the directory's
-#: modification time is unchanged (a time stamp's granularity may hide a new file).
+#: How often the list of other processes' journals is read again though no process said it
+#: changed (:class:`DirectoryEpoch`: a process of another version, a write that failed).
 RESCAN_S = 1.0
 
 
@@ -116,7 +117,8 @@ class Journal:
         #: this object (a journal left so looks dead, and the next claim folds it).
         self._own: dict[str, int] = {}
         self._others: dict[str, int] = {}
-        self._scanned = (0, 0.0)
+        self._epoch = DirectoryEpoch(directory)
+        self._scanned: tuple[object, float] = (None, 0.0)
         self.renew_after_fork()
         renew_after_fork(self)
         weakref.finalize(self, _close_all, self._own)
@@ -250,6 +252,13 @@ class Journal:
         self._locks.hold_for_life(mark)
         path = os.path.join(self.directory, f"{_PID}-{mark:x}.journal")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            self._epoch.bump()  # before any record: a claim anywhere after it sees the file
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         self._fd, self._path, self._size, self._pid = fd, path, 0, _PID
         self._own["file"] = fd
         self._thread = threading.Thread(
@@ -306,6 +315,7 @@ class Journal:
                 return
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
+                self._epoch.bump()
             _close_all(self._own)
             self._fd, self._pid = -1, 0
 
@@ -320,13 +330,15 @@ class Journal:
                 self._fold_dead_file(name, fd)
 
     def _other_journals(self) -> dict[str, int]:
-        """The other processes' journal files, each open here (read again when the
-        directory changes, and every :data:`RESCAN_S`)."""
+        """The other processes' journal files, each open here (read again when a process
+        says the list changed, and every :data:`RESCAN_S`)."""
         now = time.monotonic()
-        try:
-            changed = os.stat(self.directory).st_mtime_ns
-        except FileNotFoundError:
-            return {}
+        changed: object = self._epoch.read()
+        if changed is None:  # not mapped: the directory's own modification time
+            try:
+                changed = os.stat(self.directory).st_mtime_ns
+            except FileNotFoundError:
+                return {}
         if changed != self._scanned[0] or now - self._scanned[1] > RESCAN_S:
             self._scanned = (changed, now)
             self._rescan()
@@ -359,6 +371,8 @@ class Journal:
             if records:
                 self._fold(records)
             os.unlink(path)
+            with contextlib.suppress(OSError):  # others drop the file within RESCAN_S anyway
+                self._epoch.bump()
             log.info("ledger journal of a dead worker folded: %d records", len(records))
         finally:
             ofd_lock(fd, fcntl.F_UNLCK, _FOLDING)

@@ -11,7 +11,6 @@ the job and answering build on :mod:`~runnerkit.runner.job_running`,
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -46,6 +45,7 @@ from runnerkit.runner.locks import Slot
 from runnerkit.runner.serving import Serving
 from runnerkit.runner.state import InstanceState
 from runnerkit.runner.storage import STORAGE_ERRORS
+from runnerkit.service.gil_locks import GILLock
 from runnerkit.service.jsonbody import check_json_limits, parse_json_object
 from runnerkit.service.metric_families import metrics
 from runnerkit.service.metrics import labelled
@@ -88,7 +88,7 @@ class Executor(AsyncJobs):
         self._runner_id = runner_id
         self._app_context = app_context
         self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
+        self._in_flight_lock = GILLock()
         #: Request threads of this worker, when the worker sized them after the app loaded
         #: (:func:`runnerkit.gunicorn_worker.fit_threads`); else ``settings.worker_threads``.
         self.worker_threads: int | None = None

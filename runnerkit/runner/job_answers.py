@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -27,6 +26,7 @@ from runnerkit.runner.capability import Capability
 from runnerkit.runner.serving import Serving
 from runnerkit.runner.state import InstanceState
 from runnerkit.runner.storage import LedgerReplaced
+from runnerkit.service.gil_locks import GILLock
 from runnerkit.service.logs import emit
 from runnerkit.service.metric_families import metrics
 from runnerkit.service.metrics import labelled
@@ -119,7 +119,7 @@ class JobAnswers:
     _runner_id: Callable[[], str]
     _app_context: Callable[[], AbstractContextManager[Any]]
     _in_flight: int
-    _in_flight_lock: threading.Lock
+    _in_flight_lock: GILLock
 
     def storage_error(self, exc: BaseException) -> Unavailable:
         """The retryable 503 for a job the instance's state could not take.

@@ -46,6 +46,7 @@ from runnerkit.runner.locks import LIFE_MARKS, JobLocks
 from runnerkit.service import libc_calls
 from runnerkit.service.afterfork import renew_after_fork
 from runnerkit.service.filelocks import ofd_lock
+from runnerkit.service.gil_locks import GILLock
 from runnerkit.service.libc_calls import errno_error, keeping_gil
 from runnerkit.service.process import keep_pid_current
 
@@ -132,7 +133,7 @@ class Journal:
         """
         _close_all(self._own)
         _close_all(self._others)
-        self._lock = threading.Lock()
+        self._lock = GILLock()
         self._folding = threading.Lock()
         self._pid = 0
         self._fd = -1

@@ -38,3 +38,12 @@ def test_forked_workers_make_different_ids() -> None:
         ids = lines.read().split()
     ids.append(or_new_id(""))
     assert len(ids) == 3 and len(set(ids)) == 3, ids
+
+
+def test_envelopes_and_forge_assertions_get_new_version_4_ids_too() -> None:
+    """They draw from the same generator (``new_uuid``), not ``os.urandom``."""
+    from runnerkit.errors import make_envelope
+
+    ids = [make_envelope("INTERNAL_ERROR", "X", "m", service="s")["id"] for _ in range(500)]
+    assert len(set(ids)) == 500
+    assert all(uuid.UUID(text).version == 4 for text in ids)

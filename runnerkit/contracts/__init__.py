@@ -48,6 +48,7 @@ from .fields import (
     is_absolute_url,
     is_uuid,
     is_zdatetime,
+    new_uuid,
     parse_timestamp,
     utc_now,
 )
@@ -207,6 +208,7 @@ __all__ = [
     "job_default_retry_policy",
     "load_execution_request",
     "load_job_request",
+    "new_uuid",
     "one_of",
     "paginated",
     "paginated_schema",

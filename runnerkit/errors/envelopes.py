@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import traceback
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from marshmallow import ValidationError
 
-from runnerkit.contracts import CONTRACT_VERSION, utc_now
+from runnerkit.contracts import CONTRACT_VERSION, new_uuid, utc_now
 from runnerkit.errors.conform import conform
 from runnerkit.errors.details import details_from_validation_error, redact_detail
 from runnerkit.errors.kinds import RunnerError
@@ -39,7 +38,7 @@ def make_envelope(
 ) -> dict[str, Any]:
     """Assemble one ErrorEnvelope dict; optional fields are left out rather than nulled."""
     envelope: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
+        "id": new_uuid(),
         "timestamp": utc_now(),
         "category": category,
         "severity": severity,

@@ -12,12 +12,11 @@ import contextlib
 import json
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from runnerkit.contracts import TruthAssertionSchema, parse_timestamp, utc_now
+from runnerkit.contracts import TruthAssertionSchema, new_uuid, parse_timestamp, utc_now
 from runnerkit.errors import Conflict
 from runnerkit.errors.redaction import redact_job
 
@@ -79,7 +78,7 @@ def record(
 ) -> dict[str, Any]:
     """Store an assertion the forge makes itself (inside the caller's transaction)."""
     assertion: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
+        "id": new_uuid(),
         "subject": subject,
         "predicate": predicate,
         "object": obj,

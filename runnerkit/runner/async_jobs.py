@@ -12,10 +12,9 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
-from runnerkit.contracts import utc_now
+from runnerkit.contracts import new_uuid, utc_now
 from runnerkit.errors import RunnerError, Timeout, Unavailable, build_envelope, traceback_text
 from runnerkit.runner.job_answers import Answer, PipelineJob, job_log
 from runnerkit.runner.job_running import JobRunning
@@ -158,7 +157,7 @@ class AsyncJobs(JobRunning):
             ("result", result),
         ):
             assertion = {
-                "id": str(uuid.uuid4()),
+                "id": new_uuid(),
                 "subject": job.job_id,
                 "predicate": predicate,
                 "object": value,

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from random import getrandbits
 from typing import Any
 
+from runnerkit.contracts import new_uuid
 from runnerkit.errors import RunnerError, Unavailable, build_envelope
 from runnerkit.runner.capability import Capability
 from runnerkit.runner.serving import Serving
@@ -237,17 +237,7 @@ _JOB_MESSAGES = {
 }
 
 
-#: A uuid's version (4) and variant bits, and the mask that clears the bits they take.
-_V4_BITS = (4 << 76) | (2 << 62)
-_V4_MASK = ~((0xF << 76) | (3 << 62)) & ((1 << 128) - 1)
-
-
 def or_new_id(correlation_id: str | None) -> str:
-    """``correlation_id``, or a new one when there is none: a version 4 uuid drawn from the
-    process's ``random`` generator (reseeded in every forked worker). ``uuid.uuid4`` reads
-    ``os.urandom``, a system call that gives the GIL up, once per job; under load that is a
-    thread switch per job, and a correlation id must be unique, not secret."""
-    if correlation_id:
-        return correlation_id
-    digits = f"{getrandbits(128) & _V4_MASK | _V4_BITS:032x}"
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    """``correlation_id``, or a new one when there is none (:func:`~runnerkit.contracts.new_uuid`:
+    no system call per job)."""
+    return correlation_id or new_uuid()

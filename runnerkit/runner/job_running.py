@@ -12,11 +12,10 @@ import contextvars
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from runnerkit.contracts import utc_now
+from runnerkit.contracts import new_uuid, utc_now
 from runnerkit.errors import (
     RunnerError,
     SchemaMismatch,
@@ -244,7 +243,7 @@ class JobRunning(JobAnswers):
                 return
             last[0] = now
             event = {
-                "id": str(uuid.uuid4()),
+                "id": new_uuid(),
                 "type": "job.progress",
                 "jobId": job.job_id,
                 "timestamp": utc_now(),

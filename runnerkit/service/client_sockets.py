@@ -4,8 +4,8 @@ gunicorn answers requests that never reach the app (a malformed head, 414, 431, 
 small HTML page; :class:`EnvelopeSocket` rewrites it as an ErrorEnvelope on its way out
 (:func:`envelope_response`). gthread reads a request on a blocking socket with no timeout;
 :class:`TimedSocket` gives the blocking mode a timeout and a total deadline per request, so
-a stalled client cannot hold a thread for ever. Both are :class:`ThreadWorker`'s
-(:mod:`runnerkit.service.gunicorn_worker`).
+a stalled client cannot hold a thread for ever, and switches modes without system calls.
+Both are :class:`ThreadWorker`'s (:mod:`runnerkit.service.gunicorn_worker`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ A call that never waits (a lock that is not blocking, a line appended to a file,
 to a pipe with room for it, a file cut) is one short system call, and releasing the GIL
 around it costs more than the call: under load another thread takes the GIL meanwhile, and
 this one must wait for it again (two context switches). The job path makes several per job
-(job lock, slot, writers' turn, journal, log line), so they keep the GIL. Never for a call
-that may wait.
+(job lock, slot, writers' turn, journal, log line, the response's ``send`` on a socket that
+does not block), so they keep the GIL. Never for a call that may wait.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ The socket wrappers are :mod:`runnerkit.service.client_sockets`, the walk over a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import queue
 import selectors
 import socket
 import time
@@ -53,7 +55,7 @@ from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
-from runnerkit.service import libc_calls
+from runnerkit.service import gil_selector, libc_calls
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
 from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
 from runnerkit.service.request_threads import RequestThreads
@@ -87,6 +89,23 @@ class MethodQueue(gthread.PollableMethodQueue):
         with contextlib.suppress(OSError):  # a full pipe: the main loop drains the queue anyway
             libc_calls.write(self._write_fd, b"\x00")
 
+    def run_callbacks(self, _fileobj: Any, max_callbacks: int = 50) -> None:
+        """gthread's, the wake-up bytes read keeping the GIL (the pipe does not block)."""
+        try:
+            woken = len(self._wakeups.read(self._read_fd, max_callbacks))
+        except OSError:
+            return
+        for _ in range(woken + 10):  # +10: wake-up bytes a full pipe dropped
+            try:
+                callback = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            callback()
+
+    @functools.cached_property
+    def _wakeups(self) -> libc_calls.ReadBuffer:
+        return libc_calls.ReadBuffer(64)
+
 
 class ThreadWorker(gthread.ThreadWorker):
     """gthread, with its own error pages as ErrorEnvelopes, a timeout for stalled clients and
@@ -103,10 +122,13 @@ class ThreadWorker(gthread.ThreadWorker):
     main loop touches them.
     """
 
+    poller: selectors.BaseSelector
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.method_queue = MethodQueue()
         self._buffering: dict[Any, bool] = {}  # conn → registered with the poller
+        self._reads = libc_calls.ReadBuffer(READ_SIZE)  # the main loop's
         self._buffered = 0  # bytes held in their rk_buf, all together
         self._next_sweep = 0.0
         self._header_timeout_s = 10.0
@@ -128,6 +150,12 @@ class ThreadWorker(gthread.ThreadWorker):
             False,
             None,
         )
+
+    def run(self) -> None:
+        """gthread's loop, on a poller whose registrations keep the GIL (``gil_selector``)."""
+        self.poller.close()  # gthread's, made in init_process; nothing is registered yet
+        self.poller = gil_selector.poller()
+        super().run()
 
     def get_thread_pool(self) -> RequestThreads:
         """``threads`` kept hot; a runner raises the ceiling to fit its capabilities."""
@@ -171,7 +199,7 @@ class ThreadWorker(gthread.ThreadWorker):
         sock, buf = conn.sock, conn.rk_buf
         while True:
             try:
-                data = sock.recv(READ_SIZE)
+                data = self._reads.read(sock.fileno())  # the GIL kept: the socket never waits
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:

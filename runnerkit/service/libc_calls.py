@@ -68,3 +68,26 @@ def send(fd: int, data: bytes, flags: int = 0) -> int:
     if sent < 0:
         raise errno_error()
     return sent
+
+
+_LIBC_READ = keeping_gil("read", [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_ssize_t)
+
+
+class ReadBuffer:
+    """A buffer for reads that keep the GIL, from descriptors that do not block (a socket, a
+    pipe): one thread's (a gunicorn worker's main loop), reused for every read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._buffer = ctypes.create_string_buffer(size)
+
+    def read(self, fd: int, limit: int | None = None) -> bytes:
+        """What ``fd`` holds now, up to ``limit`` (at most :attr:`size`) bytes: b"" at its
+        end, ``BlockingIOError`` when nothing has come yet, ``OSError`` on failure."""
+        size = self.size if limit is None else min(limit, self.size)
+        if _LIBC_READ is None:  # pragma: no cover - not glibc/Linux
+            return os.read(fd, size)
+        got = int(_LIBC_READ(fd, self._buffer, size))
+        if got < 0:
+            raise errno_error()
+        return ctypes.string_at(self._buffer, got)

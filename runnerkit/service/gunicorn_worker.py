@@ -65,6 +65,9 @@ from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 _TIMEOUTS = ("CLIENT_IDLE_TIMEOUT_S", "CLIENT_HEADER_TIMEOUT_S", "CLIENT_BODY_TIMEOUT_S")
 #: How often the main loop looks for connections past their deadline (seconds).
 SWEEP_INTERVAL_S = 0.25
+#: How often, at most, the main loop tells the arbiter it lives (seconds; gunicorn's
+#: ``timeout`` is 30 s by default, the runner's 120).
+NOTIFY_INTERVAL_S = 0.5
 #: Largest single non-blocking read while buffering a request.
 READ_SIZE = 65536
 #: Most bytes a worker holds for requests being buffered, all connections together. Past it
@@ -131,6 +134,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self._reads = libc_calls.ReadBuffer(READ_SIZE)  # the main loop's
         self._buffered = 0  # bytes held in their rk_buf, all together
         self._next_sweep = 0.0
+        self._next_notify = 0.0
         self._header_timeout_s = 10.0
         self._body_timeout_s = 30.0
         self._body_cap = DEFAULT_BODY_CAP
@@ -156,6 +160,18 @@ class ThreadWorker(gthread.ThreadWorker):
         self.poller.close()  # gthread's, made in init_process; nothing is registered yet
         self.poller = gil_selector.poller()
         super().run()
+
+    def notify(self) -> None:
+        """Tell the arbiter this worker lives, at most every :data:`NOTIFY_INTERVAL_S` (or
+        a tenth of gunicorn's ``timeout``): gthread does at every turn of its loop, a
+        ``utime`` that gives the GIL up, several times per request under load."""
+        now = time.monotonic()
+        if now >= self._next_notify:
+            timeout = float(self.cfg.timeout or 0)
+            self._next_notify = now + (
+                min(NOTIFY_INTERVAL_S, timeout / 10) if timeout > 0 else NOTIFY_INTERVAL_S
+            )
+            super().notify()
 
     def get_thread_pool(self) -> RequestThreads:
         """``threads`` kept hot; a runner raises the ceiling to fit its capabilities."""

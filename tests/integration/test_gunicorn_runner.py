@@ -703,6 +703,27 @@ def test_a_hung_health_check_does_not_hold_shutdown(start_gunicorn: Any) -> None
     assert proc.wait_exit(timeout=20) == 0, proc.log_tail()
 
 
+def test_workers_tell_the_arbiter_they_live_though_less_often_than_each_turn(
+    start_gunicorn: Any,
+) -> None:
+    """The worker class tells the arbiter it lives at most every half second (a tenth of
+    the timeout when shorter), idle or busy: with a 2 s timeout the arbiter keeps them."""
+    proc = start_gunicorn(
+        app_spec="bench.apps.flask_app:app",
+        config=None,
+        extra_args=["--worker-class", "runnerkit.gunicorn_worker.ThreadWorker", "--timeout", "2"],
+        all_workers=True,
+    )
+    workers = sorted(proc.worker_pids())
+    time.sleep(3)  # idle, past the timeout
+    with requests.Session() as session:
+        until = time.monotonic() + 3  # busy, past it again
+        while time.monotonic() < until:
+            assert session.get(proc.url + "/health/live", timeout=10).status_code == 200
+    assert sorted(proc.worker_pids()) == workers, proc.log_tail()
+    assert "WORKER TIMEOUT" not in proc.log_tail()
+
+
 def test_every_log_line_is_one_json_object_gunicorn_lines_included(start_gunicorn: Any) -> None:
     proc = start_gunicorn(all_workers=True)
     requests.post(proc.url + "/execute", data=b"{", timeout=5)  # a 400, logged by the runner

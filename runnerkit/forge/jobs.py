@@ -13,14 +13,12 @@ importing the store.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
-
-from runnerkit.contracts import format_timestamp
 
 from . import db
 
@@ -69,10 +67,30 @@ class Clock:
             self.ts, self.mono = time.time(), time.monotonic()
         else:
             self.ts, self.mono = ts, time.monotonic() + (ts - time.time())
-        moment = datetime.fromtimestamp(self.ts, UTC)
-        self.z = format_timestamp(moment)
+        # What datetime.fromtimestamp(ts, UTC) reads (microseconds, rounded half to even),
+        # without a datetime: the forge makes several Clocks per job.
+        fraction, whole = math.modf(self.ts)
+        micros = round(fraction * 1e6)
+        second = int(whole) + (micros >= 1_000_000) - (micros < 0)
+        millis = micros % 1_000_000 // 1000
+        self.z = f"{_second_text(second)}.{millis:03d}Z"
         #: ``z`` read back as epoch seconds (whole milliseconds, as ``truth.epoch(z)``).
-        self.ms = moment.replace(microsecond=moment.microsecond // 1000 * 1000).timestamp()
+        self.ms = (second * 1000 + millis) / 1000
+
+
+_SECOND: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _second_text(second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a Unix second (UTC), the last one kept: most Clocks fall
+    in the same second as the one before."""
+    global _SECOND
+    cached = _SECOND
+    if cached[0] == second:
+        return cached[1]
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    _SECOND = (second, text)
+    return text
 
 
 def _boot_id() -> str:

@@ -3,10 +3,10 @@ different in every forked worker (the ``random`` generator they come from is res
 
 from __future__ import annotations
 
-import os
 import uuid
 
 from runnerkit.runner.job_answers import or_new_id
+from tests.support.forking import made_in_children
 
 
 def test_a_given_correlation_id_is_kept() -> None:
@@ -23,20 +23,7 @@ def test_new_ids_are_distinct_version_4_uuids() -> None:
 
 
 def test_forked_workers_make_different_ids() -> None:
-    read, write = os.pipe()
-    children = []
-    for _ in range(2):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os.write(write, (or_new_id("") + "\n").encode())
-            os._exit(0)
-        children.append(pid)
-    os.close(write)
-    for pid in children:
-        os.waitpid(pid, 0)
-    with os.fdopen(read) as lines:
-        ids = lines.read().split()
-    ids.append(or_new_id(""))
+    ids = [*made_in_children(lambda: or_new_id("")), or_new_id("")]
     assert len(ids) == 3 and len(set(ids)) == 3, ids
 
 

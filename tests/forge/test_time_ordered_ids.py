@@ -3,11 +3,11 @@ different in forked workers (their random bits come from the reseeded ``random``
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
 from runnerkit.forge.db import time_ordered_id
+from tests.support.forking import made_in_children
 
 
 def test_ids_are_distinct_version_7_uuids_in_time_order() -> None:
@@ -25,18 +25,5 @@ def test_ids_are_distinct_version_7_uuids_in_time_order() -> None:
 
 
 def test_forked_workers_draw_different_ids() -> None:
-    read, write = os.pipe()
-    children = []
-    for _ in range(2):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os.write(write, (time_ordered_id() + "\n").encode())
-            os._exit(0)
-        children.append(pid)
-    os.close(write)
-    for pid in children:
-        os.waitpid(pid, 0)
-    with os.fdopen(read) as lines:
-        ids = lines.read().split()
-    ids.append(time_ordered_id())
+    ids = [*made_in_children(time_ordered_id), time_ordered_id()]
     assert len(ids) == 3 and len({text[14:] for text in ids}) == 3, ids

@@ -417,6 +417,9 @@ def test_a_request_refused_at_capacity_may_be_sent_again_as_it_was(
         assert _send_same(client, raw, headers).status_code == 429
         release.set()
         holder.join(10)
+        # Its job thread gives the slot back just after the answer: room, as a forge's retry
+        # after Retry-After finds it.
+        wait_until(lambda: runner.state.slots.in_use("sleeper") == 0, 5, "the sleeper free")
         again = _send_same(client, raw, headers)
         assert again.status_code == 200, again.get_json()
     finally:

@@ -119,7 +119,6 @@ class Journal:
         self._own: dict[str, int] = {}
         self._others: dict[str, int] = {}
         self._epoch = DirectoryEpoch(directory)
-        self._scanned: tuple[object, float] = (None, 0.0)
         self.renew_after_fork()
         renew_after_fork(self)
         weakref.finalize(self, _close_all, self._own)
@@ -146,7 +145,8 @@ class Journal:
         self._digests: set[str] = set()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._scanned = (0, 0.0)
+        #: What the list of other journals was last read at: (the epoch's value, when).
+        self._scanned: tuple[object, float] = (None, 0.0)
 
     # -- this process's records ---------------------------------------------------------
 

@@ -30,7 +30,8 @@ gunicorn forks several workers that must act as ONE runner. They share a state d
 * ``ledger.journal/<pid>-<tag>.journal`` — each worker's finished answers and signed
   requests' digests on their way into ``ledger.sqlite3``, folded into it every few
   milliseconds (:class:`Journal`, in ``journal``); a dead worker's is folded by the next
-  claim.
+  claim. ``ledger.journal/journals.epoch`` changes whenever a worker adds or removes one, so
+  the others need not look at the folder per claim (``directory_epoch``).
 * ``state.unwritable`` — present while a worker could not write the state (disk full, I/O
   error): every worker's readiness reports it (:class:`StorageHealth`, in ``storage``).
 

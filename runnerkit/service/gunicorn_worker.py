@@ -213,9 +213,12 @@ class ThreadWorker(gthread.ThreadWorker):
         """Read what the client has sent so far without blocking; hand the connection over
         once its request is whole, else wait (registered with the poller) for more."""
         sock, buf = conn.sock, conn.rk_buf
+        # The GIL kept only on a TimedSocket, whose descriptor never blocks: a read that
+        # waited with it held would stop the whole worker.
+        read = partial(self._reads.read, sock.fileno()) if type(sock) is TimedSocket else None
         while True:
             try:
-                data = self._reads.read(sock.fileno())  # the GIL kept: the socket never waits
+                data = read() if read is not None else sock.recv(READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:

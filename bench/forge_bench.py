@@ -112,7 +112,8 @@ class Stack:
             forge.start()
         for forge in self.forges:
             forge.wait_ready(path="/health", timeout=timeout)
-            forge.wait_workers_serving(timeout=timeout, path="/health")
+            # The dispatching worker leaves new connections to its siblings.
+            forge.wait_workers_serving(timeout=timeout, path="/health", leaving_out=1)
         for runner in self.runners:
             runner.start()
         for runner in self.runners:

@@ -383,7 +383,8 @@ def health_document(forge: Forge) -> dict[str, Any]:
         age = _dispatcher_age(heartbeat)
         fresh = age <= stale_s
         dispatcher["status"] = "healthy" if fresh else "unhealthy"
-        dispatcher["message"] = f"last tick {age:.1f} s ago (pid {heartbeat.get('pid')})"
+        yields = ", its sibling workers take new connections" if heartbeat.get("yields") else ""
+        dispatcher["message"] = f"last tick {age:.1f} s ago (pid {heartbeat.get('pid')}{yields})"
     else:
         dispatcher["status"] = "unhealthy"
         dispatcher["message"] = "no dispatcher has ticked yet"

@@ -7,6 +7,9 @@ takes over. On PostgreSQL the lock is a session-level advisory lock instead
 (:class:`~.db.leadership.PgLeadership`), held on a connection of its own, so one process
 of all the forge instances on the database dispatches; new jobs reach it with ``NOTIFY``.
 The holder records a heartbeat in the database (``meta.dispatcher``), which ``/health`` reads.
+Under the forge's worker class with sibling workers alive, the holder's process takes no new
+connections while it dispatches (:mod:`runnerkit.service.new_connections`): its siblings serve
+the API, and its GIL is left to the dispatcher and its send threads.
 
 The holder keeps time with ``time.monotonic()`` (see :class:`~.jobs.Clock`): a step of the
 system clock neither stops its housekeeping nor makes every runner look silent.
@@ -57,6 +60,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from runnerkit.service import new_connections
 from runnerkit.service.filelocks import FileLock
 
 from . import db
@@ -79,6 +83,8 @@ SWEEP_EVERY_S = 0.25
 PRUNE_EVERY_S = 60.0
 #: A non-holder tries to take the lock this often (wake-ups do not hurry it).
 FOLLOWER_POLL_S = 0.25
+#: How often the holder confirms it may leave new connections to its sibling workers.
+YIELD_EVERY_S = 1.0
 
 
 #: A gap this long between two ticks means the process was frozen, not merely slow.
@@ -113,6 +119,7 @@ class Dispatcher(InFlight):
         #: Requests sent again on a new connection, their kept-alive one found closed.
         self.reconnects = 0
         self._leader_since: float | None = None
+        self._yielding = False  # new connections left to sibling workers
         self._last_tick: float | None = None
         self._clock_offset: float | None = None  # time.time() - time.monotonic() last tick
         self._stop = threading.Event()
@@ -227,6 +234,31 @@ class Dispatcher(InFlight):
         self._wakeup.close()
         self.lock.release()
         self._leader_since = None
+        self._take_connections_again()
+
+    def _yield_connections(self) -> None:
+        """While it dispatches, this process leaves new connections to its sibling workers
+        (:mod:`runnerkit.service.new_connections`), so its requests do not compete with the
+        dispatcher and its send threads for the GIL. Asked again every second: should the
+        siblings be gone, it takes connections again."""
+        if self._due("yield", time.monotonic(), YIELD_EVERY_S):
+            self._follow_yielding(new_connections.yield_to_siblings(True))
+
+    def _take_connections_again(self) -> None:
+        """No longer dispatching: take a share of new connections again."""
+        self._last_run.pop("yield", None)
+        self._follow_yielding(new_connections.yield_to_siblings(False))
+
+    def _follow_yielding(self, yielding: bool) -> None:
+        if yielding != self._yielding:
+            self._yielding = yielding
+            log.info(
+                "dispatching process %d %s",
+                os.getpid(),
+                "leaves new connections to its sibling workers"
+                if yielding
+                else "takes its share of new connections",
+            )
 
     def _run(self) -> None:
         """Tick when woken or every poll interval; between ticks, keep the heartbeat fresh.
@@ -247,6 +279,7 @@ class Dispatcher(InFlight):
                         log.info("dispatcher %s took the dispatcher lock", self.instance_id)
                         self._take_over()
                         woken = True
+                    self._yield_connections()
                     if woken or time.monotonic() >= next_tick:
                         self.tick()
                         next_tick = time.monotonic() + poll
@@ -257,6 +290,7 @@ class Dispatcher(InFlight):
                     # from this instance goes to whichever instance dispatches now.
                     log.info("dispatcher %s lost the dispatcher lock", self.instance_id)
                     self._wakeup.close()
+                    self._take_connections_again()
                     self._leader_since = None
                 if outage:
                     log.warning("dispatcher: the database is back")
@@ -379,5 +413,6 @@ class Dispatcher(InFlight):
                     "mono": now.mono,
                     "boot": jobs_module.BOOT_ID,
                     "notified": self.leadership.notified if self.leadership is not None else 0,
+                    "yields": self._yielding,
                 },
             )

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sys
 
-#: gunicorn workers. The worker that holds the dispatcher lock also takes its share of the API
-#: requests, and both compete for that process's GIL; with three workers its share is a
-#: third. Paired bursts of 4,000 jobs (one runner, 2 cores) completed about 500 jobs/s with
-#: two workers and 565 with three; four were no better than three.
+#: gunicorn workers. The worker that holds the dispatcher lock takes no new connections while
+#: a sibling is alive (:mod:`runnerkit.service.new_connections`): two serve the API, one
+#: dispatches. Interleaved bursts of 3,000 jobs (one runner, 2 cores): with the dispatching
+#: worker serving its share as well, 3 workers and 2 cost the same CPU per job and 4 more;
+#: with it yielding, 3 workers spent 5 to 10 % less CPU per job than before, 2 about as
+#: little, 4 more (a third process competing for the 2 cores).
 WORKERS = 3
 
 #: Options after ``--bind`` and ``--workers``: gthread, so ``/health`` and the dashboard answer

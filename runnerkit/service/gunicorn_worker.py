@@ -55,7 +55,7 @@ from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from runnerkit.errors import make_envelope
-from runnerkit.service import gil_selector, libc_calls
+from runnerkit.service import gil_selector, libc_calls, new_connections
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
 from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
 from runnerkit.service.request_threads import RequestThreads
@@ -74,6 +74,7 @@ READ_SIZE = 65536
 #: a request is handed to a thread as it is (its reads then under the same total deadline),
 #: so many clients sending large bodies at once cost threads, as before, not memory.
 BUFFER_BUDGET = 64 * 1024 * 1024
+
 
 #: ``rk_need`` of a chunked body not yet whole: beyond any buffer, so it is not "all in".
 _UNKNOWN = 1 << 62
@@ -159,7 +160,24 @@ class ThreadWorker(gthread.ThreadWorker):
         """gthread's loop, on a poller whose registrations keep the GIL (``gil_selector``)."""
         self.poller.close()  # gthread's, made in init_process; nothing is registered yet
         self.poller = gil_selector.poller()
+        new_connections.attach(self)
         super().run()
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's, except that a process yielding to its siblings takes no new connection
+        (:mod:`~runnerkit.service.new_connections`). gthread's loop calls it at every turn
+        where the flag and the poller disagree."""
+        super().set_accept_enabled(enabled and not new_connections.yielding)
+
+    def yielding_changed(self) -> None:
+        """Have the main loop follow :data:`new_connections.yielding` now (from any thread)."""
+        self.method_queue.defer(self._follow_yielding)
+
+    def _follow_yielding(self) -> None:
+        if self._accepting and new_connections.yielding:
+            self.set_accept_enabled(False)
+        # Else, when accepting again, gthread's loop turns to it now (``can_accept`` differs
+        # from ``_accepting``).
 
     def notify(self) -> None:
         """Tell the arbiter this worker lives, at most every :data:`NOTIFY_INTERVAL_S` (or

@@ -114,7 +114,10 @@ class Dispatcher(InFlight):
         if getattr(self.db, "postgres", False):
             from .db.leadership import PgLeadership
 
-            self.leadership = self.lock = PgLeadership(self.db)  # type: ignore[arg-type]
+            self.leadership = self.lock = PgLeadership(
+                self.db,  # type: ignore[arg-type]
+                notify_gap_s=float(settings.notify_gap_ms) / 1000.0,
+            )
         self.dispatched = 0
         #: Requests sent again on a new connection, their kept-alive one found closed.
         self.reconnects = 0
@@ -206,11 +209,13 @@ class Dispatcher(InFlight):
 
         A NOTIFY sent by the statement that queues new jobs costs no transaction of its own;
         :meth:`wake` then only sends the datagram. Should the guess be wrong (the lock moved
-        here meanwhile), the datagram reaches the new holder all the same.
+        here meanwhile), the datagram reaches the new holder all the same. None too while
+        this process's last NOTIFY is under NOTIFY_GAP_MS old: :meth:`wake` then leaves it
+        to the notifier, which sends one for them all when the gap ends.
         """
         if self.leadership is None or self._wakeup.heard is not False:
             return None
-        return self.leadership.channel or None
+        return self.leadership.carried()
 
     def _wait(self, timeout: float) -> bool:
         """Sleep until woken (from this process or another) or ``timeout`` passes; True when

@@ -121,6 +121,14 @@ SETTINGS: tuple[Setting, ...] = (
         "How often the dispatcher looks for work (it is also woken by new jobs and results).",
     ),
     Setting(
+        "NOTIFY_GAP_MS",
+        10,
+        parse_nonnegative_int,
+        "PostgreSQL: at most one NOTIFY to the dispatcher per this many ms from one forge "
+        "process; a wake-up asked for meanwhile goes out when the gap ends, so under load "
+        "one NOTIFY carries many submissions (0: one per write).",
+    ),
+    Setting(
         "DISPATCHER",
         True,
         parse_bool,

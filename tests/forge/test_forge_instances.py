@@ -179,6 +179,35 @@ def test_a_job_submitted_elsewhere_wakes_the_dispatcher_through_notify(
         assert len(runner.calls_for(job_id)) == 1
 
 
+def test_submissions_elsewhere_share_notifies_and_none_is_left_behind(
+    instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
+) -> None:
+    """A NOTIFY per NOTIFY_GAP_MS at most from one process: submissions inside the gap ride
+    on the one sent when it ends (the dispatcher polls every ten minutes here, so a job whose
+    wake-up was dropped would not complete within the test)."""
+    one = instances(POLL_INTERVAL_MS=600_000, NOTIFY_GAP_MS=1_000)
+    two = instances(POLL_INTERVAL_MS=600_000, NOTIFY_GAP_MS=1_000)
+    runner.register(one.url)
+    leader, pid = dispatching(forge_db_url, one, two)
+    first = dispatcher_record(forge_db_url)
+    wait_until(lambda: dispatcher_record(forge_db_url)["ts"] > first["ts"], PATIENCE)
+    before = int(dispatcher_record(forge_db_url)["notified"])
+    other = two if leader is one else one
+
+    job_ids = [other.submit(sync_request())["id"] for _ in range(12)]
+    for job_id in job_ids:
+        other.wait_status(job_id, "completed", timeout=PATIENCE)
+        assert len(runner.calls_for(job_id)) == 1
+    done = dispatcher_record(forge_db_url)
+    wait_until(lambda: dispatcher_record(forge_db_url)["ts"] > done["ts"], PATIENCE)
+    record = dispatcher_record(forge_db_url)
+    assert record["pid"] == pid
+    # 12 submissions through 2 processes within a few seconds: a NOTIFY per second of each
+    # at most, and the first of each (its datagram found nobody), not one per submission.
+    received = int(record["notified"]) - before
+    assert 1 <= received < 12, received
+
+
 def test_a_job_submitted_to_the_dispatching_instance_wakes_it_without_notify(
     instances: Callable[..., Instance], runner: FakeRunner, forge_db_url: str
 ) -> None:

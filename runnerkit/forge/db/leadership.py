@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -38,8 +39,12 @@ class PgLeadership:
     ``release``).
     """
 
-    def __init__(self, database: PostgresDB) -> None:
+    def __init__(self, database: PostgresDB, notify_gap_s: float = 0.0) -> None:
         self.database = database
+        #: At most one NOTIFY per this many seconds from this process (see :meth:`notify`).
+        self.notify_gap_s = notify_gap_s
+        #: When this process last sent a NOTIFY (or let a write carry one), monotonic.
+        self.last_notify = float("-inf")
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = 0
         self._held = False
@@ -142,14 +147,29 @@ class PgLeadership:
         self.notified += count
         return count
 
+    def carried(self) -> str | None:
+        """The channel a write may NOTIFY itself (no transaction of its own), or None when
+        this process sent one less than :attr:`notify_gap_s` ago: the caller then asks
+        :meth:`notify` once its write is committed, which sends when the gap ends."""
+        if not self.channel:
+            return None
+        now = time.monotonic()
+        if now - self.last_notify < self.notify_gap_s:
+            return None
+        self.last_notify = now
+        return self.channel
+
     def notify(self) -> None:
         """Wake the dispatcher, whichever forge instance it runs in, without waiting.
 
         This process's notifier thread sends the NOTIFY: requests made while it is not yet
         sending are served by its next one (what they announce is committed before they
         ask), so under load one round trip wakes the dispatcher for many submissions
-        instead of one each, and no request waits for it. Errors are only logged: the
-        dispatcher's poll finds the work anyway.
+        instead of one each, and no request waits for it. It sends at most one per
+        :attr:`notify_gap_s` (counting those writes carried): each costs the server a
+        transaction and the dispatcher a wake-up, and under load the dispatcher ticks on
+        anyway, as answers arrive. Errors are only logged: the dispatcher's poll finds the
+        work anyway.
         """
         pid = os.getpid()
         if self._notifier_pid != pid:  # no notifier yet, or the parent's before a fork
@@ -169,11 +189,16 @@ class PgLeadership:
             with wanted:
                 while not self._notify_wanted:
                     wanted.wait()
+            pause = self.last_notify + self.notify_gap_s - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # the requests made meanwhile ride on this NOTIFY too
+            with wanted:
                 self._notify_wanted = False
             self.notify_now()
 
     def notify_now(self) -> None:
         """Send one NOTIFY on the dispatcher's channel, from this thread."""
+        self.last_notify = time.monotonic()
         try:
             self._names()
             with self.database.connection() as conn:

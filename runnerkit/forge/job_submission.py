@@ -39,8 +39,12 @@ class _Submission:
         self.values = values
         self.now = now
         self.notify = notify
-        self.done = threading.Event()
-        self.lead = False  # set with ``done``: write the waiting group instead
+        # Held until the submission is written (or it is to lead): a follower waits by
+        # taking it, and it is given back once. A lock, not an Event: one a submission, and
+        # an Event is a Condition and a lock to make and to set.
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.lead = False  # set before ``done`` is given back: write the waiting group
         self.answer: tuple[int, str] | None = None
         self.error: Exception | None = None
 
@@ -99,7 +103,7 @@ class JobSubmission(JobRecords):
             lead = not self._group_writing
             self._group_writing = True
         if not lead:
-            item.done.wait()
+            item.done.acquire()  # given back by the leader that wrote it, or handed the lead
             if not item.lead:
                 return
         with self._group_lock:
@@ -110,12 +114,13 @@ class JobSubmission(JobRecords):
             for waiting in group:
                 if waiting.answer is None and waiting.error is None:
                     waiting.error = RuntimeError("the submission was not written")
-                waiting.done.set()
+                if waiting is not item:  # every other one waits for its ``done``
+                    waiting.done.release()
             with self._group_lock:
                 if self._group:
                     successor = self._group[0]
                     successor.lead = True
-                    successor.done.set()
+                    successor.done.release()
                 else:
                     self._group_writing = False
 

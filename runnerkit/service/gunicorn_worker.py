@@ -58,6 +58,7 @@ from runnerkit.errors import make_envelope
 from runnerkit.service import gil_selector, libc_calls, new_connections
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
 from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
+from runnerkit.service.http_date import http_date
 from runnerkit.service.request_threads import RequestThreads
 from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 
@@ -136,6 +137,8 @@ class ThreadWorker(gthread.ThreadWorker):
         self._buffered = 0  # bytes held in their rk_buf, all together
         self._next_sweep = 0.0
         self._next_notify = 0.0
+        self._next_parent_check = 0.0
+        util.http_date = http_date  # every response's Date header, made once a second
         self._header_timeout_s = 10.0
         self._body_timeout_s = 30.0
         self._body_cap = DEFAULT_BODY_CAP
@@ -190,6 +193,15 @@ class ThreadWorker(gthread.ThreadWorker):
                 min(NOTIFY_INTERVAL_S, timeout / 10) if timeout > 0 else NOTIFY_INTERVAL_S
             )
             super().notify()
+
+    def is_parent_alive(self) -> bool:
+        """gthread's (has the arbiter changed?), asked at every turn of the loop: looked at
+        as often as the arbiter is told the worker lives (:meth:`notify`), not per request."""
+        now = time.monotonic()
+        if now < self._next_parent_check:
+            return True
+        self._next_parent_check = now + NOTIFY_INTERVAL_S
+        return bool(super().is_parent_alive())
 
     def get_thread_pool(self) -> RequestThreads:
         """``threads`` kept hot; a runner raises the ceiling to fit its capabilities."""

@@ -7,9 +7,11 @@ contracts, so these tests say what a JobForge peer sees from a deployed runner.
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import http.client
 import json
+import os
 import signal
 import threading
 import time
@@ -31,6 +33,7 @@ from runnerkit.contracts import (
     is_uuid,
 )
 from tests.support import GunicornProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -722,6 +725,43 @@ def test_workers_tell_the_arbiter_they_live_though_less_often_than_each_turn(
             assert session.get(proc.url + "/health/live", timeout=10).status_code == 200
     assert sorted(proc.worker_pids()) == workers, proc.log_tail()
     assert "WORKER TIMEOUT" not in proc.log_tail()
+
+
+def test_workers_whose_arbiter_died_exit_and_answers_carry_the_date(
+    start_gunicorn: Any,
+) -> None:
+    """The worker looks for a changed arbiter every half second, not at every turn of its
+    loop, and still leaves once its arbiter is gone. Every answer's Date header (made once a
+    second) is the current time in the HTTP format."""
+    proc = start_gunicorn(
+        app_spec="bench.apps.flask_app:app",
+        config=None,
+        extra_args=["--worker-class", "runnerkit.gunicorn_worker.ThreadWorker"],
+        all_workers=True,
+    )
+    with requests.Session() as session:
+        for _ in range(3):
+            before = time.time()
+            answer = session.get(proc.url + "/health/live", timeout=10)
+            after = time.time()
+            stamped = email.utils.parsedate_to_datetime(answer.headers["Date"]).timestamp()
+            assert int(before) <= stamped <= after, (before, answer.headers["Date"], after)
+            assert answer.headers["Date"].endswith(" GMT")
+            time.sleep(0.6)
+    workers = proc.worker_pids()
+    os.kill(proc.master_pid, signal.SIGKILL)
+    wait_until(
+        lambda: not any(_alive(pid) for pid in workers),
+        30,
+        lambda: f"workers outlived their arbiter\n{proc.log_tail()}",
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_every_log_line_is_one_json_object_gunicorn_lines_included(start_gunicorn: Any) -> None:

@@ -5,6 +5,11 @@ dispatcher lock dispatches. It binds a datagram socket in Linux's abstract names
 for the database file (no file to clean up, no path-length limit; it vanishes with the
 process); any process that has news sends it one byte. The dispatcher sleeps in ``select``
 on it, so it wakes at once and costs nothing while idle.
+
+The byte goes out on a socket connected to the channel, and the dispatcher drains what
+queued, with calls that keep the GIL (:mod:`runnerkit.service.libc_calls`): neither waits
+(both sockets never block), and a request thread that gave the GIL up for them would, under
+load, wait to get it back (two thread switches per submitted job).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from runnerkit.service import libc_calls
+
 
 class Wakeup:
     """The wake-up channel of one forge database, seen from one process."""
@@ -27,6 +34,8 @@ class Wakeup:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._sender: socket.socket | None = None
+        self._connected = False  # the sender is connected to a listener (its last one)
+        self._drain = libc_calls.ReadBuffer(64)
         self._pid = 0
         #: Whether the last :meth:`send` found a listener on this host (None: none sent yet).
         self.heard: bool | None = None
@@ -35,6 +44,7 @@ class Wakeup:
         """Sockets do not cross fork: a child makes its own."""
         if self._pid != os.getpid():
             self._listener = self._sender = None
+            self._connected = False
             self._pid = os.getpid()
 
     def listen(self) -> bool:
@@ -68,21 +78,42 @@ class Wakeup:
         only while it holds the dispatcher lock): it has the news, so nobody else needs
         telling. A full queue counts: the listener has wake-ups waiting already.
         """
+        for _attempt in range(2):
+            fd = self._connect()
+            if fd < 0:  # nobody listening (ECONNREFUSED): no error, its poll will see
+                self.heard = False
+                return False
+            try:
+                libc_calls.send(fd, b"!", socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                # The listener it was connected to has closed (the lock moved): connect to
+                # whichever listens now, once.
+                with self._lock:
+                    self._connected = False
+                continue
+            break
+        else:
+            self.heard = False
+            return False
+        self.heard = True
+        return True
+
+    def _connect(self) -> int:
+        """The sender's descriptor, connected to the channel's listener; -1 when none."""
         with self._lock:
             self._own()
             if self._sender is None:
                 self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._sender.setblocking(False)
-            sender = self._sender
-        try:
-            sender.sendto(b"!", self.address)
-        except BlockingIOError:
-            self.heard = True
-        except OSError:  # nobody listening (ECONNREFUSED): no error, its poll will see
-            self.heard = False
-        else:
-            self.heard = True
-        return self.heard
+            if not self._connected:
+                try:
+                    self._sender.connect(self.address)
+                except OSError:
+                    return -1
+                self._connected = True
+            return self._sender.fileno()
 
     def wait(self, timeout: float, also: Callable[[], int | None] | None = None) -> bool:
         """Sleep until a wake-up arrives or ``timeout`` passes; True when woken.
@@ -105,7 +136,8 @@ class Wakeup:
         if listener not in readable:
             return bool(readable)
         try:
-            while listener.recv(64):
+            fd = listener.fileno()
+            while self._drain.read(fd):
                 pass
         except OSError:  # BlockingIOError once drained
             pass

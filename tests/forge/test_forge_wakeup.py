@@ -88,3 +88,24 @@ def test_send_says_whether_a_listener_took_it(tmp_path: Path) -> None:
     finally:
         listener.close()
     assert sender.send() is False, "the listener closed: nobody of this host dispatches"
+
+
+def test_a_sender_reaches_the_listener_that_took_over(tmp_path: Path) -> None:
+    """The sender stays connected to the listener it reached; once that one closes (the
+    dispatcher lock moved) its next wake-up reaches whichever listens now."""
+    db_path = str(tmp_path / "forge.sqlite3")
+    sender, first = Wakeup(db_path), Wakeup(db_path)
+    assert first.listen()
+    assert sender.send() is True
+    assert first.wait(10)
+    first.close()
+    second = Wakeup(db_path)
+    assert second.listen()
+    try:
+        assert not second.wait(0)
+        assert sender.send() is True
+        assert second.wait(10), "the wake-up went to the closed listener"
+        assert not second.wait(0)
+    finally:
+        second.close()
+    assert sender.send() is False

@@ -76,7 +76,6 @@ READ_SIZE = 65536
 #: so many clients sending large bodies at once cost threads, as before, not memory.
 BUFFER_BUDGET = 64 * 1024 * 1024
 
-
 #: ``rk_need`` of a chunked body not yet whole: beyond any buffer, so it is not "all in".
 _UNKNOWN = 1 << 62
 

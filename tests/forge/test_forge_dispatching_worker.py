@@ -67,17 +67,9 @@ def forge2(tmp_path: Path) -> Iterator[GunicornProcess]:
 
 def new_connection_worker(proc: GunicornProcess, timeout: float = 10.0) -> int | None:
     """Open a new connection, have ``GET /health`` answered on it; the worker that holds it."""
-    conn = http.client.HTTPConnection(proc.host, proc.port, timeout=timeout)
-    try:
-        conn.connect()
-        port = conn.sock.getsockname()[1]
-        conn.request("GET", "/health")
-        response = conn.getresponse()
-        response.read()
-        assert response.status == 200, response.status
-        return proc.worker_for_client_port(port)
-    finally:
-        conn.close()
+    status, pid = proc.answered_on_new_connection("/health", timeout=timeout)
+    assert status == 200, status
+    return pid
 
 
 def dispatching_pid(proc: GunicornProcess) -> int:
@@ -196,10 +188,24 @@ def arbiters() -> Iterator[Callable[[int], tuple[int, list[int]]]]:
 
 
 @pytest.fixture
-def attached() -> Iterator[Callable[[FakeWorker], None]]:
-    yield new_connections.attach
+def attached(
+    arbiters: Callable[[int], tuple[int, list[int]]],
+) -> Iterator[Callable[[int], tuple[FakeWorker, list[int]]]]:
+    """A fake worker attached in this process, its arbiter one with ``children`` children
+    (their pids come with it)."""
+
+    def attach(children: int) -> tuple[FakeWorker, list[int]]:
+        arbiter, pids = arbiters(children)
+        worker = FakeWorker(arbiter)
+        new_connections.attach(worker)
+        return worker, pids
+
+    yield attach
     new_connections._worker = None
     new_connections.yielding = False
+
+
+Attach = Callable[[int], tuple[FakeWorker, list[int]]]
 
 
 def test_yielding_needs_a_worker_in_this_process() -> None:
@@ -208,17 +214,13 @@ def test_yielding_needs_a_worker_in_this_process() -> None:
 
 
 def test_yielding_follows_the_siblings_and_tells_the_worker_of_each_change(
-    arbiters: Callable[[int], tuple[int, list[int]]], attached: Callable[[FakeWorker], None]
+    attached: Attach,
 ) -> None:
-    alone, _ = arbiters(0)
-    worker = FakeWorker(alone)
-    attached(worker)
+    worker, _ = attached(0)
     assert new_connections.yield_to_siblings(True) is False
     assert worker.changes == 0
 
-    arbiter, (sibling,) = arbiters(1)
-    worker = FakeWorker(arbiter)
-    attached(worker)
+    worker, (sibling,) = attached(1)
     assert new_connections.yield_to_siblings(True) is True
     assert new_connections.yielding is True
     assert worker.changes == 1
@@ -231,12 +233,8 @@ def test_yielding_follows_the_siblings_and_tells_the_worker_of_each_change(
     assert worker.changes == 2
 
 
-def test_yielding_ends_when_asked(
-    arbiters: Callable[[int], tuple[int, list[int]]], attached: Callable[[FakeWorker], None]
-) -> None:
-    arbiter, _ = arbiters(2)
-    worker = FakeWorker(arbiter)
-    attached(worker)
+def test_yielding_ends_when_asked(attached: Attach) -> None:
+    worker, _ = attached(2)
     assert new_connections.yield_to_siblings(True) is True
     assert new_connections.yield_to_siblings(False) is False
     assert new_connections.yielding is False
@@ -244,13 +242,9 @@ def test_yielding_ends_when_asked(
 
 
 def test_a_forked_child_of_a_worker_never_yields(
-    arbiters: Callable[[int], tuple[int, list[int]]],
-    attached: Callable[[FakeWorker], None],
-    monkeypatch: pytest.MonkeyPatch,
+    attached: Attach, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    arbiter, _ = arbiters(2)
-    worker = FakeWorker(arbiter)
-    attached(worker)
+    worker, _ = attached(2)
     monkeypatch.setattr(new_connections, "_pid", os.getpid() + 1)  # as in a forked child
     assert new_connections.yield_to_siblings(True) is False
     assert worker.changes == 0

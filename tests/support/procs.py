@@ -194,26 +194,33 @@ class GunicornProcess:
                 and len(seen & expected) >= max(1, self.workers - leaving_out)
             ):
                 return seen
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=2.0)
             try:
-                conn.connect()
-                client_port = conn.sock.getsockname()[1]
-                conn.request("GET", path)
-                response = conn.getresponse()
-                response.read()
-                if response.status == 200:
-                    # The connection is kept alive, so its worker still holds it.
-                    pid = self.worker_for_client_port(client_port)
-                    if pid is not None:
-                        seen.add(pid)
+                status, pid = self.answered_on_new_connection(path, timeout=2.0)
             except OSError:
                 time.sleep(0.1)
-            finally:
-                conn.close()
+                continue
+            if status == 200 and pid is not None:
+                seen.add(pid)
         raise TimeoutError(
             f"only workers {sorted(seen)} of {self.worker_pids()} answered within {timeout}s\n"
             f"{self.log_tail()}"
         )
+
+    def answered_on_new_connection(
+        self, path: str, timeout: float = 10.0
+    ) -> tuple[int, int | None]:
+        """``GET path`` on a new connection: the status, and the worker that held the
+        connection (kept alive, so its worker still holds it when asked)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.connect()
+            client_port = conn.sock.getsockname()[1]
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            return response.status, self.worker_for_client_port(client_port)
+        finally:
+            conn.close()
 
     def worker_pids(self) -> list[int]:
         """Pids of the master's live child processes (the workers)."""

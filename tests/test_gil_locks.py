@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runnerkit.service.gil_locks import GILLock
+from runnerkit.service.gil_locks import GILLock, take
 
 
 @pytest.fixture
@@ -69,3 +69,51 @@ def test_a_thread_that_found_it_taken_gets_it_once_released() -> None:
 def test_releasing_a_free_lock_is_an_error() -> None:
     with pytest.raises(RuntimeError):
         GILLock().release()
+
+
+def test_a_conditions_lock_taken_that_way_while_its_thread_waits_on_it(
+    frequent_switches: None,
+) -> None:
+    """``take`` on the lock of a Condition a thread of its own waits on (the deadline
+    watcher's): the waiter is woken under it, and every section stays one thread's."""
+    lock = threading.Lock()
+    condition = threading.Condition(lock)
+    state = {"count": 0, "inside": 0, "overlaps": 0, "woken": 0}
+    done = threading.Event()
+
+    def waiter() -> None:
+        with condition:
+            while not done.is_set():
+                condition.wait(1.0)
+                state["woken"] += 1
+
+    def work() -> None:
+        for index in range(1000):
+            take(lock)
+            try:
+                state["inside"] += 1
+                if state["inside"] != 1:
+                    state["overlaps"] += 1
+                state["count"] += 1
+                if index % 100 == 0:
+                    condition.notify()
+                state["inside"] -= 1
+            finally:
+                lock.release()
+
+    watcher = threading.Thread(target=waiter)
+    watcher.start()
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    done.set()
+    take(lock)
+    condition.notify()
+    lock.release()
+    watcher.join(10)
+    assert not watcher.is_alive()
+    assert state["count"] == 6000 and state["overlaps"] == 0
+    assert state["woken"] >= 1
+    assert not lock.locked()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from runnerkit.service.afterfork import PerProcess
+from runnerkit.service.gil_locks import take
 
 log = logging.getLogger("runnerkit.job")
 
@@ -55,7 +56,9 @@ class Watch:
     def end(self) -> bool:
         """The code returned: True if that was before the deadline fired, else False once
         ``at_deadline`` has finished (its answer is sent: the request may end now)."""
-        with self._deadlines._lock:
+        lock = self._deadlines._lock
+        take(lock)
+        try:
             if self._state == _RUNNING:
                 self._state = _ENDED
                 # The watch stays in the heap until its deadline: it must not keep the
@@ -64,6 +67,8 @@ class Watch:
                 self._at_deadline = _nothing
                 return True
             settled = self._settled
+        finally:
+            lock.release()
         if settled is not None:
             with settled:
                 pass
@@ -88,7 +93,9 @@ class Deadlines:
         """Call ``at_deadline`` (on the watcher's thread) at ``deadline`` (monotonic) unless the
         returned watch has ended by then."""
         watch = Watch(self, at_deadline)
-        with self._lock:
+        lock = self._lock
+        take(lock)
+        try:
             heapq.heappush(self._heap, (deadline, next(self._order), watch))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -97,6 +104,8 @@ class Deadlines:
                 self._thread.start()
             elif deadline + SLACK_S < self._waking_at:
                 self._wake.notify()
+        finally:
+            lock.release()
         return watch
 
     def _run(self) -> None:

@@ -25,6 +25,20 @@ FIRST_PAUSE_S = 0.00002
 LONGEST_PAUSE_S = 0.001
 
 
+def take(lock: threading.Lock) -> bool:
+    """Take ``lock`` as :class:`GILLock` does: a non-blocking try, then short pauses. For a
+    lock that a thread of its own also waits on in the ordinary way (a Condition's)."""
+    try_lock = lock.acquire
+    if try_lock(False):
+        return True
+    pause = FIRST_PAUSE_S
+    while True:
+        time.sleep(pause)
+        if try_lock(False):
+            return True
+        pause = min(pause * 2, LONGEST_PAUSE_S)
+
+
 class GILLock:
     """A mutex for short sections that never wait (see the module's docstring)."""
 
@@ -34,15 +48,7 @@ class GILLock:
         self._lock = threading.Lock()
 
     def acquire(self) -> bool:
-        try_lock = self._lock.acquire
-        if try_lock(False):
-            return True
-        pause = FIRST_PAUSE_S
-        while True:
-            time.sleep(pause)
-            if try_lock(False):
-                return True
-            pause = min(pause * 2, LONGEST_PAUSE_S)
+        return take(self._lock)
 
     def release(self) -> None:
         self._lock.release()

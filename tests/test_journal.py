@@ -85,6 +85,50 @@ def test_a_digest_keeps_a_given_back_claim_locked_until_it_is_folded(
     assert second.first_sight(b"\x02" * 32, "job") is False
 
 
+def test_a_signed_claim_looks_for_its_key_in_its_own_read(tmp_path: Path) -> None:
+    first, second = ledger_at(tmp_path), ledger_at(tmp_path)
+    key = (1).to_bytes(8, "big") + b"\x03" * 32
+    claim = first.claim("job", signed=key)
+    assert (claim.outcome, claim.signed_before) == ("run", False)
+    assert first.first_sight(key, "job", claim.signed_before) is True
+    first.release("job", recorded=claim.recorded)
+    first.journal.flush()  # the key in the file, the job's lock free again
+    claim = second.claim("job", signed=key)
+    assert (claim.outcome, claim.signed_before) == ("run", True)
+    assert second.first_sight(key, "job", claim.signed_before) is False
+    second.release("job", recorded=claim.recorded)
+    # A queued (asynchronous) claim writes its row, and is told the same.
+    claim = second.claim("job", queued=True, capability="echo", signed=key)
+    assert (claim.outcome, claim.recorded, claim.signed_before) == ("run", True, True)
+
+
+def test_signed_keys_are_pruned_by_their_signed_time(tmp_path: Path) -> None:
+    import time
+
+    ledger = ledger_at(tmp_path)
+    now_ms = int(time.time() * 1000)
+    old = (now_ms - 2_000_000).to_bytes(8, "big") + b"\x04" * 32
+    recent = now_ms.to_bytes(8, "big") + b"\x05" * 32
+    legacy_old, legacy_recent = b"\xf0" * 32, b"\xf1" * 32  # an older runnerkit's digests
+    ledger.probe()
+    with sqlite3.connect(tmp_path / "ledger.sqlite3") as conn:
+        conn.executemany(
+            "INSERT INTO signed_requests (digest, seen) VALUES (?, ?)",
+            [
+                (old, time.time()),  # recorded just now, but signed too long ago to be valid
+                (recent, time.time()),
+                (legacy_old, time.time() - 2000),
+                (legacy_recent, time.time()),
+            ],
+        )
+    ledger.prune()
+    with sqlite3.connect(tmp_path / "ledger.sqlite3") as conn:
+        kept = {row[0] for row in conn.execute("SELECT digest FROM signed_requests")}
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(signed_requests)")}
+    assert kept == {recent, legacy_recent}
+    assert "signed_requests_seen" not in indexes
+
+
 def test_a_dead_workers_answers_are_folded_before_the_next_claim(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -240,7 +240,11 @@ class Executor(AsyncJobs):
         asynchronous = self._serving.outbox is not None and wants_async(headers)
         state = self._state()
         claim = state.ledger.claim(
-            job_id, queued=asynchronous, correlation_id=correlation_id, capability=capability.id
+            job_id,
+            queued=asynchronous,
+            correlation_id=correlation_id,
+            capability=capability.id,
+            signed=signed,
         )
         if claim.outcome == "replay":
             assert claim.body is not None
@@ -273,7 +277,7 @@ class Executor(AsyncJobs):
                         ),
                         job_id,
                     )
-                self._first_delivery(signed, job_id)
+                self._first_delivery(signed, job_id, claim.signed_before)
                 answer = self._accept_async(job)
                 handed_over = True  # the job's thread owns its claim now
                 return answer
@@ -290,7 +294,7 @@ class Executor(AsyncJobs):
                 )
             self._admit(job_id)
             admitted = True
-            self._first_delivery(signed, job_id)
+            self._first_delivery(signed, job_id, claim.signed_before)
             handed_over = True  # _execute gives them back when the code returns
         finally:
             if not handed_over:
@@ -322,7 +326,7 @@ class Executor(AsyncJobs):
 
         return send
 
-    def _first_delivery(self, signed: bytes, job_id: str) -> None:
+    def _first_delivery(self, signed: bytes, job_id: str, in_file: bool | None) -> None:
         """Refuse a signed request that already reached a run (401 EVENT_REPLAYED).
 
         The ControlPlane scheme's duplicate-event record, keyed on the digest of what the
@@ -332,7 +336,7 @@ class Executor(AsyncJobs):
         answered from the ledger or with 409, and a request refused at capacity (429/503) may
         be sent again as it was.
         """
-        if not signed or self._state().ledger.first_sight(signed, job_id):
+        if not signed or self._state().ledger.first_sight(signed, job_id, in_file):
             return
         raise Rejection(
             Unauthenticated(

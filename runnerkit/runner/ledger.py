@@ -58,6 +58,9 @@ class Claim:
     #: A "run" claim that wrote a row (asynchronous, or a new attempt); a first synchronous
     #: claim writes nothing, so giving it back (:meth:`Ledger.release`) writes nothing either.
     recorded: bool = False
+    #: For a claim given a signed request's key: whether the file holds that key already
+    #: (looked for in the claim's own read; :meth:`Ledger.first_sight` takes it from here).
+    signed_before: bool | None = None
 
 
 #: Default memory of signed requests' digests: beyond the 300 s age and 60 s future window.
@@ -74,6 +77,19 @@ _STORE_ANSWER = (
     " AND jobs.owner_started = excluded.owner_started"
 )
 _STORE_DIGEST = "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)"
+#: Whether a signed request's key is recorded; the second, while an older runnerkit's
+#: digests may be there too (an ``IN`` list costs SQLite an ephemeral table per read).
+_SIGNED_SEEN = "SELECT 1 FROM signed_requests WHERE digest = ?"
+_SIGNED_SEEN_LEGACY = "SELECT 1 FROM signed_requests WHERE digest IN (?, ?)"
+#: A signed job's claim, in one read: whether the job is known, whether its request is.
+_KNOWN_SIGNED = (
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?),"
+    " EXISTS (SELECT 1 FROM signed_requests WHERE digest = ?)"
+)
+_KNOWN_SIGNED_LEGACY = (
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?),"
+    " EXISTS (SELECT 1 FROM signed_requests WHERE digest IN (?, ?))"
+)
 
 #: Past its cap the ledger drops its oldest answers down to this share of it, in one go.
 #: Their keys (jobIds) are random, so each dropped row changes a random page of the index:
@@ -113,8 +129,9 @@ class Ledger(SQLiteFile):
         self._me = (0, 0.0)
         self._since_prune = 0
         self._folded = 0
-        #: Whether signed_requests may hold an older runnerkit's keys (see first_sight).
-        self._legacy_digests = False
+        #: Whether signed_requests may hold an older runnerkit's keys (see first_sight); until
+        #: the file is set up (on the first read, after the key was chosen), it may.
+        self._legacy_digests = True
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -143,7 +160,9 @@ class Ledger(SQLiteFile):
             "CREATE TABLE IF NOT EXISTS signed_requests"
             " (digest BLOB PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID"
         )
-        conn.execute("CREATE INDEX IF NOT EXISTS signed_requests_seen ON signed_requests(seen)")
+        # Pruned by key (each led by its signed timestamp, see prune): an index of ``seen``
+        # cost every signed job a second B-tree insert.
+        conn.execute("DROP INDEX IF EXISTS signed_requests_seen")
         self._legacy_digests = _has_legacy_digests(conn)
         # Only unfinished (asynchronous) jobs, a handful: housekeeping looks for orphans among
         # them twice a second, which must not cost a scan of every answer kept.
@@ -161,9 +180,16 @@ class Ledger(SQLiteFile):
         queued: bool = False,
         correlation_id: str = "",
         capability: str = "",
+        signed: bytes = b"",
     ) -> Claim:
         """Decide whether this process runs ``job_id``; a "run" claim holds its job lock
         until :meth:`complete` or :meth:`release`.
+
+        ``signed``: the key of the signed request that carries the job
+        (:func:`runnerkit.service.signing.replay_key`), looked for in the same read as the
+        job, for :meth:`first_sight` later (``Claim.signed_before``). Only a request with the
+        same body has that key, so the same job: no other process can record it meanwhile,
+        the job's lock held from here on.
 
         The job lock (:class:`JobLocks`) settles who runs it; the rows settle what happened
         before. A synchronous job never seen before, the common case, costs one read here
@@ -179,7 +205,7 @@ class Ledger(SQLiteFile):
         try:
             # With the lock: a worker that held it and died has left it free, its journal too.
             self.journal.fold_dead()
-            claim = self._claim_locked(job_id, queued, correlation_id, capability)
+            claim = self._claim_locked(job_id, queued, correlation_id, capability, signed)
             failure = self.journal.failure
             if claim.outcome == "run" and failure is not None and not self.journal.fold_or_fail():
                 # Answers already wait for the file: take no job whose answer would join them.
@@ -208,12 +234,32 @@ class Ledger(SQLiteFile):
         return False
 
     def _claim_locked(
+        self, job_id: str, queued: bool, correlation_id: str, capability: str, signed: bytes
+    ) -> Claim:
+        signed_before = None
+        if signed:
+            row = self._read_one(*self._signed_read(_KNOWN_SIGNED, signed, job_id))
+            known, signed_before = bool(row[0]), bool(row[1])
+        elif not queued:
+            known = self._read_one("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)) is not None
+        if not queued and not known:
+            return Claim("run", signed_before=signed_before)
+        claim = self._claim_written(job_id, queued, correlation_id, capability)
+        claim.signed_before = signed_before
+        return claim
+
+    def _signed_read(self, sql: str, key: bytes, *before: Any) -> tuple[str, tuple[Any, ...]]:
+        """``sql`` looking for a signed request's ``key`` (after the parameters ``before``)
+        and, while the file may hold an older runnerkit's records, for what it recorded
+        instead: the key's digest alone."""
+        if not self._legacy_digests:
+            return sql, (*before, key)
+        legacy = _KNOWN_SIGNED_LEGACY if sql is _KNOWN_SIGNED else _SIGNED_SEEN_LEGACY
+        return legacy, (*before, key, key[8:])
+
+    def _claim_written(
         self, job_id: str, queued: bool, correlation_id: str, capability: str
     ) -> Claim:
-        if not queued:
-            known = self._read_one("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,))
-            if known is None:
-                return Claim("run")
         now = time.time()
         state = "queued" if queued else "running"
         with self._transaction() as conn:
@@ -403,23 +449,23 @@ class Ledger(SQLiteFile):
             )
         return cur.rowcount > 0
 
-    def first_sight(self, digest: bytes, job_id: str) -> bool:
+    def first_sight(self, digest: bytes, job_id: str, in_file: bool | None = None) -> bool:
         """Record a signed request's key (:func:`runnerkit.service.signing.replay_key`) for
         ``job_id``, whose lock this process holds; False if it was recorded before.
 
-        Recorded in the journal, so ``job_id``'s lock stays held until the digest is in the
-        file: a copy of the request sent to another worker meanwhile waits for it there.
-        While the ledger still holds digests of an older runnerkit (the bare SHA-256, without
-        the timestamp in front), the key's digest is looked for among them too.
+        ``in_file``: whether the file holds the key, as the job's claim found it
+        (``Claim.signed_before``); None looks now. Recorded in the journal, so ``job_id``'s
+        lock stays held until the digest is in the file: a copy of the request sent to
+        another worker meanwhile waits for it there. While the ledger still holds digests of
+        an older runnerkit (the bare SHA-256, without the timestamp in front), the key's
+        digest is looked for among them too.
         """
         digest_hex = digest.hex()
         if self.journal.saw(digest_hex):
             return False
-        if self._read_one("SELECT 1 FROM signed_requests WHERE digest = ?", (digest,)):
-            return False
-        if self._legacy_digests and self._read_one(
-            "SELECT 1 FROM signed_requests WHERE digest = ?", (digest[8:],)
-        ):
+        if in_file is None:
+            in_file = self._read_one(*self._signed_read(_SIGNED_SEEN, digest)) is not None
+        if in_file:
             return False
         now = time.time()
         try:
@@ -438,9 +484,16 @@ class Ledger(SQLiteFile):
         to :data:`PRUNE_TO` of it."""
         self._since_prune = 0
         with self._transaction() as conn:
+            forgotten = time.time() - self.event_memory_s
+            # Keys signed before then (they sort by their timestamp: a range of the primary
+            # key), then an older runnerkit's digests recorded before then (a range too).
             conn.execute(
-                "DELETE FROM signed_requests WHERE seen < ?",
-                (time.time() - self.event_memory_s,),
+                "DELETE FROM signed_requests WHERE digest < ?",
+                (int(max(0.0, forgotten) * 1000).to_bytes(8, "big"),),
+            )
+            conn.execute(
+                "DELETE FROM signed_requests WHERE digest >= ? AND seen < ?",
+                (_LEGACY_FROM, forgotten),
             )
             self._legacy_digests = _has_legacy_digests(conn)
             cur = conn.execute(

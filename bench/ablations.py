@@ -166,8 +166,24 @@ def everything_off(runner: Runner) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def no_hmac() -> Iterator[None]:
+    """A signed runner that takes every signature as valid: no HMAC, no age check (the
+    request's key is still made, and recorded when the job runs)."""
+    with patched(execution, "verify", lambda *args, **kwargs: ""):
+        yield
+
+
+@contextlib.contextmanager
+def no_replay_record() -> Iterator[None]:
+    """A signed runner that records no signed request's key (nor looks for it)."""
+    with patched(ledger.Ledger, "first_sight", lambda self, *args: True):
+        yield
+
+
 def steps(runner: Runner) -> dict[str, Callable[[], contextlib.AbstractContextManager[None]]]:
-    """Each promise's step by its short name, as ``BENCH_ECHO_WITHOUT`` takes them away."""
+    """Each promise's step by its short name, as ``BENCH_ECHO_WITHOUT`` takes them away
+    (the last two only mean something with signing on)."""
     return {
         "ledger": no_ledger,
         "job-thread": no_job_thread,
@@ -175,6 +191,8 @@ def steps(runner: Runner) -> dict[str, Callable[[], contextlib.AbstractContextMa
         "validation": lambda: no_marshmallow(runner),
         "log-line": no_job_log,
         "metrics": no_metrics,
+        "hmac": no_hmac,
+        "replay-record": no_replay_record,
     }
 
 

@@ -111,6 +111,14 @@ STEPS: dict[str, str] = {
     "job log line": "log-line",
     "metrics": "metrics",
 }
+#: The signature check's parts, each taken away alone from the signed runner (its price:
+#: the signed runner against that one, both sent the same signed requests).
+SIGNED_STEPS: dict[str, str] = {
+    "of the signature check: the HMAC (and the age check)": "hmac",
+    "of the signature check: the replay record (looked for, then written)": "replay-record",
+}
+#: The whole signature check's price: the signed runner against the unsigned one.
+SIGNATURE_STEP = "signature check (signing on: HMAC, replay record)"
 #: Connections of the step-price pass.
 STEP_CONNECTIONS = 16
 
@@ -436,7 +444,8 @@ def _remove_state(proc: GunicornProcess) -> None:
 def step_prices(tool: str, log_dir: Path, cfg: Any) -> dict[str, Any]:
     """Each promise's price in CPU µs per request: runnerkit with everything on against the
     same runner with that one step taken away, in the same rounds (contenders taking turns),
-    and the signature check: the signed runner against the unsigned one."""
+    and the signature check: the signed runner against the unsigned one, and each of its
+    parts: the signed runner against the same without that part."""
     servers = {
         "runnerkit": server(
             RUNNER_APP,
@@ -457,6 +466,15 @@ def step_prices(tool: str, log_dir: Path, cfg: Any) -> dict[str, Any]:
             "RUNNERKIT_SIGNING_SECRET": BENCH_SECRET,
         }
         servers[SIGNED] = server(RUNNER_APP, log_dir, name="runner-steps-signed", env=env)
+        for label, step in SIGNED_STEPS.items():
+            env = {
+                "RUNNERKIT_STATE_DIR": tempfile.mkdtemp(prefix="bench-http-state-"),
+                "RUNNERKIT_SIGNING_SECRET": BENCH_SECRET,
+                "BENCH_ECHO_WITHOUT": step,
+            }
+            servers[label] = server(
+                RUNNER_APP, log_dir, name=f"runner-signed-without-{step}", env=env
+            )
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     with running(*servers.values()):
         for proc in servers.values():
@@ -476,10 +494,11 @@ def step_prices(tool: str, log_dir: Path, cfg: Any) -> dict[str, Any]:
         prices[label] = {"us": median(saved), "range": [min(saved), max(saved)]}
     if SIGNED in rounds:
         extra = [r["cpu_us_per_req"] - b for b, r in zip(base, rounds[SIGNED], strict=True)]
-        prices["signature check (signing on: HMAC, replay record)"] = {
-            "us": median(extra),
-            "range": [min(extra), max(extra)],
-        }
+        prices[SIGNATURE_STEP] = {"us": median(extra), "range": [min(extra), max(extra)]}
+        signed = [r["cpu_us_per_req"] for r in rounds[SIGNED]]
+        for label in SIGNED_STEPS:
+            saved = [s - r["cpu_us_per_req"] for s, r in zip(signed, rounds[label], strict=True)]
+            prices[label] = {"us": median(saved), "range": [min(saved), max(saved)]}
     return {
         "connections": STEP_CONNECTIONS,
         "runnerkit": summarize(rounds["runnerkit"]),

@@ -8,7 +8,9 @@ forge benchmark sets 6, one worker's job allowance: 8 threads less 2 reserved);
 thread, job log, metrics, slots, marshmallow): not a runnerkit setting, a measuring stick for
 how close to bare Flask runnerkit's remaining pipeline could ever get.
 ``BENCH_ECHO_WITHOUT=ledger`` (or ``job-thread``, ``slot``, ``validation``, ``log-line``,
-``metrics``; comma-separated for several) takes away only that step, for pricing it.
+``metrics``; comma-separated for several) takes away only that step, for pricing it; with
+``RUNNERKIT_SIGNING_SECRET`` set, ``hmac`` or ``replay-record`` takes away that part of the
+signature check.
 
 Serve with ``gunicorn -c deploy/gunicorn.conf.py bench.apps.runner_app:app``.
 """

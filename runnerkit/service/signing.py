@@ -49,11 +49,10 @@ class SignatureError(Exception):
 
 
 def _digest(secret: str, timestamp: str, body: bytes) -> str:
-    mac = hmac.new(secret.encode("utf-8"), digestmod=hashlib.sha256)
-    mac.update(timestamp.encode("ascii"))
-    mac.update(b".")
-    mac.update(body)
-    return mac.hexdigest()
+    # One call into OpenSSL: an hmac.HMAC object and its updates cost more than the hashing
+    # of a job request does (the copy of the body is cheaper than either).
+    message = timestamp.encode("ascii") + b"." + body
+    return hmac.digest(secret.encode("utf-8"), message, "sha256").hex()
 
 
 def _seconds(ms: int) -> str:
@@ -164,9 +163,10 @@ def verify(
             f"The {SIGNATURE_HEADER} header is not of the form {SCHEME}=<hex HMAC-SHA256>",
         )
     valid = False
+    given = given.strip().lower()
     for key in keys:
         # Check every key, so the time taken does not tell which one matched.
-        valid |= hmac.compare_digest(_digest(key, stamp, body), given.strip().lower())
+        valid |= hmac.compare_digest(_digest(key, stamp, body), given)
     if not valid:
         raise SignatureError(
             "SIGNATURE_INVALID",

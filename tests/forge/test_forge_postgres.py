@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 from runnerkit.contracts import load_job_request
 from runnerkit.forge import Forge, ForgeSettings, create_app
 from runnerkit.forge import db as forge_db
+from runnerkit.forge.db import leadership as leadership_module
 from runnerkit.forge.db import pg_rows
 from runnerkit.forge.db.leadership import PgLeadership
 from runnerkit.forge.db.pg_text import escape_text, unescape_text
@@ -351,6 +352,34 @@ def test_an_unavailable_database_is_a_retryable_503_envelope(
         error = response.get_json()["error"]
         assert error["category"] == "SERVICE_UNAVAILABLE" and error["retryable"] is True
         assert error["code"] == "STORE_UNAVAILABLE"
+
+
+def test_a_process_whose_lock_connection_was_cut_leaves_the_lock_to_the_others(
+    pg_database: Any,
+) -> None:
+    """It learns of the cut first and would take the lock straight back, every time, though
+    its own connection may be what failed: it waits while another process takes it."""
+    url = pg_database.new_schema()
+    first, second = PgLeadership(PostgresDB(url)), PgLeadership(PostgresDB(url))
+    try:
+        assert first.acquire() and not second.acquire()
+        assert first._conn is not None
+        backend = first._conn.info.backend_pid
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        deadline = time.monotonic() + 5
+        while first.held and time.monotonic() < deadline:
+            first.consume()
+            time.sleep(0.01)
+        assert not first.held, "the cut was never seen"
+        assert not first.acquire(), "the lock was taken straight back by the cut process"
+        assert second.acquire(), "the lock was not free for another process"
+        second.release()
+        time.sleep(leadership_module.LOST_PAUSE_S)
+        assert first.acquire(), "the cut process never took the lock again"
+    finally:
+        first.release()
+        second.release()
 
 
 def test_notifications_asked_for_together_share_one_notify_and_none_is_lost() -> None:

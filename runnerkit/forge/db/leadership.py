@@ -24,6 +24,11 @@ from .postgres import PostgresDB
 
 log = logging.getLogger("runnerkit.forge.postgres")
 
+#: After its lock connection is lost, a process leaves the lock to the others this long
+#: (two of their polls, ``dispatcher.FOLLOWER_POLL_S``): it learns of the loss first and
+#: would take the lock straight back, though its own connection may be what failed.
+LOST_PAUSE_S = 0.5
+
 
 class PgLeadership:
     """The dispatcher's leadership over every forge process and instance on one database.
@@ -49,6 +54,8 @@ class PgLeadership:
         self._pid = 0
         self._held = False
         self._failing = False
+        #: No try for the lock before this (monotonic): see :data:`LOST_PAUSE_S`.
+        self._pause_until = 0.0
         self._key = 0
         self.channel = ""
         #: Notifications received by this process while it held the lock.
@@ -80,6 +87,8 @@ class PgLeadership:
         """Take the lock if free (never waits); True while this process holds it."""
         if self.held:
             return True
+        if time.monotonic() < self._pause_until:
+            return False
         try:
             self._names()
             if self._conn is None or self._pid != os.getpid() or self._conn.closed:
@@ -106,6 +115,7 @@ class PgLeadership:
 
     def _lost(self) -> None:
         log.warning("the dispatcher lock's connection to PostgreSQL is lost: leadership lost")
+        self._pause_until = time.monotonic() + LOST_PAUSE_S
         self._drop()
 
     def _drop(self) -> None:

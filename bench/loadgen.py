@@ -468,13 +468,22 @@ def run_forge(args: argparse.Namespace) -> dict[str, Any]:
     idle = _wait_idle(urls[0], args.wait)
     # Tells the caller to read CPU counters now: reading the results back costs the forge too.
     print("BENCH_MARK finished", flush=True)
-    if prefix:
-        jobs = _collect_prefix(urls[0], prefix)
-        submitted = {
-            job_id: _epoch(job["request"]["metadata"]["createdAt"]) for job_id, job in jobs.items()
-        }
-    else:
-        jobs = _collect(urls[0], set(submitted))
+    deadline = time.monotonic() + args.wait
+    while True:
+        if prefix:
+            jobs = _collect_prefix(urls[0], prefix)
+            submitted = {
+                job_id: _epoch(job["request"]["metadata"]["createdAt"])
+                for job_id, job in jobs.items()
+            }
+        else:
+            jobs = _collect(urls[0], set(submitted))
+        # A submission wrk gave up on at its end may reach the forge after the idle check:
+        # a job found still active is waited for (until --wait), not counted as lost.
+        active = [job for job in jobs.values() if job["status"] in ACTIVE.split(",")]
+        if not active or time.monotonic() >= deadline:
+            break
+        _wait_idle(urls[0], max(0.0, deadline - time.monotonic()))
     latencies: list[float] = []
     queue_waits: list[float] = []
     runs: list[float] = []

@@ -3,7 +3,7 @@
 One row per jobId in ``ledger.sqlite3``, shared by every worker: a finished job's stored
 answer is replayed to a redelivery, an asynchronous job's row says where it waits or runs,
 and a job whose worker died is found and answered. Signed requests' digests are kept here
-too, so a replayed request is refused.
+too (:mod:`.signed_keys`), so a replayed request is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from runnerkit.runner.journal import Journal, Record
 from runnerkit.runner.locks import JobLocks
-from runnerkit.runner.sqlitefile import CHECKPOINT_EVERY, SQLiteFile
+from runnerkit.runner.signed_keys import KNOWN_SIGNED, STORE_DIGEST, SignedKeys
+from runnerkit.runner.sqlitefile import CHECKPOINT_EVERY
 from runnerkit.runner.storage import LedgerIdentity, LedgerReplaced
 from runnerkit.service.process import process_alive, process_start_time
 
@@ -63,9 +64,6 @@ class Claim:
     signed_before: bool | None = None
 
 
-#: Default memory of signed requests' digests: beyond the 300 s age and 60 s future window.
-EVENT_MEMORY_S = 900.0
-
 #: A finished job's answer. Only over an unfinished row of the same owner (the row a claim
 #: wrote), never over a finished one: folding a journal twice changes nothing.
 _STORE_ANSWER = (
@@ -75,20 +73,6 @@ _STORE_ANSWER = (
     " response = excluded.response, finished = excluded.finished"
     " WHERE jobs.state != 'done' AND jobs.owner_pid = excluded.owner_pid"
     " AND jobs.owner_started = excluded.owner_started"
-)
-_STORE_DIGEST = "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)"
-#: Whether a signed request's key is recorded; the second, while an older runnerkit's
-#: digests may be there too (an ``IN`` list costs SQLite an ephemeral table per read).
-_SIGNED_SEEN = "SELECT 1 FROM signed_requests WHERE digest = ?"
-_SIGNED_SEEN_LEGACY = "SELECT 1 FROM signed_requests WHERE digest IN (?, ?)"
-#: A signed job's claim, in one read: whether the job is known, whether its request is.
-_KNOWN_SIGNED = (
-    "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?),"
-    " EXISTS (SELECT 1 FROM signed_requests WHERE digest = ?)"
-)
-_KNOWN_SIGNED_LEGACY = (
-    "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?),"
-    " EXISTS (SELECT 1 FROM signed_requests WHERE digest IN (?, ?))"
 )
 
 #: Past its cap the ledger drops its oldest answers down to this share of it, in one go.
@@ -103,7 +87,7 @@ CLAIM_WAIT_S = 0.05
 CLAIM_POLL_S = 0.002
 
 
-class Ledger(SQLiteFile):
+class Ledger(SignedKeys):
     """The idempotency ledger: one row per jobId, shared by every worker through SQLite.
 
     A finished job's answer is replayed when it was a success or a failure that a retry
@@ -123,15 +107,11 @@ class Ledger(SQLiteFile):
         #: This process's answers and digests on their way here (see :mod:`.journal`).
         self.journal = Journal(os.path.splitext(path)[0] + ".journal", self._fold, self.running)
         self.retention_s = retention_s
-        #: How long a signed request's digest is remembered: past a signature's validity.
-        self.event_memory_s = EVENT_MEMORY_S
+        self._keys_init()
         self.max_entries = max_entries
         self._me = (0, 0.0)
         self._since_prune = 0
         self._folded = 0
-        #: Whether signed_requests may hold an older runnerkit's keys (see first_sight); until
-        #: the file is set up (on the first read, after the key was chosen), it may.
-        self._legacy_digests = True
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -153,17 +133,8 @@ class Ledger(SQLiteFile):
             if column not in columns:
                 conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         conn.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished)")
-        # Signed requests that reached a run (the SHA-256 of what their signature covers), for
-        # as long as a signature is valid. Older ledgers keyed them on the unsigned event id.
-        conn.execute("DROP TABLE IF EXISTS events")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS signed_requests"
-            " (digest BLOB PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID"
-        )
-        # Pruned by key (each led by its signed timestamp, see prune): an index of ``seen``
-        # cost every signed job a second B-tree insert.
-        conn.execute("DROP INDEX IF EXISTS signed_requests_seen")
-        self._legacy_digests = _has_legacy_digests(conn)
+        # Signed requests that reached a run, for as long as a signature is valid.
+        self._keys_setup(conn)
         # Only unfinished (asynchronous) jobs, a handful: housekeeping looks for orphans among
         # them twice a second, which must not cost a scan of every answer kept.
         conn.execute(
@@ -236,9 +207,11 @@ class Ledger(SQLiteFile):
     def _claim_locked(
         self, job_id: str, queued: bool, correlation_id: str, capability: str, signed: bytes
     ) -> Claim:
-        signed_before = None
+        # A queued claim writes its row whatever it finds; a synchronous one only for a job
+        # the file knows (a new attempt), which the one read below tells.
+        known, signed_before = True, None
         if signed:
-            row = self._read_one(*self._signed_read(_KNOWN_SIGNED, signed, job_id))
+            row = self._read_one(*self._signed_read(KNOWN_SIGNED, signed, job_id))
             known, signed_before = bool(row[0]), bool(row[1])
         elif not queued:
             known = self._read_one("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)) is not None
@@ -247,15 +220,6 @@ class Ledger(SQLiteFile):
         claim = self._claim_written(job_id, queued, correlation_id, capability)
         claim.signed_before = signed_before
         return claim
-
-    def _signed_read(self, sql: str, key: bytes, *before: Any) -> tuple[str, tuple[Any, ...]]:
-        """``sql`` looking for a signed request's ``key`` (after the parameters ``before``)
-        and, while the file may hold an older runnerkit's records, for what it recorded
-        instead: the key's digest alone."""
-        if not self._legacy_digests:
-            return sql, (*before, key)
-        legacy = _KNOWN_SIGNED_LEGACY if sql is _KNOWN_SIGNED else _SIGNED_SEEN_LEGACY
-        return legacy, (*before, key, key[8:])
 
     def _claim_written(
         self, job_id: str, queued: bool, correlation_id: str, capability: str
@@ -412,7 +376,7 @@ class Ledger(SQLiteFile):
         statements = [
             (_STORE_ANSWER, (r[1], r[2], r[3], r[4], r[5], r[6], r[6]))
             if r[0] == "answer"
-            else (_STORE_DIGEST, (bytes.fromhex(r[2]), r[3]))
+            else (STORE_DIGEST, (bytes.fromhex(r[2]), r[3]))
             for r in records
         ]
         self._write_many(statements)
@@ -449,31 +413,6 @@ class Ledger(SQLiteFile):
             )
         return cur.rowcount > 0
 
-    def first_sight(self, digest: bytes, job_id: str, in_file: bool | None = None) -> bool:
-        """Record a signed request's key (:func:`runnerkit.service.signing.replay_key`) for
-        ``job_id``, whose lock this process holds; False if it was recorded before.
-
-        ``in_file``: whether the file holds the key, as the job's claim found it
-        (``Claim.signed_before``); None looks now. Recorded in the journal, so ``job_id``'s
-        lock stays held until the digest is in the file: a copy of the request sent to
-        another worker meanwhile waits for it there. While the ledger still holds digests of
-        an older runnerkit (the bare SHA-256, without the timestamp in front), the key's
-        digest is looked for among them too.
-        """
-        digest_hex = digest.hex()
-        if self.journal.saw(digest_hex):
-            return False
-        if in_file is None:
-            in_file = self._read_one(*self._signed_read(_SIGNED_SEEN, digest)) is not None
-        if in_file:
-            return False
-        now = time.time()
-        try:
-            self.journal.append(["seen", job_id, digest_hex, now])
-            return True
-        except OSError:
-            return self._write_one(_STORE_DIGEST, (digest, now)) > 0
-
     def probe(self) -> None:
         """One tiny write: raises when the ledger cannot be written (disk full, I/O error)."""
         with self._write() as conn:
@@ -484,18 +423,7 @@ class Ledger(SQLiteFile):
         to :data:`PRUNE_TO` of it."""
         self._since_prune = 0
         with self._transaction() as conn:
-            forgotten = time.time() - self.event_memory_s
-            # Keys signed before then (they sort by their timestamp: a range of the primary
-            # key), then an older runnerkit's digests recorded before then (a range too).
-            conn.execute(
-                "DELETE FROM signed_requests WHERE digest < ?",
-                (int(max(0.0, forgotten) * 1000).to_bytes(8, "big"),),
-            )
-            conn.execute(
-                "DELETE FROM signed_requests WHERE digest >= ? AND seen < ?",
-                (_LEGACY_FROM, forgotten),
-            )
-            self._legacy_digests = _has_legacy_digests(conn)
+            self._keys_prune(conn)
             cur = conn.execute(
                 "DELETE FROM jobs WHERE state = 'done' AND finished < ?",
                 (time.time() - self.retention_s,),
@@ -524,17 +452,3 @@ class Ledger(SQLiteFile):
         with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
         return int(count)
-
-
-#: Every key of :func:`~runnerkit.service.signing.replay_key` sorts below this (its
-#: timestamp below 2**44 ms, the year 2527); an older runnerkit's bare SHA-256 digests are
-#: spread over every value, so all but one in a million of them sort at or above it.
-_LEGACY_FROM = bytes([0, 0, 0x10])
-
-
-def _has_legacy_digests(conn: sqlite3.Connection) -> bool:
-    """Whether ``signed_requests`` holds digests of an older runnerkit (one index probe)."""
-    row = conn.execute(
-        "SELECT 1 FROM signed_requests WHERE digest >= ? LIMIT 1", (_LEGACY_FROM,)
-    ).fetchone()
-    return row is not None

@@ -23,16 +23,16 @@ EVENT_MEMORY_S = 900.0
 STORE_DIGEST = "INSERT OR IGNORE INTO signed_requests (digest, seen) VALUES (?, ?)"
 #: Whether a signed request's key is recorded; the second, while an older runnerkit's
 #: digests may be there too (an ``IN`` list costs SQLite an ephemeral table per read).
-_SIGNED_SEEN = "SELECT 1 FROM signed_requests WHERE digest = ?"
-_SIGNED_SEEN_LEGACY = "SELECT 1 FROM signed_requests WHERE digest IN (?, ?)"
+_SIGNED_SEEN = (
+    "SELECT 1 FROM signed_requests WHERE digest = ?",
+    "SELECT 1 FROM signed_requests WHERE digest IN (?, ?)",
+)
 #: A signed job's claim, in one read: whether the job is known, whether its request is.
 KNOWN_SIGNED = (
     "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?),"
-    " EXISTS (SELECT 1 FROM signed_requests WHERE digest = ?)"
-)
-_KNOWN_SIGNED_LEGACY = (
+    " EXISTS (SELECT 1 FROM signed_requests WHERE digest = ?)",
     "SELECT EXISTS (SELECT 1 FROM jobs WHERE job_id = ?),"
-    " EXISTS (SELECT 1 FROM signed_requests WHERE digest IN (?, ?))"
+    " EXISTS (SELECT 1 FROM signed_requests WHERE digest IN (?, ?))",
 )
 
 #: Every key of :func:`~runnerkit.service.signing.replay_key` sorts below this (its
@@ -80,14 +80,15 @@ class SignedKeys(SQLiteFile):
         )
         self._legacy_digests = _has_legacy_digests(conn)
 
-    def _signed_read(self, sql: str, key: bytes, *before: Any) -> tuple[str, tuple[Any, ...]]:
-        """``sql`` looking for a signed request's ``key`` (after the parameters ``before``)
-        and, while the file may hold an older runnerkit's records, for what it recorded
-        instead: the key's digest alone."""
+    def _signed_read(
+        self, sql: tuple[str, str], key: bytes, *before: Any
+    ) -> tuple[str, tuple[Any, ...]]:
+        """A read looking for a signed request's ``key`` (after the parameters ``before``):
+        ``sql``'s first text, or, while the file may hold an older runnerkit's records, its
+        second, which looks for what that recorded too: the key's digest alone."""
         if not self._legacy_digests:
-            return sql, (*before, key)
-        legacy = _KNOWN_SIGNED_LEGACY if sql is KNOWN_SIGNED else _SIGNED_SEEN_LEGACY
-        return legacy, (*before, key, key[8:])
+            return sql[0], (*before, key)
+        return sql[1], (*before, key, key[8:])
 
     def first_sight(self, digest: bytes, job_id: str, in_file: bool | None = None) -> bool:
         """Record a signed request's key (:func:`runnerkit.service.signing.replay_key`) for

@@ -36,7 +36,7 @@ SETTINGS: tuple[Setting, ...] = (
         "The SQLite file holding runners, jobs, events and assertions (created on first "
         "start, with its directory). The dispatcher lock is '<DB_PATH>.dispatcher.lock' "
         "(with DB_URL a PostgreSQL advisory lock instead; the path still names the forge's "
-        "local files).",
+        "local files: '<DB_PATH>.wake', the metrics).",
     ),
     Setting(
         "DB_URL",

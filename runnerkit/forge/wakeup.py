@@ -10,19 +10,92 @@ The byte goes out on a socket connected to the channel, and the dispatcher drain
 queued, with calls that keep the GIL (:mod:`runnerkit.service.libc_calls`): neither waits
 (both sockets never block), and a request thread that gave the GIL up for them would, under
 load, wait to get it back (two thread switches per submitted job).
+
+A wake-up already on its way is enough for every job queued before the listener consumes
+it, so a sender first reads a mark shared by the host's processes (:class:`PendingMark`,
+``<DB_PATH>.wake``): while it says a wake-up waits, the sender sends nothing. Under load the
+dispatcher, busy with a tick, then gets one datagram per tick instead of two per job (a
+submission's, and its answer's from the send thread).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from runnerkit.service import libc_calls
+
+#: How long a pending mark is believed: a listener killed before consuming its wake-up
+#: leaves the mark set, and senders then send again after this (a poll's worth) at most.
+PENDING_S = 0.1
+_MARK_SIZE = 8
+
+
+class PendingMark:
+    """8 bytes shared by a host's forge processes: when the last wake-up not yet consumed
+    was sent (``time.monotonic()`` in ms, one clock for every process of the machine), or 0.
+
+    A sender sets it before sending; the listener clears it after draining its socket and
+    before its next look at the database, so a job committed before a sender saw the mark
+    set is seen by that look: the mark was set by a send the listener had not consumed
+    yet. Both sides pass a full memory barrier between their write and their read (the
+    commit's and the look's lock calls), so neither reads a stale value across processes.
+
+    Mapped from ``<DB_PATH>.wake``, whose 8 bytes are written once with ``pwrite`` (a full
+    disk fails that, never a store into the mapping); without the file every send goes out.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._map: mmap.mmap | None = None
+        self._pid = 0
+
+    def _mapped(self) -> mmap.mmap | None:
+        if self._pid != os.getpid():  # a mapping crosses fork, but made anew is simpler
+            self._map, self._pid = _map_mark(self.path), os.getpid()
+        return self._map
+
+    def pending(self) -> bool:
+        """Whether a wake-up sent under :data:`PENDING_S` ago waits for its listener."""
+        mapped = self._mapped()
+        if mapped is None:
+            return False
+        stamp = int.from_bytes(mapped[:_MARK_SIZE], "little")
+        return stamp != 0 and 0 <= time.monotonic() * 1000.0 - stamp < PENDING_S * 1000.0
+
+    def set(self) -> None:
+        mapped = self._mapped()
+        if mapped is not None:
+            mapped[:_MARK_SIZE] = int(time.monotonic() * 1000.0).to_bytes(_MARK_SIZE, "little")
+
+    def clear(self) -> None:
+        mapped = self._mapped()
+        if mapped is not None:
+            mapped[:_MARK_SIZE] = bytes(_MARK_SIZE)
+
+
+def _map_mark(path: str) -> mmap.mmap | None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        # Written, not truncated to size: the page then has its block on disk, and a store
+        # into the mapping never meets a full disk (SIGBUS).
+        if os.fstat(fd).st_size < _MARK_SIZE and os.pwrite(fd, bytes(_MARK_SIZE), 0) != _MARK_SIZE:
+            return None
+        return mmap.mmap(fd, _MARK_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 class Wakeup:
@@ -31,6 +104,7 @@ class Wakeup:
     def __init__(self, db_path: str) -> None:
         digest = hashlib.sha256(os.path.realpath(db_path).encode()).hexdigest()[:32]
         self.address = f"\0runnerkit-forge-wake-{digest}"
+        self.mark = PendingMark(f"{db_path}.wake")
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._sender: socket.socket | None = None
@@ -61,6 +135,7 @@ class Wakeup:
                 listener.close()
                 return False
             self._listener = listener
+            self.mark.clear()  # one a killed listener left
             return True
 
     def close(self) -> None:
@@ -69,6 +144,7 @@ class Wakeup:
             self._own()
             listener, self._listener = self._listener, None
         if listener is not None:
+            self.mark.clear()
             listener.close()
 
     def send(self) -> bool:
@@ -76,11 +152,18 @@ class Wakeup:
 
         True when a process of this host listens (the dispatcher, which binds the channel
         only while it holds the dispatcher lock): it has the news, so nobody else needs
-        telling. A full queue counts: the listener has wake-ups waiting already.
+        telling. A full queue counts: the listener has wake-ups waiting already, and so does
+        a pending mark (:class:`PendingMark`), which spares the datagram.
         """
+        mark = self.mark
+        if mark.pending():
+            self.heard = True
+            return True
+        mark.set()
         for _attempt in range(2):
             fd = self._connect()
             if fd < 0:  # nobody listening (ECONNREFUSED): no error, its poll will see
+                mark.clear()
                 self.heard = False
                 return False
             try:
@@ -95,6 +178,7 @@ class Wakeup:
                 continue
             break
         else:
+            mark.clear()
             self.heard = False
             return False
         self.heard = True
@@ -118,7 +202,8 @@ class Wakeup:
     def wait(self, timeout: float, also: Callable[[], int | None] | None = None) -> bool:
         """Sleep until a wake-up arrives or ``timeout`` passes; True when woken.
 
-        Every wake-up queued meanwhile is consumed: one tick serves them all. ``also`` gives
+        Every wake-up queued meanwhile is consumed, and the pending mark cleared before the
+        caller looks at the database: one tick serves them all. ``also`` gives
         one more descriptor to wake on (the PostgreSQL dispatcher lock's connection, where
         other forge instances' NOTIFYs arrive); the caller reads it.
         """
@@ -141,4 +226,5 @@ class Wakeup:
                 pass
         except OSError:  # BlockingIOError once drained
             pass
+        self.mark.clear()
         return True

@@ -14,14 +14,17 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+import requests
 
 from runnerkit.forge import serving
 from runnerkit.service import new_connections
+from tests.forge.helpers import FakeRunner, ForgeHTTP, Reply, capability, sync_request
 from tests.support import GunicornProcess
 from tests.support.waiting import wait_until
 
@@ -29,7 +32,7 @@ from tests.support.waiting import wait_until
 PATIENCE = 60.0
 
 
-def start_forge(root: Path, workers: int) -> GunicornProcess:
+def start_forge(root: Path, workers: int, **env: str) -> GunicornProcess:
     proc = GunicornProcess(
         "runnerkit.forge:app",
         log_dir=root,
@@ -41,6 +44,7 @@ def start_forge(root: Path, workers: int) -> GunicornProcess:
             "RUNNERKIT_FORGE_RUNNER_TOKEN": None,
             "RUNNERKIT_FORGE_SIGNING_SECRET": None,
             "WEB_CONCURRENCY": None,
+            **env,
         },
         extra_args=list(serving.OPTIONS),
         name="forge",
@@ -206,6 +210,49 @@ def attached(
 
 
 Attach = Callable[[int], tuple[FakeWorker, list[int]]]
+
+
+class _Client(ForgeHTTP):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.session = requests.Session()
+
+
+def test_no_wakeup_is_lost_when_every_worker_submits_at_once(tmp_path: Path) -> None:
+    """Submissions to every worker at once, with the dispatcher polling every ten minutes:
+    each job is dispatched on a wake-up alone, including those whose sender found a wake-up
+    already pending (``forge/wakeup.py``: it sends none) and the last ones of the burst."""
+    proc = start_forge(tmp_path, 3, RUNNERKIT_FORGE_POLL_INTERVAL_MS="600000")
+    fake = FakeRunner(
+        "burst", [capability("cap", ["type.a"], max_concurrency=3)], lambda f, c: Reply()
+    )
+    try:
+        fake.register(proc.url)
+        dispatching_pid(proc)
+        job_ids: list[str] = []
+        lock = threading.Lock()
+
+        def submit_some() -> None:
+            client = _Client(proc.url)  # its own connections: the workers share them out
+            for _ in range(15):
+                job_id = client.submit(sync_request())["id"]
+                with lock:
+                    job_ids.append(job_id)
+
+        for _round in range(3):
+            threads = [threading.Thread(target=submit_some) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(PATIENCE)
+            client = _Client(proc.url)
+            for job_id in job_ids:
+                client.wait_status(job_id, "completed", timeout=PATIENCE)
+        assert len(job_ids) == 270
+        assert sorted(call.body.get("jobId") for call in fake.calls) == sorted(job_ids), "one each"
+    finally:
+        fake.stop()
+        proc.stop(timeout=10)
 
 
 def test_yielding_needs_a_worker_in_this_process() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from pathlib import Path
 from typing import Any
 
-from runnerkit.forge.wakeup import Wakeup
+from runnerkit.forge.wakeup import PENDING_S, Wakeup
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -109,3 +111,102 @@ def test_a_sender_reaches_the_listener_that_took_over(tmp_path: Path) -> None:
     finally:
         second.close()
     assert sender.send() is False
+
+
+def _queued(channel: Wakeup) -> int:
+    """How many datagrams wait on the listener's socket (read, leaving the mark set)."""
+    listener = channel._listener
+    assert listener is not None
+    count = 0
+    while True:
+        try:
+            listener.recv(64)
+        except BlockingIOError:
+            return count
+        count += 1
+
+
+def _send_many(db_path: str, count: int) -> list[bool]:
+    sender = Wakeup(db_path)
+    return [sender.send() for _ in range(count)]
+
+
+def test_a_pending_wakeup_spares_every_process_the_next_datagrams(tmp_path: Path) -> None:
+    """Until the listener consumes a wake-up, further sends (from any process of the host)
+    count as heard and send nothing: it will look at the database after that one anyway."""
+    db_path = str(tmp_path / "forge.sqlite3")
+    listener = Wakeup(db_path)
+    assert listener.listen()
+    try:
+        assert Wakeup(db_path).send() is True
+        assert _in_child(_send_many, db_path, 20) == [True] * 20
+        assert _queued(listener) == 1, "one datagram for the 21 sends"
+        # The mark stays until the listener's wait: the sends are still spared.
+        assert _in_child(_send_many, db_path, 5) == [True] * 5
+        assert _queued(listener) == 0
+        listener.mark.clear()  # what the listener's wait does once it has drained them
+        assert _in_child(_send_many, db_path, 3) == [True] * 3
+        assert _queued(listener) == 1, "the first send after the wait goes out"
+    finally:
+        listener.close()
+
+
+def test_a_consumed_wakeup_lets_the_next_send_through(tmp_path: Path) -> None:
+    db_path = str(tmp_path / "forge.sqlite3")
+    listener, sender = Wakeup(db_path), Wakeup(db_path)
+    assert listener.listen()
+    try:
+        for _ in range(3):
+            assert sender.send() is True
+            assert listener.wait(10), "each send after a consumed wake-up wakes the listener"
+            assert not listener.wait(0)
+    finally:
+        listener.close()
+
+
+def _listen_send_and_die(db_path: str) -> bool:
+    channel = Wakeup(db_path)
+    assert channel.listen()
+    channel.send()
+    os._exit(0)  # killed before its wait: the mark stays set, nobody clears it
+
+
+def test_a_mark_left_by_a_dead_listener_neither_deafens_its_successor_nor_lasts(
+    tmp_path: Path,
+) -> None:
+    db_path = str(tmp_path / "forge.sqlite3")
+    proc = _FORK.Process(target=_listen_send_and_die, args=(db_path,))
+    proc.start()
+    proc.join(20)
+    assert Wakeup(db_path).mark.pending(), "the dead listener's mark is still set"
+    successor = Wakeup(db_path)
+    assert successor.listen()
+    try:
+        assert Wakeup(db_path).send() is True
+        assert successor.wait(10), "the new listener clears the old mark when it binds"
+    finally:
+        successor.close()
+    # With nobody listening, an old mark is believed for PENDING_S at most.
+    proc = _FORK.Process(target=_listen_send_and_die, args=(db_path,))
+    proc.start()
+    proc.join(20)
+    sender = Wakeup(db_path)
+    assert sender.mark.pending()
+    time.sleep(PENDING_S * 1.5)
+    assert not sender.mark.pending()
+    assert sender.send() is False, "nobody listens: the sender learns it and tells others"
+
+
+def test_without_the_mark_file_every_send_goes_out(tmp_path: Path) -> None:
+    """The mark is an economy: a forge that cannot write ``<DB_PATH>.wake`` (a full disk,
+    a read-only directory) sends a datagram every time, as if no wake-up were pending."""
+    db_path = str(tmp_path / "forge.sqlite3")
+    Path(f"{db_path}.wake").mkdir()  # where the file would be: cannot be opened as one
+    listener, sender = Wakeup(db_path), Wakeup(db_path)
+    assert listener.listen()
+    try:
+        assert all(sender.send() for _ in range(4))
+        assert not sender.mark.pending()
+        assert _queued(listener) == 4
+    finally:
+        listener.close()

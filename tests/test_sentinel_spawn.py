@@ -26,10 +26,15 @@ def _reaped(pid: int) -> bool:
 def test_a_detached_child_that_exits_is_reaped_not_left_a_zombie() -> None:
     proc = spawn_detached([sys.executable, "-c", "pass"])
 
+    # The reaper thread's wait takes the pid out of the table a moment before it sets
+    # ``returncode``: both are waited for.
     wait_until(
-        lambda: _reaped(proc.pid),
+        lambda: _reaped(proc.pid) and proc.returncode is not None,
         timeout=10.0,
-        message=lambda: f"child {proc.pid} is still there: {psutil.Process(proc.pid).status()}",
+        message=lambda: (
+            f"child {proc.pid}: in the process table {psutil.pid_exists(proc.pid)}, "
+            f"returncode {proc.returncode}"
+        ),
     )
     assert proc.returncode == 0
 

@@ -604,3 +604,26 @@ def test_the_forges_own_documents_are_canonical_json(client: FlaskClient, forge:
         assert row["ts"] == truth.epoch(document["timestamp"])
         assert forge_db.dumps(document["object"]) == row["object"]
     assert json.loads(assertions[-1]["object"])["data"] == {"a": ["é", 1.5], "b": 2}
+
+
+@pytest.mark.parametrize("forge_backend", ["sqlite"])  # SQLite's write-ahead log
+def test_the_write_ahead_log_is_checkpointed_in_long_strides(
+    client: FlaskClient, forge: Forge, db_path: str
+) -> None:
+    """Commits checkpoint the WAL only once it holds WAL_AUTOCHECKPOINT frames, not at
+    SQLite's 1,000: a checkpoint copies the same hot index pages again each time. The WAL
+    file keeps the size it reached, so past 1,000 frames without a checkpoint it is larger
+    than a 1,000-frame WAL could be."""
+    from runnerkit.forge.db.sqlite import WAL_AUTOCHECKPOINT
+
+    wal = Path(f"{db_path}-wal")
+    with forge.db.connection() as conn:
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        assert int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == WAL_AUTOCHECKPOINT
+    frame = page + 24
+    thousand = 32 + 1000 * frame  # the WAL's header, then frames of a header and a page
+    for _ in range(1500):  # each adds a few frames; a 1,000-frame WAL would never grow past
+        submit(client, job_request("t", data={"pad": "x" * 2000}))
+        if wal.stat().st_size > 2 * thousand:
+            break
+    assert 2 * thousand < wal.stat().st_size < 32 + WAL_AUTOCHECKPOINT * frame

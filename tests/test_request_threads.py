@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from runnerkit.service.request_threads import RequestThreads
+from runnerkit.service.request_threads import RequestThreads, Task
 from tests.support.waiting import wait_until
 
 
@@ -235,3 +235,63 @@ def test_a_thread_that_cannot_start_is_tried_again_not_counted(
     assert refusals == []
     assert future.result(timeout=10) == "served"
     assert pool.threads == 1
+
+
+def test_a_task_calls_back_once_on_its_thread_with_what_it_returned_or_raised(
+    make_pool: Callable[..., RequestThreads], jobs: Jobs
+) -> None:
+    """The worker's hand-over (no Future): ``then`` runs once per task, after the task, on
+    the thread that ran it; ``result()`` gives back the value or raises the error."""
+    pool = make_pool(2)
+    done: list[tuple[Task, int]] = []
+    finished = threading.Semaphore(0)
+
+    def then(task: Task) -> None:
+        done.append((task, threading.get_ident()))
+        finished.release()
+
+    def fail(_arg: Any) -> None:
+        raise ValueError("boom")
+
+    tasks = [Task(jobs.quick, n, then) for n in range(50)] + [Task(fail, None, then)]
+    for task in tasks:
+        pool.put(task)
+    for _ in tasks:
+        assert finished.acquire(timeout=10)
+    assert sorted(id(task) for task, _ in done) == sorted(id(task) for task in tasks)
+    for task, ident in done:
+        if task is tasks[-1]:
+            continue
+        tag, ran_on = task.result()
+        assert ran_on == ident and tag == task.arg and not task.cancelled()
+    with pytest.raises(ValueError, match="boom"):
+        tasks[-1].result()
+    pool.shutdown()
+
+
+def test_a_failing_callback_is_logged_and_the_thread_serves_on(
+    make_pool: Callable[..., RequestThreads], jobs: Jobs, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(1)
+
+    def broken(_task: Task) -> None:
+        raise RuntimeError("callback broke")
+
+    pool.put(Task(jobs.quick, 1, broken))
+    assert pool.submit(jobs.quick, 2).result(timeout=10)[0] == 2
+    assert pool.threads == 1
+    wait_until(lambda: "callback of a request thread's task failed" in caplog.text, 10)
+
+
+def test_shutdown_cancels_queued_tasks_through_their_callback(
+    make_pool: Callable[..., RequestThreads], jobs: Jobs
+) -> None:
+    pool = make_pool(1, 1)
+    pool.put(Task(jobs.hold, 0, lambda task: None))
+    wait_until(lambda: jobs.started, 10)
+    told: list[Task] = []
+    queued = Task(jobs.quick, 1, told.append)
+    pool.put(queued)
+    pool.shutdown(cancel_futures=True)
+    assert told == [queued] and queued.cancelled()
+    assert queued.value is None, "a cancelled task never ran"

@@ -59,7 +59,7 @@ from runnerkit.service import gil_selector, libc_calls, new_connections
 from runnerkit.service.chunked_framing import CHUNKED_MORE, DEFAULT_BODY_CAP, scan_chunked
 from runnerkit.service.client_sockets import EnvelopeSocket, TimedSocket
 from runnerkit.service.http_date import http_date
-from runnerkit.service.request_threads import RequestThreads
+from runnerkit.service.request_threads import RequestThreads, Task
 from runnerkit.service.settings import CLIENT_TIMEOUT_SETTINGS, PREFIX, resolve
 
 #: The settings the worker reads (from the runner's settings, or the environment for the forge).
@@ -218,7 +218,7 @@ class ThreadWorker(gthread.ThreadWorker):
         if type(conn.sock) is socket.socket and not self.cfg.is_ssl:
             conn.sock = TimedSocket.adopt(conn.sock)  # a new connection (not yet polled)
         if not self._buffers:
-            super().enqueue_req(conn)
+            self._to_thread(conn)
             return
         # Read ahead by the last request (pipelined): the start of this one.
         buf = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
@@ -388,7 +388,19 @@ class ThreadWorker(gthread.ThreadWorker):
             # limit, the budget): the thread's reads keep the deadline it had here.
             conn.sock.rk_deadline = conn.rk_deadline
         conn.data_ready = True
-        super().enqueue_req(conn)
+        self._to_thread(conn)
+
+    def _to_thread(self, conn: Any) -> None:
+        """What gthread's ``enqueue_req`` does, without a ``Future``: the request to a thread,
+        and once handled, ``finish_request`` on the main loop (:class:`Task`)."""
+        pool = self.tpool
+        if type(pool) is RequestThreads:
+            pool.put(Task(self.handle, conn, self._handled))
+        else:
+            super().enqueue_req(conn)
+
+    def _handled(self, task: Task) -> None:
+        self.method_queue.defer(self.finish_request, task.arg, task)
 
     def _drop(self, conn: Any, answer: bytes = b"") -> None:
         """Close a connection being buffered (after ``answer``, sent if the socket takes it)."""

@@ -24,7 +24,10 @@ pool, 412 µs with 10 threads, where requests queue for a thread instead.
 
 The interface is the part of ``concurrent.futures.Executor`` gthread uses (``submit`` returns
 a ``Future``; ``shutdown``), plus ``max_workers``, which a runner's worker raises once its app
-is loaded.
+is loaded. The worker itself hands requests over as a :class:`Task` (:meth:`RequestThreads.put`):
+what gthread reads of a ``Future`` (``result``, ``cancelled``) and the one callback it adds,
+given when the task is made. A ``Future`` makes a ``Condition`` (a lock and a Python object
+around it) and takes it five times a request; a task takes no lock of its own.
 """
 
 from __future__ import annotations
@@ -49,6 +52,75 @@ _names = itertools.count()
 log = logging.getLogger("runnerkit.threads")
 
 
+class Task:
+    """One request for a thread: ``fn(arg)``, then ``then(task)`` on that thread once it has
+    run (or been cancelled at shutdown), whose ``result()`` returns or raises what ``fn`` did.
+
+    ``then`` is given at the start, so it never races the thread that runs the task (the
+    reason a ``Future`` locks around its callbacks); a failing ``then`` is logged, as a
+    ``Future``'s callback is.
+    """
+
+    __slots__ = ("_cancelled", "arg", "error", "fn", "then", "value")
+
+    def __init__(self, fn: Callable[[Any], Any], arg: Any, then: Callable[[Task], Any]) -> None:
+        self.fn = fn
+        self.arg = arg
+        self.then = then
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._cancelled = False
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(self.arg)
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self.error = exc
+        self._done()
+
+    def cancel(self) -> None:
+        """Never to run (the pool shut down with it queued)."""
+        self._cancelled = True
+        self._done()
+
+    def _done(self) -> None:
+        try:
+            self.then(self)
+        except Exception:
+            log.exception("the callback of a request thread's task failed")
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _ignore(_task: Task) -> None:
+    pass
+
+
+def _into_future(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Task:
+    """A task that runs ``fn(*args)`` for ``future`` (``submit``'s, the executor interface)."""
+
+    def call(_arg: Any) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def then(task: Task) -> None:
+        if task.cancelled():
+            future.cancel()
+
+    return Task(call, None, then)
+
+
 class _Idle:
     """An idle thread: blocked on ``wake`` until a request is handed to it in ``item``."""
 
@@ -57,7 +129,7 @@ class _Idle:
     def __init__(self) -> None:
         self.wake = threading.Lock()
         self.wake.acquire()
-        self.item: tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None = None
+        self.item: Task | None = None
 
 
 class RequestThreads:
@@ -80,7 +152,7 @@ class RequestThreads:
         self.idle_s = idle_s
         self._name = f"{name}-{next(_names)}"
         self._lock = threading.Lock()
-        self._queue: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._queue: deque[Task] = deque()
         self._idle: list[_Idle] = []  # a stack: the most recently idle thread is woken first
         self._threads = 0
         #: Requests taken from the queue so far: the watcher's measure of progress.
@@ -102,7 +174,11 @@ class RequestThreads:
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
         future: Future[Any] = Future()
-        item = (future, fn, args)
+        self.put(_into_future(future, fn, args))
+        return future
+
+    def put(self, item: Task) -> None:
+        """Hand ``item`` to a thread: an idle one now, else the queue (module docstring)."""
         start = watch = False
         with self._lock:
             if self._shutdown:
@@ -127,7 +203,6 @@ class RequestThreads:
                 self._watching = True
         if watch:
             self._start_watching()
-        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more work; idle threads end now, busy ones after their request. Queued
@@ -142,8 +217,8 @@ class RequestThreads:
             # A parked watcher is woken to end; a watching one ends after its sleep.
             wake_watcher = self._watcher is not None and not self._watching
             self._watching = True
-        for future, _fn, _args in cancelled:
-            future.cancel()
+        for item in cancelled:
+            item.cancel()
         for each in idle:
             each.wake.release()  # with no item: the thread ends
         if wake_watcher:
@@ -185,17 +260,10 @@ class RequestThreads:
                 item = self._wait(idle)
                 if item is None:
                     return
-            future, fn, args = item
             started = busy[ident] = time.monotonic()
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args)
-                except BaseException as exc:  # noqa: BLE001 - handed to the future
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+            item.run()
             del busy[ident]
-            del item, future, fn, args
+            del item
             if time.monotonic() - started >= self.stall_s and self._threads > self.core:
                 with lock:
                     # Never with requests waiting: with the pool at its ceiling nothing else
@@ -204,7 +272,7 @@ class RequestThreads:
                         self._threads -= 1
                         return
 
-    def _wait(self, idle: _Idle) -> tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None:
+    def _wait(self, idle: _Idle) -> Task | None:
         """Sleep until a request is handed over (None: leave the pool)."""
         while True:
             if idle.wake.acquire(timeout=self.idle_s):

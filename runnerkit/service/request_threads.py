@@ -98,10 +98,6 @@ class Task:
         return self.value
 
 
-def _ignore(_task: Task) -> None:
-    pass
-
-
 def _into_future(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Task:
     """A task that runs ``fn(*args)`` for ``future`` (``submit``'s, the executor interface)."""
 

@@ -391,16 +391,12 @@ class ThreadWorker(gthread.ThreadWorker):
         self._to_thread(conn)
 
     def _to_thread(self, conn: Any) -> None:
-        """What gthread's ``enqueue_req`` does, without a ``Future``: the request to a thread,
-        and once handled, ``finish_request`` on the main loop (:class:`Task`)."""
-        pool = self.tpool
-        if type(pool) is RequestThreads:
-            pool.put(Task(self.handle, conn, self._handled))
+        """gthread's ``enqueue_req`` with a :class:`Task` for its ``Future`` (no lock)."""
+        if type(self.tpool) is RequestThreads:
+            then = partial(self.method_queue.defer, self.finish_request, conn)
+            self.tpool.put(Task(self.handle, conn, then))
         else:
             super().enqueue_req(conn)
-
-    def _handled(self, task: Task) -> None:
-        self.method_queue.defer(self.finish_request, task.arg, task)
 
     def _drop(self, conn: Any, answer: bytes = b"") -> None:
         """Close a connection being buffered (after ``answer``, sent if the socket takes it)."""

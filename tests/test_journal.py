@@ -163,7 +163,7 @@ def test_a_siblings_new_journal_is_seen_by_the_next_claim_without_a_look_at_the_
     creator changed (a memory read): no ``stat`` of the directory, no periodic rescan. Where
     that file cannot be mapped, the directory's modification time says it instead."""
     if not mapped:
-        monkeypatch.setattr(directory_epoch, "_mapped", lambda path: None)
+        monkeypatch.setattr(directory_epoch, "map_shared", lambda path, size: None)
     monkeypatch.setattr(journal_module, "FOLD_DELAY_S", 3600.0)
     monkeypatch.setattr(journal_module, "RESCAN_S", 3600.0)
     ledger = ledger_at(tmp_path)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runnerkit.service import libc_calls
+from runnerkit.service.shared_bytes import map_shared
 
 #: How long a pending mark is believed: a listener killed before consuming its wake-up
 #: leaves the mark set, and senders then send again after this (a poll's worth) at most.
@@ -48,8 +49,8 @@ class PendingMark:
     yet. Both sides pass a full memory barrier between their write and their read (the
     commit's and the look's lock calls), so neither reads a stale value across processes.
 
-    Mapped from ``<DB_PATH>.wake``, whose 8 bytes are written once with ``pwrite`` (a full
-    disk fails that, never a store into the mapping); without the file every send goes out.
+    Mapped from ``<DB_PATH>.wake`` (:func:`~runnerkit.service.shared_bytes.map_shared`: a full
+    disk fails its making, never a store into the mapping); without it every send goes out.
     """
 
     def __init__(self, path: str) -> None:
@@ -59,7 +60,7 @@ class PendingMark:
 
     def _mapped(self) -> mmap.mmap | None:
         if self._pid != os.getpid():  # a mapping crosses fork, but made anew is simpler
-            self._map, self._pid = _map_mark(self.path), os.getpid()
+            self._map, self._pid = map_shared(self.path, _MARK_SIZE, writable=True), os.getpid()
         return self._map
 
     def pending(self) -> bool:
@@ -79,23 +80,6 @@ class PendingMark:
         mapped = self._mapped()
         if mapped is not None:
             mapped[:_MARK_SIZE] = bytes(_MARK_SIZE)
-
-
-def _map_mark(path: str) -> mmap.mmap | None:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None
-    try:
-        # Written, not truncated to size: the page then has its block on disk, and a store
-        # into the mapping never meets a full disk (SIGBUS).
-        if os.fstat(fd).st_size < _MARK_SIZE and os.pwrite(fd, bytes(_MARK_SIZE), 0) != _MARK_SIZE:
-            return None
-        return mmap.mmap(fd, _MARK_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
 
 
 class Wakeup:

@@ -16,6 +16,8 @@ import mmap
 import os
 import secrets
 
+from runnerkit.service.shared_bytes import map_shared
+
 #: The file's name in the directory, and its size.
 EPOCH_FILE = "journals.epoch"
 _SIZE = 8
@@ -33,7 +35,7 @@ class DirectoryEpoch:
         or no access): the caller then looks at the directory itself."""
         mapped = self._map
         if mapped is None:
-            mapped = self._map = _mapped(self.path)
+            mapped = self._map = map_shared(self.path, _SIZE)
             if mapped is None:
                 return None
         return mapped[:_SIZE]
@@ -45,18 +47,3 @@ class DirectoryEpoch:
             os.pwrite(fd, secrets.token_bytes(_SIZE), 0)
         finally:
             os.close(fd)
-
-
-def _mapped(path: str) -> mmap.mmap | None:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_size < _SIZE:
-            os.ftruncate(fd, _SIZE)  # never shrinks: a mapped page past the end would fault
-        return mmap.mmap(fd, _SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)

@@ -31,12 +31,15 @@ from collections.abc import Callable
 from typing import Any
 
 from runnerkit.service import libc_calls
+from runnerkit.service.process import keep_pid_current
 from runnerkit.service.shared_bytes import map_shared
 
 #: How long a pending mark is believed: a listener killed before consuming its wake-up
 #: leaves the mark set, and senders then send again after this (a poll's worth) at most.
 PENDING_S = 0.1
 _MARK_SIZE = 8
+#: This process's id, kept current in forked children: the mark is read per submitted job.
+_PID = keep_pid_current(globals())
 
 
 class PendingMark:
@@ -59,8 +62,8 @@ class PendingMark:
         self._pid = 0
 
     def _mapped(self) -> mmap.mmap | None:
-        if self._pid != os.getpid():  # a mapping crosses fork, but made anew is simpler
-            self._map, self._pid = map_shared(self.path, _MARK_SIZE, writable=True), os.getpid()
+        if self._pid != _PID:  # a mapping crosses fork, but made anew is simpler
+            self._map, self._pid = map_shared(self.path, _MARK_SIZE, writable=True), _PID
         return self._map
 
     def pending(self) -> bool:
